@@ -1,0 +1,521 @@
+//! The llama-server adapter: command line, output capture, readiness, and generation.
+//!
+//! The child gets `--port 0`, so the kernel picks a free port at bind time and there is no
+//! pick-then-bind race; the port comes from the child's own log line
+//! `listening on http://127.0.0.1:PORT`, which llama-server prints once the model is loaded.
+//! Readiness is then confirmed by polling `/health`. Output goes through a pipe that a
+//! thread drains into the per-instance log file and a bounded in-memory tail, so a child can
+//! never block on a full pipe and an error can quote its last lines.
+//!
+//! This module does HTTP and parsing; it never sends signals (see `process`).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::model::ModelSpec;
+use crate::protocol::{Done, Mode, RunRequest, Usage};
+
+/// Lines of child output kept in memory for error messages.
+const TAIL_LINES: usize = 40;
+/// Lines quoted in an error message.
+const QUOTED_LINES: usize = 12;
+/// How often readiness is checked; DESIGN.md asks for 10-25 ms.
+pub const READY_POLL: Duration = Duration::from_millis(10);
+
+/// The last lines a child printed, and when it last printed anything.
+#[derive(Debug)]
+pub struct OutputTail {
+    inner: Mutex<TailInner>,
+}
+
+#[derive(Debug)]
+struct TailInner {
+    lines: VecDeque<String>,
+    last_output: Instant,
+}
+
+impl OutputTail {
+    fn new() -> OutputTail {
+        OutputTail { inner: Mutex::new(TailInner { lines: VecDeque::new(), last_output: Instant::now() }) }
+    }
+
+    fn push(&self, line: &str) {
+        let mut inner = self.inner.lock();
+        if inner.lines.len() == TAIL_LINES {
+            inner.lines.pop_front();
+        }
+        inner.lines.push_back(line.trim_end().to_string());
+        inner.last_output = Instant::now();
+    }
+
+    /// The last lines, for an error message.
+    pub fn quote(&self) -> String {
+        let inner = self.inner.lock();
+        let skip = inner.lines.len().saturating_sub(QUOTED_LINES);
+        inner.lines.iter().skip(skip).map(|line| format!("  {line}\n")).collect()
+    }
+
+    pub fn last_output(&self) -> Instant {
+        self.inner.lock().last_output
+    }
+}
+
+/// The llama-server command line for `spec`.
+pub fn command(binary: &Path, spec: &ModelSpec) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .arg("--model")
+        .arg(&spec.path)
+        .args(["--host", "127.0.0.1", "--port", "0", "--no-webui", "--log-colors", "off"])
+        .arg("--parallel")
+        .arg(spec.load.parallel.to_string());
+    if let Some(ctx_size) = spec.load.ctx_size {
+        command.arg("--ctx-size").arg(ctx_size.to_string());
+    }
+    command.args(&spec.load.extra_args);
+    command.stdin(Stdio::null());
+    command
+}
+
+/// Output capture for one child: the pipe its stdout and stderr share, and the thread
+/// that drains it.
+pub struct Capture {
+    pub tail: Arc<OutputTail>,
+    pub port: Receiver<u16>,
+    pub drain: JoinHandle<()>,
+}
+
+/// Points `command`'s stdout and stderr at one pipe and starts the thread that copies it to
+/// `log_path`, keeps the tail and reports the port. Call before spawning; the write ends in
+/// `command` are closed in this process when `command` is dropped.
+pub fn capture_output(command: &mut Command, log_path: &Path) -> io::Result<Capture> {
+    let (reader, writer) = io::pipe()?;
+    command.stdout(writer.try_clone()?).stderr(writer);
+    let mut log = File::options().create(true).append(true).open(log_path)?;
+    let tail = Arc::new(OutputTail::new());
+    let (port_tx, port_rx) = crossbeam_channel::bounded(1);
+    let drain_tail = Arc::clone(&tail);
+    let drain = thread::Builder::new()
+        .name("child-output".into())
+        .spawn(move || drain_output(reader, &mut log, &drain_tail, port_tx))?;
+    Ok(Capture { tail, port: port_rx, drain })
+}
+
+fn drain_output(pipe: impl Read, log: &mut File, tail: &OutputTail, port_tx: Sender<u16>) {
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::new();
+    let mut port_sent = false;
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let _ = log.write_all(&line);
+        let text = String::from_utf8_lossy(&line);
+        tail.push(&text);
+        if !port_sent {
+            if let Some(port) = parse_listening_port(&text) {
+                port_sent = port_tx.send(port).is_ok();
+            }
+        }
+    }
+}
+
+/// The port in llama-server's `listening on http://127.0.0.1:PORT` line.
+pub fn parse_listening_port(line: &str) -> Option<u16> {
+    let rest = &line[line.find("listening on http://")? + "listening on http://".len()..];
+    let address = rest.split_whitespace().next()?;
+    address.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+}
+
+/// HTTP to one llama-server child.
+#[derive(Debug, Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+}
+
+/// How a generation failed, for the caller to classify with what it knows of the child.
+#[derive(Debug)]
+pub enum GenerateError {
+    /// The reader of the tokens went away; the upstream request was dropped.
+    Cancelled,
+    /// llama-server refused the request (HTTP 4xx): a parameter it cannot take.
+    Rejected(String),
+    /// No token came for the per-read timeout.
+    Stalled,
+    /// The connection failed or the server answered 5xx: the caller checks the child.
+    Broken(String),
+}
+
+/// Timeouts for the HTTP calls to a child; every call has both.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Longest wait for the next bytes of a response (the progress watchdog).
+    pub read: Duration,
+}
+
+impl Client {
+    pub fn new(port: u16, timeouts: Timeouts) -> Client {
+        let config = ureq::Agent::config_builder()
+            .timeout_connect(Some(timeouts.connect))
+            .timeout_per_read(Some(timeouts.read))
+            .timeout_per_write(Some(timeouts.read))
+            .http_status_as_error(false)
+            .build();
+        Client { agent: config.into(), base: format!("http://127.0.0.1:{port}") }
+    }
+
+    /// True when `/health` answers 200; false while loading or not yet listening.
+    pub fn healthy(&self) -> bool {
+        match self.agent.get(format!("{}/health", self.base)).call() {
+            Ok(mut response) => {
+                let ok = response.status() == 200;
+                let _ = response.body_mut().read_to_vec();
+                ok
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Generates for `request`, calling `on_token` for each chunk of text. When `on_token`
+    /// fails the request is dropped, which closes the connection; llama-server then stops
+    /// the generation and frees the slot.
+    pub fn generate(
+        &self,
+        request: &RunRequest,
+        mut on_token: impl FnMut(&str, bool) -> io::Result<()>,
+    ) -> Result<Done, GenerateError> {
+        let (path, body) = match request.mode {
+            Mode::Chat => ("/v1/chat/completions", chat_body(request)),
+            Mode::Raw => ("/completion", raw_body(request)),
+        };
+        let response = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json")
+            .send(body.to_string());
+        let mut response = match response {
+            Ok(response) => response,
+            Err(error) => return Err(classify_transport(error)),
+        };
+        let status = response.status().as_u16();
+        if status != 200 {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            let message = error_message(&text).unwrap_or_else(|| format!("HTTP {status}"));
+            return Err(if (400..500).contains(&status) {
+                GenerateError::Rejected(message)
+            } else {
+                GenerateError::Broken(format!("HTTP {status}: {message}"))
+            });
+        }
+        let mut reader = BufReader::with_capacity(1 << 16, response.body_mut().as_reader());
+        let mut line = Vec::with_capacity(512);
+        let mut done = Done::default();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) => {
+                    return if done.finish_reason.is_empty() {
+                        Err(GenerateError::Broken("the stream ended before the last chunk".into()))
+                    } else {
+                        Ok(done)
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => return Err(classify_io(error)),
+            }
+            let Some(payload) = sse_payload(&line) else { continue };
+            if payload == b"[DONE]" {
+                return Ok(done);
+            }
+            if line.starts_with(b"error:") {
+                let text = String::from_utf8_lossy(payload);
+                return Err(GenerateError::Broken(error_message(&text).unwrap_or(text.into_owned())));
+            }
+            // More bytes already buffered means more tokens are on their way: the caller may
+            // batch its flush instead of paying a syscall per token.
+            let more_buffered = !reader.buffer().is_empty();
+            let text = match request.mode {
+                Mode::Chat => parse_chat_chunk(payload, &mut done),
+                Mode::Raw => parse_raw_chunk(payload, &mut done),
+            }
+            .map_err(|e| GenerateError::Broken(format!("unreadable chunk from llama-server: {e}")))?;
+            if let Some(text) = text.filter(|t| !t.is_empty()) {
+                if on_token(&text, more_buffered).is_err() {
+                    return Err(GenerateError::Cancelled);
+                }
+            }
+            if request.mode == Mode::Raw && !done.finish_reason.is_empty() {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// A one-token completion, so the weights are paged in and the server proven to answer.
+    pub fn ping(&self) -> Result<(), GenerateError> {
+        let body = json!({"prompt": "Hello", "n_predict": 1, "stream": false});
+        let response = self
+            .agent
+            .post(format!("{}/completion", self.base))
+            .header("Content-Type", "application/json")
+            .send(body.to_string());
+        match response {
+            Ok(mut response) => {
+                let status = response.status().as_u16();
+                let text = response.body_mut().read_to_string().unwrap_or_default();
+                if status == 200 {
+                    Ok(())
+                } else {
+                    Err(GenerateError::Broken(error_message(&text).unwrap_or(format!("HTTP {status}"))))
+                }
+            }
+            Err(error) => Err(classify_transport(error)),
+        }
+    }
+}
+
+fn classify_transport(error: ureq::Error) -> GenerateError {
+    match error {
+        ureq::Error::Timeout(_) => GenerateError::Stalled,
+        ureq::Error::Io(io) => classify_io(io),
+        other => GenerateError::Broken(other.to_string()),
+    }
+}
+
+fn classify_io(error: io::Error) -> GenerateError {
+    let timed_out = matches!(error.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
+        || error.get_ref().is_some_and(|inner| inner.to_string().contains("timeout"));
+    if timed_out {
+        GenerateError::Stalled
+    } else {
+        GenerateError::Broken(error.to_string())
+    }
+}
+
+fn sse_payload(line: &[u8]) -> Option<&[u8]> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let rest = line.strip_prefix(b"data:").or_else(|| line.strip_prefix(b"error:"))?;
+    Some(rest.strip_prefix(b" ").unwrap_or(rest))
+}
+
+fn error_message(body: &str) -> Option<String> {
+    let value: Value = serde_json::from_str(body).ok()?;
+    let error = value.get("error").unwrap_or(&value);
+    error.get("message").and_then(Value::as_str).map(str::to_string)
+}
+
+fn sampling_fields(request: &RunRequest, body: &mut serde_json::Map<String, Value>) {
+    let sampling = &request.sampling;
+    let mut put = |key: &str, value: Option<Value>| {
+        if let Some(value) = value {
+            body.insert(key.to_string(), value);
+        }
+    };
+    put("temperature", sampling.temperature.map(Value::from));
+    put("top_p", sampling.top_p.map(Value::from));
+    put("top_k", sampling.top_k.map(Value::from));
+    put("min_p", sampling.min_p.map(Value::from));
+    put("repeat_penalty", sampling.repeat_penalty.map(Value::from));
+    put("seed", sampling.seed.map(Value::from));
+    if !sampling.stop.is_empty() {
+        put("stop", Some(Value::from(sampling.stop.clone())));
+    }
+}
+
+fn chat_body(request: &RunRequest) -> Value {
+    let mut messages = Vec::new();
+    if let Some(system) = &request.system {
+        messages.push(json!({"role": "system", "content": system}));
+    }
+    messages.push(json!({"role": "user", "content": request.prompt}));
+    let mut body = serde_json::Map::new();
+    body.insert("messages".into(), Value::from(messages));
+    body.insert("stream".into(), Value::from(true));
+    body.insert("stream_options".into(), json!({"include_usage": true}));
+    if let Some(max_tokens) = request.sampling.max_tokens {
+        body.insert("max_tokens".into(), Value::from(max_tokens));
+    }
+    sampling_fields(request, &mut body);
+    Value::Object(body)
+}
+
+fn raw_body(request: &RunRequest) -> Value {
+    let mut body = serde_json::Map::new();
+    body.insert("prompt".into(), Value::from(request.prompt.as_str()));
+    body.insert("stream".into(), Value::from(true));
+    if let Some(max_tokens) = request.sampling.max_tokens {
+        body.insert("n_predict".into(), Value::from(max_tokens));
+    }
+    sampling_fields(request, &mut body);
+    Value::Object(body)
+}
+
+#[derive(Deserialize)]
+struct ChatChunk {
+    #[serde(default)]
+    choices: Vec<ChatChoice>,
+    usage: Option<Usage>,
+    timings: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChatChoice {
+    #[serde(default)]
+    delta: Delta,
+    finish_reason: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct Delta {
+    content: Option<String>,
+}
+
+fn parse_chat_chunk(payload: &[u8], done: &mut Done) -> serde_json::Result<Option<String>> {
+    let chunk: ChatChunk = serde_json::from_slice(payload)?;
+    if let Some(usage) = chunk.usage {
+        done.usage = usage;
+    }
+    if chunk.timings.is_some() {
+        done.timings = chunk.timings;
+    }
+    let mut text = None;
+    for choice in chunk.choices {
+        if let Some(reason) = choice.finish_reason {
+            done.finish_reason = reason;
+        }
+        if choice.delta.content.is_some() {
+            text = choice.delta.content;
+        }
+    }
+    Ok(text)
+}
+
+#[derive(Deserialize)]
+struct RawChunk {
+    #[serde(default)]
+    content: String,
+    #[serde(default)]
+    stop: bool,
+    stop_type: Option<String>,
+    timings: Option<Value>,
+    tokens_evaluated: Option<u64>,
+    tokens_predicted: Option<u64>,
+}
+
+fn parse_raw_chunk(payload: &[u8], done: &mut Done) -> serde_json::Result<Option<String>> {
+    let chunk: RawChunk = serde_json::from_slice(payload)?;
+    if chunk.stop {
+        done.finish_reason = match chunk.stop_type.as_deref() {
+            Some("limit") => "length".to_string(),
+            _ => "stop".to_string(),
+        };
+        done.usage = Usage {
+            prompt_tokens: chunk.tokens_evaluated.unwrap_or(0),
+            completion_tokens: chunk.tokens_predicted.unwrap_or(0),
+        };
+        done.timings = chunk.timings;
+    }
+    Ok(Some(chunk.content))
+}
+
+/// Where llmctl looked for llama-server, for the error message when it is nowhere.
+pub fn find_binary(explicit: Option<&Path>, configured: Option<&Path>, installed: &Path) -> Result<PathBuf, String> {
+    let mut searched = Vec::new();
+    for candidate in [explicit, configured].into_iter().flatten() {
+        if is_executable(candidate) {
+            return Ok(candidate.to_path_buf());
+        }
+        searched.push(candidate.display().to_string());
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("llama-server");
+            if is_executable(&candidate) {
+                return Ok(candidate);
+            }
+        }
+        searched.push("PATH".to_string());
+    }
+    if is_executable(installed) {
+        return Ok(installed.to_path_buf());
+    }
+    searched.push(installed.display().to_string());
+    Err(searched.join(", "))
+}
+
+pub fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_port_in_log_line() {
+        let table = [
+            ("main: server is listening on http://127.0.0.1:41537 - starting the main loop", Some(41537)),
+            ("srv  main: listening on http://127.0.0.1:8080\n", Some(8080)),
+            ("llama_server: listening on http://127.0.0.1:5/", Some(5)),
+            ("load_model: loading model", None),
+            ("listening on unix:///tmp/x.sock", None),
+        ];
+        for (line, port) in table {
+            assert_eq!(parse_listening_port(line), port, "{line}");
+        }
+    }
+
+    #[test]
+    fn parses_chat_stream_chunks() {
+        let mut done = Done::default();
+        let text = parse_chat_chunk(br#"{"choices":[{"delta":{"content":"Hi"},"finish_reason":null,"index":0}]}"#, &mut done);
+        assert_eq!(text.unwrap().as_deref(), Some("Hi"));
+        parse_chat_chunk(br#"{"choices":[{"delta":{},"finish_reason":"length","index":0}]}"#, &mut done).unwrap();
+        parse_chat_chunk(
+            br#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10},"timings":{"predicted_per_second":120.5}}"#,
+            &mut done,
+        )
+        .unwrap();
+        assert_eq!(done.finish_reason, "length");
+        assert_eq!(done.usage, Usage { prompt_tokens: 7, completion_tokens: 3 });
+        assert_eq!(done.timings.unwrap()["predicted_per_second"], 120.5);
+    }
+
+    #[test]
+    fn parses_raw_stream_chunks() {
+        let mut done = Done::default();
+        let text = parse_raw_chunk(br#"{"content":" the","stop":false}"#, &mut done).unwrap();
+        assert_eq!(text.as_deref(), Some(" the"));
+        parse_raw_chunk(
+            br#"{"content":"","stop":true,"stop_type":"limit","tokens_evaluated":4,"tokens_predicted":8,"timings":{}}"#,
+            &mut done,
+        )
+        .unwrap();
+        assert_eq!(done.finish_reason, "length");
+        assert_eq!(done.usage.completion_tokens, 8);
+    }
+
+    #[test]
+    fn sse_lines() {
+        assert_eq!(sse_payload(b"data: {}\n"), Some(&b"{}"[..]));
+        assert_eq!(sse_payload(b"data: [DONE]\r\n"), Some(&b"[DONE]"[..]));
+        assert_eq!(sse_payload(b"\n"), None);
+        assert_eq!(sse_payload(b": keep-alive\n"), None);
+    }
+}

@@ -1,0 +1,233 @@
+//! The command line, as clap definitions. The man page and shell completions are generated
+//! from [`command`], so this file is the one source of truth for flags and help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+pub const EXIT_STATUS_HELP: &str = "\
+EXIT STATUS:
+    0    success; also when the reader of stdout went away
+    1    unexpected internal error (a bug)
+    2    bad command line
+    65   bad input data: not a GGUF file, truncated file, invalid parameter, bad config
+    66   model not found: no such file, unknown alias
+    69   unavailable: daemon cannot be reached or started, no llama-server binary
+    70   the backend failed: llama-server exited or crashed while loading or generating
+    73   no capacity: the model cannot fit the memory budget
+    75   busy, try later: admission queue full or per-model limit reached
+    124  timed out: load, queue wait or generation deadline
+    130  interrupted (SIGINT)";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "llmctl",
+    version,
+    about = "Run local GGUF language models from the shell",
+    long_about = "Run local GGUF language models from the shell.\n\n\
+        `llmctl run MODEL PROMPT` streams generated text to stdout. Behind it a small daemon, \
+        reached over a Unix socket and started on demand, runs one llama.cpp llama-server per \
+        model, keeps loaded models warm and never leaves a child process behind.",
+    after_long_help = EXIT_STATUS_HELP
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Unix socket of the daemon
+    #[arg(long, global = true, value_name = "PATH", env = "LLMCTL_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Config file
+    #[arg(long, global = true, value_name = "PATH", env = "LLMCTL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// llama-server binary the daemon runs
+    #[arg(long, global = true, value_name = "PATH", env = "LLMCTL_LLAMA_SERVER")]
+    pub llama_server: Option<PathBuf>,
+    /// Fail instead of starting the daemon when none answers
+    #[arg(long, global = true, env = "LLMCTL_NO_AUTOSTART", value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_autostart: bool,
+    /// More diagnostics on stderr (timings with `run`; repeat for debug logs)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text; tokens go to stdout as they arrive
+    Run(RunArgs),
+    /// Show the daemon, its queue and every model instance
+    Status(StatusArgs),
+    /// Load MODEL and return once it answers; quiet and idempotent, for cron
+    Warm(WarmArgs),
+    /// Make MODEL the loaded one, in the background unless --wait
+    Switch(SwitchArgs),
+    /// Unload a model (or all of them) gracefully
+    Stop(StopArgs),
+    /// Run the daemon in the foreground (for systemd or debugging)
+    Daemon(DaemonArgs),
+    /// Stop every model gracefully, then the daemon
+    Shutdown,
+    /// Find or build llama-server and install the demo model
+    Setup(SetupArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Context size in tokens for this instance (llama-server -c)
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(16..))]
+    pub ctx_size: Option<u32>,
+    /// Parallel slots of this instance (llama-server -np)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub parallel: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Path to a .gguf file, or an alias from the config file (`demo` after `llmctl setup`)
+    pub model: String,
+    /// The prompt; words are joined with spaces. Piped stdin is appended after a blank line
+    pub prompt: Vec<String>,
+    /// System message (chat mode)
+    #[arg(long, value_name = "TEXT", conflicts_with = "raw")]
+    pub system: Option<String>,
+    /// Send the prompt as is, without the chat template
+    #[arg(long)]
+    pub raw: bool,
+    /// Write JSON lines: one per chunk, then a final `done` line with usage and timings
+    #[arg(long)]
+    pub json: bool,
+    /// Do not read stdin even when it is not a terminal
+    #[arg(long)]
+    pub no_stdin: bool,
+    /// Most tokens to generate
+    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature, 0 for greedy
+    #[arg(long, value_name = "T", value_parser = parse_non_negative)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling threshold, in [0, 1]
+    #[arg(long, value_name = "P", value_parser = parse_unit)]
+    pub top_p: Option<f32>,
+    /// Sample from the K most likely tokens (0 disables)
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<u32>,
+    /// Minimum probability relative to the most likely token, in [0, 1]
+    #[arg(long, value_name = "P", value_parser = parse_unit)]
+    pub min_p: Option<f32>,
+    /// Penalty for repeated tokens (1 disables)
+    #[arg(long, value_name = "X", value_parser = parse_non_negative)]
+    pub repeat_penalty: Option<f32>,
+    /// Random seed, for reproducible sampling
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Stop when this text is generated (repeatable)
+    #[arg(long, value_name = "TEXT")]
+    pub stop: Vec<String>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the status as one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WarmArgs {
+    /// Path to a .gguf file or an alias
+    pub model: String,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SwitchArgs {
+    /// Path to a .gguf file or an alias
+    pub model: String,
+    /// Return only once the model is ready
+    #[arg(long)]
+    pub wait: bool,
+    /// Unload every other model once this one is ready
+    #[arg(long)]
+    pub exclusive: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("target").required(true))]
+pub struct StopArgs {
+    /// Path to a .gguf file or an alias
+    #[arg(group = "target")]
+    pub model: Option<String>,
+    /// Unload every model
+    #[arg(long, group = "target")]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Requests that may wait for a slot before new ones are refused as busy
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue_depth: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Parallel compile jobs when building llama-server (default: number of CPUs)
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub jobs: Option<u32>,
+    /// Do not install the demo model
+    #[arg(long)]
+    pub no_model: bool,
+    /// Print nothing but errors
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+fn parse_non_negative(text: &str) -> Result<f32, String> {
+    let value: f32 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("{text} must be a finite number >= 0"));
+    }
+    Ok(value)
+}
+
+fn parse_unit(text: &str) -> Result<f32, String> {
+    let value = parse_non_negative(text)?;
+    if value > 1.0 {
+        return Err(format!("{text} must be between 0 and 1"));
+    }
+    Ok(value)
+}
+
+/// The clap command, for the man page and completion generators.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn sampling_values_are_checked() {
+        assert!(parse_unit("0.5").is_ok());
+        for bad in ["1.5", "-0.1", "NaN", "inf", "x"] {
+            assert!(parse_unit(bad).is_err(), "{bad}");
+        }
+        assert!(parse_non_negative("-1").is_err());
+    }
+}

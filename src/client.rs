@@ -1,0 +1,159 @@
+//! The client end of the socket: connect (starting the daemon when none answers), shake
+//! hands, send a request, read responses.
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::commands::Context;
+use crate::error::{Error, Result};
+use crate::process;
+use crate::protocol::{self, Request, Response, VERSION};
+
+/// How long a client waits for a daemon it started to answer.
+const AUTOSTART_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_POLL: Duration = Duration::from_millis(2);
+
+pub struct Connection {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    line: Vec<u8>,
+    socket_path: std::path::PathBuf,
+}
+
+impl Connection {
+    pub fn send(&mut self, request: &Request) -> Result<()> {
+        let mut buffer = Vec::with_capacity(256);
+        protocol::write_message(&mut buffer, request).map_err(|e| Error::internal(e.to_string()))?;
+        self.writer.write_all(&buffer).map_err(|e| self.lost(e))
+    }
+
+    /// The next response; the end of the stream is an error, since every request ends with
+    /// a final response.
+    pub fn recv(&mut self) -> Result<Response> {
+        match protocol::read_message(&mut self.reader, &mut self.line) {
+            Ok(Some(response)) => Ok(response),
+            Ok(None) => Err(self.lost(io::Error::new(io::ErrorKind::UnexpectedEof, "the daemon closed the connection"))),
+            Err(error) => Err(self.lost(error)),
+        }
+    }
+
+    /// True when a complete response may already be buffered, so an output flush can wait.
+    pub fn has_buffered(&self) -> bool {
+        !self.reader.buffer().is_empty()
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.writer.as_raw_fd()
+    }
+
+    fn lost(&self, error: io::Error) -> Error {
+        Error::DaemonUnavailable { socket: self.socket_path.clone(), reason: error.to_string() }
+    }
+
+    /// Sends `request` and reads until its final response; a daemon error becomes `Err`.
+    pub fn call(&mut self, request: &Request) -> Result<Response> {
+        self.send(request)?;
+        loop {
+            match self.recv()? {
+                Response::Error { kind, message, .. } => return Err(Error::Remote { kind, message }),
+                Response::Loading { .. } | Response::Queued { .. } => continue,
+                response => return Ok(response),
+            }
+        }
+    }
+}
+
+/// Connects to the daemon, starting it first unless autostart is off.
+pub fn connect(context: &Context) -> Result<Connection> {
+    match try_connect(context)? {
+        Some(connection) => Ok(connection),
+        None if context.global.no_autostart => Err(Error::DaemonUnavailable {
+            socket: context.paths.socket.clone(),
+            reason: "no daemon is running and autostart is off".into(),
+        }),
+        None => start_daemon(context),
+    }
+}
+
+/// Connects to a running daemon; `Ok(None)` when none answers.
+pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
+    let socket_path = &context.paths.socket;
+    let stream = match UnixStream::connect(socket_path) {
+        Ok(stream) => stream,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(Error::DaemonUnavailable { socket: socket_path.clone(), reason: e.to_string() }),
+    };
+    let reader_stream = stream
+        .try_clone()
+        .map_err(|e| Error::DaemonUnavailable { socket: socket_path.clone(), reason: e.to_string() })?;
+    let mut connection = Connection {
+        reader: BufReader::with_capacity(1 << 16, reader_stream),
+        writer: stream,
+        line: Vec::with_capacity(256),
+        socket_path: socket_path.clone(),
+    };
+    connection.send(&Request::Hello { version: VERSION })?;
+    match connection.recv()? {
+        Response::Hello { .. } => Ok(Some(connection)),
+        Response::Error { kind, message, .. } => Err(Error::Remote { kind, message }),
+        other => Err(Error::internal(format!("unexpected handshake answer {other:?}"))),
+    }
+}
+
+fn start_daemon(context: &Context) -> Result<Connection> {
+    let paths = &context.paths;
+    fs::create_dir_all(&paths.state_dir)
+        .map_err(|e| Error::io(format!("cannot create {}", paths.state_dir.display()), e))?;
+    let log_path = paths.daemon_log();
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
+    let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the llmctl executable", e))?;
+    let mut command = Command::new(exe);
+    command.arg("daemon").arg("--socket").arg(&paths.socket).arg("--config").arg(&paths.config);
+    if let Some(binary) = &context.global.llama_server {
+        command.arg("--llama-server").arg(binary);
+    }
+    let log_err = log.try_clone().map_err(|e| Error::io("cannot open the daemon log", e))?;
+    command.stdin(Stdio::null()).stdout(log).stderr(log_err);
+    let mut daemon = process::spawn_detached(command)
+        .map_err(|e| Error::DaemonUnavailable { socket: paths.socket.clone(), reason: format!("cannot start it: {e}") })?;
+    log::info!("started the daemon, pid {}", daemon.id());
+
+    let deadline = Instant::now() + AUTOSTART_TIMEOUT;
+    let mut exited_at = None;
+    loop {
+        if let Some(connection) = try_connect(context)? {
+            return Ok(connection);
+        }
+        // A daemon that lost the start race to another one exits at once while the winner
+        // comes up, so an exit is only final when nothing answers shortly after it.
+        if exited_at.is_none() && matches!(daemon.try_wait(), Ok(Some(status)) if !status.success()) {
+            exited_at = Some(Instant::now());
+        }
+        let gave_up = exited_at.is_some_and(|at| at.elapsed() > Duration::from_millis(500));
+        if gave_up || Instant::now() >= deadline {
+            return Err(daemon_failed(context, &log_path));
+        }
+        std::thread::sleep(CONNECT_POLL);
+    }
+}
+
+fn daemon_failed(context: &Context, log_path: &std::path::Path) -> Error {
+    let tail = File::open(log_path)
+        .map(|file| {
+            let lines: Vec<String> = BufReader::new(file).lines().map_while(|l| l.ok()).collect();
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        })
+        .unwrap_or_default();
+    Error::DaemonUnavailable {
+        socket: context.paths.socket.clone(),
+        reason: format!("the daemon did not answer within {} s; its log ({}) ends with:\n{tail}", AUTOSTART_TIMEOUT.as_secs(), log_path.display()),
+    }
+}

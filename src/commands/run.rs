@@ -1,0 +1,238 @@
+//! `llmctl run MODEL [PROMPT]...`: generate, streaming tokens to stdout.
+//!
+//! stdout carries the generated text and nothing else, flushed as tokens arrive (batched
+//! only when more are already buffered). Progress goes to stderr and only to a terminal.
+//! When the reader of stdout goes away, dropping the connection makes the daemon cancel the
+//! generation upstream, and the command succeeds. Ctrl-C cancels the same way and exits 130.
+
+use std::io::{self, BufWriter, IsTerminal, Read, Write};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use serde::Serialize;
+
+use crate::cli::RunArgs;
+use crate::client;
+use crate::commands::Context;
+use crate::error::{Error, Result};
+use crate::protocol::{Done, Mode, Request, Response, RunRequest, Sampling, Usage};
+use crate::sys;
+
+/// Set by the Ctrl-C handler; read when the connection breaks.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The socket the Ctrl-C handler shuts down to wake the blocked read; -1 when none.
+static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
+
+pub fn run(context: &Context, args: RunArgs) -> Result<()> {
+    let model = context.resolve_model(&args.model, &args.load)?;
+    let stdin = io::stdin();
+    let piped = if args.no_stdin || stdin.is_terminal() { None } else { Some(read_stdin(stdin)?) };
+    let prompt = compose_prompt(&args.prompt, piped.as_deref())?;
+    let request = RunRequest {
+        model,
+        mode: if args.raw { Mode::Raw } else { Mode::Chat },
+        prompt,
+        system: args.system.clone(),
+        sampling: Sampling {
+            max_tokens: args.max_tokens,
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            min_p: args.min_p,
+            repeat_penalty: args.repeat_penalty,
+            seed: args.seed,
+            stop: args.stop.clone(),
+        },
+    };
+
+    let mut connection = client::connect(context)?;
+    install_interrupt_handler(connection.raw_fd())?;
+    let result = stream(&mut connection, &Request::Run(request), &args, context.global.verbose > 0);
+    SOCKET_FD.store(-1, Ordering::SeqCst);
+    match result {
+        Err(_) if INTERRUPTED.load(Ordering::SeqCst) => Err(Error::Interrupted),
+        other => other,
+    }
+}
+
+fn read_stdin(stdin: io::Stdin) -> Result<String> {
+    let mut bytes = Vec::new();
+    stdin.lock().read_to_end(&mut bytes).map_err(|e| Error::io("cannot read stdin", e))?;
+    String::from_utf8(bytes).map_err(|_| Error::InvalidParameter { message: "stdin is not valid UTF-8 text".into() })
+}
+
+/// The prompt: the words, then a blank line, then piped stdin; either alone when the other
+/// is empty.
+pub fn compose_prompt(words: &[String], piped: Option<&str>) -> Result<String> {
+    let typed = words.join(" ");
+    let piped = piped.unwrap_or("");
+    let prompt = match (typed.is_empty(), piped.is_empty()) {
+        (false, false) => format!("{typed}\n\n{piped}"),
+        (false, true) => typed,
+        (true, false) => piped.to_string(),
+        (true, true) => {
+            return Err(Error::Usage {
+                message: "no prompt: give it as arguments or pipe it on stdin (llmctl run MODEL \"prompt\")".into(),
+            })
+        }
+    };
+    Ok(prompt)
+}
+
+fn install_interrupt_handler(fd: RawFd) -> Result<()> {
+    SOCKET_FD.store(fd, Ordering::SeqCst);
+    let installed = ctrlc::set_handler(|| {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        let fd = SOCKET_FD.load(Ordering::SeqCst);
+        if fd >= 0 {
+            // Wakes the blocked read; the daemon sees the hang-up and cancels upstream.
+            sys::shutdown_socket(fd);
+        }
+    });
+    match installed {
+        // A handler from an earlier call in this process is still in place and still works.
+        Ok(()) | Err(ctrlc::Error::MultipleHandlers) => Ok(()),
+        Err(error) => Err(Error::internal(format!("cannot install the Ctrl-C handler: {error}"))),
+    }
+}
+
+fn stream(connection: &mut client::Connection, request: &Request, args: &RunArgs, verbose: bool) -> Result<()> {
+    connection.send(request)?;
+    let stderr_is_terminal = io::stderr().is_terminal();
+    let stdout_is_terminal = io::stdout().is_terminal();
+    let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
+    let mut progress_shown = false;
+    let mut last_byte = b'\n';
+    let write_or_quit = |out: &mut BufWriter<io::StdoutLock<'_>>, bytes: &[u8], flush: bool| -> io::Result<()> {
+        out.write_all(bytes)?;
+        if flush {
+            out.flush()?;
+        }
+        Ok(())
+    };
+    loop {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return Err(Error::Interrupted);
+        }
+        let response = connection.recv()?;
+        let flush = !connection.has_buffered();
+        let written = match response {
+            Response::Loading { model } => {
+                if stderr_is_terminal {
+                    eprint!("\rloading {model}...");
+                    progress_shown = true;
+                }
+                Ok(())
+            }
+            Response::Queued { position } => {
+                if stderr_is_terminal {
+                    eprint!("\rwaiting for a slot: position {position}...");
+                    progress_shown = true;
+                }
+                Ok(())
+            }
+            Response::Token { text } => {
+                if progress_shown {
+                    eprint!("\r\x1b[K");
+                    progress_shown = false;
+                }
+                if args.json {
+                    let mut line = serde_json::to_string(&TokenLine { kind: "token", text: &text })
+                        .map_err(|e| Error::internal(e.to_string()))?;
+                    line.push('\n');
+                    write_or_quit(&mut out, line.as_bytes(), flush)
+                } else {
+                    last_byte = *text.as_bytes().last().unwrap_or(&last_byte);
+                    write_or_quit(&mut out, text.as_bytes(), flush)
+                }
+            }
+            Response::Done(done) => {
+                if progress_shown {
+                    eprint!("\r\x1b[K");
+                }
+                let result = if args.json {
+                    write_or_quit(&mut out, done_line(&done).as_bytes(), true)
+                } else if stdout_is_terminal && last_byte != b'\n' {
+                    // Leave the shell prompt on a line of its own; pipes get the text as is.
+                    write_or_quit(&mut out, b"\n", true)
+                } else {
+                    out.flush()
+                };
+                if verbose {
+                    eprintln!("{}", timings_summary(&done));
+                }
+                return match result {
+                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+                    Err(e) => Err(Error::io("cannot write to stdout", e)),
+                    Ok(()) => Ok(()),
+                };
+            }
+            Response::Error { kind, message, .. } => {
+                let _ = out.flush();
+                if progress_shown {
+                    eprint!("\r\x1b[K");
+                }
+                return Err(Error::Remote { kind, message });
+            }
+            other => return Err(Error::internal(format!("unexpected message from the daemon: {other:?}"))),
+        };
+        match written {
+            Ok(()) => {}
+            // The reader of stdout went away (`| head`): that is its choice, not a failure.
+            // Returning drops the connection, and the daemon cancels the generation.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(Error::io("cannot write to stdout", e)),
+        }
+    }
+}
+
+/// The `--json` lines, with `type` first so a reader can dispatch on the line's start.
+#[derive(Serialize)]
+struct TokenLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+struct DoneLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    finish_reason: &'a str,
+    usage: &'a Usage,
+    timings: &'a Option<serde_json::Value>,
+}
+
+fn done_line(done: &Done) -> String {
+    let line = DoneLine { kind: "done", finish_reason: &done.finish_reason, usage: &done.usage, timings: &done.timings };
+    let mut text = serde_json::to_string(&line).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+fn timings_summary(done: &Done) -> String {
+    let timings = done.timings.as_ref();
+    let number = |key: &str| timings.and_then(|t| t.get(key)).and_then(|v| v.as_f64());
+    let mut summary = format!(
+        "llmctl: {} prompt tokens, {} generated, finish: {}",
+        done.usage.prompt_tokens, done.usage.completion_tokens, done.finish_reason
+    );
+    if let (Some(prompt), Some(generated)) = (number("prompt_per_second"), number("predicted_per_second")) {
+        summary.push_str(&format!("; prompt {prompt:.1} tok/s, generation {generated:.1} tok/s"));
+    }
+    summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_composition() {
+        let words = vec!["Summarise".to_string(), "this:".to_string()];
+        assert_eq!(compose_prompt(&words, Some("text\n")).unwrap(), "Summarise this:\n\ntext\n");
+        assert_eq!(compose_prompt(&words, None).unwrap(), "Summarise this:");
+        assert_eq!(compose_prompt(&[], Some("only stdin")).unwrap(), "only stdin");
+        assert_eq!(compose_prompt(&[], Some("")).unwrap_err().exit_code(), 2);
+    }
+}

@@ -1,0 +1,15 @@
+//! `llmctl warm MODEL`: load the model and return once it answers a one-token request.
+//! Quiet on success and idempotent, for cron.
+
+use crate::cli::WarmArgs;
+use crate::client;
+use crate::commands::Context;
+use crate::error::Result;
+use crate::protocol::Request;
+
+pub fn run(context: &Context, args: WarmArgs) -> Result<()> {
+    let model = context.resolve_model(&args.model, &args.load)?;
+    let mut connection = client::connect(context)?;
+    connection.call(&Request::Warm { model })?;
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! The daemon: owns the socket, the instance table and every llama-server child.
+//!
+//! Threads, each named and joined by [`run`]:
+//! - `signals`: SIGINT/SIGTERM → the shutdown channel (a second SIGINT kills at once);
+//! - `listener`: accepts connections and starts one `conn` thread per client;
+//! - `supervisor`: a tick that reaps children that exited on their own and keeps the state
+//!   file current;
+//! - `launcher`: forks children (see `launcher` for why one thread does it).
+//!
+//! Startup takes an exclusive lock next to the socket, so a second daemon refuses to start
+//! and a socket left by a crashed daemon is known to be stale and replaced.
+
+pub mod connection;
+pub mod launcher;
+pub mod state;
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select_biased, unbounded, Receiver, Sender};
+
+use crate::admission::Admission;
+use crate::backend::llama::{self, Timeouts};
+use crate::config::{Config, DEFAULT_QUEUE_DEPTH};
+use crate::error::{Error, Result};
+use crate::instance::table::InstanceTable;
+use crate::instance::LoadEnv;
+use crate::paths::{self, Paths};
+use crate::sys;
+use launcher::Launcher;
+
+/// Time a child gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+const SUPERVISOR_TICK: Duration = Duration::from_millis(100);
+
+/// Daemon settings after flags, environment and config are applied.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub queue_depth: usize,
+    pub load_timeout: Duration,
+    pub token_timeout: Duration,
+    pub queue_timeout: Duration,
+    pub stop_grace: Duration,
+    pub llama_server: Option<PathBuf>,
+}
+
+impl Settings {
+    pub fn new(config: &Config, queue_depth_flag: Option<usize>, llama_server_flag: Option<PathBuf>) -> Settings {
+        Settings {
+            queue_depth: queue_depth_flag.or(config.queue_depth).unwrap_or(DEFAULT_QUEUE_DEPTH),
+            load_timeout: Duration::from_secs(config.load_timeout.unwrap_or(120)),
+            token_timeout: Duration::from_secs(config.token_timeout.unwrap_or(300)),
+            queue_timeout: Duration::from_secs(600),
+            stop_grace: env_duration_ms("LLMCTL_STOP_GRACE_MS").unwrap_or(STOP_GRACE),
+            llama_server: llama_server_flag.or_else(|| config.llama_server.clone()),
+        }
+    }
+}
+
+fn env_duration_ms(name: &str) -> Option<Duration> {
+    std::env::var(name).ok()?.parse().ok().map(Duration::from_millis)
+}
+
+/// Why the daemon stops, and who waits for it.
+pub enum ShutdownRequest {
+    Signal,
+    /// A second SIGINT: kill children without a grace period.
+    Kill,
+    /// `llmctl shutdown`; the sender is told once every child is stopped.
+    Client(Sender<()>),
+}
+
+/// What every daemon thread shares.
+pub struct Shared {
+    pub paths: Paths,
+    pub settings: Settings,
+    pub table: InstanceTable,
+    pub admission: Admission,
+    pub launcher: Launcher,
+    pub started: Instant,
+    pub shutdown: Sender<ShutdownRequest>,
+    pub shutting_down: AtomicBool,
+    /// Set to cut every grace period short.
+    pub kill_now: AtomicBool,
+    pub connections: AtomicUsize,
+}
+
+impl Shared {
+    pub fn load_env(&self) -> LoadEnv<'_> {
+        let installed = self.paths.installed_llama_server();
+        LoadEnv {
+            launcher: &self.launcher,
+            binary: llama::find_binary(self.settings.llama_server.as_deref(), None, &installed),
+            log_dir: &self.paths.instance_logs_dir,
+            load_timeout: self.settings.load_timeout,
+            http: Timeouts { connect: Duration::from_secs(5), read: self.settings.token_timeout },
+        }
+    }
+
+    pub fn stop_grace(&self) -> Duration {
+        if self.kill_now.load(Ordering::Relaxed) {
+            Duration::ZERO
+        } else {
+            self.settings.stop_grace
+        }
+    }
+}
+
+/// Runs the daemon until a signal or `llmctl shutdown`.
+pub fn run(paths: Paths, settings: Settings) -> Result<()> {
+    let socket_dir = paths.socket.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    paths::ensure_private_dir(&socket_dir)?;
+    fs::create_dir_all(&paths.instance_logs_dir)
+        .map_err(|e| Error::io(format!("cannot create {}", paths.instance_logs_dir.display()), e))?;
+
+    let _lock = acquire_lock(&paths)?;
+    // We hold the lock, so any socket file here is left over from a daemon that died.
+    match fs::remove_file(&paths.socket) {
+        Ok(()) => log::info!("removed stale socket {}", paths.socket.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("cannot remove stale socket {}", paths.socket.display()), e)),
+    }
+    state::kill_leftovers(&paths.state_file());
+
+    let listener = UnixListener::bind(&paths.socket)
+        .map_err(|e| Error::io(format!("cannot listen on {}", paths.socket.display()), e))?;
+    fs::set_permissions(&paths.socket, fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("cannot make {} private", paths.socket.display()), e))?;
+
+    let (shutdown_tx, shutdown_rx) = unbounded();
+    let shared = Arc::new(Shared {
+        admission: Admission::new(settings.queue_depth),
+        paths,
+        settings,
+        table: InstanceTable::default(),
+        launcher: Launcher::start().map_err(|e| Error::io("cannot start the launcher thread", e))?,
+        started: Instant::now(),
+        shutdown: shutdown_tx.clone(),
+        shutting_down: AtomicBool::new(false),
+        kill_now: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+    });
+    log::info!("llmctl daemon {} (pid {}) listening on {}", env!("CARGO_PKG_VERSION"), std::process::id(), shared.paths.socket.display());
+
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .map_err(|e| Error::io("cannot install signal handlers", e))?;
+    let signals_handle = signals.handle();
+    let signal_thread = spawn_named("signals", move || {
+        let mut interrupts = 0;
+        for signal in signals.forever() {
+            interrupts += usize::from(signal == signal_hook::consts::SIGINT);
+            let request = if interrupts >= 2 { ShutdownRequest::Kill } else { ShutdownRequest::Signal };
+            if shutdown_tx.send(request).is_err() {
+                break;
+            }
+        }
+    })?;
+
+    let listener_thread = {
+        let shared = Arc::clone(&shared);
+        spawn_named("listener", move || accept_loop(&shared, listener))?
+    };
+    let (supervisor_stop, supervisor_stopped) = bounded::<()>(0);
+    let supervisor_thread = {
+        let shared = Arc::clone(&shared);
+        spawn_named("supervisor", move || supervise(&shared, supervisor_stopped))?
+    };
+
+    let waiters = wait_for_shutdown(&shared, &shutdown_rx);
+
+    // Wake the listener so it sees the flag, then let connections finish their replies.
+    let _ = UnixStream::connect(&shared.paths.socket);
+    let _ = listener_thread.join();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    for waiter in waiters {
+        let _ = waiter.send(());
+    }
+    while shared.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    drop(supervisor_stop);
+    let _ = supervisor_thread.join();
+    state::write(&shared.paths.state_file(), &shared.table);
+    signals_handle.close();
+    let _ = signal_thread.join();
+    let _ = fs::remove_file(&shared.paths.socket);
+    log::info!("daemon stopped");
+    Ok(())
+}
+
+/// Blocks until a shutdown is asked for, then stops every instance: gracefully, unless a
+/// second SIGINT arrives meanwhile. Returns the clients to tell once the daemon is done.
+fn wait_for_shutdown(shared: &Arc<Shared>, requests: &Receiver<ShutdownRequest>) -> Vec<Sender<()>> {
+    let mut waiters = Vec::new();
+    let note = |request: ShutdownRequest, waiters: &mut Vec<Sender<()>>| match request {
+        ShutdownRequest::Signal => {}
+        ShutdownRequest::Kill => shared.kill_now.store(true, Ordering::SeqCst),
+        ShutdownRequest::Client(waiter) => waiters.push(waiter),
+    };
+    match requests.recv() {
+        Ok(request) => note(request, &mut waiters),
+        Err(_) => return waiters,
+    }
+    log::info!("shutting down: stopping every instance");
+    shared.shutting_down.store(true, Ordering::SeqCst);
+    let stopper = {
+        let shared = Arc::clone(shared);
+        spawn_named("stop-all", move || {
+            thread::scope(|scope| {
+                for instance in shared.table.all() {
+                    let shared = &shared;
+                    scope.spawn(move || instance.stop_with(shared.settings.stop_grace, &shared.kill_now));
+                }
+            });
+        })
+    };
+    let Ok(stopper) = stopper else { return waiters };
+    while !stopper.is_finished() {
+        if let Ok(request) = requests.recv_timeout(Duration::from_millis(10)) {
+            note(request, &mut waiters);
+        }
+    }
+    let _ = stopper.join();
+    while let Ok(request) = requests.try_recv() {
+        note(request, &mut waiters);
+    }
+    waiters
+}
+
+fn acquire_lock(paths: &Paths) -> Result<File> {
+    let lock_path = paths.lock_file();
+    let mut file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
+    let locked = sys::try_lock_exclusive(&file).map_err(|e| Error::io(format!("cannot lock {}", lock_path.display()), e))?;
+    if !locked {
+        let pid = fs::read_to_string(&lock_path).ok().and_then(|s| s.trim().parse().ok());
+        return Err(Error::DaemonRunning { socket: paths.socket.clone(), pid });
+    }
+    file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(|e| Error::io(format!("cannot write {}", lock_path.display()), e))?;
+    Ok(file)
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
+    for stream in listener.incoming() {
+        if shared.shutting_down.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                log::warn!("accept failed: {error}");
+                // Out of descriptors or similar: back off instead of spinning.
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let conn_shared = Arc::clone(shared);
+        let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
+            connection::serve(&conn_shared, stream);
+            conn_shared.connections.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(error) = spawned {
+            // The closure (and the stream) were dropped: the client sees the connection close.
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("cannot start a connection thread: {error}");
+        }
+    }
+}
+
+fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
+    let mut written = state::snapshot(&shared.table);
+    state::write(&shared.paths.state_file(), &shared.table);
+    loop {
+        select_biased! {
+            recv(stop) -> _ => return,
+            default(SUPERVISOR_TICK) => {}
+        }
+        for instance in shared.table.all() {
+            instance.reap();
+        }
+        let current = state::snapshot(&shared.table);
+        if current != written {
+            state::write(&shared.paths.state_file(), &shared.table);
+            written = current;
+        }
+    }
+}
+
+fn spawn_named<F: FnOnce() + Send + 'static>(name: &str, body: F) -> Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name(name.to_string())
+        .spawn(body)
+        .map_err(|e| Error::io(format!("cannot start the {name} thread"), e))
+}

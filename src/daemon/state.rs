@@ -1,0 +1,74 @@
+//! The daemon's state file: which children it runs, by pid and kernel start time.
+//!
+//! If the daemon is SIGKILLed, `PR_SET_PDEATHSIG` already takes the children along; the
+//! state file is the second line of defence, read at the next start to kill any leftover
+//! that is still the same process. A pid whose start time differs belongs to someone else
+//! and is never touched. The file is always replaced atomically (temp, fsync, rename); when
+//! it cannot be written the daemon logs the problem and keeps serving.
+
+use std::fs;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::instance::table::InstanceTable;
+use crate::paths;
+use crate::process;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildRecord {
+    pub pid: u32,
+    pub start_time: u64,
+    pub model: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    daemon_pid: u32,
+    children: Vec<ChildRecord>,
+}
+
+/// The children running now, in a stable order.
+pub fn snapshot(table: &InstanceTable) -> Vec<ChildRecord> {
+    let mut children: Vec<ChildRecord> = table
+        .all()
+        .iter()
+        .filter_map(|instance| {
+            let (pid, start_time) = instance.child_identity()?;
+            Some(ChildRecord { pid, start_time, model: instance.spec.path.display().to_string() })
+        })
+        .collect();
+    children.sort_by_key(|child| child.pid);
+    children
+}
+
+pub fn write(path: &Path, table: &InstanceTable) {
+    let state = StateFile { daemon_pid: std::process::id(), children: snapshot(table) };
+    let Ok(mut json) = serde_json::to_vec_pretty(&state) else { return };
+    json.push(b'\n');
+    if let Some(dir) = path.parent() {
+        let _ = fs::create_dir_all(dir);
+    }
+    if let Err(error) = paths::write_atomically(path, &json) {
+        log::error!("cannot write the state file {}: {error}; serving on without it", path.display());
+    }
+}
+
+/// Kills the children recorded by a daemon that did not shut down cleanly.
+pub fn kill_leftovers(path: &Path) {
+    let Ok(text) = fs::read_to_string(path) else { return };
+    let state: StateFile = match serde_json::from_str(&text) {
+        Ok(state) => state,
+        Err(error) => {
+            log::warn!("ignoring unreadable state file {}: {error}", path.display());
+            return;
+        }
+    };
+    for child in state.children {
+        if process::kill_leftover(child.pid, child.start_time) {
+            log::warn!("killed llama-server pid {} left by an earlier daemon ({})", child.pid, child.model);
+        } else {
+            log::info!("pid {} from the state file is gone or reused; left alone", child.pid);
+        }
+    }
+}

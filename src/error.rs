@@ -1,0 +1,257 @@
+//! The one error type of llmctl and the exit-status table.
+//!
+//! Every failure a user can meet is a variant here, carrying the context the message needs.
+//! `exit_code()` is the single mapping from failures to exit statuses; `main` is the only
+//! place that turns it into the process status. Errors cross the daemon socket as an
+//! [`ErrorKind`] plus message, so the client picks the same exit code the daemon meant.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Exit statuses, documented once here and mirrored in the README and the man page.
+pub mod exit {
+    /// Success; also when the reader of stdout went away.
+    pub const OK: i32 = 0;
+    /// Unexpected internal error (a bug).
+    pub const INTERNAL: i32 = 1;
+    /// Bad command line.
+    pub const USAGE: i32 = 2;
+    /// Bad input data: not a GGUF file, truncated file, invalid parameter, bad config.
+    pub const DATA: i32 = 65;
+    /// Model not found: no such file, unknown alias.
+    pub const NOT_FOUND: i32 = 66;
+    /// Unavailable: daemon unreachable, no llama-server binary, remote server down.
+    pub const UNAVAILABLE: i32 = 69;
+    /// The backend failed: llama-server exited or crashed while loading or generating.
+    pub const BACKEND: i32 = 70;
+    /// No capacity: the model cannot fit the memory budget.
+    pub const NO_CAPACITY: i32 = 73;
+    /// Busy, try later: admission queue full or per-model limit reached.
+    pub const BUSY: i32 = 75;
+    /// Timed out: load, queue wait or generation deadline.
+    pub const TIMEOUT: i32 = 124;
+    /// Interrupted by SIGINT.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+/// The class of a failure, as carried over the socket. Each kind has one exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    Internal,
+    Usage,
+    Data,
+    NotFound,
+    Unavailable,
+    Backend,
+    NoCapacity,
+    Busy,
+    Timeout,
+    Interrupted,
+}
+
+impl ErrorKind {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::Internal => exit::INTERNAL,
+            ErrorKind::Usage => exit::USAGE,
+            ErrorKind::Data => exit::DATA,
+            ErrorKind::NotFound => exit::NOT_FOUND,
+            ErrorKind::Unavailable => exit::UNAVAILABLE,
+            ErrorKind::Backend => exit::BACKEND,
+            ErrorKind::NoCapacity => exit::NO_CAPACITY,
+            ErrorKind::Busy => exit::BUSY,
+            ErrorKind::Timeout => exit::TIMEOUT,
+            ErrorKind::Interrupted => exit::INTERRUPTED,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Error {
+    /// The command line was wrong in a way clap could not see.
+    Usage { message: String },
+    /// A model path that does not exist.
+    ModelNotFound { path: PathBuf },
+    /// A name that is neither a file nor an alias.
+    UnknownModel { name: String },
+    /// A file that is not a usable GGUF model.
+    BadModel { path: PathBuf, reason: String },
+    /// The config file could not be read or parsed.
+    BadConfig { path: PathBuf, reason: String },
+    /// A request parameter the backend cannot take.
+    InvalidParameter { message: String },
+    /// No llama-server binary could be found.
+    NoLlamaServer { searched: String },
+    /// The daemon could not be reached or started.
+    DaemonUnavailable { socket: PathBuf, reason: String },
+    /// Another daemon already owns the socket.
+    DaemonRunning { socket: PathBuf, pid: Option<u32> },
+    /// llama-server exited while loading or generating.
+    LlamaExited { model: String, status: String, stderr_tail: String },
+    /// llama-server answered with an error or broke the protocol.
+    Backend { model: String, message: String },
+    /// The daemon refused the request: queue full or per-model limit.
+    Busy { message: String, retry_after_ms: u64 },
+    /// The model cannot fit the memory budget.
+    NoCapacity { message: String },
+    /// A deadline passed.
+    Timeout { what: String },
+    /// The user pressed Ctrl-C.
+    Interrupted,
+    /// `llmctl setup` could not finish.
+    Setup { message: String },
+    /// An I/O failure with what was being done.
+    Io { context: String, source: std::io::Error },
+    /// An error reported by the daemon, already classified.
+    Remote { kind: ErrorKind, message: String },
+    /// A bug.
+    Internal { message: String },
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io { context: context.into(), source }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Error {
+        Error::Internal { message: message.into() }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Usage { .. } => ErrorKind::Usage,
+            Error::ModelNotFound { .. } | Error::UnknownModel { .. } => ErrorKind::NotFound,
+            Error::BadModel { .. } | Error::BadConfig { .. } | Error::InvalidParameter { .. } => {
+                ErrorKind::Data
+            }
+            Error::NoLlamaServer { .. }
+            | Error::DaemonUnavailable { .. }
+            | Error::DaemonRunning { .. }
+            | Error::Setup { .. } => ErrorKind::Unavailable,
+            Error::LlamaExited { .. } | Error::Backend { .. } => ErrorKind::Backend,
+            Error::Busy { .. } => ErrorKind::Busy,
+            Error::NoCapacity { .. } => ErrorKind::NoCapacity,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::Interrupted => ErrorKind::Interrupted,
+            Error::Io { .. } | Error::Internal { .. } => ErrorKind::Internal,
+            Error::Remote { kind, .. } => *kind,
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        self.kind().exit_code()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Usage { message } => write!(f, "{message}"),
+            Error::ModelNotFound { path } => write!(
+                f,
+                "model not found: {} does not exist; check the path or run `llmctl setup` for the demo model",
+                path.display()
+            ),
+            Error::UnknownModel { name } => write!(
+                f,
+                "unknown model `{name}`: not a file and not an alias in the config file; \
+                 give a path to a .gguf file or add `[models.{name}]` to the config"
+            ),
+            Error::BadModel { path, reason } => {
+                write!(f, "{} is not a usable GGUF model: {reason}", path.display())
+            }
+            Error::BadConfig { path, reason } => {
+                write!(f, "bad config file {}: {reason}", path.display())
+            }
+            Error::InvalidParameter { message } => write!(f, "invalid parameter: {message}"),
+            Error::NoLlamaServer { searched } => write!(
+                f,
+                "no llama-server binary found (searched {searched}); run `llmctl setup` to build \
+                 one, or pass --llama-server PATH or set LLMCTL_LLAMA_SERVER"
+            ),
+            Error::DaemonUnavailable { socket, reason } => write!(
+                f,
+                "cannot reach the llmctl daemon at {}: {reason}; start it with `llmctl daemon` \
+                 or check its log with `llmctl logs --daemon`",
+                socket.display()
+            ),
+            Error::DaemonRunning { socket, pid } => match pid {
+                Some(pid) => write!(
+                    f,
+                    "another llmctl daemon (pid {pid}) already serves {}; stop it with `llmctl shutdown`",
+                    socket.display()
+                ),
+                None => write!(
+                    f,
+                    "another llmctl daemon already serves {}; stop it with `llmctl shutdown`",
+                    socket.display()
+                ),
+            },
+            Error::LlamaExited { model, status, stderr_tail } => {
+                write!(f, "llama-server for {model} {status}")?;
+                if stderr_tail.trim().is_empty() {
+                    write!(f, " without output")
+                } else {
+                    write!(f, "; its last output:\n{}", stderr_tail.trim_end())
+                }
+            }
+            Error::Backend { model, message } => write!(f, "llama-server for {model}: {message}"),
+            Error::Busy { message, retry_after_ms } => write!(
+                f,
+                "{message}; try again in {:.1} s",
+                *retry_after_ms as f64 / 1000.0
+            ),
+            Error::NoCapacity { message } => write!(f, "{message}"),
+            Error::Timeout { what } => write!(f, "timed out {what}"),
+            Error::Interrupted => write!(f, "interrupted"),
+            Error::Setup { message } => write!(f, "setup failed: {message}"),
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::Remote { message, .. } => write!(f, "{message}"),
+            Error::Internal { message } => write!(f, "internal error (a bug in llmctl): {message}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_its_documented_code() {
+        let table = [
+            (ErrorKind::Internal, 1),
+            (ErrorKind::Usage, 2),
+            (ErrorKind::Data, 65),
+            (ErrorKind::NotFound, 66),
+            (ErrorKind::Unavailable, 69),
+            (ErrorKind::Backend, 70),
+            (ErrorKind::NoCapacity, 73),
+            (ErrorKind::Busy, 75),
+            (ErrorKind::Timeout, 124),
+            (ErrorKind::Interrupted, 130),
+        ];
+        for (kind, code) in table {
+            assert_eq!(kind.exit_code(), code, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn remote_errors_keep_their_kind() {
+        let error = Error::Remote { kind: ErrorKind::Busy, message: "queue full".into() };
+        assert_eq!(error.exit_code(), 75);
+    }
+}

@@ -1,0 +1,368 @@
+//! Reads and checks the header of a GGUF model file.
+//!
+//! llmctl reads the header before anything is spawned, so a wrong or truncated file is
+//! refused in milliseconds with exit 65 instead of a llama-server crash. The header also gives
+//! the numbers for the memory estimate (tensor bytes, layers, KV width). This module reads
+//! files; it never loads tensor data. The format is described in llama.cpp's `docs/gguf.md`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::Path;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+/// Caps that keep a corrupt header from making us allocate or loop without bound.
+const MAX_STRING_LEN: u64 = 1 << 24;
+const MAX_ARRAY_LEN: u64 = 1 << 26;
+const MAX_COUNT: u64 = 1 << 20;
+
+/// What llmctl needs to know about a model file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelInfo {
+    pub version: u32,
+    pub architecture: String,
+    pub name: Option<String>,
+    pub context_length: Option<u64>,
+    pub block_count: Option<u64>,
+    pub embedding_length: Option<u64>,
+    pub head_count: Option<u64>,
+    pub head_count_kv: Option<u64>,
+    pub tensor_count: u64,
+    /// Bytes of tensor data the header describes.
+    pub tensor_bytes: u64,
+    pub file_size: u64,
+    pub has_chat_template: bool,
+}
+
+impl ModelInfo {
+    /// Bytes of an f16 KV cache for `n_ctx` tokens in total (llama-server splits the context
+    /// among its slots, so the total does not grow with the slot count).
+    pub fn kv_cache_bytes(&self, n_ctx: u64) -> u64 {
+        let (Some(layers), Some(embd)) = (self.block_count, self.embedding_length) else {
+            return 0;
+        };
+        let heads = self.head_count.unwrap_or(1).max(1);
+        let kv_heads = self.head_count_kv.unwrap_or(heads);
+        let kv_width = embd / heads * kv_heads;
+        // K and V, f16 (2 bytes each).
+        2 * layers * n_ctx * kv_width * 2
+    }
+}
+
+#[derive(Debug)]
+enum Value {
+    Uint(u64),
+    Int(i64),
+    Float,
+    Bool,
+    Str(String),
+    Array,
+}
+
+struct Reader<R> {
+    inner: R,
+    offset: u64,
+}
+
+impl<R: Read> Reader<R> {
+    fn bytes<const N: usize>(&mut self) -> io::Result<[u8; N]> {
+        let mut buf = [0u8; N];
+        self.inner.read_exact(&mut buf)?;
+        self.offset += N as u64;
+        Ok(buf)
+    }
+    fn u32(&mut self) -> io::Result<u32> {
+        Ok(u32::from_le_bytes(self.bytes()?))
+    }
+    fn u64(&mut self) -> io::Result<u64> {
+        Ok(u64::from_le_bytes(self.bytes()?))
+    }
+    fn skip(&mut self, n: u64) -> io::Result<()> {
+        let copied = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())?;
+        self.offset += copied;
+        if copied < n {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+    fn string(&mut self) -> Result<String, String> {
+        let len = self.u64().map_err(eof)?;
+        if len > MAX_STRING_LEN {
+            return Err(format!("string of {len} bytes in the header"));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.inner.read_exact(&mut buf).map_err(eof)?;
+        self.offset += len;
+        String::from_utf8(buf).map_err(|_| "a header string is not UTF-8".to_string())
+    }
+
+    fn value(&mut self, value_type: u32) -> Result<Value, String> {
+        Ok(match value_type {
+            0 => Value::Uint(self.bytes::<1>().map_err(eof)?[0] as u64),
+            1 => Value::Int(self.bytes::<1>().map_err(eof)?[0] as i8 as i64),
+            2 => Value::Uint(u16::from_le_bytes(self.bytes().map_err(eof)?) as u64),
+            3 => Value::Int(i16::from_le_bytes(self.bytes().map_err(eof)?) as i64),
+            4 => Value::Uint(self.u32().map_err(eof)? as u64),
+            5 => Value::Int(i32::from_le_bytes(self.bytes().map_err(eof)?) as i64),
+            6 => {
+                self.bytes::<4>().map_err(eof)?;
+                Value::Float
+            }
+            7 => {
+                self.bytes::<1>().map_err(eof)?;
+                Value::Bool
+            }
+            8 => Value::Str(self.string()?),
+            9 => {
+                let element_type = self.u32().map_err(eof)?;
+                let len = self.u64().map_err(eof)?;
+                if len > MAX_ARRAY_LEN {
+                    return Err(format!("array of {len} elements in the header"));
+                }
+                match fixed_size(element_type) {
+                    Some(size) => self.skip(size * len).map_err(eof)?,
+                    None => {
+                        for _ in 0..len {
+                            self.value(element_type)?;
+                        }
+                    }
+                }
+                Value::Array
+            }
+            10 => Value::Uint(self.u64().map_err(eof)?),
+            11 => Value::Int(self.u64().map_err(eof)? as i64),
+            12 => {
+                self.bytes::<8>().map_err(eof)?;
+                Value::Float
+            }
+            other => return Err(format!("unknown metadata value type {other}")),
+        })
+    }
+}
+
+fn fixed_size(value_type: u32) -> Option<u64> {
+    match value_type {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+fn eof(_: io::Error) -> String {
+    "the file ends inside its header (truncated)".to_string()
+}
+
+/// Elements per block and bytes per block of a ggml tensor type, from ggml's type traits.
+fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
+    Some(match ggml_type {
+        0 => (1, 4),     // F32
+        1 => (1, 2),     // F16
+        2 => (32, 18),   // Q4_0
+        3 => (32, 20),   // Q4_1
+        6 => (32, 22),   // Q5_0
+        7 => (32, 24),   // Q5_1
+        8 => (32, 34),   // Q8_0
+        9 => (32, 36),   // Q8_1
+        10 => (256, 84), // Q2_K
+        11 => (256, 110),
+        12 => (256, 144),
+        13 => (256, 176),
+        14 => (256, 210),
+        15 => (256, 292),
+        16 => (256, 66), // IQ2_XXS
+        17 => (256, 74),
+        18 => (256, 98),
+        19 => (256, 50), // IQ1_S
+        20 => (32, 18),  // IQ4_NL
+        21 => (256, 110),
+        22 => (256, 82),
+        23 => (256, 136),
+        24 => (1, 1),  // I8
+        25 => (1, 2),  // I16
+        26 => (1, 4),  // I32
+        27 => (1, 8),  // I64
+        28 => (1, 8),  // F64
+        29 => (256, 56), // IQ1_M
+        30 => (1, 2),    // BF16
+        34 => (256, 54), // TQ1_0
+        35 => (256, 66), // TQ2_0
+        _ => return None,
+    })
+}
+
+/// Reads the header of `path` and checks that the file holds all the data it describes.
+/// The error is a sentence for the user.
+pub fn inspect(path: &Path) -> Result<ModelInfo, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let file_size = file.metadata().map_err(|e| format!("cannot stat it: {e}"))?.len();
+    let mut reader = Reader { inner: BufReader::with_capacity(1 << 16, file), offset: 0 };
+
+    let magic: [u8; 4] = reader.bytes().map_err(|_| "the file is shorter than a GGUF header".to_string())?;
+    if &magic != MAGIC {
+        return Err("it does not start with the GGUF magic bytes".to_string());
+    }
+    let version = reader.u32().map_err(eof)?;
+    if !(2..=3).contains(&version) {
+        return Err(format!("unsupported GGUF version {version} (llama.cpp reads 2 and 3)"));
+    }
+    let tensor_count = reader.u64().map_err(eof)?;
+    let kv_count = reader.u64().map_err(eof)?;
+    if tensor_count > MAX_COUNT || kv_count > MAX_COUNT {
+        return Err(format!("implausible header ({tensor_count} tensors, {kv_count} keys)"));
+    }
+
+    let mut metadata: HashMap<String, Value> = HashMap::new();
+    for _ in 0..kv_count {
+        let key = reader.string()?;
+        let value_type = reader.u32().map_err(eof)?;
+        let value = reader.value(value_type)?;
+        metadata.insert(key, value);
+    }
+
+    let mut data_end = 0u64;
+    for _ in 0..tensor_count {
+        let name = reader.string()?;
+        let n_dims = reader.u32().map_err(eof)?;
+        if n_dims > 8 {
+            return Err(format!("tensor {name} has {n_dims} dimensions"));
+        }
+        let mut elements = 1u64;
+        for _ in 0..n_dims {
+            elements = elements.saturating_mul(reader.u64().map_err(eof)?);
+        }
+        let ggml_type = reader.u32().map_err(eof)?;
+        let offset = reader.u64().map_err(eof)?;
+        let size = match block_layout(ggml_type) {
+            Some((block, bytes)) => elements.div_ceil(block).saturating_mul(bytes),
+            None => 0,
+        };
+        data_end = data_end.max(offset.saturating_add(size));
+    }
+
+    let alignment = match metadata.get("general.alignment") {
+        Some(Value::Uint(a)) if *a > 0 => *a,
+        _ => DEFAULT_ALIGNMENT,
+    };
+    let data_start = reader.offset.div_ceil(alignment) * alignment;
+    let needed = data_start.saturating_add(data_end);
+    if needed > file_size {
+        return Err(format!(
+            "the file is truncated: its header describes {needed} bytes but it has {file_size}"
+        ));
+    }
+
+    let string = |key: &str| match metadata.get(key) {
+        Some(Value::Str(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let architecture = string("general.architecture")
+        .ok_or_else(|| "the header has no general.architecture".to_string())?;
+    let number = |suffix: &str| match metadata.get(&format!("{architecture}.{suffix}")) {
+        Some(Value::Uint(n)) => Some(*n),
+        Some(Value::Int(n)) if *n >= 0 => Some(*n as u64),
+        _ => None,
+    };
+    Ok(ModelInfo {
+        version,
+        name: string("general.name"),
+        context_length: number("context_length"),
+        block_count: number("block_count"),
+        embedding_length: number("embedding_length"),
+        head_count: number("attention.head_count"),
+        head_count_kv: number("attention.head_count_kv"),
+        has_chat_template: metadata.contains_key("tokenizer.chat_template"),
+        architecture,
+        tensor_count,
+        tensor_bytes: data_end,
+        file_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn put_string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+
+    /// A minimal valid file: one string key, one f32 tensor of 8 elements.
+    fn minimal() -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(b"GGUF");
+        out.extend(3u32.to_le_bytes());
+        out.extend(1u64.to_le_bytes());
+        out.extend(2u64.to_le_bytes());
+        put_string(&mut out, "general.architecture");
+        out.extend(8u32.to_le_bytes());
+        put_string(&mut out, "llama");
+        put_string(&mut out, "llama.block_count");
+        out.extend(4u32.to_le_bytes());
+        out.extend(2u32.to_le_bytes());
+        put_string(&mut out, "w");
+        out.extend(1u32.to_le_bytes());
+        out.extend(8u64.to_le_bytes());
+        out.extend(0u32.to_le_bytes());
+        out.extend(0u64.to_le_bytes());
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+        out.extend([0u8; 32]);
+        out
+    }
+
+    fn inspect_bytes(bytes: &[u8]) -> Result<ModelInfo, String> {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(bytes).unwrap();
+        inspect(file.path())
+    }
+
+    #[test]
+    fn reads_a_minimal_file() {
+        let info = inspect_bytes(&minimal()).unwrap();
+        assert_eq!(info.architecture, "llama");
+        assert_eq!(info.block_count, Some(2));
+        assert_eq!(info.tensor_bytes, 32);
+    }
+
+    #[test]
+    fn refuses_wrong_magic_and_truncation() {
+        let table: [(&[u8], &str); 3] = [
+            (b"", "shorter than a GGUF header"),
+            (b"PK\x03\x04 not a model at all", "magic"),
+            (&minimal()[..40], "truncated"),
+        ];
+        for (bytes, expected) in table {
+            let error = inspect_bytes(bytes).unwrap_err();
+            assert!(error.contains(expected), "{error} should mention {expected}");
+        }
+        let full = minimal();
+        let error = inspect_bytes(&full[..full.len() - 1]).unwrap_err();
+        assert!(error.contains("truncated"), "{error}");
+    }
+
+    #[test]
+    fn refuses_absurd_counts() {
+        let mut bytes = minimal();
+        bytes[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(inspect_bytes(&bytes).unwrap_err().contains("implausible"));
+    }
+
+    #[test]
+    fn kv_cache_estimate_uses_kv_heads() {
+        let info = ModelInfo {
+            block_count: Some(30),
+            embedding_length: Some(576),
+            head_count: Some(9),
+            head_count_kv: Some(3),
+            ..ModelInfo::default()
+        };
+        // 2 (K,V) * 30 layers * 2048 ctx * 192 width * 2 bytes
+        assert_eq!(info.kv_cache_bytes(2048), 2 * 30 * 2048 * 192 * 2);
+    }
+}

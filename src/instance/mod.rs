@@ -1,0 +1,569 @@
+//! Model instances: one llama-server child per model and load options, and its state.
+//!
+//! States: `Starting → Ready ⇄ Busy → Stopping → Stopped`, and `Failed` with the reason
+//! (`Busy` is `Ready` with requests in flight). One request loads an instance; the others
+//! that arrive meanwhile wait for that load instead of starting their own.
+//!
+//! Two locks per instance, each guarding data only: `inner` holds the state machine and
+//! counters, `process` holds the child handle so a stop can take it out. Neither is held
+//! across a spawn, an HTTP call or a wait for a child; `try_wait` under `process` is a
+//! non-blocking syscall.
+
+pub mod table;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::backend::llama::{self, OutputTail, Timeouts};
+use crate::daemon::launcher::Launcher;
+use crate::error::{Error, ErrorKind, Result};
+use crate::gguf::ModelInfo;
+use crate::model::ModelSpec;
+use crate::process::{self, ChildGroup};
+use crate::protocol::{InstanceStatus, Usage};
+
+/// Fixed cost of one llama-server process beyond weights and KV cache (measured: a tiny
+/// model's child is about 40 MiB resident on CPU).
+const PROCESS_OVERHEAD_BYTES: u64 = 48 << 20;
+/// How long a waiter sleeps between checks of its deadline and its client.
+const WAIT_SLICE: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Starting,
+    Ready,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl State {
+    pub fn name(self, in_flight: u32) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Ready if in_flight > 0 => "busy",
+            State::Ready => "ready",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// What an instance needs from the daemon to load.
+pub struct LoadEnv<'a> {
+    pub launcher: &'a Launcher,
+    pub binary: std::result::Result<PathBuf, String>,
+    pub log_dir: &'a Path,
+    /// Longest a load may go without any output from the child.
+    pub load_timeout: Duration,
+    pub http: Timeouts,
+}
+
+/// A running child and the thread draining its output.
+struct Running {
+    child: ChildGroup,
+    drain: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the child (if still running) and waits for its output to be drained.
+    fn finish(mut self, grace: Duration, abort: &AtomicBool) -> std::io::Result<std::process::ExitStatus> {
+        let status = self.child.stop(grace, abort);
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.join();
+        }
+        status
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    /// Why the last load or run failed, with its kind so waiters can report it.
+    failure: Option<(ErrorKind, String)>,
+    /// Counts loads; a waiter only trusts a failure from the load it waited for.
+    load_generation: u64,
+    client: Option<llama::Client>,
+    tail: Option<Arc<OutputTail>>,
+    pid: Option<u32>,
+    port: Option<u16>,
+    in_flight: u32,
+    /// Tickets of requests waiting for a slot, first come first served.
+    queue: VecDeque<u64>,
+    next_ticket: u64,
+    last_used: Option<SystemTime>,
+    requests: u64,
+    usage: Usage,
+    restarts: u32,
+}
+
+pub struct Instance {
+    pub spec: ModelSpec,
+    pub info: ModelInfo,
+    inner: Mutex<Inner>,
+    /// Signalled on every state change and every released slot.
+    changed: Condvar,
+    process: Mutex<Option<Running>>,
+}
+
+/// A slot on a ready instance; dropping it gives the slot back, even on panic.
+pub struct Slot {
+    instance: Arc<Instance>,
+    pub client: llama::Client,
+    usage: Usage,
+}
+
+impl Slot {
+    pub fn record_usage(&mut self, usage: Usage) {
+        self.usage = usage;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut inner = self.instance.inner.lock();
+        inner.in_flight -= 1;
+        inner.last_used = Some(SystemTime::now());
+        inner.usage.prompt_tokens += self.usage.prompt_tokens;
+        inner.usage.completion_tokens += self.usage.completion_tokens;
+        drop(inner);
+        self.instance.changed.notify_all();
+    }
+}
+
+/// Why no slot was given.
+pub enum AcquireError {
+    /// The instance is not ready (stopped, failed or stopping): load it again.
+    NotReady,
+    Error(Error),
+}
+
+impl Instance {
+    pub fn new(spec: ModelSpec, info: ModelInfo) -> Instance {
+        Instance {
+            spec,
+            info,
+            inner: Mutex::new(Inner {
+                state: State::Stopped,
+                failure: None,
+                load_generation: 0,
+                client: None,
+                tail: None,
+                pid: None,
+                port: None,
+                in_flight: 0,
+                queue: VecDeque::new(),
+                next_ticket: 0,
+                last_used: None,
+                requests: 0,
+                usage: Usage::default(),
+                restarts: 0,
+            }),
+            changed: Condvar::new(),
+            process: Mutex::new(None),
+        }
+    }
+
+    /// Bytes this instance is expected to use before it runs: weights, KV cache, process.
+    pub fn estimate_bytes(&self) -> u64 {
+        let n_ctx = self.spec.load.ctx_size.map(u64::from).or(self.info.context_length).unwrap_or(4096);
+        self.info.tensor_bytes + self.info.kv_cache_bytes(n_ctx) + PROCESS_OVERHEAD_BYTES
+    }
+
+    pub fn state(&self) -> State {
+        self.inner.lock().state
+    }
+
+    /// The pid and kernel start time of the child, if one runs.
+    pub fn child_identity(&self) -> Option<(u32, u64)> {
+        let process = self.process.lock();
+        let child = &process.as_ref()?.child;
+        Some((child.pid(), child.start_time()?))
+    }
+
+    /// Returns a client for a ready instance, loading it first if needed. `on_loading` is
+    /// called once if this request starts a load or waits for one.
+    pub fn ensure_ready(
+        self: &Arc<Self>,
+        env: &LoadEnv<'_>,
+        mut on_loading: impl FnMut(),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<llama::Client> {
+        let mut inner = self.inner.lock();
+        let mut announced = false;
+        let mut waited_generation = None;
+        loop {
+            match inner.state {
+                State::Ready => return Ok(inner.client.clone().expect("a ready instance has a client")),
+                State::Failed if waited_generation == Some(inner.load_generation) => {
+                    let (kind, message) = inner.failure.clone().unwrap_or((ErrorKind::Backend, "load failed".into()));
+                    return Err(Error::Remote { kind, message });
+                }
+                State::Stopped | State::Failed => break,
+                State::Starting | State::Stopping => {
+                    if !announced {
+                        announced = true;
+                        drop(inner);
+                        on_loading();
+                        inner = self.inner.lock();
+                        continue;
+                    }
+                    if inner.state == State::Starting {
+                        waited_generation = Some(inner.load_generation);
+                    }
+                    if cancelled() {
+                        return Err(Error::Interrupted);
+                    }
+                    self.changed.wait_for(&mut inner, WAIT_SLICE);
+                }
+            }
+        }
+        // This request loads the instance.
+        inner.state = State::Starting;
+        inner.load_generation += 1;
+        if inner.failure.is_some() {
+            inner.restarts += 1;
+        }
+        inner.failure = None;
+        let generation = inner.load_generation;
+        drop(inner);
+        if !announced {
+            on_loading();
+        }
+
+        let result = self.load(env, generation);
+
+        let mut inner = self.inner.lock();
+        let outcome = match result {
+            Ok((client, tail, port)) if inner.state == State::Starting && inner.load_generation == generation => {
+                inner.state = State::Ready;
+                inner.client = Some(client.clone());
+                inner.tail = Some(tail);
+                inner.port = Some(port);
+                Ok(client)
+            }
+            Ok(_) => Err(Error::Remote {
+                kind: ErrorKind::Unavailable,
+                message: format!("{} was stopped while it loaded", self.spec.name),
+            }),
+            Err(error) => {
+                if inner.state == State::Starting && inner.load_generation == generation {
+                    inner.state = State::Failed;
+                    inner.failure = Some((error.kind(), error.to_string()));
+                }
+                Err(error)
+            }
+        };
+        drop(inner);
+        self.changed.notify_all();
+        if outcome.is_err() {
+            // Whatever was spawned for the failed load must not outlive it.
+            self.take_and_finish(Duration::ZERO, &AtomicBool::new(true));
+        }
+        outcome
+    }
+
+    fn load(&self, env: &LoadEnv<'_>, generation: u64) -> Result<(llama::Client, Arc<OutputTail>, u16)> {
+        let binary = env.binary.clone().map_err(|searched| Error::NoLlamaServer { searched })?;
+        let mut command = llama::command(&binary, &self.spec);
+        let log_path = env.log_dir.join(log_file_name(&self.spec));
+        let capture = llama::capture_output(&mut command, &log_path)
+            .map_err(|e| Error::io(format!("cannot capture the output of llama-server in {}", log_path.display()), e))?;
+        let spawned = env.launcher.spawn(command);
+        // `command` (and the pipe's write ends in it) is gone; only the child holds them now.
+        let child = match spawned {
+            Ok(child) => child,
+            Err(error) => {
+                let _ = capture.drain.join();
+                return Err(Error::NoLlamaServer {
+                    searched: format!("{} could not be started: {error}", binary.display()),
+                });
+            }
+        };
+        let pid = child.pid();
+        log::info!("spawned llama-server pid {pid} for {}", self.spec.path.display());
+        *self.process.lock() = Some(Running { child, drain: Some(capture.drain) });
+        self.inner.lock().pid = Some(pid);
+        self.changed.notify_all();
+
+        let tail = capture.tail;
+        let started = Instant::now();
+        let deadline_passed = |tail: &OutputTail| {
+            let last_progress = tail.last_output().max(started);
+            last_progress.elapsed() > env.load_timeout
+        };
+        let still_loading = || {
+            let inner = self.inner.lock();
+            inner.state == State::Starting && inner.load_generation == generation
+        };
+
+        let port = loop {
+            match capture.port.recv_timeout(llama::READY_POLL) {
+                Ok(port) => break port,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                // The drain thread ended: the child closed its output, so it is exiting.
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    if let Some(error) = self.exit_error(&tail, Duration::from_secs(2)) {
+                        return Err(error);
+                    }
+                }
+            }
+            if let Some(error) = self.exit_error(&tail, Duration::ZERO) {
+                return Err(error);
+            }
+            if !still_loading() {
+                return Err(self.stopped_while_loading());
+            }
+            if deadline_passed(&tail) {
+                return Err(Error::Timeout { what: self.load_timeout_message(env) });
+            }
+        };
+
+        let client = llama::Client::new(port, env.http);
+        loop {
+            if client.healthy() {
+                return Ok((client, tail, port));
+            }
+            if let Some(error) = self.exit_error(&tail, Duration::ZERO) {
+                return Err(error);
+            }
+            if !still_loading() {
+                return Err(self.stopped_while_loading());
+            }
+            if deadline_passed(&tail) {
+                return Err(Error::Timeout { what: self.load_timeout_message(env) });
+            }
+            std::thread::sleep(llama::READY_POLL);
+        }
+    }
+
+    fn load_timeout_message(&self, env: &LoadEnv<'_>) -> String {
+        format!(
+            "loading {}: llama-server printed nothing for {} s (raise load_timeout in the config for very large models)",
+            self.spec.name,
+            env.load_timeout.as_secs()
+        )
+    }
+
+    fn stopped_while_loading(&self) -> Error {
+        Error::Remote {
+            kind: ErrorKind::Unavailable,
+            message: format!("{} was stopped while it loaded", self.spec.name),
+        }
+    }
+
+    /// If the child has exited (waiting up to `patience` for it to do so), reaps it and
+    /// returns the error that describes the exit.
+    fn exit_error(&self, tail: &OutputTail, patience: Duration) -> Option<Error> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let exited = {
+                let mut process = self.process.lock();
+                match process.as_mut() {
+                    None => return None,
+                    Some(running) => match running.child.try_wait() {
+                        Ok(Some(status)) => Some((status, process.take())),
+                        Ok(None) => None,
+                        Err(_) => None,
+                    },
+                }
+            };
+            if let Some((status, running)) = exited {
+                if let Some(mut running) = running {
+                    // Join the drain so the tail holds the child's last words.
+                    if let Some(drain) = running.drain.take() {
+                        let _ = drain.join();
+                    }
+                }
+                self.inner.lock().pid = None;
+                return Some(Error::LlamaExited {
+                    model: self.spec.name.clone(),
+                    status: process::describe_status(status),
+                    stderr_tail: tail.quote(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for a free slot, first come first served, until `deadline`.
+    pub fn acquire(
+        self: &Arc<Self>,
+        deadline: Instant,
+        cancelled: &dyn Fn() -> bool,
+    ) -> std::result::Result<Slot, AcquireError> {
+        let mut inner = self.inner.lock();
+        let ticket = inner.next_ticket;
+        inner.next_ticket += 1;
+        inner.queue.push_back(ticket);
+        let give_up = |inner: &mut Inner, error: AcquireError| {
+            inner.queue.retain(|&t| t != ticket);
+            Err(error)
+        };
+        loop {
+            let slots = self.spec.load.parallel;
+            match inner.state {
+                State::Ready if inner.in_flight < slots && inner.queue.front() == Some(&ticket) => {
+                    inner.queue.pop_front();
+                    inner.in_flight += 1;
+                    inner.requests += 1;
+                    let client = inner.client.clone().expect("a ready instance has a client");
+                    drop(inner);
+                    // The next in line may also fit a free slot.
+                    self.changed.notify_all();
+                    return Ok(Slot { instance: Arc::clone(self), client, usage: Usage::default() });
+                }
+                State::Ready | State::Starting => {}
+                State::Stopping | State::Stopped | State::Failed => {
+                    let result = give_up(&mut inner, AcquireError::NotReady);
+                    drop(inner);
+                    self.changed.notify_all();
+                    return result;
+                }
+            }
+            if cancelled() {
+                let result = give_up(&mut inner, AcquireError::Error(Error::Interrupted));
+                drop(inner);
+                self.changed.notify_all();
+                return result;
+            }
+            if Instant::now() >= deadline {
+                let result = give_up(
+                    &mut inner,
+                    AcquireError::Error(Error::Timeout { what: format!("waiting for a free slot on {}", self.spec.name) }),
+                );
+                drop(inner);
+                self.changed.notify_all();
+                return result;
+            }
+            self.changed.wait_for(&mut inner, WAIT_SLICE);
+        }
+    }
+
+    /// Classifies a broken generation: if the child died, the instance fails with its exit
+    /// status and last output; otherwise the error is the backend's message.
+    pub fn generation_failed(&self, message: String) -> Error {
+        let tail = self.inner.lock().tail.clone();
+        if let Some(tail) = tail {
+            // A crash closes the connection a moment before the kernel reports the exit.
+            if let Some(error) = self.exit_error(&tail, Duration::from_millis(500)) {
+                self.mark_failed(&error);
+                return error;
+            }
+        }
+        Error::Backend { model: self.spec.name.clone(), message }
+    }
+
+    fn mark_failed(&self, error: &Error) {
+        let mut inner = self.inner.lock();
+        if matches!(inner.state, State::Ready | State::Starting) {
+            inner.state = State::Failed;
+            inner.failure = Some((error.kind(), error.to_string()));
+            inner.client = None;
+            inner.port = None;
+        }
+        drop(inner);
+        self.changed.notify_all();
+    }
+
+    /// Checks whether the child exited on its own; if so the instance fails. Returns true
+    /// when something changed. Called by the supervisor tick.
+    pub fn reap(&self) -> bool {
+        let tail = self.inner.lock().tail.clone();
+        let Some(tail) = tail else { return false };
+        match self.exit_error(&tail, Duration::ZERO) {
+            Some(error) => {
+                log::warn!("{error}");
+                self.mark_failed(&error);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Unloads the instance: TERM, grace, KILL, reap. Requests in flight fail.
+    pub fn stop(&self, grace: Duration) {
+        self.stop_with(grace, &AtomicBool::new(false));
+    }
+
+    /// Like [`Instance::stop`], with the grace period cut short once `abort` is set.
+    pub fn stop_with(&self, grace: Duration, abort: &AtomicBool) {
+        let mut inner = self.inner.lock();
+        if inner.state == State::Stopped {
+            return;
+        }
+        inner.state = State::Stopping;
+        drop(inner);
+        self.changed.notify_all();
+        self.take_and_finish(grace, abort);
+        let mut inner = self.inner.lock();
+        inner.state = State::Stopped;
+        inner.failure = None;
+        inner.client = None;
+        inner.port = None;
+        inner.pid = None;
+        drop(inner);
+        self.changed.notify_all();
+    }
+
+    fn take_and_finish(&self, grace: Duration, abort: &AtomicBool) {
+        let running = self.process.lock().take();
+        if let Some(running) = running {
+            let pid = running.child.pid();
+            match running.finish(grace, abort) {
+                Ok(status) => log::info!("llama-server pid {pid} {}", process::describe_status(status)),
+                Err(error) => log::warn!("cannot reap llama-server pid {pid}: {error}"),
+            }
+        }
+        self.inner.lock().pid = None;
+    }
+
+    pub fn status(&self) -> InstanceStatus {
+        let inner = self.inner.lock();
+        let mut status = InstanceStatus {
+            name: self.spec.name.clone(),
+            path: self.spec.path.display().to_string(),
+            state: inner.state.name(inner.in_flight).to_string(),
+            failure: inner.failure.as_ref().map(|(_, message)| message.clone()),
+            pid: inner.pid,
+            port: inner.port,
+            ctx_size: self.spec.load.ctx_size,
+            slots: self.spec.load.parallel,
+            in_flight: inner.in_flight,
+            estimate_bytes: 0,
+            rss_bytes: None,
+            last_used_ms: inner.last_used.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64),
+            requests: inner.requests,
+            usage: inner.usage,
+            restarts: inner.restarts,
+        };
+        drop(inner);
+        status.estimate_bytes = self.estimate_bytes();
+        status.rss_bytes = status.pid.and_then(process::rss_bytes);
+        status
+    }
+}
+
+/// A log file name that is readable and unique per model and load options.
+fn log_file_name(spec: &ModelSpec) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    spec.path.hash(&mut hasher);
+    spec.load.hash(&mut hasher);
+    let stem: String = spec
+        .name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect();
+    format!("{stem}-{:08x}.log", hasher.finish() as u32)
+}

@@ -1,0 +1,102 @@
+//! llmctl runs local GGUF models through llama.cpp's `llama-server` from the shell.
+//!
+//! # Code map, in the order a request travels
+//! - `cli`: the clap definition; man page and completions are generated from it.
+//! - `commands/*`: one file per subcommand; the client side of each.
+//! - `client`: connects to the daemon (starting it when needed) and speaks the protocol.
+//! - `protocol`: the NDJSON messages and the line codec.
+//! - `daemon/*`: the socket listener, one thread per connection, the supervisor tick.
+//! - `admission`: the bounded queue that answers Busy instead of blocking.
+//! - `instance`: the table of model instances and their state machine.
+//! - `backend/llama`: spawning llama-server, readiness, streaming generation over HTTP.
+//! - `process`: the one owner of child processes and signals.
+//! - `model`, `gguf`, `config`, `paths`, `error`: resolution of names, file checks,
+//!   settings, locations and the exit-status table.
+//!
+//! # Invariants
+//! - **Only `process` sends signals.**
+//! - **No lock is held across I/O**: lock, change the state, drop the guard, then act.
+//! - **Only `protocol` knows the wire format.**
+//! - **Only `main` decides the exit code**: everything below returns an [`error::Error`].
+//! - **stdout of `run` carries generated text and nothing else.**
+
+pub mod admission;
+pub mod backend;
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod gguf;
+pub mod instance;
+pub mod model;
+pub mod paths;
+pub mod process;
+pub mod protocol;
+pub mod sys;
+
+use std::ffi::OsString;
+use std::io::Write;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::error::{exit, Error, Result};
+
+/// Parses `args` and runs the command.
+pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return match error.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => Ok(()),
+                _ => Err(Error::Usage { message: String::new() }),
+            };
+        }
+    };
+    init_logging(cli.global.verbose, matches!(cli.command, Command::Daemon(_)));
+    let context = commands::Context::new(&cli.global);
+    match cli.command {
+        Command::Run(args) => commands::run::run(&context, args),
+        Command::Status(args) => commands::status::run(&context, args),
+        Command::Warm(args) => commands::warm::run(&context, args),
+        Command::Switch(args) => commands::switch::run(&context, args),
+        Command::Stop(args) => commands::stop::run(&context, args),
+        Command::Daemon(args) => commands::daemon::run(&context, args),
+        Command::Shutdown => commands::shutdown::run(&context),
+        Command::Setup(args) => commands::setup::run(&context, args),
+    }
+}
+
+/// Prints `error` for the user and returns the exit code for it.
+pub fn report(error: &Error) -> i32 {
+    let code = error.exit_code();
+    match error {
+        // clap has printed its own message already.
+        Error::Usage { message } if message.is_empty() => {}
+        Error::Interrupted => {}
+        _ => {
+            let _ = writeln!(std::io::stderr().lock(), "llmctl: {error}");
+        }
+    }
+    if code == exit::OK {
+        exit::INTERNAL
+    } else {
+        code
+    }
+}
+
+/// One place sets up diagnostics: warnings by default, `-v` for info, `-vv` for debug;
+/// `RUST_LOG` overrides both. The daemon logs info by default, since its log is a file.
+fn init_logging(verbose: u8, is_daemon: bool) {
+    let default = match (verbose, is_daemon) {
+        (0, false) => "warn",
+        (0, true) | (1, _) => "info",
+        _ => "debug",
+    };
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp_millis()
+        .try_init();
+}

@@ -1,0 +1,104 @@
+//! Turns what the user typed as MODEL into a model file plus load options.
+//!
+//! MODEL is an alias from the config file, the built-in `demo` alias that `llmctl setup`
+//! installs, or a path. Paths are made absolute and canonical so that the same file always
+//! maps to the same instance, whatever directory the client ran in.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, DEFAULT_PARALLEL};
+use crate::error::{Error, Result};
+use crate::paths::Paths;
+
+/// The demo model `llmctl setup` installs, and its alias.
+pub const DEMO_ALIAS: &str = "demo";
+pub const DEMO_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Options that change how llama-server loads a model. Two requests that differ here run
+/// on two instances; sampling options never appear here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LoadOptions {
+    pub ctx_size: Option<u32>,
+    pub parallel: u32,
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { ctx_size: None, parallel: DEFAULT_PARALLEL, extra_args: Vec::new() }
+    }
+}
+
+/// A resolved model: what to load and how.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// What the user calls it: the alias, or the file name.
+    pub name: String,
+    pub path: PathBuf,
+    pub load: LoadOptions,
+}
+
+/// Load options given on the command line; each overrides the config.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOverrides {
+    pub ctx_size: Option<u32>,
+    pub parallel: Option<u32>,
+}
+
+pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverrides) -> Result<ModelSpec> {
+    let (display, path, mut load) = if let Some(model) = config.models.get(name) {
+        let load = LoadOptions {
+            ctx_size: model.ctx_size,
+            parallel: model.parallel.unwrap_or(DEFAULT_PARALLEL),
+            extra_args: model.args.clone(),
+        };
+        let path = expand_home(&model.path);
+        if !path.exists() {
+            return Err(Error::ModelNotFound { path });
+        }
+        (name.to_string(), path, load)
+    } else if name == DEMO_ALIAS && !Path::new(name).exists() {
+        let path = paths.models_dir().join(DEMO_FILE);
+        if !path.exists() {
+            return Err(Error::Usage {
+                message: "the demo model is not installed; run `llmctl setup` first".into(),
+            });
+        }
+        (name.to_string(), path, LoadOptions::default())
+    } else {
+        let path = PathBuf::from(name);
+        if !path.exists() {
+            let looks_like_path = name.contains('/') || name.ends_with(".gguf");
+            return Err(if looks_like_path {
+                Error::ModelNotFound { path }
+            } else {
+                Error::UnknownModel { name: name.to_string() }
+            });
+        }
+        let display = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        (display, path, LoadOptions::default())
+    };
+    if path.is_dir() {
+        return Err(Error::BadModel { path, reason: "it is a directory, not a file".into() });
+    }
+    let path = path
+        .canonicalize()
+        .map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))?;
+    if let Some(ctx_size) = overrides.ctx_size {
+        load.ctx_size = Some(ctx_size);
+    }
+    if let Some(parallel) = overrides.parallel {
+        load.parallel = parallel;
+    }
+    Ok(ModelSpec { name: display, path, load })
+}
+
+fn expand_home(path: &Path) -> PathBuf {
+    match path.strip_prefix("~") {
+        Ok(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
+        Err(_) => path.to_path_buf(),
+    }
+}

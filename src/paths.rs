@@ -1,0 +1,166 @@
+//! Where llmctl keeps its socket, state, config and installed files.
+//!
+//! Each location follows the same precedence: flag, then an `LLMCTL_*` environment variable,
+//! then the XDG variable, then a default under the home directory. This module only computes
+//! paths; it creates nothing except through [`ensure_private_dir`].
+
+use std::env;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The llama.cpp build `llmctl setup` installs and the tests run against.
+pub const LLAMA_CPP_BUILD: u32 = 11434;
+
+/// Paths one process works with, resolved once at start.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    /// Per-instance llama-server logs.
+    pub instance_logs_dir: PathBuf,
+}
+
+impl Paths {
+    pub fn resolve(socket_flag: Option<&Path>, config_flag: Option<&Path>) -> Paths {
+        let state_dir = from_env_or("LLMCTL_STATE_DIR", "XDG_STATE_HOME", ".local/state");
+        Paths {
+            socket: socket_flag.map(Path::to_path_buf).unwrap_or_else(default_socket),
+            instance_logs_dir: state_dir.join("logs"),
+            state_dir,
+            config: config_flag.map(Path::to_path_buf).unwrap_or_else(default_config),
+            data_dir: from_env_or("LLMCTL_DATA_DIR", "XDG_DATA_HOME", ".local/share"),
+            cache_dir: from_env_or("LLMCTL_CACHE_DIR", "XDG_CACHE_HOME", ".cache"),
+        }
+    }
+
+    /// The lock file that makes one daemon the owner of a socket.
+    pub fn lock_file(&self) -> PathBuf {
+        self.socket.with_extension("lock")
+    }
+
+    pub fn daemon_log(&self) -> PathBuf {
+        self.state_dir.join("daemon.log")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir.join("state.json")
+    }
+
+    /// Where `llmctl setup` installs the llama-server it builds.
+    pub fn installed_llama_server(&self) -> PathBuf {
+        self.data_dir.join("llama.cpp").join(format!("b{LLAMA_CPP_BUILD}")).join("llama-server")
+    }
+
+    pub fn models_dir(&self) -> PathBuf {
+        self.data_dir.join("models")
+    }
+}
+
+fn non_empty_env(name: &str) -> Option<PathBuf> {
+    env::var_os(name).filter(|value| !value.is_empty()).map(PathBuf::from)
+}
+
+fn home() -> PathBuf {
+    non_empty_env("HOME").unwrap_or_else(|| PathBuf::from("/"))
+}
+
+fn from_env_or(own: &str, xdg: &str, home_relative: &str) -> PathBuf {
+    if let Some(path) = non_empty_env(own) {
+        return path;
+    }
+    non_empty_env(xdg).unwrap_or_else(|| home().join(home_relative)).join("llmctl")
+}
+
+fn default_socket() -> PathBuf {
+    if let Some(path) = non_empty_env("LLMCTL_SOCKET") {
+        return path;
+    }
+    if let Some(runtime) = non_empty_env("XDG_RUNTIME_DIR") {
+        return runtime.join("llmctl").join("llmctl.sock");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    PathBuf::from(format!("/tmp/llmctl-{uid}")).join("llmctl.sock")
+}
+
+fn default_config() -> PathBuf {
+    if let Some(path) = non_empty_env("LLMCTL_CONFIG") {
+        return path;
+    }
+    non_empty_env("XDG_CONFIG_HOME")
+        .unwrap_or_else(|| home().join(".config"))
+        .join("llmctl")
+        .join("config.toml")
+}
+
+/// Creates `dir` (and parents) and makes it private to this user (0700). Refuses a
+/// directory owned by someone else, since another user could then swap the socket.
+pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    let metadata =
+        fs::metadata(dir).map_err(|e| Error::io(format!("cannot inspect {}", dir.display()), e))?;
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if metadata.uid() != uid {
+        return Err(Error::DaemonUnavailable {
+            socket: dir.to_path_buf(),
+            reason: format!("the directory belongs to uid {}, not to you", metadata.uid()),
+        });
+    }
+    if metadata.permissions().mode() & 0o777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("cannot make {} private", dir.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Writes `contents` to `path` so that readers see either the old file or the whole new
+/// one: a temporary file in the same directory, fsync, rename, then fsync of the directory.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path.file_name().and_then(|name| name.to_str()).unwrap_or("file");
+    let temp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = fs::File::create(&temp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&temp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_file_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_atomically(&path, b"one").unwrap();
+        write_atomically(&path, b"two").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn failed_atomic_write_keeps_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing-dir").join("state.json");
+        assert!(write_atomically(&path, b"x").is_err());
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,263 @@
+//! One type owns a child process: [`ChildGroup`].
+//!
+//! The child runs in its own process group so a stop reaches anything it forked, and with
+//! `PR_SET_PDEATHSIG` so a SIGKILLed daemon takes it along. Stopping is TERM to the group,
+//! a grace period, KILL to the group, and always a reap; `Drop` kills and reaps as the last
+//! defence. **Only this module sends signals.** The `unsafe` lines of llmctl live here.
+//!
+//! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process
+//! (prctl(2)), so callers must spawn from a thread that lives as long as the daemon.
+
+use std::fs;
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How often a stop checks whether the child has gone.
+const POLL: Duration = Duration::from_millis(5);
+
+#[derive(Debug)]
+pub struct ChildGroup {
+    child: Child,
+    pid: u32,
+    start_time: Option<u64>,
+    status: Option<ExitStatus>,
+}
+
+impl ChildGroup {
+    /// Spawns `command` as the leader of a new process group that dies with this thread.
+    pub fn spawn(mut command: Command) -> io::Result<ChildGroup> {
+        // SAFETY: getpid is async-signal-safe and has no preconditions.
+        let parent_pid = unsafe { libc::getpid() };
+        command.process_group(0);
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // async-signal-safe functions (prctl, getppid); it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The parent may have died between fork and prctl; then no signal would come.
+                if libc::getppid() != parent_pid {
+                    return Err(io::Error::other("parent exited before the child started"));
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn()?;
+        let pid = child.id();
+        Ok(ChildGroup { child, pid, start_time: start_time(pid), status: None })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The kernel's start time of the child (clock ticks since boot), to tell it apart from a
+    /// later process that reuses its pid.
+    pub fn start_time(&self) -> Option<u64> {
+        self.start_time
+    }
+
+    /// The exit status if the leader has exited; the process is reaped then, and whatever
+    /// it left in its group is killed.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        if let Some(status) = self.status {
+            return Ok(Some(status));
+        }
+        if !self.has_exited()? {
+            return Ok(None);
+        }
+        // The leader is a zombie: its pid and group id cannot be reused yet, so killing the
+        // group here reaches only its own descendants.
+        self.signal_group(libc::SIGKILL);
+        let status = self.child.wait()?;
+        self.status = Some(status);
+        Ok(Some(status))
+    }
+
+    /// True once the leader has exited, without reaping it.
+    fn has_exited(&self) -> io::Result<bool> {
+        // SAFETY: siginfo_t is plain data; waitid only writes into it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the pid is our own unreaped child; WNOWAIT leaves it waitable.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: si_pid is valid to read after a successful waitid.
+        Ok(unsafe { info.si_pid() } != 0)
+    }
+
+    /// TERM to the group, up to `grace` for the leader to exit (cut short when `abort` is
+    /// set), then KILL; always reaps.
+    pub fn stop(&mut self, grace: Duration, abort: &AtomicBool) -> io::Result<ExitStatus> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        self.signal_group(libc::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && !abort.load(Ordering::Relaxed) {
+            if let Some(status) = self.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(POLL);
+        }
+        log::warn!("pid {} ignored SIGTERM for {:?}; sending SIGKILL", self.pid, grace);
+        self.kill()
+    }
+
+    /// KILL to the group at once, then reap.
+    pub fn kill(&mut self) -> io::Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        self.signal_group(libc::SIGKILL);
+        let status = self.child.wait()?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    fn signal_group(&self, signal: libc::c_int) {
+        // SAFETY: killpg only sends a signal. The group id is the pid of our own child,
+        // which is not reaped yet, so the id cannot belong to an unrelated group.
+        unsafe {
+            libc::killpg(self.pid as libc::pid_t, signal);
+        }
+    }
+}
+
+impl Drop for ChildGroup {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.kill();
+        }
+    }
+}
+
+/// Spawns `command` in a new session, detached from the caller's terminal and process
+/// group, for the daemon that a client starts. The caller does not wait for it.
+pub fn spawn_detached(mut command: Command) -> io::Result<Child> {
+    // SAFETY: setsid is async-signal-safe and only changes the child's own session.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.spawn()
+}
+
+/// "exited with status 1", "was killed by signal 9 (SIGKILL)".
+pub fn describe_status(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exited with status {code}");
+    }
+    match status.signal() {
+        Some(signal) => format!("was killed by signal {signal} ({})", signal_name(signal)),
+        None => "exited".to_string(),
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// Start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; fields after it are plain.
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    after_name.split(' ').nth(19)?.parse().ok()
+}
+
+/// Resident memory of `pid` in bytes, from /proc/PID/status.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Kills a process left behind by an earlier daemon, but only if `pid` still names the same
+/// process (same start time), so a reused pid is never hit. Returns whether it killed.
+pub fn kill_leftover(pid: u32, recorded_start_time: u64) -> bool {
+    if start_time(pid) != Some(recorded_start_time) {
+        return false;
+    }
+    // SAFETY: kill/killpg only send signals; the start time check above makes sure the pid
+    // is the process we recorded. The group id equals the pid because we made it a leader.
+    unsafe {
+        libc::killpg(pid as libc::pid_t, libc::SIGKILL);
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_reaps_a_child_that_ignores_term() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "trap '' TERM; while :; do sleep 0.05; done"]);
+        let mut child = ChildGroup::spawn(command).unwrap();
+        let pid = child.pid();
+        // Give the shell time to install its trap: poll until it is sleeping in the loop.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !has_child_process(pid) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let status = child.stop(Duration::from_millis(100), &AtomicBool::new(false)).unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(start_time(pid).is_none(), "pid {pid} survived");
+    }
+
+    fn has_child_process(pid: u32) -> bool {
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .map(|s| !s.trim().is_empty())
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn start_time_parses_own_process() {
+        assert!(start_time(std::process::id()).is_some());
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn leftover_with_other_start_time_is_spared() {
+        assert!(!kill_leftover(std::process::id(), 1));
+    }
+
+    #[test]
+    fn describes_statuses() {
+        assert_eq!(describe_status(ExitStatus::from_raw(1 << 8)), "exited with status 1");
+        assert_eq!(describe_status(ExitStatus::from_raw(9)), "was killed by signal 9 (SIGKILL)");
+    }
+}

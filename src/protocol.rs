@@ -1,0 +1,257 @@
+//! The wire format between the client and the daemon: newline-delimited JSON.
+//!
+//! Every connection opens with a `Hello` from each side carrying [`VERSION`]; a daemon
+//! refuses a client of another version with a typed error, so the handshake stays the first
+//! message forever. Then the client sends one request and reads responses until a final one
+//! (`Done`, `Status`, `Ok` or `Error`). Lines are capped at [`MAX_LINE`] bytes.
+//! **Only this module knows the wire format.**
+
+use std::io::{self, BufRead, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind};
+use crate::model::ModelSpec;
+
+/// Bumped whenever a message changes shape.
+pub const VERSION: u32 = 1;
+/// The longest line either side accepts; prompts piped from stdin fit comfortably.
+pub const MAX_LINE: usize = 16 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Hello { version: u32 },
+    Run(RunRequest),
+    Status,
+    /// Load the model and return once it answers a one-token request.
+    Warm { model: ModelSpec },
+    /// Load the model in the background; `wait` returns once it is ready.
+    Switch { model: ModelSpec, wait: bool, exclusive: bool },
+    /// Unload one model, or every model when `model` is none.
+    Stop { model: Option<ModelSpec> },
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The model's chat template, through `/v1/chat/completions`.
+    Chat,
+    /// The prompt as is, through `/completion`.
+    Raw,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    pub model: ModelSpec,
+    pub mode: Mode,
+    pub prompt: String,
+    pub system: Option<String>,
+    pub sampling: Sampling,
+}
+
+/// Sampling options; they never change which instance serves the request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sampling {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Hello { version: u32, pid: u32 },
+    /// The model is being loaded; sent once before the first token of a cold start.
+    Loading { model: String },
+    /// The request waits for a slot at this position.
+    Queued { position: usize },
+    Token { text: String },
+    Done(Done),
+    Status(StatusReport),
+    Ok { message: Option<String> },
+    Error { kind: ErrorKind, message: String, retry_after_ms: Option<u64> },
+}
+
+impl Response {
+    pub fn error(error: &Error) -> Response {
+        let retry_after_ms = match error {
+            Error::Busy { retry_after_ms, .. } => Some(*retry_after_ms),
+            _ => None,
+        };
+        Response::Error { kind: error.kind(), message: error.to_string(), retry_after_ms }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Done {
+    pub finish_reason: String,
+    pub usage: Usage,
+    pub timings: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub daemon: DaemonStatus,
+    pub queue: QueueStatus,
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub version: String,
+    pub uptime_ms: u64,
+    pub socket: String,
+    pub rss_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueStatus {
+    pub depth: usize,
+    pub waiting: usize,
+    pub rejected: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub name: String,
+    pub path: String,
+    pub state: String,
+    pub failure: Option<String>,
+    pub pid: Option<u32>,
+    pub port: Option<u16>,
+    pub ctx_size: Option<u32>,
+    pub slots: u32,
+    pub in_flight: u32,
+    pub estimate_bytes: u64,
+    pub rss_bytes: Option<u64>,
+    /// Milliseconds since the Unix epoch of the last request, if any.
+    pub last_used_ms: Option<u64>,
+    pub requests: u64,
+    pub usage: Usage,
+    pub restarts: u32,
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes, without the newline. `Ok(None)` at a clean
+/// end of stream. A longer line is an error and the rest of the stream is not trusted.
+pub fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<Option<()>> {
+    line.clear();
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            return if line.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-line"))
+            };
+        }
+        let (chunk, found_newline) = match memchr(available) {
+            Some(i) => (&available[..i], true),
+            None => (available, false),
+        };
+        if line.len() + chunk.len() > MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("message longer than {MAX_LINE} bytes"),
+            ));
+        }
+        line.extend_from_slice(chunk);
+        let consumed = chunk.len() + usize::from(found_newline);
+        reader.consume(consumed);
+        if found_newline {
+            return Ok(Some(()));
+        }
+    }
+}
+
+fn memchr(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|&b| b == b'\n')
+}
+
+/// Reads and decodes one message; `Ok(None)` at a clean end of stream.
+pub fn read_message<T: for<'de> Deserialize<'de>>(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+) -> io::Result<Option<T>> {
+    if read_line(reader, line)?.is_none() {
+        return Ok(None);
+    }
+    decode(line).map(Some)
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(line: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Writes one message and its newline. The caller decides when to flush.
+pub fn write_message<T: Serialize>(writer: &mut impl Write, message: &T) -> io::Result<()> {
+    serde_json::to_writer(&mut *writer, message).map_err(io::Error::other)?;
+    writer.write_all(b"\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LoadOptions;
+    use std::io::BufReader;
+
+    #[test]
+    fn requests_round_trip() {
+        let request = Request::Run(RunRequest {
+            model: ModelSpec { name: "m".into(), path: "/m.gguf".into(), load: LoadOptions::default() },
+            mode: Mode::Chat,
+            prompt: "hi\nthere".into(),
+            system: None,
+            sampling: Sampling { stop: vec!["\n\n".into()], ..Sampling::default() },
+        });
+        let mut wire = Vec::new();
+        write_message(&mut wire, &request).unwrap();
+        assert_eq!(wire.iter().filter(|&&b| b == b'\n').count(), 1);
+        let mut reader = BufReader::new(&wire[..]);
+        let decoded: Request = read_message(&mut reader, &mut Vec::new()).unwrap().unwrap();
+        assert_eq!(decoded, request);
+    }
+
+    #[test]
+    fn wrong_shapes_are_errors() {
+        for bad in ["{}", "[1]", "{\"type\":\"run\"}", "{\"type\":\"status\",\"x\":1}", "\u{0}"] {
+            assert!(decode::<Request>(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lines_over_the_cap_are_refused() {
+        let long = vec![b'a'; MAX_LINE + 1];
+        let mut reader = BufReader::new(&long[..]);
+        let error = read_line(&mut reader, &mut Vec::new()).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn half_a_line_then_eof_is_an_error() {
+        let mut reader = BufReader::new(&b"{\"type\":"[..]);
+        assert!(read_line(&mut reader, &mut Vec::new()).is_err());
+        let mut empty = BufReader::new(&b""[..]);
+        assert!(read_line(&mut empty, &mut Vec::new()).unwrap().is_none());
+    }
+}
