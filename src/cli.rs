@@ -193,7 +193,9 @@ pub struct SetupArgs {
 }
 
 fn parse_non_negative(text: &str) -> Result<f32, String> {
-    let value: f32 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
+    let value: f32 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(format!("{text} must be a finite number >= 0"));
     }

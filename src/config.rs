@@ -48,10 +48,16 @@ impl Config {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
             Err(e) => {
-                return Err(Error::BadConfig { path: path.to_path_buf(), reason: e.to_string() })
+                return Err(Error::BadConfig {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
             }
         };
-        Config::parse(&text).map_err(|reason| Error::BadConfig { path: path.to_path_buf(), reason })
+        Config::parse(&text).map_err(|reason| Error::BadConfig {
+            path: path.to_path_buf(),
+            reason,
+        })
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {
@@ -107,7 +113,10 @@ mod tests {
         ];
         for (text, expected) in table {
             let error = Config::parse(text).unwrap_err();
-            assert!(error.contains(expected), "{error:?} should mention {expected}");
+            assert!(
+                error.contains(expected),
+                "{error:?} should mention {expected}"
+            );
         }
     }
 }

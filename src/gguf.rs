@@ -180,11 +180,11 @@ fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
         21 => (256, 110),
         22 => (256, 82),
         23 => (256, 136),
-        24 => (1, 1),  // I8
-        25 => (1, 2),  // I16
-        26 => (1, 4),  // I32
-        27 => (1, 8),  // I64
-        28 => (1, 8),  // F64
+        24 => (1, 1),    // I8
+        25 => (1, 2),    // I16
+        26 => (1, 4),    // I32
+        27 => (1, 8),    // I64
+        28 => (1, 8),    // F64
         29 => (256, 56), // IQ1_M
         30 => (1, 2),    // BF16
         34 => (256, 54), // TQ1_0
@@ -197,21 +197,33 @@ fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
 /// The error is a sentence for the user.
 pub fn inspect(path: &Path) -> Result<ModelInfo, String> {
     let file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
-    let file_size = file.metadata().map_err(|e| format!("cannot stat it: {e}"))?.len();
-    let mut reader = Reader { inner: BufReader::with_capacity(1 << 16, file), offset: 0 };
+    let file_size = file
+        .metadata()
+        .map_err(|e| format!("cannot stat it: {e}"))?
+        .len();
+    let mut reader = Reader {
+        inner: BufReader::with_capacity(1 << 16, file),
+        offset: 0,
+    };
 
-    let magic: [u8; 4] = reader.bytes().map_err(|_| "the file is shorter than a GGUF header".to_string())?;
+    let magic: [u8; 4] = reader
+        .bytes()
+        .map_err(|_| "the file is shorter than a GGUF header".to_string())?;
     if &magic != MAGIC {
         return Err("it does not start with the GGUF magic bytes".to_string());
     }
     let version = reader.u32().map_err(eof)?;
     if !(2..=3).contains(&version) {
-        return Err(format!("unsupported GGUF version {version} (llama.cpp reads 2 and 3)"));
+        return Err(format!(
+            "unsupported GGUF version {version} (llama.cpp reads 2 and 3)"
+        ));
     }
     let tensor_count = reader.u64().map_err(eof)?;
     let kv_count = reader.u64().map_err(eof)?;
     if tensor_count > MAX_COUNT || kv_count > MAX_COUNT {
-        return Err(format!("implausible header ({tensor_count} tensors, {kv_count} keys)"));
+        return Err(format!(
+            "implausible header ({tensor_count} tensors, {kv_count} keys)"
+        ));
     }
 
     let mut metadata: HashMap<String, Value> = HashMap::new();
@@ -339,7 +351,10 @@ mod tests {
         ];
         for (bytes, expected) in table {
             let error = inspect_bytes(bytes).unwrap_err();
-            assert!(error.contains(expected), "{error} should mention {expected}");
+            assert!(
+                error.contains(expected),
+                "{error} should mention {expected}"
+            );
         }
         let full = minimal();
         let error = inspect_bytes(&full[..full.len() - 1]).unwrap_err();

@@ -51,12 +51,19 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Err(error) => {
             let _ = error.print();
             return match error.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => Ok(()),
-                _ => Err(Error::Usage { message: String::new() }),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    Ok(())
+                }
+                _ => Err(Error::Usage {
+                    message: String::new(),
+                }),
             };
         }
     };
-    init_logging(cli.global.verbose, matches!(cli.command, Command::Daemon(_)));
+    init_logging(
+        cli.global.verbose,
+        matches!(cli.command, Command::Daemon(_)),
+    );
     let context = commands::Context::new(&cli.global);
     match cli.command {
         Command::Run(args) => commands::run::run(&context, args),

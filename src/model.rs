@@ -28,7 +28,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { ctx_size: None, parallel: DEFAULT_PARALLEL, extra_args: Vec::new() }
+        LoadOptions {
+            ctx_size: None,
+            parallel: DEFAULT_PARALLEL,
+            extra_args: Vec::new(),
+        }
     }
 }
 
@@ -48,7 +52,12 @@ pub struct LoadOverrides {
     pub parallel: Option<u32>,
 }
 
-pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverrides) -> Result<ModelSpec> {
+pub fn resolve(
+    name: &str,
+    config: &Config,
+    paths: &Paths,
+    overrides: &LoadOverrides,
+) -> Result<ModelSpec> {
     let (display, path, mut load) = if let Some(model) = config.models.get(name) {
         let load = LoadOptions {
             ctx_size: model.ctx_size,
@@ -75,14 +84,22 @@ pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverr
             return Err(if looks_like_path {
                 Error::ModelNotFound { path }
             } else {
-                Error::UnknownModel { name: name.to_string() }
+                Error::UnknownModel {
+                    name: name.to_string(),
+                }
             });
         }
-        let display = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let display = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         (display, path, LoadOptions::default())
     };
     if path.is_dir() {
-        return Err(Error::BadModel { path, reason: "it is a directory, not a file".into() });
+        return Err(Error::BadModel {
+            path,
+            reason: "it is a directory, not a file".into(),
+        });
     }
     let path = path
         .canonicalize()
@@ -93,12 +110,19 @@ pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverr
     if let Some(parallel) = overrides.parallel {
         load.parallel = parallel;
     }
-    Ok(ModelSpec { name: display, path, load })
+    Ok(ModelSpec {
+        name: display,
+        path,
+        load,
+    })
 }
 
 fn expand_home(path: &Path) -> PathBuf {
     match path.strip_prefix("~") {
-        Ok(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
+        Ok(rest) => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+            .join(rest),
         Err(_) => path.to_path_buf(),
     }
 }

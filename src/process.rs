@@ -36,7 +36,14 @@ impl ChildGroup {
         // async-signal-safe functions (prctl, getppid); it allocates nothing.
         unsafe {
             command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
                     return Err(io::Error::last_os_error());
                 }
                 // The parent may have died between fork and prctl; then no signal would come.
@@ -48,7 +55,12 @@ impl ChildGroup {
         }
         let child = command.spawn()?;
         let pid = child.id();
-        Ok(ChildGroup { child, pid, start_time: start_time(pid), status: None })
+        Ok(ChildGroup {
+            child,
+            pid,
+            start_time: start_time(pid),
+            status: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -112,7 +124,11 @@ impl ChildGroup {
             }
             std::thread::sleep(POLL);
         }
-        log::warn!("pid {} ignored SIGTERM for {:?}; sending SIGKILL", self.pid, grace);
+        log::warn!(
+            "pid {} ignored SIGTERM for {:?}; sending SIGKILL",
+            self.pid,
+            grace
+        );
         self.kill()
     }
 
@@ -233,7 +249,9 @@ mod tests {
         while Instant::now() < deadline && !has_child_process(pid) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let status = child.stop(Duration::from_millis(100), &AtomicBool::new(false)).unwrap();
+        let status = child
+            .stop(Duration::from_millis(100), &AtomicBool::new(false))
+            .unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         assert!(start_time(pid).is_none(), "pid {pid} survived");
     }
@@ -257,7 +275,13 @@ mod tests {
 
     #[test]
     fn describes_statuses() {
-        assert_eq!(describe_status(ExitStatus::from_raw(1 << 8)), "exited with status 1");
-        assert_eq!(describe_status(ExitStatus::from_raw(9)), "was killed by signal 9 (SIGKILL)");
+        assert_eq!(
+            describe_status(ExitStatus::from_raw(1 << 8)),
+            "exited with status 1"
+        );
+        assert_eq!(
+            describe_status(ExitStatus::from_raw(9)),
+            "was killed by signal 9 (SIGKILL)"
+        );
     }
 }

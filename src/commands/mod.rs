@@ -38,9 +38,15 @@ impl Context {
     /// is asked for anything.
     pub fn resolve_model(&self, name: &str, load: &LoadArgs) -> Result<ModelSpec> {
         let config = self.config()?;
-        let overrides = LoadOverrides { ctx_size: load.ctx_size, parallel: load.parallel };
+        let overrides = LoadOverrides {
+            ctx_size: load.ctx_size,
+            parallel: load.parallel,
+        };
         let spec = model::resolve(name, &config, &self.paths, &overrides)?;
-        gguf::inspect(&spec.path).map_err(|reason| Error::BadModel { path: spec.path.clone(), reason })?;
+        gguf::inspect(&spec.path).map_err(|reason| Error::BadModel {
+            path: spec.path.clone(),
+            reason,
+        })?;
         Ok(spec)
     }
 }

@@ -22,7 +22,7 @@ use crate::protocol::{
 };
 use crate::sys;
 
-use super::{ShutdownRequest, Shared};
+use super::{Shared, ShutdownRequest};
 
 /// How long a client may take to send its handshake and request. A connection that sends
 /// half a line and stalls is closed after this.
@@ -49,7 +49,9 @@ pub fn serve(shared: &Arc<Shared>, stream: UnixStream) {
             return;
         }
     }
-    let Ok(read_half) = stream.try_clone() else { return };
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(read_half);
     let mut writer = BufWriter::with_capacity(1 << 16, stream);
     let request = match read_request(&mut reader, &mut writer) {
@@ -69,8 +71,13 @@ pub fn serve(shared: &Arc<Shared>, stream: UnixStream) {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            log::error!("a request handler panicked: {message}\n{}", std::backtrace::Backtrace::force_capture());
-            Err(Error::internal(format!("the daemon hit a bug while serving the request: {message}")))
+            log::error!(
+                "a request handler panicked: {message}\n{}",
+                std::backtrace::Backtrace::force_capture()
+            );
+            Err(Error::internal(format!(
+                "the daemon hit a bug while serving the request: {message}"
+            )))
         }
     };
     if let Err(error) = result {
@@ -81,8 +88,14 @@ pub fn serve(shared: &Arc<Shared>, stream: UnixStream) {
 
 /// Reads the handshake and the request, answering the handshake. `Ok(None)` when the
 /// client closed without a request.
-fn read_request(reader: &mut BufReader<UnixStream>, writer: &mut Writer) -> Result<Option<Request>> {
-    let bad = |what: String| Error::Remote { kind: ErrorKind::Usage, message: format!("bad request: {what}") };
+fn read_request(
+    reader: &mut BufReader<UnixStream>,
+    writer: &mut Writer,
+) -> Result<Option<Request>> {
+    let bad = |what: String| Error::Remote {
+        kind: ErrorKind::Usage,
+        message: format!("bad request: {what}"),
+    };
     let _ = reader.get_ref().set_read_timeout(Some(REQUEST_TIMEOUT));
     let mut line = Vec::new();
     let hello: Request = match protocol::read_message(reader, &mut line) {
@@ -103,8 +116,14 @@ fn read_request(reader: &mut BufReader<UnixStream>, writer: &mut Writer) -> Resu
         }
         _ => return Err(bad("the first message must be a hello".into())),
     }
-    send_final(writer, &Response::Hello { version: VERSION, pid: std::process::id() })
-        .map_err(|e| Error::io("cannot answer the handshake", e))?;
+    send_final(
+        writer,
+        &Response::Hello {
+            version: VERSION,
+            pid: std::process::id(),
+        },
+    )
+    .map_err(|e| Error::io("cannot answer the handshake", e))?;
     let request = match protocol::read_message(reader, &mut line) {
         Ok(Some(Request::Hello { .. })) => return Err(bad("a second hello".into())),
         Ok(Some(request)) => request,
@@ -126,23 +145,39 @@ fn handle(shared: &Arc<Shared>, request: Request, writer: &mut Writer) -> Result
         Request::Run(run_request) => run(shared, run_request, writer),
         Request::Status => {
             let report = status(shared);
-            send_final(writer, &Response::Status(report)).map_err(|e| Error::io("cannot send the status", e))
+            send_final(writer, &Response::Status(report))
+                .map_err(|e| Error::io("cannot send the status", e))
         }
         Request::Warm { model } => {
             warm(shared, &model, writer)?;
-            send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e))
+            send_final(writer, &Response::Ok { message: None })
+                .map_err(|e| Error::io("cannot reply", e))
         }
-        Request::Switch { model, wait, exclusive } => switch(shared, &model, wait, exclusive, writer),
+        Request::Switch {
+            model,
+            wait,
+            exclusive,
+        } => switch(shared, &model, wait, exclusive, writer),
         Request::Stop { model } => {
             let stopped = stop(shared, model.as_ref());
-            let message = format!("stopped {stopped} instance{}", if stopped == 1 { "" } else { "s" });
-            send_final(writer, &Response::Ok { message: Some(message) }).map_err(|e| Error::io("cannot reply", e))
+            let message = format!(
+                "stopped {stopped} instance{}",
+                if stopped == 1 { "" } else { "s" }
+            );
+            send_final(
+                writer,
+                &Response::Ok {
+                    message: Some(message),
+                },
+            )
+            .map_err(|e| Error::io("cannot reply", e))
         }
         Request::Shutdown => {
             let (done_tx, done_rx) = crossbeam_channel::bounded(1);
             let _ = shared.shutdown.send(ShutdownRequest::Client(done_tx));
             let _ = done_rx.recv();
-            send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e))
+            send_final(writer, &Response::Ok { message: None })
+                .map_err(|e| Error::io("cannot reply", e))
         }
     }
 }
@@ -151,15 +186,23 @@ fn handle(shared: &Arc<Shared>, request: Request, writer: &mut Writer) -> Result
 /// client looked.
 fn instance_for(shared: &Shared, spec: &ModelSpec) -> Result<Arc<Instance>> {
     if !spec.path.exists() {
-        return Err(Error::ModelNotFound { path: spec.path.clone() });
+        return Err(Error::ModelNotFound {
+            path: spec.path.clone(),
+        });
     }
-    let info = gguf::inspect(&spec.path).map_err(|reason| Error::BadModel { path: spec.path.clone(), reason })?;
+    let info = gguf::inspect(&spec.path).map_err(|reason| Error::BadModel {
+        path: spec.path.clone(),
+        reason,
+    })?;
     Ok(shared.table.get_or_insert(spec, info))
 }
 
 fn refuse_if_shutting_down(shared: &Shared) -> Result<()> {
     if shared.shutting_down.load(Ordering::SeqCst) {
-        return Err(Error::Remote { kind: ErrorKind::Unavailable, message: "the llmctl daemon is shutting down".into() });
+        return Err(Error::Remote {
+            kind: ErrorKind::Unavailable,
+            message: "the llmctl daemon is shutting down".into(),
+        });
     }
     Ok(())
 }
@@ -185,22 +228,38 @@ fn ready_slot(
     refuse_if_shutting_down(shared)?;
     Err(Error::Remote {
         kind: ErrorKind::Unavailable,
-        message: format!("{} kept stopping while this request waited for it", instance.spec.name),
+        message: format!(
+            "{} kept stopping while this request waited for it",
+            instance.spec.name
+        ),
     })
 }
 
 fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result<()> {
     let place = shared.admission.enter()?;
     let instance = instance_for(shared, &request.model)?;
-    let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
+    let client_socket = writer
+        .get_ref()
+        .try_clone()
+        .map_err(|e| Error::io("cannot watch the client", e))?;
     let cancelled = || sys::peer_closed(&client_socket);
     let mut slot = ready_slot(shared, &instance, &cancelled, || {
-        let _ = send_final(writer, &Response::Loading { model: instance.spec.name.clone() });
+        let _ = send_final(
+            writer,
+            &Response::Loading {
+                model: instance.spec.name.clone(),
+            },
+        );
     })?;
     drop(place);
 
     let result = slot.client.generate(&request, |text, more_buffered| {
-        protocol::write_message(writer, &Response::Token { text: text.to_string() })?;
+        protocol::write_message(
+            writer,
+            &Response::Token {
+                text: text.to_string(),
+            },
+        )?;
         if !more_buffered {
             writer.flush()?;
         }
@@ -216,14 +275,20 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
         // The client went away; dropping the HTTP response closed the upstream connection,
         // which makes llama-server stop generating and free the slot.
         Err(GenerateError::Cancelled) => {
-            log::debug!("client of {} went away; generation cancelled", instance.spec.name);
+            log::debug!(
+                "client of {} went away; generation cancelled",
+                instance.spec.name
+            );
             Ok(())
         }
         Err(GenerateError::Rejected(message)) => Err(Error::InvalidParameter { message }),
         Err(GenerateError::Stalled) => {
             drop(slot);
             let seconds = shared.settings.token_timeout.as_secs();
-            log::warn!("{} produced no token for {seconds} s; restarting it", instance.spec.name);
+            log::warn!(
+                "{} produced no token for {seconds} s; restarting it",
+                instance.spec.name
+            );
             instance.stop(shared.stop_grace());
             Err(Error::Timeout {
                 what: format!(
@@ -242,7 +307,10 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
 
 fn warm(shared: &Arc<Shared>, spec: &ModelSpec, writer: &mut Writer) -> Result<()> {
     let instance = instance_for(shared, spec)?;
-    let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
+    let client_socket = writer
+        .get_ref()
+        .try_clone()
+        .map_err(|e| Error::io("cannot watch the client", e))?;
     let cancelled = || sys::peer_closed(&client_socket);
     let slot = ready_slot(shared, &instance, &cancelled, || {})?;
     let result = slot.client.ping();
@@ -250,18 +318,34 @@ fn warm(shared: &Arc<Shared>, spec: &ModelSpec, writer: &mut Writer) -> Result<(
     match result {
         Ok(()) => Ok(()),
         Err(GenerateError::Broken(message)) => Err(instance.generation_failed(message)),
-        Err(GenerateError::Stalled) => Err(Error::Timeout { what: format!("waiting for {} to answer", spec.name) }),
-        Err(GenerateError::Rejected(message)) => Err(Error::Backend { model: spec.name.clone(), message }),
+        Err(GenerateError::Stalled) => Err(Error::Timeout {
+            what: format!("waiting for {} to answer", spec.name),
+        }),
+        Err(GenerateError::Rejected(message)) => Err(Error::Backend {
+            model: spec.name.clone(),
+            message,
+        }),
         Err(GenerateError::Cancelled) => Ok(()),
     }
 }
 
-fn switch(shared: &Arc<Shared>, spec: &ModelSpec, wait: bool, exclusive: bool, writer: &mut Writer) -> Result<()> {
+fn switch(
+    shared: &Arc<Shared>,
+    spec: &ModelSpec,
+    wait: bool,
+    exclusive: bool,
+    writer: &mut Writer,
+) -> Result<()> {
     refuse_if_shutting_down(shared)?;
     let instance = instance_for(shared, spec)?;
     if !wait {
         // The caller detaches; this thread goes on loading for the daemon.
-        let _ = send_final(writer, &Response::Ok { message: Some(format!("loading {}", spec.name)) });
+        let _ = send_final(
+            writer,
+            &Response::Ok {
+                message: Some(format!("loading {}", spec.name)),
+            },
+        );
     }
     let env = shared.load_env();
     let loaded = instance.ensure_ready(&env, || {}, &|| false);
@@ -273,7 +357,8 @@ fn switch(shared: &Arc<Shared>, spec: &ModelSpec, wait: bool, exclusive: bool, w
         }
     }
     match (loaded, wait) {
-        (Ok(_), true) => send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e)),
+        (Ok(_), true) => send_final(writer, &Response::Ok { message: None })
+            .map_err(|e| Error::io("cannot reply", e)),
         (Err(error), true) => Err(error),
         (Ok(_), false) => Ok(()),
         (Err(error), false) => {
@@ -288,7 +373,10 @@ fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>) -> usize {
         Some(spec) => shared.table.for_path(&spec.path),
         None => shared.table.all(),
     };
-    let running: Vec<_> = instances.into_iter().filter(|i| i.state() != crate::instance::State::Stopped).collect();
+    let running: Vec<_> = instances
+        .into_iter()
+        .filter(|i| i.state() != crate::instance::State::Stopped)
+        .collect();
     std::thread::scope(|scope| {
         for instance in &running {
             scope.spawn(|| instance.stop(shared.stop_grace()));
@@ -311,6 +399,11 @@ fn status(shared: &Arc<Shared>) -> StatusReport {
             waiting: shared.admission.waiting(),
             rejected: shared.admission.rejected(),
         },
-        instances: shared.table.all().iter().map(|instance| instance.status()).collect(),
+        instances: shared
+            .table
+            .all()
+            .iter()
+            .map(|instance| instance.status())
+            .collect(),
     }
 }

@@ -52,9 +52,15 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn new(config: &Config, queue_depth_flag: Option<usize>, llama_server_flag: Option<PathBuf>) -> Settings {
+    pub fn new(
+        config: &Config,
+        queue_depth_flag: Option<usize>,
+        llama_server_flag: Option<PathBuf>,
+    ) -> Settings {
         Settings {
-            queue_depth: queue_depth_flag.or(config.queue_depth).unwrap_or(DEFAULT_QUEUE_DEPTH),
+            queue_depth: queue_depth_flag
+                .or(config.queue_depth)
+                .unwrap_or(DEFAULT_QUEUE_DEPTH),
             load_timeout: Duration::from_secs(config.load_timeout.unwrap_or(120)),
             token_timeout: Duration::from_secs(config.token_timeout.unwrap_or(300)),
             queue_timeout: Duration::from_secs(600),
@@ -65,7 +71,11 @@ impl Settings {
 }
 
 fn env_duration_ms(name: &str) -> Option<Duration> {
-    std::env::var(name).ok()?.parse().ok().map(Duration::from_millis)
+    std::env::var(name)
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_millis)
 }
 
 /// Why the daemon stops, and who waits for it.
@@ -100,7 +110,10 @@ impl Shared {
             binary: llama::find_binary(self.settings.llama_server.as_deref(), None, &installed),
             log_dir: &self.paths.instance_logs_dir,
             load_timeout: self.settings.load_timeout,
-            http: Timeouts { connect: Duration::from_secs(5), read: self.settings.token_timeout },
+            http: Timeouts {
+                connect: Duration::from_secs(5),
+                read: self.settings.token_timeout,
+            },
         }
     }
 
@@ -115,17 +128,30 @@ impl Shared {
 
 /// Runs the daemon until a signal or `llmctl shutdown`.
 pub fn run(paths: Paths, settings: Settings) -> Result<()> {
-    let socket_dir = paths.socket.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let socket_dir = paths
+        .socket
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     paths::ensure_private_dir(&socket_dir)?;
-    fs::create_dir_all(&paths.instance_logs_dir)
-        .map_err(|e| Error::io(format!("cannot create {}", paths.instance_logs_dir.display()), e))?;
+    fs::create_dir_all(&paths.instance_logs_dir).map_err(|e| {
+        Error::io(
+            format!("cannot create {}", paths.instance_logs_dir.display()),
+            e,
+        )
+    })?;
 
     let _lock = acquire_lock(&paths)?;
     // We hold the lock, so any socket file here is left over from a daemon that died.
     match fs::remove_file(&paths.socket) {
         Ok(()) => log::info!("removed stale socket {}", paths.socket.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("cannot remove stale socket {}", paths.socket.display()), e)),
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot remove stale socket {}", paths.socket.display()),
+                e,
+            ))
+        }
     }
     state::kill_leftovers(&paths.state_file());
 
@@ -140,23 +166,36 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         paths,
         settings,
         table: InstanceTable::default(),
-        launcher: Launcher::start().map_err(|e| Error::io("cannot start the launcher thread", e))?,
+        launcher: Launcher::start()
+            .map_err(|e| Error::io("cannot start the launcher thread", e))?,
         started: Instant::now(),
         shutdown: shutdown_tx.clone(),
         shutting_down: AtomicBool::new(false),
         kill_now: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
     });
-    log::info!("llmctl daemon {} (pid {}) listening on {}", env!("CARGO_PKG_VERSION"), std::process::id(), shared.paths.socket.display());
+    log::info!(
+        "llmctl daemon {} (pid {}) listening on {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        shared.paths.socket.display()
+    );
 
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .map_err(|e| Error::io("cannot install signal handlers", e))?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| Error::io("cannot install signal handlers", e))?;
     let signals_handle = signals.handle();
     let signal_thread = spawn_named("signals", move || {
         let mut interrupts = 0;
         for signal in signals.forever() {
             interrupts += usize::from(signal == signal_hook::consts::SIGINT);
-            let request = if interrupts >= 2 { ShutdownRequest::Kill } else { ShutdownRequest::Signal };
+            let request = if interrupts >= 2 {
+                ShutdownRequest::Kill
+            } else {
+                ShutdownRequest::Signal
+            };
             if shutdown_tx.send(request).is_err() {
                 break;
             }
@@ -197,7 +236,10 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
 
 /// Blocks until a shutdown is asked for, then stops every instance: gracefully, unless a
 /// second SIGINT arrives meanwhile. Returns the clients to tell once the daemon is done.
-fn wait_for_shutdown(shared: &Arc<Shared>, requests: &Receiver<ShutdownRequest>) -> Vec<Sender<()>> {
+fn wait_for_shutdown(
+    shared: &Arc<Shared>,
+    requests: &Receiver<ShutdownRequest>,
+) -> Vec<Sender<()>> {
     let mut waiters = Vec::new();
     let note = |request: ShutdownRequest, waiters: &mut Vec<Sender<()>>| match request {
         ShutdownRequest::Signal => {}
@@ -216,7 +258,9 @@ fn wait_for_shutdown(shared: &Arc<Shared>, requests: &Receiver<ShutdownRequest>)
             thread::scope(|scope| {
                 for instance in shared.table.all() {
                     let shared = &shared;
-                    scope.spawn(move || instance.stop_with(shared.settings.stop_grace, &shared.kill_now));
+                    scope.spawn(move || {
+                        instance.stop_with(shared.settings.stop_grace, &shared.kill_now)
+                    });
                 }
             });
         })
@@ -243,12 +287,19 @@ fn acquire_lock(paths: &Paths) -> Result<File> {
         .truncate(false)
         .open(&lock_path)
         .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
-    let locked = sys::try_lock_exclusive(&file).map_err(|e| Error::io(format!("cannot lock {}", lock_path.display()), e))?;
+    let locked = sys::try_lock_exclusive(&file)
+        .map_err(|e| Error::io(format!("cannot lock {}", lock_path.display()), e))?;
     if !locked {
-        let pid = fs::read_to_string(&lock_path).ok().and_then(|s| s.trim().parse().ok());
-        return Err(Error::DaemonRunning { socket: paths.socket.clone(), pid });
+        let pid = fs::read_to_string(&lock_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        return Err(Error::DaemonRunning {
+            socket: paths.socket.clone(),
+            pid,
+        });
     }
-    file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id()))
+    file.set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
         .map_err(|e| Error::io(format!("cannot write {}", lock_path.display()), e))?;
     Ok(file)
 }
@@ -300,7 +351,10 @@ fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
     }
 }
 
-fn spawn_named<F: FnOnce() + Send + 'static>(name: &str, body: F) -> Result<thread::JoinHandle<()>> {
+fn spawn_named<F: FnOnce() + Send + 'static>(
+    name: &str,
+    body: F,
+) -> Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name(name.to_string())
         .spawn(body)

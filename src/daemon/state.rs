@@ -35,7 +35,11 @@ pub fn snapshot(table: &InstanceTable) -> Vec<ChildRecord> {
         .iter()
         .filter_map(|instance| {
             let (pid, start_time) = instance.child_identity()?;
-            Some(ChildRecord { pid, start_time, model: instance.spec.path.display().to_string() })
+            Some(ChildRecord {
+                pid,
+                start_time,
+                model: instance.spec.path.display().to_string(),
+            })
         })
         .collect();
     children.sort_by_key(|child| child.pid);
@@ -43,20 +47,30 @@ pub fn snapshot(table: &InstanceTable) -> Vec<ChildRecord> {
 }
 
 pub fn write(path: &Path, table: &InstanceTable) {
-    let state = StateFile { daemon_pid: std::process::id(), children: snapshot(table) };
-    let Ok(mut json) = serde_json::to_vec_pretty(&state) else { return };
+    let state = StateFile {
+        daemon_pid: std::process::id(),
+        children: snapshot(table),
+    };
+    let Ok(mut json) = serde_json::to_vec_pretty(&state) else {
+        return;
+    };
     json.push(b'\n');
     if let Some(dir) = path.parent() {
         let _ = fs::create_dir_all(dir);
     }
     if let Err(error) = paths::write_atomically(path, &json) {
-        log::error!("cannot write the state file {}: {error}; serving on without it", path.display());
+        log::error!(
+            "cannot write the state file {}: {error}; serving on without it",
+            path.display()
+        );
     }
 }
 
 /// Kills the children recorded by a daemon that did not shut down cleanly.
 pub fn kill_leftovers(path: &Path) {
-    let Ok(text) = fs::read_to_string(path) else { return };
+    let Ok(text) = fs::read_to_string(path) else {
+        return;
+    };
     let state: StateFile = match serde_json::from_str(&text) {
         Ok(state) => state,
         Err(error) => {
@@ -66,9 +80,16 @@ pub fn kill_leftovers(path: &Path) {
     };
     for child in state.children {
         if process::kill_leftover(child.pid, child.start_time) {
-            log::warn!("killed llama-server pid {} left by an earlier daemon ({})", child.pid, child.model);
+            log::warn!(
+                "killed llama-server pid {} left by an earlier daemon ({})",
+                child.pid,
+                child.model
+            );
         } else {
-            log::info!("pid {} from the state file is gone or reused; left alone", child.pid);
+            log::info!(
+                "pid {} from the state file is gone or reused; left alone",
+                child.pid
+            );
         }
     }
 }

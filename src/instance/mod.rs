@@ -74,7 +74,11 @@ struct Running {
 
 impl Running {
     /// Stops the child (if still running) and waits for its output to be drained.
-    fn finish(mut self, grace: Duration, abort: &AtomicBool) -> std::io::Result<std::process::ExitStatus> {
+    fn finish(
+        mut self,
+        grace: Duration,
+        abort: &AtomicBool,
+    ) -> std::io::Result<std::process::ExitStatus> {
         let status = self.child.stop(grace, abort);
         if let Some(drain) = self.drain.take() {
             let _ = drain.join();
@@ -173,7 +177,13 @@ impl Instance {
 
     /// Bytes this instance is expected to use before it runs: weights, KV cache, process.
     pub fn estimate_bytes(&self) -> u64 {
-        let n_ctx = self.spec.load.ctx_size.map(u64::from).or(self.info.context_length).unwrap_or(4096);
+        let n_ctx = self
+            .spec
+            .load
+            .ctx_size
+            .map(u64::from)
+            .or(self.info.context_length)
+            .unwrap_or(4096);
         self.info.tensor_bytes + self.info.kv_cache_bytes(n_ctx) + PROCESS_OVERHEAD_BYTES
     }
 
@@ -201,9 +211,14 @@ impl Instance {
         let mut waited_generation = None;
         loop {
             match inner.state {
-                State::Ready => return Ok(inner.client.clone().expect("a ready instance has a client")),
+                State::Ready => {
+                    return Ok(inner.client.clone().expect("a ready instance has a client"))
+                }
                 State::Failed if waited_generation == Some(inner.load_generation) => {
-                    let (kind, message) = inner.failure.clone().unwrap_or((ErrorKind::Backend, "load failed".into()));
+                    let (kind, message) = inner
+                        .failure
+                        .clone()
+                        .unwrap_or((ErrorKind::Backend, "load failed".into()));
                     return Err(Error::Remote { kind, message });
                 }
                 State::Stopped | State::Failed => break,
@@ -242,7 +257,9 @@ impl Instance {
 
         let mut inner = self.inner.lock();
         let outcome = match result {
-            Ok((client, tail, port)) if inner.state == State::Starting && inner.load_generation == generation => {
+            Ok((client, tail, port))
+                if inner.state == State::Starting && inner.load_generation == generation =>
+            {
                 inner.state = State::Ready;
                 inner.client = Some(client.clone());
                 inner.tail = Some(tail);
@@ -270,12 +287,26 @@ impl Instance {
         outcome
     }
 
-    fn load(&self, env: &LoadEnv<'_>, generation: u64) -> Result<(llama::Client, Arc<OutputTail>, u16)> {
-        let binary = env.binary.clone().map_err(|searched| Error::NoLlamaServer { searched })?;
+    fn load(
+        &self,
+        env: &LoadEnv<'_>,
+        generation: u64,
+    ) -> Result<(llama::Client, Arc<OutputTail>, u16)> {
+        let binary = env
+            .binary
+            .clone()
+            .map_err(|searched| Error::NoLlamaServer { searched })?;
         let mut command = llama::command(&binary, &self.spec);
         let log_path = env.log_dir.join(log_file_name(&self.spec));
-        let capture = llama::capture_output(&mut command, &log_path)
-            .map_err(|e| Error::io(format!("cannot capture the output of llama-server in {}", log_path.display()), e))?;
+        let capture = llama::capture_output(&mut command, &log_path).map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot capture the output of llama-server in {}",
+                    log_path.display()
+                ),
+                e,
+            )
+        })?;
         let spawned = env.launcher.spawn(command);
         // `command` (and the pipe's write ends in it) is gone; only the child holds them now.
         let child = match spawned {
@@ -288,8 +319,14 @@ impl Instance {
             }
         };
         let pid = child.pid();
-        log::info!("spawned llama-server pid {pid} for {}", self.spec.path.display());
-        *self.process.lock() = Some(Running { child, drain: Some(capture.drain) });
+        log::info!(
+            "spawned llama-server pid {pid} for {}",
+            self.spec.path.display()
+        );
+        *self.process.lock() = Some(Running {
+            child,
+            drain: Some(capture.drain),
+        });
         self.inner.lock().pid = Some(pid);
         self.changed.notify_all();
 
@@ -322,7 +359,9 @@ impl Instance {
                 return Err(self.stopped_while_loading());
             }
             if deadline_passed(&tail) {
-                return Err(Error::Timeout { what: self.load_timeout_message(env) });
+                return Err(Error::Timeout {
+                    what: self.load_timeout_message(env),
+                });
             }
         };
 
@@ -338,7 +377,9 @@ impl Instance {
                 return Err(self.stopped_while_loading());
             }
             if deadline_passed(&tail) {
-                return Err(Error::Timeout { what: self.load_timeout_message(env) });
+                return Err(Error::Timeout {
+                    what: self.load_timeout_message(env),
+                });
             }
             std::thread::sleep(llama::READY_POLL);
         }
@@ -421,7 +462,11 @@ impl Instance {
                     drop(inner);
                     // The next in line may also fit a free slot.
                     self.changed.notify_all();
-                    return Ok(Slot { instance: Arc::clone(self), client, usage: Usage::default() });
+                    return Ok(Slot {
+                        instance: Arc::clone(self),
+                        client,
+                        usage: Usage::default(),
+                    });
                 }
                 State::Ready | State::Starting => {}
                 State::Stopping | State::Stopped | State::Failed => {
@@ -440,7 +485,9 @@ impl Instance {
             if Instant::now() >= deadline {
                 let result = give_up(
                     &mut inner,
-                    AcquireError::Error(Error::Timeout { what: format!("waiting for a free slot on {}", self.spec.name) }),
+                    AcquireError::Error(Error::Timeout {
+                        what: format!("waiting for a free slot on {}", self.spec.name),
+                    }),
                 );
                 drop(inner);
                 self.changed.notify_all();
@@ -461,7 +508,10 @@ impl Instance {
                 return error;
             }
         }
-        Error::Backend { model: self.spec.name.clone(), message }
+        Error::Backend {
+            model: self.spec.name.clone(),
+            message,
+        }
     }
 
     fn mark_failed(&self, error: &Error) {
@@ -521,7 +571,10 @@ impl Instance {
         if let Some(running) = running {
             let pid = running.child.pid();
             match running.finish(grace, abort) {
-                Ok(status) => log::info!("llama-server pid {pid} {}", process::describe_status(status)),
+                Ok(status) => log::info!(
+                    "llama-server pid {pid} {}",
+                    process::describe_status(status)
+                ),
                 Err(error) => log::warn!("cannot reap llama-server pid {pid}: {error}"),
             }
         }
@@ -542,7 +595,10 @@ impl Instance {
             in_flight: inner.in_flight,
             estimate_bytes: 0,
             rss_bytes: None,
-            last_used_ms: inner.last_used.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64),
+            last_used_ms: inner
+                .last_used
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64),
             requests: inner.requests,
             usage: inner.usage,
             restarts: inner.restarts,
@@ -563,7 +619,13 @@ fn log_file_name(spec: &ModelSpec) -> String {
     let stem: String = spec
         .name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{stem}-{:08x}.log", hasher.finish() as u32)
 }

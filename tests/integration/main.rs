@@ -1,1 +1,9 @@
-//! placeholder
+//! The one integration test binary: the real `llmctl` binary in isolated environments,
+//! against the fake llama-server fixture and the real llama-server.
+
+mod cli;
+mod docs;
+mod real;
+mod supervision;
+mod support;
+mod tiny_model;

@@ -1,0 +1,125 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_llmctl_global_optspecs
+    string join \n socket= config= llama-server= no-autostart v/verbose h/help V/version
+end
+
+function __fish_llmctl_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_llmctl_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_llmctl_using_subcommand
+    set -l cmd (__fish_llmctl_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c llmctl -n "__fish_llmctl_needs_command" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_needs_command" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_needs_command" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_needs_command" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_needs_command" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c llmctl -n "__fish_llmctl_needs_command" -s V -l version -d 'Print version'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "run" -d 'Generate text; tokens go to stdout as they arrive'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "status" -d 'Show the daemon, its queue and every model instance'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "warm" -d 'Load MODEL and return once it answers; quiet and idempotent, for cron'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "switch" -d 'Make MODEL the loaded one, in the background unless --wait'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "stop" -d 'Unload a model (or all of them) gracefully'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "daemon" -d 'Run the daemon in the foreground (for systemd or debugging)'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "shutdown" -d 'Stop every model gracefully, then the daemon'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "setup" -d 'Find or build llama-server and install the demo model'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l system -d 'System message (chat mode)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s n -l max-tokens -d 'Most tokens to generate' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l temperature -d 'Sampling temperature, 0 for greedy' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l top-p -d 'Nucleus sampling threshold, in [0, 1]' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l top-k -d 'Sample from the K most likely tokens (0 disables)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l min-p -d 'Minimum probability relative to the most likely token, in [0, 1]' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l repeat-penalty -d 'Penalty for repeated tokens (1 disables)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l seed -d 'Random seed, for reproducible sampling' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l stop -d 'Stop when this text is generated (repeatable)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l raw -d 'Send the prompt as is, without the chat template'
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l json -d 'Write JSON lines: one per chunk, then a final `done` line with usage and timings'
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l no-stdin -d 'Do not read stdin even when it is not a terminal'
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l json -d 'Print the status as one JSON object'
+complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand status" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand status" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l wait -d 'Return only once the model is ready'
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l exclusive -d 'Unload every other model once this one is ready'
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l all -d 'Unload every model'
+complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l queue-depth -d 'Requests that may wait for a slot before new ones are refused as busy' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s j -l jobs -d 'Parallel compile jobs when building llama-server (default: number of CPUs)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l no-model -d 'Do not install the demo model'
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s q -l quiet -d 'Print nothing but errors'
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "run" -d 'Generate text; tokens go to stdout as they arrive'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "status" -d 'Show the daemon, its queue and every model instance'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "warm" -d 'Load MODEL and return once it answers; quiet and idempotent, for cron'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "switch" -d 'Make MODEL the loaded one, in the background unless --wait'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "stop" -d 'Unload a model (or all of them) gracefully'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "daemon" -d 'Run the daemon in the foreground (for systemd or debugging)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "shutdown" -d 'Stop every model gracefully, then the daemon'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "setup" -d 'Find or build llama-server and install the demo model'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -1,0 +1,412 @@
+//! The benchmark harness: what llmctl costs next to llama-server itself.
+//!
+//! `cargo bench --features testing` (after `llmctl setup`). Each comparison runs both sides
+//! in the same process, interleaved, several times, and reports medians and ratios; the
+//! machines this runs on are shared and noisy, so absolute times alone mean little. Nothing
+//! here asserts: it prints a Markdown report for the README.
+//!
+//! 1. Streaming: SmolLM2 through `llmctl run` vs the same request straight to the same
+//!    llama-server (tokens/s, time to first token); the fake server at full speed through
+//!    the whole path (tokens/s, µs per token).
+//! 2. Control plane: `llmctl status` round trip, whole process.
+//! 3. Cold start: `llmctl run` on an unloaded model to the first token vs llama-server
+//!    alone (spawn, port from its log, `/health` polled every millisecond, first token).
+//! 4. Footprint: binary size, daemon RSS idle and with a model loaded.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LLMCTL: &str = env!("CARGO_BIN_EXE_llmctl");
+const FAKE: &str = env!("CARGO_BIN_EXE_fake-llama-server");
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test` probes benches this way.
+    }
+    let reps: usize = std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(9);
+    let server = data_dir().join("llama.cpp/b11434/llama-server");
+    let demo = data_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(server.exists() && demo.exists(), "run `llmctl setup` first");
+
+    println!("## llmctl benchmark\n");
+    println!(
+        "machine: {}, {} CPUs; {} repetitions, medians\n",
+        cpu_model(),
+        cpus(),
+        reps
+    );
+    let env = Bench::new(&server);
+
+    // 1a. SmolLM2 streaming, warm instance.
+    let tokens = 128;
+    env.llmctl(&["warm", demo.to_str().unwrap()]);
+    let port = env.instance_port();
+    let prompt = "Write a long story about a lighthouse keeper.";
+    let mut via_llmctl = Vec::new();
+    let mut direct = Vec::new();
+    for _ in 0..reps {
+        via_llmctl.push(env.timed_run(&[
+            "run",
+            "--raw",
+            "--temperature",
+            "0",
+            "-n",
+            &tokens.to_string(),
+            demo.to_str().unwrap(),
+            prompt,
+        ]));
+        direct.push(direct_stream(port, prompt, tokens));
+    }
+    let (llmctl_ttft, llmctl_total) = medians(&via_llmctl);
+    let (direct_ttft, direct_total) = medians(&direct);
+    let llmctl_rate = tokens as f64 / (llmctl_total - llmctl_ttft).as_secs_f64();
+    let direct_rate = tokens as f64 / (direct_total - direct_ttft).as_secs_f64();
+    println!("### Streaming, SmolLM2-135M Q4_1, {tokens} tokens, warm\n");
+    println!("| path | time to first token | generation tokens/s | whole request |");
+    println!("|---|---|---|---|");
+    println!(
+        "| llama-server directly (HTTP, in process) | {} | {direct_rate:.1} | {} |",
+        ms(direct_ttft),
+        ms(direct_total)
+    );
+    println!(
+        "| `llmctl run` (whole process) | {} | {llmctl_rate:.1} | {} |",
+        ms(llmctl_ttft),
+        ms(llmctl_total)
+    );
+    println!(
+        "\ntokens/s ratio llmctl/direct: **{:.3}**; added time to first token: **{:+.2} ms**\n",
+        llmctl_rate / direct_rate,
+        (llmctl_ttft.as_secs_f64() - direct_ttft.as_secs_f64()) * 1000.0
+    );
+
+    // 1b. Fake server at full speed through daemon, socket, client and stdout.
+    let fake_tokens = 200_000;
+    let fake_env = Bench::new(Path::new(FAKE));
+    let fake_model = fake_env.dir.path().join("fake.gguf");
+    std::fs::copy(&demo, &fake_model).unwrap();
+    fake_env.set_fake_tokens(fake_tokens);
+    fake_env.llmctl(&["warm", fake_model.to_str().unwrap()]);
+    let fake_port = fake_env.instance_port();
+    let mut through = Vec::new();
+    let mut straight = Vec::new();
+    for _ in 0..reps.min(5) {
+        through.push(
+            fake_env
+                .timed_run(&["run", "--raw", fake_model.to_str().unwrap(), "go"])
+                .1,
+        );
+        straight.push(direct_stream(fake_port, "go", fake_tokens).1);
+    }
+    let through = median(&through);
+    let straight = median(&straight);
+    println!("### Streaming, fake llama-server at full speed, {fake_tokens} tokens\n");
+    println!("| path | tokens/s | µs per token |");
+    println!("|---|---|---|");
+    for (name, time) in [
+        ("fake server directly (HTTP, in process)", straight),
+        ("`llmctl run > /dev/null`", through),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.2} |",
+            fake_tokens as f64 / time.as_secs_f64(),
+            time.as_secs_f64() * 1e6 / fake_tokens as f64
+        );
+    }
+    println!();
+
+    // 2. Control plane.
+    let status: Vec<Duration> = (0..reps * 5).map(|_| env.timed(&["status"])).collect();
+    let warm: Vec<Duration> = (0..reps)
+        .map(|_| env.timed(&["warm", demo.to_str().unwrap()]))
+        .collect();
+    println!("### Control plane, whole process, warm daemon\n");
+    println!("| command | median | p99 |\n|---|---|---|");
+    println!(
+        "| `llmctl status` | {} | {} |",
+        ms(median(&status)),
+        ms(p99(&status))
+    );
+    println!(
+        "| `llmctl warm` (loaded model, one-token request) | {} | {} |\n",
+        ms(median(&warm)),
+        ms(p99(&warm))
+    );
+
+    // 3. Cold start.
+    let mut cold_llmctl = Vec::new();
+    let mut cold_alone = Vec::new();
+    for _ in 0..reps.min(5) {
+        env.llmctl(&["stop", "--all"]);
+        cold_llmctl.push(
+            env.timed_run(&["run", "--raw", "-n", "1", demo.to_str().unwrap(), "Hello"])
+                .0,
+        );
+        cold_alone.push(cold_start_alone(&server, &demo));
+    }
+    let (cold_llmctl, cold_alone) = (median(&cold_llmctl), median(&cold_alone));
+    println!("### Cold start to first token, SmolLM2\n");
+    println!("| path | median |\n|---|---|");
+    println!(
+        "| llama-server alone (spawn, log port, /health every 1 ms, request) | {} |",
+        ms(cold_alone)
+    );
+    println!(
+        "| `llmctl run` on an unloaded model | {} |",
+        ms(cold_llmctl)
+    );
+    println!(
+        "\ndifference: **{:+.1} ms**\n",
+        (cold_llmctl.as_secs_f64() - cold_alone.as_secs_f64()) * 1000.0
+    );
+
+    // 4. Footprint.
+    let idle = Bench::new(&server);
+    idle.llmctl(&["status"]);
+    let idle_rss = idle.daemon_rss();
+    let loaded_rss = env.daemon_rss();
+    let size = std::fs::metadata(LLMCTL).map(|m| m.len()).unwrap_or(0);
+    println!("### Footprint\n");
+    println!("| what | size |\n|---|---|");
+    println!(
+        "| `llmctl` binary ({}) | {:.1} MiB |",
+        if LLMCTL.contains("release") {
+            "release"
+        } else {
+            "this build"
+        },
+        mib(size)
+    );
+    println!("| daemon RSS, idle | {:.1} MiB |", mib(idle_rss));
+    println!(
+        "| daemon RSS, one model loaded and used | {:.1} MiB |",
+        mib(loaded_rss)
+    );
+}
+
+/// An isolated llmctl environment with its own daemon.
+struct Bench {
+    dir: tempfile::TempDir,
+    server: PathBuf,
+    fake_tokens: std::cell::Cell<Option<usize>>,
+}
+
+impl Bench {
+    fn new(server: &Path) -> Bench {
+        let dir = tempfile::Builder::new()
+            .prefix("llmctl-bench-")
+            .tempdir()
+            .unwrap();
+        Bench {
+            dir,
+            server: server.to_path_buf(),
+            fake_tokens: std::cell::Cell::new(None),
+        }
+    }
+
+    fn set_fake_tokens(&self, n: usize) {
+        self.fake_tokens.set(Some(n));
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let root = self.dir.path();
+        let mut command = Command::new(LLMCTL);
+        command
+            .args(args)
+            .env("LLMCTL_SOCKET", root.join("llmctl.sock"))
+            .env("LLMCTL_STATE_DIR", root.join("state"))
+            .env("LLMCTL_CONFIG", root.join("config.toml"))
+            .env("LLMCTL_LLAMA_SERVER", &self.server)
+            .stdin(Stdio::null());
+        if let Some(n) = self.fake_tokens.get() {
+            command.env("FAKE_LLAMA_TOKENS", n.to_string());
+        }
+        command
+    }
+
+    fn llmctl(&self, args: &[&str]) -> String {
+        let output = self.command(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "llmctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn timed(&self, args: &[&str]) -> Duration {
+        let start = Instant::now();
+        self.llmctl(args);
+        start.elapsed()
+    }
+
+    /// (time to first byte on stdout, time to exit) of a `llmctl` process.
+    fn timed_run(&self, args: &[&str]) -> (Duration, Duration) {
+        let start = Instant::now();
+        let mut child = self.command(args).stdout(Stdio::piped()).spawn().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 1];
+        stdout.read_exact(&mut first).unwrap();
+        let ttft = start.elapsed();
+        let mut sink = [0u8; 1 << 16];
+        while stdout.read(&mut sink).unwrap() > 0 {}
+        assert!(child.wait().unwrap().success());
+        (ttft, start.elapsed())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.llmctl(&["status", "--json"])).unwrap()
+    }
+
+    fn instance_port(&self) -> u16 {
+        self.status()["instances"][0]["port"].as_u64().unwrap() as u16
+    }
+
+    fn daemon_rss(&self) -> u64 {
+        self.status()["daemon"]["rss_bytes"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let _ = self
+            .command(&["shutdown"])
+            .env("LLMCTL_NO_AUTOSTART", "1")
+            .output();
+    }
+}
+
+/// (time to first token, whole request) of a streaming raw completion straight to a server.
+fn direct_stream(port: u16, prompt: &str, tokens: usize) -> (Duration, Duration) {
+    let body = serde_json::json!({"prompt": prompt, "n_predict": tokens, "temperature": 0, "stream": true});
+    let start = Instant::now();
+    let mut response = ureq::post(format!("http://127.0.0.1:{port}/completion"))
+        .send(body.to_string())
+        .unwrap();
+    let mut reader = BufReader::new(response.body_mut().as_reader());
+    let mut line = String::new();
+    let mut ttft = None;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if line.starts_with("data: ") {
+            ttft.get_or_insert_with(|| start.elapsed());
+            if line.contains("\"stop\":true") {
+                break;
+            }
+        }
+    }
+    (ttft.unwrap_or_else(|| start.elapsed()), start.elapsed())
+}
+
+/// llama-server on its own: spawn, read the port from its log, poll `/health` every
+/// millisecond, then time the first token of a one-token request.
+fn cold_start_alone(server: &Path, model: &Path) -> Duration {
+    let start = Instant::now();
+    let mut child: Child = Command::new(server)
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-webui",
+            "--log-colors",
+            "off",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let drain = std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let port: u16 = rest.trim().rsplit(':').next().unwrap().parse().unwrap();
+                    sent = port_tx.send(port).is_ok();
+                }
+            }
+        }
+    });
+    let port = port_rx.recv().unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    while agent
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .call()
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = direct_stream(port, "Hello", 1);
+    let elapsed = start.elapsed();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drain.join().unwrap();
+    elapsed
+}
+
+fn medians(samples: &[(Duration, Duration)]) -> (Duration, Duration) {
+    let first: Vec<Duration> = samples.iter().map(|s| s.0).collect();
+    let whole: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+    (median(&first), median(&whole))
+}
+
+fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
+
+fn p99(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted[((sorted.len() as f64 * 0.99).ceil() as usize).min(sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn data_dir() -> PathBuf {
+    match std::env::var_os("LLMCTL_DATA_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap()).join(".local/share/llmctl"),
+    }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}

@@ -1,0 +1,399 @@
+//! The CLI contract against the fake llama-server: pipelines, exit codes, bad input.
+
+use std::io::Read;
+
+use crate::support::*;
+
+fn fake_model(env: &Env) -> String {
+    env.tiny_model("model.gguf").display().to_string()
+}
+
+#[test]
+fn run_streams_only_generated_text_to_stdout() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    let output = env.run(&["run", &model, "hello", "pipes", "and", "sockets"]);
+    assert_success(&output);
+    // The fake echoes the prompt; nothing else may appear on stdout, and stderr stays quiet
+    // when it is not a terminal.
+    assert_eq!(stdout(&output), "hello pipes and sockets");
+    assert_eq!(stderr(&output), "");
+}
+
+#[test]
+fn piped_stdin_follows_the_prompt_after_a_blank_line() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    let output = env.run_with_stdin(&["run", &model, "Summarise:"], "line one\nline two\n");
+    assert_success(&output);
+    assert_eq!(stdout(&output), "Summarise:\n\nline one\nline two\n");
+
+    let output = env.run_with_stdin(&["run", &model], "only stdin");
+    assert_eq!(stdout(&output), "only stdin");
+
+    let output = env.run_with_stdin(&["run", "--no-stdin", &model, "args only"], "ignored");
+    assert_eq!(stdout(&output), "args only");
+
+    let output = env.run_with_stdin(&["run", &model], "");
+    assert_exit(&output, 2);
+    assert!(stderr(&output).contains("no prompt"), "{}", stderr(&output));
+}
+
+#[test]
+fn json_mode_writes_token_lines_and_a_done_line() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    let output = env.run(&["run", "--json", "-n", "2", &model, "one two three"]);
+    assert_success(&output);
+    let lines: Vec<serde_json::Value> = stdout(&output)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(stdout(&output).starts_with("{\"type\":\"token\""));
+    assert_eq!(lines[0]["text"], "one ");
+    assert_eq!(lines[1]["text"], "two ");
+    assert_eq!(lines[2]["type"], "done");
+    assert_eq!(lines[2]["finish_reason"], "length");
+    assert_eq!(lines[2]["usage"]["completion_tokens"], 2);
+    assert!(lines[2]["timings"].is_object());
+}
+
+#[test]
+fn sampling_options_pass_through_and_never_reload_the_model() {
+    let mut env = Env::fake();
+    let record = env.path("requests.jsonl");
+    env.set("FAKE_LLAMA_RECORD", &record.display().to_string());
+    let model = fake_model(&env);
+    let args = [
+        "run",
+        "--temperature",
+        "0.25",
+        "--top-p",
+        "0.5",
+        "--top-k",
+        "7",
+        "--min-p",
+        "0.1",
+        "--repeat-penalty",
+        "1.2",
+        "--seed",
+        "42",
+        "--stop",
+        "END",
+        "--stop",
+        "\n\n",
+        "-n",
+        "9",
+        "--system",
+        "be brief",
+        &model,
+        "hi",
+    ];
+    assert_success(&env.run(&args));
+    let pid_before = env.status_json()["instances"][0]["pid"].clone();
+    assert_success(&env.run(&["run", "--temperature", "1.5", &model, "again"]));
+    assert_success(&env.run(&["run", "--raw", &model, "raw text"]));
+
+    let requests: Vec<serde_json::Value> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = &requests[0];
+    assert_eq!(first["temperature"], 0.25);
+    assert_eq!(first["top_p"], 0.5);
+    assert_eq!(first["top_k"], 7);
+    assert_eq!(
+        first["repeat_penalty"].as_f64().map(|v| (v * 10.0).round()),
+        Some(12.0)
+    );
+    assert_eq!(first["seed"], 42);
+    assert_eq!(first["stop"], serde_json::json!(["END", "\n\n"]));
+    assert_eq!(first["max_tokens"], 9);
+    assert_eq!(
+        first["messages"][0],
+        serde_json::json!({"role": "system", "content": "be brief"})
+    );
+    assert_eq!(
+        first["messages"][1],
+        serde_json::json!({"role": "user", "content": "hi"})
+    );
+    assert_eq!(
+        requests[2]["prompt"], "raw text",
+        "--raw goes to /completion"
+    );
+
+    let status = env.status_json();
+    let instances = status["instances"].as_array().unwrap();
+    assert_eq!(
+        instances.len(),
+        1,
+        "a sampling option must not create an instance: {status}"
+    );
+    assert_eq!(
+        instances[0]["pid"], pid_before,
+        "a sampling option must not reload"
+    );
+    assert_eq!(instances[0]["requests"], 3);
+}
+
+#[test]
+fn invalid_values_are_refused_before_anything_starts() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    for args in [
+        vec!["run", "--temperature", "-1", &model, "x"],
+        vec!["run", "--top-p", "1.5", &model, "x"],
+        vec!["run", "--min-p", "nan", &model, "x"],
+        vec!["run", "-n", "0", &model, "x"],
+        vec!["run", "--top-k", "many", &model, "x"],
+        vec!["run", "--system", "s", "--raw", &model, "x"],
+        vec!["stop"],
+        vec!["frobnicate"],
+    ] {
+        let output = env.run(&args);
+        assert_exit(&output, 2);
+        assert!(!stderr(&output).is_empty());
+    }
+    assert!(
+        !env.socket().exists(),
+        "no daemon may start for a bad command line"
+    );
+}
+
+#[test]
+fn bad_models_get_their_exit_codes_without_a_daemon() {
+    let env = Env::fake();
+    let not_gguf = env.path("models/notes.gguf");
+    std::fs::write(&not_gguf, "these are notes, not a model\n").unwrap();
+    let full = std::fs::read(env.tiny_model("full.gguf")).unwrap();
+    let truncated = env.path("models/truncated.gguf");
+    std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+    let header_only = env.path("models/header.gguf");
+    std::fs::write(&header_only, &full[..20]).unwrap();
+    let missing = env.path("models/missing.gguf");
+    let directory = env.path("models");
+
+    let table: [(&str, i32, &str); 6] = [
+        (missing.to_str().unwrap(), 66, "not found"),
+        ("no-such-alias", 66, "unknown model"),
+        (not_gguf.to_str().unwrap(), 65, "GGUF magic"),
+        (truncated.to_str().unwrap(), 65, "truncated"),
+        (header_only.to_str().unwrap(), 65, "truncated"),
+        (directory.to_str().unwrap(), 65, "directory"),
+    ];
+    for (model, code, message) in table {
+        let output = env.run(&["run", model, "hi"]);
+        assert_exit(&output, code);
+        assert!(
+            stderr(&output).contains(message),
+            "{model}: {}",
+            stderr(&output)
+        );
+        assert!(stdout(&output).is_empty());
+    }
+    assert!(
+        !env.socket().exists(),
+        "no daemon may start for a bad model"
+    );
+}
+
+#[test]
+fn aliases_and_bad_config() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    env.write_config(&format!(
+        "[models.echo]\npath = \"{model}\"\nctx_size = 512\n"
+    ));
+    let output = env.run(&["run", "echo", "via alias"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "via alias");
+    assert_eq!(env.status_json()["instances"][0]["ctx_size"], 512);
+
+    env.write_config("[models.echo]\npath = \"/x.gguf\"\ncontext = 5\n");
+    let output = env.run(&["run", "echo", "hi"]);
+    assert_exit(&output, 65);
+    assert!(stderr(&output).contains("line 3"), "{}", stderr(&output));
+}
+
+#[test]
+fn no_llama_server_binary_is_unavailable() {
+    let env = Env::with_server(std::path::Path::new("/nonexistent/llama-server"));
+    let model = fake_model(&env);
+    let output = env
+        .command(&["run", &model, "hi"])
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert_exit(&output, 69);
+    assert!(
+        stderr(&output).contains("llmctl setup"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn autostart_can_be_turned_off() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    let output = env
+        .command(&["run", &model, "hi"])
+        .env("LLMCTL_NO_AUTOSTART", "1")
+        .output()
+        .unwrap();
+    assert_exit(&output, 69);
+    assert!(
+        stderr(&output).contains("autostart is off"),
+        "{}",
+        stderr(&output)
+    );
+    let output = env.run(&["--no-autostart", "status"]);
+    assert_exit(&output, 69);
+}
+
+#[test]
+fn closing_stdout_cancels_upstream_and_exits_zero() {
+    let mut env = Env::fake();
+    let record = env.path("requests.jsonl");
+    env.set("FAKE_LLAMA_RECORD", &record.display().to_string());
+    env.set("FAKE_LLAMA_TOKENS", "10000000");
+    let model = fake_model(&env);
+    assert_success(&env.run(&["warm", &model]));
+
+    let mut child = env.spawn(&["run", &model, "go"]);
+    let mut first = [0u8; 20];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take()); // what `| head -c 20` does
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "stderr: {err}");
+    assert_eq!(err, "");
+    wait_until("the fake server sees the client go away", || {
+        std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .contains("cancelled")
+    });
+    wait_until("the slot is free again", || {
+        env.status_json()["instances"][0]["in_flight"] == 0
+    });
+}
+
+#[test]
+fn ctrl_c_cancels_upstream_and_exits_130() {
+    let mut env = Env::fake();
+    let record = env.path("requests.jsonl");
+    env.set("FAKE_LLAMA_RECORD", &record.display().to_string());
+    env.set("FAKE_LLAMA_TOKENS", "100000");
+    env.set("FAKE_LLAMA_TOKEN_MS", "5");
+    let model = fake_model(&env);
+    let mut child = env.spawn(&["run", &model, "go"]);
+    let mut first = [0u8; 4];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let output = child.wait_with_output().unwrap();
+    assert_exit(&output, 130);
+    wait_until("the fake server sees the cancellation", || {
+        std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .contains("cancelled")
+    });
+}
+
+#[test]
+fn warm_is_quiet_and_idempotent_and_stop_unloads() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    for _ in 0..2 {
+        let output = env.run(&["warm", &model]);
+        assert_success(&output);
+        assert!(output.stdout.is_empty() && output.stderr.is_empty());
+    }
+    let status = env.status_json();
+    assert_eq!(status["instances"].as_array().unwrap().len(), 1);
+    assert_eq!(status["instances"][0]["state"], "ready");
+    let pid = status["instances"][0]["pid"].as_u64().unwrap() as u32;
+
+    assert_success(&env.run(&["stop", &model]));
+    assert!(!alive(pid), "stop returned before the child was gone");
+    assert_eq!(env.status_json()["instances"][0]["state"], "stopped");
+
+    // The next request loads it again.
+    assert_eq!(stdout(&env.run(&["run", &model, "back"])), "back");
+    assert_success(&env.run(&["stop", "--all"]));
+    assert_success(&env.run(&["shutdown"]));
+    assert!(!env.socket().exists());
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn status_shows_instances_in_a_table() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    assert_success(&env.run(&["run", &model, "a b c"]));
+    let output = env.run(&["status"]);
+    assert_success(&output);
+    let text = stdout(&output);
+    assert!(
+        text.contains("model.gguf") && text.contains("ready") && text.contains("1/3"),
+        "{text}"
+    );
+    let status = env.status_json();
+    assert!(status["daemon"]["rss_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(status["instances"][0]["usage"]["completion_tokens"], 3);
+    assert!(status["instances"][0]["rss_bytes"].as_u64().unwrap() > 0);
+    assert!(status["instances"][0]["estimate_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn switch_loads_in_the_background_and_exclusive_unloads_others() {
+    let env = Env::fake();
+    let first = env.tiny_model("first.gguf").display().to_string();
+    let second = env.tiny_model("second.gguf").display().to_string();
+    assert_success(&env.run(&["switch", "--wait", &first]));
+    assert_success(&env.run(&["switch", &second, "--exclusive"]));
+    wait_until("the second model is ready and the first unloaded", || {
+        let status = env.status_json();
+        let state_of = |name: &str| {
+            status["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["name"] == name)
+                .map(|i| i["state"].clone())
+        };
+        state_of("second.gguf") == Some("ready".into())
+            && state_of("first.gguf") == Some("stopped".into())
+    });
+}
+
+#[test]
+fn help_and_version_succeed() {
+    let env = Env::fake();
+    let output = env.run(&["--help"]);
+    assert_success(&output);
+    assert!(stdout(&output).contains("EXIT STATUS"));
+    assert_success(&env.run(&["--version"]));
+}

@@ -1,0 +1,306 @@
+//! Runs the real `llmctl` binary in an isolated environment: its own socket, state, data,
+//! config and HOME in a temporary directory, and a `Drop` that shuts down any daemon the
+//! test started and kills whatever is left.
+//!
+//! Every process a test starts names the temporary directory on its command line (the
+//! daemon its socket, a llama-server its model), so "nothing survives" is checked by looking
+//! for processes that mention it.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const LLMCTL: &str = env!("CARGO_BIN_EXE_llmctl");
+pub const FAKE_SERVER: &str = env!("CARGO_BIN_EXE_fake-llama-server");
+
+/// How long any polled condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub llama_server: PathBuf,
+    vars: Vec<(String, String)>,
+}
+
+impl Env {
+    /// An environment whose daemon runs the fake llama-server.
+    pub fn fake() -> Env {
+        Env::with_server(Path::new(FAKE_SERVER))
+    }
+
+    /// An environment whose daemon runs the real llama-server built by `llmctl setup`.
+    pub fn real() -> Env {
+        Env::with_server(&real_llama_server())
+    }
+
+    pub fn with_server(server: &Path) -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("llmctl-test-")
+            .tempdir()
+            .expect("temp dir");
+        for sub in ["home", "models", "run"] {
+            fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        Env {
+            dir,
+            llama_server: server.to_path_buf(),
+            vars: Vec::new(),
+        }
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path("run/llmctl.sock")
+    }
+
+    /// Sets an environment variable for every command (and so for an autostarted daemon).
+    pub fn set(&mut self, name: &str, value: &str) {
+        self.vars.push((name.to_string(), value.to_string()));
+    }
+
+    pub fn write_config(&self, text: &str) {
+        fs::write(self.path("config.toml"), text).unwrap();
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(LLMCTL);
+        let root = self.dir.path();
+        command
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("LLMCTL_NO_AUTOSTART")
+            .env("HOME", root.join("home"))
+            .env("XDG_RUNTIME_DIR", root.join("run"))
+            .env("XDG_STATE_HOME", root.join("home/state"))
+            .env("XDG_CONFIG_HOME", root.join("home/config"))
+            .env("XDG_DATA_HOME", root.join("home/data"))
+            .env("XDG_CACHE_HOME", root.join("home/cache"))
+            .env("LLMCTL_SOCKET", self.socket())
+            .env("LLMCTL_STATE_DIR", root.join("state"))
+            .env("LLMCTL_CONFIG", root.join("config.toml"))
+            .env("LLMCTL_DATA_DIR", root.join("data"))
+            .env("LLMCTL_CACHE_DIR", root.join("cache"))
+            .env("LLMCTL_LLAMA_SERVER", &self.llama_server)
+            .stdin(Stdio::null());
+        for (name, value) in &self.vars {
+            command.env(name, value);
+        }
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run llmctl")
+    }
+
+    pub fn run_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn llmctl")
+    }
+
+    /// A copy of the tiny deterministic model in this environment.
+    pub fn tiny_model(&self, name: &str) -> PathBuf {
+        let path = self.path(&format!("models/{name}"));
+        crate::tiny_model::write(&path, "llama");
+        path
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let output = self.run(&["status", "--json"]);
+        assert_success(&output);
+        serde_json::from_slice(&output.stdout).expect("status --json is JSON")
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.path("run/llmctl.lock"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Processes whose command line mentions this environment's directory.
+    pub fn processes(&self) -> Vec<(u32, String)> {
+        processes_mentioning(&self.dir.path().to_string_lossy())
+    }
+
+    /// Fails unless every process of this environment is gone before the deadline.
+    pub fn assert_nothing_survives(&self) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = self.processes();
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "processes survived: {left:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn instance_log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(entries) = fs::read_dir(self.path("state/logs")) {
+            for entry in entries.flatten() {
+                text += &fs::read_to_string(entry.path()).unwrap_or_default();
+            }
+        }
+        text
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self
+            .command(&["shutdown"])
+            .env("LLMCTL_NO_AUTOSTART", "1")
+            .output();
+        for (pid, _) in self.processes() {
+            // SAFETY-free: the kill command only sends a signal to a process of this test.
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).output();
+        }
+    }
+}
+
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) && !is_zombie(pid) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+pub fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
+
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid)
+}
+
+/// Polls `condition` until it holds; fails the test with `what` at the deadline.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[track_caller]
+pub fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        stdout(output),
+        stderr(output)
+    );
+}
+
+#[track_caller]
+pub fn assert_exit(output: &Output, code: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// The llama-server `llmctl setup` installed (or `LLMCTL_TEST_LLAMA_SERVER`).
+pub fn real_llama_server() -> PathBuf {
+    if let Some(path) = std::env::var_os("LLMCTL_TEST_LLAMA_SERVER") {
+        return PathBuf::from(path);
+    }
+    let path = default_data_dir().join("llama.cpp/b11434/llama-server");
+    assert!(
+        path.exists(),
+        "{} is missing: run `llmctl setup` (tests/run does) before the tests",
+        path.display()
+    );
+    path
+}
+
+/// The demo model `llmctl setup` installed (or `LLMCTL_TEST_DEMO_MODEL`).
+pub fn demo_model() -> PathBuf {
+    if let Some(path) = std::env::var_os("LLMCTL_TEST_DEMO_MODEL") {
+        return PathBuf::from(path);
+    }
+    let path = default_data_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run `llmctl setup` (tests/run does) before the tests",
+        path.display()
+    );
+    path
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LLMCTL_DATA_DIR") {
+        return PathBuf::from(dir);
+    }
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(dir) => PathBuf::from(dir).join("llmctl"),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".local/share/llmctl"),
+    }
+}
