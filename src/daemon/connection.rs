@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::backend::llama::GenerateError;
 use crate::error::{Error, ErrorKind, Result};
 use crate::gguf;
-use crate::instance::{AcquireError, Instance, Slot};
+use crate::instance::{AcquireError, FileStamp, Instance, Slot};
 use crate::model::ModelSpec;
 use crate::protocol::{
     self, DaemonStatus, QueueStatus, Request, Response, RunRequest, StatusReport, VERSION,
@@ -185,16 +185,27 @@ fn handle(shared: &Arc<Shared>, request: Request, writer: &mut Writer) -> Result
 /// The instance for `spec`, after checking the file again: it may have changed since the
 /// client looked.
 fn instance_for(shared: &Shared, spec: &ModelSpec) -> Result<Arc<Instance>> {
-    if !spec.path.exists() {
-        return Err(Error::ModelNotFound {
-            path: spec.path.clone(),
-        });
+    let metadata = match std::fs::metadata(&spec.path) {
+        Ok(metadata) => metadata,
+        Err(_) => {
+            return Err(Error::ModelNotFound {
+                path: spec.path.clone(),
+            })
+        }
+    };
+    let stamp = FileStamp::of(&metadata);
+    // A header takes milliseconds to read (a vocabulary is megabytes); an unchanged file
+    // needs no second look.
+    if let Some(instance) = shared.table.get(spec) {
+        if instance.file_stamp == stamp {
+            return Ok(instance);
+        }
     }
     let info = gguf::inspect(&spec.path).map_err(|reason| Error::BadModel {
         path: spec.path.clone(),
         reason,
     })?;
-    Ok(shared.table.get_or_insert(spec, info))
+    Ok(shared.table.get_or_insert(spec, info, stamp))
 }
 
 fn refuse_if_shutting_down(shared: &Shared) -> Result<()> {

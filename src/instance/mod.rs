@@ -108,9 +108,27 @@ struct Inner {
     restarts: u32,
 }
 
+/// Size and modification time of a model file, to notice when it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl FileStamp {
+    pub fn of(metadata: &std::fs::Metadata) -> FileStamp {
+        FileStamp {
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+        }
+    }
+}
+
 pub struct Instance {
     pub spec: ModelSpec,
     pub info: ModelInfo,
+    /// The model file as it was when its header was read.
+    pub file_stamp: FileStamp,
     inner: Mutex<Inner>,
     /// Signalled on every state change and every released slot.
     changed: Condvar,
@@ -150,10 +168,11 @@ pub enum AcquireError {
 }
 
 impl Instance {
-    pub fn new(spec: ModelSpec, info: ModelInfo) -> Instance {
+    pub fn new(spec: ModelSpec, info: ModelInfo, file_stamp: FileStamp) -> Instance {
         Instance {
             spec,
             info,
+            file_stamp,
             inner: Mutex::new(Inner {
                 state: State::Stopped,
                 failure: None,

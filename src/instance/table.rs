@@ -9,7 +9,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::gguf::ModelInfo;
-use crate::instance::Instance;
+use crate::instance::{FileStamp, Instance};
 use crate::model::{LoadOptions, ModelSpec};
 
 type Key = (PathBuf, LoadOptions);
@@ -21,14 +21,25 @@ pub struct InstanceTable {
 
 impl InstanceTable {
     /// The instance for `spec`, created (stopped) if it is new.
-    pub fn get_or_insert(&self, spec: &ModelSpec, info: ModelInfo) -> Arc<Instance> {
+    pub fn get_or_insert(
+        &self,
+        spec: &ModelSpec,
+        info: ModelInfo,
+        stamp: FileStamp,
+    ) -> Arc<Instance> {
         let key = (spec.path.clone(), spec.load.clone());
         let mut instances = self.instances.lock();
         Arc::clone(
             instances
                 .entry(key)
-                .or_insert_with(|| Arc::new(Instance::new(spec.clone(), info))),
+                .or_insert_with(|| Arc::new(Instance::new(spec.clone(), info, stamp))),
         )
+    }
+
+    /// The instance for `spec`, if there is one.
+    pub fn get(&self, spec: &ModelSpec) -> Option<Arc<Instance>> {
+        let key = (spec.path.clone(), spec.load.clone());
+        self.instances.lock().get(&key).cloned()
     }
 
     /// Every instance of the model file at `path`, whatever its load options.

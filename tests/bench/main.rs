@@ -46,7 +46,7 @@ fn main() {
     let tokens = 128;
     env.llmctl(&["warm", demo.to_str().unwrap()]);
     let port = env.instance_port();
-    let prompt = "Write a long story about a lighthouse keeper.";
+    let prompt = "1, 2, 3, 4, 5, 6,"; // counting goes on until the token limit
     let mut via_llmctl = Vec::new();
     let mut direct = Vec::new();
     for _ in 0..reps {
