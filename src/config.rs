@@ -27,6 +27,9 @@ pub struct Config {
     pub load_timeout: Option<u64>,
     /// Seconds without a token before a generation is declared stalled.
     pub token_timeout: Option<u64>,
+    /// Failures within `crash_window` seconds after which an instance is not restarted.
+    pub crash_limit: Option<usize>,
+    pub crash_window: Option<u64>,
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
 }

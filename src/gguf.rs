@@ -130,8 +130,7 @@ impl<R: BufRead> Reader<R> {
             .read_exact(&mut bytes)
             .map_err(|_| ParseError::OutOfData)?;
         self.offset += len;
-        String::from_utf8(bytes)
-            .map_err(|_| ParseError::Bad("a header string is not UTF-8".into()))
+        String::from_utf8(bytes).map_err(|_| ParseError::Bad("a header string is not UTF-8".into()))
     }
 
     fn value(&mut self, value_type: u32) -> Result<Value, ParseError> {

@@ -148,6 +148,8 @@ pub struct DaemonStatus {
     pub uptime_ms: u64,
     pub socket: String,
     pub rss_bytes: Option<u64>,
+    /// Why the state file could not be written, if it could not.
+    pub state_file_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -175,6 +177,8 @@ pub struct InstanceStatus {
     pub requests: u64,
     pub usage: Usage,
     pub restarts: u32,
+    /// Failed too often in a short time; not restarted until `llmctl stop`.
+    pub crash_loop: bool,
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes, without the newline. `Ok(None)` at a clean

@@ -495,11 +495,16 @@ pub fn find_binary(
     installed: &Path,
 ) -> Result<PathBuf, String> {
     let mut searched = Vec::new();
+    // A path the user named is the one they mean: say what is wrong with it rather than
+    // quietly running another llama-server.
     for candidate in [explicit, configured].into_iter().flatten() {
         if is_executable(candidate) {
             return Ok(candidate.to_path_buf());
         }
-        searched.push(candidate.display().to_string());
+        if candidate.is_file() {
+            return Err(format!("{} (not executable)", candidate.display()));
+        }
+        searched.push(format!("{} (missing)", candidate.display()));
     }
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {

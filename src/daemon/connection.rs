@@ -263,6 +263,11 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
         );
     })?;
     drop(place);
+    // A fault hook for the test suite: a handler that panics while it holds a slot.
+    #[cfg(feature = "testing")]
+    if request.prompt == "__llmctl_test_panic__" {
+        panic!("fault injected by the test suite");
+    }
 
     let result = slot.client.generate(&request, |text, more_buffered| {
         protocol::write_message(
@@ -404,6 +409,7 @@ fn status(shared: &Arc<Shared>) -> StatusReport {
             uptime_ms: shared.started.elapsed().as_millis() as u64,
             socket: shared.paths.socket.display().to_string(),
             rss_bytes: crate::process::rss_bytes(std::process::id()),
+            state_file_error: shared.state_file_error.lock().clone(),
         },
         queue: QueueStatus {
             depth: shared.admission.depth(),
@@ -414,7 +420,7 @@ fn status(shared: &Arc<Shared>) -> StatusReport {
             .table
             .all()
             .iter()
-            .map(|instance| instance.status())
+            .map(|instance| instance.status(shared.settings.crash_loop))
             .collect(),
     }
 }

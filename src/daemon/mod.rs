@@ -31,7 +31,7 @@ use crate::backend::llama::{self, Timeouts};
 use crate::config::{Config, DEFAULT_QUEUE_DEPTH};
 use crate::error::{Error, Result};
 use crate::instance::table::InstanceTable;
-use crate::instance::LoadEnv;
+use crate::instance::{CrashLoop, LoadEnv};
 use crate::paths::{self, Paths};
 use crate::sys;
 use launcher::Launcher;
@@ -49,6 +49,7 @@ pub struct Settings {
     pub queue_timeout: Duration,
     pub stop_grace: Duration,
     pub llama_server: Option<PathBuf>,
+    pub crash_loop: CrashLoop,
 }
 
 impl Settings {
@@ -66,6 +67,10 @@ impl Settings {
             queue_timeout: Duration::from_secs(600),
             stop_grace: env_duration_ms("LLMCTL_STOP_GRACE_MS").unwrap_or(STOP_GRACE),
             llama_server: llama_server_flag.or_else(|| config.llama_server.clone()),
+            crash_loop: CrashLoop {
+                limit: config.crash_limit.unwrap_or(3),
+                window: Duration::from_secs(config.crash_window.unwrap_or(60)),
+            },
         }
     }
 }
@@ -100,6 +105,8 @@ pub struct Shared {
     /// Set to cut every grace period short.
     pub kill_now: AtomicBool,
     pub connections: AtomicUsize,
+    /// The last failure to write the state file; cleared by the next success.
+    pub state_file_error: parking_lot::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -114,6 +121,7 @@ impl Shared {
                 connect: Duration::from_secs(5),
                 read: self.settings.token_timeout,
             },
+            crash_loop: self.settings.crash_loop,
         }
     }
 
@@ -173,6 +181,7 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         shutting_down: AtomicBool::new(false),
         kill_now: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
+        state_file_error: parking_lot::Mutex::new(None),
     });
     log::info!(
         "llmctl daemon {} (pid {}) listening on {}",
@@ -226,7 +235,7 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
     }
     drop(supervisor_stop);
     let _ = supervisor_thread.join();
-    state::write(&shared.paths.state_file(), &shared.table);
+    let _ = state::write(&shared.paths.state_file(), &shared.table);
     signals_handle.close();
     let _ = signal_thread.join();
     let _ = fs::remove_file(&shared.paths.socket);
@@ -334,7 +343,13 @@ fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
 
 fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
     let mut written = state::snapshot(&shared.table);
-    state::write(&shared.paths.state_file(), &shared.table);
+    let write_state = || {
+        let result = state::write(&shared.paths.state_file(), &shared.table);
+        let failed = result.is_err();
+        *shared.state_file_error.lock() = result.err();
+        failed
+    };
+    let mut retry = write_state();
     loop {
         select_biased! {
             recv(stop) -> _ => return,
@@ -344,8 +359,8 @@ fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
             instance.reap();
         }
         let current = state::snapshot(&shared.table);
-        if current != written {
-            state::write(&shared.paths.state_file(), &shared.table);
+        if current != written || retry {
+            retry = write_state();
             written = current;
         }
     }

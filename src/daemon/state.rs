@@ -46,24 +46,22 @@ pub fn snapshot(table: &InstanceTable) -> Vec<ChildRecord> {
     children
 }
 
-pub fn write(path: &Path, table: &InstanceTable) {
+/// Writes the state file; on failure logs it and returns the reason for `status`.
+pub fn write(path: &Path, table: &InstanceTable) -> Result<(), String> {
     let state = StateFile {
         daemon_pid: std::process::id(),
         children: snapshot(table),
     };
-    let Ok(mut json) = serde_json::to_vec_pretty(&state) else {
-        return;
-    };
+    let mut json = serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?;
     json.push(b'\n');
     if let Some(dir) = path.parent() {
         let _ = fs::create_dir_all(dir);
     }
-    if let Err(error) = paths::write_atomically(path, &json) {
-        log::error!(
-            "cannot write the state file {}: {error}; serving on without it",
-            path.display()
-        );
-    }
+    paths::write_atomically(path, &json).map_err(|error| {
+        let message = format!("cannot write the state file {}: {error}", path.display());
+        log::error!("{message}; serving on without it");
+        message
+    })
 }
 
 /// Kills the children recorded by a daemon that did not shut down cleanly.

@@ -64,6 +64,15 @@ pub struct LoadEnv<'a> {
     /// Longest a load may go without any output from the child.
     pub load_timeout: Duration,
     pub http: Timeouts,
+    pub crash_loop: CrashLoop,
+}
+
+/// The crash-loop breaker: after `limit` crashes within `window`, an instance is not
+/// restarted until `llmctl stop` clears it or the window has passed since the last crash.
+#[derive(Debug, Clone, Copy)]
+pub struct CrashLoop {
+    pub limit: usize,
+    pub window: Duration,
 }
 
 /// A running child and the thread draining its output.
@@ -106,6 +115,8 @@ struct Inner {
     requests: u64,
     usage: Usage,
     restarts: u32,
+    /// When the child crashed or failed to load, most recent last.
+    crashes: VecDeque<Instant>,
 }
 
 /// Size and modification time of a model file, to notice when it changes.
@@ -188,6 +199,7 @@ impl Instance {
                 requests: 0,
                 usage: Usage::default(),
                 restarts: 0,
+                crashes: VecDeque::new(),
             }),
             changed: Condvar::new(),
             process: Mutex::new(None),
@@ -240,7 +252,13 @@ impl Instance {
                         .unwrap_or((ErrorKind::Backend, "load failed".into()));
                     return Err(Error::Remote { kind, message });
                 }
-                State::Stopped | State::Failed => break,
+                State::Failed => {
+                    if let Some(error) = self.crash_loop_error(&mut inner, env.crash_loop) {
+                        return Err(error);
+                    }
+                    break;
+                }
+                State::Stopped => break,
                 State::Starting | State::Stopping => {
                     if !announced {
                         announced = true;
@@ -293,6 +311,7 @@ impl Instance {
                 if inner.state == State::Starting && inner.load_generation == generation {
                     inner.state = State::Failed;
                     inner.failure = Some((error.kind(), error.to_string()));
+                    inner.crashes.push_back(Instant::now());
                 }
                 Err(error)
             }
@@ -456,6 +475,47 @@ impl Instance {
         }
     }
 
+    /// The error to give instead of a restart while the instance is in a crash loop.
+    fn crash_loop_error(&self, inner: &mut Inner, breaker: CrashLoop) -> Option<Error> {
+        while inner
+            .crashes
+            .front()
+            .is_some_and(|at| at.elapsed() > breaker.window)
+        {
+            inner.crashes.pop_front();
+        }
+        if inner.crashes.len() < breaker.limit {
+            return None;
+        }
+        let last = inner
+            .failure
+            .as_ref()
+            .map(|(_, message)| message.as_str())
+            .unwrap_or("");
+        Some(Error::Remote {
+            kind: ErrorKind::Backend,
+            message: format!(
+                "{} failed {} times within {} s, so llmctl stopped restarting it; fix the cause, then \
+                 `llmctl stop {}` to try again. The last failure: {last}",
+                self.spec.name,
+                inner.crashes.len(),
+                breaker.window.as_secs(),
+                self.spec.name,
+            ),
+        })
+    }
+
+    /// True while the crash-loop breaker holds the instance down.
+    fn crash_looping(&self, inner: &Inner, breaker: CrashLoop) -> bool {
+        inner.state == State::Failed
+            && inner
+                .crashes
+                .iter()
+                .filter(|at| at.elapsed() <= breaker.window)
+                .count()
+                >= breaker.limit
+    }
+
     /// Waits for a free slot, first come first served, until `deadline`.
     pub fn acquire(
         self: &Arc<Self>,
@@ -538,6 +598,7 @@ impl Instance {
         if matches!(inner.state, State::Ready | State::Starting) {
             inner.state = State::Failed;
             inner.failure = Some((error.kind(), error.to_string()));
+            inner.crashes.push_back(Instant::now());
             inner.client = None;
             inner.port = None;
         }
@@ -578,6 +639,7 @@ impl Instance {
         let mut inner = self.inner.lock();
         inner.state = State::Stopped;
         inner.failure = None;
+        inner.crashes.clear();
         inner.client = None;
         inner.port = None;
         inner.pid = None;
@@ -600,8 +662,9 @@ impl Instance {
         self.inner.lock().pid = None;
     }
 
-    pub fn status(&self) -> InstanceStatus {
+    pub fn status(&self, breaker: CrashLoop) -> InstanceStatus {
         let inner = self.inner.lock();
+        let crash_loop = self.crash_looping(&inner, breaker);
         let mut status = InstanceStatus {
             name: self.spec.name.clone(),
             path: self.spec.path.display().to_string(),
@@ -621,6 +684,7 @@ impl Instance {
             requests: inner.requests,
             usage: inner.usage,
             restarts: inner.restarts,
+            crash_loop,
         };
         drop(inner);
         status.estimate_bytes = self.estimate_bytes();

@@ -322,3 +322,277 @@ fn protocol_abuse_gets_an_error_and_harms_no_one() {
         "still serving"
     );
 }
+
+#[test]
+fn a_crash_loop_stops_restarts_until_stop_clears_it() {
+    let env = Env::fake();
+    env.write_config("crash_limit = 3\ncrash_window = 600\n");
+    let model = model_with_args(&env, "looping", &["--fake-crash-at-start"]);
+    for _ in 0..3 {
+        assert_exit(&env.run(&["run", &model, "hi"]), 70);
+    }
+    let starts = || {
+        env.instance_log()
+            .matches("fake llama-server starting")
+            .count()
+    };
+    assert_eq!(starts(), 3);
+    let output = env.run(&["run", &model, "hi"]);
+    assert_exit(&output, 70);
+    assert!(
+        stderr(&output).contains("stopped restarting"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(starts(), 3, "the breaker must not spawn again");
+    let status = env.status_json();
+    assert_eq!(status["instances"][0]["crash_loop"], true);
+    assert!(stdout(&env.run(&["status"])).contains("failed"));
+
+    assert_success(&env.run(&["stop", &model]));
+    assert_eq!(env.status_json()["instances"][0]["crash_loop"], false);
+    assert_exit(&env.run(&["run", &model, "hi"]), 70);
+    assert_eq!(starts(), 4, "stop clears the breaker");
+}
+
+#[test]
+fn an_unwritable_state_file_is_reported_and_serving_goes_on() {
+    let env = Env::fake();
+    // A directory where the state file should be: every atomic rename onto it fails.
+    std::fs::create_dir_all(env.path("state/state.json/blocker")).unwrap();
+    let model = env.tiny_model("m.gguf").display().to_string();
+    let output = env.run(&["run", &model, "still works"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "still works");
+    let status = env.status_json();
+    let error = status["daemon"]["state_file_error"]
+        .as_str()
+        .expect("the problem is reported");
+    assert!(error.contains("state.json"), "{error}");
+    let leftovers: Vec<_> = std::fs::read_dir(env.path("state"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "no half-written temp file is left: {leftovers:?}"
+    );
+}
+
+#[test]
+fn a_panicking_handler_is_an_internal_error_and_the_daemon_serves_on() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf").display().to_string();
+    let output = env.run(&["run", &model, "__llmctl_test_panic__"]);
+    assert_exit(&output, 1);
+    assert!(
+        stderr(&output).contains("internal error"),
+        "{}",
+        stderr(&output)
+    );
+    let status = env.status_json();
+    assert_eq!(
+        status["instances"][0]["in_flight"], 0,
+        "the slot was given back"
+    );
+    // One slot: this only answers if the panicking request released it.
+    assert_eq!(
+        stdout(&env.run(&["run", &model, "after the panic"])),
+        "after the panic"
+    );
+    let log = std::fs::read_to_string(env.path("state/daemon.log")).unwrap();
+    assert!(
+        log.contains("panicked") && log.contains("fault injected"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_thousand_clients_get_an_answer_or_busy_and_none_hangs() {
+    let mut env = Env::fake();
+    env.write_config("queue_depth = 8\n");
+    env.set("FAKE_LLAMA_TOKENS", "20");
+    env.set("FAKE_LLAMA_TOKEN_MS", "1");
+    let model = env.tiny_model("m.gguf");
+    assert_success(&env.run(&["warm", model.to_str().unwrap()]));
+    let request = serde_json::json!({
+        "type": "run",
+        "model": {"name": "m.gguf", "path": model, "load": {"ctx_size": null, "parallel": 1, "extra_args": []}},
+        "mode": "raw", "prompt": "x", "system": null, "sampling": {"stop": []},
+    });
+    let message = format!("{{\"type\":\"hello\",\"version\":1}}\n{request}\n");
+    let socket = env.socket();
+    let clients: Vec<_> = (0..1000)
+        .map(|_| {
+            let socket = socket.clone();
+            let message = message.clone();
+            std::thread::spawn(move || {
+                let mut stream = UnixStream::connect(&socket).expect("connect");
+                stream.set_read_timeout(Some(DEADLINE * 4)).unwrap();
+                stream.write_all(message.as_bytes()).unwrap();
+                let mut last = String::new();
+                for line in BufReader::new(stream).lines() {
+                    last = line.expect("no client may hang");
+                }
+                let last: serde_json::Value = serde_json::from_str(&last).unwrap();
+                match (last["type"].as_str(), last["kind"].as_str()) {
+                    (Some("done"), _) => "done",
+                    (Some("error"), Some("busy")) => {
+                        assert!(last["retry_after_ms"].as_u64().unwrap() > 0);
+                        "busy"
+                    }
+                    _ => panic!("unexpected final message {last}"),
+                }
+            })
+        })
+        .collect();
+    let outcomes: Vec<&str> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let done = outcomes.iter().filter(|o| **o == "done").count();
+    let busy = outcomes.len() - done;
+    assert!(done >= 1 && busy >= 1, "done {done}, busy {busy}");
+    let status = env.status_json();
+    assert_eq!(status["queue"]["waiting"], 0);
+    assert_eq!(status["queue"]["rejected"].as_u64(), Some(busy as u64));
+    let rss = status["daemon"]["rss_bytes"].as_u64().unwrap();
+    assert!(rss < 256 << 20, "daemon memory grew to {rss} bytes");
+    let output = env.run(&["run", model.to_str().unwrap(), "serving on"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "t ".repeat(20));
+}
+
+#[test]
+fn a_client_killed_mid_stream_frees_its_slot() {
+    let mut env = Env::fake();
+    let record = env.path("requests.jsonl");
+    env.set("FAKE_LLAMA_RECORD", &record.display().to_string());
+    env.set("FAKE_LLAMA_TOKENS", "100000");
+    env.set("FAKE_LLAMA_TOKEN_MS", "2");
+    let model = env.tiny_model("m.gguf").display().to_string();
+    let mut child = env.spawn(&["run", &model, "go"]);
+    let mut first = [0u8; 4];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_until("upstream sees the cancellation", || {
+        std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .contains("cancelled")
+    });
+    wait_until("the slot is free", || {
+        env.status_json()["instances"][0]["in_flight"] == 0
+    });
+}
+
+#[test]
+fn a_second_sigint_kills_at_once() {
+    let mut env = Env::fake();
+    // A grace period longer than the test's deadline: only the second SIGINT can end this.
+    env.set("LLMCTL_STOP_GRACE_MS", "600000");
+    let model = model_with_args(&env, "stubborn", &["--fake-ignore-term"]);
+    let log_path = env.path("foreground.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut daemon = env.command(&["daemon"]).stderr(log).spawn().unwrap();
+    wait_until("the daemon listens", || {
+        UnixStream::connect(env.socket()).is_ok()
+    });
+    assert_success(&env.run(&["warm", &model]));
+    let child = env.status_json()["instances"][0]["pid"].as_u64().unwrap() as u32;
+    let pid = daemon.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_until("the daemon begins its graceful stop", || {
+        std::fs::read_to_string(&log_path).is_ok_and(|log| log.contains("shutting down"))
+    });
+    assert!(alive(child), "the child is still in its grace period");
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_until("the daemon exits", || daemon.try_wait().unwrap().is_some());
+    assert!(!alive(child));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn a_binary_that_is_not_executable_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_executable = dir.path().join("llama-server");
+    std::fs::write(&not_executable, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let env = Env::with_server(&not_executable);
+    let model = env.tiny_model("m.gguf").display().to_string();
+    let output = env
+        .command(&["run", &model, "hi"])
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert_exit(&output, 69);
+    assert!(
+        stderr(&output).contains("llama-server (not executable)"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn the_daemon_opens_no_tcp_port_and_refuses_other_users() {
+    let env = Env::fake();
+    assert_success(&env.run(&["status"]));
+    let daemon = env.daemon_pid().unwrap();
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{daemon}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            link.to_string_lossy()
+                .strip_prefix("socket:[")
+                .map(|s| s.trim_end_matches(']').to_string())
+        })
+        .collect();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let listening = fields.get(3) == Some(&"0A");
+            assert!(
+                !(listening && inodes.iter().any(|i| Some(&i.as_str()) == fields.get(9))),
+                "TCP listener: {line}"
+            );
+        }
+    }
+
+    // Open the way to the socket for another user; the uid check must still refuse them.
+    for path in [env.dir.path().to_path_buf(), env.path("run")] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(env.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let output = env
+        .command_as_user(65534, &["--no-autostart", "status"])
+        .env("HOME", "/tmp")
+        .env_remove("LLMCTL_STATE_DIR")
+        .env_remove("LLMCTL_CONFIG")
+        .env("XDG_STATE_HOME", "/tmp")
+        .env("XDG_CONFIG_HOME", "/tmp/llmctl-test-none")
+        .env("LLMCTL_CONFIG", "/tmp/llmctl-test-none/config.toml")
+        .output()
+        .unwrap();
+    assert_exit(&output, 69);
+    assert!(
+        stderr(&output).contains("another user"),
+        "{}",
+        stderr(&output)
+    );
+}

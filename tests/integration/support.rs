@@ -69,9 +69,27 @@ impl Env {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(LLMCTL);
+        command.args(args);
+        self.configure(&mut command);
+        command
+    }
+
+    /// The command run as another user (through `setpriv`), with the same environment.
+    pub fn command_as_user(&self, uid: u32, args: &[&str]) -> Command {
+        let mut command = Command::new("setpriv");
+        command
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
+            .arg(LLMCTL)
+            .args(args);
+        self.configure(&mut command);
+        command
+    }
+
+    fn configure(&self, command: &mut Command) {
         let root = self.dir.path();
         command
-            .args(args)
             .env_remove("RUST_LOG")
             .env_remove("LLMCTL_NO_AUTOSTART")
             .env("HOME", root.join("home"))
@@ -90,7 +108,6 @@ impl Env {
         for (name, value) in &self.vars {
             command.env(name, value);
         }
-        command
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
