@@ -179,6 +179,13 @@ pub struct InstanceStatus {
     pub restarts: u32,
     /// Failed too often in a short time; not restarted until `llmctl stop`.
     pub crash_loop: bool,
+    /// Requests waiting for a slot now.
+    pub queued: usize,
+    /// Requests refused because the queue was full.
+    pub rejected: u64,
+    /// Time requests waited for a slot, over the last 1,024.
+    pub wait_p50_ms: Option<f64>,
+    pub wait_p99_ms: Option<f64>,
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes, without the newline. `Ok(None)` at a clean

@@ -224,13 +224,14 @@ fn ready_slot(
     instance: &Arc<Instance>,
     cancelled: &dyn Fn() -> bool,
     mut on_loading: impl FnMut(),
+    on_queued: &mut dyn FnMut(usize),
 ) -> Result<Slot> {
     let env = shared.load_env();
     let deadline = Instant::now() + shared.settings.queue_timeout;
     for _ in 0..LOAD_ATTEMPTS {
         refuse_if_shutting_down(shared)?;
         instance.ensure_ready(&env, &mut on_loading, cancelled)?;
-        match instance.acquire(deadline, cancelled) {
+        match instance.acquire(deadline, cancelled, on_queued) {
             Ok(slot) => return Ok(slot),
             Err(AcquireError::NotReady) => continue,
             Err(AcquireError::Error(error)) => return Err(error),
@@ -247,21 +248,36 @@ fn ready_slot(
 }
 
 fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result<()> {
-    let place = shared.admission.enter()?;
     let instance = instance_for(shared, &request.model)?;
+    let place = shared
+        .admission
+        .enter()
+        .inspect_err(|_| instance.note_rejected())?;
     let client_socket = writer
         .get_ref()
         .try_clone()
         .map_err(|e| Error::io("cannot watch the client", e))?;
     let cancelled = || sys::peer_closed(&client_socket);
-    let mut slot = ready_slot(shared, &instance, &cancelled, || {
-        let _ = send_final(
-            writer,
-            &Response::Loading {
-                model: instance.spec.name.clone(),
-            },
-        );
-    })?;
+    // Both progress callbacks write to the client, one at a time.
+    let progress_writer = std::cell::RefCell::new(&mut *writer);
+    let mut slot = ready_slot(
+        shared,
+        &instance,
+        &cancelled,
+        || {
+            let model = instance.spec.name.clone();
+            let _ = send_final(
+                &mut progress_writer.borrow_mut(),
+                &Response::Loading { model },
+            );
+        },
+        &mut |position| {
+            let _ = send_final(
+                &mut progress_writer.borrow_mut(),
+                &Response::Queued { position },
+            );
+        },
+    )?;
     drop(place);
     // A fault hook for the test suite: a handler that panics while it holds a slot.
     #[cfg(feature = "testing")]
@@ -328,7 +344,7 @@ fn warm(shared: &Arc<Shared>, spec: &ModelSpec, writer: &mut Writer) -> Result<(
         .try_clone()
         .map_err(|e| Error::io("cannot watch the client", e))?;
     let cancelled = || sys::peer_closed(&client_socket);
-    let slot = ready_slot(shared, &instance, &cancelled, || {})?;
+    let slot = ready_slot(shared, &instance, &cancelled, || {}, &mut |_| {})?;
     let result = slot.client.ping();
     drop(slot);
     match result {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::backend::llama::{self, OutputTail, Timeouts};
 use crate::daemon::launcher::Launcher;
@@ -33,6 +33,8 @@ use crate::protocol::{InstanceStatus, Usage};
 const PROCESS_OVERHEAD_BYTES: u64 = 48 << 20;
 /// How long a waiter sleeps between checks of its deadline and its client.
 const WAIT_SLICE: Duration = Duration::from_millis(20);
+/// Slot waits kept for the percentiles in `status`.
+const WAIT_SAMPLES: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -117,6 +119,10 @@ struct Inner {
     restarts: u32,
     /// When the child crashed or failed to load, most recent last.
     crashes: VecDeque<Instant>,
+    /// Requests the full queue refused.
+    rejected: u64,
+    /// How long the last requests waited for a slot.
+    waits: VecDeque<Duration>,
 }
 
 /// Size and modification time of a model file, to notice when it changes.
@@ -200,6 +206,8 @@ impl Instance {
                 usage: Usage::default(),
                 restarts: 0,
                 crashes: VecDeque::new(),
+                rejected: 0,
+                waits: VecDeque::new(),
             }),
             changed: Condvar::new(),
             process: Mutex::new(None),
@@ -517,11 +525,16 @@ impl Instance {
     }
 
     /// Waits for a free slot, first come first served, until `deadline`.
+    /// `on_queued` hears the request's position (1 = next) whenever it changes while it
+    /// waits; it is called without the lock held.
     pub fn acquire(
         self: &Arc<Self>,
         deadline: Instant,
         cancelled: &dyn Fn() -> bool,
+        on_queued: &mut dyn FnMut(usize),
     ) -> std::result::Result<Slot, AcquireError> {
+        let started = Instant::now();
+        let mut reported_position = 0;
         let mut inner = self.inner.lock();
         let ticket = inner.next_ticket;
         inner.next_ticket += 1;
@@ -537,6 +550,10 @@ impl Instance {
                     inner.queue.pop_front();
                     inner.in_flight += 1;
                     inner.requests += 1;
+                    if inner.waits.len() == WAIT_SAMPLES {
+                        inner.waits.pop_front();
+                    }
+                    inner.waits.push_back(started.elapsed());
                     let client = inner.client.clone().expect("a ready instance has a client");
                     drop(inner);
                     // The next in line may also fit a free slot.
@@ -572,8 +589,23 @@ impl Instance {
                 self.changed.notify_all();
                 return result;
             }
+            let position = inner
+                .queue
+                .iter()
+                .position(|&t| t == ticket)
+                .map_or(0, |i| i + 1);
+            if position != reported_position && inner.state == State::Ready {
+                reported_position = position;
+                MutexGuard::unlocked(&mut inner, || on_queued(position));
+                continue;
+            }
             self.changed.wait_for(&mut inner, WAIT_SLICE);
         }
+    }
+
+    /// Counts a request for this instance that the full queue refused.
+    pub fn note_rejected(&self) {
+        self.inner.lock().rejected += 1;
     }
 
     /// Classifies a broken generation: if the child died, the instance fails with its exit
@@ -685,12 +717,26 @@ impl Instance {
             usage: inner.usage,
             restarts: inner.restarts,
             crash_loop,
+            queued: inner.queue.len(),
+            rejected: inner.rejected,
+            wait_p50_ms: percentile_ms(&inner.waits, 0.50),
+            wait_p99_ms: percentile_ms(&inner.waits, 0.99),
         };
         drop(inner);
         status.estimate_bytes = self.estimate_bytes();
         status.rss_bytes = status.pid.and_then(process::rss_bytes);
         status
     }
+}
+
+fn percentile_ms(samples: &VecDeque<Duration>, quantile: f64) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut sorted: Vec<Duration> = samples.iter().copied().collect();
+    sorted.sort();
+    let index = ((sorted.len() as f64 * quantile).ceil() as usize).clamp(1, sorted.len()) - 1;
+    Some(sorted[index].as_secs_f64() * 1000.0)
 }
 
 /// A log file name that is readable and unique per model and load options.

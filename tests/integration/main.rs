@@ -1,6 +1,7 @@
 //! The one integration test binary: the real `llmctl` binary in isolated environments,
 //! against the fake llama-server fixture and the real llama-server.
 
+mod admission;
 mod cli;
 mod docs;
 mod real;
