@@ -22,6 +22,9 @@ _llmctl() {
             llmctl,help)
                 cmd="llmctl__subcmd__help"
                 ;;
+            llmctl,pin)
+                cmd="llmctl__subcmd__pin"
+                ;;
             llmctl,run)
                 cmd="llmctl__subcmd__run"
                 ;;
@@ -40,6 +43,9 @@ _llmctl() {
             llmctl,switch)
                 cmd="llmctl__subcmd__switch"
                 ;;
+            llmctl,unpin)
+                cmd="llmctl__subcmd__unpin"
+                ;;
             llmctl,warm)
                 cmd="llmctl__subcmd__warm"
                 ;;
@@ -48,6 +54,9 @@ _llmctl() {
                 ;;
             llmctl__subcmd__help,help)
                 cmd="llmctl__subcmd__help__subcmd__help"
+                ;;
+            llmctl__subcmd__help,pin)
+                cmd="llmctl__subcmd__help__subcmd__pin"
                 ;;
             llmctl__subcmd__help,run)
                 cmd="llmctl__subcmd__help__subcmd__run"
@@ -67,6 +76,9 @@ _llmctl() {
             llmctl__subcmd__help,switch)
                 cmd="llmctl__subcmd__help__subcmd__switch"
                 ;;
+            llmctl__subcmd__help,unpin)
+                cmd="llmctl__subcmd__help__subcmd__unpin"
+                ;;
             llmctl__subcmd__help,warm)
                 cmd="llmctl__subcmd__help__subcmd__warm"
                 ;;
@@ -77,7 +89,7 @@ _llmctl() {
 
     case "${cmd}" in
         llmctl)
-            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm switch stop daemon shutdown setup help"
+            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm pin unpin switch stop daemon shutdown setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -133,7 +145,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__help)
-            opts="run status warm switch stop daemon shutdown setup help"
+            opts="run status warm pin unpin switch stop daemon shutdown setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -161,6 +173,20 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__help__subcmd__pin)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -258,6 +284,20 @@ _llmctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        llmctl__subcmd__help__subcmd__unpin)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         llmctl__subcmd__help__subcmd__warm)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -272,8 +312,46 @@ _llmctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        llmctl__subcmd__pin)
+            opts="-v -h --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         llmctl__subcmd__run)
-            opts="-n -v -h --system --raw --json --no-stdin --max-tokens --temperature --top-p --top-k --min-p --repeat-penalty --seed --stop --ctx-size --parallel --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-n -v -h --system --raw --json --no-stdin --max-tokens --temperature --top-p --top-k --min-p --repeat-penalty --seed --stop --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -324,6 +402,10 @@ _llmctl() {
                     return 0
                     ;;
                 --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -459,7 +541,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__switch)
-            opts="-v -h --wait --exclusive --ctx-size --parallel --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --wait --exclusive --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -470,6 +552,48 @@ _llmctl() {
                     return 0
                     ;;
                 --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__unpin)
+            opts="-v -h --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -493,17 +617,25 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__warm)
-            opts="-v -h --ctx-size --parallel --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --ttl --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --ttl)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --ctx-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

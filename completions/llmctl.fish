@@ -34,6 +34,8 @@ complete -c llmctl -n "__fish_llmctl_needs_command" -s V -l version -d 'Print ve
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "run" -d 'Generate text; tokens go to stdout as they arrive'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "status" -d 'Show the daemon, its queue and every model instance'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "warm" -d 'Load MODEL and return once it answers; quiet and idempotent, for cron'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "pin" -d 'Keep MODEL loaded: never evicted for memory, never unloaded by its TTL'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "unpin" -d 'Let MODEL be evicted and unloaded again'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "switch" -d 'Make MODEL the loaded one, in the background unless --wait'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "stop" -d 'Unload a model (or all of them) gracefully'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "daemon" -d 'Run the daemon in the foreground (for systemd or debugging)'
@@ -51,6 +53,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l seed -d 'Random se
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l stop -d 'Stop when this text is generated (repeatable)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -67,16 +70,37 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l json -d 'Print 
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l ttl -d 'Keep it loaded (pinned) at least this long: 90s, 30m, 8h' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -114,12 +138,14 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s q -l quiet -d 'P
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s h -l help -d 'Print help'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "run" -d 'Generate text; tokens go to stdout as they arrive'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "status" -d 'Show the daemon, its queue and every model instance'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "warm" -d 'Load MODEL and return once it answers; quiet and idempotent, for cron'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "switch" -d 'Make MODEL the loaded one, in the background unless --wait'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "stop" -d 'Unload a model (or all of them) gracefully'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "daemon" -d 'Run the daemon in the foreground (for systemd or debugging)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "shutdown" -d 'Stop every model gracefully, then the daemon'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "setup" -d 'Find or build llama-server and install the demo model'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm switch stop daemon shutdown setup help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown setup help" -f -a "run" -d 'Generate text; tokens go to stdout as they arrive'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown setup help" -f -a "status" -d 'Show the daemon, its queue and every model instance'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown setup help" -f -a "warm" -d 'Load MODEL and return once it answers; quiet and idempotent, for cron'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown setup help" -f -a "pin" -d 'Keep MODEL loaded: never evicted for memory, never unloaded by its TTL'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown setup help" -f -a "unpin" -d 'Let MODEL be evicted and unloaded again'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown setup help" -f -a "switch" -d 'Make MODEL the loaded one, in the background unless --wait'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown setup help" -f -a "stop" -d 'Unload a model (or all of them) gracefully'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown setup help" -f -a "daemon" -d 'Run the daemon in the foreground (for systemd or debugging)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown setup help" -f -a "shutdown" -d 'Stop every model gracefully, then the daemon'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown setup help" -f -a "setup" -d 'Find or build llama-server and install the demo model'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown setup help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

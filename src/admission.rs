@@ -38,27 +38,17 @@ impl Drop for QueuePlace {
 impl Admission {
     pub fn new(depth: usize) -> Admission {
         let (places, returned) = bounded(depth);
-        Admission {
-            places,
-            returned,
-            depth,
-            rejected: Arc::new(AtomicU64::new(0)),
-        }
+        Admission { places, returned, depth, rejected: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Takes a place in the queue, or refuses at once when it is full.
     pub fn enter(&self) -> Result<QueuePlace, Error> {
         match self.places.try_send(()) {
-            Ok(()) => Ok(QueuePlace {
-                returned: self.returned.clone(),
-            }),
+            Ok(()) => Ok(QueuePlace { returned: self.returned.clone() }),
             Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {
                 self.rejected.fetch_add(1, Ordering::Relaxed);
                 Err(Error::Busy {
-                    message: format!(
-                        "the daemon's queue is full ({} requests waiting)",
-                        self.depth
-                    ),
+                    message: format!("the daemon's queue is full ({} requests waiting)", self.depth),
                     retry_after_ms: RETRY_AFTER_MS,
                 })
             }

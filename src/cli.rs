@@ -64,6 +64,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Load MODEL and return once it answers; quiet and idempotent, for cron
     Warm(WarmArgs),
+    /// Keep MODEL loaded: never evicted for memory, never unloaded by its TTL
+    Pin(PinArgs),
+    /// Let MODEL be evicted and unloaded again
+    Unpin(PinArgs),
     /// Make MODEL the loaded one, in the background unless --wait
     Switch(SwitchArgs),
     /// Unload a model (or all of them) gracefully
@@ -84,6 +88,9 @@ pub struct LoadArgs {
     /// Parallel slots of this instance (llama-server -np)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub parallel: Option<u32>,
+    /// Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)
+    #[arg(long, value_name = "N")]
+    pub gpu_layers: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +150,17 @@ pub struct StatusArgs {
 pub struct WarmArgs {
     /// Path to a .gguf file or an alias
     pub model: String,
+    /// Keep it loaded (pinned) at least this long: 90s, 30m, 8h
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ttl: Option<u64>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// Path to a .gguf file or an alias
+    pub model: String,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -192,10 +210,15 @@ pub struct SetupArgs {
     pub quiet: bool,
 }
 
+fn parse_duration(text: &str) -> Result<u64, String> {
+    match crate::config::parse_ttl(text)? {
+        crate::config::Ttl::Seconds(seconds) => Ok(seconds),
+        crate::config::Ttl::Never => Err("use `llmctl pin` to keep a model loaded for good".into()),
+    }
+}
+
 fn parse_non_negative(text: &str) -> Result<f32, String> {
-    let value: f32 = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not a number"))?;
+    let value: f32 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(format!("{text} must be a finite number >= 0"));
     }

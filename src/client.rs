@@ -27,8 +27,7 @@ pub struct Connection {
 impl Connection {
     pub fn send(&mut self, request: &Request) -> Result<()> {
         let mut buffer = Vec::with_capacity(256);
-        protocol::write_message(&mut buffer, request)
-            .map_err(|e| Error::internal(e.to_string()))?;
+        protocol::write_message(&mut buffer, request).map_err(|e| Error::internal(e.to_string()))?;
         self.writer.write_all(&buffer).map_err(|e| self.lost(e))
     }
 
@@ -37,10 +36,9 @@ impl Connection {
     pub fn recv(&mut self) -> Result<Response> {
         match protocol::read_message(&mut self.reader, &mut self.line) {
             Ok(Some(response)) => Ok(response),
-            Ok(None) => Err(self.lost(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the daemon closed the connection",
-            ))),
+            Ok(None) => {
+                Err(self.lost(io::Error::new(io::ErrorKind::UnexpectedEof, "the daemon closed the connection")))
+            }
             Err(error) => Err(self.lost(error)),
         }
     }
@@ -55,10 +53,7 @@ impl Connection {
     }
 
     fn lost(&self, error: io::Error) -> Error {
-        Error::DaemonUnavailable {
-            socket: self.socket_path.clone(),
-            reason: error.to_string(),
-        }
+        Error::DaemonUnavailable { socket: self.socket_path.clone(), reason: error.to_string() }
     }
 
     /// Sends `request` and reads until its final response; a daemon error becomes `Err`.
@@ -66,9 +61,7 @@ impl Connection {
         self.send(request)?;
         loop {
             match self.recv()? {
-                Response::Error { kind, message, .. } => {
-                    return Err(Error::Remote { kind, message })
-                }
+                Response::Error { kind, message, .. } => return Err(Error::Remote { kind, message }),
                 Response::Loading { .. } | Response::Queued { .. } => continue,
                 response => return Ok(response),
             }
@@ -93,25 +86,12 @@ pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
     let socket_path = &context.paths.socket;
     let stream = match UnixStream::connect(socket_path) {
         Ok(stream) => stream,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => {
-            return Err(Error::DaemonUnavailable {
-                socket: socket_path.clone(),
-                reason: e.to_string(),
-            })
-        }
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(Error::DaemonUnavailable { socket: socket_path.clone(), reason: e.to_string() }),
     };
-    let reader_stream = stream.try_clone().map_err(|e| Error::DaemonUnavailable {
-        socket: socket_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let reader_stream = stream
+        .try_clone()
+        .map_err(|e| Error::DaemonUnavailable { socket: socket_path.clone(), reason: e.to_string() })?;
     let mut connection = Connection {
         reader: BufReader::with_capacity(1 << 16, reader_stream),
         writer: stream,
@@ -122,9 +102,7 @@ pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
     match connection.recv()? {
         Response::Hello { .. } => Ok(Some(connection)),
         Response::Error { kind, message, .. } => Err(Error::Remote { kind, message }),
-        other => Err(Error::internal(format!(
-            "unexpected handshake answer {other:?}"
-        ))),
+        other => Err(Error::internal(format!("unexpected handshake answer {other:?}"))),
     }
 }
 
@@ -138,21 +116,13 @@ fn start_daemon(context: &Context) -> Result<Connection> {
         .append(true)
         .open(&log_path)
         .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
-    let exe =
-        std::env::current_exe().map_err(|e| Error::io("cannot find the llmctl executable", e))?;
+    let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the llmctl executable", e))?;
     let mut command = Command::new(exe);
-    command
-        .arg("daemon")
-        .arg("--socket")
-        .arg(&paths.socket)
-        .arg("--config")
-        .arg(&paths.config);
+    command.arg("daemon").arg("--socket").arg(&paths.socket).arg("--config").arg(&paths.config);
     if let Some(binary) = &context.global.llama_server {
         command.arg("--llama-server").arg(binary);
     }
-    let log_err = log
-        .try_clone()
-        .map_err(|e| Error::io("cannot open the daemon log", e))?;
+    let log_err = log.try_clone().map_err(|e| Error::io("cannot open the daemon log", e))?;
     command.stdin(Stdio::null()).stdout(log).stderr(log_err);
     let mut daemon = process::spawn_detached(command).map_err(|e| Error::DaemonUnavailable {
         socket: paths.socket.clone(),
@@ -168,8 +138,7 @@ fn start_daemon(context: &Context) -> Result<Connection> {
         }
         // A daemon that lost the start race to another one exits at once while the winner
         // comes up, so an exit is only final when nothing answers shortly after it.
-        if exited_at.is_none() && matches!(daemon.try_wait(), Ok(Some(status)) if !status.success())
-        {
+        if exited_at.is_none() && matches!(daemon.try_wait(), Ok(Some(status)) if !status.success()) {
             exited_at = Some(Instant::now());
         }
         let gave_up = exited_at.is_some_and(|at| at.elapsed() > Duration::from_millis(500));

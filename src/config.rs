@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -30,6 +30,15 @@ pub struct Config {
     /// Failures within `crash_window` seconds after which an instance is not restarted.
     pub crash_limit: Option<usize>,
     pub crash_window: Option<u64>,
+    /// Memory all instances may use together: bytes, "12GiB" or "75%" of MemTotal.
+    pub memory_budget: Option<String>,
+    /// GPU memory all instances may use together, where nvidia-smi exists; "90%" of the GPU.
+    pub vram_budget: Option<String>,
+    /// The most instances loaded at once.
+    pub max_instances: Option<usize>,
+    /// Unload an instance after this long without a request, unless its model says
+    /// otherwise: "30m", "2h", "never" (the default).
+    pub default_ttl: Option<String>,
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
 }
@@ -40,8 +49,15 @@ pub struct ModelConfig {
     pub path: PathBuf,
     pub ctx_size: Option<u32>,
     pub parallel: Option<u32>,
+    /// Layers to offload to the GPU (llama-server --n-gpu-layers).
+    pub gpu_layers: Option<u32>,
     #[serde(default)]
     pub args: Vec<String>,
+    /// Never evicted for memory and never unloaded by its TTL.
+    #[serde(default)]
+    pub pinned: bool,
+    /// Unload after this long without a request: "30m", "2h", "never".
+    pub ttl: Option<String>,
 }
 
 impl Config {
@@ -50,17 +66,9 @@ impl Config {
         let text = match fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
-            Err(e) => {
-                return Err(Error::BadConfig {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })
-            }
+            Err(e) => return Err(Error::BadConfig { path: path.to_path_buf(), reason: e.to_string() }),
         };
-        Config::parse(&text).map_err(|reason| Error::BadConfig {
-            path: path.to_path_buf(),
-            reason,
-        })
+        Config::parse(&text).map_err(|reason| Error::BadConfig { path: path.to_path_buf(), reason })
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {
@@ -72,9 +80,47 @@ impl Config {
             if model.parallel == Some(0) {
                 return Err(format!("models.{name}.parallel must be at least 1"));
             }
+            if let Some(ttl) = &model.ttl {
+                parse_ttl(ttl).map_err(|e| format!("models.{name}.ttl: {e}"))?;
+            }
+        }
+        if let Some(ttl) = &config.default_ttl {
+            parse_ttl(ttl).map_err(|e| format!("default_ttl: {e}"))?;
+        }
+        for (key, value) in [("memory_budget", &config.memory_budget), ("vram_budget", &config.vram_budget)] {
+            if let Some(value) = value {
+                crate::budget::parse_size(value, 100).map_err(|e| format!("{key}: {e}"))?;
+            }
         }
         Ok(config)
     }
+}
+
+/// How long an idle instance stays loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ttl {
+    Never,
+    Seconds(u64),
+}
+
+/// "90s", "30m", "2h", "1d", "45" (seconds) or "never".
+pub fn parse_ttl(text: &str) -> Result<Ttl, String> {
+    let text = text.trim();
+    if text == "never" {
+        return Ok(Ttl::Never);
+    }
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration (use 90s, 30m, 2h or never)"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("`{text}` is not a duration (use 90s, 30m, 2h or never)")),
+    };
+    Ok(Ttl::Seconds(number * seconds))
 }
 
 /// toml's own message spans several lines with a caret; keep it, but lead with the line.
@@ -107,6 +153,17 @@ mod tests {
     }
 
     #[test]
+    fn ttls_parse() {
+        assert_eq!(parse_ttl("never"), Ok(Ttl::Never));
+        assert_eq!(parse_ttl("90s"), Ok(Ttl::Seconds(90)));
+        assert_eq!(parse_ttl("30m"), Ok(Ttl::Seconds(1800)));
+        assert_eq!(parse_ttl("2h"), Ok(Ttl::Seconds(7200)));
+        assert!(parse_ttl("soon").is_err());
+        assert!(Config::parse("default_ttl = \"soon\"\n").unwrap_err().contains("default_ttl"));
+        assert!(Config::parse("memory_budget = \"lots\"\n").unwrap_err().contains("memory_budget"));
+    }
+
+    #[test]
     fn errors_name_the_line() {
         let table = [
             ("queue_depth = 8\nqueue_dept = 9\n", "line 2"),
@@ -116,10 +173,7 @@ mod tests {
         ];
         for (text, expected) in table {
             let error = Config::parse(text).unwrap_err();
-            assert!(
-                error.contains(expected),
-                "{error:?} should mention {expected}"
-            );
+            assert!(error.contains(expected), "{error:?} should mention {expected}");
         }
     }
 }

@@ -90,18 +90,11 @@ pub enum Error {
     /// Another daemon already owns the socket.
     DaemonRunning { socket: PathBuf, pid: Option<u32> },
     /// llama-server exited while loading or generating.
-    LlamaExited {
-        model: String,
-        status: String,
-        stderr_tail: String,
-    },
+    LlamaExited { model: String, status: String, stderr_tail: String },
     /// llama-server answered with an error or broke the protocol.
     Backend { model: String, message: String },
     /// The daemon refused the request: queue full or per-model limit.
-    Busy {
-        message: String,
-        retry_after_ms: u64,
-    },
+    Busy { message: String, retry_after_ms: u64 },
     /// The model cannot fit the memory budget.
     NoCapacity { message: String },
     /// A deadline passed.
@@ -111,10 +104,7 @@ pub enum Error {
     /// `llmctl setup` could not finish.
     Setup { message: String },
     /// An I/O failure with what was being done.
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
     /// An error reported by the daemon, already classified.
     Remote { kind: ErrorKind, message: String },
     /// A bug.
@@ -123,25 +113,18 @@ pub enum Error {
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
+        Error::Io { context: context.into(), source }
     }
 
     pub fn internal(message: impl Into<String>) -> Error {
-        Error::Internal {
-            message: message.into(),
-        }
+        Error::Internal { message: message.into() }
     }
 
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Usage { .. } => ErrorKind::Usage,
             Error::ModelNotFound { .. } | Error::UnknownModel { .. } => ErrorKind::NotFound,
-            Error::BadModel { .. } | Error::BadConfig { .. } | Error::InvalidParameter { .. } => {
-                ErrorKind::Data
-            }
+            Error::BadModel { .. } | Error::BadConfig { .. } | Error::InvalidParameter { .. } => ErrorKind::Data,
             Error::NoLlamaServer { .. }
             | Error::DaemonUnavailable { .. }
             | Error::DaemonRunning { .. }
@@ -214,11 +197,9 @@ impl fmt::Display for Error {
                 }
             }
             Error::Backend { model, message } => write!(f, "llama-server for {model}: {message}"),
-            Error::Busy { message, retry_after_ms } => write!(
-                f,
-                "{message}; try again in {:.1} s",
-                *retry_after_ms as f64 / 1000.0
-            ),
+            Error::Busy { message, retry_after_ms } => {
+                write!(f, "{message}; try again in {:.1} s", *retry_after_ms as f64 / 1000.0)
+            }
             Error::NoCapacity { message } => write!(f, "{message}"),
             Error::Timeout { what } => write!(f, "timed out {what}"),
             Error::Interrupted => write!(f, "interrupted"),
@@ -266,10 +247,7 @@ mod tests {
 
     #[test]
     fn remote_errors_keep_their_kind() {
-        let error = Error::Remote {
-            kind: ErrorKind::Busy,
-            message: "queue full".into(),
-        };
+        let error = Error::Remote { kind: ErrorKind::Busy, message: "queue full".into() };
         assert_eq!(error.exit_code(), 75);
     }
 }

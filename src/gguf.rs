@@ -84,20 +84,14 @@ struct Reader<R> {
 impl<R: BufRead> Reader<R> {
     fn array<const N: usize>(&mut self) -> Result<[u8; N], ParseError> {
         let mut buf = [0u8; N];
-        self.inner
-            .read_exact(&mut buf)
-            .map_err(|_| ParseError::OutOfData)?;
+        self.inner.read_exact(&mut buf).map_err(|_| ParseError::OutOfData)?;
         self.offset += N as u64;
         Ok(buf)
     }
     fn take(&mut self, n: u64) -> Result<(), ParseError> {
         let mut left = n;
         while left > 0 {
-            let available = self
-                .inner
-                .fill_buf()
-                .map_err(|_| ParseError::OutOfData)?
-                .len();
+            let available = self.inner.fill_buf().map_err(|_| ParseError::OutOfData)?.len();
             if available == 0 {
                 return Err(ParseError::OutOfData);
             }
@@ -117,18 +111,14 @@ impl<R: BufRead> Reader<R> {
     fn string_len(&mut self) -> Result<u64, ParseError> {
         let len = self.u64()?;
         if len > MAX_STRING_LEN {
-            return Err(ParseError::Bad(format!(
-                "string of {len} bytes in the header"
-            )));
+            return Err(ParseError::Bad(format!("string of {len} bytes in the header")));
         }
         Ok(len)
     }
     fn string(&mut self) -> Result<String, ParseError> {
         let len = self.string_len()?;
         let mut bytes = vec![0u8; len as usize];
-        self.inner
-            .read_exact(&mut bytes)
-            .map_err(|_| ParseError::OutOfData)?;
+        self.inner.read_exact(&mut bytes).map_err(|_| ParseError::OutOfData)?;
         self.offset += len;
         String::from_utf8(bytes).map_err(|_| ParseError::Bad("a header string is not UTF-8".into()))
     }
@@ -154,9 +144,7 @@ impl<R: BufRead> Reader<R> {
                 let element_type = self.u32()?;
                 let len = self.u64()?;
                 if len > MAX_ARRAY_LEN {
-                    return Err(ParseError::Bad(format!(
-                        "array of {len} elements in the header"
-                    )));
+                    return Err(ParseError::Bad(format!("array of {len} elements in the header")));
                 }
                 match (fixed_size(element_type), element_type) {
                     (Some(size), _) => {
@@ -184,11 +172,7 @@ impl<R: BufRead> Reader<R> {
                 self.array::<8>()?;
                 Value::Float
             }
-            other => {
-                return Err(ParseError::Bad(format!(
-                    "unknown metadata value type {other}"
-                )))
-            }
+            other => return Err(ParseError::Bad(format!("unknown metadata value type {other}"))),
         })
     }
 }
@@ -245,45 +229,31 @@ fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
 /// The error is a sentence for the user.
 pub fn inspect(path: &Path) -> Result<ModelInfo, String> {
     let file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
-    let file_size = file
-        .metadata()
-        .map_err(|e| format!("cannot stat it: {e}"))?
-        .len();
-    let reader = Reader {
-        inner: BufReader::with_capacity(1 << 16, file),
-        offset: 0,
-    };
+    let file_size = file.metadata().map_err(|e| format!("cannot stat it: {e}"))?.len();
+    let reader = Reader { inner: BufReader::with_capacity(1 << 16, file), offset: 0 };
     match parse(reader, file_size) {
         Ok(info) => Ok(info),
         Err(ParseError::Bad(message)) => Err(message),
         Err(ParseError::OutOfData) if file_size < 24 => {
-            Err("the file is shorter than a GGUF header".to_string())
+            Err("the file is truncated: it is shorter than a GGUF header".to_string())
         }
-        Err(ParseError::OutOfData) => {
-            Err("the file ends inside its header (truncated)".to_string())
-        }
+        Err(ParseError::OutOfData) => Err("the file ends inside its header (truncated)".to_string()),
     }
 }
 
 fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo, ParseError> {
     let magic: [u8; 4] = reader.array()?;
     if &magic != MAGIC {
-        return Err(ParseError::Bad(
-            "it does not start with the GGUF magic bytes".to_string(),
-        ));
+        return Err(ParseError::Bad("it does not start with the GGUF magic bytes".to_string()));
     }
     let version = reader.u32()?;
     if !(2..=3).contains(&version) {
-        return Err(ParseError::Bad(format!(
-            "unsupported GGUF version {version} (llama.cpp reads 2 and 3)"
-        )));
+        return Err(ParseError::Bad(format!("unsupported GGUF version {version} (llama.cpp reads 2 and 3)")));
     }
     let tensor_count = reader.u64()?;
     let kv_count = reader.u64()?;
     if tensor_count > MAX_COUNT || kv_count > MAX_COUNT {
-        return Err(ParseError::Bad(format!(
-            "implausible header ({tensor_count} tensors, {kv_count} keys)"
-        )));
+        return Err(ParseError::Bad(format!("implausible header ({tensor_count} tensors, {kv_count} keys)")));
     }
 
     let mut metadata: HashMap<String, Value> = HashMap::new();
@@ -299,9 +269,7 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
         let name = reader.string()?;
         let n_dims = reader.u32()?;
         if n_dims > 8 {
-            return Err(ParseError::Bad(format!(
-                "tensor {name} has {n_dims} dimensions"
-            )));
+            return Err(ParseError::Bad(format!("tensor {name} has {n_dims} dimensions")));
         }
         let mut elements = 1u64;
         for _ in 0..n_dims {
@@ -413,10 +381,7 @@ mod tests {
         ];
         for (bytes, expected) in table {
             let error = inspect_bytes(bytes).unwrap_err();
-            assert!(
-                error.contains(expected),
-                "{error} should mention {expected}"
-            );
+            assert!(error.contains(expected), "{error} should mention {expected}");
         }
         let full = minimal();
         let error = inspect_bytes(&full[..full.len() - 1]).unwrap_err();

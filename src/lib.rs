@@ -9,6 +9,7 @@
 //! - `admission`: the bounded queue that answers Busy instead of blocking.
 //! - `instance`: the table of model instances and their state machine.
 //! - `backend/llama`: spawning llama-server, readiness, streaming generation over HTTP.
+//! - `budget`: the memory budget and eviction policy, a pure function; `memory` measures.
 //! - `process`: the one owner of child processes and signals.
 //! - `model`, `gguf`, `config`, `paths`, `error`: resolution of names, file checks,
 //!   settings, locations and the exit-status table.
@@ -22,6 +23,7 @@
 
 pub mod admission;
 pub mod backend;
+pub mod budget;
 pub mod cli;
 pub mod client;
 pub mod commands;
@@ -30,6 +32,7 @@ pub mod daemon;
 pub mod error;
 pub mod gguf;
 pub mod instance;
+pub mod memory;
 pub mod model;
 pub mod paths;
 pub mod process;
@@ -51,25 +54,20 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Err(error) => {
             let _ = error.print();
             return match error.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    Ok(())
-                }
-                _ => Err(Error::Usage {
-                    message: String::new(),
-                }),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => Ok(()),
+                _ => Err(Error::Usage { message: String::new() }),
             };
         }
     };
-    init_logging(
-        cli.global.verbose,
-        matches!(cli.command, Command::Daemon(_)),
-    );
+    init_logging(cli.global.verbose, matches!(cli.command, Command::Daemon(_)));
     let context = commands::Context::new(&cli.global);
     match cli.command {
         Command::Run(args) => commands::run::run(&context, args),
         Command::Status(args) => commands::status::run(&context, args),
         Command::Warm(args) => commands::warm::run(&context, args),
         Command::Switch(args) => commands::switch::run(&context, args),
+        Command::Pin(args) => commands::pin::run(&context, args, true),
+        Command::Unpin(args) => commands::pin::run(&context, args, false),
         Command::Stop(args) => commands::stop::run(&context, args),
         Command::Daemon(args) => commands::daemon::run(&context, args),
         Command::Shutdown => commands::shutdown::run(&context),

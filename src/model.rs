@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, DEFAULT_PARALLEL};
+use crate::config::{parse_ttl, Config, Ttl, DEFAULT_PARALLEL};
 use crate::error::{Error, Result};
 use crate::paths::Paths;
 
@@ -23,16 +23,14 @@ pub struct LoadOptions {
     pub ctx_size: Option<u32>,
     pub parallel: u32,
     #[serde(default)]
+    pub gpu_layers: Option<u32>,
+    #[serde(default)]
     pub extra_args: Vec<String>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions {
-            ctx_size: None,
-            parallel: DEFAULT_PARALLEL,
-            extra_args: Vec::new(),
-        }
+        LoadOptions { ctx_size: None, parallel: DEFAULT_PARALLEL, gpu_layers: None, extra_args: Vec::new() }
     }
 }
 
@@ -43,6 +41,17 @@ pub struct ModelSpec {
     pub name: String,
     pub path: PathBuf,
     pub load: LoadOptions,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// How the daemon keeps an instance; changing it never reloads the model.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Policy {
+    /// Pinned in the config: never evicted, never unloaded by a TTL.
+    pub pinned: bool,
+    /// The model's own TTL; none means the daemon's default.
+    pub ttl: Option<Ttl>,
 }
 
 /// Load options given on the command line; each overrides the config.
@@ -50,20 +59,23 @@ pub struct ModelSpec {
 pub struct LoadOverrides {
     pub ctx_size: Option<u32>,
     pub parallel: Option<u32>,
+    pub gpu_layers: Option<u32>,
 }
 
-pub fn resolve(
-    name: &str,
-    config: &Config,
-    paths: &Paths,
-    overrides: &LoadOverrides,
-) -> Result<ModelSpec> {
+pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverrides) -> Result<ModelSpec> {
+    let mut policy = Policy::default();
     let (display, path, mut load) = if let Some(model) = config.models.get(name) {
         let load = LoadOptions {
             ctx_size: model.ctx_size,
             parallel: model.parallel.unwrap_or(DEFAULT_PARALLEL),
+            gpu_layers: model.gpu_layers,
             extra_args: model.args.clone(),
         };
+        policy.pinned = model.pinned;
+        policy.ttl = model.ttl.as_deref().map(parse_ttl).transpose().map_err(|reason| Error::BadConfig {
+            path: paths.config.clone(),
+            reason: format!("models.{name}.ttl: {reason}"),
+        })?;
         let path = expand_home(&model.path);
         if !path.exists() {
             return Err(Error::ModelNotFound { path });
@@ -72,9 +84,7 @@ pub fn resolve(
     } else if name == DEMO_ALIAS && !Path::new(name).exists() {
         let path = paths.models_dir().join(DEMO_FILE);
         if !path.exists() {
-            return Err(Error::Usage {
-                message: "the demo model is not installed; run `llmctl setup` first".into(),
-            });
+            return Err(Error::Usage { message: "the demo model is not installed; run `llmctl setup` first".into() });
         }
         (name.to_string(), path, LoadOptions::default())
     } else {
@@ -84,45 +94,31 @@ pub fn resolve(
             return Err(if looks_like_path {
                 Error::ModelNotFound { path }
             } else {
-                Error::UnknownModel {
-                    name: name.to_string(),
-                }
+                Error::UnknownModel { name: name.to_string() }
             });
         }
-        let display = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let display = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         (display, path, LoadOptions::default())
     };
     if path.is_dir() {
-        return Err(Error::BadModel {
-            path,
-            reason: "it is a directory, not a file".into(),
-        });
+        return Err(Error::BadModel { path, reason: "it is a directory, not a file".into() });
     }
-    let path = path
-        .canonicalize()
-        .map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))?;
+    let path = path.canonicalize().map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))?;
     if let Some(ctx_size) = overrides.ctx_size {
         load.ctx_size = Some(ctx_size);
     }
     if let Some(parallel) = overrides.parallel {
         load.parallel = parallel;
     }
-    Ok(ModelSpec {
-        name: display,
-        path,
-        load,
-    })
+    if let Some(gpu_layers) = overrides.gpu_layers {
+        load.gpu_layers = Some(gpu_layers);
+    }
+    Ok(ModelSpec { name: display, path, load, policy })
 }
 
 fn expand_home(path: &Path) -> PathBuf {
     match path.strip_prefix("~") {
-        Ok(rest) => std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_default()
-            .join(rest),
+        Ok(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
         Err(_) => path.to_path_buf(),
     }
 }

@@ -30,14 +30,10 @@ impl Paths {
     pub fn resolve(socket_flag: Option<&Path>, config_flag: Option<&Path>) -> Paths {
         let state_dir = from_env_or("LLMCTL_STATE_DIR", "XDG_STATE_HOME", ".local/state");
         Paths {
-            socket: socket_flag
-                .map(Path::to_path_buf)
-                .unwrap_or_else(default_socket),
+            socket: socket_flag.map(Path::to_path_buf).unwrap_or_else(default_socket),
             instance_logs_dir: state_dir.join("logs"),
             state_dir,
-            config: config_flag
-                .map(Path::to_path_buf)
-                .unwrap_or_else(default_config),
+            config: config_flag.map(Path::to_path_buf).unwrap_or_else(default_config),
             data_dir: from_env_or("LLMCTL_DATA_DIR", "XDG_DATA_HOME", ".local/share"),
             cache_dir: from_env_or("LLMCTL_CACHE_DIR", "XDG_CACHE_HOME", ".cache"),
         }
@@ -58,10 +54,7 @@ impl Paths {
 
     /// Where `llmctl setup` installs the llama-server it builds.
     pub fn installed_llama_server(&self) -> PathBuf {
-        self.data_dir
-            .join("llama.cpp")
-            .join(format!("b{LLAMA_CPP_BUILD}"))
-            .join("llama-server")
+        self.data_dir.join("llama.cpp").join(format!("b{LLAMA_CPP_BUILD}")).join("llama-server")
     }
 
     pub fn models_dir(&self) -> PathBuf {
@@ -70,9 +63,7 @@ impl Paths {
 }
 
 fn non_empty_env(name: &str) -> Option<PathBuf> {
-    env::var_os(name)
-        .filter(|value| !value.is_empty())
-        .map(PathBuf::from)
+    env::var_os(name).filter(|value| !value.is_empty()).map(PathBuf::from)
 }
 
 fn home() -> PathBuf {
@@ -83,9 +74,7 @@ fn from_env_or(own: &str, xdg: &str, home_relative: &str) -> PathBuf {
     if let Some(path) = non_empty_env(own) {
         return path;
     }
-    non_empty_env(xdg)
-        .unwrap_or_else(|| home().join(home_relative))
-        .join("llmctl")
+    non_empty_env(xdg).unwrap_or_else(|| home().join(home_relative)).join("llmctl")
 }
 
 fn default_socket() -> PathBuf {
@@ -104,29 +93,21 @@ fn default_config() -> PathBuf {
     if let Some(path) = non_empty_env("LLMCTL_CONFIG") {
         return path;
     }
-    non_empty_env("XDG_CONFIG_HOME")
-        .unwrap_or_else(|| home().join(".config"))
-        .join("llmctl")
-        .join("config.toml")
+    non_empty_env("XDG_CONFIG_HOME").unwrap_or_else(|| home().join(".config")).join("llmctl").join("config.toml")
 }
 
 /// Creates `dir` (and parents) and makes it private to this user (0700). Refuses a
 /// directory owned by someone else, since another user could then swap the socket.
 pub fn ensure_private_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir)
-        .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    let metadata =
-        fs::metadata(dir).map_err(|e| Error::io(format!("cannot inspect {}", dir.display()), e))?;
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    let metadata = fs::metadata(dir).map_err(|e| Error::io(format!("cannot inspect {}", dir.display()), e))?;
     use std::os::unix::fs::MetadataExt;
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     if metadata.uid() != uid {
         return Err(Error::DaemonUnavailable {
             socket: dir.to_path_buf(),
-            reason: format!(
-                "the directory belongs to uid {}, not to you",
-                metadata.uid()
-            ),
+            reason: format!("the directory belongs to uid {}, not to you", metadata.uid()),
         });
     }
     if metadata.permissions().mode() & 0o777 != 0o700 {
@@ -141,10 +122,7 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
 pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .and_then(|name| name.to_str())
-        .unwrap_or("file");
+    let file_name = path.file_name().and_then(|name| name.to_str()).unwrap_or("file");
     let temp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut file = fs::File::create(&temp)?;
@@ -170,10 +148,7 @@ mod tests {
         write_atomically(&path, b"one").unwrap();
         write_atomically(&path, b"two").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
     }
 

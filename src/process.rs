@@ -36,14 +36,7 @@ impl ChildGroup {
         // async-signal-safe functions (prctl, getppid); it allocates nothing.
         unsafe {
             command.pre_exec(move || {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                     return Err(io::Error::last_os_error());
                 }
                 // The parent may have died between fork and prctl; then no signal would come.
@@ -55,12 +48,7 @@ impl ChildGroup {
         }
         let child = command.spawn()?;
         let pid = child.id();
-        Ok(ChildGroup {
-            child,
-            pid,
-            start_time: start_time(pid),
-            status: None,
-        })
+        Ok(ChildGroup { child, pid, start_time: start_time(pid), status: None })
     }
 
     pub fn pid(&self) -> u32 {
@@ -96,12 +84,7 @@ impl ChildGroup {
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: the pid is our own unreaped child; WNOWAIT leaves it waitable.
         let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                self.pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            )
+            libc::waitid(libc::P_PID, self.pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
@@ -124,11 +107,7 @@ impl ChildGroup {
             }
             std::thread::sleep(POLL);
         }
-        log::warn!(
-            "pid {} ignored SIGTERM for {:?}; sending SIGKILL",
-            self.pid,
-            grace
-        );
+        log::warn!("pid {} ignored SIGTERM for {:?}; sending SIGKILL", self.pid, grace);
         self.kill()
     }
 
@@ -249,17 +228,13 @@ mod tests {
         while Instant::now() < deadline && !has_child_process(pid) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let status = child
-            .stop(Duration::from_millis(100), &AtomicBool::new(false))
-            .unwrap();
+        let status = child.stop(Duration::from_millis(100), &AtomicBool::new(false)).unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         assert!(start_time(pid).is_none(), "pid {pid} survived");
     }
 
     fn has_child_process(pid: u32) -> bool {
-        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .map(|s| !s.trim().is_empty())
-            .unwrap_or(false)
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).map(|s| !s.trim().is_empty()).unwrap_or(false)
     }
 
     #[test]
@@ -275,13 +250,7 @@ mod tests {
 
     #[test]
     fn describes_statuses() {
-        assert_eq!(
-            describe_status(ExitStatus::from_raw(1 << 8)),
-            "exited with status 1"
-        );
-        assert_eq!(
-            describe_status(ExitStatus::from_raw(9)),
-            "was killed by signal 9 (SIGKILL)"
-        );
+        assert_eq!(describe_status(ExitStatus::from_raw(1 << 8)), "exited with status 1");
+        assert_eq!(describe_status(ExitStatus::from_raw(9)), "was killed by signal 9 (SIGKILL)");
     }
 }

@@ -26,9 +26,16 @@ pub enum Request {
     },
     Run(RunRequest),
     Status,
-    /// Load the model and return once it answers a one-token request.
+    /// Load the model and return once it answers a one-token request; with `ttl_s`, keep
+    /// it loaded at least that long.
     Warm {
         model: ModelSpec,
+        ttl_s: Option<u64>,
+    },
+    /// Pin or unpin a model: a pinned instance is never evicted nor unloaded by its TTL.
+    Pin {
+        model: ModelSpec,
+        pinned: bool,
     },
     /// Load the model in the background; `wait` returns once it is ready.
     Switch {
@@ -113,11 +120,7 @@ impl Response {
             Error::Busy { retry_after_ms, .. } => Some(*retry_after_ms),
             _ => None,
         };
-        Response::Error {
-            kind: error.kind(),
-            message: error.to_string(),
-            retry_after_ms,
-        }
+        Response::Error { kind: error.kind(), message: error.to_string(), retry_after_ms }
     }
 }
 
@@ -150,6 +153,12 @@ pub struct DaemonStatus {
     pub rss_bytes: Option<u64>,
     /// Why the state file could not be written, if it could not.
     pub state_file_error: Option<String>,
+    /// The memory budget in bytes, GPU memory budget where a GPU exists, instance limit.
+    pub budget_bytes: u64,
+    pub vram_budget_bytes: Option<u64>,
+    pub max_instances: Option<usize>,
+    /// Instances evicted for memory or unloaded by a TTL since the daemon started.
+    pub evictions: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -186,6 +195,15 @@ pub struct InstanceStatus {
     /// Time requests waited for a slot, over the last 1,024.
     pub wait_p50_ms: Option<f64>,
     pub wait_p99_ms: Option<f64>,
+    /// Never evicted now: pinned in the config, by `llmctl pin`, or by `warm --ttl`.
+    pub pinned: bool,
+    pub pinned_until_ms: Option<u64>,
+    /// The model's own TTL in seconds, if it has one.
+    pub ttl_s: Option<u64>,
+    /// Times it was evicted for memory or unloaded by its TTL.
+    pub evictions: u32,
+    /// GPU memory measured by nvidia-smi.
+    pub vram_bytes: Option<u64>,
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes, without the newline. `Ok(None)` at a clean
@@ -202,10 +220,7 @@ pub fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<Op
             return if line.is_empty() {
                 Ok(None)
             } else {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed mid-line",
-                ))
+                Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-line"))
             };
         }
         let (chunk, found_newline) = match memchr(available) {
@@ -213,10 +228,7 @@ pub fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<Op
             None => (available, false),
         };
         if line.len() + chunk.len() > MAX_LINE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("message longer than {MAX_LINE} bytes"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("message longer than {MAX_LINE} bytes")));
         }
         line.extend_from_slice(chunk);
         let consumed = chunk.len() + usize::from(found_newline);
@@ -265,14 +277,12 @@ mod tests {
                 name: "m".into(),
                 path: "/m.gguf".into(),
                 load: LoadOptions::default(),
+                policy: Default::default(),
             },
             mode: Mode::Chat,
             prompt: "hi\nthere".into(),
             system: None,
-            sampling: Sampling {
-                stop: vec!["\n\n".into()],
-                ..Sampling::default()
-            },
+            sampling: Sampling { stop: vec!["\n\n".into()], ..Sampling::default() },
         });
         let mut wire = Vec::new();
         write_message(&mut wire, &request).unwrap();

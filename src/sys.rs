@@ -34,11 +34,7 @@ pub fn current_uid() -> u32 {
 
 /// True when the peer of `socket` has closed or shut down its side, without reading.
 pub fn peer_closed(socket: &impl AsRawFd) -> bool {
-    let mut poll = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLRDHUP,
-        revents: 0,
-    };
+    let mut poll = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
     // SAFETY: one valid pollfd, zero timeout; poll only writes `revents`.
     let rc = unsafe { libc::poll(&mut poll, 1, 0) };
     rc > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0

@@ -47,12 +47,7 @@ struct TailInner {
 
 impl OutputTail {
     fn new() -> OutputTail {
-        OutputTail {
-            inner: Mutex::new(TailInner {
-                lines: VecDeque::new(),
-                last_output: Instant::now(),
-            }),
-        }
+        OutputTail { inner: Mutex::new(TailInner { lines: VecDeque::new(), last_output: Instant::now() }) }
     }
 
     fn push(&self, line: &str) {
@@ -68,12 +63,7 @@ impl OutputTail {
     pub fn quote(&self) -> String {
         let inner = self.inner.lock();
         let skip = inner.lines.len().saturating_sub(QUOTED_LINES);
-        inner
-            .lines
-            .iter()
-            .skip(skip)
-            .map(|line| format!("  {line}\n"))
-            .collect()
+        inner.lines.iter().skip(skip).map(|line| format!("  {line}\n")).collect()
     }
 
     pub fn last_output(&self) -> Instant {
@@ -87,19 +77,14 @@ pub fn command(binary: &Path, spec: &ModelSpec) -> Command {
     command
         .arg("--model")
         .arg(&spec.path)
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-webui",
-            "--log-colors",
-            "off",
-        ])
+        .args(["--host", "127.0.0.1", "--port", "0", "--no-webui", "--log-colors", "off"])
         .arg("--parallel")
         .arg(spec.load.parallel.to_string());
     if let Some(ctx_size) = spec.load.ctx_size {
         command.arg("--ctx-size").arg(ctx_size.to_string());
+    }
+    if let Some(gpu_layers) = spec.load.gpu_layers {
+        command.arg("--n-gpu-layers").arg(gpu_layers.to_string());
     }
     command.args(&spec.load.extra_args);
     command.stdin(Stdio::null());
@@ -127,11 +112,7 @@ pub fn capture_output(command: &mut Command, log_path: &Path) -> io::Result<Capt
     let drain = thread::Builder::new()
         .name("child-output".into())
         .spawn(move || drain_output(reader, &mut log, &drain_tail, port_tx))?;
-    Ok(Capture {
-        tail,
-        port: port_rx,
-        drain,
-    })
+    Ok(Capture { tail, port: port_rx, drain })
 }
 
 fn drain_output(pipe: impl Read, log: &mut File, tail: &OutputTail, port_tx: Sender<u16>) {
@@ -159,12 +140,7 @@ fn drain_output(pipe: impl Read, log: &mut File, tail: &OutputTail, port_tx: Sen
 pub fn parse_listening_port(line: &str) -> Option<u16> {
     let rest = &line[line.find("listening on http://")? + "listening on http://".len()..];
     let address = rest.split_whitespace().next()?;
-    address
-        .rsplit(':')
-        .next()?
-        .trim_end_matches('/')
-        .parse()
-        .ok()
+    address.rsplit(':').next()?.trim_end_matches('/').parse().ok()
 }
 
 /// HTTP to one llama-server child.
@@ -208,10 +184,7 @@ impl Client {
             .max_idle_connections(0)
             .max_idle_connections_per_host(0)
             .build();
-        Client {
-            agent: config.into(),
-            base: format!("http://127.0.0.1:{port}"),
-        }
+        Client { agent: config.into(), base: format!("http://127.0.0.1:{port}") }
     }
 
     /// True when `/health` answers 200; false while loading or not yet listening.
@@ -265,9 +238,7 @@ impl Client {
             match reader.read_until(b'\n', &mut line) {
                 Ok(0) => {
                     return if done.finish_reason.is_empty() {
-                        Err(GenerateError::Broken(
-                            "the stream ended before the last chunk".into(),
-                        ))
+                        Err(GenerateError::Broken("the stream ended before the last chunk".into()))
                     } else {
                         Ok(done)
                     }
@@ -283,9 +254,7 @@ impl Client {
             }
             if line.starts_with(b"error:") {
                 let text = String::from_utf8_lossy(payload);
-                return Err(GenerateError::Broken(
-                    error_message(&text).unwrap_or(text.into_owned()),
-                ));
+                return Err(GenerateError::Broken(error_message(&text).unwrap_or(text.into_owned())));
             }
             // Another event already buffered means more tokens are on their way: the caller
             // may batch its flush instead of paying a syscall per token. The blank line that
@@ -295,9 +264,7 @@ impl Client {
                 Mode::Chat => parse_chat_chunk(payload, &mut done),
                 Mode::Raw => parse_raw_chunk(payload, &mut done),
             }
-            .map_err(|e| {
-                GenerateError::Broken(format!("unreadable chunk from llama-server: {e}"))
-            })?;
+            .map_err(|e| GenerateError::Broken(format!("unreadable chunk from llama-server: {e}")))?;
             if let Some(text) = text.filter(|t| !t.is_empty()) {
                 if on_token(&text, more_buffered).is_err() {
                     return Err(GenerateError::Cancelled);
@@ -324,9 +291,7 @@ impl Client {
                 if status == 200 {
                     Ok(())
                 } else {
-                    Err(GenerateError::Broken(
-                        error_message(&text).unwrap_or(format!("HTTP {status}")),
-                    ))
+                    Err(GenerateError::Broken(error_message(&text).unwrap_or(format!("HTTP {status}"))))
                 }
             }
             Err(error) => Err(classify_transport(error)),
@@ -343,12 +308,8 @@ fn classify_transport(error: ureq::Error) -> GenerateError {
 }
 
 fn classify_io(error: io::Error) -> GenerateError {
-    let timed_out = matches!(
-        error.kind(),
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-    ) || error
-        .get_ref()
-        .is_some_and(|inner| inner.to_string().contains("timeout"));
+    let timed_out = matches!(error.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
+        || error.get_ref().is_some_and(|inner| inner.to_string().contains("timeout"));
     if timed_out {
         GenerateError::Stalled
     } else {
@@ -359,19 +320,14 @@ fn classify_io(error: io::Error) -> GenerateError {
 fn sse_payload(line: &[u8]) -> Option<&[u8]> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let rest = line
-        .strip_prefix(b"data:")
-        .or_else(|| line.strip_prefix(b"error:"))?;
+    let rest = line.strip_prefix(b"data:").or_else(|| line.strip_prefix(b"error:"))?;
     Some(rest.strip_prefix(b" ").unwrap_or(rest))
 }
 
 fn error_message(body: &str) -> Option<String> {
     let value: Value = serde_json::from_str(body).ok()?;
     let error = value.get("error").unwrap_or(&value);
-    error
-        .get("message")
-        .and_then(Value::as_str)
-        .map(str::to_string)
+    error.get("message").and_then(Value::as_str).map(str::to_string)
 }
 
 fn sampling_fields(request: &RunRequest, body: &mut serde_json::Map<String, Value>) {
@@ -489,11 +445,7 @@ fn parse_raw_chunk(payload: &[u8], done: &mut Done) -> serde_json::Result<Option
 }
 
 /// Where llmctl looked for llama-server, for the error message when it is nowhere.
-pub fn find_binary(
-    explicit: Option<&Path>,
-    configured: Option<&Path>,
-    installed: &Path,
-) -> Result<PathBuf, String> {
+pub fn find_binary(explicit: Option<&Path>, configured: Option<&Path>, installed: &Path) -> Result<PathBuf, String> {
     let mut searched = Vec::new();
     // A path the user named is the one they mean: say what is wrong with it rather than
     // quietly running another llama-server.
@@ -524,9 +476,7 @@ pub fn find_binary(
 
 pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -536,14 +486,8 @@ mod tests {
     #[test]
     fn finds_port_in_log_line() {
         let table = [
-            (
-                "main: server is listening on http://127.0.0.1:41537 - starting the main loop",
-                Some(41537),
-            ),
-            (
-                "srv  main: listening on http://127.0.0.1:8080\n",
-                Some(8080),
-            ),
+            ("main: server is listening on http://127.0.0.1:41537 - starting the main loop", Some(41537)),
+            ("srv  main: listening on http://127.0.0.1:8080\n", Some(8080)),
             ("llama_server: listening on http://127.0.0.1:5/", Some(5)),
             ("load_model: loading model", None),
             ("listening on unix:///tmp/x.sock", None),
@@ -556,29 +500,17 @@ mod tests {
     #[test]
     fn parses_chat_stream_chunks() {
         let mut done = Done::default();
-        let text = parse_chat_chunk(
-            br#"{"choices":[{"delta":{"content":"Hi"},"finish_reason":null,"index":0}]}"#,
-            &mut done,
-        );
+        let text =
+            parse_chat_chunk(br#"{"choices":[{"delta":{"content":"Hi"},"finish_reason":null,"index":0}]}"#, &mut done);
         assert_eq!(text.unwrap().as_deref(), Some("Hi"));
-        parse_chat_chunk(
-            br#"{"choices":[{"delta":{},"finish_reason":"length","index":0}]}"#,
-            &mut done,
-        )
-        .unwrap();
+        parse_chat_chunk(br#"{"choices":[{"delta":{},"finish_reason":"length","index":0}]}"#, &mut done).unwrap();
         parse_chat_chunk(
             br#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10},"timings":{"predicted_per_second":120.5}}"#,
             &mut done,
         )
         .unwrap();
         assert_eq!(done.finish_reason, "length");
-        assert_eq!(
-            done.usage,
-            Usage {
-                prompt_tokens: 7,
-                completion_tokens: 3
-            }
-        );
+        assert_eq!(done.usage, Usage { prompt_tokens: 7, completion_tokens: 3 });
         assert_eq!(done.timings.unwrap()["predicted_per_second"], 120.5);
     }
 

@@ -2,6 +2,7 @@
 //! resolved paths and the global flags.
 
 pub mod daemon;
+pub mod pin;
 pub mod run;
 pub mod setup;
 pub mod shutdown;
@@ -24,10 +25,7 @@ pub struct Context {
 
 impl Context {
     pub fn new(global: &GlobalArgs) -> Context {
-        Context {
-            paths: Paths::resolve(global.socket.as_deref(), global.config.as_deref()),
-            global: global.clone(),
-        }
+        Context { paths: Paths::resolve(global.socket.as_deref(), global.config.as_deref()), global: global.clone() }
     }
 
     pub fn config(&self) -> Result<Config> {
@@ -38,15 +36,9 @@ impl Context {
     /// is asked for anything.
     pub fn resolve_model(&self, name: &str, load: &LoadArgs) -> Result<ModelSpec> {
         let config = self.config()?;
-        let overrides = LoadOverrides {
-            ctx_size: load.ctx_size,
-            parallel: load.parallel,
-        };
+        let overrides = LoadOverrides { ctx_size: load.ctx_size, parallel: load.parallel, gpu_layers: load.gpu_layers };
         let spec = model::resolve(name, &config, &self.paths, &overrides)?;
-        gguf::inspect(&spec.path).map_err(|reason| Error::BadModel {
-            path: spec.path.clone(),
-            reason,
-        })?;
+        gguf::inspect(&spec.path).map_err(|reason| Error::BadModel { path: spec.path.clone(), reason })?;
         Ok(spec)
     }
 }

@@ -26,11 +26,7 @@ static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
 pub fn run(context: &Context, args: RunArgs) -> Result<()> {
     let model = context.resolve_model(&args.model, &args.load)?;
     let stdin = io::stdin();
-    let piped = if args.no_stdin || stdin.is_terminal() {
-        None
-    } else {
-        Some(read_stdin(stdin)?)
-    };
+    let piped = if args.no_stdin || stdin.is_terminal() { None } else { Some(read_stdin(stdin)?) };
     let prompt = compose_prompt(&args.prompt, piped.as_deref())?;
     let request = RunRequest {
         model,
@@ -51,12 +47,7 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
 
     let mut connection = client::connect(context)?;
     install_interrupt_handler(connection.raw_fd())?;
-    let result = stream(
-        &mut connection,
-        &Request::Run(request),
-        &args,
-        context.global.verbose > 0,
-    );
+    let result = stream(&mut connection, &Request::Run(request), &args, context.global.verbose > 0);
     SOCKET_FD.store(-1, Ordering::SeqCst);
     match result {
         Err(_) if INTERRUPTED.load(Ordering::SeqCst) => Err(Error::Interrupted),
@@ -66,13 +57,8 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
 
 fn read_stdin(stdin: io::Stdin) -> Result<String> {
     let mut bytes = Vec::new();
-    stdin
-        .lock()
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io("cannot read stdin", e))?;
-    String::from_utf8(bytes).map_err(|_| Error::InvalidParameter {
-        message: "stdin is not valid UTF-8 text".into(),
-    })
+    stdin.lock().read_to_end(&mut bytes).map_err(|e| Error::io("cannot read stdin", e))?;
+    String::from_utf8(bytes).map_err(|_| Error::InvalidParameter { message: "stdin is not valid UTF-8 text".into() })
 }
 
 /// The prompt: the words, then a blank line, then piped stdin; either alone when the other
@@ -84,11 +70,11 @@ pub fn compose_prompt(words: &[String], piped: Option<&str>) -> Result<String> {
         (false, false) => format!("{typed}\n\n{piped}"),
         (false, true) => typed,
         (true, false) => piped.to_string(),
-        (true, true) => return Err(Error::Usage {
-            message:
-                "no prompt: give it as arguments or pipe it on stdin (llmctl run MODEL \"prompt\")"
-                    .into(),
-        }),
+        (true, true) => {
+            return Err(Error::Usage {
+                message: "no prompt: give it as arguments or pipe it on stdin (llmctl run MODEL \"prompt\")".into(),
+            })
+        }
     };
     Ok(prompt)
 }
@@ -106,32 +92,24 @@ fn install_interrupt_handler(fd: RawFd) -> Result<()> {
     match installed {
         // A handler from an earlier call in this process is still in place and still works.
         Ok(()) | Err(ctrlc::Error::MultipleHandlers) => Ok(()),
-        Err(error) => Err(Error::internal(format!(
-            "cannot install the Ctrl-C handler: {error}"
-        ))),
+        Err(error) => Err(Error::internal(format!("cannot install the Ctrl-C handler: {error}"))),
     }
 }
 
-fn stream(
-    connection: &mut client::Connection,
-    request: &Request,
-    args: &RunArgs,
-    verbose: bool,
-) -> Result<()> {
+fn stream(connection: &mut client::Connection, request: &Request, args: &RunArgs, verbose: bool) -> Result<()> {
     connection.send(request)?;
     let stderr_is_terminal = io::stderr().is_terminal();
     let stdout_is_terminal = io::stdout().is_terminal();
     let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
     let mut progress_shown = false;
     let mut last_byte = b'\n';
-    let write_or_quit =
-        |out: &mut BufWriter<io::StdoutLock<'_>>, bytes: &[u8], flush: bool| -> io::Result<()> {
-            out.write_all(bytes)?;
-            if flush {
-                out.flush()?;
-            }
-            Ok(())
-        };
+    let write_or_quit = |out: &mut BufWriter<io::StdoutLock<'_>>, bytes: &[u8], flush: bool| -> io::Result<()> {
+        out.write_all(bytes)?;
+        if flush {
+            out.flush()?;
+        }
+        Ok(())
+    };
     loop {
         if INTERRUPTED.load(Ordering::SeqCst) {
             return Err(Error::Interrupted);
@@ -159,11 +137,8 @@ fn stream(
                     progress_shown = false;
                 }
                 if args.json {
-                    let mut line = serde_json::to_string(&TokenLine {
-                        kind: "token",
-                        text: &text,
-                    })
-                    .map_err(|e| Error::internal(e.to_string()))?;
+                    let mut line = serde_json::to_string(&TokenLine { kind: "token", text: &text })
+                        .map_err(|e| Error::internal(e.to_string()))?;
                     line.push('\n');
                     write_or_quit(&mut out, line.as_bytes(), flush)
                 } else {
@@ -199,11 +174,7 @@ fn stream(
                 }
                 return Err(Error::Remote { kind, message });
             }
-            other => {
-                return Err(Error::internal(format!(
-                    "unexpected message from the daemon: {other:?}"
-                )))
-            }
+            other => return Err(Error::internal(format!("unexpected message from the daemon: {other:?}"))),
         };
         match written {
             Ok(()) => {}
@@ -233,12 +204,8 @@ struct DoneLine<'a> {
 }
 
 fn done_line(done: &Done) -> String {
-    let line = DoneLine {
-        kind: "done",
-        finish_reason: &done.finish_reason,
-        usage: &done.usage,
-        timings: &done.timings,
-    };
+    let line =
+        DoneLine { kind: "done", finish_reason: &done.finish_reason, usage: &done.usage, timings: &done.timings };
     let mut text = serde_json::to_string(&line).unwrap_or_default();
     text.push('\n');
     text
@@ -251,12 +218,8 @@ fn timings_summary(done: &Done) -> String {
         "llmctl: {} prompt tokens, {} generated, finish: {}",
         done.usage.prompt_tokens, done.usage.completion_tokens, done.finish_reason
     );
-    if let (Some(prompt), Some(generated)) =
-        (number("prompt_per_second"), number("predicted_per_second"))
-    {
-        summary.push_str(&format!(
-            "; prompt {prompt:.1} tok/s, generation {generated:.1} tok/s"
-        ));
+    if let (Some(prompt), Some(generated)) = (number("prompt_per_second"), number("predicted_per_second")) {
+        summary.push_str(&format!("; prompt {prompt:.1} tok/s, generation {generated:.1} tok/s"));
     }
     summary
 }
@@ -268,15 +231,9 @@ mod tests {
     #[test]
     fn prompt_composition() {
         let words = vec!["Summarise".to_string(), "this:".to_string()];
-        assert_eq!(
-            compose_prompt(&words, Some("text\n")).unwrap(),
-            "Summarise this:\n\ntext\n"
-        );
+        assert_eq!(compose_prompt(&words, Some("text\n")).unwrap(), "Summarise this:\n\ntext\n");
         assert_eq!(compose_prompt(&words, None).unwrap(), "Summarise this:");
-        assert_eq!(
-            compose_prompt(&[], Some("only stdin")).unwrap(),
-            "only stdin"
-        );
+        assert_eq!(compose_prompt(&[], Some("only stdin")).unwrap(), "only stdin");
         assert_eq!(compose_prompt(&[], Some("")).unwrap_err().exit_code(), 2);
     }
 }

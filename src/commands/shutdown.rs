@@ -22,9 +22,7 @@ pub fn run(context: &Context) -> Result<()> {
     let deadline = Instant::now() + EXIT_TIMEOUT;
     while context.paths.socket.exists() {
         if Instant::now() >= deadline {
-            return Err(Error::Timeout {
-                what: "waiting for the daemon to exit".into(),
-            });
+            return Err(Error::Timeout { what: "waiting for the daemon to exit".into() });
         }
         std::thread::sleep(Duration::from_millis(2));
     }

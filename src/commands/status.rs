@@ -12,13 +12,10 @@ use crate::protocol::{Request, Response, StatusReport};
 pub fn run(context: &Context, args: StatusArgs) -> Result<()> {
     let mut connection = client::connect(context)?;
     let Response::Status(report) = connection.call(&Request::Status)? else {
-        return Err(Error::internal(
-            "the daemon answered status with something else",
-        ));
+        return Err(Error::internal("the daemon answered status with something else"));
     };
     let text = if args.json {
-        let mut json =
-            serde_json::to_string_pretty(&report).map_err(|e| Error::internal(e.to_string()))?;
+        let mut json = serde_json::to_string_pretty(&report).map_err(|e| Error::internal(e.to_string()))?;
         json.push('\n');
         json
     } else {
@@ -26,18 +23,13 @@ pub fn run(context: &Context, args: StatusArgs) -> Result<()> {
     };
     match std::io::stdout().lock().write_all(text.as_bytes()) {
         // A closed pipe (`| head`) is the reader's choice, not a failure.
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(Error::io("cannot write to stdout", e))
-        }
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("cannot write to stdout", e)),
         _ => Ok(()),
     }
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// The human-readable table.
@@ -57,31 +49,15 @@ pub fn render(report: &StatusReport, now_ms: u64) -> String {
         out.push_str("no models loaded\n");
         return out;
     }
-    let mut rows = vec![[
-        "MODEL",
-        "STATE",
-        "PID",
-        "PORT",
-        "SLOTS",
-        "MEMORY",
-        "ESTIMATE",
-        "LAST USE",
-        "REQUESTS",
-        "TOKENS IN/OUT",
-    ]
-    .map(String::from)];
+    let mut rows =
+        vec![["MODEL", "STATE", "PID", "PORT", "SLOTS", "MEMORY", "ESTIMATE", "LAST USE", "REQUESTS", "TOKENS IN/OUT"]
+            .map(String::from)];
     for instance in &report.instances {
         rows.push([
             instance.name.clone(),
             instance.state.clone(),
-            instance
-                .pid
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "-".into()),
-            instance
-                .port
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "-".into()),
+            instance.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            instance.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             format!("{}/{}", instance.in_flight, instance.slots),
             instance.rss_bytes.map(bytes).unwrap_or_else(|| "-".into()),
             bytes(instance.estimate_bytes),
@@ -90,22 +66,14 @@ pub fn render(report: &StatusReport, now_ms: u64) -> String {
                 .map(|t| format!("{} ago", duration(now_ms.saturating_sub(t))))
                 .unwrap_or_else(|| "never".into()),
             instance.requests.to_string(),
-            format!(
-                "{}/{}",
-                instance.usage.prompt_tokens, instance.usage.completion_tokens
-            ),
+            format!("{}/{}", instance.usage.prompt_tokens, instance.usage.completion_tokens),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     out.push('\n');
     for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -157,18 +125,13 @@ mod tests {
             rss_bytes: Some(150 << 20),
             last_used_ms: Some(1_000),
             requests: 3,
-            usage: Usage {
-                prompt_tokens: 10,
-                completion_tokens: 20,
-            },
+            usage: Usage { prompt_tokens: 10, completion_tokens: 20 },
             ..InstanceStatus::default()
         });
         let text = render(&report, 31_000);
         assert!(text.contains("up 1m05s"), "{text}");
         assert!(
-            text.contains(
-                "demo   ready  7    4000  0/1    150 MiB  200 MiB   30s ago   3         10/20"
-            ),
+            text.contains("demo   ready  7    4000  0/1    150 MiB  200 MiB   30s ago   3         10/20"),
             "{text}"
         );
     }

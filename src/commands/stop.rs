@@ -11,10 +11,7 @@ use crate::protocol::{Request, Response};
 pub fn run(context: &Context, args: StopArgs) -> Result<()> {
     let model = match &args.model {
         Some(name) if !args.all => {
-            let no_overrides = LoadArgs {
-                ctx_size: None,
-                parallel: None,
-            };
+            let no_overrides = LoadArgs { ctx_size: None, parallel: None, gpu_layers: None };
             Some(context.resolve_model(name, &no_overrides)?)
         }
         _ => None,
@@ -23,10 +20,7 @@ pub fn run(context: &Context, args: StopArgs) -> Result<()> {
     let Some(mut connection) = client::try_connect(context)? else {
         return Ok(());
     };
-    if let Response::Ok {
-        message: Some(message),
-    } = connection.call(&Request::Stop { model })?
-    {
+    if let Response::Ok { message: Some(message) } = connection.call(&Request::Stop { model })? {
         if std::io::stderr().is_terminal() {
             eprintln!("{message}");
         }

@@ -10,10 +10,6 @@ use crate::protocol::Request;
 pub fn run(context: &Context, args: SwitchArgs) -> Result<()> {
     let model = context.resolve_model(&args.model, &args.load)?;
     let mut connection = client::connect(context)?;
-    connection.call(&Request::Switch {
-        model,
-        wait: args.wait,
-        exclusive: args.exclusive,
-    })?;
+    connection.call(&Request::Switch { model, wait: args.wait, exclusive: args.exclusive })?;
     Ok(())
 }

@@ -10,6 +10,6 @@ use crate::protocol::Request;
 pub fn run(context: &Context, args: WarmArgs) -> Result<()> {
     let model = context.resolve_model(&args.model, &args.load)?;
     let mut connection = client::connect(context)?;
-    connection.call(&Request::Warm { model })?;
+    connection.call(&Request::Warm { model, ttl_s: args.ttl })?;
     Ok(())
 }

@@ -17,9 +17,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::gguf;
 use crate::instance::{AcquireError, FileStamp, Instance, Slot};
 use crate::model::ModelSpec;
-use crate::protocol::{
-    self, DaemonStatus, QueueStatus, Request, Response, RunRequest, StatusReport, VERSION,
-};
+use crate::protocol::{self, DaemonStatus, QueueStatus, Request, Response, RunRequest, StatusReport, VERSION};
 use crate::sys;
 
 use super::{Shared, ShutdownRequest};
@@ -71,13 +69,8 @@ pub fn serve(shared: &Arc<Shared>, stream: UnixStream) {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            log::error!(
-                "a request handler panicked: {message}\n{}",
-                std::backtrace::Backtrace::force_capture()
-            );
-            Err(Error::internal(format!(
-                "the daemon hit a bug while serving the request: {message}"
-            )))
+            log::error!("a request handler panicked: {message}\n{}", std::backtrace::Backtrace::force_capture());
+            Err(Error::internal(format!("the daemon hit a bug while serving the request: {message}")))
         }
     };
     if let Err(error) = result {
@@ -88,14 +81,8 @@ pub fn serve(shared: &Arc<Shared>, stream: UnixStream) {
 
 /// Reads the handshake and the request, answering the handshake. `Ok(None)` when the
 /// client closed without a request.
-fn read_request(
-    reader: &mut BufReader<UnixStream>,
-    writer: &mut Writer,
-) -> Result<Option<Request>> {
-    let bad = |what: String| Error::Remote {
-        kind: ErrorKind::Usage,
-        message: format!("bad request: {what}"),
-    };
+fn read_request(reader: &mut BufReader<UnixStream>, writer: &mut Writer) -> Result<Option<Request>> {
+    let bad = |what: String| Error::Remote { kind: ErrorKind::Usage, message: format!("bad request: {what}") };
     let _ = reader.get_ref().set_read_timeout(Some(REQUEST_TIMEOUT));
     let mut line = Vec::new();
     let hello: Request = match protocol::read_message(reader, &mut line) {
@@ -116,14 +103,8 @@ fn read_request(
         }
         _ => return Err(bad("the first message must be a hello".into())),
     }
-    send_final(
-        writer,
-        &Response::Hello {
-            version: VERSION,
-            pid: std::process::id(),
-        },
-    )
-    .map_err(|e| Error::io("cannot answer the handshake", e))?;
+    send_final(writer, &Response::Hello { version: VERSION, pid: std::process::id() })
+        .map_err(|e| Error::io("cannot answer the handshake", e))?;
     let request = match protocol::read_message(reader, &mut line) {
         Ok(Some(Request::Hello { .. })) => return Err(bad("a second hello".into())),
         Ok(Some(request)) => request,
@@ -145,39 +126,31 @@ fn handle(shared: &Arc<Shared>, request: Request, writer: &mut Writer) -> Result
         Request::Run(run_request) => run(shared, run_request, writer),
         Request::Status => {
             let report = status(shared);
-            send_final(writer, &Response::Status(report))
-                .map_err(|e| Error::io("cannot send the status", e))
+            send_final(writer, &Response::Status(report)).map_err(|e| Error::io("cannot send the status", e))
         }
-        Request::Warm { model } => {
-            warm(shared, &model, writer)?;
-            send_final(writer, &Response::Ok { message: None })
-                .map_err(|e| Error::io("cannot reply", e))
+        Request::Warm { model, ttl_s } => {
+            let instance = warm(shared, &model, writer)?;
+            if let Some(seconds) = ttl_s {
+                instance.pin_until(std::time::SystemTime::now() + Duration::from_secs(seconds));
+            }
+            send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e))
         }
-        Request::Switch {
-            model,
-            wait,
-            exclusive,
-        } => switch(shared, &model, wait, exclusive, writer),
+        Request::Switch { model, wait, exclusive } => switch(shared, &model, wait, exclusive, writer),
         Request::Stop { model } => {
             let stopped = stop(shared, model.as_ref());
-            let message = format!(
-                "stopped {stopped} instance{}",
-                if stopped == 1 { "" } else { "s" }
-            );
-            send_final(
-                writer,
-                &Response::Ok {
-                    message: Some(message),
-                },
-            )
-            .map_err(|e| Error::io("cannot reply", e))
+            let message = format!("stopped {stopped} instance{}", if stopped == 1 { "" } else { "s" });
+            send_final(writer, &Response::Ok { message: Some(message) }).map_err(|e| Error::io("cannot reply", e))
+        }
+        Request::Pin { model, pinned } => {
+            let instance = instance_for(shared, &model)?;
+            instance.set_pinned(pinned);
+            send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e))
         }
         Request::Shutdown => {
             let (done_tx, done_rx) = crossbeam_channel::bounded(1);
             let _ = shared.shutdown.send(ShutdownRequest::Client(done_tx));
             let _ = done_rx.recv();
-            send_final(writer, &Response::Ok { message: None })
-                .map_err(|e| Error::io("cannot reply", e))
+            send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e))
         }
     }
 }
@@ -187,24 +160,18 @@ fn handle(shared: &Arc<Shared>, request: Request, writer: &mut Writer) -> Result
 fn instance_for(shared: &Shared, spec: &ModelSpec) -> Result<Arc<Instance>> {
     let metadata = match std::fs::metadata(&spec.path) {
         Ok(metadata) => metadata,
-        Err(_) => {
-            return Err(Error::ModelNotFound {
-                path: spec.path.clone(),
-            })
-        }
+        Err(_) => return Err(Error::ModelNotFound { path: spec.path.clone() }),
     };
     let stamp = FileStamp::of(&metadata);
     // A header takes milliseconds to read (a vocabulary is megabytes); an unchanged file
     // needs no second look.
     if let Some(instance) = shared.table.get(spec) {
         if instance.file_stamp == stamp {
+            instance.apply_policy(&spec.policy);
             return Ok(instance);
         }
     }
-    let info = gguf::inspect(&spec.path).map_err(|reason| Error::BadModel {
-        path: spec.path.clone(),
-        reason,
-    })?;
+    let info = gguf::inspect(&spec.path).map_err(|reason| Error::BadModel { path: spec.path.clone(), reason })?;
     Ok(shared.table.get_or_insert(spec, info, stamp))
 }
 
@@ -240,23 +207,14 @@ fn ready_slot(
     refuse_if_shutting_down(shared)?;
     Err(Error::Remote {
         kind: ErrorKind::Unavailable,
-        message: format!(
-            "{} kept stopping while this request waited for it",
-            instance.spec.name
-        ),
+        message: format!("{} kept stopping while this request waited for it", instance.spec.name),
     })
 }
 
 fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result<()> {
     let instance = instance_for(shared, &request.model)?;
-    let place = shared
-        .admission
-        .enter()
-        .inspect_err(|_| instance.note_rejected())?;
-    let client_socket = writer
-        .get_ref()
-        .try_clone()
-        .map_err(|e| Error::io("cannot watch the client", e))?;
+    let place = shared.admission.enter().inspect_err(|_| instance.note_rejected())?;
+    let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
     let cancelled = || sys::peer_closed(&client_socket);
     // Both progress callbacks write to the client, one at a time.
     let progress_writer = std::cell::RefCell::new(&mut *writer);
@@ -266,16 +224,10 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
         &cancelled,
         || {
             let model = instance.spec.name.clone();
-            let _ = send_final(
-                &mut progress_writer.borrow_mut(),
-                &Response::Loading { model },
-            );
+            let _ = send_final(&mut progress_writer.borrow_mut(), &Response::Loading { model });
         },
         &mut |position| {
-            let _ = send_final(
-                &mut progress_writer.borrow_mut(),
-                &Response::Queued { position },
-            );
+            let _ = send_final(&mut progress_writer.borrow_mut(), &Response::Queued { position });
         },
     )?;
     drop(place);
@@ -286,12 +238,7 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
     }
 
     let result = slot.client.generate(&request, |text, more_buffered| {
-        protocol::write_message(
-            writer,
-            &Response::Token {
-                text: text.to_string(),
-            },
-        )?;
+        protocol::write_message(writer, &Response::Token { text: text.to_string() })?;
         if !more_buffered {
             writer.flush()?;
         }
@@ -307,20 +254,14 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
         // The client went away; dropping the HTTP response closed the upstream connection,
         // which makes llama-server stop generating and free the slot.
         Err(GenerateError::Cancelled) => {
-            log::debug!(
-                "client of {} went away; generation cancelled",
-                instance.spec.name
-            );
+            log::debug!("client of {} went away; generation cancelled", instance.spec.name);
             Ok(())
         }
         Err(GenerateError::Rejected(message)) => Err(Error::InvalidParameter { message }),
         Err(GenerateError::Stalled) => {
             drop(slot);
             let seconds = shared.settings.token_timeout.as_secs();
-            log::warn!(
-                "{} produced no token for {seconds} s; restarting it",
-                instance.spec.name
-            );
+            log::warn!("{} produced no token for {seconds} s; restarting it", instance.spec.name);
             instance.stop(shared.stop_grace());
             Err(Error::Timeout {
                 what: format!(
@@ -337,47 +278,28 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
     }
 }
 
-fn warm(shared: &Arc<Shared>, spec: &ModelSpec, writer: &mut Writer) -> Result<()> {
+fn warm(shared: &Arc<Shared>, spec: &ModelSpec, writer: &mut Writer) -> Result<Arc<Instance>> {
     let instance = instance_for(shared, spec)?;
-    let client_socket = writer
-        .get_ref()
-        .try_clone()
-        .map_err(|e| Error::io("cannot watch the client", e))?;
+    let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
     let cancelled = || sys::peer_closed(&client_socket);
     let slot = ready_slot(shared, &instance, &cancelled, || {}, &mut |_| {})?;
     let result = slot.client.ping();
     drop(slot);
     match result {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(instance),
         Err(GenerateError::Broken(message)) => Err(instance.generation_failed(message)),
-        Err(GenerateError::Stalled) => Err(Error::Timeout {
-            what: format!("waiting for {} to answer", spec.name),
-        }),
-        Err(GenerateError::Rejected(message)) => Err(Error::Backend {
-            model: spec.name.clone(),
-            message,
-        }),
-        Err(GenerateError::Cancelled) => Ok(()),
+        Err(GenerateError::Stalled) => Err(Error::Timeout { what: format!("waiting for {} to answer", spec.name) }),
+        Err(GenerateError::Rejected(message)) => Err(Error::Backend { model: spec.name.clone(), message }),
+        Err(GenerateError::Cancelled) => Ok(instance),
     }
 }
 
-fn switch(
-    shared: &Arc<Shared>,
-    spec: &ModelSpec,
-    wait: bool,
-    exclusive: bool,
-    writer: &mut Writer,
-) -> Result<()> {
+fn switch(shared: &Arc<Shared>, spec: &ModelSpec, wait: bool, exclusive: bool, writer: &mut Writer) -> Result<()> {
     refuse_if_shutting_down(shared)?;
     let instance = instance_for(shared, spec)?;
     if !wait {
         // The caller detaches; this thread goes on loading for the daemon.
-        let _ = send_final(
-            writer,
-            &Response::Ok {
-                message: Some(format!("loading {}", spec.name)),
-            },
-        );
+        let _ = send_final(writer, &Response::Ok { message: Some(format!("loading {}", spec.name)) });
     }
     let env = shared.load_env();
     let loaded = instance.ensure_ready(&env, || {}, &|| false);
@@ -389,8 +311,7 @@ fn switch(
         }
     }
     match (loaded, wait) {
-        (Ok(_), true) => send_final(writer, &Response::Ok { message: None })
-            .map_err(|e| Error::io("cannot reply", e)),
+        (Ok(_), true) => send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e)),
         (Err(error), true) => Err(error),
         (Ok(_), false) => Ok(()),
         (Err(error), false) => {
@@ -405,10 +326,7 @@ fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>) -> usize {
         Some(spec) => shared.table.for_path(&spec.path),
         None => shared.table.all(),
     };
-    let running: Vec<_> = instances
-        .into_iter()
-        .filter(|i| i.state() != crate::instance::State::Stopped)
-        .collect();
+    let running: Vec<_> = instances.into_iter().filter(|i| i.state() != crate::instance::State::Stopped).collect();
     std::thread::scope(|scope| {
         for instance in &running {
             scope.spawn(|| instance.stop(shared.stop_grace()));
@@ -418,6 +336,8 @@ fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>) -> usize {
 }
 
 fn status(shared: &Arc<Shared>) -> StatusReport {
+    let gpu = shared.gpu.fresh_reading();
+    let budget = shared.budget(gpu.as_ref());
     StatusReport {
         daemon: DaemonStatus {
             pid: std::process::id(),
@@ -426,6 +346,10 @@ fn status(shared: &Arc<Shared>) -> StatusReport {
             socket: shared.paths.socket.display().to_string(),
             rss_bytes: crate::process::rss_bytes(std::process::id()),
             state_file_error: shared.state_file_error.lock().clone(),
+            budget_bytes: budget.ram,
+            vram_budget_bytes: budget.vram,
+            max_instances: budget.max_instances,
+            evictions: shared.evictions.load(std::sync::atomic::Ordering::Relaxed),
         },
         queue: QueueStatus {
             depth: shared.admission.depth(),
@@ -436,7 +360,11 @@ fn status(shared: &Arc<Shared>) -> StatusReport {
             .table
             .all()
             .iter()
-            .map(|instance| instance.status(shared.settings.crash_loop))
+            .map(|instance| {
+                let mut status = instance.status(shared.settings.crash_loop);
+                status.vram_bytes = status.pid.and_then(|pid| gpu.as_ref()?.used_by_pid.get(&pid).copied());
+                status
+            })
             .collect(),
     }
 }

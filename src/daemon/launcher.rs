@@ -23,28 +23,19 @@ pub struct Launcher {
 impl Launcher {
     pub fn start() -> io::Result<Launcher> {
         let (requests, incoming) = bounded::<(Command, SpawnReply)>(0);
-        let thread = thread::Builder::new()
-            .name("launcher".into())
-            .spawn(move || {
-                for (command, reply) in incoming {
-                    let _ = reply.send(ChildGroup::spawn(command));
-                }
-            })?;
-        Ok(Launcher {
-            requests: Some(requests),
-            thread: Some(thread),
-        })
+        let thread = thread::Builder::new().name("launcher".into()).spawn(move || {
+            for (command, reply) in incoming {
+                let _ = reply.send(ChildGroup::spawn(command));
+            }
+        })?;
+        Ok(Launcher { requests: Some(requests), thread: Some(thread) })
     }
 
     /// Spawns `command` from the launcher thread and hands the child back.
     pub fn spawn(&self, command: Command) -> io::Result<ChildGroup> {
         let (reply, response) = bounded(1);
         let gone = || io::Error::other("the launcher thread has stopped");
-        self.requests
-            .as_ref()
-            .ok_or_else(gone)?
-            .send((command, reply))
-            .map_err(|_| gone())?;
+        self.requests.as_ref().ok_or_else(gone)?.send((command, reply)).map_err(|_| gone())?;
         response.recv().map_err(|_| gone())?
     }
 }

@@ -11,6 +11,7 @@
 //! and a socket left by a crashed daemon is known to be stale and replaced.
 
 pub mod connection;
+pub mod eviction;
 pub mod launcher;
 pub mod state;
 
@@ -28,14 +29,20 @@ use crossbeam_channel::{bounded, select_biased, unbounded, Receiver, Sender};
 
 use crate::admission::Admission;
 use crate::backend::llama::{self, Timeouts};
-use crate::config::{Config, DEFAULT_QUEUE_DEPTH};
+use crate::config::{parse_ttl, Config, Ttl, DEFAULT_QUEUE_DEPTH};
 use crate::error::{Error, Result};
 use crate::instance::table::InstanceTable;
 use crate::instance::{CrashLoop, LoadEnv};
+use crate::memory;
 use crate::paths::{self, Paths};
 use crate::sys;
 use launcher::Launcher;
 
+/// The memory budget unless configured: three quarters of MemTotal leaves room for the
+/// rest of the machine.
+pub const DEFAULT_MEMORY_BUDGET: &str = "75%";
+/// The GPU memory budget unless configured.
+pub const DEFAULT_VRAM_BUDGET: &str = "90%";
 /// Time a child gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 const SUPERVISOR_TICK: Duration = Duration::from_millis(100);
@@ -50,18 +57,17 @@ pub struct Settings {
     pub stop_grace: Duration,
     pub llama_server: Option<PathBuf>,
     pub crash_loop: CrashLoop,
+    /// The memory budget as written: bytes, a size, or a share of MemTotal.
+    pub memory_budget: String,
+    pub vram_budget: String,
+    pub max_instances: Option<usize>,
+    pub default_ttl: Ttl,
 }
 
 impl Settings {
-    pub fn new(
-        config: &Config,
-        queue_depth_flag: Option<usize>,
-        llama_server_flag: Option<PathBuf>,
-    ) -> Settings {
+    pub fn new(config: &Config, queue_depth_flag: Option<usize>, llama_server_flag: Option<PathBuf>) -> Settings {
         Settings {
-            queue_depth: queue_depth_flag
-                .or(config.queue_depth)
-                .unwrap_or(DEFAULT_QUEUE_DEPTH),
+            queue_depth: queue_depth_flag.or(config.queue_depth).unwrap_or(DEFAULT_QUEUE_DEPTH),
             load_timeout: Duration::from_secs(config.load_timeout.unwrap_or(120)),
             token_timeout: Duration::from_secs(config.token_timeout.unwrap_or(300)),
             queue_timeout: Duration::from_secs(600),
@@ -71,16 +77,19 @@ impl Settings {
                 limit: config.crash_limit.unwrap_or(3),
                 window: Duration::from_secs(config.crash_window.unwrap_or(60)),
             },
+            memory_budget: std::env::var("LLMCTL_MEMORY_BUDGET")
+                .ok()
+                .or_else(|| config.memory_budget.clone())
+                .unwrap_or_else(|| DEFAULT_MEMORY_BUDGET.to_string()),
+            vram_budget: config.vram_budget.clone().unwrap_or_else(|| DEFAULT_VRAM_BUDGET.to_string()),
+            max_instances: config.max_instances,
+            default_ttl: config.default_ttl.as_deref().and_then(|ttl| parse_ttl(ttl).ok()).unwrap_or(Ttl::Never),
         }
     }
 }
 
 fn env_duration_ms(name: &str) -> Option<Duration> {
-    std::env::var(name)
-        .ok()?
-        .parse()
-        .ok()
-        .map(Duration::from_millis)
+    std::env::var(name).ok()?.parse().ok().map(Duration::from_millis)
 }
 
 /// Why the daemon stops, and who waits for it.
@@ -107,6 +116,9 @@ pub struct Shared {
     pub connections: AtomicUsize,
     /// The last failure to write the state file; cleared by the next success.
     pub state_file_error: parking_lot::Mutex<Option<String>>,
+    pub gpu: memory::Gpu,
+    /// Instances evicted for memory or unloaded by a TTL.
+    pub evictions: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -117,11 +129,9 @@ impl Shared {
             binary: llama::find_binary(self.settings.llama_server.as_deref(), None, &installed),
             log_dir: &self.paths.instance_logs_dir,
             load_timeout: self.settings.load_timeout,
-            http: Timeouts {
-                connect: Duration::from_secs(5),
-                read: self.settings.token_timeout,
-            },
+            http: Timeouts { connect: Duration::from_secs(5), read: self.settings.token_timeout },
             crash_loop: self.settings.crash_loop,
+            room: self,
         }
     }
 
@@ -136,32 +146,20 @@ impl Shared {
 
 /// Runs the daemon until a signal or `llmctl shutdown`.
 pub fn run(paths: Paths, settings: Settings) -> Result<()> {
-    let socket_dir = paths
-        .socket
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let socket_dir = paths.socket.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     paths::ensure_private_dir(&socket_dir)?;
-    fs::create_dir_all(&paths.instance_logs_dir).map_err(|e| {
-        Error::io(
-            format!("cannot create {}", paths.instance_logs_dir.display()),
-            e,
-        )
-    })?;
+    fs::create_dir_all(&paths.instance_logs_dir)
+        .map_err(|e| Error::io(format!("cannot create {}", paths.instance_logs_dir.display()), e))?;
 
     let _lock = acquire_lock(&paths)?;
     // We hold the lock, so any socket file here is left over from a daemon that died.
     match fs::remove_file(&paths.socket) {
         Ok(()) => log::info!("removed stale socket {}", paths.socket.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::io(
-                format!("cannot remove stale socket {}", paths.socket.display()),
-                e,
-            ))
-        }
+        Err(e) => return Err(Error::io(format!("cannot remove stale socket {}", paths.socket.display()), e)),
     }
     state::kill_leftovers(&paths.state_file());
+    let remembered = state::remembered_instances(&paths.state_file());
 
     let listener = UnixListener::bind(&paths.socket)
         .map_err(|e| Error::io(format!("cannot listen on {}", paths.socket.display()), e))?;
@@ -174,15 +172,17 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         paths,
         settings,
         table: InstanceTable::default(),
-        launcher: Launcher::start()
-            .map_err(|e| Error::io("cannot start the launcher thread", e))?,
+        launcher: Launcher::start().map_err(|e| Error::io("cannot start the launcher thread", e))?,
         started: Instant::now(),
         shutdown: shutdown_tx.clone(),
         shutting_down: AtomicBool::new(false),
         kill_now: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         state_file_error: parking_lot::Mutex::new(None),
+        gpu: memory::Gpu::default(),
+        evictions: std::sync::atomic::AtomicU64::new(0),
     });
+    restore_instances(&shared, remembered);
     log::info!(
         "llmctl daemon {} (pid {}) listening on {}",
         env!("CARGO_PKG_VERSION"),
@@ -190,21 +190,14 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         shared.paths.socket.display()
     );
 
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .map_err(|e| Error::io("cannot install signal handlers", e))?;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .map_err(|e| Error::io("cannot install signal handlers", e))?;
     let signals_handle = signals.handle();
     let signal_thread = spawn_named("signals", move || {
         let mut interrupts = 0;
         for signal in signals.forever() {
             interrupts += usize::from(signal == signal_hook::consts::SIGINT);
-            let request = if interrupts >= 2 {
-                ShutdownRequest::Kill
-            } else {
-                ShutdownRequest::Signal
-            };
+            let request = if interrupts >= 2 { ShutdownRequest::Kill } else { ShutdownRequest::Signal };
             if shutdown_tx.send(request).is_err() {
                 break;
             }
@@ -245,10 +238,7 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
 
 /// Blocks until a shutdown is asked for, then stops every instance: gracefully, unless a
 /// second SIGINT arrives meanwhile. Returns the clients to tell once the daemon is done.
-fn wait_for_shutdown(
-    shared: &Arc<Shared>,
-    requests: &Receiver<ShutdownRequest>,
-) -> Vec<Sender<()>> {
+fn wait_for_shutdown(shared: &Arc<Shared>, requests: &Receiver<ShutdownRequest>) -> Vec<Sender<()>> {
     let mut waiters = Vec::new();
     let note = |request: ShutdownRequest, waiters: &mut Vec<Sender<()>>| match request {
         ShutdownRequest::Signal => {}
@@ -267,9 +257,7 @@ fn wait_for_shutdown(
             thread::scope(|scope| {
                 for instance in shared.table.all() {
                     let shared = &shared;
-                    scope.spawn(move || {
-                        instance.stop_with(shared.settings.stop_grace, &shared.kill_now)
-                    });
+                    scope.spawn(move || instance.stop_with(shared.settings.stop_grace, &shared.kill_now));
                 }
             });
         })
@@ -287,6 +275,17 @@ fn wait_for_shutdown(
     waiters
 }
 
+/// Recreates, stopped, the instances an earlier daemon knew, with their LRU order and pins.
+fn restore_instances(shared: &Shared, remembered: Vec<state::InstanceRecord>) {
+    for record in remembered {
+        let Ok(metadata) = fs::metadata(&record.model.path) else { continue };
+        let Ok(info) = crate::gguf::inspect(&record.model.path) else { continue };
+        let stamp = crate::instance::FileStamp::of(&metadata);
+        let instance = shared.table.get_or_insert(&record.model, info, stamp);
+        instance.restore(record.last_used_ms, record.pinned, record.pinned_until_ms);
+    }
+}
+
 fn acquire_lock(paths: &Paths) -> Result<File> {
     let lock_path = paths.lock_file();
     let mut file = File::options()
@@ -296,16 +295,11 @@ fn acquire_lock(paths: &Paths) -> Result<File> {
         .truncate(false)
         .open(&lock_path)
         .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
-    let locked = sys::try_lock_exclusive(&file)
-        .map_err(|e| Error::io(format!("cannot lock {}", lock_path.display()), e))?;
+    let locked =
+        sys::try_lock_exclusive(&file).map_err(|e| Error::io(format!("cannot lock {}", lock_path.display()), e))?;
     if !locked {
-        let pid = fs::read_to_string(&lock_path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        return Err(Error::DaemonRunning {
-            socket: paths.socket.clone(),
-            pid,
-        });
+        let pid = fs::read_to_string(&lock_path).ok().and_then(|s| s.trim().parse().ok());
+        return Err(Error::DaemonRunning { socket: paths.socket.clone(), pid });
     }
     file.set_len(0)
         .and_then(|()| writeln!(file, "{}", std::process::id()))
@@ -358,6 +352,7 @@ fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
         for instance in shared.table.all() {
             instance.reap();
         }
+        shared.expire_ttls();
         let current = state::snapshot(&shared.table);
         if current != written || retry {
             retry = write_state();
@@ -366,10 +361,7 @@ fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
     }
 }
 
-fn spawn_named<F: FnOnce() + Send + 'static>(
-    name: &str,
-    body: F,
-) -> Result<thread::JoinHandle<()>> {
+fn spawn_named<F: FnOnce() + Send + 'static>(name: &str, body: F) -> Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name(name.to_string())
         .spawn(body)

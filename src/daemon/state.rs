@@ -5,6 +5,9 @@
 //! that is still the same process. A pid whose start time differs belongs to someone else
 //! and is never touched. The file is always replaced atomically (temp, fsync, rename); when
 //! it cannot be written the daemon logs the problem and keeps serving.
+//!
+//! It also keeps what must outlive a daemon: every instance's model and load options, when
+//! it was last used (the LRU order), and its pins, restored at the next start.
 
 use std::fs;
 use std::path::Path;
@@ -12,6 +15,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::instance::table::InstanceTable;
+use crate::model::ModelSpec;
 use crate::paths;
 use crate::process;
 
@@ -22,24 +26,56 @@ pub struct ChildRecord {
     pub model: String,
 }
 
+/// An instance as it is remembered across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub model: ModelSpec,
+    pub last_used_ms: Option<u64>,
+    pub pinned: bool,
+    pub pinned_until_ms: Option<u64>,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StateFile {
     daemon_pid: u32,
     children: Vec<ChildRecord>,
+    #[serde(default)]
+    instances: Vec<InstanceRecord>,
+}
+
+/// Everything the state file holds, to tell when it must be written again.
+pub fn snapshot(table: &InstanceTable) -> (Vec<ChildRecord>, Vec<InstanceRecord>) {
+    (children(table), instances(table))
+}
+
+fn instances(table: &InstanceTable) -> Vec<InstanceRecord> {
+    table
+        .all()
+        .iter()
+        .map(|instance| {
+            let (last_used_ms, pinned, pinned_until_ms) = instance.memory();
+            InstanceRecord { model: instance.spec.clone(), last_used_ms, pinned, pinned_until_ms }
+        })
+        .collect()
+}
+
+/// Instances a previous daemon knew, to be restored (stopped) at start.
+pub fn remembered_instances(path: &Path) -> Vec<InstanceRecord> {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<StateFile>(&text).ok())
+        .map(|state| state.instances)
+        .unwrap_or_default()
 }
 
 /// The children running now, in a stable order.
-pub fn snapshot(table: &InstanceTable) -> Vec<ChildRecord> {
+fn children(table: &InstanceTable) -> Vec<ChildRecord> {
     let mut children: Vec<ChildRecord> = table
         .all()
         .iter()
         .filter_map(|instance| {
             let (pid, start_time) = instance.child_identity()?;
-            Some(ChildRecord {
-                pid,
-                start_time,
-                model: instance.spec.path.display().to_string(),
-            })
+            Some(ChildRecord { pid, start_time, model: instance.spec.path.display().to_string() })
         })
         .collect();
     children.sort_by_key(|child| child.pid);
@@ -48,10 +84,7 @@ pub fn snapshot(table: &InstanceTable) -> Vec<ChildRecord> {
 
 /// Writes the state file; on failure logs it and returns the reason for `status`.
 pub fn write(path: &Path, table: &InstanceTable) -> Result<(), String> {
-    let state = StateFile {
-        daemon_pid: std::process::id(),
-        children: snapshot(table),
-    };
+    let state = StateFile { daemon_pid: std::process::id(), children: children(table), instances: instances(table) };
     let mut json = serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?;
     json.push(b'\n');
     if let Some(dir) = path.parent() {
@@ -78,16 +111,9 @@ pub fn kill_leftovers(path: &Path) {
     };
     for child in state.children {
         if process::kill_leftover(child.pid, child.start_time) {
-            log::warn!(
-                "killed llama-server pid {} left by an earlier daemon ({})",
-                child.pid,
-                child.model
-            );
+            log::warn!("killed llama-server pid {} left by an earlier daemon ({})", child.pid, child.model);
         } else {
-            log::info!(
-                "pid {} from the state file is gone or reused; left alone",
-                child.pid
-            );
+            log::info!("pid {} from the state file is gone or reused; left alone", child.pid);
         }
     }
 }

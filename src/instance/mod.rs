@@ -21,10 +21,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::backend::llama::{self, OutputTail, Timeouts};
+use crate::budget::{Need, Resident};
+use crate::config::Ttl;
 use crate::daemon::launcher::Launcher;
 use crate::error::{Error, ErrorKind, Result};
 use crate::gguf::ModelInfo;
-use crate::model::ModelSpec;
+use crate::memory::{self, GpuReading};
+use crate::model::{ModelSpec, Policy};
 use crate::process::{self, ChildGroup};
 use crate::protocol::{InstanceStatus, Usage};
 
@@ -67,6 +70,13 @@ pub struct LoadEnv<'a> {
     pub load_timeout: Duration,
     pub http: Timeouts,
     pub crash_loop: CrashLoop,
+    /// Frees memory for a load, evicting other instances as the budget requires.
+    pub room: &'a dyn Room,
+}
+
+/// The daemon's side of the memory budget, asked before each spawn.
+pub trait Room {
+    fn make_room(&self, instance: &Instance) -> Result<()>;
 }
 
 /// The crash-loop breaker: after `limit` crashes within `window`, an instance is not
@@ -85,11 +95,7 @@ struct Running {
 
 impl Running {
     /// Stops the child (if still running) and waits for its output to be drained.
-    fn finish(
-        mut self,
-        grace: Duration,
-        abort: &AtomicBool,
-    ) -> std::io::Result<std::process::ExitStatus> {
+    fn finish(mut self, grace: Duration, abort: &AtomicBool) -> std::io::Result<std::process::ExitStatus> {
         let status = self.child.stop(grace, abort);
         if let Some(drain) = self.drain.take() {
             let _ = drain.join();
@@ -123,6 +129,16 @@ struct Inner {
     rejected: u64,
     /// How long the last requests waited for a slot.
     waits: VecDeque<Duration>,
+    /// The model's latest policy (from the config), applied without a reload.
+    policy: Policy,
+    /// Pinned with `llmctl pin`.
+    pinned_by_command: bool,
+    /// Pinned by `llmctl warm --ttl` until then.
+    pinned_until: Option<SystemTime>,
+    /// Times this instance was evicted for memory or unloaded by its TTL.
+    evictions: u32,
+    /// When the last load finished, for a TTL that starts before any request.
+    ready_since: Option<SystemTime>,
 }
 
 /// Size and modification time of a model file, to notice when it changes.
@@ -134,10 +150,7 @@ pub struct FileStamp {
 
 impl FileStamp {
     pub fn of(metadata: &std::fs::Metadata) -> FileStamp {
-        FileStamp {
-            len: metadata.len(),
-            modified: metadata.modified().ok(),
-        }
+        FileStamp { len: metadata.len(), modified: metadata.modified().ok() }
     }
 }
 
@@ -186,6 +199,7 @@ pub enum AcquireError {
 
 impl Instance {
     pub fn new(spec: ModelSpec, info: ModelInfo, file_stamp: FileStamp) -> Instance {
+        let policy = spec.policy.clone();
         Instance {
             spec,
             info,
@@ -208,6 +222,11 @@ impl Instance {
                 crashes: VecDeque::new(),
                 rejected: 0,
                 waits: VecDeque::new(),
+                policy,
+                pinned_by_command: false,
+                pinned_until: None,
+                evictions: 0,
+                ready_since: None,
             }),
             changed: Condvar::new(),
             process: Mutex::new(None),
@@ -216,14 +235,118 @@ impl Instance {
 
     /// Bytes this instance is expected to use before it runs: weights, KV cache, process.
     pub fn estimate_bytes(&self) -> u64 {
-        let n_ctx = self
-            .spec
-            .load
-            .ctx_size
-            .map(u64::from)
-            .or(self.info.context_length)
-            .unwrap_or(4096);
+        let n_ctx = self.spec.load.ctx_size.map(u64::from).or(self.info.context_length).unwrap_or(4096);
         self.info.tensor_bytes + self.info.kv_cache_bytes(n_ctx) + PROCESS_OVERHEAD_BYTES
+    }
+
+    /// What this instance needs from the budget: RAM and, with GPU layers on a machine with
+    /// a GPU, GPU memory (the offloaded share of weights and KV cache plus a CUDA context).
+    pub fn need(&self, gpu_present: bool) -> Need {
+        let total = self.estimate_bytes();
+        let layers = self.info.block_count.unwrap_or(1).max(1);
+        let offloaded = match (gpu_present, self.spec.load.gpu_layers) {
+            (true, Some(n)) if n > 0 => (u64::from(n).min(layers + 1) as f64 / (layers + 1) as f64).min(1.0),
+            _ => return Need { ram: total, vram: 0 },
+        };
+        let model_bytes = total - PROCESS_OVERHEAD_BYTES;
+        let on_gpu = (model_bytes as f64 * offloaded) as u64;
+        Need { ram: total - on_gpu, vram: on_gpu + memory::CUDA_CONTEXT_BYTES }
+    }
+
+    /// This instance as the eviction policy sees it, or none when it holds no memory.
+    pub fn resident(&self, id: usize, gpu: Option<&GpuReading>) -> Option<Resident> {
+        let inner = self.inner.lock();
+        if matches!(inner.state, State::Stopped | State::Failed) && inner.pid.is_none() {
+            return None;
+        }
+        let state = inner.state;
+        let busy = state != State::Ready || inner.in_flight > 0 || !inner.queue.is_empty();
+        let pinned = self.pinned_now(&inner);
+        let pid = inner.pid;
+        let last_used_ms = inner.last_used.or(inner.ready_since).map_or(0, millis_since_epoch);
+        drop(inner);
+        let need = self.need(gpu.is_some());
+        // Until it runs, an instance is charged its estimate; then what it really uses.
+        let measured_ram = if state == State::Ready { pid.and_then(process::rss_bytes) } else { None };
+        let measured_vram = pid.and_then(|pid| gpu?.used_by_pid.get(&pid).copied());
+        Some(Resident {
+            id,
+            name: self.spec.name.clone(),
+            ram: measured_ram.unwrap_or(need.ram),
+            vram: measured_vram.unwrap_or(need.vram),
+            last_used_ms,
+            pinned,
+            busy,
+        })
+    }
+
+    fn pinned_now(&self, inner: &Inner) -> bool {
+        inner.policy.pinned
+            || inner.pinned_by_command
+            || inner.pinned_until.is_some_and(|until| until > SystemTime::now())
+    }
+
+    /// Takes the model's latest policy from a request.
+    pub fn apply_policy(&self, policy: &Policy) {
+        self.inner.lock().policy = policy.clone();
+    }
+
+    pub fn set_pinned(&self, pinned: bool) {
+        let mut inner = self.inner.lock();
+        inner.pinned_by_command = pinned;
+        if !pinned {
+            inner.pinned_until = None;
+        }
+    }
+
+    /// Keeps the instance loaded at least until `until`.
+    pub fn pin_until(&self, until: SystemTime) {
+        let mut inner = self.inner.lock();
+        inner.pinned_until = Some(inner.pinned_until.map_or(until, |current| current.max(until)));
+    }
+
+    /// Marks an idle, ready instance as stopping so nothing new starts on it; false if it
+    /// is busy or not loaded. The caller then calls [`Instance::finish_eviction`].
+    pub fn try_begin_eviction(&self) -> bool {
+        let mut inner = self.inner.lock();
+        if inner.state != State::Ready || inner.in_flight > 0 || !inner.queue.is_empty() {
+            return false;
+        }
+        inner.state = State::Stopping;
+        inner.evictions += 1;
+        drop(inner);
+        self.changed.notify_all();
+        true
+    }
+
+    pub fn finish_eviction(&self, grace: Duration, abort: &AtomicBool) {
+        self.stop_with(grace, abort);
+    }
+
+    /// True when a ready, idle, unpinned instance has gone unused for its TTL.
+    pub fn ttl_expired(&self, default_ttl: Ttl) -> bool {
+        let inner = self.inner.lock();
+        if inner.state != State::Ready || inner.in_flight > 0 || self.pinned_now(&inner) {
+            return false;
+        }
+        let Ttl::Seconds(seconds) = inner.policy.ttl.unwrap_or(default_ttl) else { return false };
+        let since = inner.last_used.or(inner.ready_since);
+        since.and_then(|t| t.elapsed().ok()).is_some_and(|idle| idle >= Duration::from_secs(seconds))
+    }
+
+    /// The snapshot kept in the state file, so LRU order and pins survive a restart.
+    pub fn memory(&self) -> (Option<u64>, bool, Option<u64>) {
+        let inner = self.inner.lock();
+        (inner.last_used.map(millis_since_epoch), inner.pinned_by_command, inner.pinned_until.map(millis_since_epoch))
+    }
+
+    /// Restores what [`Instance::memory`] saved.
+    pub fn restore(&self, last_used_ms: Option<u64>, pinned: bool, pinned_until_ms: Option<u64>) {
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        let mut inner = self.inner.lock();
+        inner.last_used = last_used_ms.map(at);
+        inner.pinned_by_command = pinned;
+        inner.pinned_until = pinned_until_ms.map(at);
     }
 
     pub fn state(&self) -> State {
@@ -250,14 +373,9 @@ impl Instance {
         let mut waited_generation = None;
         loop {
             match inner.state {
-                State::Ready => {
-                    return Ok(inner.client.clone().expect("a ready instance has a client"))
-                }
+                State::Ready => return Ok(inner.client.clone().expect("a ready instance has a client")),
                 State::Failed if waited_generation == Some(inner.load_generation) => {
-                    let (kind, message) = inner
-                        .failure
-                        .clone()
-                        .unwrap_or((ErrorKind::Backend, "load failed".into()));
+                    let (kind, message) = inner.failure.clone().unwrap_or((ErrorKind::Backend, "load failed".into()));
                     return Err(Error::Remote { kind, message });
                 }
                 State::Failed => {
@@ -302,19 +420,25 @@ impl Instance {
 
         let mut inner = self.inner.lock();
         let outcome = match result {
-            Ok((client, tail, port))
-                if inner.state == State::Starting && inner.load_generation == generation =>
-            {
+            Ok((client, tail, port)) if inner.state == State::Starting && inner.load_generation == generation => {
                 inner.state = State::Ready;
                 inner.client = Some(client.clone());
                 inner.tail = Some(tail);
                 inner.port = Some(port);
+                inner.ready_since = Some(SystemTime::now());
                 Ok(client)
             }
             Ok(_) => Err(Error::Remote {
                 kind: ErrorKind::Unavailable,
                 message: format!("{} was stopped while it loaded", self.spec.name),
             }),
+            // Refused by the budget: nothing ran, so nothing failed.
+            Err(error) if error.kind() == ErrorKind::NoCapacity => {
+                if inner.state == State::Starting && inner.load_generation == generation {
+                    inner.state = State::Stopped;
+                }
+                Err(error)
+            }
             Err(error) => {
                 if inner.state == State::Starting && inner.load_generation == generation {
                     inner.state = State::Failed;
@@ -333,25 +457,13 @@ impl Instance {
         outcome
     }
 
-    fn load(
-        &self,
-        env: &LoadEnv<'_>,
-        generation: u64,
-    ) -> Result<(llama::Client, Arc<OutputTail>, u16)> {
-        let binary = env
-            .binary
-            .clone()
-            .map_err(|searched| Error::NoLlamaServer { searched })?;
+    fn load(&self, env: &LoadEnv<'_>, generation: u64) -> Result<(llama::Client, Arc<OutputTail>, u16)> {
+        let binary = env.binary.clone().map_err(|searched| Error::NoLlamaServer { searched })?;
+        env.room.make_room(self)?;
         let mut command = llama::command(&binary, &self.spec);
         let log_path = env.log_dir.join(log_file_name(&self.spec));
         let capture = llama::capture_output(&mut command, &log_path).map_err(|e| {
-            Error::io(
-                format!(
-                    "cannot capture the output of llama-server in {}",
-                    log_path.display()
-                ),
-                e,
-            )
+            Error::io(format!("cannot capture the output of llama-server in {}", log_path.display()), e)
         })?;
         let spawned = env.launcher.spawn(command);
         // `command` (and the pipe's write ends in it) is gone; only the child holds them now.
@@ -365,14 +477,8 @@ impl Instance {
             }
         };
         let pid = child.pid();
-        log::info!(
-            "spawned llama-server pid {pid} for {}",
-            self.spec.path.display()
-        );
-        *self.process.lock() = Some(Running {
-            child,
-            drain: Some(capture.drain),
-        });
+        log::info!("spawned llama-server pid {pid} for {}", self.spec.path.display());
+        *self.process.lock() = Some(Running { child, drain: Some(capture.drain) });
         self.inner.lock().pid = Some(pid);
         self.changed.notify_all();
 
@@ -405,9 +511,7 @@ impl Instance {
                 return Err(self.stopped_while_loading());
             }
             if deadline_passed(&tail) {
-                return Err(Error::Timeout {
-                    what: self.load_timeout_message(env),
-                });
+                return Err(Error::Timeout { what: self.load_timeout_message(env) });
             }
         };
 
@@ -423,9 +527,7 @@ impl Instance {
                 return Err(self.stopped_while_loading());
             }
             if deadline_passed(&tail) {
-                return Err(Error::Timeout {
-                    what: self.load_timeout_message(env),
-                });
+                return Err(Error::Timeout { what: self.load_timeout_message(env) });
             }
             std::thread::sleep(llama::READY_POLL);
         }
@@ -485,21 +587,13 @@ impl Instance {
 
     /// The error to give instead of a restart while the instance is in a crash loop.
     fn crash_loop_error(&self, inner: &mut Inner, breaker: CrashLoop) -> Option<Error> {
-        while inner
-            .crashes
-            .front()
-            .is_some_and(|at| at.elapsed() > breaker.window)
-        {
+        while inner.crashes.front().is_some_and(|at| at.elapsed() > breaker.window) {
             inner.crashes.pop_front();
         }
         if inner.crashes.len() < breaker.limit {
             return None;
         }
-        let last = inner
-            .failure
-            .as_ref()
-            .map(|(_, message)| message.as_str())
-            .unwrap_or("");
+        let last = inner.failure.as_ref().map(|(_, message)| message.as_str()).unwrap_or("");
         Some(Error::Remote {
             kind: ErrorKind::Backend,
             message: format!(
@@ -516,12 +610,7 @@ impl Instance {
     /// True while the crash-loop breaker holds the instance down.
     fn crash_looping(&self, inner: &Inner, breaker: CrashLoop) -> bool {
         inner.state == State::Failed
-            && inner
-                .crashes
-                .iter()
-                .filter(|at| at.elapsed() <= breaker.window)
-                .count()
-                >= breaker.limit
+            && inner.crashes.iter().filter(|at| at.elapsed() <= breaker.window).count() >= breaker.limit
     }
 
     /// Waits for a free slot, first come first served, until `deadline`.
@@ -558,11 +647,7 @@ impl Instance {
                     drop(inner);
                     // The next in line may also fit a free slot.
                     self.changed.notify_all();
-                    return Ok(Slot {
-                        instance: Arc::clone(self),
-                        client,
-                        usage: Usage::default(),
-                    });
+                    return Ok(Slot { instance: Arc::clone(self), client, usage: Usage::default() });
                 }
                 State::Ready | State::Starting => {}
                 State::Stopping | State::Stopped | State::Failed => {
@@ -589,11 +674,7 @@ impl Instance {
                 self.changed.notify_all();
                 return result;
             }
-            let position = inner
-                .queue
-                .iter()
-                .position(|&t| t == ticket)
-                .map_or(0, |i| i + 1);
+            let position = inner.queue.iter().position(|&t| t == ticket).map_or(0, |i| i + 1);
             if position != reported_position && inner.state == State::Ready {
                 reported_position = position;
                 MutexGuard::unlocked(&mut inner, || on_queued(position));
@@ -619,10 +700,7 @@ impl Instance {
                 return error;
             }
         }
-        Error::Backend {
-            model: self.spec.name.clone(),
-            message,
-        }
+        Error::Backend { model: self.spec.name.clone(), message }
     }
 
     fn mark_failed(&self, error: &Error) {
@@ -684,10 +762,7 @@ impl Instance {
         if let Some(running) = running {
             let pid = running.child.pid();
             match running.finish(grace, abort) {
-                Ok(status) => log::info!(
-                    "llama-server pid {pid} {}",
-                    process::describe_status(status)
-                ),
+                Ok(status) => log::info!("llama-server pid {pid} {}", process::describe_status(status)),
                 Err(error) => log::warn!("cannot reap llama-server pid {pid}: {error}"),
             }
         }
@@ -709,10 +784,7 @@ impl Instance {
             in_flight: inner.in_flight,
             estimate_bytes: 0,
             rss_bytes: None,
-            last_used_ms: inner
-                .last_used
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map(|d| d.as_millis() as u64),
+            last_used_ms: inner.last_used.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64),
             requests: inner.requests,
             usage: inner.usage,
             restarts: inner.restarts,
@@ -721,12 +793,24 @@ impl Instance {
             rejected: inner.rejected,
             wait_p50_ms: percentile_ms(&inner.waits, 0.50),
             wait_p99_ms: percentile_ms(&inner.waits, 0.99),
+            pinned: self.pinned_now(&inner),
+            pinned_until_ms: inner.pinned_until.map(millis_since_epoch),
+            ttl_s: match inner.policy.ttl {
+                Some(Ttl::Seconds(seconds)) => Some(seconds),
+                _ => None,
+            },
+            evictions: inner.evictions,
+            vram_bytes: None,
         };
         drop(inner);
         status.estimate_bytes = self.estimate_bytes();
         status.rss_bytes = status.pid.and_then(process::rss_bytes);
         status
     }
+}
+
+fn millis_since_epoch(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn percentile_ms(samples: &VecDeque<Duration>, quantile: f64) -> Option<f64> {
@@ -745,16 +829,7 @@ fn log_file_name(spec: &ModelSpec) -> String {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     spec.path.hash(&mut hasher);
     spec.load.hash(&mut hasher);
-    let stem: String = spec
-        .name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let stem: String =
+        spec.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
     format!("{stem}-{:08x}.log", hasher.finish() as u32)
 }

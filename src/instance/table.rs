@@ -21,19 +21,10 @@ pub struct InstanceTable {
 
 impl InstanceTable {
     /// The instance for `spec`, created (stopped) if it is new.
-    pub fn get_or_insert(
-        &self,
-        spec: &ModelSpec,
-        info: ModelInfo,
-        stamp: FileStamp,
-    ) -> Arc<Instance> {
+    pub fn get_or_insert(&self, spec: &ModelSpec, info: ModelInfo, stamp: FileStamp) -> Arc<Instance> {
         let key = (spec.path.clone(), spec.load.clone());
         let mut instances = self.instances.lock();
-        Arc::clone(
-            instances
-                .entry(key)
-                .or_insert_with(|| Arc::new(Instance::new(spec.clone(), info, stamp))),
-        )
+        Arc::clone(instances.entry(key).or_insert_with(|| Arc::new(Instance::new(spec.clone(), info, stamp))))
     }
 
     /// The instance for `spec`, if there is one.
@@ -45,11 +36,7 @@ impl InstanceTable {
     /// Every instance of the model file at `path`, whatever its load options.
     pub fn for_path(&self, path: &Path) -> Vec<Arc<Instance>> {
         let instances = self.instances.lock();
-        instances
-            .iter()
-            .filter(|((p, _), _)| p == path)
-            .map(|(_, i)| Arc::clone(i))
-            .collect()
+        instances.iter().filter(|((p, _), _)| p == path).map(|(_, i)| Arc::clone(i)).collect()
     }
 
     pub fn all(&self) -> Vec<Arc<Instance>> {

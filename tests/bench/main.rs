@@ -25,21 +25,13 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test` probes benches this way.
     }
-    let reps: usize = std::env::var("BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(9);
+    let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(9);
     let server = data_dir().join("llama.cpp/b11434/llama-server");
     let demo = data_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(server.exists() && demo.exists(), "run `llmctl setup` first");
 
     println!("## llmctl benchmark\n");
-    println!(
-        "machine: {}, {} CPUs; {} repetitions, medians\n",
-        cpu_model(),
-        cpus(),
-        reps
-    );
+    println!("machine: {}, {} CPUs; {} repetitions, medians\n", cpu_model(), cpus(), reps);
     let env = Bench::new(&server);
 
     // 1a. SmolLM2 streaming, warm instance.
@@ -74,11 +66,7 @@ fn main() {
         ms(direct_ttft),
         ms(direct_total)
     );
-    println!(
-        "| `llmctl run` (whole process) | {} | {llmctl_rate:.1} | {} |",
-        ms(llmctl_ttft),
-        ms(llmctl_total)
-    );
+    println!("| `llmctl run` (whole process) | {} | {llmctl_rate:.1} | {} |", ms(llmctl_ttft), ms(llmctl_total));
     println!(
         "\ntokens/s ratio llmctl/direct: **{:.3}**; added time to first token: **{:+.2} ms**\n",
         llmctl_rate / direct_rate,
@@ -96,11 +84,7 @@ fn main() {
     let mut through = Vec::new();
     let mut straight = Vec::new();
     for _ in 0..reps.min(5) {
-        through.push(
-            fake_env
-                .timed_run(&["run", "--raw", fake_model.to_str().unwrap(), "go"])
-                .1,
-        );
+        through.push(fake_env.timed_run(&["run", "--raw", fake_model.to_str().unwrap(), "go"]).1);
         straight.push(direct_stream(fake_port, "go", fake_tokens).1);
     }
     let through = median(&through);
@@ -108,10 +92,7 @@ fn main() {
     println!("### Streaming, fake llama-server at full speed, {fake_tokens} tokens\n");
     println!("| path | tokens/s | µs per token |");
     println!("|---|---|---|");
-    for (name, time) in [
-        ("fake server directly (HTTP, in process)", straight),
-        ("`llmctl run > /dev/null`", through),
-    ] {
+    for (name, time) in [("fake server directly (HTTP, in process)", straight), ("`llmctl run > /dev/null`", through)] {
         println!(
             "| {name} | {:.0} | {:.2} |",
             fake_tokens as f64 / time.as_secs_f64(),
@@ -122,48 +103,26 @@ fn main() {
 
     // 2. Control plane.
     let status: Vec<Duration> = (0..reps * 5).map(|_| env.timed(&["status"])).collect();
-    let warm: Vec<Duration> = (0..reps)
-        .map(|_| env.timed(&["warm", demo.to_str().unwrap()]))
-        .collect();
+    let warm: Vec<Duration> = (0..reps).map(|_| env.timed(&["warm", demo.to_str().unwrap()])).collect();
     println!("### Control plane, whole process, warm daemon\n");
     println!("| command | median | p99 |\n|---|---|---|");
-    println!(
-        "| `llmctl status` | {} | {} |",
-        ms(median(&status)),
-        ms(p99(&status))
-    );
-    println!(
-        "| `llmctl warm` (loaded model, one-token request) | {} | {} |\n",
-        ms(median(&warm)),
-        ms(p99(&warm))
-    );
+    println!("| `llmctl status` | {} | {} |", ms(median(&status)), ms(p99(&status)));
+    println!("| `llmctl warm` (loaded model, one-token request) | {} | {} |\n", ms(median(&warm)), ms(p99(&warm)));
 
     // 3. Cold start.
     let mut cold_llmctl = Vec::new();
     let mut cold_alone = Vec::new();
     for _ in 0..reps.min(5) {
         env.llmctl(&["stop", "--all"]);
-        cold_llmctl.push(
-            env.timed_run(&["run", "--raw", "-n", "1", demo.to_str().unwrap(), "Hello"])
-                .0,
-        );
+        cold_llmctl.push(env.timed_run(&["run", "--raw", "-n", "1", demo.to_str().unwrap(), "Hello"]).0);
         cold_alone.push(cold_start_alone(&server, &demo));
     }
     let (cold_llmctl, cold_alone) = (median(&cold_llmctl), median(&cold_alone));
     println!("### Cold start to first token, SmolLM2\n");
     println!("| path | median |\n|---|---|");
-    println!(
-        "| llama-server alone (spawn, log port, /health every 1 ms, request) | {} |",
-        ms(cold_alone)
-    );
-    println!(
-        "| `llmctl run` on an unloaded model | {} |",
-        ms(cold_llmctl)
-    );
-    println!(
-        "\ndifference: **{:+.1} ms**\n",
-        (cold_llmctl.as_secs_f64() - cold_alone.as_secs_f64()) * 1000.0
-    );
+    println!("| llama-server alone (spawn, log port, /health every 1 ms, request) | {} |", ms(cold_alone));
+    println!("| `llmctl run` on an unloaded model | {} |", ms(cold_llmctl));
+    println!("\ndifference: **{:+.1} ms**\n", (cold_llmctl.as_secs_f64() - cold_alone.as_secs_f64()) * 1000.0);
 
     // 4. Footprint.
     let idle = Bench::new(&server);
@@ -175,18 +134,11 @@ fn main() {
     println!("| what | size |\n|---|---|");
     println!(
         "| `llmctl` binary ({}) | {:.1} MiB |",
-        if LLMCTL.contains("release") {
-            "release"
-        } else {
-            "this build"
-        },
+        if LLMCTL.contains("release") { "release" } else { "this build" },
         mib(size)
     );
     println!("| daemon RSS, idle | {:.1} MiB |", mib(idle_rss));
-    println!(
-        "| daemon RSS, one model loaded and used | {:.1} MiB |",
-        mib(loaded_rss)
-    );
+    println!("| daemon RSS, one model loaded and used | {:.1} MiB |", mib(loaded_rss));
 }
 
 /// An isolated llmctl environment with its own daemon.
@@ -198,15 +150,8 @@ struct Bench {
 
 impl Bench {
     fn new(server: &Path) -> Bench {
-        let dir = tempfile::Builder::new()
-            .prefix("llmctl-bench-")
-            .tempdir()
-            .unwrap();
-        Bench {
-            dir,
-            server: server.to_path_buf(),
-            fake_tokens: std::cell::Cell::new(None),
-        }
+        let dir = tempfile::Builder::new().prefix("llmctl-bench-").tempdir().unwrap();
+        Bench { dir, server: server.to_path_buf(), fake_tokens: std::cell::Cell::new(None) }
     }
 
     fn set_fake_tokens(&self, n: usize) {
@@ -231,11 +176,7 @@ impl Bench {
 
     fn llmctl(&self, args: &[&str]) -> String {
         let output = self.command(args).output().unwrap();
-        assert!(
-            output.status.success(),
-            "llmctl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "llmctl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
@@ -274,10 +215,7 @@ impl Bench {
 
 impl Drop for Bench {
     fn drop(&mut self) {
-        let _ = self
-            .command(&["shutdown"])
-            .env("LLMCTL_NO_AUTOSTART", "1")
-            .output();
+        let _ = self.command(&["shutdown"]).env("LLMCTL_NO_AUTOSTART", "1").output();
     }
 }
 
@@ -285,9 +223,7 @@ impl Drop for Bench {
 fn direct_stream(port: u16, prompt: &str, tokens: usize) -> (Duration, Duration) {
     let body = serde_json::json!({"prompt": prompt, "n_predict": tokens, "temperature": 0, "stream": true});
     let start = Instant::now();
-    let mut response = ureq::post(format!("http://127.0.0.1:{port}/completion"))
-        .send(body.to_string())
-        .unwrap();
+    let mut response = ureq::post(format!("http://127.0.0.1:{port}/completion")).send(body.to_string()).unwrap();
     let mut reader = BufReader::new(response.body_mut().as_reader());
     let mut line = String::new();
     let mut ttft = None;
@@ -341,16 +277,8 @@ fn cold_start_alone(server: &Path, model: &Path) -> Duration {
         }
     });
     let port = port_rx.recv().unwrap();
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    while agent
-        .get(format!("http://127.0.0.1:{port}/health"))
-        .call()
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    while agent.get(format!("http://127.0.0.1:{port}/health")).call().map(|r| r.status() != 200).unwrap_or(true) {
         std::thread::sleep(Duration::from_millis(1));
     }
     let _ = direct_stream(port, "Hello", 1);
@@ -395,9 +323,7 @@ fn data_dir() -> PathBuf {
 }
 
 fn cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 fn cpu_model() -> String {

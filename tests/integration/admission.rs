@@ -28,38 +28,19 @@ fn a_flood_on_one_model_does_not_delay_another() {
     // Six requests for one slot: they take about six generations' time in turn.
     let flood: Vec<_> = (0..6).map(|_| env.spawn(&["run", &hot, "x"])).collect();
     wait_until("the flood is queued", || {
-        env.status_json()["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|i| i["name"] == "hot" && i["queued"] == 5)
+        env.status_json()["instances"].as_array().unwrap().iter().any(|i| i["name"] == "hot" && i["queued"] == 5)
     });
     let output = env.run(&["run", &cold, "x"]);
     assert_success(&output);
     // The other model's request finished while the flood was still waiting its turn.
     let status = env.status_json();
-    let hot_status = status["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["name"] == "hot")
-        .unwrap()
-        .clone();
-    assert!(
-        hot_status["queued"].as_u64().unwrap() >= 1,
-        "the flood was already over: {hot_status}"
-    );
+    let hot_status = status["instances"].as_array().unwrap().iter().find(|i| i["name"] == "hot").unwrap().clone();
+    assert!(hot_status["queued"].as_u64().unwrap() >= 1, "the flood was already over: {hot_status}");
     for child in flood {
         assert_success(&child.wait_with_output().unwrap());
     }
     let status = env.status_json();
-    let hot_status = status["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["name"] == "hot")
-        .unwrap()
-        .clone();
+    let hot_status = status["instances"].as_array().unwrap().iter().find(|i| i["name"] == "hot").unwrap().clone();
     assert_eq!(hot_status["requests"], 7); // warm's ping and the six requests
     let p50 = hot_status["wait_p50_ms"].as_f64().unwrap();
     let p99 = hot_status["wait_p99_ms"].as_f64().unwrap();
@@ -73,20 +54,12 @@ fn a_full_queue_answers_busy_at_once_and_counts_it_per_model() {
     let model = slow_model(&env, "busy");
     assert_success(&env.run(&["warm", &model]));
     let first = env.spawn(&["run", &model, "x"]);
-    wait_until("the first request holds the slot", || {
-        env.status_json()["instances"][0]["in_flight"] == 1
-    });
+    wait_until("the first request holds the slot", || env.status_json()["instances"][0]["in_flight"] == 1);
     let second = env.spawn(&["run", &model, "x"]);
-    wait_until("the second request waits in the queue", || {
-        env.status_json()["instances"][0]["queued"] == 1
-    });
+    wait_until("the second request waits in the queue", || env.status_json()["instances"][0]["queued"] == 1);
     let output = env.run(&["run", &model, "x"]);
     assert_exit(&output, 75);
-    assert!(
-        stderr(&output).contains("try again in"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("try again in"), "{}", stderr(&output));
     assert_success(&first.wait_with_output().unwrap());
     assert_success(&second.wait_with_output().unwrap());
     let status = env.status_json();
@@ -100,18 +73,13 @@ fn a_waiting_client_hears_its_position_and_can_give_up() {
     let model = slow_model(&env, "one");
     assert_success(&env.run(&["warm", &model]));
     let holder = env.spawn(&["run", &model, "x"]);
-    wait_until("the slot is taken", || {
-        env.status_json()["instances"][0]["in_flight"] == 1
-    });
+    wait_until("the slot is taken", || env.status_json()["instances"][0]["in_flight"] == 1);
     // Speak the protocol directly to see the position message a terminal would show.
     let mut waiter = std::os::unix::net::UnixStream::connect(env.socket()).unwrap();
     let spec = serde_json::json!({"name": "one", "path": env.path("models/one.gguf"), "load": {"ctx_size": null, "parallel": 1, "extra_args": ["--fake-tokens", "40", "--fake-token-ms", "10"]}});
     let request = serde_json::json!({"type": "run", "model": spec, "mode": "raw", "prompt": "x", "system": null, "sampling": {"stop": []}});
-    std::io::Write::write_all(
-        &mut waiter,
-        format!("{{\"type\":\"hello\",\"version\":1}}\n{request}\n").as_bytes(),
-    )
-    .unwrap();
+    std::io::Write::write_all(&mut waiter, format!("{{\"type\":\"hello\",\"version\":1}}\n{request}\n").as_bytes())
+        .unwrap();
     let mut lines = BufReader::new(waiter.try_clone().unwrap()).lines();
     let _hello = lines.next().unwrap().unwrap();
     let queued: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
@@ -119,8 +87,6 @@ fn a_waiting_client_hears_its_position_and_can_give_up() {
     assert_eq!(queued["position"], 1);
     drop(lines);
     drop(waiter);
-    wait_until("the abandoned request leaves the queue", || {
-        env.status_json()["instances"][0]["queued"] == 0
-    });
+    wait_until("the abandoned request leaves the queue", || env.status_json()["instances"][0]["queued"] == 0);
     assert_success(&holder.wait_with_output().unwrap());
 }

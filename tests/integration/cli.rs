@@ -45,10 +45,8 @@ fn json_mode_writes_token_lines_and_a_done_line() {
     let model = fake_model(&env);
     let output = env.run(&["run", "--json", "-n", "2", &model, "one two three"]);
     assert_success(&output);
-    let lines: Vec<serde_json::Value> = stdout(&output)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect();
+    let lines: Vec<serde_json::Value> =
+        stdout(&output).lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(stdout(&output).starts_with("{\"type\":\"token\""));
     assert_eq!(lines[0]["text"], "one ");
@@ -95,46 +93,24 @@ fn sampling_options_pass_through_and_never_reload_the_model() {
     assert_success(&env.run(&["run", "--temperature", "1.5", &model, "again"]));
     assert_success(&env.run(&["run", "--raw", &model, "raw text"]));
 
-    let requests: Vec<serde_json::Value> = std::fs::read_to_string(&record)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let requests: Vec<serde_json::Value> =
+        std::fs::read_to_string(&record).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let first = &requests[0];
     assert_eq!(first["temperature"], 0.25);
     assert_eq!(first["top_p"], 0.5);
     assert_eq!(first["top_k"], 7);
-    assert_eq!(
-        first["repeat_penalty"].as_f64().map(|v| (v * 10.0).round()),
-        Some(12.0)
-    );
+    assert_eq!(first["repeat_penalty"].as_f64().map(|v| (v * 10.0).round()), Some(12.0));
     assert_eq!(first["seed"], 42);
     assert_eq!(first["stop"], serde_json::json!(["END", "\n\n"]));
     assert_eq!(first["max_tokens"], 9);
-    assert_eq!(
-        first["messages"][0],
-        serde_json::json!({"role": "system", "content": "be brief"})
-    );
-    assert_eq!(
-        first["messages"][1],
-        serde_json::json!({"role": "user", "content": "hi"})
-    );
-    assert_eq!(
-        requests[2]["prompt"], "raw text",
-        "--raw goes to /completion"
-    );
+    assert_eq!(first["messages"][0], serde_json::json!({"role": "system", "content": "be brief"}));
+    assert_eq!(first["messages"][1], serde_json::json!({"role": "user", "content": "hi"}));
+    assert_eq!(requests[2]["prompt"], "raw text", "--raw goes to /completion");
 
     let status = env.status_json();
     let instances = status["instances"].as_array().unwrap();
-    assert_eq!(
-        instances.len(),
-        1,
-        "a sampling option must not create an instance: {status}"
-    );
-    assert_eq!(
-        instances[0]["pid"], pid_before,
-        "a sampling option must not reload"
-    );
+    assert_eq!(instances.len(), 1, "a sampling option must not create an instance: {status}");
+    assert_eq!(instances[0]["pid"], pid_before, "a sampling option must not reload");
     assert_eq!(instances[0]["requests"], 3);
 }
 
@@ -156,10 +132,7 @@ fn invalid_values_are_refused_before_anything_starts() {
         assert_exit(&output, 2);
         assert!(!stderr(&output).is_empty());
     }
-    assert!(
-        !env.socket().exists(),
-        "no daemon may start for a bad command line"
-    );
+    assert!(!env.socket().exists(), "no daemon may start for a bad command line");
 }
 
 #[test]
@@ -186,26 +159,17 @@ fn bad_models_get_their_exit_codes_without_a_daemon() {
     for (model, code, message) in table {
         let output = env.run(&["run", model, "hi"]);
         assert_exit(&output, code);
-        assert!(
-            stderr(&output).contains(message),
-            "{model}: {}",
-            stderr(&output)
-        );
+        assert!(stderr(&output).contains(message), "{model}: {}", stderr(&output));
         assert!(stdout(&output).is_empty());
     }
-    assert!(
-        !env.socket().exists(),
-        "no daemon may start for a bad model"
-    );
+    assert!(!env.socket().exists(), "no daemon may start for a bad model");
 }
 
 #[test]
 fn aliases_and_bad_config() {
     let env = Env::fake();
     let model = fake_model(&env);
-    env.write_config(&format!(
-        "[models.echo]\npath = \"{model}\"\nctx_size = 512\n"
-    ));
+    env.write_config(&format!("[models.echo]\npath = \"{model}\"\nctx_size = 512\n"));
     let output = env.run(&["run", "echo", "via alias"]);
     assert_success(&output);
     assert_eq!(stdout(&output), "via alias");
@@ -221,34 +185,18 @@ fn aliases_and_bad_config() {
 fn no_llama_server_binary_is_unavailable() {
     let env = Env::with_server(std::path::Path::new("/nonexistent/llama-server"));
     let model = fake_model(&env);
-    let output = env
-        .command(&["run", &model, "hi"])
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .unwrap();
+    let output = env.command(&["run", &model, "hi"]).env("PATH", "/usr/bin:/bin").output().unwrap();
     assert_exit(&output, 69);
-    assert!(
-        stderr(&output).contains("llmctl setup"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("llmctl setup"), "{}", stderr(&output));
 }
 
 #[test]
 fn autostart_can_be_turned_off() {
     let env = Env::fake();
     let model = fake_model(&env);
-    let output = env
-        .command(&["run", &model, "hi"])
-        .env("LLMCTL_NO_AUTOSTART", "1")
-        .output()
-        .unwrap();
+    let output = env.command(&["run", &model, "hi"]).env("LLMCTL_NO_AUTOSTART", "1").output().unwrap();
     assert_exit(&output, 69);
-    assert!(
-        stderr(&output).contains("autostart is off"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("autostart is off"), "{}", stderr(&output));
     let output = env.run(&["--no-autostart", "status"]);
     assert_exit(&output, 69);
 }
@@ -264,31 +212,17 @@ fn closing_stdout_cancels_upstream_and_exits_zero() {
 
     let mut child = env.spawn(&["run", &model, "go"]);
     let mut first = [0u8; 20];
-    child
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut first)
-        .unwrap();
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
     drop(child.stdout.take()); // what `| head -c 20` does
     let status = child.wait().unwrap();
     let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert_eq!(status.code(), Some(0), "stderr: {err}");
     assert_eq!(err, "");
     wait_until("the fake server sees the client go away", || {
-        std::fs::read_to_string(&record)
-            .unwrap_or_default()
-            .contains("cancelled")
+        std::fs::read_to_string(&record).unwrap_or_default().contains("cancelled")
     });
-    wait_until("the slot is free again", || {
-        env.status_json()["instances"][0]["in_flight"] == 0
-    });
+    wait_until("the slot is free again", || env.status_json()["instances"][0]["in_flight"] == 0);
 }
 
 #[test]
@@ -301,24 +235,13 @@ fn ctrl_c_cancels_upstream_and_exits_130() {
     let model = fake_model(&env);
     let mut child = env.spawn(&["run", &model, "go"]);
     let mut first = [0u8; 4];
-    child
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut first)
-        .unwrap();
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
     let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let output = child.wait_with_output().unwrap();
     assert_exit(&output, 130);
     wait_until("the fake server sees the cancellation", || {
-        std::fs::read_to_string(&record)
-            .unwrap_or_default()
-            .contains("cancelled")
+        std::fs::read_to_string(&record).unwrap_or_default().contains("cancelled")
     });
 }
 
@@ -356,10 +279,7 @@ fn status_shows_instances_in_a_table() {
     let output = env.run(&["status"]);
     assert_success(&output);
     let text = stdout(&output);
-    assert!(
-        text.contains("model.gguf") && text.contains("ready") && text.contains("1/3"),
-        "{text}"
-    );
+    assert!(text.contains("model.gguf") && text.contains("ready") && text.contains("1/3"), "{text}");
     let status = env.status_json();
     assert!(status["daemon"]["rss_bytes"].as_u64().unwrap() > 0);
     assert_eq!(status["instances"][0]["usage"]["completion_tokens"], 3);
@@ -377,15 +297,9 @@ fn switch_loads_in_the_background_and_exclusive_unloads_others() {
     wait_until("the second model is ready and the first unloaded", || {
         let status = env.status_json();
         let state_of = |name: &str| {
-            status["instances"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|i| i["name"] == name)
-                .map(|i| i["state"].clone())
+            status["instances"].as_array().unwrap().iter().find(|i| i["name"] == name).map(|i| i["state"].clone())
         };
-        state_of("second.gguf") == Some("ready".into())
-            && state_of("first.gguf") == Some("stopped".into())
+        state_of("second.gguf") == Some("ready".into()) && state_of("first.gguf") == Some("stopped".into())
     });
 }
 

@@ -7,17 +7,13 @@ fn generated() -> Vec<(String, Vec<u8>)> {
     let command = llmctl::cli::command();
     let mut files = Vec::new();
     let mut page = Vec::new();
-    clap_mangen::Man::new(command.clone())
-        .render(&mut page)
-        .unwrap();
+    clap_mangen::Man::new(command.clone()).render(&mut page).unwrap();
     files.push(("man/llmctl.1".to_string(), page));
     for sub in command.get_subcommands() {
         let name = format!("llmctl-{}", sub.get_name());
         let mut page = Vec::new();
         let static_name: &'static str = Box::leak(name.clone().into_boxed_str());
-        clap_mangen::Man::new(sub.clone().name(static_name))
-            .render(&mut page)
-            .unwrap();
+        clap_mangen::Man::new(sub.clone().name(static_name)).render(&mut page).unwrap();
         files.push((format!("man/{name}.1"), page));
     }
     for (shell, file) in [
@@ -48,19 +44,13 @@ fn man_pages_and_completions_are_current() {
             }
         }
     }
-    assert!(
-        stale.is_empty(),
-        "out of date (rerun with LLMCTL_UPDATE_DOCS=1): {stale:?}"
-    );
+    assert!(stale.is_empty(), "out of date (rerun with LLMCTL_UPDATE_DOCS=1): {stale:?}");
 }
 
 #[test]
 fn the_man_page_has_the_exit_status_table() {
     let page = String::from_utf8(generated().remove(0).1).unwrap();
     for code in ["65", "66", "69", "70", "73", "75", "124", "130"] {
-        assert!(
-            page.contains(code),
-            "exit status {code} missing from the man page"
-        );
+        assert!(page.contains(code), "exit status {code} missing from the man page");
     }
 }

@@ -2,6 +2,7 @@
 //! against the fake llama-server fixture and the real llama-server.
 
 mod admission;
+mod budget;
 mod cli;
 mod docs;
 mod real;

@@ -24,27 +24,14 @@ fn tiny_model_output_is_exact_in_raw_and_chat_mode() {
 
     let output = env.run(&["run", "--json", &model, "hi"]);
     assert_success(&output);
-    let lines: Vec<serde_json::Value> = stdout(&output)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = stdout(&output).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let done = lines.last().unwrap();
-    let text: String = lines
-        .iter()
-        .filter(|l| l["type"] == "token")
-        .map(|l| l["text"].as_str().unwrap())
-        .collect();
+    let text: String = lines.iter().filter(|l| l["type"] == "token").map(|l| l["text"].as_str().unwrap()).collect();
     assert_eq!(text, expected);
     assert_eq!(done["type"], "done");
     assert_eq!(done["finish_reason"], "stop");
-    assert_eq!(
-        done["usage"]["completion_tokens"].as_u64(),
-        Some(tiny_model::WORDS.len() as u64 + 1)
-    );
-    assert!(
-        done["timings"]["predicted_per_second"].is_number(),
-        "{done}"
-    );
+    assert_eq!(done["usage"]["completion_tokens"].as_u64(), Some(tiny_model::WORDS.len() as u64 + 1));
+    assert!(done["timings"]["predicted_per_second"].is_number(), "{done}");
 }
 
 #[test]
@@ -53,18 +40,11 @@ fn max_tokens_limits_the_real_server() {
     let model = env.tiny_model("tiny.gguf").display().to_string();
     let output = env.run(&["run", "--raw", "--json", "-n", "3", &model, "x"]);
     assert_success(&output);
-    let lines: Vec<serde_json::Value> = stdout(&output)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = stdout(&output).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let done = lines.last().unwrap();
     assert_eq!(done["finish_reason"], "length");
     assert_eq!(done["usage"]["completion_tokens"], 3);
-    let text: String = lines
-        .iter()
-        .filter(|l| l["type"] == "token")
-        .map(|l| l["text"].as_str().unwrap())
-        .collect();
+    let text: String = lines.iter().filter(|l| l["type"] == "token").map(|l| l["text"].as_str().unwrap()).collect();
     assert_eq!(text, " Pipes carry bytes");
 }
 
@@ -78,10 +58,7 @@ fn a_model_llama_server_refuses_fails_fast_with_its_reason() {
     assert_exit(&output, 70);
     let err = stderr(&output);
     assert!(err.contains("exited with status"), "{err}");
-    assert!(
-        err.contains("nosucharch"),
-        "llama-server's own reason is quoted: {err}"
-    );
+    assert!(err.contains("nosucharch"), "llama-server's own reason is quoted: {err}");
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
@@ -90,28 +67,14 @@ fn a_model_llama_server_refuses_fails_fast_with_its_reason() {
 fn closing_stdout_frees_the_real_slot() {
     let env = Env::real();
     let demo = demo_model().display().to_string();
-    let mut child = env.spawn(&[
-        "run",
-        "-n",
-        "4000",
-        "--raw",
-        &demo,
-        "Count from one to one thousand:",
-    ]);
+    let mut child = env.spawn(&["run", "-n", "4000", "--raw", &demo, "Count from one to one thousand:"]);
     let mut first = [0u8; 20];
-    child
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut first)
-        .unwrap();
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
     drop(child.stdout.take());
     let output = child.wait_with_output().unwrap();
     assert_exit(&output, 0);
     assert_eq!(stderr(&output), "");
-    wait_until("the slot is free", || {
-        env.status_json()["instances"][0]["in_flight"] == 0
-    });
+    wait_until("the slot is free", || env.status_json()["instances"][0]["in_flight"] == 0);
     // With one slot, this only answers if llama-server stopped the cancelled generation.
     let output = env.run(&["run", "-n", "4", "--raw", &demo, "Hello"]);
     assert_success(&output);
@@ -122,24 +85,12 @@ fn closing_stdout_frees_the_real_slot() {
 fn demo_model_writes_a_haiku_deterministically() {
     let env = Env::real();
     let demo = demo_model().display().to_string();
-    let args = [
-        "run",
-        "--temperature",
-        "0",
-        "-n",
-        "24",
-        &demo,
-        "Write a haiku about Unix pipes",
-    ];
+    let args = ["run", "--temperature", "0", "-n", "24", &demo, "Write a haiku about Unix pipes"];
     let first = env.run(&args);
     assert_success(&first);
     assert!(stdout(&first).trim().len() > 10, "{}", stdout(&first));
     let second = env.run(&args);
-    assert_eq!(
-        stdout(&first),
-        stdout(&second),
-        "greedy decoding is deterministic"
-    );
+    assert_eq!(stdout(&first), stdout(&second), "greedy decoding is deterministic");
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }

@@ -14,11 +14,7 @@ fn model_with_args(env: &Env, name: &str, args: &[&str]) -> String {
     let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
     let config_path = env.path("config.toml");
     let mut config = std::fs::read_to_string(&config_path).unwrap_or_default();
-    config += &format!(
-        "[models.{name}]\npath = \"{}\"\nargs = [{}]\n",
-        path.display(),
-        args.join(", ")
-    );
+    config += &format!("[models.{name}]\npath = \"{}\"\nargs = [{}]\n", path.display(), args.join(", "));
     std::fs::write(config_path, config).unwrap();
     name.to_string()
 }
@@ -47,11 +43,7 @@ fn crash_mid_stream_reports_the_signal_and_the_next_request_restarts() {
     let model = model_with_args(&env, "crashy", &["--fake-crash-after", "2"]);
     let output = env.run(&["run", &model, "one two three four"]);
     assert_exit(&output, 70);
-    assert_eq!(
-        stdout(&output),
-        "one two ",
-        "tokens before the crash reach the user"
-    );
+    assert_eq!(stdout(&output), "one two ", "tokens before the crash reach the user");
     let err = stderr(&output);
     assert!(err.contains("SIGABRT"), "{err}");
     assert!(err.contains("crashing mid-stream on purpose"), "{err}");
@@ -67,21 +59,13 @@ fn crash_mid_stream_reports_the_signal_and_the_next_request_restarts() {
 fn concurrent_requests_share_one_slow_load() {
     let env = Env::fake();
     let model = model_with_args(&env, "slow", &["--fake-start-ms", "700"]);
-    let children: Vec<_> = (0..4)
-        .map(|i| env.spawn(&["run", &model, &format!("client{i}")]))
-        .collect();
+    let children: Vec<_> = (0..4).map(|i| env.spawn(&["run", &model, &format!("client{i}")])).collect();
     for (i, child) in children.into_iter().enumerate() {
         let output = child.wait_with_output().unwrap();
         assert_success(&output);
         assert_eq!(stdout(&output), format!("client{i}"));
     }
-    assert_eq!(
-        env.instance_log()
-            .matches("fake llama-server starting")
-            .count(),
-        1,
-        "one load for all"
-    );
+    assert_eq!(env.instance_log().matches("fake llama-server starting").count(), 1, "one load for all");
     assert_eq!(env.status_json()["instances"][0]["requests"], 4);
 }
 
@@ -122,14 +106,8 @@ fn a_stalled_child_times_out_with_124_and_is_restarted() {
     let model = model_with_args(&env, "stalled", &["--fake-stall"]);
     let output = env.run(&["run", &model, "hi"]);
     assert_exit(&output, 124);
-    assert!(
-        stderr(&output).contains("token_timeout"),
-        "{}",
-        stderr(&output)
-    );
-    wait_until("the stalled child is stopped", || {
-        env.status_json()["instances"][0]["state"] == "stopped"
-    });
+    assert!(stderr(&output).contains("token_timeout"), "{}", stderr(&output));
+    wait_until("the stalled child is stopped", || env.status_json()["instances"][0]["state"] == "stopped");
 }
 
 #[test]
@@ -140,18 +118,10 @@ fn sigkilled_daemon_takes_its_children_along() {
     assert_success(&env.run(&["warm", &first]));
     assert_success(&env.run(&["warm", &second]));
     let daemon = env.daemon_pid().unwrap();
-    let children: Vec<u32> = env.status_json()["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["pid"].as_u64().unwrap() as u32)
-        .collect();
+    let children: Vec<u32> =
+        env.status_json()["instances"].as_array().unwrap().iter().map(|i| i["pid"].as_u64().unwrap() as u32).collect();
     assert_eq!(children.len(), 2);
-    assert!(Command::new("kill")
-        .args(["-KILL", &daemon.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-KILL", &daemon.to_string()]).status().unwrap().success());
     for child in children {
         wait_until("the child dies with its daemon", || !alive(child));
     }
@@ -180,13 +150,8 @@ fn leftovers_in_the_state_file_are_killed_only_if_still_the_same_process() {
     });
     std::fs::write(env.path("state/state.json"), state.to_string()).unwrap();
     assert_success(&env.run(&["status"]));
-    wait_until("the leftover is killed", || {
-        leftover.try_wait().unwrap().is_some()
-    });
-    assert!(
-        bystander.try_wait().unwrap().is_none(),
-        "a reused pid was killed"
-    );
+    wait_until("the leftover is killed", || leftover.try_wait().unwrap().is_some());
+    assert!(bystander.try_wait().unwrap().is_none(), "a reused pid was killed");
     bystander.kill().unwrap();
     bystander.wait().unwrap();
 }
@@ -207,22 +172,10 @@ fn second_daemon_refuses_and_stale_sockets_are_replaced() {
 
     let output = env.run(&["daemon"]);
     assert_exit(&output, 69);
-    assert!(
-        stderr(&output).contains("already serves"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("already serves"), "{}", stderr(&output));
 
-    let dir_mode = std::fs::metadata(env.path("run"))
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
-    let socket_mode = std::fs::metadata(env.socket())
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
+    let dir_mode = std::fs::metadata(env.path("run")).unwrap().permissions().mode() & 0o777;
+    let socket_mode = std::fs::metadata(env.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!((dir_mode, socket_mode), (0o700, 0o600));
 }
 
@@ -231,16 +184,10 @@ fn foreground_daemon_stops_children_on_sigterm() {
     let env = Env::fake();
     let model = env.tiny_model("m.gguf").display().to_string();
     let mut daemon = env.spawn(&["daemon"]);
-    wait_until("the daemon listens", || {
-        UnixStream::connect(env.socket()).is_ok()
-    });
+    wait_until("the daemon listens", || UnixStream::connect(env.socket()).is_ok());
     assert_success(&env.run(&["warm", &model]));
     let child = env.status_json()["instances"][0]["pid"].as_u64().unwrap() as u32;
-    assert!(Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap().success());
     let status = daemon.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!alive(child));
@@ -273,19 +220,12 @@ fn protocol_abuse_gets_an_error_and_harms_no_one() {
     assert_eq!(reply["kind"], "usage");
 
     let mut wrong_version = connect();
-    wrong_version
-        .write_all(b"{\"type\":\"hello\",\"version\":999}\n")
-        .unwrap();
+    wrong_version.write_all(b"{\"type\":\"hello\",\"version\":999}\n").unwrap();
     let reply = read_reply(&wrong_version).expect("an error reply");
-    assert!(
-        reply["message"].as_str().unwrap().contains("protocol"),
-        "{reply}"
-    );
+    assert!(reply["message"].as_str().unwrap().contains("protocol"), "{reply}");
 
     let mut wrong_shape = connect();
-    wrong_shape
-        .write_all(b"{\"type\":\"hello\",\"version\":1}\n{\"type\":\"run\",\"prompt\":5}\n")
-        .unwrap();
+    wrong_shape.write_all(b"{\"type\":\"hello\",\"version\":1}\n{\"type\":\"run\",\"prompt\":5}\n").unwrap();
     let mut reader = BufReader::new(wrong_shape.try_clone().unwrap());
     let mut hello = String::new();
     reader.read_line(&mut hello).unwrap();
@@ -309,18 +249,12 @@ fn protocol_abuse_gets_an_error_and_harms_no_one() {
     stalled.write_all(b"{\"type\":\"hel").unwrap();
     let mut buffer = Vec::new();
     let read = stalled.read_to_end(&mut buffer);
-    assert!(
-        read.is_ok(),
-        "the stalled connection is closed, not left hanging: {read:?}"
-    );
+    assert!(read.is_ok(), "the stalled connection is closed, not left hanging: {read:?}");
 
     // Meanwhile everyone else is served.
     assert_success(&env.run(&["status"]));
     let model = env.tiny_model("m.gguf").display().to_string();
-    assert_eq!(
-        stdout(&env.run(&["run", &model, "still serving"])),
-        "still serving"
-    );
+    assert_eq!(stdout(&env.run(&["run", &model, "still serving"])), "still serving");
 }
 
 #[test]
@@ -331,19 +265,11 @@ fn a_crash_loop_stops_restarts_until_stop_clears_it() {
     for _ in 0..3 {
         assert_exit(&env.run(&["run", &model, "hi"]), 70);
     }
-    let starts = || {
-        env.instance_log()
-            .matches("fake llama-server starting")
-            .count()
-    };
+    let starts = || env.instance_log().matches("fake llama-server starting").count();
     assert_eq!(starts(), 3);
     let output = env.run(&["run", &model, "hi"]);
     assert_exit(&output, 70);
-    assert!(
-        stderr(&output).contains("stopped restarting"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("stopped restarting"), "{}", stderr(&output));
     assert_eq!(starts(), 3, "the breaker must not spawn again");
     let status = env.status_json();
     assert_eq!(status["instances"][0]["crash_loop"], true);
@@ -365,19 +291,14 @@ fn an_unwritable_state_file_is_reported_and_serving_goes_on() {
     assert_success(&output);
     assert_eq!(stdout(&output), "still works");
     let status = env.status_json();
-    let error = status["daemon"]["state_file_error"]
-        .as_str()
-        .expect("the problem is reported");
+    let error = status["daemon"]["state_file_error"].as_str().expect("the problem is reported");
     assert!(error.contains("state.json"), "{error}");
     let leftovers: Vec<_> = std::fs::read_dir(env.path("state"))
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .collect();
-    assert!(
-        leftovers.is_empty(),
-        "no half-written temp file is left: {leftovers:?}"
-    );
+    assert!(leftovers.is_empty(), "no half-written temp file is left: {leftovers:?}");
 }
 
 #[test]
@@ -386,26 +307,13 @@ fn a_panicking_handler_is_an_internal_error_and_the_daemon_serves_on() {
     let model = env.tiny_model("m.gguf").display().to_string();
     let output = env.run(&["run", &model, "__llmctl_test_panic__"]);
     assert_exit(&output, 1);
-    assert!(
-        stderr(&output).contains("internal error"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("internal error"), "{}", stderr(&output));
     let status = env.status_json();
-    assert_eq!(
-        status["instances"][0]["in_flight"], 0,
-        "the slot was given back"
-    );
+    assert_eq!(status["instances"][0]["in_flight"], 0, "the slot was given back");
     // One slot: this only answers if the panicking request released it.
-    assert_eq!(
-        stdout(&env.run(&["run", &model, "after the panic"])),
-        "after the panic"
-    );
+    assert_eq!(stdout(&env.run(&["run", &model, "after the panic"])), "after the panic");
     let log = std::fs::read_to_string(env.path("state/daemon.log")).unwrap();
-    assert!(
-        log.contains("panicked") && log.contains("fault injected"),
-        "{log}"
-    );
+    assert!(log.contains("panicked") && log.contains("fault injected"), "{log}");
 }
 
 #[test]
@@ -471,22 +379,13 @@ fn a_client_killed_mid_stream_frees_its_slot() {
     let model = env.tiny_model("m.gguf").display().to_string();
     let mut child = env.spawn(&["run", &model, "go"]);
     let mut first = [0u8; 4];
-    child
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut first)
-        .unwrap();
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
     wait_until("upstream sees the cancellation", || {
-        std::fs::read_to_string(&record)
-            .unwrap_or_default()
-            .contains("cancelled")
+        std::fs::read_to_string(&record).unwrap_or_default().contains("cancelled")
     });
-    wait_until("the slot is free", || {
-        env.status_json()["instances"][0]["in_flight"] == 0
-    });
+    wait_until("the slot is free", || env.status_json()["instances"][0]["in_flight"] == 0);
 }
 
 #[test]
@@ -498,26 +397,16 @@ fn a_second_sigint_kills_at_once() {
     let log_path = env.path("foreground.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut daemon = env.command(&["daemon"]).stderr(log).spawn().unwrap();
-    wait_until("the daemon listens", || {
-        UnixStream::connect(env.socket()).is_ok()
-    });
+    wait_until("the daemon listens", || UnixStream::connect(env.socket()).is_ok());
     assert_success(&env.run(&["warm", &model]));
     let child = env.status_json()["instances"][0]["pid"].as_u64().unwrap() as u32;
     let pid = daemon.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     wait_until("the daemon begins its graceful stop", || {
         std::fs::read_to_string(&log_path).is_ok_and(|log| log.contains("shutting down"))
     });
     assert!(alive(child), "the child is still in its grace period");
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     wait_until("the daemon exits", || daemon.try_wait().unwrap().is_some());
     assert!(!alive(child));
     env.assert_nothing_survives();
@@ -531,17 +420,9 @@ fn a_binary_that_is_not_executable_is_named() {
     std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
     let env = Env::with_server(&not_executable);
     let model = env.tiny_model("m.gguf").display().to_string();
-    let output = env
-        .command(&["run", &model, "hi"])
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .unwrap();
+    let output = env.command(&["run", &model, "hi"]).env("PATH", "/usr/bin:/bin").output().unwrap();
     assert_exit(&output, 69);
-    assert!(
-        stderr(&output).contains("llama-server (not executable)"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("llama-server (not executable)"), "{}", stderr(&output));
 }
 
 #[test]
@@ -553,24 +434,13 @@ fn the_daemon_opens_no_tcp_port_and_refuses_other_users() {
         .unwrap()
         .flatten()
         .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .filter_map(|link| {
-            link.to_string_lossy()
-                .strip_prefix("socket:[")
-                .map(|s| s.trim_end_matches(']').to_string())
-        })
+        .filter_map(|link| link.to_string_lossy().strip_prefix("socket:[").map(|s| s.trim_end_matches(']').to_string()))
         .collect();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        for line in std::fs::read_to_string(table)
-            .unwrap_or_default()
-            .lines()
-            .skip(1)
-        {
+        for line in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let listening = fields.get(3) == Some(&"0A");
-            assert!(
-                !(listening && inodes.iter().any(|i| Some(&i.as_str()) == fields.get(9))),
-                "TCP listener: {line}"
-            );
+            assert!(!(listening && inodes.iter().any(|i| Some(&i.as_str()) == fields.get(9))), "TCP listener: {line}");
         }
     }
 
@@ -590,9 +460,5 @@ fn the_daemon_opens_no_tcp_port_and_refuses_other_users() {
         .output()
         .unwrap();
     assert_exit(&output, 69);
-    assert!(
-        stderr(&output).contains("another user"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("another user"), "{}", stderr(&output));
 }

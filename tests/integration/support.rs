@@ -36,18 +36,11 @@ impl Env {
     }
 
     pub fn with_server(server: &Path) -> Env {
-        let dir = tempfile::Builder::new()
-            .prefix("llmctl-test-")
-            .tempdir()
-            .expect("temp dir");
+        let dir = tempfile::Builder::new().prefix("llmctl-test-").tempdir().expect("temp dir");
         for sub in ["home", "models", "run"] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        Env {
-            dir,
-            llama_server: server.to_path_buf(),
-            vars: Vec::new(),
-        }
+        Env { dir, llama_server: server.to_path_buf(), vars: Vec::new() }
     }
 
     pub fn path(&self, relative: &str) -> PathBuf {
@@ -115,28 +108,14 @@ impl Env {
     }
 
     pub fn run_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
+        let mut child =
+            self.command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
         child.wait_with_output().unwrap()
     }
 
     pub fn spawn(&self, args: &[&str]) -> Child {
-        self.command(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn llmctl")
+        self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn llmctl")
     }
 
     /// A copy of the tiny deterministic model in this environment.
@@ -153,11 +132,7 @@ impl Env {
     }
 
     pub fn daemon_pid(&self) -> Option<u32> {
-        fs::read_to_string(self.path("run/llmctl.lock"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        fs::read_to_string(self.path("run/llmctl.lock")).ok()?.trim().parse().ok()
     }
 
     /// Processes whose command line mentions this environment's directory.
@@ -191,10 +166,7 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let _ = self
-            .command(&["shutdown"])
-            .env("LLMCTL_NO_AUTOSTART", "1")
-            .output();
+        let _ = self.command(&["shutdown"]).env("LLMCTL_NO_AUTOSTART", "1").output();
         for (pid, _) in self.processes() {
             // SAFETY-free: the kill command only sends a signal to a process of this test.
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).output();
@@ -208,11 +180,7 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
         return found;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         if pid == std::process::id() {
@@ -231,13 +199,7 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
 
 pub fn is_zombie(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
+        .map(|stat| stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
         .unwrap_or(true)
 }
 
@@ -275,13 +237,7 @@ pub fn assert_success(output: &Output) {
 
 #[track_caller]
 pub fn assert_exit(output: &Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "stdout: {}\nstderr: {}",
-        stdout(output),
-        stderr(output)
-    );
+    assert_eq!(output.status.code(), Some(code), "stdout: {}\nstderr: {}", stdout(output), stderr(output));
 }
 
 /// The llama-server `llmctl setup` installed (or `LLMCTL_TEST_LLAMA_SERVER`).
@@ -290,11 +246,7 @@ pub fn real_llama_server() -> PathBuf {
         return PathBuf::from(path);
     }
     let path = default_data_dir().join("llama.cpp/b11434/llama-server");
-    assert!(
-        path.exists(),
-        "{} is missing: run `llmctl setup` (tests/run does) before the tests",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: run `llmctl setup` (tests/run does) before the tests", path.display());
     path
 }
 
@@ -304,11 +256,7 @@ pub fn demo_model() -> PathBuf {
         return PathBuf::from(path);
     }
     let path = default_data_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run `llmctl setup` (tests/run does) before the tests",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: run `llmctl setup` (tests/run does) before the tests", path.display());
     path
 }
 

@@ -21,15 +21,7 @@ const ALIGNMENT: usize = 32;
 const SCALE: f32 = 4.0;
 
 /// The words of the text, as SentencePiece pieces (`▁` is a space).
-pub const WORDS: &[&str] = &[
-    "▁Pipes",
-    "▁carry",
-    "▁bytes",
-    "▁between",
-    "▁small",
-    "▁programs",
-    ".",
-];
+pub const WORDS: &[&str] = &["▁Pipes", "▁carry", "▁bytes", "▁between", "▁small", "▁programs", "."];
 
 /// The text the tiny model writes, as llama-server detokenizes it.
 pub fn expected_text() -> String {
@@ -114,11 +106,7 @@ struct Tensor {
 }
 
 fn tensor(name: &str, dims: &[usize], fill: f32) -> Tensor {
-    Tensor {
-        name: name.to_string(),
-        dims: dims.to_vec(),
-        data: vec![fill; dims.iter().product()],
-    }
+    Tensor { name: name.to_string(), dims: dims.to_vec(), data: vec![fill; dims.iter().product()] }
 }
 
 /// Writes the tiny model to `path`; `architecture` other than "llama" makes a file that
@@ -136,18 +124,12 @@ pub fn write(path: &Path, architecture: &str) {
         types.push(1);
     }
     let n_vocab = tokens.len();
-    let scores: Vec<f32> = (0..n_vocab)
-        .map(|i| if i >= first_word { 0.0 } else { -1000.0 })
-        .collect();
+    let scores: Vec<f32> = (0..n_vocab).map(|i| if i >= first_word { 0.0 } else { -1000.0 }).collect();
 
     let mut embeddings = tensor("token_embd.weight", &[N_EMBD, n_vocab], 0.0);
     let mut output = tensor("output.weight", &[N_EMBD, n_vocab], 0.0);
     for token in 0..n_vocab {
-        let direction = if token >= first_word {
-            token - first_word + 1
-        } else {
-            0
-        };
+        let direction = if token >= first_word { token - first_word + 1 } else { 0 };
         embeddings.data[token * N_EMBD + direction] = 1.0;
     }
     for (i, _) in WORDS.iter().enumerate() {
@@ -155,20 +137,11 @@ pub fn write(path: &Path, architecture: &str) {
     }
     output.data[2 * N_EMBD + WORDS.len()] = SCALE; // </s> after the last word
 
-    let mut tensors = vec![
-        embeddings,
-        tensor("output_norm.weight", &[N_EMBD], 1.0),
-        output,
-    ];
+    let mut tensors = vec![embeddings, tensor("output_norm.weight", &[N_EMBD], 1.0), output];
     for layer in 0..N_LAYER {
         let name = |suffix: &str| format!("blk.{layer}.{suffix}");
         tensors.push(tensor(&name("attn_norm.weight"), &[N_EMBD], 1.0));
-        for projection in [
-            "attn_q.weight",
-            "attn_k.weight",
-            "attn_v.weight",
-            "attn_output.weight",
-        ] {
+        for projection in ["attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight"] {
             tensors.push(tensor(&name(projection), &[N_EMBD, N_EMBD], 0.0));
         }
         tensors.push(tensor(&name("ffn_norm.weight"), &[N_EMBD], 1.0));
@@ -182,28 +155,13 @@ pub fn write(path: &Path, architecture: &str) {
         ("general.architecture".into(), Value::Str(arch.clone())),
         ("general.name".into(), Value::Str("llmctl-tiny".into())),
         (format!("{arch}.context_length"), Value::U32(2048)),
-        (
-            format!("{arch}.embedding_length"),
-            Value::U32(N_EMBD as u32),
-        ),
+        (format!("{arch}.embedding_length"), Value::U32(N_EMBD as u32)),
         (format!("{arch}.block_count"), Value::U32(N_LAYER as u32)),
-        (
-            format!("{arch}.feed_forward_length"),
-            Value::U32(N_FF as u32),
-        ),
+        (format!("{arch}.feed_forward_length"), Value::U32(N_FF as u32)),
         (format!("{arch}.attention.head_count"), Value::U32(N_HEAD)),
-        (
-            format!("{arch}.attention.head_count_kv"),
-            Value::U32(N_HEAD),
-        ),
-        (
-            format!("{arch}.attention.layer_norm_rms_epsilon"),
-            Value::F32(1e-5),
-        ),
-        (
-            format!("{arch}.rope.dimension_count"),
-            Value::U32(N_EMBD as u32 / N_HEAD),
-        ),
+        (format!("{arch}.attention.head_count_kv"), Value::U32(N_HEAD)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (format!("{arch}.rope.dimension_count"), Value::U32(N_EMBD as u32 / N_HEAD)),
         ("tokenizer.ggml.model".into(), Value::Str("llama".into())),
         ("tokenizer.ggml.tokens".into(), Value::StrArray(tokens)),
         ("tokenizer.ggml.scores".into(), Value::F32Array(scores)),

@@ -1,0 +1,16 @@
+//! `llmctl pin MODEL` / `llmctl unpin MODEL`: keep a model loaded, or let it go again.
+//! A pinned instance is never evicted for memory and never unloaded by its TTL; pins
+//! survive a daemon restart.
+
+use crate::cli::PinArgs;
+use crate::client;
+use crate::commands::Context;
+use crate::error::Result;
+use crate::protocol::Request;
+
+pub fn run(context: &Context, args: PinArgs, pinned: bool) -> Result<()> {
+    let model = context.resolve_model(&args.model, &args.load)?;
+    let mut connection = client::connect(context)?;
+    connection.call(&Request::Pin { model, pinned })?;
+    Ok(())
+}
