@@ -76,6 +76,8 @@ pub enum Command {
     Daemon(DaemonArgs),
     /// Stop every model gracefully, then the daemon
     Shutdown,
+    /// Print the effective configuration and where each value came from
+    Config(ConfigArgs),
     /// Find or build llama-server and install the demo model
     Setup(SetupArgs),
 }
@@ -195,6 +197,13 @@ pub struct DaemonArgs {
     /// Requests that may wait for a slot before new ones are refused as busy
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub queue_depth: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Print the settings as JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

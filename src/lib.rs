@@ -71,6 +71,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Command::Stop(args) => commands::stop::run(&context, args),
         Command::Daemon(args) => commands::daemon::run(&context, args),
         Command::Shutdown => commands::shutdown::run(&context),
+        Command::Config(args) => commands::config::run(&context, args),
         Command::Setup(args) => commands::setup::run(&context, args),
     }
 }

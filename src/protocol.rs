@@ -188,7 +188,7 @@ pub struct InstanceStatus {
     pub restarts: u32,
     /// Failed too often in a short time; not restarted until `llmctl stop`.
     pub crash_loop: bool,
-    /// Requests waiting for a slot now.
+    /// Requests waiting for a slot, or for the load to finish, now.
     pub queued: usize,
     /// Requests refused because the queue was full.
     pub rejected: u64,

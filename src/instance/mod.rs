@@ -139,6 +139,10 @@ struct Inner {
     evictions: u32,
     /// When the last load finished, for a TTL that starts before any request.
     ready_since: Option<SystemTime>,
+    /// The load generation that `stop` cancelled, so its waiters fail instead of reloading.
+    cancelled_load: Option<u64>,
+    /// Requests waiting for a load to finish.
+    load_waiters: usize,
 }
 
 /// Size and modification time of a model file, to notice when it changes.
@@ -227,6 +231,8 @@ impl Instance {
                 pinned_until: None,
                 evictions: 0,
                 ready_since: None,
+                cancelled_load: None,
+                load_waiters: 0,
             }),
             changed: Condvar::new(),
             process: Mutex::new(None),
@@ -371,20 +377,25 @@ impl Instance {
         let mut inner = self.inner.lock();
         let mut announced = false;
         let mut waited_generation = None;
-        loop {
+        let mut counted = false;
+        let outcome = loop {
             match inner.state {
-                State::Ready => return Ok(inner.client.clone().expect("a ready instance has a client")),
+                State::Ready => break Some(Ok(inner.client.clone().expect("a ready instance has a client"))),
                 State::Failed if waited_generation == Some(inner.load_generation) => {
                     let (kind, message) = inner.failure.clone().unwrap_or((ErrorKind::Backend, "load failed".into()));
-                    return Err(Error::Remote { kind, message });
+                    break Some(Err(Error::Remote { kind, message }));
                 }
-                State::Failed => {
-                    if let Some(error) = self.crash_loop_error(&mut inner, env.crash_loop) {
-                        return Err(error);
-                    }
-                    break;
+                State::Failed => match self.crash_loop_error(&mut inner, env.crash_loop) {
+                    Some(error) => break Some(Err(error)),
+                    None => break None,
+                },
+                State::Stopped if waited_generation.is_some() && waited_generation == inner.cancelled_load => {
+                    break Some(Err(Error::Remote {
+                        kind: ErrorKind::Unavailable,
+                        message: format!("{} was stopped while it loaded", self.spec.name),
+                    }));
                 }
-                State::Stopped => break,
+                State::Stopped => break None,
                 State::Starting | State::Stopping => {
                     if !announced {
                         announced = true;
@@ -393,15 +404,25 @@ impl Instance {
                         inner = self.inner.lock();
                         continue;
                     }
+                    if !counted {
+                        counted = true;
+                        inner.load_waiters += 1;
+                    }
                     if inner.state == State::Starting {
                         waited_generation = Some(inner.load_generation);
                     }
                     if cancelled() {
-                        return Err(Error::Interrupted);
+                        break Some(Err(Error::Interrupted));
                     }
                     self.changed.wait_for(&mut inner, WAIT_SLICE);
                 }
             }
+        };
+        if counted {
+            inner.load_waiters -= 1;
+        }
+        if let Some(result) = outcome {
+            return result;
         }
         // This request loads the instance.
         inner.state = State::Starting;
@@ -742,6 +763,9 @@ impl Instance {
         if inner.state == State::Stopped {
             return;
         }
+        if inner.state == State::Starting {
+            inner.cancelled_load = Some(inner.load_generation);
+        }
         inner.state = State::Stopping;
         drop(inner);
         self.changed.notify_all();
@@ -789,7 +813,7 @@ impl Instance {
             usage: inner.usage,
             restarts: inner.restarts,
             crash_loop,
-            queued: inner.queue.len(),
+            queued: inner.queue.len() + inner.load_waiters,
             rejected: inner.rejected,
             wait_p50_ms: percentile_ms(&inner.waits, 0.50),
             wait_p99_ms: percentile_ms(&inner.waits, 0.99),

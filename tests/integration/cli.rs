@@ -311,3 +311,43 @@ fn help_and_version_succeed() {
     assert!(stdout(&output).contains("EXIT STATUS"));
     assert_success(&env.run(&["--version"]));
 }
+
+#[test]
+fn config_shows_effective_values_and_their_sources() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    env.write_config(&format!("queue_depth = 9\n[models.coder]\npath = \"{model}\"\nparallel = 2\npinned = true\n"));
+    let output = env.command(&["config", "--json"]).env("LLMCTL_MEMORY_BUDGET", "2GiB").output().unwrap();
+    assert_success(&output);
+    let settings: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let find = |name: &str| settings.iter().find(|s| s["name"] == name).cloned().unwrap();
+    assert_eq!(find("queue_depth")["value"], "9");
+    assert!(find("queue_depth")["source"].as_str().unwrap().starts_with("config "));
+    assert_eq!(find("memory_budget")["value"], "2GiB");
+    assert_eq!(find("memory_budget")["source"], "environment LLMCTL_MEMORY_BUDGET");
+    assert_eq!(find("max_instances")["source"], "default");
+    assert_eq!(find("llama_server")["source"], "environment LLMCTL_LLAMA_SERVER");
+    let coder = find("models.coder")["value"].as_str().unwrap().to_string();
+    assert!(coder.contains("parallel=2") && coder.contains("pinned"), "{coder}");
+    assert!(!env.socket().exists(), "config needs no daemon");
+}
+
+#[test]
+fn stopping_a_background_load_cancels_it_and_its_waiters() {
+    let env = Env::fake();
+    let path = env.tiny_model("slow.gguf");
+    env.write_config(&format!(
+        "[models.slow]\npath = \"{}\"\nargs = [\"--fake-start-ms\", \"60000\"]\n",
+        path.display()
+    ));
+    assert_success(&env.run(&["switch", "slow"]));
+    wait_until("the load is under way", || env.status_json()["instances"][0]["state"] == "starting");
+    let waiter = env.spawn(&["run", "slow", "hi"]);
+    wait_until("the waiter waits for the load", || env.status_json()["instances"][0]["queued"] == 1);
+    assert_success(&env.run(&["stop", "slow"]));
+    let output = waiter.wait_with_output().unwrap();
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("stopped while it loaded"), "{}", stderr(&output));
+    assert_eq!(env.status_json()["instances"][0]["state"], "stopped");
+    assert!(env.processes().iter().all(|(_, cmd)| !cmd.contains("slow.gguf")), "the half-started child is gone");
+}
