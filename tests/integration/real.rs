@@ -94,3 +94,36 @@ fn demo_model_writes_a_haiku_deterministically() {
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
+
+#[test]
+fn two_real_models_alternate_under_a_budget_for_one() {
+    let env = Env::real();
+    env.write_config(&format!(
+        "memory_budget = \"400MiB\"\n\
+         [models.smol]\npath = \"{}\"\nctx_size = 2048\n\
+         [models.gemma]\npath = \"{}\"\nctx_size = 2048\n",
+        demo_model().display(),
+        gemma_model().display()
+    ));
+    let mut outputs = Vec::new();
+    for (round, model) in ["smol", "gemma", "smol", "gemma"].iter().enumerate() {
+        let output = env.run(&["run", "--raw", "--temperature", "0", "-n", "8", model, "The capital of France is"]);
+        assert_success(&output);
+        assert!(!output.stdout.is_empty(), "round {round}: {model} wrote nothing");
+        outputs.push(stdout(&output));
+        let status = env.status_json();
+        let ready: Vec<&str> = status["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["state"] == "ready")
+            .map(|i| i["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(ready, [*model], "round {round}: only the model in use is loaded: {status}");
+        assert_eq!(status["daemon"]["evictions"], round as u64, "round {round}");
+    }
+    assert_eq!(outputs[0], outputs[2], "greedy output survives an eviction and reload");
+    assert_eq!(outputs[1], outputs[3]);
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}

@@ -260,6 +260,20 @@ pub fn demo_model() -> PathBuf {
     path
 }
 
+/// Gemma 3 270M, installed by `tests/fetch-test-models` (or `LLMCTL_TEST_GEMMA`).
+pub fn gemma_model() -> PathBuf {
+    if let Some(path) = std::env::var_os("LLMCTL_TEST_GEMMA") {
+        return PathBuf::from(path);
+    }
+    let dir = match std::env::var_os("LLMCTL_TEST_MODELS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llmctl/test-models"),
+    };
+    let path = dir.join("gemma-3-270m-q4_k_m.gguf");
+    assert!(path.exists(), "{} is missing: run tests/fetch-test-models (tests/run does)", path.display());
+    path
+}
+
 fn default_data_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("LLMCTL_DATA_DIR") {
         return PathBuf::from(dir);
