@@ -183,6 +183,12 @@ impl Client {
             // could be dead by the next POST, which is never retried.
             .max_idle_connections(0)
             .max_idle_connections_per_host(0)
+            // ureq zeroes 128 KiB buffers per connection by default; with a connection per
+            // request that was the daemon's largest cost per request (perf: page faults in
+            // memset). SSE lines and llama-server's headers are small.
+            .input_buffer_size(32 << 10)
+            .output_buffer_size(16 << 10)
+            .max_response_header_size(16 << 10)
             .build();
         Client { agent: config.into(), base: format!("http://127.0.0.1:{port}") }
     }

@@ -11,7 +11,12 @@
 //! 2. Control plane: `llmctl status` round trip, whole process.
 //! 3. Cold start: `llmctl run` on an unloaded model to the first token vs llama-server
 //!    alone (spawn, port from its log, `/health` polled every millisecond, first token).
-//! 4. Footprint: binary size, daemon RSS idle and with a model loaded.
+//!    Router mode: a running router, first request for an unloaded model.
+//! 4. Swap between SmolLM2 and Gemma 270M with one model at a time: llmctl vs router mode.
+//! 5. Admission: requests/s and p99 at 1, 8 and 64 concurrent clients, fake server at full
+//!    speed, through the daemon vs straight to the server.
+//! 6. Footprint: binary size, daemon RSS idle and with a model loaded.
+//! 7. Scaling: `status` and `run` times and daemon RSS with 1, 2, 4 and 8 instances.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -124,7 +129,109 @@ fn main() {
     println!("| `llmctl run` on an unloaded model | {} |", ms(cold_llmctl));
     println!("\ndifference: **{:+.1} ms**\n", (cold_llmctl.as_secs_f64() - cold_alone.as_secs_f64()) * 1000.0);
 
-    // 4. Footprint.
+    // 3b. Router mode, cold: a running router, the model not loaded, first request.
+    let router_dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&demo, router_dir.path().join("smol.gguf")).unwrap();
+    let gemma = gemma_model();
+    if let Some(gemma) = &gemma {
+        std::os::unix::fs::symlink(gemma, router_dir.path().join("gemma.gguf")).unwrap();
+    }
+    let mut cold_router = Vec::new();
+    for _ in 0..reps.min(5) {
+        let router = Router::start(&server, router_dir.path(), 1);
+        let start = Instant::now();
+        router.first_token("smol");
+        cold_router.push(start.elapsed());
+    }
+    println!("| llama-server router mode (running router, first request) | {} |\n", ms(median(&cold_router)));
+
+    // 4. Swap between two real models under a one-model limit.
+    if let Some(gemma) = &gemma {
+        let swap_env = Bench::new(&server);
+        std::fs::write(
+            swap_env.dir.path().join("config.toml"),
+            format!(
+                "max_instances = 1\n[models.smol]\npath = \"{}\"\nctx_size = 4096\n[models.gemma]\npath = \"{}\"\nctx_size = 4096\n",
+                demo.display(),
+                gemma.display()
+            ),
+        )
+        .unwrap();
+        swap_env.llmctl(&["warm", "smol"]);
+        let router = Router::start(&server, router_dir.path(), 1);
+        router.first_token("smol");
+        let mut llmctl_swaps = Vec::new();
+        let mut router_swaps = Vec::new();
+        for round in 0..reps.min(6) {
+            let model = if round % 2 == 0 { "gemma" } else { "smol" };
+            llmctl_swaps.push(swap_env.timed_run(&["run", "--raw", "-n", "1", model, "Hello"]).0);
+            let start = Instant::now();
+            router.first_token(model);
+            router_swaps.push(start.elapsed());
+        }
+        let (llmctl_swap, router_swap) = (median(&llmctl_swaps), median(&router_swaps));
+        println!("### Swap between SmolLM2 and Gemma 270M, one model at a time, to first token\n");
+        println!("| path | median |\n|---|---|");
+        println!("| llama-server router mode, `--models-max 1` | {} |", ms(router_swap));
+        println!("| llmctl, `max_instances = 1` | {} |", ms(llmctl_swap));
+        println!("\nratio llmctl/router: **{:.2}**\n", llmctl_swap.as_secs_f64() / router_swap.as_secs_f64());
+    }
+
+    // 5. Admission: many concurrent clients, fake server at full speed, short generations.
+    let admission_env = Bench::new(Path::new(FAKE));
+    admission_env.set_fake_tokens(16);
+    std::fs::write(admission_env.dir.path().join("config.toml"), "queue_depth = 256\n").unwrap();
+    admission_env.llmctl(&["warm", "--parallel", "64", fake_model.to_str().unwrap()]);
+    let admission_port = admission_env.instance_port();
+    let spec = serde_json::json!({"name": "fake.gguf", "path": fake_model, "load": {"ctx_size": null, "parallel": 64, "gpu_layers": null, "extra_args": []}});
+    println!("### Admission, fake server at full speed, 16-token requests\n");
+    println!("| clients | daemon req/s | direct req/s | ratio | daemon p99 | direct p99 | added p99 |");
+    println!("|---|---|---|---|---|---|---|");
+    for clients in [1usize, 8, 64] {
+        let per_client = (512 / clients).max(8);
+        let socket = admission_env.socket();
+        let (daemon_rate, daemon_p99) = load(clients, per_client, || daemon_request(&socket, &spec));
+        let (direct_rate, direct_p99) = load(clients, per_client, || {
+            direct_stream(admission_port, "x", 16);
+        });
+        println!(
+            "| {clients} | {daemon_rate:.0} | {direct_rate:.0} | {:.2} | {} | {} | {:+.2} ms |",
+            daemon_rate / direct_rate,
+            ms(daemon_p99),
+            ms(direct_p99),
+            (daemon_p99.as_secs_f64() - direct_p99.as_secs_f64()) * 1000.0
+        );
+    }
+    println!();
+
+    // 7. Scaling: control plane and streaming with more instances loaded.
+    println!("### Scaling with loaded instances (fake servers)\n");
+    println!("| instances | `llmctl status` median | `llmctl run` 16 tokens median | daemon RSS |");
+    println!("|---|---|---|---|");
+    let scale_env = Bench::new(Path::new(FAKE));
+    scale_env.set_fake_tokens(16);
+    let mut loaded = 0;
+    for target in [1usize, 2, 4, 8] {
+        while loaded < target {
+            let model = scale_env.dir.path().join(format!("m{loaded}.gguf"));
+            std::fs::copy(&fake_model, &model).unwrap();
+            scale_env.llmctl(&["warm", model.to_str().unwrap()]);
+            loaded += 1;
+        }
+        let first = scale_env.dir.path().join("m0.gguf");
+        let status: Vec<Duration> = (0..reps * 3).map(|_| scale_env.timed(&["status"])).collect();
+        let runs: Vec<Duration> =
+            (0..reps * 2).map(|_| scale_env.timed_run(&["run", "--raw", first.to_str().unwrap(), "x"]).1).collect();
+        println!(
+            "| {target} | {} | {} | {:.1} MiB |",
+            ms(median(&status)),
+            ms(median(&runs)),
+            mib(scale_env.daemon_rss())
+        );
+    }
+    println!();
+
+    // 6. Footprint.
     let idle = Bench::new(&server);
     idle.llmctl(&["status"]);
     let idle_rss = idle.daemon_rss();
@@ -208,6 +315,10 @@ impl Bench {
         self.status()["instances"][0]["port"].as_u64().unwrap() as u16
     }
 
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("llmctl.sock")
+    }
+
     fn daemon_rss(&self) -> u64 {
         self.status()["daemon"]["rss_bytes"].as_u64().unwrap()
     }
@@ -287,6 +398,99 @@ fn cold_start_alone(server: &Path, model: &Path) -> Duration {
     child.wait().unwrap();
     drain.join().unwrap();
     elapsed
+}
+
+/// A llama-server in router mode over `dir`, stopped on drop.
+struct Router {
+    child: Child,
+    port: u16,
+}
+
+impl Router {
+    fn start(server: &Path, dir: &Path, models_max: u32) -> Router {
+        let port = free_port();
+        let child = Command::new(server)
+            .args(["--models-dir", dir.to_str().unwrap(), "--models-max", &models_max.to_string()])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--no-webui", "-c", "4096", "-np", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        while agent.get(format!("http://127.0.0.1:{port}/health")).call().map(|r| r.status() != 200).unwrap_or(true) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Router { child, port }
+    }
+
+    /// Streams a one-token request for `model` and returns at its first token.
+    fn first_token(&self, model: &str) {
+        let body = serde_json::json!({"model": model, "prompt": "Hello", "n_predict": 1, "stream": true});
+        let mut response =
+            ureq::post(format!("http://127.0.0.1:{}/completion", self.port)).send(body.to_string()).unwrap();
+        let mut reader = BufReader::new(response.body_mut().as_reader());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 0 && !line.starts_with("data: ") {
+            line.clear();
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        // SIGTERM lets the router stop its own children.
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn gemma_model() -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os("HOME")?).join(".cache/llmctl/test-models/gemma-3-270m-q4_k_m.gguf");
+    path.exists().then_some(path)
+}
+
+/// One run request straight over the daemon's socket, read to its final message.
+fn daemon_request(socket: &Path, spec: &serde_json::Value) {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let request = serde_json::json!({"type": "run", "model": spec, "mode": "raw", "prompt": "x", "system": null, "sampling": {"stop": []}});
+    stream.write_all(format!("{{\"type\":\"hello\",\"version\":1}}\n{request}\n").as_bytes()).unwrap();
+    for line in BufReader::new(stream).lines() {
+        let line = line.unwrap();
+        if line.starts_with("{\"type\":\"done\"") {
+            return;
+        }
+        assert!(!line.starts_with("{\"type\":\"error\""), "{line}");
+    }
+    panic!("the daemon closed the connection without a final message");
+}
+
+/// Runs `request` from `clients` threads, `per_client` times each: (requests/s, p99).
+fn load(clients: usize, per_client: usize, request: impl Fn() + Sync) -> (f64, Duration) {
+    let start = Instant::now();
+    let latencies: Vec<Duration> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..per_client)
+                        .map(|_| {
+                            let t = Instant::now();
+                            request();
+                            t.elapsed()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+    });
+    let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
+    (rate, p99(&latencies))
 }
 
 fn medians(samples: &[(Duration, Duration)]) -> (Duration, Duration) {
