@@ -119,11 +119,12 @@ fn main() {
     let mut cold_alone = Vec::new();
     for _ in 0..reps.min(5) {
         env.llmctl(&["stop", "--all"]);
-        cold_llmctl.push(env.timed_run(&["run", "--raw", "-n", "1", demo.to_str().unwrap(), "Hello"]).0);
+        cold_llmctl
+            .push(env.timed_run(&["run", "--raw", "-n", "1", "--ctx-size", "4096", demo.to_str().unwrap(), "Hello"]).0);
         cold_alone.push(cold_start_alone(&server, &demo));
     }
     let (cold_llmctl, cold_alone) = (median(&cold_llmctl), median(&cold_alone));
-    println!("### Cold start to first token, SmolLM2\n");
+    println!("### Cold start to first token, SmolLM2, 4096-token context, one slot\n");
     println!("| path | median |\n|---|---|");
     println!("| llama-server alone (spawn, log port, /health every 1 ms, request) | {} |", ms(cold_alone));
     println!("| `llmctl run` on an unloaded model | {} |", ms(cold_llmctl));
@@ -368,6 +369,10 @@ fn cold_start_alone(server: &Path, model: &Path) -> Duration {
             "--no-webui",
             "--log-colors",
             "off",
+            "--ctx-size",
+            "4096",
+            "--parallel",
+            "1",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
