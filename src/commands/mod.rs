@@ -13,6 +13,7 @@ pub mod switch;
 pub mod warm;
 
 use crate::cli::{GlobalArgs, LoadArgs};
+use crate::client::{self, Connection};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gguf;
@@ -33,13 +34,21 @@ impl Context {
         Config::load(&self.paths.config)
     }
 
-    /// Resolves MODEL and checks its header, so a bad file fails here, before the daemon
-    /// is asked for anything.
+    /// Resolves MODEL to a file and load options.
     pub fn resolve_model(&self, name: &str, load: &LoadArgs) -> Result<ModelSpec> {
         let config = self.config()?;
         let overrides = LoadOverrides { ctx_size: load.ctx_size, parallel: load.parallel, gpu_layers: load.gpu_layers };
-        let spec = model::resolve(name, &config, &self.paths, &overrides)?;
-        gguf::inspect(&spec.path).map_err(|reason| Error::BadModel { path: spec.path.clone(), reason })?;
-        Ok(spec)
+        model::resolve(name, &config, &self.paths, &overrides)
+    }
+
+    /// Connects for a request about `model`. A running daemon checks the model's header
+    /// itself (and remembers it); when none runs, the header is checked here first, so a
+    /// wrong or truncated file is refused without starting anything.
+    pub fn connect_for(&self, model: &ModelSpec) -> Result<Connection> {
+        if let Some(connection) = client::try_connect(self)? {
+            return Ok(connection);
+        }
+        gguf::inspect(&model.path).map_err(|reason| Error::BadModel { path: model.path.clone(), reason })?;
+        client::connect(self)
     }
 }

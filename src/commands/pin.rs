@@ -3,14 +3,13 @@
 //! survive a daemon restart.
 
 use crate::cli::PinArgs;
-use crate::client;
 use crate::commands::Context;
 use crate::error::Result;
 use crate::protocol::Request;
 
 pub fn run(context: &Context, args: PinArgs, pinned: bool) -> Result<()> {
     let model = context.resolve_model(&args.model, &args.load)?;
-    let mut connection = client::connect(context)?;
+    let mut connection = context.connect_for(&model)?;
     connection.call(&Request::Pin { model, pinned })?;
     Ok(())
 }

@@ -45,7 +45,7 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
         },
     };
 
-    let mut connection = client::connect(context)?;
+    let mut connection = context.connect_for(&request.model)?;
     install_interrupt_handler(connection.raw_fd())?;
     let result = stream(&mut connection, &Request::Run(request), &args, context.global.verbose > 0);
     SOCKET_FD.store(-1, Ordering::SeqCst);

@@ -2,14 +2,13 @@
 //! `--exclusive` unloads the others once it is ready.
 
 use crate::cli::SwitchArgs;
-use crate::client;
 use crate::commands::Context;
 use crate::error::Result;
 use crate::protocol::Request;
 
 pub fn run(context: &Context, args: SwitchArgs) -> Result<()> {
     let model = context.resolve_model(&args.model, &args.load)?;
-    let mut connection = client::connect(context)?;
+    let mut connection = context.connect_for(&model)?;
     connection.call(&Request::Switch { model, wait: args.wait, exclusive: args.exclusive })?;
     Ok(())
 }

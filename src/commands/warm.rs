@@ -2,14 +2,13 @@
 //! Quiet on success and idempotent, for cron.
 
 use crate::cli::WarmArgs;
-use crate::client;
 use crate::commands::Context;
 use crate::error::Result;
 use crate::protocol::Request;
 
 pub fn run(context: &Context, args: WarmArgs) -> Result<()> {
     let model = context.resolve_model(&args.model, &args.load)?;
-    let mut connection = client::connect(context)?;
+    let mut connection = context.connect_for(&model)?;
     connection.call(&Request::Warm { model, ttl_s: args.ttl })?;
     Ok(())
 }

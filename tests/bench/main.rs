@@ -44,39 +44,39 @@ fn main() {
     env.llmctl(&["warm", demo.to_str().unwrap()]);
     let port = env.instance_port();
     let prompt = "1, 2, 3, 4, 5, 6,"; // counting goes on until the token limit
-    let mut via_llmctl = Vec::new();
-    let mut direct = Vec::new();
-    for _ in 0..reps {
-        via_llmctl.push(env.timed_run(&[
-            "run",
-            "--raw",
-            "--temperature",
-            "0",
-            "-n",
-            &tokens.to_string(),
-            demo.to_str().unwrap(),
-            prompt,
-        ]));
-        direct.push(direct_stream(port, prompt, tokens));
+                                      // Twice: requests back to back, and with an idle gap before each, as when a person types
+                                      // commands. Right after a request llama-server's compute threads still spin on both
+                                      // cores, which slows a process that is just starting far more than an open connection.
+    for (label, gap) in [("back to back", Duration::ZERO), ("300 ms idle before each", Duration::from_millis(300))] {
+        let mut via_llmctl = Vec::new();
+        let mut direct = Vec::new();
+        let tokens_arg = tokens.to_string();
+        let args = ["run", "--raw", "--temperature", "0", "-n", &tokens_arg, demo.to_str().unwrap(), prompt];
+        for _ in 0..reps {
+            std::thread::sleep(gap);
+            via_llmctl.push(env.timed_run(&args));
+            std::thread::sleep(gap);
+            direct.push(direct_stream(port, prompt, tokens));
+        }
+        let (llmctl_ttft, llmctl_total) = medians(&via_llmctl);
+        let (direct_ttft, direct_total) = medians(&direct);
+        let llmctl_rate = tokens as f64 / (llmctl_total - llmctl_ttft).as_secs_f64();
+        let direct_rate = tokens as f64 / (direct_total - direct_ttft).as_secs_f64();
+        println!("### Streaming, SmolLM2-135M Q4_1, {tokens} tokens, warm, {label}\n");
+        println!("| path | time to first token | generation tokens/s | whole request |");
+        println!("|---|---|---|---|");
+        println!(
+            "| llama-server directly (HTTP, in process) | {} | {direct_rate:.1} | {} |",
+            ms(direct_ttft),
+            ms(direct_total)
+        );
+        println!("| `llmctl run` (whole process) | {} | {llmctl_rate:.1} | {} |", ms(llmctl_ttft), ms(llmctl_total));
+        println!(
+            "\ntokens/s ratio llmctl/direct: **{:.3}**; added time to first token: **{:+.2} ms**\n",
+            llmctl_rate / direct_rate,
+            (llmctl_ttft.as_secs_f64() - direct_ttft.as_secs_f64()) * 1000.0
+        );
     }
-    let (llmctl_ttft, llmctl_total) = medians(&via_llmctl);
-    let (direct_ttft, direct_total) = medians(&direct);
-    let llmctl_rate = tokens as f64 / (llmctl_total - llmctl_ttft).as_secs_f64();
-    let direct_rate = tokens as f64 / (direct_total - direct_ttft).as_secs_f64();
-    println!("### Streaming, SmolLM2-135M Q4_1, {tokens} tokens, warm\n");
-    println!("| path | time to first token | generation tokens/s | whole request |");
-    println!("|---|---|---|---|");
-    println!(
-        "| llama-server directly (HTTP, in process) | {} | {direct_rate:.1} | {} |",
-        ms(direct_ttft),
-        ms(direct_total)
-    );
-    println!("| `llmctl run` (whole process) | {} | {llmctl_rate:.1} | {} |", ms(llmctl_ttft), ms(llmctl_total));
-    println!(
-        "\ntokens/s ratio llmctl/direct: **{:.3}**; added time to first token: **{:+.2} ms**\n",
-        llmctl_rate / direct_rate,
-        (llmctl_ttft.as_secs_f64() - direct_ttft.as_secs_f64()) * 1000.0
-    );
 
     // 1b. Fake server at full speed through daemon, socket, client and stdout.
     let fake_tokens = 200_000;

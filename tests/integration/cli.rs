@@ -351,3 +351,25 @@ fn stopping_a_background_load_cancels_it_and_its_waiters() {
     assert_eq!(env.status_json()["instances"][0]["state"], "stopped");
     assert!(env.processes().iter().all(|(_, cmd)| !cmd.contains("slow.gguf")), "the half-started child is gone");
 }
+
+#[test]
+fn a_running_daemon_refuses_bad_models_with_the_same_codes() {
+    let env = Env::fake();
+    assert_success(&env.run(&["status"]));
+    let full = std::fs::read(env.tiny_model("full.gguf")).unwrap();
+    let truncated = env.path("models/truncated.gguf");
+    std::fs::write(&truncated, &full[..full.len() - 100]).unwrap();
+    let not_gguf = env.path("models/text.gguf");
+    std::fs::write(&not_gguf, "plain text").unwrap();
+    for (path, message) in [(&truncated, "truncated"), (&not_gguf, "GGUF magic")] {
+        let output = env.run(&["run", path.to_str().unwrap(), "hi"]);
+        assert_exit(&output, 65);
+        assert!(stderr(&output).contains(message), "{}", stderr(&output));
+    }
+    // A file that changes under a loaded instance is checked again.
+    let model = env.path("models/changing.gguf");
+    std::fs::write(&model, &full).unwrap();
+    assert_success(&env.run(&["warm", model.to_str().unwrap()]));
+    std::fs::write(&model, &full[..full.len() - 100]).unwrap();
+    assert_exit(&env.run(&["run", model.to_str().unwrap(), "hi"]), 65);
+}
