@@ -22,8 +22,17 @@ _llmctl() {
             llmctl,daemon)
                 cmd="llmctl__subcmd__daemon"
                 ;;
+            llmctl,events)
+                cmd="llmctl__subcmd__events"
+                ;;
             llmctl,help)
                 cmd="llmctl__subcmd__help"
+                ;;
+            llmctl,logs)
+                cmd="llmctl__subcmd__logs"
+                ;;
+            llmctl,metrics)
+                cmd="llmctl__subcmd__metrics"
                 ;;
             llmctl,pin)
                 cmd="llmctl__subcmd__pin"
@@ -58,8 +67,17 @@ _llmctl() {
             llmctl__subcmd__help,daemon)
                 cmd="llmctl__subcmd__help__subcmd__daemon"
                 ;;
+            llmctl__subcmd__help,events)
+                cmd="llmctl__subcmd__help__subcmd__events"
+                ;;
             llmctl__subcmd__help,help)
                 cmd="llmctl__subcmd__help__subcmd__help"
+                ;;
+            llmctl__subcmd__help,logs)
+                cmd="llmctl__subcmd__help__subcmd__logs"
+                ;;
+            llmctl__subcmd__help,metrics)
+                cmd="llmctl__subcmd__help__subcmd__metrics"
                 ;;
             llmctl__subcmd__help,pin)
                 cmd="llmctl__subcmd__help__subcmd__pin"
@@ -95,7 +113,7 @@ _llmctl() {
 
     case "${cmd}" in
         llmctl)
-            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm pin unpin switch stop daemon shutdown config setup help"
+            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -176,8 +194,34 @@ _llmctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        llmctl__subcmd__events)
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         llmctl__subcmd__help)
-            opts="run status warm pin unpin switch stop daemon shutdown config setup help"
+            opts="run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -218,7 +262,49 @@ _llmctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        llmctl__subcmd__help__subcmd__events)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         llmctl__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__help__subcmd__logs)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__help__subcmd__metrics)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -351,6 +437,78 @@ _llmctl() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__logs)
+            opts="-f -n -v -h --daemon --follow --lines --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --lines)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -n)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__metrics)
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

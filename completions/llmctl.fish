@@ -41,6 +41,9 @@ complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "stop" -d 'Unload a mo
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "daemon" -d 'Run the daemon in the foreground (for systemd or debugging)'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "shutdown" -d 'Stop every model gracefully, then the daemon'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "config" -d 'Print the effective configuration and where each value came from'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "logs" -d 'Print a model\'s llama-server log, or the daemon\'s'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "events" -d 'Print the daemon\'s state changes as JSON lines as they happen'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "metrics" -d 'Print the daemon\'s counters in Prometheus text format'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "setup" -d 'Find or build llama-server and install the demo model'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l system -d 'System message (chat mode)' -r
@@ -137,6 +140,30 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l json -d 'Print 
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s n -l lines -d 'Print only the last N lines first' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l daemon -d 'The daemon\'s own log instead of a model\'s'
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s f -l follow -d 'Keep printing what is appended, until Ctrl-C'
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand events" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand events" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand events" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand events" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand events" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand events" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s j -l jobs -d 'Parallel compile jobs when building llama-server (default: number of CPUs)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l config -d 'Config file' -r -F
@@ -146,15 +173,18 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s q -l quiet -d 'P
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s h -l help -d 'Print help'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "run" -d 'Generate text; tokens go to stdout as they arrive'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "status" -d 'Show the daemon, its queue and every model instance'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "warm" -d 'Load MODEL and return once it answers; quiet and idempotent, for cron'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "pin" -d 'Keep MODEL loaded: never evicted for memory, never unloaded by its TTL'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "unpin" -d 'Let MODEL be evicted and unloaded again'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "switch" -d 'Make MODEL the loaded one, in the background unless --wait'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "stop" -d 'Unload a model (or all of them) gracefully'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "daemon" -d 'Run the daemon in the foreground (for systemd or debugging)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "shutdown" -d 'Stop every model gracefully, then the daemon'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "config" -d 'Print the effective configuration and where each value came from'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "setup" -d 'Find or build llama-server and install the demo model'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config setup help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "run" -d 'Generate text; tokens go to stdout as they arrive'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "status" -d 'Show the daemon, its queue and every model instance'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "warm" -d 'Load MODEL and return once it answers; quiet and idempotent, for cron'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "pin" -d 'Keep MODEL loaded: never evicted for memory, never unloaded by its TTL'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "unpin" -d 'Let MODEL be evicted and unloaded again'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "switch" -d 'Make MODEL the loaded one, in the background unless --wait'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "stop" -d 'Unload a model (or all of them) gracefully'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "daemon" -d 'Run the daemon in the foreground (for systemd or debugging)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "shutdown" -d 'Stop every model gracefully, then the daemon'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "config" -d 'Print the effective configuration and where each value came from'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "logs" -d 'Print a model\'s llama-server log, or the daemon\'s'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "events" -d 'Print the daemon\'s state changes as JSON lines as they happen'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "metrics" -d 'Print the daemon\'s counters in Prometheus text format'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "setup" -d 'Find or build llama-server and install the demo model'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

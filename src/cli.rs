@@ -78,6 +78,12 @@ pub enum Command {
     Shutdown,
     /// Print the effective configuration and where each value came from
     Config(ConfigArgs),
+    /// Print a model's llama-server log, or the daemon's
+    Logs(LogsArgs),
+    /// Print the daemon's state changes as JSON lines as they happen
+    Events,
+    /// Print the daemon's counters in Prometheus text format
+    Metrics,
     /// Find or build llama-server and install the demo model
     Setup(SetupArgs),
 }
@@ -197,6 +203,25 @@ pub struct DaemonArgs {
     /// Requests that may wait for a slot before new ones are refused as busy
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub queue_depth: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("source").required(true))]
+pub struct LogsArgs {
+    /// Path to a .gguf file or an alias
+    #[arg(group = "source")]
+    pub model: Option<String>,
+    /// The daemon's own log instead of a model's
+    #[arg(long, group = "source")]
+    pub daemon: bool,
+    /// Keep printing what is appended, until Ctrl-C
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Print only the last N lines first
+    #[arg(short = 'n', long, value_name = "N")]
+    pub lines: Option<usize>,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 #[derive(Debug, Args)]

@@ -53,6 +53,22 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The name on the wire and in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Internal => "internal",
+            ErrorKind::Usage => "usage",
+            ErrorKind::Data => "data",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Backend => "backend",
+            ErrorKind::NoCapacity => "no_capacity",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Interrupted => "interrupted",
+        }
+    }
+
     pub fn exit_code(self) -> i32 {
         match self {
             ErrorKind::Internal => exit::INTERNAL,

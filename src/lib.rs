@@ -72,6 +72,9 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Command::Daemon(args) => commands::daemon::run(&context, args),
         Command::Shutdown => commands::shutdown::run(&context),
         Command::Config(args) => commands::config::run(&context, args),
+        Command::Logs(args) => commands::logs::run(&context, args),
+        Command::Events => commands::events::events(&context),
+        Command::Metrics => commands::events::metrics(&context),
         Command::Setup(args) => commands::setup::run(&context, args),
     }
 }

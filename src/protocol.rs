@@ -37,6 +37,10 @@ pub enum Request {
         model: ModelSpec,
         pinned: bool,
     },
+    /// Stream state changes as they happen, until the client goes away.
+    Events,
+    /// The daemon's counters in Prometheus text format.
+    Metrics,
     /// Load the model in the background; `wait` returns once it is ready.
     Switch {
         model: ModelSpec,
@@ -102,6 +106,10 @@ pub enum Response {
     Token {
         text: String,
     },
+    Event(Event),
+    Metrics {
+        text: String,
+    },
     Done(Done),
     Status(StatusReport),
     Ok {
@@ -159,6 +167,8 @@ pub struct DaemonStatus {
     pub max_instances: Option<usize>,
     /// Instances evicted for memory or unloaded by a TTL since the daemon started.
     pub evictions: u64,
+    /// Clients following `llmctl events`.
+    pub event_subscribers: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -204,6 +214,26 @@ pub struct InstanceStatus {
     pub evictions: u32,
     /// GPU memory measured by nvidia-smi.
     pub vram_bytes: Option<u64>,
+    /// How long the last load took.
+    pub load_ms: Option<u64>,
+    /// Time to first token, over the last 1,024 requests.
+    pub first_token_p50_ms: Option<f64>,
+    pub first_token_p99_ms: Option<f64>,
+    /// Requests by outcome: "ok", "cancelled" or an error kind.
+    pub outcomes: std::collections::BTreeMap<String, u64>,
+}
+
+/// A state change of an instance, as `llmctl events` prints it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// loading, ready, failed, refused, crashed, stopped, evicted or expired.
+    pub event: String,
+    pub model: String,
+    pub path: String,
+    pub pid: Option<u32>,
+    pub detail: Option<String>,
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes, without the newline. `Ok(None)` at a clean

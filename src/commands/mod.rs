@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod daemon;
+pub mod events;
+pub mod logs;
 pub mod pin;
 pub mod run;
 pub mod setup;

@@ -146,6 +146,11 @@ fn handle(shared: &Arc<Shared>, request: Request, writer: &mut Writer) -> Result
             instance.set_pinned(pinned);
             send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e))
         }
+        Request::Events => events(shared, writer),
+        Request::Metrics => {
+            let text = super::metrics::render(&status(shared));
+            send_final(writer, &Response::Metrics { text }).map_err(|e| Error::io("cannot reply", e))
+        }
         Request::Shutdown => {
             let (done_tx, done_rx) = crossbeam_channel::bounded(1);
             let _ = shared.shutdown.send(ShutdownRequest::Client(done_tx));
@@ -212,6 +217,7 @@ fn ready_slot(
 }
 
 fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result<()> {
+    let request_started = Instant::now();
     let instance = instance_for(shared, &request.model)?;
     let place = shared.admission.enter().inspect_err(|_| instance.note_rejected())?;
     let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
@@ -237,14 +243,20 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
         panic!("fault injected by the test suite");
     }
 
+    let mut first_token = true;
     let result = slot.client.generate(&request, |text, more_buffered| {
+        if first_token {
+            first_token = false;
+            instance.note_first_token(request_started.elapsed());
+        }
         protocol::write_message(writer, &Response::Token { text: text.to_string() })?;
         if !more_buffered {
             writer.flush()?;
         }
         Ok(())
     });
-    match result {
+    let cancelled_by_client = matches!(result, Err(GenerateError::Cancelled));
+    let outcome = match result {
         Ok(done) => {
             slot.record_usage(done.usage);
             drop(slot);
@@ -273,9 +285,20 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
         }
         Err(GenerateError::Broken(message)) => {
             drop(slot);
-            Err(instance.generation_failed(message))
+            let error = instance.generation_failed(message);
+            if matches!(error, Error::LlamaExited { .. }) {
+                shared.events.publish(&instance, "crashed", Some(error.to_string()));
+            }
+            Err(error)
         }
-    }
+    };
+    let label = match &outcome {
+        Ok(()) if cancelled_by_client => "cancelled".to_string(),
+        Ok(()) => "ok".to_string(),
+        Err(error) => error.kind().name().to_string(),
+    };
+    instance.note_outcome(&label);
+    outcome
 }
 
 fn warm(shared: &Arc<Shared>, spec: &ModelSpec, writer: &mut Writer) -> Result<Arc<Instance>> {
@@ -321,6 +344,29 @@ fn switch(shared: &Arc<Shared>, spec: &ModelSpec, wait: bool, exclusive: bool, w
     }
 }
 
+/// Streams events to the client until it goes away or the daemon shuts down.
+fn events(shared: &Arc<Shared>, writer: &mut Writer) -> Result<()> {
+    let subscription = shared.events.subscribe();
+    let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
+    // Tell the client it is subscribed, so nothing that happens after this is missed.
+    send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e))?;
+    loop {
+        match subscription.recv_timeout(Duration::from_millis(200)) {
+            Ok(event) => {
+                if send_final(writer, &Response::Event(event)).is_err() {
+                    return Ok(());
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if sys::peer_closed(&client_socket) || shared.shutting_down.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}
+
 fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>) -> usize {
     let instances = match model {
         Some(spec) => shared.table.for_path(&spec.path),
@@ -329,7 +375,10 @@ fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>) -> usize {
     let running: Vec<_> = instances.into_iter().filter(|i| i.state() != crate::instance::State::Stopped).collect();
     std::thread::scope(|scope| {
         for instance in &running {
-            scope.spawn(|| instance.stop(shared.stop_grace()));
+            scope.spawn(|| {
+                instance.stop(shared.stop_grace());
+                shared.events.publish(instance, "stopped", None);
+            });
         }
     });
     running.len()
@@ -350,6 +399,7 @@ fn status(shared: &Arc<Shared>) -> StatusReport {
             vram_budget_bytes: budget.vram,
             max_instances: budget.max_instances,
             evictions: shared.evictions.load(std::sync::atomic::Ordering::Relaxed),
+            event_subscribers: shared.events.subscribers(),
         },
         queue: QueueStatus {
             depth: shared.admission.depth(),

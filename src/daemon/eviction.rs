@@ -42,6 +42,8 @@ impl Shared {
         }
         log::info!("unloading {}: {reason}", victim.spec.name);
         victim.finish_eviction(self.stop_grace(), &self.kill_now);
+        let kind = if reason.starts_with("idle") { "expired" } else { "evicted" };
+        self.events.publish(victim, kind, Some(reason.to_string()));
         self.evictions.fetch_add(1, Ordering::Relaxed);
         true
     }
@@ -57,6 +59,10 @@ impl Shared {
 }
 
 impl Room for Shared {
+    fn notify(&self, instance: &Instance, event: &str, detail: Option<String>) {
+        self.events.publish(instance, event, detail);
+    }
+
     fn make_room(&self, instance: &Instance) -> Result<()> {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {

@@ -11,8 +11,10 @@
 //! and a socket left by a crashed daemon is known to be stale and replaced.
 
 pub mod connection;
+pub mod events;
 pub mod eviction;
 pub mod launcher;
+pub mod metrics;
 pub mod state;
 
 use std::fs::{self, File};
@@ -117,6 +119,7 @@ pub struct Shared {
     /// The last failure to write the state file; cleared by the next success.
     pub state_file_error: parking_lot::Mutex<Option<String>>,
     pub gpu: memory::Gpu,
+    pub events: events::EventBus,
     /// Instances evicted for memory or unloaded by a TTL.
     pub evictions: std::sync::atomic::AtomicU64,
 }
@@ -180,6 +183,7 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         connections: AtomicUsize::new(0),
         state_file_error: parking_lot::Mutex::new(None),
         gpu: memory::Gpu::default(),
+        events: events::EventBus::default(),
         evictions: std::sync::atomic::AtomicU64::new(0),
     });
     restore_instances(&shared, remembered);
@@ -269,6 +273,7 @@ fn wait_for_shutdown(shared: &Arc<Shared>, requests: &Receiver<ShutdownRequest>)
         }
     }
     let _ = stopper.join();
+    shared.events.close();
     while let Ok(request) = requests.try_recv() {
         note(request, &mut waiters);
     }
@@ -350,7 +355,10 @@ fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
             default(SUPERVISOR_TICK) => {}
         }
         for instance in shared.table.all() {
-            instance.reap();
+            if instance.reap() {
+                let failure = instance.status(shared.settings.crash_loop).failure;
+                shared.events.publish(&instance, "crashed", failure);
+            }
         }
         shared.expire_ttls();
         let current = state::snapshot(&shared.table);

@@ -77,6 +77,8 @@ pub struct LoadEnv<'a> {
 /// The daemon's side of the memory budget, asked before each spawn.
 pub trait Room {
     fn make_room(&self, instance: &Instance) -> Result<()>;
+    /// Hears a state change of `instance`, for `llmctl events`.
+    fn notify(&self, instance: &Instance, event: &str, detail: Option<String>);
 }
 
 /// The crash-loop breaker: after `limit` crashes within `window`, an instance is not
@@ -143,6 +145,12 @@ struct Inner {
     cancelled_load: Option<u64>,
     /// Requests waiting for a load to finish.
     load_waiters: usize,
+    /// How long the last successful load took.
+    last_load: Option<Duration>,
+    /// Time to first token of the last requests.
+    first_tokens: VecDeque<Duration>,
+    /// Requests by outcome: "ok", "cancelled", or an error kind.
+    outcomes: std::collections::BTreeMap<String, u64>,
 }
 
 /// Size and modification time of a model file, to notice when it changes.
@@ -233,6 +241,9 @@ impl Instance {
                 ready_since: None,
                 cancelled_load: None,
                 load_waiters: 0,
+                last_load: None,
+                first_tokens: VecDeque::new(),
+                outcomes: Default::default(),
             }),
             changed: Condvar::new(),
             process: Mutex::new(None),
@@ -437,6 +448,7 @@ impl Instance {
             on_loading();
         }
 
+        let load_started = Instant::now();
         let result = self.load(env, generation);
 
         let mut inner = self.inner.lock();
@@ -447,6 +459,7 @@ impl Instance {
                 inner.tail = Some(tail);
                 inner.port = Some(port);
                 inner.ready_since = Some(SystemTime::now());
+                inner.last_load = Some(load_started.elapsed());
                 Ok(client)
             }
             Ok(_) => Err(Error::Remote {
@@ -470,6 +483,15 @@ impl Instance {
             }
         };
         drop(inner);
+        match &outcome {
+            Ok(_) => {
+                env.room.notify(self, "ready", Some(format!("loaded in {} ms", load_started.elapsed().as_millis())))
+            }
+            Err(error) if error.kind() == ErrorKind::NoCapacity => {
+                env.room.notify(self, "refused", Some(error.to_string()))
+            }
+            Err(error) => env.room.notify(self, "failed", Some(error.to_string())),
+        }
         self.changed.notify_all();
         if outcome.is_err() {
             // Whatever was spawned for the failed load must not outlive it.
@@ -481,6 +503,7 @@ impl Instance {
     fn load(&self, env: &LoadEnv<'_>, generation: u64) -> Result<(llama::Client, Arc<OutputTail>, u16)> {
         let binary = env.binary.clone().map_err(|searched| Error::NoLlamaServer { searched })?;
         env.room.make_room(self)?;
+        env.room.notify(self, "loading", None);
         let mut command = llama::command(&binary, &self.spec);
         let log_path = env.log_dir.join(log_file_name(&self.spec));
         let capture = llama::capture_output(&mut command, &log_path).map_err(|e| {
@@ -705,6 +728,20 @@ impl Instance {
         }
     }
 
+    /// Counts a finished request by its outcome.
+    pub fn note_outcome(&self, outcome: &str) {
+        *self.inner.lock().outcomes.entry(outcome.to_string()).or_insert(0) += 1;
+    }
+
+    /// Records a request's time to first token.
+    pub fn note_first_token(&self, elapsed: Duration) {
+        let mut inner = self.inner.lock();
+        if inner.first_tokens.len() == WAIT_SAMPLES {
+            inner.first_tokens.pop_front();
+        }
+        inner.first_tokens.push_back(elapsed);
+    }
+
     /// Counts a request for this instance that the full queue refused.
     pub fn note_rejected(&self) {
         self.inner.lock().rejected += 1;
@@ -825,6 +862,10 @@ impl Instance {
             },
             evictions: inner.evictions,
             vram_bytes: None,
+            load_ms: inner.last_load.map(|d| d.as_millis() as u64),
+            first_token_p50_ms: percentile_ms(&inner.first_tokens, 0.50),
+            first_token_p99_ms: percentile_ms(&inner.first_tokens, 0.99),
+            outcomes: inner.outcomes.clone(),
         };
         drop(inner);
         status.estimate_bytes = self.estimate_bytes();
@@ -847,13 +888,15 @@ fn percentile_ms(samples: &VecDeque<Duration>, quantile: f64) -> Option<f64> {
     Some(sorted[index].as_secs_f64() * 1000.0)
 }
 
-/// A log file name that is readable and unique per model and load options.
-fn log_file_name(spec: &ModelSpec) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    spec.path.hash(&mut hasher);
-    spec.load.hash(&mut hasher);
+/// A log file name that is readable and unique per model and load options, and stable
+/// across llmctl versions (FNV-1a over the path and options, not std's hasher), so
+/// `llmctl logs` finds what a daemon wrote.
+pub fn log_file_name(spec: &ModelSpec) -> String {
+    let key = format!("{}\0{:?}", spec.path.display(), spec.load);
+    let hash = key
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
     let stem: String =
         spec.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
-    format!("{stem}-{:08x}.log", hasher.finish() as u32)
+    format!("{stem}-{:08x}.log", hash as u32)
 }

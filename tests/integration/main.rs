@@ -5,6 +5,7 @@ mod admission;
 mod budget;
 mod cli;
 mod docs;
+mod observe;
 mod real;
 mod supervision;
 mod support;

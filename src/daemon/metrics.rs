@@ -1,0 +1,130 @@
+//! Prometheus text exposition of the daemon's counters, rendered from a status snapshot
+//! (a pure function, so the format is tested without a daemon). Served by `llmctl metrics`.
+
+use std::fmt::Write;
+
+use crate::protocol::StatusReport;
+
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+pub fn render(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        name.to_string()
+    };
+    let mut lines: Vec<String> = Vec::new();
+
+    let name = family("llmctl_queue_waiting", "gauge", "Requests waiting in the admission queue.");
+    lines.push(format!("{name} {}", report.queue.waiting));
+    let name = family("llmctl_queue_depth", "gauge", "Capacity of the admission queue.");
+    lines.push(format!("{name} {}", report.queue.depth));
+    let name = family("llmctl_queue_rejected_total", "counter", "Requests refused because the queue was full.");
+    lines.push(format!("{name} {}", report.queue.rejected));
+    let name = family("llmctl_evictions_total", "counter", "Instances evicted for memory or unloaded by a TTL.");
+    lines.push(format!("{name} {}", report.daemon.evictions));
+    let name = family("llmctl_memory_budget_bytes", "gauge", "The memory budget.");
+    lines.push(format!("{name} {}", report.daemon.budget_bytes));
+    if let Some(rss) = report.daemon.rss_bytes {
+        let name = family("llmctl_daemon_resident_bytes", "gauge", "Resident memory of the daemon.");
+        lines.push(format!("{name} {rss}"));
+    }
+    out.push_str(&lines.join("\n"));
+    out.push('\n');
+
+    let mut per_instance =
+        |name: &str,
+         kind: &str,
+         help: &str,
+         value: &dyn Fn(&crate::protocol::InstanceStatus) -> Vec<(String, String)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for instance in &report.instances {
+                let model = format!("model=\"{}\"", escape(&instance.name));
+                for (extra, number) in value(instance) {
+                    let labels = if extra.is_empty() { model.clone() } else { format!("{model},{extra}") };
+                    let _ = writeln!(out, "{name}{{{labels}}} {number}");
+                }
+            }
+        };
+    per_instance("llmctl_instance_up", "gauge", "1 when the instance is ready or busy.", &|i| {
+        vec![(String::new(), u8::from(i.state == "ready" || i.state == "busy").to_string())]
+    });
+    per_instance("llmctl_requests_total", "counter", "Finished requests by outcome.", &|i| {
+        i.outcomes.iter().map(|(outcome, n)| (format!("outcome=\"{}\"", escape(outcome)), n.to_string())).collect()
+    });
+    per_instance("llmctl_tokens_total", "counter", "Prompt and completion tokens.", &|i| {
+        vec![
+            ("direction=\"in\"".into(), i.usage.prompt_tokens.to_string()),
+            ("direction=\"out\"".into(), i.usage.completion_tokens.to_string()),
+        ]
+    });
+    per_instance("llmctl_in_flight", "gauge", "Requests being generated.", &|i| {
+        vec![(String::new(), i.in_flight.to_string())]
+    });
+    per_instance("llmctl_queued", "gauge", "Requests waiting for a slot or a load.", &|i| {
+        vec![(String::new(), i.queued.to_string())]
+    });
+    per_instance("llmctl_rejected_total", "counter", "Requests refused by the full queue.", &|i| {
+        vec![(String::new(), i.rejected.to_string())]
+    });
+    per_instance("llmctl_queue_wait_seconds", "summary", "Time requests waited for a slot.", &|i| {
+        quantiles(i.wait_p50_ms, i.wait_p99_ms)
+    });
+    per_instance("llmctl_first_token_seconds", "summary", "Time from request to first token.", &|i| {
+        quantiles(i.first_token_p50_ms, i.first_token_p99_ms)
+    });
+    per_instance("llmctl_load_seconds", "gauge", "Duration of the last load.", &|i| {
+        i.load_ms.map(|ms| vec![(String::new(), format!("{:.3}", ms as f64 / 1000.0))]).unwrap_or_default()
+    });
+    per_instance("llmctl_instance_memory_bytes", "gauge", "Estimated and measured memory.", &|i| {
+        let mut values = vec![("kind=\"estimate\"".to_string(), i.estimate_bytes.to_string())];
+        if let Some(rss) = i.rss_bytes {
+            values.push(("kind=\"rss\"".into(), rss.to_string()));
+        }
+        if let Some(vram) = i.vram_bytes {
+            values.push(("kind=\"vram\"".into(), vram.to_string()));
+        }
+        values
+    });
+    per_instance("llmctl_restarts_total", "counter", "Loads after a failure.", &|i| {
+        vec![(String::new(), i.restarts.to_string())]
+    });
+    per_instance("llmctl_instance_evictions_total", "counter", "Times the instance was evicted or expired.", &|i| {
+        vec![(String::new(), i.evictions.to_string())]
+    });
+    out
+}
+
+fn quantiles(p50_ms: Option<f64>, p99_ms: Option<f64>) -> Vec<(String, String)> {
+    [("0.5", p50_ms), ("0.99", p99_ms)]
+        .into_iter()
+        .filter_map(|(q, ms)| Some((format!("quantile=\"{q}\""), format!("{:.6}", ms? / 1000.0))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::InstanceStatus;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let mut report = StatusReport::default();
+        report.queue.depth = 64;
+        let mut instance = InstanceStatus { name: "co\"der".into(), state: "ready".into(), ..Default::default() };
+        instance.outcomes.insert("ok".into(), 3);
+        instance.wait_p50_ms = Some(1.5);
+        report.instances.push(instance);
+        let text = render(&report);
+        assert!(text.contains("# TYPE llmctl_queue_depth gauge\nllmctl_queue_depth 64\n"), "{text}");
+        assert!(text.contains("llmctl_requests_total{model=\"co\\\"der\",outcome=\"ok\"} 3"), "{text}");
+        assert!(text.contains("llmctl_queue_wait_seconds{model=\"co\\\"der\",quantile=\"0.5\"} 0.001500"), "{text}");
+        assert!(text.contains("llmctl_instance_up{model=\"co\\\"der\"} 1"), "{text}");
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Observability against the fake llama-server: `logs`, `events` and `metrics`.
+
+use std::io::{BufRead, BufReader};
+
+use crate::support::*;
+
+#[test]
+fn logs_print_a_models_llama_server_output_and_the_daemons() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf").display().to_string();
+    let output = env.run(&["logs", &model]);
+    assert_exit(&output, 2);
+    assert!(stderr(&output).contains("not been loaded"), "{}", stderr(&output));
+    assert_success(&env.run(&["warm", &model]));
+    let output = env.run(&["logs", &model]);
+    assert_success(&output);
+    assert!(stdout(&output).contains("server is listening on http://127.0.0.1:"), "{}", stdout(&output));
+    let output = env.run(&["logs", "-n", "1", &model]);
+    assert_eq!(stdout(&output).lines().count(), 1, "{}", stdout(&output));
+    let output = env.run(&["logs", "--daemon"]);
+    assert!(stdout(&output).contains("spawned llama-server pid"), "{}", stdout(&output));
+}
+
+#[test]
+fn events_stream_state_changes_as_json_lines() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf").display().to_string();
+    assert_success(&env.run(&["status"]));
+    let mut watcher = env.spawn(&["events"]);
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    wait_until("the watcher is subscribed", || env.status_json()["daemon"]["event_subscribers"] == 1);
+    assert_success(&env.run(&["warm", &model]));
+    assert_success(&env.run(&["stop", &model]));
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("stopped") {
+        let line = lines.next().expect("an event").unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["model"], "m.gguf");
+        assert!(event["time_ms"].as_u64().unwrap() > 0);
+        seen.push(event["event"].as_str().unwrap().to_string());
+    }
+    assert_eq!(seen, ["loading", "ready", "stopped"]);
+    assert_success(&env.run(&["shutdown"]));
+    let status = watcher.wait().unwrap();
+    assert!(status.success(), "events ends with the daemon: {status:?}");
+}
+
+#[test]
+fn metrics_are_prometheus_text() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf").display().to_string();
+    assert_success(&env.run(&["run", &model, "one two"]));
+    let output = env.run(&["metrics"]);
+    assert_success(&output);
+    let text = stdout(&output);
+    for expected in [
+        "# TYPE llmctl_queue_waiting gauge",
+        "llmctl_requests_total{model=\"m.gguf\",outcome=\"ok\"} 1",
+        "llmctl_tokens_total{model=\"m.gguf\",direction=\"out\"} 2",
+        "llmctl_instance_memory_bytes{model=\"m.gguf\",kind=\"rss\"}",
+        "llmctl_first_token_seconds{model=\"m.gguf\",quantile=\"0.5\"}",
+        "llmctl_load_seconds{model=\"m.gguf\"}",
+    ] {
+        assert!(text.contains(expected), "missing {expected}:\n{text}");
+    }
+}
