@@ -138,14 +138,14 @@ fn leftovers_in_the_state_file_are_killed_only_if_still_the_same_process() {
     let env = Env::fake();
     std::fs::create_dir_all(env.path("state")).unwrap();
     let mut leftover = Command::new("sleep").arg("600").spawn().unwrap();
-    let start_time = start_time(leftover.id());
+    let leftover_start = start_time(leftover.id());
     let mut bystander = Command::new("sleep").arg("600").spawn().unwrap();
     let state = serde_json::json!({
         "daemon_pid": 1,
         "children": [
-            {"pid": leftover.id(), "start_time": start_time, "model": "x"},
-            // Same pid as a live process but another start time: a reused pid.
-            {"pid": bystander.id(), "start_time": start_time + 1, "model": "y"},
+            {"pid": leftover.id(), "start_time": leftover_start, "model": "x"},
+            // A live pid with another start time: a reused pid.
+            {"pid": bystander.id(), "start_time": start_time(bystander.id()) + 100_000, "model": "y"},
         ]
     });
     std::fs::write(env.path("state/state.json"), state.to_string()).unwrap();
