@@ -40,6 +40,9 @@ _llmctl() {
             llmctl,run)
                 cmd="llmctl__subcmd__run"
                 ;;
+            llmctl,serve)
+                cmd="llmctl__subcmd__serve"
+                ;;
             llmctl,setup)
                 cmd="llmctl__subcmd__setup"
                 ;;
@@ -85,6 +88,9 @@ _llmctl() {
             llmctl__subcmd__help,run)
                 cmd="llmctl__subcmd__help__subcmd__run"
                 ;;
+            llmctl__subcmd__help,serve)
+                cmd="llmctl__subcmd__help__subcmd__serve"
+                ;;
             llmctl__subcmd__help,setup)
                 cmd="llmctl__subcmd__help__subcmd__setup"
                 ;;
@@ -113,7 +119,7 @@ _llmctl() {
 
     case "${cmd}" in
         llmctl)
-            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help"
+            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm pin unpin switch stop daemon shutdown config logs events metrics serve setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -221,7 +227,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__help)
-            opts="run status warm pin unpin switch stop daemon shutdown config logs events metrics setup help"
+            opts="run status warm pin unpin switch stop daemon shutdown config logs events metrics serve setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -333,6 +339,20 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__help__subcmd__run)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__help__subcmd__serve)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -610,6 +630,40 @@ _llmctl() {
                     return 0
                     ;;
                 --gpu-layers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__serve)
+            opts="-v -h --listen --api-key-file --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --api-key-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

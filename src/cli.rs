@@ -84,6 +84,8 @@ pub enum Command {
     Events,
     /// Print the daemon's counters in Prometheus text format
     Metrics,
+    /// Serve the OpenAI API over HTTP for every model llmctl knows
+    Serve(ServeArgs),
     /// Find or build llama-server and install the demo model
     Setup(SetupArgs),
 }
@@ -222,6 +224,17 @@ pub struct LogsArgs {
     pub lines: Option<usize>,
     #[command(flatten)]
     pub load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; beyond loopback an API key is required
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// File holding the API key clients must send as `Authorization: Bearer KEY`
+    /// (or set LLMCTL_API_KEY)
+    #[arg(long, value_name = "PATH")]
+    pub api_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -75,6 +75,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Command::Logs(args) => commands::logs::run(&context, args),
         Command::Events => commands::events::events(&context),
         Command::Metrics => commands::events::metrics(&context),
+        Command::Serve(args) => commands::serve::run(&context, args),
         Command::Setup(args) => commands::setup::run(&context, args),
     }
 }

@@ -71,6 +71,10 @@ pub struct RunRequest {
     pub prompt: String,
     pub system: Option<String>,
     pub sampling: Sampling,
+    /// A whole conversation (chat mode, from `serve`); when present it replaces `system`
+    /// and `prompt`. Each message is passed to llama-server as it came.
+    #[serde(default)]
+    pub messages: Option<Vec<serde_json::Value>>,
 }
 
 /// Sampling options; they never change which instance serves the request.
@@ -312,6 +316,7 @@ mod tests {
             mode: Mode::Chat,
             prompt: "hi\nthere".into(),
             system: None,
+            messages: None,
             sampling: Sampling { stop: vec!["\n\n".into()], ..Sampling::default() },
         });
         let mut wire = Vec::new();

@@ -355,11 +355,17 @@ fn sampling_fields(request: &RunRequest, body: &mut serde_json::Map<String, Valu
 }
 
 fn chat_body(request: &RunRequest) -> Value {
-    let mut messages = Vec::new();
-    if let Some(system) = &request.system {
-        messages.push(json!({"role": "system", "content": system}));
-    }
-    messages.push(json!({"role": "user", "content": request.prompt}));
+    let messages = match &request.messages {
+        Some(messages) => messages.clone(),
+        None => {
+            let mut messages = Vec::new();
+            if let Some(system) = &request.system {
+                messages.push(json!({"role": "system", "content": system}));
+            }
+            messages.push(json!({"role": "user", "content": request.prompt}));
+            messages
+        }
+    };
     let mut body = serde_json::Map::new();
     body.insert("messages".into(), Value::from(messages));
     body.insert("stream".into(), Value::from(true));

@@ -7,6 +7,7 @@ pub mod events;
 pub mod logs;
 pub mod pin;
 pub mod run;
+pub mod serve;
 pub mod setup;
 pub mod shutdown;
 pub mod status;
@@ -22,6 +23,7 @@ use crate::gguf;
 use crate::model::{self, LoadOverrides, ModelSpec};
 use crate::paths::Paths;
 
+#[derive(Clone)]
 pub struct Context {
     pub global: GlobalArgs,
     pub paths: Paths,

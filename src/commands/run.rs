@@ -33,6 +33,7 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
         mode: if args.raw { Mode::Raw } else { Mode::Chat },
         prompt,
         system: args.system.clone(),
+        messages: None,
         sampling: Sampling {
             max_tokens: args.max_tokens,
             temperature: args.temperature,

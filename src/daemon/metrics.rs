@@ -11,28 +11,32 @@ fn escape(value: &str) -> String {
 
 pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        name.to_string()
+    let mut scalar = |name: &str, kind: &str, help: &str, value: String| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     };
-    let mut lines: Vec<String> = Vec::new();
-
-    let name = family("llmctl_queue_waiting", "gauge", "Requests waiting in the admission queue.");
-    lines.push(format!("{name} {}", report.queue.waiting));
-    let name = family("llmctl_queue_depth", "gauge", "Capacity of the admission queue.");
-    lines.push(format!("{name} {}", report.queue.depth));
-    let name = family("llmctl_queue_rejected_total", "counter", "Requests refused because the queue was full.");
-    lines.push(format!("{name} {}", report.queue.rejected));
-    let name = family("llmctl_evictions_total", "counter", "Instances evicted for memory or unloaded by a TTL.");
-    lines.push(format!("{name} {}", report.daemon.evictions));
-    let name = family("llmctl_memory_budget_bytes", "gauge", "The memory budget.");
-    lines.push(format!("{name} {}", report.daemon.budget_bytes));
+    scalar(
+        "llmctl_queue_waiting",
+        "gauge",
+        "Requests waiting in the admission queue.",
+        report.queue.waiting.to_string(),
+    );
+    scalar("llmctl_queue_depth", "gauge", "Capacity of the admission queue.", report.queue.depth.to_string());
+    scalar(
+        "llmctl_queue_rejected_total",
+        "counter",
+        "Requests refused because the queue was full.",
+        report.queue.rejected.to_string(),
+    );
+    scalar(
+        "llmctl_evictions_total",
+        "counter",
+        "Instances evicted for memory or unloaded by a TTL.",
+        report.daemon.evictions.to_string(),
+    );
+    scalar("llmctl_memory_budget_bytes", "gauge", "The memory budget.", report.daemon.budget_bytes.to_string());
     if let Some(rss) = report.daemon.rss_bytes {
-        let name = family("llmctl_daemon_resident_bytes", "gauge", "Resident memory of the daemon.");
-        lines.push(format!("{name} {rss}"));
+        scalar("llmctl_daemon_resident_bytes", "gauge", "Resident memory of the daemon.", rss.to_string());
     }
-    out.push_str(&lines.join("\n"));
-    out.push('\n');
 
     let mut per_instance =
         |name: &str,

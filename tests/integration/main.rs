@@ -7,6 +7,7 @@ mod cli;
 mod docs;
 mod observe;
 mod real;
+mod serve;
 mod supervision;
 mod support;
 mod tiny_model;
