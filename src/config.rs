@@ -46,7 +46,17 @@ pub struct Config {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    pub path: PathBuf,
+    /// A GGUF file llmctl runs; or else `url`/`urls` of servers that already run.
+    pub path: Option<PathBuf>,
+    /// An existing llama-server or OpenAI-compatible server: llmctl fronts it and never
+    /// spawns or kills it.
+    pub url: Option<String>,
+    /// Several replicas of one model; each request goes to the least busy healthy one.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// The environment variable holding a bearer token for the remote servers (never the
+    /// token itself: the config file is not a place for secrets).
+    pub api_key_env: Option<String>,
     pub ctx_size: Option<u32>,
     pub parallel: Option<u32>,
     /// Layers to offload to the GPU (llama-server --n-gpu-layers).
@@ -79,6 +89,15 @@ impl Config {
         for (name, model) in &config.models {
             if model.parallel == Some(0) {
                 return Err(format!("models.{name}.parallel must be at least 1"));
+            }
+            let remote = model.url.is_some() || !model.urls.is_empty();
+            if remote == model.path.is_some() {
+                return Err(format!("models.{name} needs exactly one of `path` and `url`/`urls`"));
+            }
+            for url in model.url.iter().chain(&model.urls) {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(format!("models.{name}: `{url}` is not an http:// or https:// URL"));
+                }
             }
             if let Some(ttl) = &model.ttl {
                 parse_ttl(ttl).map_err(|e| format!("models.{name}.ttl: {e}"))?;
@@ -147,7 +166,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.queue_depth, Some(8));
         let coder = &config.models["coder"];
-        assert_eq!(coder.path, PathBuf::from("/m/coder.gguf"));
+        assert_eq!(coder.path, Some(PathBuf::from("/m/coder.gguf")));
         assert_eq!(coder.ctx_size, Some(4096));
         assert_eq!(coder.args, ["--flash-attn", "on"]);
     }

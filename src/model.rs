@@ -43,6 +43,17 @@ pub struct ModelSpec {
     pub load: LoadOptions,
     #[serde(default)]
     pub policy: Policy,
+    /// Servers that already run and serve this model; none for a file llmctl runs.
+    #[serde(default)]
+    pub remote: Option<Remote>,
+}
+
+/// Servers llmctl fronts but does not run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Remote {
+    pub urls: Vec<String>,
+    /// The environment variable with the bearer token, read by the daemon.
+    pub api_key_env: Option<String>,
 }
 
 /// How the daemon keeps an instance; changing it never reloads the model.
@@ -76,7 +87,18 @@ pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverr
             path: paths.config.clone(),
             reason: format!("models.{name}.ttl: {reason}"),
         })?;
-        let path = expand_home(&model.path);
+        let Some(path) = &model.path else {
+            let urls: Vec<String> = model.url.iter().chain(&model.urls).cloned().collect();
+            return Ok(ModelSpec {
+                name: name.to_string(),
+                // Remote models are keyed by name; no file is involved.
+                path: PathBuf::from(format!("remote:{name}")),
+                load,
+                policy,
+                remote: Some(Remote { urls, api_key_env: model.api_key_env.clone() }),
+            });
+        };
+        let path = expand_home(path);
         if !path.exists() {
             return Err(Error::ModelNotFound { path });
         }
@@ -113,7 +135,7 @@ pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverr
     if let Some(gpu_layers) = overrides.gpu_layers {
         load.gpu_layers = Some(gpu_layers);
     }
-    Ok(ModelSpec { name: display, path, load, policy })
+    Ok(ModelSpec { name: display, path, load, policy, remote: None })
 }
 
 fn expand_home(path: &Path) -> PathBuf {

@@ -190,6 +190,8 @@ pub struct InstanceStatus {
     pub failure: Option<String>,
     pub pid: Option<u32>,
     pub port: Option<u16>,
+    /// The servers of a remote model, which llmctl fronts but does not run.
+    pub remote: Option<Vec<String>>,
     pub ctx_size: Option<u32>,
     pub slots: u32,
     pub in_flight: u32,

@@ -46,7 +46,7 @@ struct TailInner {
 }
 
 impl OutputTail {
-    fn new() -> OutputTail {
+    pub fn new() -> OutputTail {
         OutputTail { inner: Mutex::new(TailInner { lines: VecDeque::new(), last_output: Instant::now() }) }
     }
 
@@ -148,6 +148,8 @@ pub fn parse_listening_port(line: &str) -> Option<u16> {
 pub struct Client {
     agent: ureq::Agent,
     base: String,
+    /// `Authorization` header value for a remote server that wants a bearer token.
+    authorization: Option<String>,
 }
 
 /// How a generation failed, for the caller to classify with what it knows of the child.
@@ -173,6 +175,11 @@ pub struct Timeouts {
 
 impl Client {
     pub fn new(port: u16, timeouts: Timeouts) -> Client {
+        Client::for_url(&format!("http://127.0.0.1:{port}"), None, timeouts)
+    }
+
+    /// A client for a server llmctl does not run: `http://host:port` or `https://...`.
+    pub fn for_url(base: &str, bearer: Option<&str>, timeouts: Timeouts) -> Client {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(timeouts.connect))
             .timeout_per_read(Some(timeouts.read))
@@ -190,12 +197,56 @@ impl Client {
             .output_buffer_size(16 << 10)
             .max_response_header_size(16 << 10)
             .build();
-        Client { agent: config.into(), base: format!("http://127.0.0.1:{port}") }
+        Client {
+            agent: config.into(),
+            base: base.trim_end_matches('/').to_string(),
+            authorization: bearer.map(|token| format!("Bearer {token}")),
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn get(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let request = self.agent.get(format!("{}{path}", self.base));
+        match &self.authorization {
+            Some(value) => request.header("Authorization", value),
+            None => request,
+        }
+    }
+
+    fn post(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        let request = self.agent.post(format!("{}{path}", self.base)).header("Content-Type", "application/json");
+        match &self.authorization {
+            Some(value) => request.header("Authorization", value),
+            None => request,
+        }
+    }
+
+    /// For a server llmctl does not run: `/health` (llama-server) or, where there is none,
+    /// `/v1/models` (any OpenAI-compatible server) answers 200.
+    pub fn remote_healthy(&self) -> Result<(), String> {
+        let status = |path: &str| match self.get(path).call() {
+            Ok(mut response) => {
+                let _ = response.body_mut().read_to_vec();
+                Ok(response.status().as_u16())
+            }
+            Err(error) => Err(error.to_string()),
+        };
+        match status("/health")? {
+            200 => Ok(()),
+            404 => match status("/v1/models")? {
+                200 => Ok(()),
+                other => Err(format!("/v1/models answered HTTP {other}")),
+            },
+            other => Err(format!("/health answered HTTP {other}")),
+        }
     }
 
     /// True when `/health` answers 200; false while loading or not yet listening.
     pub fn healthy(&self) -> bool {
-        match self.agent.get(format!("{}/health", self.base)).call() {
+        match self.get("/health").call() {
             Ok(mut response) => {
                 let ok = response.status() == 200;
                 let _ = response.body_mut().read_to_vec();
@@ -217,11 +268,7 @@ impl Client {
             Mode::Chat => ("/v1/chat/completions", chat_body(request)),
             Mode::Raw => ("/completion", raw_body(request)),
         };
-        let response = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Content-Type", "application/json")
-            .send(body.to_string());
+        let response = self.post(path).send(body.to_string());
         let mut response = match response {
             Ok(response) => response,
             Err(error) => return Err(classify_transport(error)),
@@ -285,11 +332,7 @@ impl Client {
     /// A one-token completion, so the weights are paged in and the server proven to answer.
     pub fn ping(&self) -> Result<(), GenerateError> {
         let body = json!({"prompt": "Hello", "n_predict": 1, "stream": false});
-        let response = self
-            .agent
-            .post(format!("{}/completion", self.base))
-            .header("Content-Type", "application/json")
-            .send(body.to_string());
+        let response = self.post("/completion").send(body.to_string());
         match response {
             Ok(mut response) => {
                 let status = response.status().as_u16();

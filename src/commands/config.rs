@@ -154,7 +154,10 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
         },
     ]);
     for (alias, model) in &config.models {
-        let mut value = model.path.display().to_string();
+        let mut value = match &model.path {
+            Some(path) => path.display().to_string(),
+            None => model.url.iter().chain(&model.urls).cloned().collect::<Vec<_>>().join(" "),
+        };
         if let Some(ctx_size) = model.ctx_size {
             value += &format!(" ctx_size={ctx_size}");
         }

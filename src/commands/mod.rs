@@ -52,7 +52,9 @@ impl Context {
         if let Some(connection) = client::try_connect(self)? {
             return Ok(connection);
         }
-        gguf::inspect(&model.path).map_err(|reason| Error::BadModel { path: model.path.clone(), reason })?;
+        if model.remote.is_none() {
+            gguf::inspect(&model.path).map_err(|reason| Error::BadModel { path: model.path.clone(), reason })?;
+        }
         client::connect(self)
     }
 }

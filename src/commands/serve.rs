@@ -207,7 +207,7 @@ fn resolve_model(context: &Context, name: &str) -> Result<crate::model::ModelSpe
     let config = context.config()?;
     let stem_of = |path: &std::path::Path| path.file_stem().map(|s| s.to_string_lossy().into_owned());
     for (alias, model) in &config.models {
-        if stem_of(&model.path).as_deref() == Some(name) {
+        if model.path.as_deref().and_then(stem_of).as_deref() == Some(name) {
             return context.resolve_model(alias, &no_overrides);
         }
     }

@@ -163,6 +163,14 @@ fn handle(shared: &Arc<Shared>, request: Request, writer: &mut Writer) -> Result
 /// The instance for `spec`, after checking the file again: it may have changed since the
 /// client looked.
 fn instance_for(shared: &Shared, spec: &ModelSpec) -> Result<Arc<Instance>> {
+    if spec.remote.is_some() {
+        let instance = shared
+            .table
+            .get(spec)
+            .unwrap_or_else(|| shared.table.get_or_insert(spec, crate::gguf::ModelInfo::default(), FileStamp::none()));
+        instance.apply_policy(&spec.policy);
+        return Ok(instance);
+    }
     let metadata = match std::fs::metadata(&spec.path) {
         Ok(metadata) => metadata,
         Err(_) => return Err(Error::ModelNotFound { path: spec.path.clone() }),
@@ -284,8 +292,12 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
             })
         }
         Err(GenerateError::Broken(message)) => {
+            let replica = slot.replica;
             drop(slot);
-            let error = instance.generation_failed(message);
+            let error = match replica {
+                Some(replica) => instance.remote_failed(replica, message),
+                None => instance.generation_failed(message),
+            };
             if matches!(error, Error::LlamaExited { .. }) {
                 shared.events.publish(&instance, "crashed", Some(error.to_string()));
             }

@@ -27,7 +27,7 @@ use crate::daemon::launcher::Launcher;
 use crate::error::{Error, ErrorKind, Result};
 use crate::gguf::ModelInfo;
 use crate::memory::{self, GpuReading};
-use crate::model::{ModelSpec, Policy};
+use crate::model::{ModelSpec, Policy, Remote};
 use crate::process::{self, ChildGroup};
 use crate::protocol::{InstanceStatus, Usage};
 
@@ -36,6 +36,9 @@ use crate::protocol::{InstanceStatus, Usage};
 const PROCESS_OVERHEAD_BYTES: u64 = 48 << 20;
 /// How long a waiter sleeps between checks of its deadline and its client.
 const WAIT_SLICE: Duration = Duration::from_millis(20);
+/// How long a failed remote replica is left out at first, and at most.
+const REPLICA_BACKOFF: Duration = Duration::from_secs(1);
+const REPLICA_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Slot waits kept for the percentiles in `status`.
 const WAIT_SAMPLES: usize = 1024;
 
@@ -151,6 +154,18 @@ struct Inner {
     first_tokens: VecDeque<Duration>,
     /// Requests by outcome: "ok", "cancelled", or an error kind.
     outcomes: std::collections::BTreeMap<String, u64>,
+    /// The servers of a remote model.
+    replicas: Vec<Replica>,
+}
+
+/// One server of a remote model.
+#[derive(Debug)]
+struct Replica {
+    client: llama::Client,
+    in_flight: u32,
+    /// Left out of the rotation until then, after a failure.
+    down_until: Option<Instant>,
+    backoff: Duration,
 }
 
 /// Size and modification time of a model file, to notice when it changes.
@@ -161,6 +176,11 @@ pub struct FileStamp {
 }
 
 impl FileStamp {
+    /// For a model that is not a file.
+    pub fn none() -> FileStamp {
+        FileStamp { len: 0, modified: None }
+    }
+
     pub fn of(metadata: &std::fs::Metadata) -> FileStamp {
         FileStamp { len: metadata.len(), modified: metadata.modified().ok() }
     }
@@ -182,6 +202,8 @@ pub struct Slot {
     instance: Arc<Instance>,
     pub client: llama::Client,
     usage: Usage,
+    /// The remote replica serving this request, if the model is remote.
+    pub replica: Option<usize>,
 }
 
 impl Slot {
@@ -194,6 +216,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut inner = self.instance.inner.lock();
         inner.in_flight -= 1;
+        if let Some(replica) = self.replica.and_then(|index| inner.replicas.get_mut(index)) {
+            replica.in_flight -= 1;
+        }
         inner.last_used = Some(SystemTime::now());
         inner.usage.prompt_tokens += self.usage.prompt_tokens;
         inner.usage.completion_tokens += self.usage.completion_tokens;
@@ -244,6 +269,7 @@ impl Instance {
                 last_load: None,
                 first_tokens: VecDeque::new(),
                 outcomes: Default::default(),
+                replicas: Vec::new(),
             }),
             changed: Condvar::new(),
             process: Mutex::new(None),
@@ -252,6 +278,9 @@ impl Instance {
 
     /// Bytes this instance is expected to use before it runs: weights, KV cache, process.
     pub fn estimate_bytes(&self) -> u64 {
+        if self.spec.remote.is_some() {
+            return 0;
+        }
         let n_ctx = self.spec.load.ctx_size.map(u64::from).or(self.info.context_length).unwrap_or(4096);
         self.info.tensor_bytes + self.info.kv_cache_bytes(n_ctx) + PROCESS_OVERHEAD_BYTES
     }
@@ -272,6 +301,10 @@ impl Instance {
 
     /// This instance as the eviction policy sees it, or none when it holds no memory.
     pub fn resident(&self, id: usize, gpu: Option<&GpuReading>) -> Option<Resident> {
+        // A remote model uses no memory here.
+        if self.spec.remote.is_some() {
+            return None;
+        }
         let inner = self.inner.lock();
         if matches!(inner.state, State::Stopped | State::Failed) && inner.pid.is_none() {
             return None;
@@ -501,6 +534,9 @@ impl Instance {
     }
 
     fn load(&self, env: &LoadEnv<'_>, generation: u64) -> Result<(llama::Client, Arc<OutputTail>, u16)> {
+        if let Some(remote) = &self.spec.remote {
+            return self.connect_remote(remote, env);
+        }
         let binary = env.binary.clone().map_err(|searched| Error::NoLlamaServer { searched })?;
         env.room.make_room(self)?;
         env.room.notify(self, "loading", None);
@@ -677,9 +713,34 @@ impl Instance {
             Err(error)
         };
         loop {
-            let slots = self.spec.load.parallel;
+            let slots = self.spec.load.parallel * (inner.replicas.len().max(1) as u32);
             match inner.state {
                 State::Ready if inner.in_flight < slots && inner.queue.front() == Some(&ticket) => {
+                    // A remote model: the least busy replica that is not known to be down.
+                    let replica = if self.spec.remote.is_some() {
+                        let now = Instant::now();
+                        let candidate = inner
+                            .replicas
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, r)| r.down_until.is_none_or(|until| until <= now))
+                            .min_by_key(|(_, r)| r.in_flight)
+                            .map(|(index, _)| index);
+                        match candidate {
+                            Some(index) => Some(index),
+                            None => {
+                                let message = self.replicas_down_message(&inner);
+                                let error =
+                                    AcquireError::Error(Error::Remote { kind: ErrorKind::Unavailable, message });
+                                let result = give_up(&mut inner, error);
+                                drop(inner);
+                                self.changed.notify_all();
+                                return result;
+                            }
+                        }
+                    } else {
+                        None
+                    };
                     inner.queue.pop_front();
                     inner.in_flight += 1;
                     inner.requests += 1;
@@ -687,11 +748,17 @@ impl Instance {
                         inner.waits.pop_front();
                     }
                     inner.waits.push_back(started.elapsed());
-                    let client = inner.client.clone().expect("a ready instance has a client");
+                    let client = match replica {
+                        Some(index) => {
+                            inner.replicas[index].in_flight += 1;
+                            inner.replicas[index].client.clone()
+                        }
+                        None => inner.client.clone().expect("a ready instance has a client"),
+                    };
                     drop(inner);
                     // The next in line may also fit a free slot.
                     self.changed.notify_all();
-                    return Ok(Slot { instance: Arc::clone(self), client, usage: Usage::default() });
+                    return Ok(Slot { instance: Arc::clone(self), client, usage: Usage::default(), replica });
                 }
                 State::Ready | State::Starting => {}
                 State::Stopping | State::Stopped | State::Failed => {
@@ -725,6 +792,59 @@ impl Instance {
                 continue;
             }
             self.changed.wait_for(&mut inner, WAIT_SLICE);
+        }
+    }
+
+    /// For a remote model: checks every replica, keeps them all, and is ready when one answers.
+    fn connect_remote(&self, remote: &Remote, env: &LoadEnv<'_>) -> Result<(llama::Client, Arc<OutputTail>, u16)> {
+        env.room.notify(self, "loading", Some(format!("checking {}", remote.urls.join(", "))));
+        let token = remote.api_key_env.as_deref().and_then(|name| std::env::var(name).ok());
+        let mut replicas = Vec::new();
+        let mut problems = Vec::new();
+        for url in &remote.urls {
+            let client = llama::Client::for_url(url, token.as_deref(), env.http);
+            let health = client.remote_healthy();
+            if let Err(problem) = &health {
+                problems.push(format!("{url}: {problem}"));
+            }
+            replicas.push(Replica {
+                down_until: health.is_err().then(|| Instant::now() + REPLICA_BACKOFF),
+                backoff: REPLICA_BACKOFF,
+                client,
+                in_flight: 0,
+            });
+        }
+        let Some(first) = replicas.iter().find(|r| r.down_until.is_none()).map(|r| r.client.clone()) else {
+            return Err(Error::Remote {
+                kind: ErrorKind::Unavailable,
+                message: format!("no server for {} answers: {}", self.spec.name, problems.join("; ")),
+            });
+        };
+        self.inner.lock().replicas = replicas;
+        Ok((first, Arc::new(OutputTail::new()), 0))
+    }
+
+    fn replicas_down_message(&self, inner: &Inner) -> String {
+        let urls: Vec<&str> = inner.replicas.iter().map(|r| r.client.base_url()).collect();
+        format!("every server for {} is down ({}); retrying with backoff", self.spec.name, urls.join(", "))
+    }
+
+    /// A remote replica failed a request: it is left out, with a growing backoff, and the
+    /// request fails as unavailable (the server is down, not llmctl's child).
+    pub fn remote_failed(&self, replica: usize, message: String) -> Error {
+        let mut inner = self.inner.lock();
+        let url = match inner.replicas.get_mut(replica) {
+            Some(replica) => {
+                replica.down_until = Some(Instant::now() + replica.backoff);
+                replica.backoff = (replica.backoff * 2).min(REPLICA_BACKOFF_MAX);
+                replica.client.base_url().to_string()
+            }
+            None => String::new(),
+        };
+        drop(inner);
+        Error::Remote {
+            kind: ErrorKind::Unavailable,
+            message: format!("the server {url} for {} failed: {message}; it is retried with backoff", self.spec.name),
         }
     }
 
@@ -839,7 +959,8 @@ impl Instance {
             state: inner.state.name(inner.in_flight).to_string(),
             failure: inner.failure.as_ref().map(|(_, message)| message.clone()),
             pid: inner.pid,
-            port: inner.port,
+            port: inner.port.filter(|_| self.spec.remote.is_none()),
+            remote: self.spec.remote.as_ref().map(|remote| remote.urls.clone()),
             ctx_size: self.spec.load.ctx_size,
             slots: self.spec.load.parallel,
             in_flight: inner.in_flight,

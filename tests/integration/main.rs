@@ -7,6 +7,7 @@ mod cli;
 mod docs;
 mod observe;
 mod real;
+mod remote;
 mod serve;
 mod supervision;
 mod support;
