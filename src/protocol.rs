@@ -314,6 +314,7 @@ mod tests {
                 path: "/m.gguf".into(),
                 load: LoadOptions::default(),
                 policy: Default::default(),
+                remote: None,
             },
             mode: Mode::Chat,
             prompt: "hi\nthere".into(),

@@ -46,7 +46,8 @@ struct TailInner {
 }
 
 impl OutputTail {
-    pub fn new() -> OutputTail {
+    /// An empty tail, for an instance whose output llmctl does not capture (a remote one).
+    pub fn empty() -> OutputTail {
         OutputTail { inner: Mutex::new(TailInner { lines: VecDeque::new(), last_output: Instant::now() }) }
     }
 
@@ -106,7 +107,7 @@ pub fn capture_output(command: &mut Command, log_path: &Path) -> io::Result<Capt
     let (reader, writer) = io::pipe()?;
     command.stdout(writer.try_clone()?).stderr(writer);
     let mut log = File::options().create(true).append(true).open(log_path)?;
-    let tail = Arc::new(OutputTail::new());
+    let tail = Arc::new(OutputTail::empty());
     let (port_tx, port_rx) = crossbeam_channel::bounded(1);
     let drain_tail = Arc::clone(&tail);
     let drain = thread::Builder::new()

@@ -821,7 +821,7 @@ impl Instance {
             });
         };
         self.inner.lock().replicas = replicas;
-        Ok((first, Arc::new(OutputTail::new()), 0))
+        Ok((first, Arc::new(OutputTail::empty()), 0))
     }
 
     fn replicas_down_message(&self, inner: &Inner) -> String {
