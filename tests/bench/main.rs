@@ -17,6 +17,7 @@
 //!    speed, through the daemon vs straight to the server.
 //! 6. Footprint: binary size, daemon RSS idle and with a model loaded.
 //! 7. Scaling: `status` and `run` times and daemon RSS with 1, 2, 4 and 8 instances.
+//! 8. `llmctl serve`: streaming over the OpenAI API vs llama-server directly and its router.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -232,6 +233,68 @@ fn main() {
     }
     println!();
 
+    // 8. Through `llmctl serve` (OpenAI API over HTTP) vs llama-server directly vs router mode.
+    {
+        // The cold-start runs above restarted the instance: ask for its port again.
+        env.llmctl(&["warm", demo.to_str().unwrap()]);
+        let port = env.instance_port();
+        let serve_port = free_port();
+        let mut serve = env
+            .command(&["serve", "--listen", &format!("127.0.0.1:{serve_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        while std::net::TcpStream::connect(("127.0.0.1", serve_port)).is_err() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let router = Router::start(&server, router_dir.path(), 1);
+        let demo_name = demo.to_str().unwrap();
+        let body = |model: Option<&str>, openai: bool| {
+            let mut body = if openai {
+                serde_json::json!({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": true})
+            } else {
+                serde_json::json!({"prompt": prompt, "n_predict": tokens, "temperature": 0, "stream": true})
+            };
+            if let Some(model) = model {
+                body["model"] = serde_json::Value::from(model);
+            }
+            body
+        };
+        sse_stream(&format!("http://127.0.0.1:{}/completion", router.port), &body(Some("smol"), false));
+        let (mut via_serve, mut direct, mut via_router) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..reps {
+            via_serve.push(sse_stream(
+                &format!("http://127.0.0.1:{serve_port}/v1/completions"),
+                &body(Some(demo_name), true),
+            ));
+            direct.push(sse_stream(&format!("http://127.0.0.1:{port}/completion"), &body(None, false)));
+            via_router
+                .push(sse_stream(&format!("http://127.0.0.1:{}/completion", router.port), &body(Some("smol"), false)));
+        }
+        let _ = Command::new("kill").args(["-INT", &serve.id().to_string()]).status();
+        let _ = serve.wait();
+        println!("### Streaming through `llmctl serve`, SmolLM2, {tokens} tokens, warm, back to back\n");
+        println!("| path | time to first token | generation tokens/s | tokens/s vs direct |");
+        println!("|---|---|---|---|");
+        let (direct_ttft, direct_total) = medians(&direct);
+        let direct_rate = tokens as f64 / (direct_total - direct_ttft).as_secs_f64();
+        for (name, samples) in [
+            ("llama-server directly", &direct),
+            ("llama-server router mode", &via_router),
+            ("`llmctl serve`, `/v1/completions`", &via_serve),
+        ] {
+            let (ttft, total) = medians(samples);
+            let rate = tokens as f64 / (total - ttft).as_secs_f64();
+            println!("| {name} | {} | {rate:.1} | {:.3} |", ms(ttft), rate / direct_rate);
+        }
+        let serve_ttft = medians(&via_serve).0;
+        println!(
+            "\nadded time to first token through serve: **{:+.2} ms**\n",
+            (serve_ttft.as_secs_f64() - direct_ttft.as_secs_f64()) * 1000.0
+        );
+    }
+
     // 6. Footprint.
     let idle = Bench::new(&server);
     idle.llmctl(&["status"]);
@@ -347,6 +410,28 @@ fn direct_stream(port: u16, prompt: &str, tokens: usize) -> (Duration, Duration)
         if line.starts_with("data: ") {
             ttft.get_or_insert_with(|| start.elapsed());
             if line.contains("\"stop\":true") {
+                break;
+            }
+        }
+    }
+    (ttft.unwrap_or_else(|| start.elapsed()), start.elapsed())
+}
+
+/// (time to first event, whole request) of a streaming POST to `url`.
+fn sse_stream(url: &str, body: &serde_json::Value) -> (Duration, Duration) {
+    let start = Instant::now();
+    let mut response = ureq::post(url).send(body.to_string()).unwrap();
+    let mut reader = BufReader::new(response.body_mut().as_reader());
+    let mut line = String::new();
+    let mut ttft = None;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if line.starts_with("data: ") {
+            ttft.get_or_insert_with(|| start.elapsed());
+            if line.contains("\"stop\":true") || line.starts_with("data: [DONE]") {
                 break;
             }
         }
