@@ -59,6 +59,11 @@ impl Shared {
 }
 
 impl Room for Shared {
+    fn llama_server(&self) -> std::result::Result<std::path::PathBuf, String> {
+        let installed = self.paths.installed_llama_server();
+        crate::backend::llama::find_binary(self.settings.llama_server.as_deref(), None, &installed)
+    }
+
     fn notify(&self, instance: &Instance, event: &str, detail: Option<String>) {
         self.events.publish(instance, event, detail);
     }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select_biased, unbounded, Receiver, Sender};
 
 use crate::admission::Admission;
-use crate::backend::llama::{self, Timeouts};
+use crate::backend::llama::Timeouts;
 use crate::config::{parse_ttl, Config, Ttl, DEFAULT_QUEUE_DEPTH};
 use crate::error::{Error, Result};
 use crate::instance::table::InstanceTable;
@@ -126,10 +126,8 @@ pub struct Shared {
 
 impl Shared {
     pub fn load_env(&self) -> LoadEnv<'_> {
-        let installed = self.paths.installed_llama_server();
         LoadEnv {
             launcher: &self.launcher,
-            binary: llama::find_binary(self.settings.llama_server.as_deref(), None, &installed),
             log_dir: &self.paths.instance_logs_dir,
             load_timeout: self.settings.load_timeout,
             http: Timeouts { connect: Duration::from_secs(5), read: self.settings.token_timeout },
@@ -312,7 +310,15 @@ fn acquire_lock(paths: &Paths) -> Result<File> {
     Ok(file)
 }
 
+/// How long an idle connection thread waits for another connection before it exits.
+const IDLE_CONNECTION_THREAD: Duration = Duration::from_secs(30);
+
+/// Accepts connections and hands each to an idle connection thread, starting a new one
+/// when none is idle. Reusing threads saves a thread creation (and its fresh stack's page
+/// faults) per request; idle threads exit after a while, so a burst leaves nothing behind.
 fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
+    // A rendezvous channel: a send succeeds only when a thread is waiting for work.
+    let (work_tx, work_rx) = bounded::<UnixStream>(0);
     for stream in listener.incoming() {
         if shared.shutting_down.load(Ordering::SeqCst) {
             break;
@@ -327,10 +333,20 @@ fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
             }
         };
         shared.connections.fetch_add(1, Ordering::SeqCst);
+        let stream = match work_tx.try_send(stream) {
+            Ok(()) => continue,
+            Err(crossbeam_channel::TrySendError::Full(stream)) => stream,
+            Err(crossbeam_channel::TrySendError::Disconnected(stream)) => stream,
+        };
         let conn_shared = Arc::clone(shared);
+        let work_rx = work_rx.clone();
         let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
-            connection::serve(&conn_shared, stream);
-            conn_shared.connections.fetch_sub(1, Ordering::SeqCst);
+            let mut next = Some(stream);
+            while let Some(stream) = next.take() {
+                connection::serve(&conn_shared, stream);
+                conn_shared.connections.fetch_sub(1, Ordering::SeqCst);
+                next = work_rx.recv_timeout(IDLE_CONNECTION_THREAD).ok();
+            }
         });
         if let Err(error) = spawned {
             // The closure (and the stream) were dropped: the client sees the connection close.

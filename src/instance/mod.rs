@@ -67,7 +67,6 @@ impl State {
 /// What an instance needs from the daemon to load.
 pub struct LoadEnv<'a> {
     pub launcher: &'a Launcher,
-    pub binary: std::result::Result<PathBuf, String>,
     pub log_dir: &'a Path,
     /// Longest a load may go without any output from the child.
     pub load_timeout: Duration,
@@ -80,6 +79,9 @@ pub struct LoadEnv<'a> {
 /// The daemon's side of the memory budget, asked before each spawn.
 pub trait Room {
     fn make_room(&self, instance: &Instance) -> Result<()>;
+    /// Finds the llama-server binary; asked only when a child is spawned, since looking
+    /// through PATH costs a stat per directory.
+    fn llama_server(&self) -> std::result::Result<PathBuf, String>;
     /// Hears a state change of `instance`, for `llmctl events`.
     fn notify(&self, instance: &Instance, event: &str, detail: Option<String>);
 }
@@ -537,7 +539,7 @@ impl Instance {
         if let Some(remote) = &self.spec.remote {
             return self.connect_remote(remote, env);
         }
-        let binary = env.binary.clone().map_err(|searched| Error::NoLlamaServer { searched })?;
+        let binary = env.room.llama_server().map_err(|searched| Error::NoLlamaServer { searched })?;
         env.room.make_room(self)?;
         env.room.notify(self, "loading", None);
         let mut command = llama::command(&binary, &self.spec);

@@ -462,3 +462,26 @@ fn the_daemon_opens_no_tcp_port_and_refuses_other_users() {
     assert_exit(&output, 69);
     assert!(stderr(&output).contains("another user"), "{}", stderr(&output));
 }
+
+#[test]
+fn an_unreadable_model_is_bad_input_for_its_user() {
+    let env = Env::fake();
+    let model = env.tiny_model("secret.gguf");
+    std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Another user may reach the file but not read it (root reads anything, so the client
+    // runs as nobody); nothing is started for it.
+    for path in [env.dir.path().to_path_buf(), env.path("models")] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let output = env
+        .command_as_user(65534, &["run", model.to_str().unwrap(), "hi"])
+        .env("HOME", "/tmp")
+        .env("LLMCTL_SOCKET", "/tmp/llmctl-test-nobody/none.sock")
+        .env("LLMCTL_STATE_DIR", "/tmp/llmctl-test-nobody/state")
+        .env("LLMCTL_CONFIG", "/tmp/llmctl-test-nobody/config.toml")
+        .env("LLMCTL_NO_AUTOSTART", "1")
+        .output()
+        .unwrap();
+    assert_exit(&output, 65);
+    assert!(stderr(&output).contains("cannot open it"), "{}", stderr(&output));
+}
