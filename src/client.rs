@@ -98,11 +98,15 @@ pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
         line: Vec::with_capacity(256),
         socket_path: socket_path.clone(),
     };
-    connection.send(&Request::Hello { version: VERSION })?;
-    match connection.recv()? {
-        Response::Hello { .. } => Ok(Some(connection)),
-        Response::Error { kind, message, .. } => Err(Error::Remote { kind, message }),
-        other => Err(Error::internal(format!("unexpected handshake answer {other:?}"))),
+    // A daemon that refuses us (another user's, another protocol) answers and hangs up
+    // without reading, so our hello may meet a closed socket: its answer still explains.
+    let sent = connection.send(&Request::Hello { version: VERSION });
+    match (connection.recv(), sent) {
+        (Ok(Response::Error { kind, message, .. }), _) => Err(Error::Remote { kind, message }),
+        (_, Err(error)) => Err(error),
+        (Ok(Response::Hello { .. }), Ok(())) => Ok(Some(connection)),
+        (Ok(other), Ok(())) => Err(Error::internal(format!("unexpected handshake answer {other:?}"))),
+        (Err(error), Ok(())) => Err(error),
     }
 }
 

@@ -87,13 +87,7 @@ pub fn render(report: &StatusReport, now_ms: u64) -> String {
 }
 
 fn bytes(n: u64) -> String {
-    const MIB: f64 = 1024.0 * 1024.0;
-    let mib = n as f64 / MIB;
-    if mib >= 1024.0 {
-        format!("{:.1} GiB", mib / 1024.0)
-    } else {
-        format!("{mib:.0} MiB")
-    }
+    crate::budget::human(n)
 }
 
 fn duration(ms: u64) -> String {

@@ -575,6 +575,20 @@ impl Instance {
             inner.state == State::Starting && inner.load_generation == generation
         };
 
+        // Between polls: the child may have died, a stop may have cancelled the load, or the
+        // child may have gone quiet for longer than the load timeout.
+        let check = || -> Result<()> {
+            if let Some(error) = self.exit_error(&tail, Duration::ZERO) {
+                return Err(error);
+            }
+            if !still_loading() {
+                return Err(self.stopped_while_loading());
+            }
+            if deadline_passed(&tail) {
+                return Err(Error::Timeout { what: self.load_timeout_message(env) });
+            }
+            Ok(())
+        };
         let port = loop {
             match capture.port.recv_timeout(llama::READY_POLL) {
                 Ok(port) => break port,
@@ -586,15 +600,7 @@ impl Instance {
                     }
                 }
             }
-            if let Some(error) = self.exit_error(&tail, Duration::ZERO) {
-                return Err(error);
-            }
-            if !still_loading() {
-                return Err(self.stopped_while_loading());
-            }
-            if deadline_passed(&tail) {
-                return Err(Error::Timeout { what: self.load_timeout_message(env) });
-            }
+            check()?;
         };
 
         let client = llama::Client::new(port, env.http);
@@ -602,15 +608,7 @@ impl Instance {
             if client.healthy() {
                 return Ok((client, tail, port));
             }
-            if let Some(error) = self.exit_error(&tail, Duration::ZERO) {
-                return Err(error);
-            }
-            if !still_loading() {
-                return Err(self.stopped_while_loading());
-            }
-            if deadline_passed(&tail) {
-                return Err(Error::Timeout { what: self.load_timeout_message(env) });
-            }
+            check()?;
             std::thread::sleep(llama::READY_POLL);
         }
     }

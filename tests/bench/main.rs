@@ -397,24 +397,7 @@ impl Drop for Bench {
 /// (time to first token, whole request) of a streaming raw completion straight to a server.
 fn direct_stream(port: u16, prompt: &str, tokens: usize) -> (Duration, Duration) {
     let body = serde_json::json!({"prompt": prompt, "n_predict": tokens, "temperature": 0, "stream": true});
-    let start = Instant::now();
-    let mut response = ureq::post(format!("http://127.0.0.1:{port}/completion")).send(body.to_string()).unwrap();
-    let mut reader = BufReader::new(response.body_mut().as_reader());
-    let mut line = String::new();
-    let mut ttft = None;
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        if line.starts_with("data: ") {
-            ttft.get_or_insert_with(|| start.elapsed());
-            if line.contains("\"stop\":true") {
-                break;
-            }
-        }
-    }
-    (ttft.unwrap_or_else(|| start.elapsed()), start.elapsed())
+    sse_stream(&format!("http://127.0.0.1:{port}/completion"), &body)
 }
 
 /// (time to first event, whole request) of a streaming POST to `url`.
