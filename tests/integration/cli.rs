@@ -373,3 +373,37 @@ fn a_running_daemon_refuses_bad_models_with_the_same_codes() {
     std::fs::write(&model, &full[..full.len() - 100]).unwrap();
     assert_exit(&env.run(&["run", model.to_str().unwrap(), "hi"]), 65);
 }
+
+#[test]
+fn setup_names_a_missing_build_tool_and_changes_nothing() {
+    let env = Env::with_server(std::path::Path::new("/nonexistent"));
+    // A PATH with everything a build needs except cmake, and no llama-server anywhere.
+    let bin = env.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for tool in ["python3", "make", "tar", "c++", "sh"] {
+        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|dir| dir.join(tool))
+            .find(|path| path.exists());
+        if let Some(found) = found {
+            std::os::unix::fs::symlink(found, bin.join(tool)).unwrap();
+        }
+    }
+    let output =
+        env.command(&["setup", "--no-model"]).env_remove("LLMCTL_LLAMA_SERVER").env("PATH", &bin).output().unwrap();
+    assert_exit(&output, 69);
+    let err = stderr(&output);
+    assert!(err.contains("`cmake` is needed") && err.contains("apt-get install cmake"), "{err}");
+    assert!(!env.path("data/llama.cpp").exists(), "nothing half-installed");
+    assert!(!env.path("cache/llama.cpp-b11434").exists(), "nothing downloaded");
+}
+
+#[test]
+fn setup_is_quick_and_quiet_about_what_is_already_there() {
+    let env = Env::real();
+    let output = env.run(&["setup", "--no-model"]);
+    assert_success(&output);
+    assert!(stderr(&output).contains("using llama-server at"), "{}", stderr(&output));
+    let output = env.run(&["setup", "--no-model", "--quiet"]);
+    assert_success(&output);
+    assert_eq!(stderr(&output), "");
+}
