@@ -407,3 +407,24 @@ fn setup_is_quick_and_quiet_about_what_is_already_there() {
     assert_success(&output);
     assert_eq!(stderr(&output), "");
 }
+
+#[test]
+fn a_terminal_sees_loading_progress_and_a_final_newline() {
+    let env = Env::fake();
+    let path = env.tiny_model("slow.gguf");
+    env.write_config(&format!("[models.slow]\npath = \"{}\"\nargs = [\"--fake-start-ms\", \"300\"]\n", path.display()));
+    // `script` gives the command a terminal for stdout and stderr, in this environment.
+    let mut command = std::process::Command::new("script");
+    command.args(["-qec", &format!("{LLMCTL} run slow terminal words"), "/dev/null"]);
+    for (name, value) in env.command(&[]).get_envs() {
+        match value {
+            Some(value) => command.env(name, value),
+            None => command.env_remove(name),
+        };
+    }
+    let output = command.stdin(std::process::Stdio::null()).output().expect("script runs");
+    assert_success(&output);
+    let screen = String::from_utf8_lossy(&output.stdout);
+    assert!(screen.contains("loading slow..."), "{screen:?}");
+    assert!(screen.contains("terminal words\r\n"), "a terminal gets a final newline: {screen:?}");
+}
