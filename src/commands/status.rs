@@ -55,7 +55,11 @@ pub fn render(report: &StatusReport, now_ms: u64) -> String {
     for instance in &report.instances {
         rows.push([
             instance.name.clone(),
-            instance.state.clone(),
+            match (instance.pinned, &instance.remote) {
+                (_, Some(_)) => format!("{} (remote)", instance.state),
+                (true, None) => format!("{} (pinned)", instance.state),
+                (false, None) => instance.state.clone(),
+            },
             instance.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             instance.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             format!("{}/{}", instance.in_flight, instance.slots),

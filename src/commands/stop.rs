@@ -5,14 +5,24 @@ use std::io::IsTerminal;
 use crate::cli::{LoadArgs, StopArgs};
 use crate::client;
 use crate::commands::Context;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::model::ModelSpec;
 use crate::protocol::{Request, Response};
 
 pub fn run(context: &Context, args: StopArgs) -> Result<()> {
     let model = match &args.model {
         Some(name) if !args.all => {
             let no_overrides = LoadArgs { ctx_size: None, parallel: None, gpu_layers: None };
-            Some(context.resolve_model(name, &no_overrides)?)
+            match context.resolve_model(name, &no_overrides) {
+                Ok(spec) => Some(spec),
+                // The file may be gone while its instance still runs: stop it by its path.
+                Err(Error::ModelNotFound { path }) => {
+                    let path = std::env::current_dir().map(|dir| dir.join(&path)).unwrap_or(path);
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    Some(ModelSpec { name, path, load: Default::default(), policy: Default::default(), remote: None })
+                }
+                Err(error) => return Err(error),
+            }
         }
         _ => None,
     };

@@ -428,3 +428,14 @@ fn a_terminal_sees_loading_progress_and_a_final_newline() {
     assert!(screen.contains("loading slow..."), "{screen:?}");
     assert!(screen.contains("terminal words\r\n"), "a terminal gets a final newline: {screen:?}");
 }
+
+#[test]
+fn a_model_whose_file_is_gone_can_still_be_stopped() {
+    let env = Env::fake();
+    let model = env.tiny_model("doomed.gguf");
+    assert_success(&env.run(&["warm", model.to_str().unwrap()]));
+    let pid = env.status_json()["instances"][0]["pid"].as_u64().unwrap() as u32;
+    std::fs::remove_file(&model).unwrap();
+    assert_success(&env.run(&["stop", model.to_str().unwrap()]));
+    assert!(!alive(pid), "the instance of a deleted file was not stopped");
+}
