@@ -57,6 +57,9 @@ pub struct ModelConfig {
     /// The environment variable holding a bearer token for the remote servers (never the
     /// token itself: the config file is not a place for secrets).
     pub api_key_env: Option<String>,
+    /// A PEM file of CA certificates to trust for `https://` servers instead of the
+    /// built-in Mozilla roots (for a private CA or a self-signed server).
+    pub ca_file: Option<PathBuf>,
     pub ctx_size: Option<u32>,
     pub parallel: Option<u32>,
     /// Layers to offload to the GPU (llama-server --n-gpu-layers).

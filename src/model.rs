@@ -54,6 +54,9 @@ pub struct Remote {
     pub urls: Vec<String>,
     /// The environment variable with the bearer token, read by the daemon.
     pub api_key_env: Option<String>,
+    /// CA certificates to trust for https, instead of the built-in roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How the daemon keeps an instance; changing it never reloads the model.
@@ -95,7 +98,11 @@ pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverr
                 path: PathBuf::from(format!("remote:{name}")),
                 load,
                 policy,
-                remote: Some(Remote { urls, api_key_env: model.api_key_env.clone() }),
+                remote: Some(Remote {
+                    urls,
+                    api_key_env: model.api_key_env.clone(),
+                    ca_file: model.ca_file.as_deref().map(expand_home),
+                }),
             });
         };
         let path = expand_home(path);

@@ -176,12 +176,39 @@ pub struct Timeouts {
 
 impl Client {
     pub fn new(port: u16, timeouts: Timeouts) -> Client {
-        Client::for_url(&format!("http://127.0.0.1:{port}"), None, timeouts)
+        Client::for_url(&format!("http://127.0.0.1:{port}"), None, None, timeouts)
+    }
+
+    /// Reads the CA certificates in a PEM file, for [`Client::for_url`].
+    pub fn load_ca_file(path: &Path) -> Result<ureq::tls::RootCerts, String> {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(cert)) => Some(Ok(cert)),
+                Ok(_) => None,
+                Err(error) => Some(Err(error)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{} holds no certificate", path.display()));
+        }
+        Ok(ureq::tls::RootCerts::new_with_certs(&certs))
     }
 
     /// A client for a server llmctl does not run: `http://host:port` or `https://...`.
-    pub fn for_url(base: &str, bearer: Option<&str>, timeouts: Timeouts) -> Client {
+    pub fn for_url(
+        base: &str,
+        bearer: Option<&str>,
+        roots: Option<&ureq::tls::RootCerts>,
+        timeouts: Timeouts,
+    ) -> Client {
+        let tls = match roots {
+            Some(roots) => ureq::tls::TlsConfig::builder().root_certs(roots.clone()).build(),
+            None => ureq::tls::TlsConfig::default(),
+        };
         let config = ureq::Agent::config_builder()
+            .tls_config(tls)
             .timeout_connect(Some(timeouts.connect))
             .timeout_per_read(Some(timeouts.read))
             .timeout_per_write(Some(timeouts.read))

@@ -799,10 +799,17 @@ impl Instance {
     fn connect_remote(&self, remote: &Remote, env: &LoadEnv<'_>) -> Result<(llama::Client, Arc<OutputTail>, u16)> {
         env.room.notify(self, "loading", Some(format!("checking {}", remote.urls.join(", "))));
         let token = remote.api_key_env.as_deref().and_then(|name| std::env::var(name).ok());
+        let roots = match &remote.ca_file {
+            Some(path) => Some(llama::Client::load_ca_file(path).map_err(|reason| Error::Remote {
+                kind: ErrorKind::Data,
+                message: format!("ca_file of {}: {reason}", self.spec.name),
+            })?),
+            None => None,
+        };
         let mut replicas = Vec::new();
         let mut problems = Vec::new();
         for url in &remote.urls {
-            let client = llama::Client::for_url(url, token.as_deref(), env.http);
+            let client = llama::Client::for_url(url, token.as_deref(), roots.as_ref(), env.http);
             let health = client.remote_healthy();
             if let Err(problem) = &health {
                 problems.push(format!("{url}: {problem}"));

@@ -96,3 +96,137 @@ fn replicas_route_around_a_server_that_is_down_and_tokens_pass_through() {
         status["instances"][0]["remote"].as_array().unwrap().iter().map(|u| u.as_str().unwrap()).collect();
     assert_eq!(urls, [down_url.as_str(), up.url.as_str()]);
 }
+
+/// A TLS server that answers like a llama-server (health, and a two-chunk completion),
+/// written in Python's standard library, with a self-signed certificate made by openssl.
+struct TlsServer {
+    child: Child,
+    url: String,
+}
+
+impl TlsServer {
+    fn start(dir: &Path) -> TlsServer {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let extensions = dir.join("leaf.ext");
+        std::fs::write(&extensions, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+        let openssl = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "openssl {args:?} failed");
+        };
+        // A throwaway CA, and a server certificate it signs.
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=llmctl test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "leaf.csr",
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "cert.pem",
+        ]);
+        let script = r#"
+import http.server, json, ssl, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args): pass
+    def reply(self, body, kind):
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.reply(b'{"status":"ok"}', "application/json")
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        chunks = [{"content": "secure ", "stop": False}, {"content": "channel", "stop": False},
+                  {"content": "", "stop": True, "stop_type": "eos", "tokens_predicted": 2, "tokens_evaluated": 1}]
+        body = "".join("data: " + json.dumps(c) + "\n\n" for c in chunks).encode()
+        self.reply(body, "text/event-stream")
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .arg(&cert)
+            .arg(&key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut port = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut port).unwrap();
+        TlsServer { child, url: format!("https://127.0.0.1:{}", port.trim()) }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn https_servers_are_verified_against_the_configured_ca() {
+    let env = Env::fake();
+    let server = TlsServer::start(env.dir.path());
+    let cert = env.path("ca.pem");
+    env.write_config(&format!(
+        "[models.secure]\nurl = \"{url}\"\nca_file = \"{}\"\n[models.untrusted]\nurl = \"{url}\"\n",
+        cert.display(),
+        url = server.url
+    ));
+    let output = env.run(&["run", "--raw", "secure", "x"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "secure channel");
+    // Without the CA the self-signed certificate is refused: the server counts as down.
+    let output = env.run(&["run", "--raw", "untrusted", "x"]);
+    assert_exit(&output, 69);
+    assert!(stderr(&output).to_lowercase().contains("certificate"), "{}", stderr(&output));
+}
