@@ -50,6 +50,7 @@ impl Admission {
                 Err(Error::Busy {
                     message: format!("the daemon's queue is full ({} requests waiting)", self.depth),
                     retry_after_ms: RETRY_AFTER_MS,
+                    per_model: false,
                 })
             }
         }

@@ -71,6 +71,8 @@ pub struct ModelConfig {
     pub pinned: bool,
     /// Unload after this long without a request: "30m", "2h", "never".
     pub ttl: Option<String>,
+    /// The most requests that may wait for this model's slots; more get busy (HTTP 429).
+    pub max_queued: Option<u32>,
 }
 
 impl Config {

@@ -110,7 +110,8 @@ pub enum Error {
     /// llama-server answered with an error or broke the protocol.
     Backend { model: String, message: String },
     /// The daemon refused the request: queue full or per-model limit.
-    Busy { message: String, retry_after_ms: u64 },
+    /// `per_model`: the model's own queue limit, rather than the daemon's whole queue.
+    Busy { message: String, retry_after_ms: u64, per_model: bool },
     /// The model cannot fit the memory budget.
     NoCapacity { message: String },
     /// A deadline passed.
@@ -213,7 +214,7 @@ impl fmt::Display for Error {
                 }
             }
             Error::Backend { model, message } => write!(f, "llama-server for {model}: {message}"),
-            Error::Busy { message, retry_after_ms } => {
+            Error::Busy { message, retry_after_ms, .. } => {
                 write!(f, "{message}; try again in {:.1} s", *retry_after_ms as f64 / 1000.0)
             }
             Error::NoCapacity { message } => write!(f, "{message}"),

@@ -66,6 +66,9 @@ pub struct Policy {
     pub pinned: bool,
     /// The model's own TTL; none means the daemon's default.
     pub ttl: Option<Ttl>,
+    /// The most requests that may wait for this model's slots.
+    #[serde(default)]
+    pub max_queued: Option<u32>,
 }
 
 /// Load options given on the command line; each overrides the config.
@@ -86,6 +89,7 @@ pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverr
             extra_args: model.args.clone(),
         };
         policy.pinned = model.pinned;
+        policy.max_queued = model.max_queued;
         policy.ttl = model.ttl.as_deref().map(parse_ttl).transpose().map_err(|reason| Error::BadConfig {
             path: paths.config.clone(),
             reason: format!("models.{name}.ttl: {reason}"),

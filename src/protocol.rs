@@ -123,16 +123,19 @@ pub enum Response {
         kind: ErrorKind,
         message: String,
         retry_after_ms: Option<u64>,
+        /// Refused by the model's own queue limit (HTTP 429), not the daemon's queue (503).
+        #[serde(default)]
+        per_model: bool,
     },
 }
 
 impl Response {
     pub fn error(error: &Error) -> Response {
-        let retry_after_ms = match error {
-            Error::Busy { retry_after_ms, .. } => Some(*retry_after_ms),
-            _ => None,
+        let (retry_after_ms, per_model) = match error {
+            Error::Busy { retry_after_ms, per_model, .. } => (Some(*retry_after_ms), *per_model),
+            _ => (None, false),
         };
-        Response::Error { kind: error.kind(), message: error.to_string(), retry_after_ms }
+        Response::Error { kind: error.kind(), message: error.to_string(), retry_after_ms, per_model }
     }
 }
 

@@ -114,10 +114,18 @@ fn respond(request: tiny_http::Request, status: u16, content_type: &str, body: S
     let _ = request.respond(response);
 }
 
-fn respond_error(request: tiny_http::Request, kind: ErrorKind, message: &str, retry_after_ms: Option<u64>) {
+/// `per_model`: a busy model's own limit is 429; the daemon's full queue is 503.
+fn respond_error(
+    request: tiny_http::Request,
+    kind: ErrorKind,
+    message: &str,
+    retry_after_ms: Option<u64>,
+    per_model: bool,
+) {
     let extra: Vec<(&str, String)> =
         retry_after_ms.map(|ms| vec![("Retry-After", ms.div_ceil(1000).max(1).to_string())]).unwrap_or_default();
-    respond(request, http_status(kind), "application/json", error_body(kind, message), &extra);
+    let status = if kind == ErrorKind::Busy && per_model { 429 } else { http_status(kind) };
+    respond(request, status, "application/json", error_body(kind, message), &extra);
 }
 
 /// Compares without stopping at the first difference, so timing reveals nothing of the key.
@@ -146,24 +154,30 @@ fn handle(served: &Served, mut request: tiny_http::Request) {
         ("GET", "/health") => respond(request, 200, "application/json", json!({"status": "ok"}).to_string(), &[]),
         ("GET", "/v1/models") => match models(&served.context) {
             Ok(list) => respond(request, 200, "application/json", list.to_string(), &[]),
-            Err(error) => respond_error(request, error.kind(), &error.to_string(), None),
+            Err(error) => respond_error(request, error.kind(), &error.to_string(), None, false),
         },
         ("GET", "/metrics") => match metrics(&served.context) {
             Ok(text) => respond(request, 200, "text/plain; version=0.0.4", text, &[]),
-            Err(error) => respond_error(request, error.kind(), &error.to_string(), None),
+            Err(error) => respond_error(request, error.kind(), &error.to_string(), None, false),
         },
         ("POST", "/v1/chat/completions") | ("POST", "/v1/completions") => {
             let mut body = Vec::new();
             if request.as_reader().take(MAX_BODY + 1).read_to_end(&mut body).is_err() || body.len() as u64 > MAX_BODY {
-                return respond_error(request, ErrorKind::Usage, "the request body is unreadable or too large", None);
+                return respond_error(
+                    request,
+                    ErrorKind::Usage,
+                    "the request body is unreadable or too large",
+                    None,
+                    false,
+                );
             }
             let chat = path == "/v1/chat/completions";
             match parse_completion(&served.context, &body, chat) {
                 Ok((run, stream, include_usage)) => generate(served, request, run, chat, stream, include_usage),
-                Err(error) => respond_error(request, error.kind(), &error.to_string(), None),
+                Err(error) => respond_error(request, error.kind(), &error.to_string(), None, false),
             }
         }
-        _ => respond_error(request, ErrorKind::NotFound, &format!("no route for {method} {path}"), None),
+        _ => respond_error(request, ErrorKind::NotFound, &format!("no route for {method} {path}"), None, false),
     }
 }
 
@@ -300,21 +314,21 @@ fn generate(
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut connection = match served.context.connect_for(&run.model) {
         Ok(connection) => connection,
-        Err(error) => return respond_error(request, error.kind(), &error.to_string(), None),
+        Err(error) => return respond_error(request, error.kind(), &error.to_string(), None, false),
     };
     if let Err(error) = connection.send(&Request::Run(run)) {
-        return respond_error(request, error.kind(), &error.to_string(), None);
+        return respond_error(request, error.kind(), &error.to_string(), None, false);
     }
     // Wait for the first token (or the failure) before choosing the HTTP status.
     let first = loop {
         match connection.recv() {
             Ok(Response::Loading { .. }) | Ok(Response::Queued { .. }) => continue,
             Ok(response) => break response,
-            Err(error) => return respond_error(request, error.kind(), &error.to_string(), None),
+            Err(error) => return respond_error(request, error.kind(), &error.to_string(), None, false),
         }
     };
-    if let Response::Error { kind, message, retry_after_ms } = first {
-        return respond_error(request, kind, &message, retry_after_ms);
+    if let Response::Error { kind, message, retry_after_ms, per_model } = first {
+        return respond_error(request, kind, &message, retry_after_ms, per_model);
     }
     let object = if chat { "chat.completion.chunk" } else { "text_completion" };
     let event = |delta: Option<&str>, finish: Option<&str>| -> String {
@@ -338,14 +352,14 @@ fn generate(
             match next {
                 Response::Token { text: piece } => text.push_str(&piece),
                 Response::Done(done) => break done,
-                Response::Error { kind, message, retry_after_ms } => {
-                    return respond_error(request, kind, &message, retry_after_ms)
+                Response::Error { kind, message, retry_after_ms, per_model } => {
+                    return respond_error(request, kind, &message, retry_after_ms, per_model)
                 }
                 _ => {}
             }
             next = match connection.recv() {
                 Ok(response) => response,
-                Err(error) => return respond_error(request, error.kind(), &error.to_string(), None),
+                Err(error) => return respond_error(request, error.kind(), &error.to_string(), None, false),
             };
         };
         let choice = if chat {

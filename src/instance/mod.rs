@@ -705,6 +705,18 @@ impl Instance {
         let started = Instant::now();
         let mut reported_position = 0;
         let mut inner = self.inner.lock();
+        let slots = self.spec.load.parallel * (inner.replicas.len().max(1) as u32);
+        let must_wait = inner.in_flight >= slots || !inner.queue.is_empty();
+        if let Some(max_queued) = inner.policy.max_queued.filter(|_| must_wait) {
+            if inner.queue.len() >= max_queued as usize {
+                inner.rejected += 1;
+                return Err(AcquireError::Error(Error::Busy {
+                    message: format!("{} already has {max_queued} requests waiting (max_queued)", self.spec.name),
+                    retry_after_ms: 1000,
+                    per_model: true,
+                }));
+            }
+        }
         let ticket = inner.next_ticket;
         inner.next_ticket += 1;
         inner.queue.push_back(ticket);

@@ -259,3 +259,31 @@ fn test_python() -> String {
     assert!(venv.exists(), "{} is missing: run tests/fetch-test-models (tests/run does)", venv.display());
     venv.display().to_string()
 }
+
+#[test]
+fn a_models_own_queue_limit_is_429_and_exit_75() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf");
+    env.write_config(&format!(
+        "[models.m]\npath = \"{}\"\nmax_queued = 1\nargs = [\"--fake-tokens\", \"100\", \"--fake-token-ms\", \"10\"]\n",
+        model.display()
+    ));
+    assert_success(&env.run(&["warm", "m"]));
+    let server = Server::start(&env, &[]);
+    let holder = env.spawn(&["run", "m", "x"]);
+    wait_until("the slot is taken", || env.status_json()["instances"][0]["in_flight"] == 1);
+    let waiter = env.spawn(&["run", "m", "x"]);
+    wait_until("one request waits", || env.status_json()["instances"][0]["queued"] == 1);
+    let response = agent()
+        .post(format!("{}/v1/completions", server.base))
+        .send(serde_json::json!({"model": "m", "prompt": "x"}).to_string())
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 429);
+    assert_eq!(response.headers().get("retry-after").unwrap(), "1");
+    let output = env.run(&["run", "m", "x"]);
+    assert_exit(&output, 75);
+    assert!(stderr(&output).contains("max_queued"), "{}", stderr(&output));
+    assert_success(&holder.wait_with_output().unwrap());
+    assert_success(&waiter.wait_with_output().unwrap());
+    assert_eq!(env.status_json()["instances"][0]["rejected"], 2);
+}
