@@ -44,6 +44,30 @@ fn post(server: &Server, path: &str, body: serde_json::Value) -> (u16, String) {
     (status, response.body_mut().read_to_string().unwrap())
 }
 
+/// A slow model `m` with one request generating and one waiting, and `serve` in front.
+/// `global` and `model` are extra config lines for the daemon and for the model.
+fn one_busy_one_waiting(env: &Env, global: &str, model: &str) -> (Server, Child, Child) {
+    let path = env.tiny_model("m.gguf");
+    env.write_config(&format!(
+        "{global}[models.m]\npath = \"{}\"\n{model}args = [\"--fake-tokens\", \"100\", \"--fake-token-ms\", \"10\"]\n",
+        path.display()
+    ));
+    assert_success(&env.run(&["warm", "m"]));
+    let server = Server::start(env, &[]);
+    let holder = env.spawn(&["run", "m", "x"]);
+    wait_until("the slot is taken", || env.status_json()["instances"][0]["in_flight"] == 1);
+    let waiter = env.spawn(&["run", "m", "x"]);
+    wait_until("one request waits", || env.status_json()["instances"][0]["queued"] == 1);
+    (server, holder, waiter)
+}
+
+fn complete(server: &Server, model: &str) -> ureq::http::Response<ureq::Body> {
+    agent()
+        .post(format!("{}/v1/completions", server.base))
+        .send(serde_json::json!({"model": model, "prompt": "x"}).to_string())
+        .unwrap()
+}
+
 #[test]
 fn chat_and_completions_match_the_openai_shapes_on_a_real_server() {
     let env = Env::real();
@@ -129,21 +153,8 @@ fn errors_are_openai_shaped_with_the_table_statuses() {
 #[test]
 fn a_full_queue_is_503_with_retry_after() {
     let env = Env::fake();
-    let model = env.tiny_model("m.gguf");
-    env.write_config(&format!(
-        "queue_depth = 1\n[models.m]\npath = \"{}\"\nargs = [\"--fake-tokens\", \"100\", \"--fake-token-ms\", \"10\"]\n",
-        model.display()
-    ));
-    assert_success(&env.run(&["warm", "m"]));
-    let server = Server::start(&env, &[]);
-    let holder = env.spawn(&["run", "m", "x"]);
-    wait_until("the slot is taken", || env.status_json()["instances"][0]["in_flight"] == 1);
-    let waiter = env.spawn(&["run", "m", "x"]);
-    wait_until("the queue is full", || env.status_json()["instances"][0]["queued"] == 1);
-    let response = agent()
-        .post(format!("{}/v1/completions", server.base))
-        .send(serde_json::json!({"model": "m", "prompt": "x"}).to_string())
-        .unwrap();
+    let (server, holder, waiter) = one_busy_one_waiting(&env, "queue_depth = 1\n", "");
+    let response = complete(&server, "m");
     assert_eq!(response.status().as_u16(), 503);
     assert_eq!(response.headers().get("retry-after").unwrap(), "1");
     assert_success(&holder.wait_with_output().unwrap());
@@ -263,21 +274,8 @@ fn test_python() -> String {
 #[test]
 fn a_models_own_queue_limit_is_429_and_exit_75() {
     let env = Env::fake();
-    let model = env.tiny_model("m.gguf");
-    env.write_config(&format!(
-        "[models.m]\npath = \"{}\"\nmax_queued = 1\nargs = [\"--fake-tokens\", \"100\", \"--fake-token-ms\", \"10\"]\n",
-        model.display()
-    ));
-    assert_success(&env.run(&["warm", "m"]));
-    let server = Server::start(&env, &[]);
-    let holder = env.spawn(&["run", "m", "x"]);
-    wait_until("the slot is taken", || env.status_json()["instances"][0]["in_flight"] == 1);
-    let waiter = env.spawn(&["run", "m", "x"]);
-    wait_until("one request waits", || env.status_json()["instances"][0]["queued"] == 1);
-    let response = agent()
-        .post(format!("{}/v1/completions", server.base))
-        .send(serde_json::json!({"model": "m", "prompt": "x"}).to_string())
-        .unwrap();
+    let (server, holder, waiter) = one_busy_one_waiting(&env, "", "max_queued = 1\n");
+    let response = complete(&server, "m");
     assert_eq!(response.status().as_u16(), 429);
     assert_eq!(response.headers().get("retry-after").unwrap(), "1");
     let output = env.run(&["run", "m", "x"]);
