@@ -26,8 +26,10 @@ pub struct Resident {
     /// Milliseconds since the epoch of the last request; 0 if never used.
     pub last_used_ms: u64,
     pub pinned: bool,
-    /// Requests in flight or a load in progress: never evicted, only drained.
+    /// Requests in flight or waiting, or a load in progress: never stopped, only drained.
     pub busy: bool,
+    /// Already asked to unload: its memory comes back once it has drained and stopped.
+    pub releasing: bool,
 }
 
 /// What a new instance needs.
@@ -39,73 +41,98 @@ pub struct Need {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
+    /// Start it now.
     Fits,
-    /// Evict these idle instances, in this order, then it fits.
-    Evict(Vec<usize>),
-    /// It fits only once these busy instances have drained and can be evicted.
-    Drain(Vec<usize>),
+    /// Unload these instances (idle ones stop at once, busy ones drain first), least
+    /// recently used first; it fits once they are gone.
+    Release(Vec<usize>),
+    /// It fits once the instances already releasing are gone: wait for them.
+    Wait,
     /// It cannot fit; the message says how much is needed and what holds the memory.
     NoCapacity(String),
 }
 
 fn fits(budget: &Budget, kept: &[&Resident], need: Need) -> bool {
-    let ram: u64 = kept.iter().map(|r| r.ram).sum();
-    let vram: u64 = kept.iter().map(|r| r.vram).sum();
+    let ram: u64 = kept.iter().map(|r| r.ram).fold(0, u64::saturating_add);
+    let vram: u64 = kept.iter().map(|r| r.vram).fold(0, u64::saturating_add);
     let ram_ok = ram.saturating_add(need.ram) <= budget.ram;
     let vram_ok = budget.vram.is_none_or(|limit| vram.saturating_add(need.vram) <= limit);
     let count_ok = budget.max_instances.is_none_or(|max| kept.len() < max);
     ram_ok && vram_ok && count_ok
 }
 
+/// Decides what a load needs: start now, release some instances first, wait for releases
+/// under way, or refuse because even every unpinned instance gone would not make room.
+/// Memory is counted until an instance is really gone, so it is never booked twice.
 pub fn plan(budget: &Budget, residents: &[Resident], need: Need) -> Plan {
-    let mut kept: Vec<&Resident> = residents.iter().collect();
-    if fits(budget, &kept, need) {
+    let all: Vec<&Resident> = residents.iter().collect();
+    if fits(budget, &all, need) {
         return Plan::Fits;
     }
-    if need.ram > budget.ram || budget.vram.is_some_and(|limit| need.vram > limit) {
+    if need.ram > budget.ram {
         return Plan::NoCapacity(format!(
-            "the model needs {} but the whole memory budget is {}{}; raise memory_budget in the config",
+            "the model needs {} of memory but the whole memory budget is {}; raise memory_budget in the config \
+             (and restart the daemon with `llmctl shutdown`)",
             human(need.ram),
             human(budget.ram),
-            budget.vram.map(|v| format!(" ({} of GPU memory)", human(v))).unwrap_or_default()
         ));
     }
-    let mut evictable: Vec<&Resident> = residents.iter().filter(|r| !r.pinned).collect();
-    // Least recently used first; idle before busy at equal age.
-    evictable.sort_by_key(|r| (r.busy, r.last_used_ms, r.id));
-    let mut evict = Vec::new();
-    let mut drain = Vec::new();
-    for victim in evictable {
+    if let Some(limit) = budget.vram.filter(|&limit| need.vram > limit) {
+        return Plan::NoCapacity(format!(
+            "the model needs {} of GPU memory (its offloaded layers plus the CUDA context) but the whole GPU budget \
+             is {}; lower gpu_layers, or raise vram_budget in the config (and restart the daemon with `llmctl shutdown`)",
+            human(need.vram),
+            human(limit),
+        ));
+    }
+    let mut kept: Vec<&Resident> = residents.iter().filter(|r| !r.releasing).collect();
+    if fits(budget, &kept, need) {
+        return Plan::Wait;
+    }
+    let mut candidates: Vec<&Resident> = kept.iter().copied().filter(|r| !r.pinned).collect();
+    // Idle before busy, then least recently used first.
+    candidates.sort_by_key(|r| (r.busy, r.last_used_ms, r.id));
+    let mut release = Vec::new();
+    for victim in candidates {
         kept.retain(|r| r.id != victim.id);
-        if victim.busy {
-            drain.push(victim.id);
-        } else {
-            evict.push(victim.id);
-        }
+        release.push(victim.id);
         if fits(budget, &kept, need) {
-            return if drain.is_empty() { Plan::Evict(evict) } else { Plan::Drain(drain) };
+            return Plan::Release(release);
         }
     }
     Plan::NoCapacity(no_capacity_message(budget, residents, need))
 }
 
 fn no_capacity_message(budget: &Budget, residents: &[Resident], need: Need) -> String {
-    let used: u64 = residents.iter().map(|r| r.ram).sum();
-    let mut message = format!(
-        "the model needs {} of memory, and {} of the {} budget is in use",
-        human(need.ram),
-        human(used),
-        human(budget.ram)
-    );
-    if let Some(max) = budget.max_instances {
-        let _ = write!(message, " (at most {max} instances)");
-    }
-    let pinned: Vec<String> =
-        residents.iter().filter(|r| r.pinned).map(|r| format!("{} ({})", r.name, human(r.ram))).collect();
+    let pinned: Vec<&Resident> = residents.iter().filter(|r| r.pinned).collect();
+    let pinned_ram: u64 = pinned.iter().map(|r| r.ram).sum();
+    let pinned_vram: u64 = pinned.iter().map(|r| r.vram).sum();
+    let vram_short = budget.vram.is_some_and(|limit| pinned_vram.saturating_add(need.vram) > limit);
+    let mut message = if vram_short {
+        format!(
+            "the model needs {} of GPU memory, and pinned models hold {} of the {} GPU budget (vram_budget)",
+            human(need.vram),
+            human(pinned_vram),
+            human(budget.vram.unwrap_or(0))
+        )
+    } else if pinned_ram.saturating_add(need.ram) > budget.ram {
+        format!(
+            "the model needs {} of memory, and pinned models hold {} of the {} budget (memory_budget)",
+            human(need.ram),
+            human(pinned_ram),
+            human(budget.ram)
+        )
+    } else {
+        let max = budget.max_instances.unwrap_or(0);
+        format!("at most {max} instances may run (max_instances), and {} of them are pinned", pinned.len())
+    };
     if !pinned.is_empty() {
-        let _ = write!(message, "; pinned: {}", pinned.join(", "));
+        let names: Vec<String> = pinned.iter().map(|r| format!("{} ({})", r.name, human(r.ram))).collect();
+        let _ = write!(message, "; pinned: {}", names.join(", "));
     }
-    message.push_str("; unpin a model, stop one, or raise memory_budget in the config");
+    message.push_str("; unpin or stop a model");
+    message.push_str(if vram_short { ", or raise vram_budget" } else { ", or raise memory_budget" });
+    message.push_str(" (a budget change needs `llmctl shutdown` and a new daemon)");
     message
 }
 
@@ -152,7 +179,16 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     fn resident(id: usize, ram_gib: u64, last_used_ms: u64, pinned: bool, busy: bool) -> Resident {
-        Resident { id, name: format!("m{id}"), ram: ram_gib * GIB, vram: 0, last_used_ms, pinned, busy }
+        Resident {
+            id,
+            name: format!("m{id}"),
+            ram: ram_gib * GIB,
+            vram: 0,
+            last_used_ms,
+            pinned,
+            busy,
+            releasing: false,
+        }
     }
 
     fn budget(ram_gib: u64) -> Budget {
@@ -173,7 +209,7 @@ mod tests {
                 budget(8),
                 vec![resident(1, 3, 30, false, false), resident(2, 3, 10, false, false)],
                 need(4),
-                Plan::Evict(vec![2]),
+                Plan::Release(vec![2]),
             ),
             (
                 "as many as needed, oldest first",
@@ -184,35 +220,35 @@ mod tests {
                     resident(3, 2, 20, false, false),
                 ],
                 need(7),
-                Plan::Evict(vec![2, 3, 1]),
+                Plan::Release(vec![2, 3, 1]),
             ),
             (
                 "pinned instances stay",
                 budget(8),
                 vec![resident(1, 3, 10, true, false), resident(2, 3, 30, false, false)],
                 need(4),
-                Plan::Evict(vec![2]),
+                Plan::Release(vec![2]),
             ),
             (
-                "busy instances are drained, not killed",
+                "busy instances are released after the idle ones (they drain)",
                 budget(8),
                 vec![resident(1, 6, 10, false, true), resident(2, 1, 30, false, false)],
                 need(4),
-                Plan::Drain(vec![1]),
+                Plan::Release(vec![2, 1]),
             ),
             (
                 "idle before busy even when the busy one is older",
                 budget(8),
                 vec![resident(1, 4, 10, false, true), resident(2, 4, 30, false, false)],
                 need(4),
-                Plan::Evict(vec![2]),
+                Plan::Release(vec![2]),
             ),
             (
                 "instance count limit",
                 Budget { ram: 100 * GIB, vram: None, max_instances: Some(1) },
                 vec![resident(1, 1, 10, false, false)],
                 need(1),
-                Plan::Evict(vec![1]),
+                Plan::Release(vec![1]),
             ),
         ];
         for (name, budget, residents, need, expected) in cases {
@@ -230,12 +266,37 @@ mod tests {
     }
 
     #[test]
+    fn releases_under_way_are_waited_for_not_repeated() {
+        let mut releasing = resident(1, 6, 10, false, true);
+        releasing.releasing = true;
+        let idle = resident(2, 1, 5, false, false);
+        assert_eq!(plan(&budget(8), &[releasing.clone(), idle.clone()], need(4)), Plan::Wait);
+        // Not enough even when the release is done: one more goes, the idle one.
+        assert_eq!(plan(&budget(8), &[releasing, idle], need(8)), Plan::Release(vec![2]));
+    }
+
+    #[test]
+    fn a_gpu_shortage_names_the_gpu_budget() {
+        let budget = Budget { ram: 64 * GIB, vram: Some(GIB), max_instances: None };
+        let Plan::NoCapacity(message) = plan(&budget, &[], Need { ram: GIB, vram: 2 * GIB }) else {
+            panic!("expected no capacity")
+        };
+        assert!(message.contains("vram_budget") && !message.contains("memory_budget"), "{message}");
+        let mut pinned = resident(1, 1, 10, true, false);
+        pinned.vram = GIB / 2;
+        let Plan::NoCapacity(message) = plan(&budget, &[pinned], Need { ram: GIB, vram: GIB * 3 / 4 }) else {
+            panic!("expected no capacity")
+        };
+        assert!(message.contains("vram_budget") && message.contains("pinned: m1"), "{message}");
+    }
+
+    #[test]
     fn vram_is_budgeted_separately() {
         let budget = Budget { ram: 64 * GIB, vram: Some(8 * GIB), max_instances: None };
         let mut on_gpu = resident(1, 1, 10, false, false);
         on_gpu.vram = 6 * GIB;
         let plan = plan(&budget, &[on_gpu], Need { ram: GIB, vram: 4 * GIB });
-        assert_eq!(plan, Plan::Evict(vec![1]));
+        assert_eq!(plan, Plan::Release(vec![1]));
     }
 
     #[test]

@@ -85,7 +85,9 @@ impl ErrorKind {
     }
 }
 
-#[derive(Debug)]
+/// Cloneable, so one failure (a refused load, a stop) can answer every request that waited
+/// on it.
+#[derive(Debug, Clone)]
 pub enum Error {
     /// The command line was wrong in a way clap could not see.
     Usage { message: String },
@@ -116,12 +118,16 @@ pub enum Error {
     NoCapacity { message: String },
     /// A deadline passed.
     Timeout { what: String },
+    /// The instance was stopped or unloaded under the request; the message says by what.
+    Stopped { message: String },
+    /// The remote server of a model failed or is down.
+    RemoteDown { message: String },
     /// The user pressed Ctrl-C.
     Interrupted,
     /// `llmctl setup` could not finish.
     Setup { message: String },
     /// An I/O failure with what was being done.
-    Io { context: String, source: std::io::Error },
+    Io { context: String, source: std::sync::Arc<std::io::Error> },
     /// An error reported by the daemon, already classified.
     Remote { kind: ErrorKind, message: String },
     /// A bug.
@@ -130,7 +136,7 @@ pub enum Error {
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
-        Error::Io { context: context.into(), source }
+        Error::Io { context: context.into(), source: std::sync::Arc::new(source) }
     }
 
     pub fn internal(message: impl Into<String>) -> Error {
@@ -148,6 +154,7 @@ impl Error {
             | Error::Setup { .. } => ErrorKind::Unavailable,
             Error::LlamaExited { .. } | Error::Backend { .. } => ErrorKind::Backend,
             Error::Busy { .. } => ErrorKind::Busy,
+            Error::Stopped { .. } | Error::RemoteDown { .. } => ErrorKind::Unavailable,
             Error::NoCapacity { .. } => ErrorKind::NoCapacity,
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::Interrupted => ErrorKind::Interrupted,
@@ -219,6 +226,7 @@ impl fmt::Display for Error {
             }
             Error::NoCapacity { message } => write!(f, "{message}"),
             Error::Timeout { what } => write!(f, "timed out {what}"),
+            Error::Stopped { message } | Error::RemoteDown { message } => write!(f, "{message}"),
             Error::Interrupted => write!(f, "interrupted"),
             Error::Setup { message } => write!(f, "setup failed: {message}"),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
@@ -231,7 +239,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Io { source, .. } => Some(source),
+            Error::Io { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }

@@ -30,6 +30,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod events;
 pub mod gguf;
 pub mod instance;
 pub mod memory;

@@ -12,11 +12,13 @@ use parking_lot::Mutex;
 /// How long one `nvidia-smi` call may take before it is killed; it can hang on a wedged
 /// driver, and nothing in the daemon may wait on it for long.
 const NVIDIA_SMI_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a GPU reading is reused.
-const GPU_CACHE: Duration = Duration::from_secs(1);
 /// What a process pays on a GPU before any weights: the CUDA context. Measured: 546 MiB
-/// for a model under 1 MB on an H100 (see tests/fixtures/nvidia-smi).
+/// for a model under 1 MB on an H100 (see tests/fixtures/nvidia-smi), 608 MiB on an H200.
 pub const CUDA_CONTEXT_BYTES: u64 = 512 << 20;
+/// Host memory the CUDA runtime takes in a process that uses the GPU, beyond what a CPU-only
+/// llama-server holds (measured on an H200: a tiny model's child is 334 MiB resident with
+/// `-ngl 99` against about 40 MiB on CPU).
+pub const CUDA_HOST_BYTES: u64 = 300 << 20;
 
 /// Total memory of the machine in bytes.
 pub fn mem_total() -> u64 {
@@ -30,43 +32,60 @@ pub fn mem_total() -> u64 {
         .unwrap_or(0)
 }
 
-/// A snapshot of GPU memory: the total of the first GPU and what each process uses.
+/// A snapshot of GPU memory: the total over every GPU and what each process uses.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GpuReading {
     pub total_bytes: u64,
+    /// How many GPUs the total covers.
+    pub gpus: usize,
     pub used_by_pid: HashMap<u32, u64>,
 }
 
-/// Reads GPU memory through `nvidia-smi`, at most once a second.
-#[derive(Default)]
+/// GPU memory as last read by the daemon's supervisor thread. Readers never wait for
+/// `nvidia-smi` (23 ms a call on an H200): they get the latest reading, and a load asks for
+/// a new one with [`Gpu::refresh_soon`].
 pub struct Gpu {
-    cache: Mutex<Option<(Instant, Option<GpuReading>)>>,
+    latest: Mutex<Option<GpuReading>>,
+    pokes: (crossbeam_channel::Sender<()>, crossbeam_channel::Receiver<()>),
+}
+
+impl Default for Gpu {
+    fn default() -> Gpu {
+        Gpu { latest: Mutex::new(None), pokes: crossbeam_channel::bounded(1) }
+    }
 }
 
 impl Gpu {
-    /// None on a machine without `nvidia-smi` or when it fails.
-    pub fn reading(&self) -> Option<GpuReading> {
-        if let Some((at, reading)) = self.cache.lock().as_ref() {
-            if at.elapsed() < GPU_CACHE {
-                return reading.clone();
-            }
-        }
-        self.fresh_reading()
+    /// The latest reading; none on a machine without `nvidia-smi`.
+    pub fn latest(&self) -> Option<GpuReading> {
+        self.latest.lock().clone()
     }
 
-    /// A reading taken now, for `status`, which must show the children that just started.
-    pub fn fresh_reading(&self) -> Option<GpuReading> {
+    /// Reads the GPUs now (runs `nvidia-smi`); called by the supervisor thread only.
+    pub fn sample(&self) {
         let reading = read_gpu();
-        *self.cache.lock() = Some((Instant::now(), reading.clone()));
-        reading
+        *self.latest.lock() = reading;
+    }
+
+    /// Asks the supervisor for a new reading soon (after a load); never blocks.
+    pub fn refresh_soon(&self) {
+        let _ = self.pokes.0.try_send(());
+    }
+
+    /// Where the supervisor hears [`Gpu::refresh_soon`].
+    pub fn pokes(&self) -> &crossbeam_channel::Receiver<()> {
+        &self.pokes.1
     }
 }
 
 fn read_gpu() -> Option<GpuReading> {
     let gpus = nvidia_smi(&["--query-gpu=index,name,memory.total,memory.used,memory.free", "--format=csv"])?;
-    let total_bytes = parse_gpu_total(&gpus)?;
+    let totals = parse_gpu_totals(&gpus);
+    if totals.is_empty() {
+        return None;
+    }
     let apps = nvidia_smi(&["--query-compute-apps=pid,process_name,used_memory", "--format=csv"])?;
-    Some(GpuReading { total_bytes, used_by_pid: parse_compute_apps(&apps) })
+    Some(GpuReading { total_bytes: totals.iter().sum(), gpus: totals.len(), used_by_pid: parse_compute_apps(&apps) })
 }
 
 /// Runs `nvidia-smi` with a deadline; None if it is missing, fails or hangs.
@@ -110,18 +129,23 @@ fn mib_cell(cell: &str) -> Option<u64> {
     Some(number.parse::<u64>().ok()? << 20)
 }
 
-/// The first GPU's total memory from `--query-gpu=...,memory.total,...` output, with or
-/// without the header and units.
-pub fn parse_gpu_total(csv: &str) -> Option<u64> {
-    let mut lines = csv.lines().filter(|l| !l.trim().is_empty());
-    let first = lines.next()?;
-    let (column, row) = if first.contains("memory.total") {
-        let column = first.split(',').position(|c| c.contains("memory.total"))?;
-        (column, lines.next()?)
-    } else {
-        (2, first)
+/// Each GPU's total memory from `--query-gpu=...,memory.total,...` output, with or without
+/// the header and units.
+pub fn parse_gpu_totals(csv: &str) -> Vec<u64> {
+    let mut lines = csv.lines().filter(|l| !l.trim().is_empty()).peekable();
+    let column = match lines.peek() {
+        Some(first) if first.contains("memory.total") => {
+            let column = first.split(',').position(|c| c.contains("memory.total"));
+            lines.next();
+            match column {
+                Some(column) => column,
+                None => return Vec::new(),
+            }
+        }
+        Some(_) => 2,
+        None => return Vec::new(),
     };
-    mib_cell(row.split(',').nth(column)?)
+    lines.filter_map(|row| mib_cell(row.split(',').nth(column)?)).collect()
 }
 
 /// pid → bytes from `--query-compute-apps=pid,process_name,used_memory` output.
@@ -147,7 +171,7 @@ mod tests {
 
     #[test]
     fn parses_captured_nvidia_smi_output() {
-        assert_eq!(parse_gpu_total(GPU_CSV), Some(81559 << 20));
+        assert_eq!(parse_gpu_totals(GPU_CSV), vec![81559 << 20]);
         let apps = parse_compute_apps(APPS_CSV);
         assert_eq!(apps.get(&4831), Some(&(546 << 20)));
         assert_eq!(apps.len(), 1);
@@ -155,7 +179,10 @@ mod tests {
 
     #[test]
     fn parses_noheader_nounits_output() {
-        assert_eq!(parse_gpu_total("0, NVIDIA H100 80GB HBM3, 81559, 555, 80525\n"), Some(81559 << 20));
+        assert_eq!(parse_gpu_totals("0, NVIDIA H100 80GB HBM3, 81559, 555, 80525\n"), vec![81559 << 20]);
+        let two = "index, name, memory.total [MiB], memory.used [MiB], memory.free [MiB]\n\
+                   0, NVIDIA H200, 143771 MiB, 0 MiB, 143771 MiB\n1, NVIDIA H200, 143771 MiB, 0 MiB, 143771 MiB\n";
+        assert_eq!(parse_gpu_totals(two), vec![143771 << 20, 143771 << 20]);
         let apps = parse_compute_apps("4831, /opt/llama-server, 546\n77, other, 10\n");
         assert_eq!(apps.get(&77), Some(&(10 << 20)));
         assert!(parse_compute_apps("No running processes found\n").is_empty());

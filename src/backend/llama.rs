@@ -101,18 +101,24 @@ pub struct Capture {
 }
 
 /// Points `command`'s stdout and stderr at one pipe and starts the thread that copies it to
-/// `log_path`, keeps the tail and reports the port. Call before spawning; the write ends in
-/// `command` are closed in this process when `command` is dropped.
-pub fn capture_output(command: &mut Command, log_path: &Path) -> io::Result<Capture> {
+/// `log_path`, keeps the tail and reports the port; `on_close` runs when the child closes
+/// its output (it is exiting). Call before spawning; the write ends in `command` are closed
+/// in this process when `command` is dropped.
+pub fn capture_output(
+    command: &mut Command,
+    log_path: &Path,
+    on_close: impl FnOnce() + Send + 'static,
+) -> io::Result<Capture> {
     let (reader, writer) = io::pipe()?;
     command.stdout(writer.try_clone()?).stderr(writer);
     let mut log = File::options().create(true).append(true).open(log_path)?;
     let tail = Arc::new(OutputTail::empty());
     let (port_tx, port_rx) = crossbeam_channel::bounded(1);
     let drain_tail = Arc::clone(&tail);
-    let drain = thread::Builder::new()
-        .name("child-output".into())
-        .spawn(move || drain_output(reader, &mut log, &drain_tail, port_tx))?;
+    let drain = thread::Builder::new().name("child-output".into()).spawn(move || {
+        drain_output(reader, &mut log, &drain_tail, port_tx);
+        on_close();
+    })?;
     Ok(Capture { tail, port: port_rx, drain })
 }
 

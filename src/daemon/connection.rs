@@ -1,34 +1,44 @@
 //! One client connection: handshake, one request, its responses.
 //!
 //! Each request type has a handler of the same name as the client command that sends it.
-//! A handler returns an error instead of writing one, so every failure reaches the client
-//! as a typed `Error` message. A panic in a handler is caught here: it is logged with its
-//! backtrace, the client gets an internal error, and `Slot`'s `Drop` gives back any slot.
+//! Handlers decide nothing about instances: they send the instance's worker a job or a
+//! message and relay what comes back. A handler returns an error instead of writing one, so
+//! every failure reaches the client as a typed `Error` message. A panic in a handler is
+//! caught here: it is logged with its backtrace, the client gets an internal error, and the
+//! lease's `Drop` gives back any slot.
 
 use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::RecvTimeoutError;
 
 use crate::backend::llama::GenerateError;
 use crate::error::{Error, ErrorKind, Result};
-use crate::gguf;
-use crate::instance::{AcquireError, FileStamp, Instance, Slot};
+use crate::gguf::{self, ModelInfo};
+use crate::instance::{key_of, Ended, FileStamp, Handle, Job, JobEvent, Lease, Message, Phase, Pin, Unload};
 use crate::model::ModelSpec;
 use crate::protocol::{self, DaemonStatus, QueueStatus, Request, Response, RunRequest, StatusReport, VERSION};
 use crate::sys;
 
-use super::{Shared, ShutdownRequest};
+use super::{scheduler, Shared, ShutdownRequest};
 
 /// How long a client may take to send its handshake and request. A connection that sends
 /// half a line and stalls is closed after this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How many times a request reloads an instance that stopped under it before giving up.
-const LOAD_ATTEMPTS: usize = 3;
+/// How often a request waiting for its slot checks that its client is still there. The slot
+/// itself arrives on a channel the moment it is free; this only bounds how long a client
+/// that left keeps its place.
+const CLIENT_CHECK: Duration = Duration::from_millis(100);
+/// How long a broken stream waits to learn whether its child died.
+const EXIT_PATIENCE: Duration = Duration::from_millis(500);
 
 type Writer = BufWriter<UnixStream>;
+/// A model file that changed since its instance loaded it: its header and stamp.
+type NewFile = (ModelInfo, FileStamp);
 
 pub fn serve(shared: &Arc<Shared>, stream: UnixStream) {
     match sys::peer_uid(&stream) {
@@ -82,7 +92,7 @@ pub fn serve(shared: &Arc<Shared>, stream: UnixStream) {
 /// Reads the handshake and the request, answering the handshake. `Ok(None)` when the
 /// client closed without a request.
 fn read_request(reader: &mut BufReader<UnixStream>, writer: &mut Writer) -> Result<Option<Request>> {
-    let bad = |what: String| Error::Remote { kind: ErrorKind::Usage, message: format!("bad request: {what}") };
+    let bad = |what: String| Error::Usage { message: format!("bad request: {what}") };
     let _ = reader.get_ref().set_read_timeout(Some(REQUEST_TIMEOUT));
     let mut line = Vec::new();
     let hello: Request = match protocol::read_message(reader, &mut line) {
@@ -120,128 +130,165 @@ fn send_final(writer: &mut Writer, response: &Response) -> std::io::Result<()> {
     writer.flush()
 }
 
+fn reply(writer: &mut Writer, response: &Response) -> Result<()> {
+    send_final(writer, response).map_err(|e| Error::io("cannot reply to the client", e))
+}
+
 fn handle(shared: &Arc<Shared>, request: Request, writer: &mut Writer) -> Result<()> {
     match request {
         Request::Hello { .. } => unreachable!("handled by the handshake"),
         Request::Run(run_request) => run(shared, run_request, writer),
-        Request::Status => {
-            let report = status(shared);
-            send_final(writer, &Response::Status(report)).map_err(|e| Error::io("cannot send the status", e))
-        }
+        Request::Status => reply(writer, &Response::Status(status(shared))),
         Request::Warm { model, ttl_s } => {
             let instance = warm(shared, &model, writer)?;
             if let Some(seconds) = ttl_s {
-                instance.pin_until(std::time::SystemTime::now() + Duration::from_secs(seconds));
+                instance.send(Message::Pin(Pin::Until(SystemTime::now() + Duration::from_secs(seconds))));
             }
-            send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e))
+            reply(writer, &Response::Ok { message: None })
         }
         Request::Switch { model, wait, exclusive } => switch(shared, &model, wait, exclusive, writer),
         Request::Stop { model } => {
             let stopped = stop(shared, model.as_ref());
             let message = format!("stopped {stopped} instance{}", if stopped == 1 { "" } else { "s" });
-            send_final(writer, &Response::Ok { message: Some(message) }).map_err(|e| Error::io("cannot reply", e))
+            reply(writer, &Response::Ok { message: Some(message) })
         }
         Request::Pin { model, pinned } => {
-            let instance = instance_for(shared, &model)?;
-            instance.set_pinned(pinned);
-            send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e))
+            let (instance, _) = instance_for(shared, &model)?;
+            instance.send(Message::Pin(Pin::Set(pinned)));
+            reply(writer, &Response::Ok { message: None })
         }
         Request::Events => events(shared, writer),
         Request::Metrics => {
             let text = super::metrics::render(&status(shared));
-            send_final(writer, &Response::Metrics { text }).map_err(|e| Error::io("cannot reply", e))
+            reply(writer, &Response::Metrics { text })
         }
         Request::Shutdown => {
             let (done_tx, done_rx) = crossbeam_channel::bounded(1);
             let _ = shared.shutdown.send(ShutdownRequest::Client(done_tx));
             let _ = done_rx.recv();
-            send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e))
+            reply(writer, &Response::Ok { message: None })
         }
     }
 }
 
-/// The instance for `spec`, after checking the file again: it may have changed since the
-/// client looked.
-fn instance_for(shared: &Shared, spec: &ModelSpec) -> Result<Arc<Instance>> {
-    if spec.remote.is_some() {
-        let instance = shared
+/// The instance for `spec`, after checking the file again: it may have been replaced since
+/// the instance loaded it. Returns the file as found when it differs from the instance's.
+fn instance_for(shared: &Shared, spec: &ModelSpec) -> Result<(Arc<Handle>, Option<NewFile>)> {
+    refuse_if_shutting_down(shared)?;
+    let start = |info, stamp| {
+        shared
             .table
-            .get(spec)
-            .unwrap_or_else(|| shared.table.get_or_insert(spec, crate::gguf::ModelInfo::default(), FileStamp::none()));
-        instance.apply_policy(&spec.policy);
-        return Ok(instance);
-    }
-    let metadata = match std::fs::metadata(&spec.path) {
-        Ok(metadata) => metadata,
-        Err(_) => return Err(Error::ModelNotFound { path: spec.path.clone() }),
+            .get_or_start(spec, info, stamp, &shared.services)
+            .map_err(|e| Error::io("cannot start a thread for the instance", e))
     };
+    if spec.remote.is_some() {
+        let handle = match shared.table.get(spec) {
+            Some(handle) => handle,
+            None => start(ModelInfo::default(), FileStamp::none())?,
+        };
+        return Ok((handle, None));
+    }
+    let metadata = std::fs::metadata(&spec.path).map_err(|_| Error::ModelNotFound { path: spec.path.clone() })?;
     let stamp = FileStamp::of(&metadata);
+    let existing = shared.table.get(spec);
     // A header takes milliseconds to read (a vocabulary is megabytes); an unchanged file
     // needs no second look.
-    if let Some(instance) = shared.table.get(spec) {
-        if instance.file_stamp == stamp {
-            instance.apply_policy(&spec.policy);
-            return Ok(instance);
+    if let Some(handle) = &existing {
+        if handle.with_view(|view| view.stamp == stamp) {
+            return Ok((Arc::clone(handle), None));
         }
     }
     let info = gguf::inspect(&spec.path).map_err(|reason| Error::BadModel { path: spec.path.clone(), reason })?;
-    Ok(shared.table.get_or_insert(spec, info, stamp))
+    match existing {
+        Some(handle) => Ok((handle, Some((info, stamp)))),
+        None => Ok((start(info, stamp)?, None)),
+    }
 }
 
 fn refuse_if_shutting_down(shared: &Shared) -> Result<()> {
     if shared.shutting_down.load(Ordering::SeqCst) {
-        return Err(Error::Remote {
-            kind: ErrorKind::Unavailable,
-            message: "the llmctl daemon is shutting down".into(),
-        });
+        return Err(Error::Stopped { message: "the llmctl daemon is shutting down".into() });
     }
     Ok(())
 }
 
-/// Loads the instance if needed and takes a slot on it.
-fn ready_slot(
+/// What a waiting request does with the worker's progress reports.
+struct Progress<'a> {
+    on_loading: &'a mut dyn FnMut(),
+    on_queued: &'a mut dyn FnMut(usize),
+    /// True once the client has gone away.
+    client_gone: &'a dyn Fn() -> bool,
+}
+
+/// Sends a job to `instance` and waits for its slot: a blocking receive, woken by the
+/// worker the moment a slot is free. Every `CLIENT_CHECK` it looks whether the client left,
+/// and if so gives its place up.
+fn acquire(
     shared: &Shared,
-    instance: &Arc<Instance>,
-    cancelled: &dyn Fn() -> bool,
-    mut on_loading: impl FnMut(),
-    on_queued: &mut dyn FnMut(usize),
-) -> Result<Slot> {
-    let env = shared.load_env();
+    instance: &Handle,
+    spec: &ModelSpec,
+    file: Option<NewFile>,
+    progress: Progress<'_>,
+) -> Result<Lease> {
+    let (events, replies) = crossbeam_channel::unbounded();
+    let id = shared.next_job();
+    let job = Job { id, events, policy: spec.policy.clone(), file };
+    if !instance.send(Message::Arrive(job)) {
+        return Err(Error::Stopped { message: "the llmctl daemon is shutting down".into() });
+    }
     let deadline = Instant::now() + shared.settings.queue_timeout;
-    for _ in 0..LOAD_ATTEMPTS {
-        refuse_if_shutting_down(shared)?;
-        instance.ensure_ready(&env, &mut on_loading, cancelled)?;
-        match instance.acquire(deadline, cancelled, on_queued) {
-            Ok(slot) => return Ok(slot),
-            Err(AcquireError::NotReady) => continue,
-            Err(AcquireError::Error(error)) => return Err(error),
+    loop {
+        match replies.recv_timeout(CLIENT_CHECK.min(deadline.saturating_duration_since(Instant::now()))) {
+            Ok(JobEvent::Granted(lease)) => return Ok(lease),
+            Ok(JobEvent::Failed(error)) => return Err(error),
+            Ok(JobEvent::Loading) => (progress.on_loading)(),
+            Ok(JobEvent::Queued(position)) => (progress.on_queued)(position),
+            Err(RecvTimeoutError::Timeout) => {
+                let error = if (progress.client_gone)() {
+                    Error::Interrupted
+                } else if Instant::now() >= deadline {
+                    Error::Timeout {
+                        what: format!(
+                            "waiting for a free slot on {} ({} s)",
+                            spec.name,
+                            shared.settings.queue_timeout.as_secs()
+                        ),
+                    }
+                } else {
+                    continue;
+                };
+                // A lease granted meanwhile is dropped with `replies`, which frees it.
+                instance.send(Message::Leave(id));
+                return Err(error);
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(Error::Stopped { message: format!("{} was stopped", spec.name) })
+            }
         }
     }
-    refuse_if_shutting_down(shared)?;
-    Err(Error::Remote {
-        kind: ErrorKind::Unavailable,
-        message: format!("{} kept stopping while this request waited for it", instance.spec.name),
-    })
 }
 
 fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result<()> {
     let request_started = Instant::now();
-    let instance = instance_for(shared, &request.model)?;
+    let (instance, file) = instance_for(shared, &request.model)?;
     let place = shared.admission.enter().inspect_err(|_| instance.note_rejected())?;
     let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
-    let cancelled = || sys::peer_closed(&client_socket);
     // Both progress callbacks write to the client, one at a time.
     let progress_writer = std::cell::RefCell::new(&mut *writer);
-    let mut slot = ready_slot(
+    let model = request.model.name.clone();
+    let mut lease = acquire(
         shared,
         &instance,
-        &cancelled,
-        || {
-            let model = instance.spec.name.clone();
-            let _ = send_final(&mut progress_writer.borrow_mut(), &Response::Loading { model });
-        },
-        &mut |position| {
-            let _ = send_final(&mut progress_writer.borrow_mut(), &Response::Queued { position });
+        &request.model,
+        file,
+        Progress {
+            on_loading: &mut || {
+                let _ = send_final(&mut progress_writer.borrow_mut(), &Response::Loading { model: model.clone() });
+            },
+            on_queued: &mut |position| {
+                let _ = send_final(&mut progress_writer.borrow_mut(), &Response::Queued { position });
+            },
+            client_gone: &|| sys::peer_closed(&client_socket),
         },
     )?;
     drop(place);
@@ -251,11 +298,11 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
         panic!("fault injected by the test suite");
     }
 
-    let mut first_token = true;
-    let result = slot.client.generate(&request, |text, more_buffered| {
-        if first_token {
-            first_token = false;
-            instance.note_first_token(request_started.elapsed());
+    let client = &lease.client;
+    let report = &mut lease.report;
+    let result = client.generate(&request, |text, more_buffered| {
+        if report.first_token.is_none() {
+            report.first_token = Some(request_started.elapsed());
         }
         protocol::write_message(writer, &Response::Token { text: text.to_string() })?;
         if !more_buffered {
@@ -263,92 +310,106 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
         }
         Ok(())
     });
-    let cancelled_by_client = matches!(result, Err(GenerateError::Cancelled));
     let outcome = match result {
         Ok(done) => {
-            slot.record_usage(done.usage);
-            drop(slot);
+            lease.report.usage = done.usage;
+            lease.report.outcome = Some("ok".into());
+            drop(lease);
             let _ = send_final(writer, &Response::Done(done));
-            Ok(())
+            return Ok(());
         }
         // The client went away; dropping the HTTP response closed the upstream connection,
         // which makes llama-server stop generating and free the slot.
         Err(GenerateError::Cancelled) => {
-            log::debug!("client of {} went away; generation cancelled", instance.spec.name);
-            Ok(())
+            log::debug!("client of {} went away; generation cancelled", request.model.name);
+            lease.report.outcome = Some("cancelled".into());
+            return Ok(());
         }
-        Err(GenerateError::Rejected(message)) => Err(Error::InvalidParameter { message }),
-        Err(GenerateError::Stalled) => {
-            drop(slot);
+        Err(error) => generation_failed(shared, &mut lease, &request.model, error),
+    };
+    lease.report.outcome = Some(outcome.kind().name().to_string());
+    Err(outcome)
+}
+
+/// Classifies a failed generation by what happened to the lease's own child or server.
+fn generation_failed(shared: &Shared, lease: &mut Lease, spec: &ModelSpec, error: GenerateError) -> Error {
+    match error {
+        GenerateError::Cancelled => Error::Interrupted,
+        GenerateError::Rejected(message) => Error::InvalidParameter { message },
+        GenerateError::Stalled => {
+            lease.report.stalled = true;
             let seconds = shared.settings.token_timeout.as_secs();
-            log::warn!("{} produced no token for {seconds} s; restarting it", instance.spec.name);
-            instance.stop(shared.stop_grace());
-            Err(Error::Timeout {
+            Error::Timeout {
                 what: format!(
                     "waiting for a token from {}: none came for {seconds} s (token_timeout in the config); \
                      the instance was restarted",
-                    instance.spec.name
+                    spec.name
                 ),
-            })
-        }
-        Err(GenerateError::Broken(message)) => {
-            let replica = slot.replica;
-            drop(slot);
-            let error = match replica {
-                Some(replica) => instance.remote_failed(replica, message),
-                None => instance.generation_failed(message),
-            };
-            if matches!(error, Error::LlamaExited { .. }) {
-                shared.events.publish(&instance, "crashed", Some(error.to_string()));
             }
-            Err(error)
         }
-    };
-    let label = match &outcome {
-        Ok(()) if cancelled_by_client => "cancelled".to_string(),
-        Ok(()) => "ok".to_string(),
-        Err(error) => error.kind().name().to_string(),
-    };
-    instance.note_outcome(&label);
-    outcome
+        GenerateError::Broken(message) if lease.replica.is_some() => {
+            lease.report.replica_failed = true;
+            Error::RemoteDown {
+                message: format!(
+                    "the server {} for {} failed: {message}; it is retried with backoff",
+                    lease.client.base_url(),
+                    spec.name
+                ),
+            }
+        }
+        GenerateError::Broken(message) => match lease.generation.wait_ended(EXIT_PATIENCE) {
+            Some(Ended::Exited { status, stderr_tail }) => {
+                Error::LlamaExited { model: spec.name.clone(), status, stderr_tail }
+            }
+            Some(Ended::Stopped(message)) => Error::Stopped { message },
+            None => Error::Backend { model: spec.name.clone(), message },
+        },
+    }
 }
 
-fn warm(shared: &Arc<Shared>, spec: &ModelSpec, writer: &mut Writer) -> Result<Arc<Instance>> {
-    let instance = instance_for(shared, spec)?;
+fn warm(shared: &Arc<Shared>, spec: &ModelSpec, writer: &mut Writer) -> Result<Arc<Handle>> {
+    let (instance, file) = instance_for(shared, spec)?;
     let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
-    let cancelled = || sys::peer_closed(&client_socket);
-    let slot = ready_slot(shared, &instance, &cancelled, || {}, &mut |_| {})?;
-    let result = slot.client.ping();
-    drop(slot);
-    match result {
-        Ok(()) => Ok(instance),
-        Err(GenerateError::Broken(message)) => Err(instance.generation_failed(message)),
-        Err(GenerateError::Stalled) => Err(Error::Timeout { what: format!("waiting for {} to answer", spec.name) }),
-        Err(GenerateError::Rejected(message)) => Err(Error::Backend { model: spec.name.clone(), message }),
-        Err(GenerateError::Cancelled) => Ok(instance),
+    let mut lease = acquire(
+        shared,
+        &instance,
+        spec,
+        file,
+        Progress { on_loading: &mut || {}, on_queued: &mut |_| {}, client_gone: &|| sys::peer_closed(&client_socket) },
+    )?;
+    match lease.client.ping() {
+        Ok(()) | Err(GenerateError::Cancelled) => Ok(instance),
+        Err(error) => Err(generation_failed(shared, &mut lease, spec, error)),
     }
 }
 
 fn switch(shared: &Arc<Shared>, spec: &ModelSpec, wait: bool, exclusive: bool, writer: &mut Writer) -> Result<()> {
-    refuse_if_shutting_down(shared)?;
-    let instance = instance_for(shared, spec)?;
+    let (instance, file) = instance_for(shared, spec)?;
     if !wait {
         // The caller detaches; this thread goes on loading for the daemon.
         let _ = send_final(writer, &Response::Ok { message: Some(format!("loading {}", spec.name)) });
     }
-    let env = shared.load_env();
-    let loaded = instance.ensure_ready(&env, || {}, &|| false);
+    let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
+    let client_gone = || wait && sys::peer_closed(&client_socket);
+    let loaded = acquire(
+        shared,
+        &instance,
+        spec,
+        file,
+        Progress { on_loading: &mut || {}, on_queued: &mut |_| {}, client_gone: &client_gone },
+    )
+    .map(drop);
     if loaded.is_ok() && exclusive {
-        for other in shared.table.all() {
-            if !Arc::ptr_eq(&other, &instance) {
-                other.stop(shared.stop_grace());
-            }
-        }
+        let others: Vec<Arc<Handle>> =
+            shared.table.all().into_iter().filter(|other| !Arc::ptr_eq(other, &instance)).collect();
+        unload_and_wait(shared, &others, Unload::Exclusive, |name| {
+            format!("{name} was unloaded by `llmctl switch --exclusive {}`", spec.name)
+        });
     }
     match (loaded, wait) {
-        (Ok(_), true) => send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e)),
+        (Ok(()), true) => reply(writer, &Response::Ok { message: None }),
         (Err(error), true) => Err(error),
-        (Ok(_), false) => Ok(()),
+        (Ok(()), false) => Ok(()),
         (Err(error), false) => {
             log::warn!("background load of {} failed: {error}", spec.name);
             Ok(())
@@ -356,12 +417,34 @@ fn switch(shared: &Arc<Shared>, spec: &ModelSpec, wait: bool, exclusive: bool, w
     }
 }
 
+/// Asks each instance to unload for `why` and waits until every one has stopped. Returns how
+/// many had something loaded or loading.
+fn unload_and_wait(shared: &Shared, instances: &[Arc<Handle>], why: Unload, message: impl Fn(&str) -> String) -> usize {
+    let cutoff = shared.last_job();
+    let mut active = 0;
+    let mut waiting = Vec::new();
+    for instance in instances {
+        let (loaded, name) = instance
+            .with_view(|view| (view.phase.holds_room() || view.phase == Phase::WaitingRoom, view.spec.name.clone()));
+        active += usize::from(loaded);
+        let (done, stopped) = crossbeam_channel::bounded(1);
+        if instance.send(Message::Unload { why, cutoff, room: None, message: message(&name), done: Some(done) }) {
+            waiting.push(stopped);
+        }
+    }
+    // A worker answers once its child is gone; one that ends drops the sender instead.
+    for stopped in waiting {
+        let _ = stopped.recv();
+    }
+    active
+}
+
 /// Streams events to the client until it goes away or the daemon shuts down.
 fn events(shared: &Arc<Shared>, writer: &mut Writer) -> Result<()> {
-    let subscription = shared.events.subscribe();
+    let subscription = shared.services.events.subscribe();
     let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
     // Tell the client it is subscribed, so nothing that happens after this is missed.
-    send_final(writer, &Response::Ok { message: None }).map_err(|e| Error::io("cannot reply", e))?;
+    reply(writer, &Response::Ok { message: None })?;
     loop {
         match subscription.recv_timeout(Duration::from_millis(200)) {
             Ok(event) => {
@@ -369,36 +452,54 @@ fn events(shared: &Arc<Shared>, writer: &mut Writer) -> Result<()> {
                     return Ok(());
                 }
             }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+            Err(RecvTimeoutError::Timeout) => {
                 if sys::peer_closed(&client_socket) || shared.shutting_down.load(Ordering::SeqCst) {
                     return Ok(());
                 }
             }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
     }
 }
 
+/// Stops the instances of `model` (its alias's own instance, or every instance of a file
+/// named by path), or every instance. Requests in flight and waiting are told who stopped
+/// them.
 fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>) -> usize {
-    let instances = match model {
-        Some(spec) => shared.table.for_path(&spec.path),
+    let targets: Vec<Arc<Handle>> = match model {
+        Some(spec) => {
+            let key = key_of(spec);
+            shared
+                .table
+                .all()
+                .into_iter()
+                .filter(|instance| {
+                    instance.with_view(|view| {
+                        key_of(&view.spec) == key || (view.spec.path == spec.path && view.spec.name == spec.name)
+                    })
+                })
+                .collect()
+        }
         None => shared.table.all(),
     };
-    let running: Vec<_> = instances.into_iter().filter(|i| i.state() != crate::instance::State::Stopped).collect();
-    std::thread::scope(|scope| {
-        for instance in &running {
-            scope.spawn(|| {
-                instance.stop(shared.stop_grace());
-                shared.events.publish(instance, "stopped", None);
-            });
-        }
-    });
-    running.len()
+    unload_and_wait(shared, &targets, Unload::Stop, |name| format!("{name} was stopped by `llmctl stop`"))
 }
 
 fn status(shared: &Arc<Shared>) -> StatusReport {
-    let gpu = shared.gpu.fresh_reading();
-    let budget = shared.budget(gpu.as_ref());
+    let gpu = shared.services.gpu.latest();
+    let budget = scheduler::budget(&shared.settings, gpu.as_ref());
+    let instances: Vec<_> = shared
+        .table
+        .all()
+        .iter()
+        .map(|instance| {
+            let view = instance.view();
+            let mut status = view.status();
+            status.rss_bytes = status.pid.and_then(crate::process::rss_bytes);
+            status.vram_bytes = status.pid.and_then(|pid| gpu.as_ref()?.used_by_pid.get(&pid).copied());
+            status
+        })
+        .collect();
     StatusReport {
         daemon: DaemonStatus {
             pid: std::process::id(),
@@ -410,23 +511,14 @@ fn status(shared: &Arc<Shared>) -> StatusReport {
             budget_bytes: budget.ram,
             vram_budget_bytes: budget.vram,
             max_instances: budget.max_instances,
-            evictions: shared.evictions.load(std::sync::atomic::Ordering::Relaxed),
-            event_subscribers: shared.events.subscribers(),
+            evictions: instances.iter().map(|i| u64::from(i.evictions)).sum(),
+            event_subscribers: shared.services.events.subscribers(),
         },
         queue: QueueStatus {
             depth: shared.admission.depth(),
             waiting: shared.admission.waiting(),
             rejected: shared.admission.rejected(),
         },
-        instances: shared
-            .table
-            .all()
-            .iter()
-            .map(|instance| {
-                let mut status = instance.status(shared.settings.crash_loop);
-                status.vram_bytes = status.pid.and_then(|pid| gpu.as_ref()?.used_by_pid.get(&pid).copied());
-                status
-            })
-            .collect(),
+        instances,
     }
 }

@@ -1,20 +1,23 @@
-//! The daemon: owns the socket, the instance table and every llama-server child.
+//! The daemon: owns the socket, the instance table and, through the instance workers, every
+//! llama-server child.
 //!
-//! Threads, each named and joined by [`run`]:
+//! Threads, each named; [`run`] joins all but the connection threads, which it waits for:
 //! - `signals`: SIGINT/SIGTERM → the shutdown channel (a second SIGINT kills at once);
-//! - `listener`: accepts connections and starts one `conn` thread per client;
-//! - `supervisor`: a tick that reaps children that exited on their own and keeps the state
-//!   file current;
-//! - `launcher`: forks children (see `launcher` for why one thread does it).
+//! - `listener`: accepts connections and hands each to an idle `conn` thread, starting one
+//!   when none is idle (idle ones exit after a while);
+//! - `conn`: one request at a time: reads it, sends jobs and messages to instance workers,
+//!   relays their answers (see `connection`);
+//! - `instance-N`: one worker per instance, the only owner of its child (see `instance`);
+//! - `scheduler`: the only place that grants memory and picks instances to unload;
+//! - `supervisor`: a timer for TTL expiry, GPU readings and the state file;
+//! - `launcher`: forks children (see `process::launcher` for why one thread does it).
 //!
 //! Startup takes an exclusive lock next to the socket, so a second daemon refuses to start
 //! and a socket left by a crashed daemon is known to be stale and replaced.
 
 pub mod connection;
-pub mod events;
-pub mod eviction;
-pub mod launcher;
 pub mod metrics;
+pub mod scheduler;
 pub mod state;
 
 use std::fs::{self, File};
@@ -22,7 +25,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -33,12 +36,14 @@ use crate::admission::Admission;
 use crate::backend::llama::Timeouts;
 use crate::config::{parse_ttl, Config, Ttl, DEFAULT_QUEUE_DEPTH};
 use crate::error::{Error, Result};
+use crate::events::EventBus;
 use crate::instance::table::InstanceTable;
-use crate::instance::{CrashLoop, LoadEnv};
-use crate::memory;
+use crate::instance::worker::{self, CrashLoop, Services};
+use crate::instance::{JobId, Message, Unload};
+use crate::memory::Gpu;
 use crate::paths::{self, Paths};
+use crate::process::launcher::Launcher;
 use crate::sys;
-use launcher::Launcher;
 
 /// The memory budget unless configured: three quarters of MemTotal leaves room for the
 /// rest of the machine.
@@ -47,7 +52,10 @@ pub const DEFAULT_MEMORY_BUDGET: &str = "75%";
 pub const DEFAULT_VRAM_BUDGET: &str = "90%";
 /// Time a child gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How often the supervisor looks for expired TTLs and a changed state file.
 const SUPERVISOR_TICK: Duration = Duration::from_millis(100);
+/// How often GPU memory is read in the background (and after every load).
+const GPU_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Daemon settings after flags, environment and config are applied.
 #[derive(Debug, Clone)]
@@ -109,39 +117,28 @@ pub struct Shared {
     pub settings: Settings,
     pub table: InstanceTable,
     pub admission: Admission,
-    pub launcher: Launcher,
+    /// What instance workers use: launcher, scheduler inbox, events, GPU readings.
+    pub services: Arc<Services>,
     pub started: Instant,
     pub shutdown: Sender<ShutdownRequest>,
     pub shutting_down: AtomicBool,
-    /// Set to cut every grace period short.
-    pub kill_now: AtomicBool,
     pub connections: AtomicUsize,
     /// The last failure to write the state file; cleared by the next success.
     pub state_file_error: parking_lot::Mutex<Option<String>>,
-    pub gpu: memory::Gpu,
-    pub events: events::EventBus,
-    /// Instances evicted for memory or unloaded by a TTL.
-    pub evictions: std::sync::atomic::AtomicU64,
+    /// The number of the last request sent to a worker.
+    jobs: AtomicU64,
 }
 
 impl Shared {
-    pub fn load_env(&self) -> LoadEnv<'_> {
-        LoadEnv {
-            launcher: &self.launcher,
-            log_dir: &self.paths.instance_logs_dir,
-            load_timeout: self.settings.load_timeout,
-            http: Timeouts { connect: Duration::from_secs(5), read: self.settings.token_timeout },
-            crash_loop: self.settings.crash_loop,
-            room: self,
-        }
+    /// Numbers a new request; later requests get larger numbers.
+    pub fn next_job(&self) -> JobId {
+        self.jobs.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    pub fn stop_grace(&self) -> Duration {
-        if self.kill_now.load(Ordering::Relaxed) {
-            Duration::ZERO
-        } else {
-            self.settings.stop_grace
-        }
+    /// The number of the last request numbered so far: an unload decided now concerns the
+    /// requests up to it.
+    pub fn last_job(&self) -> JobId {
+        self.jobs.load(Ordering::SeqCst)
     }
 }
 
@@ -168,21 +165,36 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         .map_err(|e| Error::io(format!("cannot make {} private", paths.socket.display()), e))?;
 
     let (shutdown_tx, shutdown_rx) = unbounded();
+    let (room_tx, room_rx) = unbounded();
+    let installed = paths.installed_llama_server();
+    let configured = settings.llama_server.clone();
+    let services = Services {
+        launcher: Launcher::start().map_err(|e| Error::io("cannot start the launcher thread", e))?,
+        log_dir: paths.instance_logs_dir.clone(),
+        load_timeout: settings.load_timeout,
+        http: Timeouts { connect: Duration::from_secs(5), read: settings.token_timeout },
+        crash_loop: settings.crash_loop,
+        stop_grace: settings.stop_grace,
+        kill_now: AtomicBool::new(false),
+        scheduler: room_tx,
+        events: EventBus::default(),
+        gpu: Gpu::default(),
+        llama_server: Box::new(move || crate::backend::llama::find_binary(configured.as_deref(), None, &installed)),
+    };
+    // The first GPU reading before any request, so the first load is planned with it.
+    services.gpu.sample();
     let shared = Arc::new(Shared {
         admission: Admission::new(settings.queue_depth),
         paths,
         settings,
         table: InstanceTable::default(),
-        launcher: Launcher::start().map_err(|e| Error::io("cannot start the launcher thread", e))?,
+        services: Arc::new(services),
         started: Instant::now(),
         shutdown: shutdown_tx.clone(),
         shutting_down: AtomicBool::new(false),
-        kill_now: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         state_file_error: parking_lot::Mutex::new(None),
-        gpu: memory::Gpu::default(),
-        events: events::EventBus::default(),
-        evictions: std::sync::atomic::AtomicU64::new(0),
+        jobs: AtomicU64::new(0),
     });
     restore_instances(&shared, remembered);
     log::info!(
@@ -215,6 +227,11 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         let shared = Arc::clone(&shared);
         spawn_named("supervisor", move || supervise(&shared, supervisor_stopped))?
     };
+    let (scheduler_stop, scheduler_stopped) = bounded::<()>(0);
+    let scheduler_thread = {
+        let shared = Arc::clone(&shared);
+        spawn_named("scheduler", move || scheduler::run(&shared, &room_rx, &scheduler_stopped))?
+    };
 
     let waiters = wait_for_shutdown(&shared, &shutdown_rx);
 
@@ -230,6 +247,8 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
     }
     drop(supervisor_stop);
     let _ = supervisor_thread.join();
+    drop(scheduler_stop);
+    let _ = scheduler_thread.join();
     let _ = state::write(&shared.paths.state_file(), &shared.table);
     signals_handle.close();
     let _ = signal_thread.join();
@@ -244,7 +263,7 @@ fn wait_for_shutdown(shared: &Arc<Shared>, requests: &Receiver<ShutdownRequest>)
     let mut waiters = Vec::new();
     let note = |request: ShutdownRequest, waiters: &mut Vec<Sender<()>>| match request {
         ShutdownRequest::Signal => {}
-        ShutdownRequest::Kill => shared.kill_now.store(true, Ordering::SeqCst),
+        ShutdownRequest::Kill => shared.services.kill_now.store(true, Ordering::SeqCst),
         ShutdownRequest::Client(waiter) => waiters.push(waiter),
     };
     match requests.recv() {
@@ -253,25 +272,26 @@ fn wait_for_shutdown(shared: &Arc<Shared>, requests: &Receiver<ShutdownRequest>)
     }
     log::info!("shutting down: stopping every instance");
     shared.shutting_down.store(true, Ordering::SeqCst);
-    let stopper = {
-        let shared = Arc::clone(shared);
-        spawn_named("stop-all", move || {
-            thread::scope(|scope| {
-                for instance in shared.table.all() {
-                    let shared = &shared;
-                    scope.spawn(move || instance.stop_with(shared.settings.stop_grace, &shared.kill_now));
-                }
-            });
-        })
-    };
-    let Ok(stopper) = stopper else { return waiters };
-    while !stopper.is_finished() {
+    // Every worker stops its child at once, in parallel; each ends when its child is gone.
+    let instances = shared.table.all();
+    for instance in &instances {
+        let name = instance.with_view(|view| view.spec.name.clone());
+        instance.send(Message::Shutdown { message: format!("{name} was stopped: the llmctl daemon is shutting down") });
+    }
+    let joiner = spawn_named("stop-all", move || {
+        for instance in instances {
+            instance.join();
+        }
+    });
+    let Ok(joiner) = joiner else { return waiters };
+    while !joiner.is_finished() {
+        // A second SIGINT meanwhile cuts the grace periods short.
         if let Ok(request) = requests.recv_timeout(Duration::from_millis(10)) {
             note(request, &mut waiters);
         }
     }
-    let _ = stopper.join();
-    shared.events.close();
+    let _ = joiner.join();
+    shared.services.events.close();
     while let Ok(request) = requests.try_recv() {
         note(request, &mut waiters);
     }
@@ -284,8 +304,10 @@ fn restore_instances(shared: &Shared, remembered: Vec<state::InstanceRecord>) {
         let Ok(metadata) = fs::metadata(&record.model.path) else { continue };
         let Ok(info) = crate::gguf::inspect(&record.model.path) else { continue };
         let stamp = crate::instance::FileStamp::of(&metadata);
-        let instance = shared.table.get_or_insert(&record.model, info, stamp);
-        instance.restore(record.last_used_ms, record.pinned, record.pinned_until_ms);
+        match shared.table.get_or_start(&record.model, info, stamp, &shared.services) {
+            Ok(handle) => worker::restore(&handle, record.last_used_ms, record.pinned, record.pinned_until_ms),
+            Err(error) => log::warn!("cannot restore {}: {error}", record.model.name),
+        }
     }
 }
 
@@ -356,6 +378,9 @@ fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
     }
 }
 
+/// The supervisor: a timer, not an owner. It asks idle instances whose TTL ran out to
+/// unload (their worker decides whether they still are idle), reads GPU memory in the
+/// background, and keeps the state file current.
 fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
     let mut written = state::snapshot(&shared.table);
     let write_state = || {
@@ -365,18 +390,32 @@ fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
         failed
     };
     let mut retry = write_state();
+    let gpu = &shared.services.gpu;
+    let mut gpu_read_at = Instant::now();
     loop {
         select_biased! {
             recv(stop) -> _ => return,
+            recv(gpu.pokes()) -> _ => {
+                gpu.sample();
+                gpu_read_at = Instant::now();
+            }
             default(SUPERVISOR_TICK) => {}
         }
+        if gpu_read_at.elapsed() >= GPU_INTERVAL {
+            gpu.sample();
+            gpu_read_at = Instant::now();
+        }
         for instance in shared.table.all() {
-            if instance.reap() {
-                let failure = instance.status(shared.settings.crash_loop).failure;
-                shared.events.publish(&instance, "crashed", failure);
+            if instance.with_view(|view| view.ttl_expired(shared.settings.default_ttl)) {
+                instance.send(Message::Unload {
+                    why: Unload::Expire,
+                    cutoff: shared.last_job(),
+                    room: None,
+                    message: "unloaded after its TTL".into(),
+                    done: None,
+                });
             }
         }
-        shared.expire_ttls();
         let current = state::snapshot(&shared.table);
         if current != written || retry {
             retry = write_state();

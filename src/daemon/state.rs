@@ -14,6 +14,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::instance::millis_since_epoch;
 use crate::instance::table::InstanceTable;
 use crate::model::ModelSpec;
 use crate::paths;
@@ -53,8 +54,12 @@ fn instances(table: &InstanceTable) -> Vec<InstanceRecord> {
         .all()
         .iter()
         .map(|instance| {
-            let (last_used_ms, pinned, pinned_until_ms) = instance.memory();
-            InstanceRecord { model: instance.spec.clone(), last_used_ms, pinned, pinned_until_ms }
+            instance.with_view(|view| InstanceRecord {
+                model: view.spec.clone(),
+                last_used_ms: view.last_used.map(millis_since_epoch),
+                pinned: view.pinned_by_command,
+                pinned_until_ms: view.pinned_until.map(millis_since_epoch),
+            })
         })
         .collect()
 }
@@ -74,8 +79,13 @@ fn children(table: &InstanceTable) -> Vec<ChildRecord> {
         .all()
         .iter()
         .filter_map(|instance| {
-            let (pid, start_time) = instance.child_identity()?;
-            Some(ChildRecord { pid, start_time, model: instance.spec.path.display().to_string() })
+            instance.with_view(|view| {
+                Some(ChildRecord {
+                    pid: view.pid?,
+                    start_time: view.start_time?,
+                    model: view.spec.path.display().to_string(),
+                })
+            })
         })
         .collect();
     children.sort_by_key(|child| child.pid);

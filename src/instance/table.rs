@@ -1,45 +1,62 @@
-//! The instance table: every instance the daemon knows, keyed by model file and load
-//! options. The lock guards the map only; callers clone the `Arc` out and drop the guard
-//! before touching an instance.
+//! The instance table: every instance the daemon knows, keyed by model and load options,
+//! and by the number the scheduler knows it by. The lock guards the two maps only: callers
+//! clone the `Arc<Handle>` out and drop the guard before sending anything. A new instance's
+//! worker thread is started under the lock, so one key never gets two workers.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::worker::{self, Services};
+use super::{key_of, FileStamp, Handle, Key};
 use crate::gguf::ModelInfo;
-use crate::instance::{FileStamp, Instance};
-use crate::model::{LoadOptions, ModelSpec};
-
-type Key = (PathBuf, LoadOptions);
+use crate::model::ModelSpec;
 
 #[derive(Default)]
 pub struct InstanceTable {
-    instances: Mutex<BTreeMap<Key, Arc<Instance>>>,
+    inner: Mutex<Maps>,
+}
+
+#[derive(Default)]
+struct Maps {
+    by_key: BTreeMap<Key, Arc<Handle>>,
+    by_id: BTreeMap<usize, Arc<Handle>>,
+    next_id: usize,
 }
 
 impl InstanceTable {
-    /// The instance for `spec`, created (stopped) if it is new.
-    pub fn get_or_insert(&self, spec: &ModelSpec, info: ModelInfo, stamp: FileStamp) -> Arc<Instance> {
-        let key = (spec.path.clone(), spec.load.clone());
-        let mut instances = self.instances.lock();
-        Arc::clone(instances.entry(key).or_insert_with(|| Arc::new(Instance::new(spec.clone(), info, stamp))))
-    }
-
     /// The instance for `spec`, if there is one.
-    pub fn get(&self, spec: &ModelSpec) -> Option<Arc<Instance>> {
-        let key = (spec.path.clone(), spec.load.clone());
-        self.instances.lock().get(&key).cloned()
+    pub fn get(&self, spec: &ModelSpec) -> Option<Arc<Handle>> {
+        self.inner.lock().by_key.get(&key_of(spec)).cloned()
     }
 
-    /// Every instance of the model file at `path`, whatever its load options.
-    pub fn for_path(&self, path: &Path) -> Vec<Arc<Instance>> {
-        let instances = self.instances.lock();
-        instances.iter().filter(|((p, _), _)| p == path).map(|(_, i)| Arc::clone(i)).collect()
+    /// The instance for `spec`, started (stopped, with its worker waiting) if it is new.
+    pub fn get_or_start(
+        &self,
+        spec: &ModelSpec,
+        info: ModelInfo,
+        stamp: FileStamp,
+        services: &Arc<Services>,
+    ) -> std::io::Result<Arc<Handle>> {
+        let mut maps = self.inner.lock();
+        let key = key_of(spec);
+        if let Some(handle) = maps.by_key.get(&key) {
+            return Ok(Arc::clone(handle));
+        }
+        let id = maps.next_id;
+        let handle = Arc::new(worker::start(id, spec.clone(), info, stamp, Arc::clone(services))?);
+        maps.next_id += 1;
+        maps.by_key.insert(key, Arc::clone(&handle));
+        maps.by_id.insert(id, Arc::clone(&handle));
+        Ok(handle)
     }
 
-    pub fn all(&self) -> Vec<Arc<Instance>> {
-        self.instances.lock().values().cloned().collect()
+    pub fn by_id(&self, id: usize) -> Option<Arc<Handle>> {
+        self.inner.lock().by_id.get(&id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Handle>> {
+        self.inner.lock().by_id.values().cloned().collect()
     }
 }

@@ -343,11 +343,12 @@ fn stopping_a_background_load_cancels_it_and_its_waiters() {
     assert_success(&env.run(&["switch", "slow"]));
     wait_until("the load is under way", || env.status_json()["instances"][0]["state"] == "starting");
     let waiter = env.spawn(&["run", "slow", "hi"]);
-    wait_until("the waiter waits for the load", || env.status_json()["instances"][0]["queued"] == 1);
+    // The switch and the run both wait for the one load.
+    wait_until("the waiter waits for the load", || env.status_json()["instances"][0]["queued"] == 2);
     assert_success(&env.run(&["stop", "slow"]));
     let output = waiter.wait_with_output().unwrap();
     assert_exit(&output, 69);
-    assert!(stderr(&output).contains("stopped while it loaded"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("slow was stopped by `llmctl stop`"), "{}", stderr(&output));
     assert_eq!(env.status_json()["instances"][0]["state"], "stopped");
     assert!(env.processes().iter().all(|(_, cmd)| !cmd.contains("slow.gguf")), "the half-started child is gone");
 }

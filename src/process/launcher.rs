@@ -11,7 +11,7 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{bounded, Sender};
 
-use crate::process::ChildGroup;
+use super::ChildGroup;
 
 type SpawnReply = Sender<io::Result<ChildGroup>>;
 

@@ -1,5 +1,5 @@
 //! The daemon's event bus: state changes (loading, ready, failed, crashed, stopped,
-//! evicted, expired) fanned out to `llmctl events` subscribers.
+//! evicted, expired, reloading) fanned out to `llmctl events` subscribers.
 //!
 //! Publishing never blocks: each subscriber has a bounded channel, and one that falls
 //! behind by more than its capacity is dropped rather than slowing the daemon.
@@ -9,11 +9,40 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 
-use crate::instance::Instance;
 use crate::protocol::Event;
 
 /// Events a subscriber may fall behind by before it is dropped.
 const SUBSCRIBER_BACKLOG: usize = 1024;
+
+/// The state changes `llmctl events` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Loading,
+    Ready,
+    Failed,
+    Refused,
+    Crashed,
+    Stopped,
+    Evicted,
+    Expired,
+    Reloading,
+}
+
+impl EventKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Loading => "loading",
+            EventKind::Ready => "ready",
+            EventKind::Failed => "failed",
+            EventKind::Refused => "refused",
+            EventKind::Crashed => "crashed",
+            EventKind::Stopped => "stopped",
+            EventKind::Evicted => "evicted",
+            EventKind::Expired => "expired",
+            EventKind::Reloading => "reloading",
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct EventBus {
@@ -28,16 +57,18 @@ impl EventBus {
         receiver
     }
 
-    pub fn publish(&self, instance: &Instance, kind: &str, detail: Option<String>) {
+    /// Sends a state change of the instance `model` (at `path`, child `pid`) to every
+    /// subscriber.
+    pub fn publish(&self, kind: EventKind, model: &str, path: &str, pid: Option<u32>, detail: Option<String>) {
         let event = Event {
             time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-            event: kind.to_string(),
-            model: instance.spec.name.clone(),
-            path: instance.spec.path.display().to_string(),
-            pid: instance.child_identity().map(|(pid, _)| pid),
+            event: kind.name().to_string(),
+            model: model.to_string(),
+            path: path.to_string(),
+            pid,
             detail,
         };
-        log::info!("event {kind} {}", instance.spec.name);
+        log::info!("event {} {model}", kind.name());
         self.subscribers.lock().retain(|subscriber| match subscriber.try_send(event.clone()) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,

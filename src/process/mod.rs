@@ -8,6 +8,8 @@
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process
 //! (prctl(2)), so callers must spawn from a thread that lives as long as the daemon.
 
+pub mod launcher;
+
 use std::fs;
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};

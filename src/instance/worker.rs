@@ -1,0 +1,812 @@
+//! The worker: one thread per instance, the only owner of its child and its state.
+//!
+//! It waits on its inbox (a blocking receive; while a child starts, with the readiness poll
+//! interval as the deadline), feeds what it hears to the state machine, and carries out the
+//! actions the machine answers: ask the scheduler for memory, spawn, grant slots, fail
+//! requests, stop the child. Blocking work (spawning, stopping with its grace period,
+//! checking remote servers) happens here and delays only this instance's messages.
+//!
+//! The child handle lives in [`Running`] together with the [`Generation`] it belongs to: a
+//! stop, a crash or a reload ends that generation and nothing else.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+
+use super::state::{Action, Cause, Event, Machine, Phase, Unload};
+use super::{
+    need, Ended, FileStamp, Generation, Handle, Job, JobEvent, JobId, Lease, Message, Pin, Report, RoomRequest, Stats,
+    View,
+};
+use crate::backend::llama::{self, OutputTail, Timeouts};
+use crate::error::Error;
+use crate::events::{EventBus, EventKind};
+use crate::gguf::ModelInfo;
+use crate::memory::Gpu;
+use crate::model::{ModelSpec, Remote};
+use crate::process::launcher::Launcher;
+use crate::process::{self, ChildGroup};
+
+/// How long a failed remote replica is left out at first, and at most.
+const REPLICA_BACKOFF: Duration = Duration::from_secs(1);
+const REPLICA_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a worker waits for a child whose output closed to be reported as exited.
+const EXIT_PATIENCE: Duration = Duration::from_secs(2);
+
+/// The crash-loop breaker: after `limit` crashes within `window`, an instance is not
+/// restarted until `llmctl stop` clears it or the window has passed since the last crash.
+#[derive(Debug, Clone, Copy)]
+pub struct CrashLoop {
+    pub limit: usize,
+    pub window: Duration,
+}
+
+/// What every worker needs from the daemon.
+pub struct Services {
+    pub launcher: Launcher,
+    pub log_dir: PathBuf,
+    /// Longest a load may go without any output from the child.
+    pub load_timeout: Duration,
+    pub http: Timeouts,
+    pub crash_loop: CrashLoop,
+    pub stop_grace: Duration,
+    /// Set to cut every grace period short (a second SIGINT).
+    pub kill_now: AtomicBool,
+    pub scheduler: Sender<RoomRequest>,
+    pub events: EventBus,
+    pub gpu: Gpu,
+    /// Finds the llama-server binary; asked only when a child is spawned, since looking
+    /// through PATH costs a stat per directory.
+    pub llama_server: Box<dyn Fn() -> Result<PathBuf, String> + Send + Sync>,
+}
+
+impl Services {
+    fn grace(&self) -> Duration {
+        if self.kill_now.load(Ordering::Relaxed) {
+            Duration::ZERO
+        } else {
+            self.stop_grace
+        }
+    }
+}
+
+/// Starts the worker of a new instance and returns its handle.
+pub fn start(
+    id: usize,
+    spec: ModelSpec,
+    info: ModelInfo,
+    stamp: FileStamp,
+    services: Arc<Services>,
+) -> std::io::Result<Handle> {
+    let (inbox_tx, inbox) = unbounded();
+    let view = Arc::new(Mutex::new(View::new(spec.clone(), info.clone(), stamp)));
+    let worker = Worker {
+        id,
+        machine: Machine::new(spec.load.parallel),
+        spec,
+        info,
+        stamp,
+        services,
+        inbox: inbox_tx.clone(),
+        view: Arc::clone(&view),
+        jobs: HashMap::new(),
+        arrivals: HashMap::new(),
+        pending_file: None,
+        generation: None,
+        running: None,
+        loading: None,
+        client: None,
+        replicas: Vec::new(),
+        crashes: VecDeque::new(),
+        failure: None,
+        refusal: None,
+        load_error: None,
+        stop_message: String::new(),
+        stop_waiters: Vec::new(),
+        last_used: None,
+        ready_since: None,
+        pinned_by_command: false,
+        pinned_until: None,
+    };
+    let thread = thread::Builder::new().name(format!("instance-{id}")).spawn(move || worker.run(inbox))?;
+    Ok(Handle { id, inbox: inbox_tx, view, rejected: Default::default(), thread: Mutex::new(Some(thread)) })
+}
+
+/// A running child and the thread draining its output.
+struct Running {
+    child: ChildGroup,
+    drain: Option<JoinHandle<()>>,
+    tail: Arc<OutputTail>,
+}
+
+/// A load in progress: waiting for the port in the child's log, then for `/health`.
+struct Loading {
+    started: Instant,
+    port: Receiver<u16>,
+    client: Option<llama::Client>,
+}
+
+/// One server of a remote model.
+struct Replica {
+    client: llama::Client,
+    in_flight: u32,
+    /// Left out of the rotation until then, after a failure.
+    down_until: Option<Instant>,
+    backoff: Duration,
+}
+
+struct Worker {
+    id: usize,
+    services: Arc<Services>,
+    inbox: Sender<Message>,
+    view: Arc<Mutex<View>>,
+    machine: Machine,
+    spec: ModelSpec,
+    info: ModelInfo,
+    stamp: FileStamp,
+    /// Requests waiting for a slot, by number.
+    jobs: HashMap<JobId, Job>,
+    arrivals: HashMap<JobId, Instant>,
+    /// A replaced model file, loaded once the old child has drained and stopped.
+    pending_file: Option<(ModelInfo, FileStamp)>,
+    generation: Option<Arc<Generation>>,
+    running: Option<Running>,
+    loading: Option<Loading>,
+    client: Option<llama::Client>,
+    replicas: Vec<Replica>,
+    /// When the child crashed or failed to load, most recent last.
+    crashes: VecDeque<Instant>,
+    failure: Option<String>,
+    /// Why the last request for memory was refused.
+    refusal: Option<Error>,
+    /// Why the last load failed.
+    load_error: Option<Error>,
+    /// What requests cut off by the current unload are told.
+    stop_message: String,
+    /// Who waits for the instance to stop.
+    stop_waiters: Vec<Sender<()>>,
+    last_used: Option<SystemTime>,
+    ready_since: Option<SystemTime>,
+    pinned_by_command: bool,
+    pinned_until: Option<SystemTime>,
+}
+
+impl Worker {
+    fn run(mut self, inbox: Receiver<Message>) {
+        loop {
+            let message = if self.loading.is_some() {
+                match inbox.recv_timeout(llama::READY_POLL) {
+                    Ok(message) => Some(message),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match inbox.recv() {
+                    Ok(message) => Some(message),
+                    Err(_) => break,
+                }
+            };
+            let shutdown = matches!(message, Some(Message::Shutdown { .. }));
+            match message {
+                Some(message) => self.handle(message),
+                None => self.poll_load(),
+            }
+            self.publish_view();
+            if shutdown {
+                break;
+            }
+        }
+        // Whatever happened, the child does not outlive its owner.
+        self.finish_child(Duration::ZERO);
+        self.notify_stop_waiters();
+        self.publish_view();
+    }
+
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Arrive(job) => self.arrive(job),
+            Message::Leave(job) => {
+                if self.jobs.remove(&job).is_some() {
+                    self.arrivals.remove(&job);
+                    self.feed(Event::Left(job));
+                }
+            }
+            Message::Finished { replica, generation, report } => self.finished(replica, generation, report),
+            Message::RoomGranted(token) => self.feed(Event::RoomGranted(token)),
+            Message::RoomRefused(error) => {
+                self.services.events.publish(
+                    EventKind::Refused,
+                    &self.spec.name,
+                    &self.path(),
+                    None,
+                    Some(error.to_string()),
+                );
+                self.refusal = Some(error);
+                self.feed(Event::RoomRefused);
+            }
+            Message::Unload { why, cutoff, room, message, done } => {
+                if why == Unload::Stop {
+                    // `llmctl stop` also clears the crash-loop breaker.
+                    self.crashes.clear();
+                    self.failure = None;
+                }
+                self.stop_message = message;
+                self.stop_waiters.extend(done);
+                self.feed(Event::Unload { why, cutoff, room });
+            }
+            Message::Pin(Pin::Set(pinned)) => {
+                self.pinned_by_command = pinned;
+                if !pinned {
+                    self.pinned_until = None;
+                }
+            }
+            Message::Pin(Pin::Until(until)) => {
+                self.pinned_until = Some(self.pinned_until.map_or(until, |current| current.max(until)));
+            }
+            Message::OutputClosed { generation } => self.output_closed(generation),
+            Message::Restore { last_used } => self.last_used = Some(last_used),
+            Message::Shutdown { message } => {
+                self.stop_message = message;
+                self.feed(Event::Unload { why: Unload::Stop, cutoff: JobId::MAX, room: None });
+            }
+        }
+        if !self.machine.phase().holds_room() {
+            self.notify_stop_waiters();
+        }
+    }
+
+    fn arrive(&mut self, job: Job) {
+        self.spec.policy = job.policy.clone();
+        if let Some((info, stamp)) = job.file.clone().filter(|(_, stamp)| *stamp != self.stamp) {
+            if self.machine.phase().holds_room() || self.machine.phase() == Phase::WaitingRoom {
+                if self.pending_file.as_ref().map(|(_, pending)| pending) != Some(&stamp) {
+                    log::info!("{} changed on disk; reloading it once its requests finish", self.path());
+                    self.services.events.publish(
+                        EventKind::Reloading,
+                        &self.spec.name,
+                        &self.path(),
+                        self.pid(),
+                        Some("the model file was replaced".into()),
+                    );
+                    self.pending_file = Some((info, stamp));
+                    self.feed(Event::Unload { why: Unload::Reload, cutoff: job.id.saturating_sub(1), room: None });
+                }
+            } else {
+                self.adopt_file(info, stamp);
+            }
+        }
+        if self.machine.would_wait() {
+            if let Some(max_queued) = self.spec.policy.max_queued {
+                if self.machine.queued() >= max_queued as usize {
+                    self.view.lock().stats.rejected += 1;
+                    let error = Error::Busy {
+                        message: format!("{} already has {max_queued} requests waiting (max_queued)", self.spec.name),
+                        retry_after_ms: 1000,
+                        per_model: true,
+                    };
+                    let _ = job.events.send(JobEvent::Failed(error));
+                    return;
+                }
+            }
+        }
+        if matches!(self.machine.phase(), Phase::Failed | Phase::Stopped) {
+            if let Some(error) = self.crash_loop_error() {
+                let _ = job.events.send(JobEvent::Failed(error));
+                return;
+            }
+        }
+        let id = job.id;
+        self.jobs.insert(id, job);
+        self.arrivals.insert(id, Instant::now());
+        self.feed(Event::Arrived(id));
+    }
+
+    fn finished(&mut self, replica: Option<usize>, generation: u64, report: Report) {
+        self.last_used = Some(SystemTime::now());
+        self.view.lock().stats.usage.prompt_tokens += report.usage.prompt_tokens;
+        self.view.lock().stats.usage.completion_tokens += report.usage.completion_tokens;
+        if let Some(outcome) = report.outcome {
+            *self.view.lock().stats.outcomes.entry(outcome).or_insert(0) += 1;
+        }
+        if let Some(first_token) = report.first_token {
+            Stats::sample(&mut self.view.lock().stats.first_tokens, first_token);
+        }
+        if let Some(replica) = replica.and_then(|index| self.replicas.get_mut(index)) {
+            replica.in_flight = replica.in_flight.saturating_sub(1);
+            if report.replica_failed {
+                replica.down_until = Some(Instant::now() + replica.backoff);
+                replica.backoff = (replica.backoff * 2).min(REPLICA_BACKOFF_MAX);
+            }
+        }
+        self.feed(Event::SlotFreed(generation));
+        let current = self.generation.as_ref().is_some_and(|g| g.number == generation);
+        if report.stalled && current && self.machine.phase() == Phase::Ready {
+            log::warn!("{} produced no token within the token timeout; restarting it", self.spec.name);
+            self.stop_message = format!("{} was restarted after a request stalled", self.spec.name);
+            self.feed(Event::Unload { why: Unload::Restart, cutoff: 0, room: None });
+        }
+    }
+
+    /// The child's output closed: it is exiting. Reap it and fail the load or the instance.
+    fn output_closed(&mut self, generation: u64) {
+        let current = self.generation.as_ref().is_some_and(|g| g.number == generation);
+        if !current || self.running.is_none() || !matches!(self.machine.phase(), Phase::Starting | Phase::Ready) {
+            return;
+        }
+        let Some(error) = self.exit_error(EXIT_PATIENCE) else {
+            // It closed its output but lives on: unusual, and harmless until it exits.
+            return;
+        };
+        log::warn!("{error}");
+        self.crashes.push_back(Instant::now());
+        self.failure = Some(error.to_string());
+        if self.machine.phase() == Phase::Starting {
+            self.loading = None;
+            self.load_error = Some(error.clone());
+            self.services.events.publish(
+                EventKind::Failed,
+                &self.spec.name,
+                &self.path(),
+                None,
+                Some(error.to_string()),
+            );
+            self.feed(Event::LoadFailed);
+        } else {
+            self.client = None;
+            self.services.events.publish(
+                EventKind::Crashed,
+                &self.spec.name,
+                &self.path(),
+                None,
+                Some(error.to_string()),
+            );
+            self.feed(Event::ChildExited);
+        }
+    }
+
+    /// Feeds one event to the machine and carries out its actions, and those of any event
+    /// the actions cause in turn.
+    fn feed(&mut self, event: Event) {
+        let mut events = VecDeque::from([event]);
+        while let Some(event) = events.pop_front() {
+            for action in self.machine.step(event) {
+                if let Some(next) = self.act(action) {
+                    events.push_back(next);
+                }
+            }
+        }
+    }
+
+    fn act(&mut self, action: Action) -> Option<Event> {
+        match action {
+            Action::AskRoom => return self.ask_room(),
+            Action::WithdrawRoom => {
+                if self.spec.remote.is_none() {
+                    let _ = self.services.scheduler.send(RoomRequest::Withdraw { id: self.id });
+                }
+            }
+            Action::ReturnRoom => {
+                if self.spec.remote.is_none() {
+                    let _ = self.services.scheduler.send(RoomRequest::Return { id: self.id });
+                }
+            }
+            Action::Spawn => return self.spawn(),
+            Action::Loading(job) => self.tell(job, JobEvent::Loading),
+            Action::Queued(job, position) => self.tell(job, JobEvent::Queued(position)),
+            Action::Grant(job) => return self.grant(job),
+            Action::Fail(job, cause) => {
+                let error = match cause {
+                    Cause::Refused => self.refusal.clone(),
+                    Cause::LoadFailed => self.load_error.clone(),
+                    Cause::Stopped => Some(Error::Stopped { message: self.stop_message.clone() }),
+                }
+                .unwrap_or_else(|| Error::internal(format!("{} failed without a reason", self.spec.name)));
+                self.arrivals.remove(&job);
+                if let Some(job) = self.jobs.remove(&job) {
+                    let _ = job.events.send(JobEvent::Failed(error));
+                }
+            }
+            Action::StopChild(why) => return Some(self.stop_child(why)),
+        }
+        None
+    }
+
+    fn tell(&self, job: JobId, event: JobEvent) {
+        if let Some(job) = self.jobs.get(&job) {
+            let _ = job.events.send(event);
+        }
+    }
+
+    fn ask_room(&mut self) -> Option<Event> {
+        if self.spec.remote.is_some() {
+            // A remote model uses no memory here.
+            return Some(Event::RoomGranted(0));
+        }
+        if let Some(error) = self.crash_loop_error() {
+            self.refusal = Some(error);
+            return Some(Event::RoomRefused);
+        }
+        // A missing binary is no crash: nothing ran.
+        if let Err(searched) = (self.services.llama_server)() {
+            self.refusal = Some(Error::NoLlamaServer { searched });
+            return Some(Event::RoomRefused);
+        }
+        let gpu_present = self.services.gpu.latest().is_some();
+        let need = need(&self.spec, &self.info, gpu_present);
+        let _ = self.services.scheduler.send(RoomRequest::Want { id: self.id, need });
+        None
+    }
+
+    fn spawn(&mut self) -> Option<Event> {
+        // The machine counts spawns; the child's generation is that count.
+        let generation = Arc::new(Generation::new(self.machine.generation()));
+        self.generation = Some(Arc::clone(&generation));
+        if self.failure.is_some() {
+            self.view.lock().stats.restarts += 1;
+        }
+        self.failure = None;
+        self.services.events.publish(EventKind::Loading, &self.spec.name, &self.path(), None, None);
+        if let Some(remote) = self.spec.remote.clone() {
+            let started = Instant::now();
+            return Some(match self.connect_remote(&remote) {
+                Ok(()) => {
+                    self.became_ready(started);
+                    Event::Loaded
+                }
+                Err(error) => {
+                    self.load_failed(error);
+                    Event::LoadFailed
+                }
+            });
+        }
+        match self.spawn_child(generation.number) {
+            Ok(loading) => {
+                self.loading = Some(loading);
+                None
+            }
+            Err(error) => {
+                self.load_failed(error);
+                Some(Event::LoadFailed)
+            }
+        }
+    }
+
+    fn spawn_child(&mut self, generation: u64) -> Result<Loading, Error> {
+        let binary = (self.services.llama_server)().map_err(|searched| Error::NoLlamaServer { searched })?;
+        let mut command = llama::command(&binary, &self.spec);
+        let log_path = self.services.log_dir.join(super::log_file_name(&self.spec));
+        let inbox = self.inbox.clone();
+        let on_close = move || {
+            let _ = inbox.send(Message::OutputClosed { generation });
+        };
+        let capture = llama::capture_output(&mut command, &log_path, on_close).map_err(|e| {
+            Error::io(format!("cannot capture the output of llama-server in {}", log_path.display()), e)
+        })?;
+        // `command` (and the pipe's write ends in it) goes with the spawn; only the child
+        // holds them afterwards.
+        let child = match self.services.launcher.spawn(command) {
+            Ok(child) => child,
+            Err(error) => {
+                let _ = capture.drain.join();
+                return Err(Error::NoLlamaServer {
+                    searched: format!("{} could not be started: {error}", binary.display()),
+                });
+            }
+        };
+        log::info!("spawned llama-server pid {} for {}", child.pid(), self.path());
+        self.running = Some(Running { child, drain: Some(capture.drain), tail: capture.tail });
+        Ok(Loading { started: Instant::now(), port: capture.port, client: None })
+    }
+
+    /// Between messages while a child starts: the port, then `/health`, then ready.
+    fn poll_load(&mut self) {
+        let Some(loading) = self.loading.as_mut() else { return };
+        if loading.client.is_none() {
+            if let Ok(port) = loading.port.try_recv() {
+                loading.client = Some(llama::Client::new(port, self.services.http));
+                self.view.lock().port = Some(port);
+            }
+        }
+        if let Some(client) = &loading.client {
+            if client.healthy() {
+                let started = loading.started;
+                self.client = loading.client.take();
+                self.loading = None;
+                self.became_ready(started);
+                self.feed(Event::Loaded);
+                return;
+            }
+        }
+        let last_progress =
+            self.running.as_ref().map_or(loading.started, |r| r.tail.last_output().max(loading.started));
+        if last_progress.elapsed() > self.services.load_timeout {
+            let error = Error::Timeout {
+                what: format!(
+                    "loading {}: llama-server printed nothing for {} s (raise load_timeout in the config for very \
+                     large models)",
+                    self.spec.name,
+                    self.services.load_timeout.as_secs()
+                ),
+            };
+            self.loading = None;
+            self.finish_child(Duration::ZERO);
+            self.load_failed(error);
+            self.feed(Event::LoadFailed);
+        }
+    }
+
+    fn became_ready(&mut self, started: Instant) {
+        self.view.lock().stats.last_load = Some(started.elapsed());
+        self.ready_since = Some(SystemTime::now());
+        self.services.events.publish(
+            EventKind::Ready,
+            &self.spec.name,
+            &self.path(),
+            self.pid(),
+            Some(format!("loaded in {} ms", started.elapsed().as_millis())),
+        );
+        self.services.gpu.refresh_soon();
+    }
+
+    fn load_failed(&mut self, error: Error) {
+        self.crashes.push_back(Instant::now());
+        self.failure = Some(error.to_string());
+        self.services.events.publish(EventKind::Failed, &self.spec.name, &self.path(), None, Some(error.to_string()));
+        self.load_error = Some(error);
+        // Whatever was spawned for the failed load does not outlive it.
+        self.finish_child(Duration::ZERO);
+    }
+
+    fn grant(&mut self, job_id: JobId) -> Option<Event> {
+        let waited = self.arrivals.remove(&job_id).map(|at| at.elapsed()).unwrap_or_default();
+        let (Some(job), Some(generation)) = (self.jobs.remove(&job_id), self.generation.clone()) else {
+            // The machine only grants jobs it holds on a loaded generation; keep the count right.
+            return Some(Event::SlotFreed(self.machine.generation()));
+        };
+        let (client, replica) = if self.spec.remote.is_some() {
+            let now = Instant::now();
+            let candidate = self
+                .replicas
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.down_until.is_none_or(|until| until <= now))
+                .min_by_key(|(_, r)| r.in_flight)
+                .map(|(index, _)| index);
+            let Some(index) = candidate else {
+                let urls: Vec<&str> = self.replicas.iter().map(|r| r.client.base_url()).collect();
+                let error = Error::RemoteDown {
+                    message: format!(
+                        "every server for {} is down ({}); retrying with backoff",
+                        self.spec.name,
+                        urls.join(", ")
+                    ),
+                };
+                let _ = job.events.send(JobEvent::Failed(error));
+                return Some(Event::SlotFreed(self.machine.generation()));
+            };
+            self.replicas[index].in_flight += 1;
+            (self.replicas[index].client.clone(), Some(index))
+        } else {
+            match self.client.clone() {
+                Some(client) => (client, None),
+                None => {
+                    let _ = job.events.send(JobEvent::Failed(Error::internal("a ready instance without a client")));
+                    return Some(Event::SlotFreed(self.machine.generation()));
+                }
+            }
+        };
+        self.view.lock().stats.requests += 1;
+        Stats::sample(&mut self.view.lock().stats.waits, waited);
+        let lease = Lease {
+            generation,
+            client,
+            replica,
+            report: Report { waited, ..Report::default() },
+            inbox: self.inbox.clone(),
+        };
+        // A client that left meanwhile drops the lease with the channel; its drop gives
+        // the slot back.
+        let _ = job.events.send(JobEvent::Granted(lease));
+        None
+    }
+
+    fn stop_child(&mut self, why: Unload) -> Event {
+        let message = match why {
+            Unload::Evict | Unload::Expire | Unload::Reload => format!("{} was unloaded", self.spec.name),
+            _ => self.stop_message.clone(),
+        };
+        if let Some(generation) = &self.generation {
+            generation.end(Ended::Stopped(message));
+        }
+        let pid = self.pid();
+        self.loading = None;
+        self.client = None;
+        self.finish_child(self.services.grace());
+        let (kind, detail) = match why {
+            Unload::Evict => {
+                self.view.lock().stats.evictions += 1;
+                (EventKind::Evicted, Some("evicted to make room for another model".to_string()))
+            }
+            Unload::Expire => {
+                self.view.lock().stats.evictions += 1;
+                (EventKind::Expired, Some("idle for longer than its TTL".to_string()))
+            }
+            Unload::Reload => (EventKind::Stopped, Some("the model file was replaced".to_string())),
+            Unload::Restart => (EventKind::Stopped, Some("restarted after a stalled request".to_string())),
+            Unload::Exclusive | Unload::Stop => (EventKind::Stopped, Some(self.stop_message.clone())),
+        };
+        self.services.events.publish(kind, &self.spec.name, &self.path(), pid, detail);
+        if let Some((info, stamp)) = self.pending_file.take() {
+            self.adopt_file(info, stamp);
+        }
+        self.replicas.clear();
+        Event::ChildStopped
+    }
+
+    /// Stops the child (if any) with `grace` and waits for its output to be drained.
+    fn finish_child(&mut self, grace: Duration) {
+        let Some(mut running) = self.running.take() else { return };
+        let pid = running.child.pid();
+        match running.child.stop(grace, &self.services.kill_now) {
+            Ok(status) => log::info!("llama-server pid {pid} {}", process::describe_status(status)),
+            Err(error) => log::warn!("cannot reap llama-server pid {pid}: {error}"),
+        }
+        if let Some(drain) = running.drain.take() {
+            let _ = drain.join();
+        }
+    }
+
+    /// If the child has exited (waiting up to `patience`), reaps it and describes the exit.
+    fn exit_error(&mut self, patience: Duration) -> Option<Error> {
+        let deadline = Instant::now() + patience;
+        let running = self.running.as_mut()?;
+        loop {
+            if let Ok(Some(_)) = running.child.try_wait() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let mut running = self.running.take()?;
+        let status = running.child.try_wait().ok().flatten()?;
+        // Join the drain so the tail holds the child's last words.
+        if let Some(drain) = running.drain.take() {
+            let _ = drain.join();
+        }
+        let status = process::describe_status(status);
+        let stderr_tail = running.tail.quote();
+        if let Some(generation) = &self.generation {
+            generation.end(Ended::Exited { status: status.clone(), stderr_tail: stderr_tail.clone() });
+        }
+        Some(Error::LlamaExited { model: self.spec.name.clone(), status, stderr_tail })
+    }
+
+    fn adopt_file(&mut self, info: ModelInfo, stamp: FileStamp) {
+        self.info = info;
+        self.stamp = stamp;
+        let mut view = self.view.lock();
+        view.info = self.info.clone();
+        view.stamp = stamp;
+    }
+
+    /// For a remote model: checks every replica, keeps them all, and is ready when one answers.
+    fn connect_remote(&mut self, remote: &Remote) -> Result<(), Error> {
+        let token = remote.api_key_env.as_deref().and_then(|name| std::env::var(name).ok());
+        let roots = match &remote.ca_file {
+            Some(path) => Some(llama::Client::load_ca_file(path).map_err(|reason| Error::BadConfig {
+                path: path.clone(),
+                reason: format!("ca_file of {}: {reason}", self.spec.name),
+            })?),
+            None => None,
+        };
+        let mut replicas = Vec::new();
+        let mut problems = Vec::new();
+        for url in &remote.urls {
+            let client = llama::Client::for_url(url, token.as_deref(), roots.as_ref(), self.services.http);
+            let health = client.remote_healthy();
+            if let Err(problem) = &health {
+                problems.push(format!("{url}: {problem}"));
+            }
+            replicas.push(Replica {
+                down_until: health.is_err().then(|| Instant::now() + REPLICA_BACKOFF),
+                backoff: REPLICA_BACKOFF,
+                client,
+                in_flight: 0,
+            });
+        }
+        if replicas.iter().all(|r| r.down_until.is_some()) {
+            return Err(Error::RemoteDown {
+                message: format!("no server for {} answers: {}", self.spec.name, problems.join("; ")),
+            });
+        }
+        self.machine.set_slots(self.spec.load.parallel * replicas.len() as u32);
+        self.replicas = replicas;
+        Ok(())
+    }
+
+    /// The error to give instead of a restart while the instance is in a crash loop.
+    fn crash_loop_error(&mut self) -> Option<Error> {
+        let breaker = self.services.crash_loop;
+        while self.crashes.front().is_some_and(|at| at.elapsed() > breaker.window) {
+            self.crashes.pop_front();
+        }
+        if self.crashes.len() < breaker.limit {
+            return None;
+        }
+        let last = self.failure.as_deref().unwrap_or("");
+        Some(Error::Backend {
+            model: self.spec.name.clone(),
+            message: format!(
+                "failed {} times within {} s, so llmctl stopped restarting it; fix the cause, then `llmctl stop {}` \
+                 to try again. The last failure: {last}",
+                self.crashes.len(),
+                breaker.window.as_secs(),
+                self.spec.name,
+            ),
+        })
+    }
+
+    fn notify_stop_waiters(&mut self) {
+        for waiter in self.stop_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.running.as_ref().map(|r| r.child.pid())
+    }
+
+    fn path(&self) -> String {
+        self.spec.path.display().to_string()
+    }
+
+    /// Mirrors what others read into the view.
+    fn publish_view(&mut self) {
+        let breaker = self.services.crash_loop;
+        let crash_loop = matches!(self.machine.phase(), Phase::Failed)
+            && self.crashes.iter().filter(|at| at.elapsed() <= breaker.window).count() >= breaker.limit;
+        let (pid, start_time) = match &self.running {
+            Some(running) => (Some(running.child.pid()), running.child.start_time()),
+            None => (None, None),
+        };
+        let mut view = self.view.lock();
+        view.spec = self.spec.clone();
+        view.phase = self.machine.phase();
+        view.in_flight = self.machine.in_flight();
+        view.queued = self.machine.queued();
+        view.slots = self.spec.load.parallel * (self.replicas.len().max(1) as u32);
+        view.failure = self.failure.clone();
+        view.crash_loop = crash_loop;
+        view.pid = pid;
+        view.start_time = start_time;
+        if pid.is_none() || self.spec.remote.is_some() {
+            view.port = None;
+        }
+        view.last_used = self.last_used;
+        view.ready_since = self.ready_since;
+        view.pinned_by_command = self.pinned_by_command;
+        view.pinned_until = self.pinned_until;
+    }
+}
+
+/// Remembered LRU order and pins, restored into a new worker's view before it starts.
+pub fn restore(handle: &Handle, last_used_ms: Option<u64>, pinned: bool, pinned_until_ms: Option<u64>) {
+    let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+    if pinned {
+        handle.send(Message::Pin(Pin::Set(true)));
+    }
+    if let Some(until) = pinned_until_ms.map(at) {
+        handle.send(Message::Pin(Pin::Until(until)));
+    }
+    if let Some(last_used) = last_used_ms.map(at) {
+        handle.send(Message::Restore { last_used });
+    }
+}
