@@ -4,6 +4,7 @@
 mod admission;
 mod budget;
 mod cli;
+mod core;
 mod docs;
 mod observe;
 mod real;

@@ -112,6 +112,11 @@ fn tensor(name: &str, dims: &[usize], fill: f32) -> Tensor {
 /// Writes the tiny model to `path`; `architecture` other than "llama" makes a file that
 /// is valid GGUF but that llama-server refuses.
 pub fn write(path: &Path, architecture: &str) {
+    write_words(path, architecture, WORDS);
+}
+
+/// Writes a tiny model that writes `words` (SentencePiece pieces, at most 60).
+pub fn write_words(path: &Path, architecture: &str, words: &[&str]) {
     let mut tokens = vec!["<unk>".to_string(), "<s>".to_string(), "</s>".to_string()];
     let mut types = vec![2, 3, 3];
     for byte in 0..=255u8 {
@@ -119,7 +124,7 @@ pub fn write(path: &Path, architecture: &str) {
         types.push(6);
     }
     let first_word = tokens.len();
-    for word in WORDS {
+    for word in words {
         tokens.push(word.to_string());
         types.push(1);
     }
@@ -132,10 +137,10 @@ pub fn write(path: &Path, architecture: &str) {
         let direction = if token >= first_word { token - first_word + 1 } else { 0 };
         embeddings.data[token * N_EMBD + direction] = 1.0;
     }
-    for (i, _) in WORDS.iter().enumerate() {
+    for (i, _) in words.iter().enumerate() {
         output.data[(first_word + i) * N_EMBD + i] = SCALE;
     }
-    output.data[2 * N_EMBD + WORDS.len()] = SCALE; // </s> after the last word
+    output.data[2 * N_EMBD + words.len()] = SCALE; // </s> after the last word
 
     let mut tensors = vec![embeddings, tensor("output_norm.weight", &[N_EMBD], 1.0), output];
     for layer in 0..N_LAYER {
