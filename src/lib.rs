@@ -5,18 +5,35 @@
 //! - `commands/*`: one file per subcommand; the client side of each.
 //! - `client`: connects to the daemon (starting it when needed) and speaks the protocol.
 //! - `protocol`: the NDJSON messages and the line codec.
-//! - `daemon/*`: the socket listener, one thread per connection, the supervisor tick.
-//! - `admission`: the bounded queue that answers Busy instead of blocking.
-//! - `instance`: the table of model instances and their state machine.
-//! - `backend/llama`: spawning llama-server, readiness, streaming generation over HTTP.
-//! - `budget`: the memory budget and eviction policy, a pure function; `memory` measures.
-//! - `process`: the one owner of child processes and signals.
+//! - `daemon`: the threads and what they share; `daemon/connection` reads one request and
+//!   relays it to an instance worker; `daemon/scheduler` grants memory; `daemon/state` is
+//!   the state file; `daemon/metrics` renders Prometheus text.
+//! - `admission`: the daemon-wide bounded queue that answers Busy instead of blocking.
+//! - `instance`: handles, jobs, leases and views; `instance/worker` is the thread that owns
+//!   one child; `instance/state` its pure state machine; `instance/table` the lookup.
+//! - `budget`: the memory policy, a pure function; `memory` measures RAM and GPUs.
+//! - `backend/llama`: llama-server's command line, output capture, readiness, streaming.
+//! - `process`: the one owner of child processes and signals; `process/launcher` the thread
+//!   that forks them.
+//! - `events`: state changes for `llmctl events`.
 //! - `model`, `gguf`, `config`, `paths`, `error`: resolution of names, file checks,
 //!   settings, locations and the exit-status table.
 //!
+//! # Threads of the daemon and what each owns
+//! - `listener` accepts; `conn` threads (reused, one request each at a time) send jobs and
+//!   messages to workers and wait on channels for the answers.
+//! - `instance-N`, one per instance: **the only thread that touches its child or its state**.
+//! - `scheduler`: **the only place that decides who holds memory**; loads are granted in
+//!   arrival order and counted until the child is reaped.
+//! - `supervisor`: a timer for TTLs, GPU readings and the state file; it asks, workers act.
+//! - `launcher`: forks every child, so `PR_SET_PDEATHSIG` follows the daemon's life.
+//! - `signals`: SIGINT/SIGTERM to the shutdown channel.
+//!
 //! # Invariants
 //! - **Only `process` sends signals.**
-//! - **No lock is held across I/O**: lock, change the state, drop the guard, then act.
+//! - **No lock is held across I/O**: locks guard the instance table, the views and the
+//!   event subscribers; the guard is dropped before anything is sent, spawned or killed.
+//! - **No busy child is stopped except by `stop` or `shutdown`**: unloads drain first.
 //! - **Only `protocol` knows the wire format.**
 //! - **Only `main` decides the exit code**: everything below returns an [`error::Error`].
 //! - **stdout of `run` carries generated text and nothing else.**

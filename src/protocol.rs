@@ -237,7 +237,7 @@ pub struct InstanceStatus {
 pub struct Event {
     /// Milliseconds since the Unix epoch.
     pub time_ms: u64,
-    /// loading, ready, failed, refused, crashed, stopped, evicted or expired.
+    /// loading, ready, failed, refused, crashed, stopped, evicted, expired or reloading.
     pub event: String,
     pub model: String,
     pub path: String,

@@ -179,6 +179,49 @@ fn main() {
         println!("\nratio llmctl/router: **{:.2}**\n", llmctl_swap.as_secs_f64() / router_swap.as_secs_f64());
     }
 
+    // 4b. Thrash: concurrent clients over three models with room for one.
+    if let Some(gemma) = &gemma {
+        std::os::unix::fs::symlink(&demo, router_dir.path().join("smol2.gguf")).unwrap();
+        let thrash_env = Bench::new(&server);
+        std::fs::write(
+            thrash_env.dir.path().join("config.toml"),
+            format!(
+                "max_instances = 1\n[models.smol]\npath = \"{demo}\"\nctx_size = 4096\n\
+                 [models.smol2]\npath = \"{demo}\"\nctx_size = 2048\n\
+                 [models.gemma]\npath = \"{gemma}\"\nctx_size = 4096\n",
+                demo = demo.display(),
+                gemma = gemma.display()
+            ),
+        )
+        .unwrap();
+        thrash_env.llmctl(&["status"]);
+        let router = Router::start(&server, router_dir.path(), 1);
+        let models = ["smol", "smol2", "gemma"];
+        println!("### Thrash: clients over three models with room for one, 4-token completions\n");
+        println!("| clients | requests | llmctl req/s | router req/s | ratio llmctl/router |\n|---|---|---|---|---|");
+        for clients in [3usize, 12] {
+            let per_client = 4;
+            let pick = |client: usize, round: usize| models[(client + round) % models.len()];
+            let counter = std::sync::atomic::AtomicUsize::new(0);
+            let next = || counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (llmctl_rate, _) = load(clients, per_client, || {
+                let n = next();
+                thrash_env.timed_run(&["run", "--raw", "-n", "4", pick(n % clients, n / clients), "Hello"]);
+            });
+            counter.store(0, std::sync::atomic::Ordering::SeqCst);
+            let (router_rate, _) = load(clients, per_client, || {
+                let n = next();
+                router.complete(pick(n % clients, n / clients), 4);
+            });
+            println!(
+                "| {clients} | {} | {llmctl_rate:.2} | {router_rate:.2} | **{:.2}** |",
+                clients * per_client,
+                llmctl_rate / router_rate
+            );
+        }
+        println!();
+    }
+
     // 5. Admission: many concurrent clients, fake server at full speed, short generations.
     let admission_env = Bench::new(Path::new(FAKE));
     admission_env.set_fake_tokens(16);
@@ -316,17 +359,17 @@ fn main() {
 struct Bench {
     dir: tempfile::TempDir,
     server: PathBuf,
-    fake_tokens: std::cell::Cell<Option<usize>>,
+    fake_tokens: std::sync::OnceLock<usize>,
 }
 
 impl Bench {
     fn new(server: &Path) -> Bench {
         let dir = tempfile::Builder::new().prefix("llmctl-bench-").tempdir().unwrap();
-        Bench { dir, server: server.to_path_buf(), fake_tokens: std::cell::Cell::new(None) }
+        Bench { dir, server: server.to_path_buf(), fake_tokens: std::sync::OnceLock::new() }
     }
 
     fn set_fake_tokens(&self, n: usize) {
-        self.fake_tokens.set(Some(n));
+        let _ = self.fake_tokens.set(n);
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -339,7 +382,7 @@ impl Bench {
             .env("LLMCTL_CONFIG", root.join("config.toml"))
             .env("LLMCTL_LLAMA_SERVER", &self.server)
             .stdin(Stdio::null());
-        if let Some(n) = self.fake_tokens.get() {
+        if let Some(n) = self.fake_tokens.get().copied() {
             command.env("FAKE_LLAMA_TOKENS", n.to_string());
         }
         command
@@ -507,6 +550,18 @@ impl Router {
         while reader.read_line(&mut line).unwrap() > 0 && !line.starts_with("data: ") {
             line.clear();
         }
+    }
+}
+
+impl Router {
+    /// A whole `n`-token completion for `model`, streamed to its end.
+    fn complete(&self, model: &str, n: usize) {
+        let body = serde_json::json!({"model": model, "prompt": "Hello", "n_predict": n, "stream": true});
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut response =
+            agent.post(format!("http://127.0.0.1:{}/completion", self.port)).send(body.to_string()).unwrap();
+        assert_eq!(response.status(), 200, "router answered {}", response.status());
+        let _ = response.body_mut().read_to_vec();
     }
 }
 
