@@ -153,7 +153,11 @@ pub fn parse_listening_port(line: &str) -> Option<u16> {
 /// HTTP to one llama-server child.
 #[derive(Debug, Clone)]
 pub struct Client {
+    /// Keeps idle connections for reuse: a request then skips the TCP handshake.
     agent: ureq::Agent,
+    /// Opens a fresh connection for every request: the retry when a pooled connection turns
+    /// out to have been closed by the server while it sat idle.
+    fresh: ureq::Agent,
     base: String,
     /// `Authorization` header value for a remote server that wants a bearer token.
     authorization: Option<String>,
@@ -213,26 +217,29 @@ impl Client {
             Some(roots) => ureq::tls::TlsConfig::builder().root_certs(roots.clone()).build(),
             None => ureq::tls::TlsConfig::default(),
         };
-        let config = ureq::Agent::config_builder()
-            .tls_config(tls)
-            .timeout_connect(Some(timeouts.connect))
-            .timeout_per_read(Some(timeouts.read))
-            .timeout_per_write(Some(timeouts.read))
-            .http_status_as_error(false)
-            // One connection per request: closing it is how a generation is cancelled, and
-            // llama-server drops idle keep-alive connections after 5 s, so a pooled one
-            // could be dead by the next POST, which is never retried.
-            .max_idle_connections(0)
-            .max_idle_connections_per_host(0)
-            // ureq zeroes 128 KiB buffers per connection by default; with a connection per
-            // request that was the daemon's largest cost per request (perf: page faults in
-            // memset). SSE lines and llama-server's headers are small.
-            .input_buffer_size(32 << 10)
-            .output_buffer_size(16 << 10)
-            .max_response_header_size(16 << 10)
-            .build();
+        let config = |idle_connections: usize| {
+            ureq::Agent::config_builder()
+                .tls_config(tls.clone())
+                .timeout_connect(Some(timeouts.connect))
+                .timeout_per_read(Some(timeouts.read))
+                .timeout_per_write(Some(timeouts.read))
+                .http_status_as_error(false)
+                // A response dropped before its end (a cancelled generation) closes its
+                // connection, which is how llama-server learns to stop; only connections
+                // whose answer was read to the end go back to the pool.
+                .max_idle_connections(idle_connections)
+                .max_idle_connections_per_host(idle_connections)
+                // ureq zeroes 128 KiB buffers per connection by default, which was the
+                // daemon's largest cost per request (perf: page faults in memset). SSE lines
+                // and llama-server's headers are small.
+                .input_buffer_size(32 << 10)
+                .output_buffer_size(16 << 10)
+                .max_response_header_size(16 << 10)
+                .build()
+        };
         Client {
-            agent: config.into(),
+            agent: config(IDLE_CONNECTIONS).into(),
+            fresh: config(0).into(),
             base: base.trim_end_matches('/').to_string(),
             authorization: bearer.map(|token| format!("Bearer {token}")),
         }
@@ -251,7 +258,23 @@ impl Client {
     }
 
     fn post(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
-        let request = self.agent.post(format!("{}{path}", self.base)).header("Content-Type", "application/json");
+        self.post_with(&self.agent, path)
+    }
+
+    /// POSTs `body`; when a pooled connection fails before any byte of the answer (the
+    /// server closed it while it sat idle), tries once more on a fresh connection.
+    fn send(&self, path: &str, body: &str) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        match self.post(path).send(body) {
+            Err(ureq::Error::Io(error)) if is_closed_connection(&error) => {
+                log::debug!("a pooled connection to {} was closed ({error}); retrying on a new one", self.base);
+                self.post_with(&self.fresh, path).send(body)
+            }
+            other => other,
+        }
+    }
+
+    fn post_with(&self, agent: &ureq::Agent, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        let request = agent.post(format!("{}{path}", self.base)).header("Content-Type", "application/json");
         match &self.authorization {
             Some(value) => request.header("Authorization", value),
             None => request,
@@ -302,7 +325,7 @@ impl Client {
             Mode::Chat => ("/v1/chat/completions", chat_body(request)),
             Mode::Raw => ("/completion", raw_body(request)),
         };
-        let response = self.post(path).send(body.to_string());
+        let response = self.send(path, &body.to_string());
         let mut response = match response {
             Ok(response) => response,
             Err(error) => return Err(classify_transport(error)),
@@ -337,6 +360,7 @@ impl Client {
                 continue;
             };
             if payload == b"[DONE]" {
+                finish_body(&mut reader);
                 return Ok(done);
             }
             if line.starts_with(b"error:") {
@@ -358,6 +382,7 @@ impl Client {
                 }
             }
             if request.mode == Mode::Raw && !done.finish_reason.is_empty() {
+                finish_body(&mut reader);
                 return Ok(done);
             }
         }
@@ -366,7 +391,7 @@ impl Client {
     /// A one-token completion, so the weights are paged in and the server proven to answer.
     pub fn ping(&self) -> Result<(), GenerateError> {
         let body = json!({"prompt": "Hello", "n_predict": 1, "stream": false});
-        let response = self.post("/completion").send(body.to_string());
+        let response = self.send("/completion", &body.to_string());
         match response {
             Ok(mut response) => {
                 let status = response.status().as_u16();
@@ -380,6 +405,32 @@ impl Client {
             Err(error) => Err(classify_transport(error)),
         }
     }
+}
+
+/// Idle connections kept per child: enough for its parallel slots in most setups.
+const IDLE_CONNECTIONS: usize = 16;
+
+/// Reads what is left of a finished answer (the end of the chunked body), so its connection
+/// can go back to the pool; a server that keeps talking is left to the drop.
+fn finish_body(reader: &mut impl Read) {
+    let mut rest = [0u8; 256];
+    for _ in 0..4 {
+        match reader.read(&mut rest) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// True for the errors of a connection the server had already closed.
+fn is_closed_connection(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
 }
 
 fn classify_transport(error: ureq::Error) -> GenerateError {
