@@ -130,8 +130,15 @@ fn no_capacity_message(budget: &Budget, residents: &[Resident], need: Need) -> S
         let names: Vec<String> = pinned.iter().map(|r| format!("{} ({})", r.name, human(r.ram))).collect();
         let _ = write!(message, "; pinned: {}", names.join(", "));
     }
+    let count_short = !vram_short && pinned_ram.saturating_add(need.ram) <= budget.ram;
     message.push_str("; unpin or stop a model");
-    message.push_str(if vram_short { ", or raise vram_budget" } else { ", or raise memory_budget" });
+    message.push_str(if vram_short {
+        ", or raise vram_budget"
+    } else if count_short {
+        ", or raise max_instances"
+    } else {
+        ", or raise memory_budget"
+    });
     message.push_str(" (a budget change needs `llmctl shutdown` and a new daemon)");
     message
 }

@@ -2,7 +2,8 @@
 //!
 //! Each location follows the same precedence: flag, then an `LLMCTL_*` environment variable,
 //! then the XDG variable, then a default under the home directory. This module only computes
-//! paths; it creates nothing except through [`ensure_private_dir`].
+//! paths; it creates nothing except through [`ensure_private_dir`] and
+//! [`ensure_own_private_dir`].
 
 use std::env;
 use std::fs;
@@ -96,23 +97,60 @@ fn default_config() -> PathBuf {
     non_empty_env("XDG_CONFIG_HOME").unwrap_or_else(|| home().join(".config")).join("llmctl").join("config.toml")
 }
 
-/// Creates `dir` (and parents) and makes it private to this user (0700). Refuses a
-/// directory owned by someone else, since another user could then swap the socket.
+/// Makes sure `dir` can hold the daemon's socket safely. A directory llmctl creates is
+/// made private (0700). An existing one is never changed (it may be `/tmp` or `$HOME`), only
+/// checked: it must belong to this user and must not be writable by others unless sticky, or
+/// another user could swap the socket; otherwise it is refused (exit 69).
 pub fn ensure_private_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    let metadata = fs::metadata(dir).map_err(|e| Error::io(format!("cannot inspect {}", dir.display()), e))?;
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    if metadata.uid() != uid {
-        return Err(Error::DaemonUnavailable {
-            socket: dir.to_path_buf(),
-            reason: format!("the directory belongs to uid {}, not to you", metadata.uid()),
-        });
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let unusable = |reason: String| Error::DaemonUnavailable { socket: dir.to_path_buf(), reason };
+    if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty() && !parent.exists()) {
+        fs::create_dir_all(parent).map_err(|e| unusable(format!("cannot create {}: {e}", parent.display())))?;
     }
-    if metadata.permissions().mode() & 0o777 != 0o700 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io(format!("cannot make {} private", dir.display()), e))?;
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        // Created now, by us, private from the start (the mode is subject to the umask,
+        // which can only take bits away).
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(unusable(format!("cannot create the directory: {e}"))),
+    }
+    let metadata = fs::metadata(dir).map_err(|e| unusable(format!("cannot inspect the directory: {e}")))?;
+    if !metadata.is_dir() {
+        return Err(unusable("it is not a directory".into()));
+    }
+    let uid = crate::sys::current_uid();
+    if metadata.uid() != uid {
+        return Err(unusable(format!(
+            "the directory belongs to uid {}, not to you (uid {uid}); choose another place with --socket or \
+             LLMCTL_SOCKET",
+            metadata.uid()
+        )));
+    }
+    let mode = metadata.permissions().mode();
+    let sticky = mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && !sticky {
+        return Err(unusable(format!(
+            "the directory is writable by other users (mode {:o}), so one of them could replace the socket; \
+             choose another place with --socket or LLMCTL_SOCKET",
+            mode & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Makes sure `dir` is a directory only this user can enter, creating it (0700) if needed:
+/// for the children's sockets. An existing one that others can enter is refused.
+pub fn ensure_own_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let unusable = |reason: String| Error::DaemonUnavailable { socket: dir.to_path_buf(), reason };
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(unusable(format!("cannot create the directory: {e}"))),
+    }
+    let metadata = fs::symlink_metadata(dir).map_err(|e| unusable(format!("cannot inspect the directory: {e}")))?;
+    if !metadata.is_dir() || metadata.uid() != crate::sys::current_uid() || metadata.permissions().mode() & 0o077 != 0 {
+        return Err(unusable("it exists but is not a directory private to you (0700); remove it".into()));
     }
     Ok(())
 }

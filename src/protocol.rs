@@ -193,6 +193,9 @@ pub struct InstanceStatus {
     pub failure: Option<String>,
     pub pid: Option<u32>,
     pub port: Option<u16>,
+    /// The Unix socket the child listens on (none when it listens on a loopback port).
+    #[serde(default)]
+    pub socket: Option<String>,
     /// The servers of a remote model, which llmctl fronts but does not run.
     pub remote: Option<Vec<String>>,
     pub ctx_size: Option<u32>,

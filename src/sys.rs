@@ -64,3 +64,11 @@ pub fn shutdown_socket(fd: RawFd) {
         libc::shutdown(fd, libc::SHUT_RDWR);
     }
 }
+
+/// `bytes` random bytes from the kernel, as lowercase hex: for secrets such as a child's key.
+pub fn random_hex(bytes: usize) -> io::Result<String> {
+    use std::io::Read;
+    let mut buffer = vec![0u8; bytes];
+    File::open("/dev/urandom")?.read_exact(&mut buffer)?;
+    Ok(buffer.iter().map(|byte| format!("{byte:02x}")).collect())
+}

@@ -72,15 +72,37 @@ impl OutputTail {
     }
 }
 
+/// Where a child listens; either way only llmctl can use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix socket in llmctl's private runtime directory: no TCP port at all.
+    Socket(PathBuf),
+    /// A loopback TCP port the kernel picks, guarded by a key only the daemon knows (passed
+    /// in the child's environment, which other users cannot read, never in its argv) and a
+    /// CORS origin no browser page has.
+    Tcp { api_key: String },
+}
+
+/// The only origin a child allows for CORS: reserved (RFC 6761), so no web page has it
+/// (llama-server's default is every origin).
+const NO_ORIGIN: &str = "http://llmctl.invalid";
+
 /// The llama-server command line for `spec`.
-pub fn command(binary: &Path, spec: &ModelSpec) -> Command {
+pub fn command(binary: &Path, spec: &ModelSpec, listen: &Listen) -> Command {
     let mut command = Command::new(binary);
-    command
-        .arg("--model")
-        .arg(&spec.path)
-        .args(["--host", "127.0.0.1", "--port", "0", "--no-webui", "--log-colors", "off"])
-        .arg("--parallel")
-        .arg(spec.load.parallel.to_string());
+    command.arg("--model").arg(&spec.path);
+    match listen {
+        Listen::Socket(path) => {
+            command.arg("--host").arg(path).args(["--cors-origins", NO_ORIGIN]);
+            // A key the user set for their own servers would lock llmctl out.
+            command.env_remove("LLAMA_API_KEY");
+        }
+        Listen::Tcp { api_key } => {
+            command.args(["--host", "127.0.0.1", "--port", "0", "--cors-origins", NO_ORIGIN]);
+            command.env("LLAMA_API_KEY", api_key);
+        }
+    }
+    command.args(["--no-webui", "--log-colors", "off"]).arg("--parallel").arg(spec.load.parallel.to_string());
     if let Some(ctx_size) = spec.load.ctx_size {
         command.arg("--ctx-size").arg(ctx_size.to_string());
     }
@@ -185,8 +207,22 @@ pub struct Timeouts {
 }
 
 impl Client {
-    pub fn new(port: u16, timeouts: Timeouts) -> Client {
-        Client::for_url(&format!("http://127.0.0.1:{port}"), None, None, timeouts)
+    /// A client for a child on a loopback port that wants `api_key`.
+    pub fn new(port: u16, api_key: &str, timeouts: Timeouts) -> Client {
+        Client::for_url(&format!("http://127.0.0.1:{port}"), Some(api_key), None, timeouts)
+    }
+
+    /// A client for a child listening on the Unix socket at `path`.
+    pub fn for_socket(path: &Path, timeouts: Timeouts) -> Client {
+        let agent = |idle| {
+            ureq::Agent::with_parts(
+                agent_config(None, timeouts, idle),
+                super::unix::UnixConnector { path: path.to_path_buf() },
+                ureq::unversioned::resolver::DefaultResolver::default(),
+            )
+        };
+        // The host only names the server in the Host header; the connector ignores it.
+        Client { agent: agent(IDLE_CONNECTIONS), fresh: agent(0), base: "http://localhost".into(), authorization: None }
     }
 
     /// Reads the CA certificates in a PEM file, for [`Client::for_url`].
@@ -217,26 +253,7 @@ impl Client {
             Some(roots) => ureq::tls::TlsConfig::builder().root_certs(roots.clone()).build(),
             None => ureq::tls::TlsConfig::default(),
         };
-        let config = |idle_connections: usize| {
-            ureq::Agent::config_builder()
-                .tls_config(tls.clone())
-                .timeout_connect(Some(timeouts.connect))
-                .timeout_per_read(Some(timeouts.read))
-                .timeout_per_write(Some(timeouts.read))
-                .http_status_as_error(false)
-                // A response dropped before its end (a cancelled generation) closes its
-                // connection, which is how llama-server learns to stop; only connections
-                // whose answer was read to the end go back to the pool.
-                .max_idle_connections(idle_connections)
-                .max_idle_connections_per_host(idle_connections)
-                // ureq zeroes 128 KiB buffers per connection by default, which was the
-                // daemon's largest cost per request (perf: page faults in memset). SSE lines
-                // and llama-server's headers are small.
-                .input_buffer_size(32 << 10)
-                .output_buffer_size(16 << 10)
-                .max_response_header_size(16 << 10)
-                .build()
-        };
+        let config = |idle| agent_config(Some(tls.clone()), timeouts, idle);
         Client {
             agent: config(IDLE_CONNECTIONS).into(),
             fresh: config(0).into(),
@@ -405,6 +422,32 @@ impl Client {
             Err(error) => Err(classify_transport(error)),
         }
     }
+}
+
+/// The settings of every agent talking to a child or a remote server.
+fn agent_config(
+    tls: Option<ureq::tls::TlsConfig>,
+    timeouts: Timeouts,
+    idle_connections: usize,
+) -> ureq::config::Config {
+    ureq::Agent::config_builder()
+        .tls_config(tls.unwrap_or_default())
+        .timeout_connect(Some(timeouts.connect))
+        .timeout_per_read(Some(timeouts.read))
+        .timeout_per_write(Some(timeouts.read))
+        .http_status_as_error(false)
+        // A response dropped before its end (a cancelled generation) closes its connection,
+        // which is how llama-server learns to stop; only connections whose answer was read
+        // to the end go back to the pool.
+        .max_idle_connections(idle_connections)
+        .max_idle_connections_per_host(idle_connections)
+        // ureq zeroes 128 KiB buffers per connection by default, which was the daemon's
+        // largest cost per request (perf: page faults in memset). SSE lines and
+        // llama-server's headers are small.
+        .input_buffer_size(32 << 10)
+        .output_buffer_size(16 << 10)
+        .max_response_header_size(16 << 10)
+        .build()
 }
 
 /// Idle connections kept per child: enough for its parallel slots in most setups.

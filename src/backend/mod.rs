@@ -2,3 +2,4 @@
 //! llmctl spawns and owns ([`llama`]).
 
 pub mod llama;
+pub mod unix;

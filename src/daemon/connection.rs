@@ -299,8 +299,13 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
     }
 
     let client = &lease.client;
+    let generation = &lease.generation;
     let report = &mut lease.report;
     let result = client.generate(&request, |text, more_buffered| {
+        if generation.is_stopped() {
+            // `stop` or `shutdown`: cut the stream off now, even if the child ignores SIGTERM.
+            return Err(std::io::Error::other("the instance was stopped"));
+        }
         if report.first_token.is_none() {
             report.first_token = Some(request_started.elapsed());
         }
@@ -320,6 +325,9 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
         }
         // The client went away; dropping the HTTP response closed the upstream connection,
         // which makes llama-server stop generating and free the slot.
+        Err(GenerateError::Cancelled) if lease.generation.is_stopped() => {
+            generation_failed(shared, &mut lease, &request.model, GenerateError::Broken("stopped".into()))
+        }
         Err(GenerateError::Cancelled) => {
             log::debug!("client of {} went away; generation cancelled", request.model.name);
             lease.report.outcome = Some("cancelled".into());
@@ -385,6 +393,13 @@ fn warm(shared: &Arc<Shared>, spec: &ModelSpec, writer: &mut Writer) -> Result<A
 
 fn switch(shared: &Arc<Shared>, spec: &ModelSpec, wait: bool, exclusive: bool, writer: &mut Writer) -> Result<()> {
     let (instance, file) = instance_for(shared, spec)?;
+    let epoch = if exclusive {
+        let mut latest = shared.exclusive_epoch.lock();
+        *latest += 1;
+        *latest
+    } else {
+        0
+    };
     if !wait {
         // The caller detaches; this thread goes on loading for the daemon.
         let _ = send_final(writer, &Response::Ok { message: Some(format!("loading {}", spec.name)) });
@@ -402,9 +417,22 @@ fn switch(shared: &Arc<Shared>, spec: &ModelSpec, wait: bool, exclusive: bool, w
     if loaded.is_ok() && exclusive {
         let others: Vec<Arc<Handle>> =
             shared.table.all().into_iter().filter(|other| !Arc::ptr_eq(other, &instance)).collect();
-        unload_and_wait(shared, &others, Unload::Exclusive, |name| {
-            format!("{name} was unloaded by `llmctl switch --exclusive {}`", spec.name)
-        });
+        // The latest exclusive switch wins: an earlier one that finishes loading after a
+        // later one began leaves the others alone rather than unloading the winner.
+        let waiting = {
+            let latest = shared.exclusive_epoch.lock();
+            if *latest == epoch {
+                send_unloads(shared, &others, Unload::Exclusive, |name| {
+                    format!("{name} was unloaded by `llmctl switch --exclusive {}`", spec.name)
+                })
+            } else {
+                log::info!("switch --exclusive {} was overtaken by a later one", spec.name);
+                Vec::new()
+            }
+        };
+        for stopped in waiting {
+            let _ = stopped.recv();
+        }
     }
     match (loaded, wait) {
         (Ok(()), true) => reply(writer, &Response::Ok { message: None }),
@@ -420,23 +448,34 @@ fn switch(shared: &Arc<Shared>, spec: &ModelSpec, wait: bool, exclusive: bool, w
 /// Asks each instance to unload for `why` and waits until every one has stopped. Returns how
 /// many had something loaded or loading.
 fn unload_and_wait(shared: &Shared, instances: &[Arc<Handle>], why: Unload, message: impl Fn(&str) -> String) -> usize {
+    let active = instances
+        .iter()
+        .filter(|instance| instance.with_view(|view| view.phase.holds_room() || view.phase == Phase::WaitingRoom))
+        .count();
+    // A worker answers once its child is gone; one that ends drops the sender instead.
+    for stopped in send_unloads(shared, instances, why, message) {
+        let _ = stopped.recv();
+    }
+    active
+}
+
+/// Asks each instance to unload for `why`, now; returns where each says it has stopped.
+fn send_unloads(
+    shared: &Shared,
+    instances: &[Arc<Handle>],
+    why: Unload,
+    message: impl Fn(&str) -> String,
+) -> Vec<crossbeam_channel::Receiver<()>> {
     let cutoff = shared.last_job();
-    let mut active = 0;
     let mut waiting = Vec::new();
     for instance in instances {
-        let (loaded, name) = instance
-            .with_view(|view| (view.phase.holds_room() || view.phase == Phase::WaitingRoom, view.spec.name.clone()));
-        active += usize::from(loaded);
+        let name = instance.with_view(|view| view.spec.name.clone());
         let (done, stopped) = crossbeam_channel::bounded(1);
         if instance.send(Message::Unload { why, cutoff, room: None, message: message(&name), done: Some(done) }) {
             waiting.push(stopped);
         }
     }
-    // A worker answers once its child is gone; one that ends drops the sender instead.
-    for stopped in waiting {
-        let _ = stopped.recv();
-    }
-    active
+    waiting
 }
 
 /// Streams events to the client until it goes away or the daemon shuts down.

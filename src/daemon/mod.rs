@@ -127,6 +127,9 @@ pub struct Shared {
     pub state_file_error: parking_lot::Mutex<Option<String>>,
     /// The number of the last request sent to a worker.
     jobs: AtomicU64,
+    /// Counts `switch --exclusive` requests, so the latest one wins. The lock is held only
+    /// to compare and to send the unload messages (channel sends), never while waiting.
+    pub exclusive_epoch: parking_lot::Mutex<u64>,
 }
 
 impl Shared {
@@ -157,6 +160,18 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         Err(e) => return Err(Error::io(format!("cannot remove stale socket {}", paths.socket.display()), e)),
     }
     state::kill_leftovers(&paths.state_file());
+    // Children's sockets sit next to the daemon's, in a directory only this user can enter;
+    // any socket in it was left by a daemon that died.
+    let children_dir = socket_dir.join(format!(
+        "{}.children",
+        paths.socket.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    paths::ensure_own_private_dir(&children_dir)?;
+    if let Ok(entries) = fs::read_dir(&children_dir) {
+        for entry in entries.flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
     let remembered = state::remembered_instances(&paths.state_file());
 
     let listener = UnixListener::bind(&paths.socket)
@@ -171,6 +186,8 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
     let services = Services {
         launcher: Launcher::start().map_err(|e| Error::io("cannot start the launcher thread", e))?,
         log_dir: paths.instance_logs_dir.clone(),
+        children_dir,
+        children_on_tcp: std::env::var("LLMCTL_CHILDREN_ON_TCP").is_ok_and(|value| value == "1"),
         load_timeout: settings.load_timeout,
         http: Timeouts { connect: Duration::from_secs(5), read: settings.token_timeout },
         crash_loop: settings.crash_loop,
@@ -195,6 +212,7 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         connections: AtomicUsize::new(0),
         state_file_error: parking_lot::Mutex::new(None),
         jobs: AtomicU64::new(0),
+        exclusive_epoch: parking_lot::Mutex::new(0),
     });
     restore_instances(&shared, remembered);
     log::info!(

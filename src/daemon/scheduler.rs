@@ -40,7 +40,8 @@ struct Waiting {
 struct Holding {
     token: RoomToken,
     need: Need,
-    releasing: bool,
+    /// Asked to unload to make room for the waiting load of this instance.
+    releasing_for: Option<usize>,
 }
 
 pub fn budget(settings: &super::Settings, gpu: Option<&GpuReading>) -> Budget {
@@ -108,12 +109,37 @@ impl Scheduler<'_> {
     }
 
     fn plan(&mut self) {
+        self.plan_line();
+        if self.line.is_empty() {
+            self.call_off_releases();
+        }
+    }
+
+    /// With no load waiting, instances still draining for one that left stay loaded.
+    fn call_off_releases(&mut self) {
+        let mut called_off = Vec::new();
+        for (&id, holding) in self.holding.iter_mut() {
+            if holding.releasing_for.take().is_some() {
+                called_off.push((id, holding.token));
+            }
+        }
+        for (id, token) in called_off {
+            log::info!("{} stays loaded: the load it was unloading for is gone", self.name(id));
+            self.send(id, Message::Keep(token));
+        }
+    }
+
+    fn plan_line(&mut self) {
         while let Some(head) = self.line.front() {
             let (id, need) = (head.id, head.need);
             if head.since.elapsed() >= DRAIN_TIMEOUT {
                 self.line.pop_front();
-                let busy: Vec<String> =
-                    self.holding.iter().filter(|(_, h)| h.releasing).map(|(&id, _)| self.name(id)).collect();
+                let busy: Vec<String> = self
+                    .holding
+                    .iter()
+                    .filter(|(_, h)| h.releasing_for.is_some())
+                    .map(|(&id, _)| self.name(id))
+                    .collect();
                 let error = Error::Timeout {
                     what: format!(
                         "waiting for memory to load {}: {} stayed busy for {} s",
@@ -133,7 +159,7 @@ impl Scheduler<'_> {
                     self.line.pop_front();
                     self.next_token += 1;
                     let token = self.next_token;
-                    self.holding.insert(id, Holding { token, need, releasing: false });
+                    self.holding.insert(id, Holding { token, need, releasing_for: None });
                     self.send(id, Message::RoomGranted(token));
                 }
                 Plan::Release(victims) => {
@@ -141,7 +167,7 @@ impl Scheduler<'_> {
                     let cutoff = self.shared.last_job();
                     for victim in victims {
                         let Some(holding) = self.holding.get_mut(&victim) else { continue };
-                        holding.releasing = true;
+                        holding.releasing_for = Some(id);
                         let token = holding.token;
                         log::info!("unloading {} to make room for {for_whom}", self.name(victim));
                         self.send(
@@ -182,7 +208,7 @@ impl Scheduler<'_> {
                         last_used_ms: 0,
                         pinned: false,
                         busy: true,
-                        releasing: holding.releasing,
+                        releasing: holding.releasing_for.is_some(),
                     };
                 };
                 // Until it runs, an instance is charged its estimate; then what it really uses.
@@ -198,7 +224,7 @@ impl Scheduler<'_> {
                     last_used_ms: view.last_used.or(view.ready_since).map_or(0, crate::instance::millis_since_epoch),
                     pinned: view.pinned(),
                     busy: !idle,
-                    releasing: holding.releasing,
+                    releasing: holding.releasing_for.is_some(),
                 }
             })
             .collect()

@@ -103,21 +103,32 @@ pub struct Generation {
     pub number: u64,
     ended: Mutex<Option<Ended>>,
     changed: Condvar,
+    /// Set when llmctl stopped the child: streams on it stop relaying at the next token,
+    /// whatever the child does with SIGTERM.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Generation {
     pub fn new(number: u64) -> Generation {
-        Generation { number, ended: Mutex::new(None), changed: Condvar::new() }
+        Generation { number, ended: Mutex::new(None), changed: Condvar::new(), stopped: Default::default() }
     }
 
     /// Records how the generation ended; the first word stays.
     pub fn end(&self, ended: Ended) {
+        if matches!(ended, Ended::Stopped(_)) {
+            self.stopped.store(true, Ordering::SeqCst);
+        }
         let mut slot = self.ended.lock();
         if slot.is_none() {
             *slot = Some(ended);
         }
         drop(slot);
         self.changed.notify_all();
+    }
+
+    /// True once llmctl has stopped this generation's child.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
     }
 
     /// How it ended, waiting up to `patience` for the worker to find out: a crash closes
@@ -185,6 +196,8 @@ pub enum Message {
     },
     RoomGranted(RoomToken),
     RoomRefused(Error),
+    /// The load an eviction was for no longer needs the room: stay loaded if not yet gone.
+    Keep(RoomToken),
     /// Unload for `why`. `cutoff` is the last job sent before the decision; `room` names
     /// the grant an eviction is for; `message` is what refused and cut-off requests are
     /// told; `done` hears when the instance has stopped (or at once if nothing runs).
@@ -260,6 +273,8 @@ pub struct View {
     pub pid: Option<u32>,
     pub start_time: Option<u64>,
     pub port: Option<u16>,
+    /// The Unix socket the child listens on.
+    pub socket: Option<std::path::PathBuf>,
     pub last_used: Option<SystemTime>,
     pub ready_since: Option<SystemTime>,
     pub pinned_by_command: bool,
@@ -282,6 +297,7 @@ impl View {
             pid: None,
             start_time: None,
             port: None,
+            socket: None,
             last_used: None,
             ready_since: None,
             pinned_by_command: false,
@@ -315,6 +331,7 @@ impl View {
             failure: self.failure.clone(),
             pid: self.pid,
             port: self.port.filter(|_| self.spec.remote.is_none()),
+            socket: self.socket.as_ref().map(|path| path.display().to_string()),
             remote: self.spec.remote.as_ref().map(|remote| remote.urls.clone()),
             ctx_size: self.spec.load.ctx_size,
             slots: self.slots,

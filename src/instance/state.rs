@@ -121,6 +121,8 @@ pub enum Event {
     },
     /// The child is gone after a stop.
     ChildStopped,
+    /// The load an eviction of grant `room` was for is gone: keep serving if still draining.
+    Keep(RoomToken),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,6 +293,15 @@ impl Machine {
                 }
             }
             Event::Unload { why, cutoff, room } => self.unload(why, cutoff, room, &mut actions),
+            Event::Keep(room) => {
+                let evicting = matches!(self.draining, Some(Draining { why: Unload::Evict, .. }));
+                if evicting && self.room == Some(room) && matches!(self.phase, Phase::Starting | Phase::Ready) {
+                    self.draining = None;
+                    if self.phase == Phase::Ready {
+                        self.grant(&mut actions);
+                    }
+                }
+            }
             Event::ChildStopped => {
                 if self.phase == Phase::Stopping {
                     self.phase = Phase::Stopped;
@@ -739,6 +750,7 @@ mod tests {
                         unload(why, next_job, Some(token))
                     }
                     8 if machine.phase() == Phase::Stopping => ChildStopped,
+                    8 => Event::Keep(token),
                     9 if machine.phase() == Phase::Ready && rng.below(4) == 0 => ChildExited,
                     _ => continue,
                 };

@@ -24,7 +24,7 @@ use super::{
     need, Ended, FileStamp, Generation, Handle, Job, JobEvent, JobId, Lease, Message, Pin, Report, RoomRequest, Stats,
     View,
 };
-use crate::backend::llama::{self, OutputTail, Timeouts};
+use crate::backend::llama::{self, Listen, OutputTail, Timeouts};
 use crate::error::Error;
 use crate::events::{EventBus, EventKind};
 use crate::gguf::ModelInfo;
@@ -51,6 +51,11 @@ pub struct CrashLoop {
 pub struct Services {
     pub launcher: Launcher,
     pub log_dir: PathBuf,
+    /// Where children's Unix sockets live: a directory only this user can enter.
+    pub children_dir: PathBuf,
+    /// Children listen on loopback TCP with a key instead of a Unix socket (for comparing
+    /// the two; also used when a socket path would be too long).
+    pub children_on_tcp: bool,
     /// Longest a load may go without any output from the child.
     pub load_timeout: Duration,
     pub http: Timeouts,
@@ -118,17 +123,36 @@ pub fn start(
     Ok(Handle { id, inbox: inbox_tx, view, rejected: Default::default(), thread: Mutex::new(Some(thread)) })
 }
 
+/// The longest path a Unix socket can have (`sun_path` holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// A running child and the thread draining its output.
 struct Running {
     child: ChildGroup,
     drain: Option<JoinHandle<()>>,
     tail: Arc<OutputTail>,
+    /// The Unix socket it listens on, removed once it is gone.
+    socket: Option<PathBuf>,
 }
 
-/// A load in progress: waiting for the port in the child's log, then for `/health`.
+impl Running {
+    /// After the child is reaped: its output drained, its socket file gone.
+    fn cleanup(&mut self) {
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.join();
+        }
+        if let Some(socket) = self.socket.take() {
+            let _ = std::fs::remove_file(socket);
+        }
+    }
+}
+
+/// A load in progress: waiting for the port in the child's log (TCP), then for `/health`.
 struct Loading {
     started: Instant,
     port: Receiver<u16>,
+    /// The key a TCP child wants.
+    api_key: Option<String>,
     client: Option<llama::Client>,
 }
 
@@ -219,6 +243,7 @@ impl Worker {
             }
             Message::Finished { replica, generation, report } => self.finished(replica, generation, report),
             Message::RoomGranted(token) => self.feed(Event::RoomGranted(token)),
+            Message::Keep(token) => self.feed(Event::Keep(token)),
             Message::RoomRefused(error) => {
                 self.services.events.publish(
                     EventKind::Refused,
@@ -264,7 +289,9 @@ impl Worker {
     fn arrive(&mut self, job: Job) {
         self.spec.policy = job.policy.clone();
         if let Some((info, stamp)) = job.file.clone().filter(|(_, stamp)| *stamp != self.stamp) {
-            if self.machine.phase().holds_room() || self.machine.phase() == Phase::WaitingRoom {
+            // A child that runs (or starts) has the old file open: drain it and load the new
+            // one. Without a child, the next spawn opens the new file anyway.
+            if self.machine.phase().holds_room() {
                 if self.pending_file.as_ref().map(|(_, pending)| pending) != Some(&stamp) {
                     log::info!("{} changed on disk; reloading it once its requests finish", self.path());
                     self.services.events.publish(
@@ -324,13 +351,15 @@ impl Worker {
                 replica.backoff = (replica.backoff * 2).min(REPLICA_BACKOFF_MAX);
             }
         }
-        self.feed(Event::SlotFreed(generation));
         let current = self.generation.as_ref().is_some_and(|g| g.number == generation);
         if report.stalled && current && self.machine.phase() == Phase::Ready {
+            // Restart before the slot is free, so no waiting request is handed the same
+            // stalled child.
             log::warn!("{} produced no token within the token timeout; restarting it", self.spec.name);
             self.stop_message = format!("{} was restarted after a request stalled", self.spec.name);
             self.feed(Event::Unload { why: Unload::Restart, cutoff: 0, room: None });
         }
+        self.feed(Event::SlotFreed(generation));
     }
 
     /// The child's output closed: it is exiting. Reap it and fail the load or the instance.
@@ -479,7 +508,8 @@ impl Worker {
 
     fn spawn_child(&mut self, generation: u64) -> Result<Loading, Error> {
         let binary = (self.services.llama_server)().map_err(|searched| Error::NoLlamaServer { searched })?;
-        let mut command = llama::command(&binary, &self.spec);
+        let listen = self.listen(generation)?;
+        let mut command = llama::command(&binary, &self.spec, &listen);
         let log_path = self.services.log_dir.join(super::log_file_name(&self.spec));
         let inbox = self.inbox.clone();
         let on_close = move || {
@@ -500,8 +530,30 @@ impl Worker {
             }
         };
         log::info!("spawned llama-server pid {} for {}", child.pid(), self.path());
-        self.running = Some(Running { child, drain: Some(capture.drain), tail: capture.tail });
-        Ok(Loading { started: Instant::now(), port: capture.port, client: None })
+        let (socket, api_key, client) = match listen {
+            Listen::Socket(path) => {
+                let client = llama::Client::for_socket(&path, self.services.http);
+                (Some(path), None, Some(client))
+            }
+            Listen::Tcp { api_key } => (None, Some(api_key), None),
+        };
+        self.running = Some(Running { child, drain: Some(capture.drain), tail: capture.tail, socket });
+        Ok(Loading { started: Instant::now(), port: capture.port, api_key, client })
+    }
+
+    /// Where the child of `generation` listens: a Unix socket in the private children
+    /// directory, or loopback TCP with a fresh key when sockets are off or the path would
+    /// not fit a socket address.
+    fn listen(&self, generation: u64) -> Result<Listen, Error> {
+        let path = self.services.children_dir.join(format!("{}-{generation}.sock", self.id));
+        if !self.services.children_on_tcp && path.as_os_str().len() <= MAX_SOCKET_PATH {
+            // A leftover of an earlier daemon would make the bind fail.
+            let _ = std::fs::remove_file(&path);
+            return Ok(Listen::Socket(path));
+        }
+        let api_key =
+            crate::sys::random_hex(16).map_err(|e| Error::io("cannot read random bytes for a child's key", e))?;
+        Ok(Listen::Tcp { api_key })
     }
 
     /// Between messages while a child starts: the port, then `/health`, then ready.
@@ -509,7 +561,8 @@ impl Worker {
         let Some(loading) = self.loading.as_mut() else { return };
         if loading.client.is_none() {
             if let Ok(port) = loading.port.try_recv() {
-                loading.client = Some(llama::Client::new(port, self.services.http));
+                let api_key = loading.api_key.as_deref().unwrap_or_default();
+                loading.client = Some(llama::Client::new(port, api_key, self.services.http));
                 self.view.lock().port = Some(port);
             }
         }
@@ -657,9 +710,7 @@ impl Worker {
             Ok(status) => log::info!("llama-server pid {pid} {}", process::describe_status(status)),
             Err(error) => log::warn!("cannot reap llama-server pid {pid}: {error}"),
         }
-        if let Some(drain) = running.drain.take() {
-            let _ = drain.join();
-        }
+        running.cleanup();
     }
 
     /// If the child has exited (waiting up to `patience`), reaps it and describes the exit.
@@ -678,9 +729,7 @@ impl Worker {
         let mut running = self.running.take()?;
         let status = running.child.try_wait().ok().flatten()?;
         // Join the drain so the tail holds the child's last words.
-        if let Some(drain) = running.drain.take() {
-            let _ = drain.join();
-        }
+        running.cleanup();
         let status = process::describe_status(status);
         let stderr_tail = running.tail.quote();
         if let Some(generation) = &self.generation {
@@ -787,6 +836,7 @@ impl Worker {
         view.crash_loop = crash_loop;
         view.pid = pid;
         view.start_time = start_time;
+        view.socket = self.running.as_ref().and_then(|running| running.socket.clone());
         if pid.is_none() || self.spec.remote.is_some() {
             view.port = None;
         }

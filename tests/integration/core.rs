@@ -219,15 +219,19 @@ fn switch_exclusive_lets_a_running_stream_finish_and_refuses_the_waiting() {
 }
 
 #[test]
-fn stop_tells_a_streaming_client_who_stopped_it() {
-    let env = Env::fake();
+fn stop_tells_a_streaming_client_who_stopped_it_at_once() {
+    let mut env = Env::fake();
+    // A child that ignores SIGTERM keeps streaming through the whole grace period; the
+    // client must be cut off anyway, before `stop` returns.
+    env.set("LLMCTL_STOP_GRACE_MS", "3000");
     let model = env.tiny_model("slow.gguf").display().to_string();
     env.write_config(&format!(
-        "[models.slow]\npath = \"{model}\"\nargs = [\"--fake-tokens\", \"1000\", \"--fake-token-ms\", \"20\"]\n"
+        "[models.slow]\npath = \"{model}\"\nargs = [\"--fake-tokens\", \"1000\", \"--fake-token-ms\", \"20\", \"--fake-ignore-term\"]\n"
     ));
-    let client = env.spawn(&["run", "slow", "go"]);
+    let mut client = env.spawn(&["run", "slow", "go"]);
     wait_until("slow streams", || env.status_json()["instances"][0]["state"] == "busy");
     assert_success(&env.run(&["stop", "slow"]));
+    assert!(client.try_wait().unwrap().is_some(), "the client was still streaming when `stop` returned");
     let output = client.wait_with_output().unwrap();
     assert_exit(&output, 69);
     assert!(stderr(&output).contains("slow was stopped by `llmctl stop`"), "{}", stderr(&output));
@@ -267,6 +271,11 @@ fn a_waiting_load_whose_client_left_is_dropped() {
         env.processes().iter().all(|(_, cmd)| !(cmd.starts_with(FAKE_SERVER) && cmd.contains("never.gguf"))),
         "a load nobody waits for never started"
     );
+    // The eviction it asked for was called off: long stays loaded.
+    let status = env.status_json();
+    let long = status["instances"].as_array().unwrap().iter().find(|i| i["name"] == "long").unwrap().clone();
+    assert_eq!(long["state"], "ready", "{status}");
+    assert_eq!(long["evictions"], 0, "{status}");
     shut_down(&env);
 }
 
@@ -309,5 +318,36 @@ fn a_replaced_model_file_is_served_from_the_new_file() {
     let status = env.status_json();
     assert_ne!(status["instances"][0]["pid"], first_pid, "a new child serves the new file: {status}");
     assert_eq!(status["instances"].as_array().unwrap().len(), 1, "{status}");
+    shut_down(&env);
+}
+
+#[test]
+fn of_two_exclusive_switches_at_once_one_model_stays_loaded() {
+    let env = Env::fake();
+    add_models(&env, &["a", "b", "c", "d"], "\"--fake-start-ms\", \"100\"", "");
+    assert_success(&env.run(&["warm", "a"]));
+    assert_success(&env.run(&["warm", "b"]));
+    let to_c = env.spawn(&["switch", "--wait", "--exclusive", "c"]);
+    let to_d = env.spawn(&["switch", "--wait", "--exclusive", "d"]);
+    let outputs = finish_all(vec![("c".into(), to_c), ("d".into(), to_d)]);
+    for (model, output) in &outputs {
+        // The later switch wins; the earlier one succeeds or is told it lost its model.
+        let code = output.status.code();
+        assert!(
+            code == Some(0) || (code == Some(69) && stderr(output).contains("switch --exclusive")),
+            "switch {model}: {code:?} {}",
+            stderr(output)
+        );
+    }
+    let status = env.status_json();
+    let ready: Vec<String> = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] == "ready")
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ready.len(), 1, "exactly one model stays loaded: {status}");
+    assert!(ready[0] == "c" || ready[0] == "d", "{status}");
     shut_down(&env);
 }

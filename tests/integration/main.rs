@@ -7,6 +7,7 @@ mod cli;
 mod core;
 mod docs;
 mod observe;
+mod private;
 mod real;
 mod remote;
 mod serve;

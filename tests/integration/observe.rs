@@ -14,7 +14,7 @@ fn logs_print_a_models_llama_server_output_and_the_daemons() {
     assert_success(&env.run(&["warm", &model]));
     let output = env.run(&["logs", &model]);
     assert_success(&output);
-    assert!(stdout(&output).contains("server is listening on http://127.0.0.1:"), "{}", stdout(&output));
+    assert!(stdout(&output).contains("server is listening on unix://"), "{}", stdout(&output));
     let output = env.run(&["logs", "-n", "1", &model]);
     assert_eq!(stdout(&output).lines().count(), 1, "{}", stdout(&output));
     let output = env.run(&["logs", "--daemon"]);

@@ -174,9 +174,38 @@ fn second_daemon_refuses_and_stale_sockets_are_replaced() {
     assert_exit(&output, 69);
     assert!(stderr(&output).contains("already serves"), "{}", stderr(&output));
 
+    // The test made `run` itself (0755): llmctl uses it as it is and changes nothing.
     let dir_mode = std::fs::metadata(env.path("run")).unwrap().permissions().mode() & 0o777;
     let socket_mode = std::fs::metadata(env.socket()).unwrap().permissions().mode() & 0o777;
-    assert_eq!((dir_mode, socket_mode), (0o700, 0o600));
+    assert_eq!((dir_mode, socket_mode), (0o755, 0o600));
+}
+
+#[test]
+fn the_socket_directory_is_created_private_and_an_existing_one_is_never_changed() {
+    let env = Env::fake();
+    let with_socket =
+        |socket: &std::path::Path| env.command(&["status"]).env("LLMCTL_SOCKET", socket).output().unwrap();
+    // A directory llmctl creates is private from the start.
+    let created = env.path("fresh/llmctl");
+    assert_success(&with_socket(&created.join("llmctl.sock")));
+    assert_eq!(std::fs::metadata(&created).unwrap().permissions().mode() & 0o7777, 0o700);
+    assert_success(&env.command(&["shutdown"]).env("LLMCTL_SOCKET", created.join("llmctl.sock")).output().unwrap());
+    // A shared sticky directory like /tmp is used as it is: nothing loses its bits.
+    let sticky = env.path("sticky");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    assert_success(&with_socket(&sticky.join("llmctl.sock")));
+    assert_eq!(std::fs::metadata(&sticky).unwrap().permissions().mode() & 0o7777, 0o1777);
+    assert_success(&env.command(&["shutdown"]).env("LLMCTL_SOCKET", sticky.join("llmctl.sock")).output().unwrap());
+    // A directory others may write to without the sticky bit is refused, and left alone.
+    let open = env.path("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let output = with_socket(&open.join("llmctl.sock"));
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("writable by other users"), "{}", stderr(&output));
+    assert_eq!(std::fs::metadata(&open).unwrap().permissions().mode() & 0o7777, 0o777);
+    env.assert_nothing_survives();
 }
 
 #[test]

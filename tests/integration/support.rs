@@ -283,3 +283,29 @@ fn default_data_dir() -> PathBuf {
         None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".local/share/llmctl"),
     }
 }
+
+/// The TCP ports `pid` listens on, from /proc/net/tcp{,6} and its socket descriptors.
+pub fn tcp_listeners_of(pid: u32) -> Vec<String> {
+    let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|fd| fs::read_link(fd.path()).ok())
+                .filter_map(|link| {
+                    link.to_string_lossy().strip_prefix("socket:[").map(|s| s.trim_end_matches(']').to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut listeners = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let listening = fields.get(3) == Some(&"0A");
+            if listening && inodes.iter().any(|i| Some(&i.as_str()) == fields.get(9)) {
+                listeners.push(line.to_string());
+            }
+        }
+    }
+    listeners
+}
