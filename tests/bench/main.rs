@@ -18,6 +18,11 @@
 //! 6. Footprint: binary size, daemon RSS idle and with a model loaded.
 //! 7. Scaling: `status` and `run` times and daemon RSS with 1, 2, 4 and 8 instances.
 //! 8. `llmctl serve`: streaming over the OpenAI API vs llama-server directly and its router.
+//! 9. Children on a Unix socket (the default) vs loopback TCP: admission and time to first
+//!    token.
+//!
+//! Thrash (after 4): concurrent clients over three models with room for one, llmctl vs the
+//! router with `--models-max 1`.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -43,7 +48,7 @@ fn main() {
     // 1a. SmolLM2 streaming, warm instance.
     let tokens = 128;
     env.llmctl(&["warm", demo.to_str().unwrap()]);
-    let port = env.instance_port();
+    let target = env.instance_target();
     let prompt = "1, 2, 3, 4, 5, 6,"; // counting goes on until the token limit
                                       // Twice: requests back to back, and with an idle gap before each, as when a person types
                                       // commands. Right after a request llama-server's compute threads still spin on both
@@ -57,7 +62,7 @@ fn main() {
             std::thread::sleep(gap);
             via_llmctl.push(env.timed_run(&args));
             std::thread::sleep(gap);
-            direct.push(direct_stream(port, prompt, tokens));
+            direct.push(direct_stream(&target, prompt, tokens));
         }
         let (llmctl_ttft, llmctl_total) = medians(&via_llmctl);
         let (direct_ttft, direct_total) = medians(&direct);
@@ -86,12 +91,12 @@ fn main() {
     std::fs::copy(&demo, &fake_model).unwrap();
     fake_env.set_fake_tokens(fake_tokens);
     fake_env.llmctl(&["warm", fake_model.to_str().unwrap()]);
-    let fake_port = fake_env.instance_port();
+    let fake_target = fake_env.instance_target();
     let mut through = Vec::new();
     let mut straight = Vec::new();
     for _ in 0..reps.min(5) {
         through.push(fake_env.timed_run(&["run", "--raw", fake_model.to_str().unwrap(), "go"]).1);
-        straight.push(direct_stream(fake_port, "go", fake_tokens).1);
+        straight.push(direct_stream(&fake_target, "go", fake_tokens).1);
     }
     let through = median(&through);
     let straight = median(&straight);
@@ -227,7 +232,7 @@ fn main() {
     admission_env.set_fake_tokens(16);
     std::fs::write(admission_env.dir.path().join("config.toml"), "queue_depth = 256\n").unwrap();
     admission_env.llmctl(&["warm", "--parallel", "64", fake_model.to_str().unwrap()]);
-    let admission_port = admission_env.instance_port();
+    let admission_target = admission_env.instance_target();
     let spec = serde_json::json!({"name": "fake.gguf", "path": fake_model, "load": {"ctx_size": null, "parallel": 64, "gpu_layers": null, "extra_args": []}});
     println!("### Admission, fake server at full speed, 16-token requests\n");
     println!("| clients | daemon req/s | direct req/s | ratio | daemon p99 | direct p99 | added p99 |");
@@ -237,7 +242,7 @@ fn main() {
         let socket = admission_env.socket();
         let (daemon_rate, daemon_p99) = load(clients, per_client, || daemon_request(&socket, &spec));
         let (direct_rate, direct_p99) = load(clients, per_client, || {
-            direct_stream(admission_port, "x", 16);
+            direct_stream(&admission_target, "x", 16);
         });
         println!(
             "| {clients} | {daemon_rate:.0} | {direct_rate:.0} | {:.2} | {} | {} | {:+.2} ms |",
@@ -248,6 +253,51 @@ fn main() {
         );
     }
     println!();
+
+    // 9. Children on a Unix socket (the default) against loopback TCP with a key.
+    {
+        println!("### Children on a Unix socket vs loopback TCP\n");
+        println!("| measure | Unix socket | TCP | ratio socket/TCP |\n|---|---|---|---|");
+        let socket_env = Bench::new(Path::new(FAKE));
+        let mut tcp_env = Bench::new(Path::new(FAKE));
+        tcp_env.children_on_tcp = true;
+        let mut specs = Vec::new();
+        for bench in [&socket_env, &tcp_env] {
+            bench.set_fake_tokens(16);
+            std::fs::write(bench.dir.path().join("config.toml"), "queue_depth = 256\n").unwrap();
+            let model = bench.dir.path().join("fake.gguf");
+            std::fs::copy(&demo, &model).unwrap();
+            bench.llmctl(&["warm", "--parallel", "64", model.to_str().unwrap()]);
+            specs.push(serde_json::json!({"name": "fake.gguf", "path": model, "load": {"ctx_size": null, "parallel": 64, "gpu_layers": null, "extra_args": []}}));
+        }
+        for clients in [1usize, 8, 64] {
+            let per_client = (512 / clients).max(8);
+            let (socket_rate, _) = load(clients, per_client, || daemon_request(&socket_env.socket(), &specs[0]));
+            let (tcp_rate, _) = load(clients, per_client, || daemon_request(&tcp_env.socket(), &specs[1]));
+            println!(
+                "| admission req/s, {clients} clients, fake server | {socket_rate:.0} | {tcp_rate:.0} | {:.2} |",
+                socket_rate / tcp_rate
+            );
+        }
+        let smol_socket = Bench::new(&server);
+        let mut smol_tcp = Bench::new(&server);
+        smol_tcp.children_on_tcp = true;
+        let args = ["run", "--raw", "--temperature", "0", "-n", "8", demo.to_str().unwrap(), "1, 2, 3,"];
+        smol_socket.llmctl(&args);
+        smol_tcp.llmctl(&args);
+        let (mut via_socket, mut via_tcp) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            via_socket.push(smol_socket.timed_run(&args).0);
+            via_tcp.push(smol_tcp.timed_run(&args).0);
+        }
+        let (socket_ttft, tcp_ttft) = (median(&via_socket), median(&via_tcp));
+        println!(
+            "| `llmctl run` time to first token, SmolLM2 | {} | {} | {:.2} |\n",
+            ms(socket_ttft),
+            ms(tcp_ttft),
+            socket_ttft.as_secs_f64() / tcp_ttft.as_secs_f64()
+        );
+    }
 
     // 7. Scaling: control plane and streaming with more instances loaded.
     println!("### Scaling with loaded instances (fake servers)\n");
@@ -278,9 +328,9 @@ fn main() {
 
     // 8. Through `llmctl serve` (OpenAI API over HTTP) vs llama-server directly vs router mode.
     {
-        // The cold-start runs above restarted the instance: ask for its port again.
+        // The cold-start runs above restarted the instance: ask where it listens again.
         env.llmctl(&["warm", demo.to_str().unwrap()]);
-        let port = env.instance_port();
+        let target = env.instance_target();
         let serve_port = free_port();
         let mut serve = env
             .command(&["serve", "--listen", &format!("127.0.0.1:{serve_port}")])
@@ -311,7 +361,7 @@ fn main() {
                 &format!("http://127.0.0.1:{serve_port}/v1/completions"),
                 &body(Some(demo_name), true),
             ));
-            direct.push(sse_stream(&format!("http://127.0.0.1:{port}/completion"), &body(None, false)));
+            direct.push(target_stream(&target, "/completion", &body(None, false)));
             via_router
                 .push(sse_stream(&format!("http://127.0.0.1:{}/completion", router.port), &body(Some("smol"), false)));
         }
@@ -360,12 +410,14 @@ struct Bench {
     dir: tempfile::TempDir,
     server: PathBuf,
     fake_tokens: std::sync::OnceLock<usize>,
+    /// Children on loopback TCP (with a key) instead of Unix sockets.
+    children_on_tcp: bool,
 }
 
 impl Bench {
     fn new(server: &Path) -> Bench {
         let dir = tempfile::Builder::new().prefix("llmctl-bench-").tempdir().unwrap();
-        Bench { dir, server: server.to_path_buf(), fake_tokens: std::sync::OnceLock::new() }
+        Bench { dir, server: server.to_path_buf(), fake_tokens: std::sync::OnceLock::new(), children_on_tcp: false }
     }
 
     fn set_fake_tokens(&self, n: usize) {
@@ -382,6 +434,9 @@ impl Bench {
             .env("LLMCTL_CONFIG", root.join("config.toml"))
             .env("LLMCTL_LLAMA_SERVER", &self.server)
             .stdin(Stdio::null());
+        if self.children_on_tcp {
+            command.env("LLMCTL_CHILDREN_ON_TCP", "1");
+        }
         if let Some(n) = self.fake_tokens.get().copied() {
             command.env("FAKE_LLAMA_TOKENS", n.to_string());
         }
@@ -418,8 +473,13 @@ impl Bench {
         serde_json::from_str(&self.llmctl(&["status", "--json"])).unwrap()
     }
 
-    fn instance_port(&self) -> u16 {
-        self.status()["instances"][0]["port"].as_u64().unwrap() as u16
+    /// Where the first instance's child listens.
+    fn instance_target(&self) -> Target {
+        let instance = &self.status()["instances"][0];
+        match instance["socket"].as_str() {
+            Some(socket) => Target::Socket(PathBuf::from(socket)),
+            None => Target::Port(instance["port"].as_u64().unwrap() as u16),
+        }
     }
 
     fn socket(&self) -> PathBuf {
@@ -438,15 +498,40 @@ impl Drop for Bench {
 }
 
 /// (time to first token, whole request) of a streaming raw completion straight to a server.
-fn direct_stream(port: u16, prompt: &str, tokens: usize) -> (Duration, Duration) {
+/// Where a llama-server listens: a loopback port, or a Unix socket (llmctl's children).
+enum Target {
+    Port(u16),
+    Socket(PathBuf),
+}
+
+fn direct_stream(target: &Target, prompt: &str, tokens: usize) -> (Duration, Duration) {
     let body = serde_json::json!({"prompt": prompt, "n_predict": tokens, "temperature": 0, "stream": true});
-    sse_stream(&format!("http://127.0.0.1:{port}/completion"), &body)
+    target_stream(target, "/completion", &body)
+}
+
+/// A streaming POST of `body` to `path` on `target`, as a client on this machine makes it.
+fn target_stream(target: &Target, path: &str, body: &serde_json::Value) -> (Duration, Duration) {
+    match target {
+        Target::Port(port) => sse_stream(&format!("http://127.0.0.1:{port}{path}"), body),
+        Target::Socket(socket) => {
+            let agent = ureq::Agent::with_parts(
+                ureq::Agent::config_builder().build(),
+                llmctl::backend::unix::UnixConnector { path: socket.clone() },
+                ureq::unversioned::resolver::DefaultResolver::default(),
+            );
+            stream_with(&agent, &format!("http://localhost{path}"), body)
+        }
+    }
 }
 
 /// (time to first event, whole request) of a streaming POST to `url`.
 fn sse_stream(url: &str, body: &serde_json::Value) -> (Duration, Duration) {
+    stream_with(&ureq::Agent::new_with_defaults(), url, body)
+}
+
+fn stream_with(agent: &ureq::Agent, url: &str, body: &serde_json::Value) -> (Duration, Duration) {
     let start = Instant::now();
-    let mut response = ureq::post(url).send(body.to_string()).unwrap();
+    let mut response = agent.post(url).send(body.to_string()).unwrap();
     let mut reader = BufReader::new(response.body_mut().as_reader());
     let mut line = String::new();
     let mut ttft = None;
@@ -508,7 +593,7 @@ fn cold_start_alone(server: &Path, model: &Path) -> Duration {
     while agent.get(format!("http://127.0.0.1:{port}/health")).call().map(|r| r.status() != 200).unwrap_or(true) {
         std::thread::sleep(Duration::from_millis(1));
     }
-    let _ = direct_stream(port, "Hello", 1);
+    let _ = direct_stream(&Target::Port(port), "Hello", 1);
     let elapsed = start.elapsed();
     child.kill().unwrap();
     child.wait().unwrap();
