@@ -124,11 +124,13 @@ pub struct Capture {
 
 /// Points `command`'s stdout and stderr at one pipe and starts the thread that copies it to
 /// `log_path`, keeps the tail and reports the port; `on_close` runs when the child closes
-/// its output (it is exiting). Call before spawning; the write ends in `command` are closed
+/// its output (it is exiting), `on_listening` when it says it listens (so readiness is
+/// checked at once rather than at the next poll). Call before spawning; the write ends in `command` are closed
 /// in this process when `command` is dropped.
 pub fn capture_output(
     command: &mut Command,
     log_path: &Path,
+    on_listening: impl FnOnce() + Send + 'static,
     on_close: impl FnOnce() + Send + 'static,
 ) -> io::Result<Capture> {
     let (reader, writer) = io::pipe()?;
@@ -138,16 +140,17 @@ pub fn capture_output(
     let (port_tx, port_rx) = crossbeam_channel::bounded(1);
     let drain_tail = Arc::clone(&tail);
     let drain = thread::Builder::new().name("child-output".into()).spawn(move || {
-        drain_output(reader, &mut log, &drain_tail, port_tx);
+        drain_output(reader, &mut log, &drain_tail, port_tx, on_listening);
         on_close();
     })?;
     Ok(Capture { tail, port: port_rx, drain })
 }
 
-fn drain_output(pipe: impl Read, log: &mut File, tail: &OutputTail, port_tx: Sender<u16>) {
+fn drain_output(pipe: impl Read, log: &mut File, tail: &OutputTail, port_tx: Sender<u16>, on_listening: impl FnOnce()) {
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::new();
     let mut port_sent = false;
+    let mut on_listening = Some(on_listening);
     loop {
         line.clear();
         match reader.read_until(b'\n', &mut line) {
@@ -160,6 +163,11 @@ fn drain_output(pipe: impl Read, log: &mut File, tail: &OutputTail, port_tx: Sen
         if !port_sent {
             if let Some(port) = parse_listening_port(&text) {
                 port_sent = port_tx.send(port).is_ok();
+            }
+        }
+        if text.contains("listening on ") {
+            if let Some(on_listening) = on_listening.take() {
+                on_listening();
             }
         }
     }

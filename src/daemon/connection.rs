@@ -270,38 +270,73 @@ fn acquire(
 
 fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result<()> {
     let request_started = Instant::now();
-    let (instance, file) = instance_for(shared, &request.model)?;
+    let (instance, mut file) = instance_for(shared, &request.model)?;
     let place = shared.admission.enter().inspect_err(|_| instance.note_rejected())?;
     let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
-    // Both progress callbacks write to the client, one at a time.
-    let progress_writer = std::cell::RefCell::new(&mut *writer);
     let model = request.model.name.clone();
-    let mut lease = acquire(
-        shared,
-        &instance,
-        &request.model,
-        file,
-        Progress {
-            on_loading: &mut || {
-                let _ = send_final(&mut progress_writer.borrow_mut(), &Response::Loading { model: model.clone() });
+    let mut place = Some(place);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        // Both progress callbacks write to the client, one at a time.
+        let progress_writer = std::cell::RefCell::new(&mut *writer);
+        let lease = acquire(
+            shared,
+            &instance,
+            &request.model,
+            file.take(),
+            Progress {
+                on_loading: &mut || {
+                    let _ = send_final(&mut progress_writer.borrow_mut(), &Response::Loading { model: model.clone() });
+                },
+                on_queued: &mut |position| {
+                    let _ = send_final(&mut progress_writer.borrow_mut(), &Response::Queued { position });
+                },
+                client_gone: &|| sys::peer_closed(&client_socket),
             },
-            on_queued: &mut |position| {
-                let _ = send_final(&mut progress_writer.borrow_mut(), &Response::Queued { position });
-            },
-            client_gone: &|| sys::peer_closed(&client_socket),
-        },
-    )?;
-    drop(place);
-    // A fault hook for the test suite: a handler that panics while it holds a slot.
-    #[cfg(feature = "testing")]
-    if request.prompt == "__llmctl_test_panic__" {
-        panic!("fault injected by the test suite");
+        )?;
+        drop(place.take());
+        // A fault hook for the test suite: a handler that panics while it holds a slot.
+        #[cfg(feature = "testing")]
+        if request.prompt == "__llmctl_test_panic__" {
+            panic!("fault injected by the test suite");
+        }
+        match stream(shared, lease, &request, request_started, writer) {
+            // A remote server that failed before it sent anything is left out for a while;
+            // the request goes to another one (each server gets one try).
+            Err(Retry::OtherReplica) if attempt < MAX_REPLICA_TRIES => continue,
+            Err(Retry::OtherReplica) => {
+                return Err(Error::RemoteDown {
+                    message: format!("every server for {} failed; they are retried with backoff", request.model.name),
+                })
+            }
+            Err(Retry::No(error)) => return Err(error),
+            Ok(()) => return Ok(()),
+        }
     }
+}
 
+/// How many servers of a remote model one request tries.
+const MAX_REPLICA_TRIES: usize = 4;
+
+enum Retry {
+    /// The remote server failed before any byte of the answer: try another.
+    OtherReplica,
+    No(Error),
+}
+
+/// Streams one generation on `lease` to the client.
+fn stream(
+    shared: &Shared,
+    mut lease: Lease,
+    request: &RunRequest,
+    request_started: Instant,
+    writer: &mut Writer,
+) -> std::result::Result<(), Retry> {
     let client = &lease.client;
     let generation = &lease.generation;
     let report = &mut lease.report;
-    let result = client.generate(&request, |text, more_buffered| {
+    let result = client.generate(request, |text, more_buffered| {
         if generation.is_stopped() {
             // `stop` or `shutdown`: cut the stream off now, even if the child ignores SIGTERM.
             return Err(std::io::Error::other("the instance was stopped"));
@@ -323,20 +358,25 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
             let _ = send_final(writer, &Response::Done(done));
             return Ok(());
         }
-        // The client went away; dropping the HTTP response closed the upstream connection,
-        // which makes llama-server stop generating and free the slot.
         Err(GenerateError::Cancelled) if lease.generation.is_stopped() => {
             generation_failed(shared, &mut lease, &request.model, GenerateError::Broken("stopped".into()))
         }
+        // The client went away; dropping the HTTP response closed the upstream connection,
+        // which makes llama-server stop generating and free the slot.
         Err(GenerateError::Cancelled) => {
             log::debug!("client of {} went away; generation cancelled", request.model.name);
             lease.report.outcome = Some("cancelled".into());
             return Ok(());
         }
+        Err(GenerateError::Broken(message)) if lease.replica.is_some() && lease.report.first_token.is_none() => {
+            log::warn!("the server {} for {} failed: {message}", lease.client.base_url(), request.model.name);
+            lease.report.replica_failed = true;
+            return Err(Retry::OtherReplica);
+        }
         Err(error) => generation_failed(shared, &mut lease, &request.model, error),
     };
     lease.report.outcome = Some(outcome.kind().name().to_string());
-    Err(outcome)
+    Err(Retry::No(outcome))
 }
 
 /// Classifies a failed generation by what happened to the lease's own child or server.

@@ -213,6 +213,10 @@ pub enum Message {
     OutputClosed {
         generation: u64,
     },
+    /// The child says it listens: check readiness now.
+    Listening {
+        generation: u64,
+    },
     /// When it was last used, as a daemon before this one remembered.
     Restore {
         last_used: SystemTime,

@@ -85,6 +85,9 @@ fn replicas_route_around_a_server_that_is_down_and_tokens_pass_through() {
         down.url, up.url
     ));
     let down_url = down.url.clone();
+    // Both answer when llmctl first checks them; then one goes away. Requests that meet it
+    // go on to the other one rather than fail.
+    assert_success(&env.run(&["warm", "pair"]));
     drop(down);
     for _ in 0..3 {
         let output = env.run(&["run", "--raw", "pair", "x"]);
