@@ -11,8 +11,9 @@ EXIT STATUS:
     1    unexpected internal error (a bug)
     2    bad command line
     65   bad input data: not a GGUF file, truncated file, invalid parameter, bad config
-    66   model not found: no such file, unknown alias
-    69   unavailable: daemon cannot be reached or started, no llama-server binary
+    66   model not found: no such file, unknown alias, demo not installed
+    69   unavailable: daemon cannot be reached or started, no llama-server binary,
+         stopped by `llmctl stop`, an environment failure (disk, permissions)
     70   the backend failed: llama-server exited or crashed while loading or generating
     73   no capacity: the model cannot fit the memory budget
     75   busy, try later: admission queue full or per-model limit reached
@@ -93,13 +94,13 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
     /// Context size in tokens for this instance (llama-server -c)
-    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(16..))]
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(16..=i64::from(crate::config::MAX_CTX_SIZE)))]
     pub ctx_size: Option<u32>,
     /// Parallel slots of this instance (llama-server -np)
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::config::MAX_PARALLEL)))]
     pub parallel: Option<u32>,
     /// Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::config::MAX_GPU_LAYERS)))]
     pub gpu_layers: Option<u32>,
 }
 

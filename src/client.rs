@@ -15,6 +15,11 @@ use crate::protocol::{self, Request, Response, VERSION};
 
 /// How long a client waits for a daemon it started to answer.
 const AUTOSTART_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a daemon may take to answer the handshake: it answers at once unless it is
+/// stopped (SIGSTOP) or wedged.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a control request (status, stop, shutdown, pin) may go without an answer.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_POLL: Duration = Duration::from_millis(2);
 
 pub struct Connection {
@@ -22,12 +27,32 @@ pub struct Connection {
     writer: UnixStream,
     line: Vec<u8>,
     socket_path: std::path::PathBuf,
+    /// The longest wait for the daemon's next message; none waits for good.
+    reply_timeout: Option<Duration>,
 }
 
 impl Connection {
+    /// Bounds every wait for the daemon's next message (none: wait for good, as `events`).
+    pub fn set_reply_timeout(&mut self, timeout: Option<Duration>) -> Result<()> {
+        self.reader.get_ref().set_read_timeout(timeout).map_err(|e| self.lost(e))?;
+        self.reply_timeout = timeout;
+        Ok(())
+    }
+
     pub fn send(&mut self, request: &Request) -> Result<()> {
         let mut buffer = Vec::with_capacity(256);
         protocol::write_message(&mut buffer, request).map_err(|e| Error::internal(e.to_string()))?;
+        // The daemon refuses longer lines; say so here, naming the size, instead of meeting
+        // a closed socket.
+        if buffer.len() > protocol::MAX_LINE {
+            return Err(Error::InvalidParameter {
+                message: format!(
+                    "the request is {:.1} MiB, over the {} MiB limit; shorten the prompt or what is piped to stdin",
+                    buffer.len() as f64 / (1 << 20) as f64,
+                    protocol::MAX_LINE >> 20
+                ),
+            });
+        }
         self.writer.write_all(&buffer).map_err(|e| self.lost(e))
     }
 
@@ -53,7 +78,16 @@ impl Connection {
     }
 
     fn lost(&self, error: io::Error) -> Error {
-        Error::DaemonUnavailable { socket: self.socket_path.clone(), reason: error.to_string() }
+        let reason = match (error.kind(), self.reply_timeout) {
+            (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(timeout)) => format!(
+                "it did not answer within {} s; it may be stopped or wedged (its pid is in {}; `kill -CONT` \
+                 resumes a stopped one)",
+                timeout.as_secs(),
+                self.socket_path.with_extension("lock").display()
+            ),
+            _ => error.to_string(),
+        };
+        Error::DaemonUnavailable { socket: self.socket_path.clone(), reason }
     }
 
     /// Sends `request` and reads until its final response; a daemon error becomes `Err`.
@@ -84,6 +118,7 @@ pub fn connect(context: &Context) -> Result<Connection> {
 /// Connects to a running daemon; `Ok(None)` when none answers.
 pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
     let socket_path = &context.paths.socket;
+    crate::paths::check_socket_path(socket_path)?;
     let stream = match UnixStream::connect(socket_path) {
         Ok(stream) => stream,
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
@@ -97,14 +132,22 @@ pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
         writer: stream,
         line: Vec::with_capacity(256),
         socket_path: socket_path.clone(),
+        reply_timeout: None,
     };
+    connection.set_reply_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let _ = connection.writer.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
     // A daemon that refuses us (another user's, another protocol) answers and hangs up
     // without reading, so our hello may meet a closed socket: its answer still explains.
     let sent = connection.send(&Request::Hello { version: VERSION });
     match (connection.recv(), sent) {
         (Ok(Response::Error { kind, message, .. }), _) => Err(Error::Remote { kind, message }),
         (_, Err(error)) => Err(error),
-        (Ok(Response::Hello { .. }), Ok(())) => Ok(Some(connection)),
+        (Ok(Response::Hello { .. }), Ok(())) => {
+            // Commands that wait longer (run, warm, switch, events) say so themselves.
+            connection.set_reply_timeout(Some(CONTROL_TIMEOUT))?;
+            let _ = connection.writer.set_write_timeout(Some(CONTROL_TIMEOUT));
+            Ok(Some(connection))
+        }
         (Ok(other), Ok(())) => Err(Error::internal(format!("unexpected handshake answer {other:?}"))),
         (Err(error), Ok(())) => Err(error),
     }
@@ -112,6 +155,8 @@ pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
 
 fn start_daemon(context: &Context) -> Result<Connection> {
     let paths = &context.paths;
+    // A daemon would refuse a bad config and exit; say what is wrong here, as bad input.
+    crate::config::Config::load(&paths.config)?;
     fs::create_dir_all(&paths.state_dir)
         .map_err(|e| Error::io(format!("cannot create {}", paths.state_dir.display()), e))?;
     let log_path = paths.daemon_log();

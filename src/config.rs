@@ -15,6 +15,24 @@ use crate::error::{Error, Result};
 pub const DEFAULT_PARALLEL: u32 = 1;
 /// Admission queue depth unless configured.
 pub const DEFAULT_QUEUE_DEPTH: usize = 64;
+/// The most slots llama-server takes (its `--parallel`; more aborts it at start).
+pub const MAX_PARALLEL: u32 = 256;
+/// The largest context asked for: 16 Mi tokens, far beyond any GGUF model's training context.
+pub const MAX_CTX_SIZE: u32 = 1 << 24;
+/// More layers than any model has; llama-server offloads all of them at any larger value.
+pub const MAX_GPU_LAYERS: u32 = 1000;
+/// The deepest queue the daemon keeps.
+pub const MAX_QUEUE_DEPTH: usize = 1 << 20;
+/// Ten years: the longest timeout or TTL, so seconds never overflow a clock.
+pub const MAX_SECONDS: u64 = 10 * 365 * 86400;
+
+/// Refuses a number outside `min..=max`, naming the key and the range.
+fn check_range(key: &str, value: Option<u64>, min: u64, max: u64) -> Result<(), String> {
+    match value {
+        Some(value) if value < min || value > max => Err(format!("{key} = {value} is outside {min}..={max}")),
+        _ => Ok(()),
+    }
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,13 +106,34 @@ impl Config {
 
     pub fn parse(text: &str) -> Result<Config, String> {
         let config: Config = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
-        if config.queue_depth == Some(0) {
-            return Err("queue_depth must be at least 1".into());
+        // Every number is checked where it enters, against what llama-server and the daemon
+        // can really use: a zero timeout would make every load hang, an overflow would wrap.
+        let limits: [(&str, Option<u64>, u64, u64); 6] = [
+            ("queue_depth", config.queue_depth.map(|v| v as u64), 1, MAX_QUEUE_DEPTH as u64),
+            ("load_timeout", config.load_timeout, 1, MAX_SECONDS),
+            ("token_timeout", config.token_timeout, 1, MAX_SECONDS),
+            ("crash_limit", config.crash_limit.map(|v| v as u64), 1, 1000),
+            ("crash_window", config.crash_window, 1, MAX_SECONDS),
+            ("max_instances", config.max_instances.map(|v| v as u64), 1, 1024),
+        ];
+        for (key, value, min, max) in limits {
+            check_range(key, value, min, max)?;
         }
         for (name, model) in &config.models {
-            if model.parallel == Some(0) {
-                return Err(format!("models.{name}.parallel must be at least 1"));
-            }
+            check_range(&format!("models.{name}.parallel"), model.parallel.map(u64::from), 1, MAX_PARALLEL.into())?;
+            check_range(&format!("models.{name}.ctx_size"), model.ctx_size.map(u64::from), 16, MAX_CTX_SIZE.into())?;
+            check_range(
+                &format!("models.{name}.gpu_layers"),
+                model.gpu_layers.map(u64::from),
+                0,
+                MAX_GPU_LAYERS.into(),
+            )?;
+            check_range(
+                &format!("models.{name}.max_queued"),
+                model.max_queued.map(u64::from),
+                0,
+                MAX_QUEUE_DEPTH as u64,
+            )?;
             let remote = model.url.is_some() || !model.urls.is_empty();
             if remote == model.path.is_some() {
                 return Err(format!("models.{name} needs exactly one of `path` and `url`/`urls`"));
@@ -144,7 +183,10 @@ pub fn parse_ttl(text: &str) -> Result<Ttl, String> {
         "d" => 86400,
         _ => return Err(format!("`{text}` is not a duration (use 90s, 30m, 2h or never)")),
     };
-    Ok(Ttl::Seconds(number * seconds))
+    match number.checked_mul(seconds) {
+        Some(total) if total <= MAX_SECONDS => Ok(Ttl::Seconds(total)),
+        _ => Err(format!("`{text}` is longer than ten years; use `never` to keep it loaded")),
+    }
 }
 
 /// toml's own message spans several lines with a caret; keep it, but lead with the line.
@@ -192,8 +234,16 @@ mod tests {
         let table = [
             ("queue_depth = 8\nqueue_dept = 9\n", "line 2"),
             ("[models.a]\npath = \"/x\"\nctx_size = \"big\"\n", "line 3"),
-            ("[models.a]\nctx_size = 5\n", "path"),
-            ("queue_depth = 0\n", "at least 1"),
+            ("[models.a]\nctx_size = 512\n", "path"),
+            ("queue_depth = 0\n", "queue_depth = 0 is outside 1..="),
+            ("token_timeout = 0\n", "token_timeout = 0 is outside"),
+            ("load_timeout = 0\n", "load_timeout = 0 is outside"),
+            ("crash_limit = 0\n", "crash_limit = 0 is outside"),
+            ("max_instances = 0\n", "max_instances = 0 is outside"),
+            ("[models.a]\npath = \"/x\"\nparallel = 100000\n", "models.a.parallel = 100000 is outside 1..=256"),
+            ("[models.a]\npath = \"/x\"\ngpu_layers = 4294967295\n", "models.a.gpu_layers"),
+            ("default_ttl = \"18446744073709551615s\"\n", "longer than ten years"),
+            ("default_ttl = \"999999999999d\"\n", "longer than ten years"),
         ];
         for (text, expected) in table {
             let error = Config::parse(text).unwrap_err();

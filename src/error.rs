@@ -20,9 +20,10 @@ pub mod exit {
     pub const USAGE: i32 = 2;
     /// Bad input data: not a GGUF file, truncated file, invalid parameter, bad config.
     pub const DATA: i32 = 65;
-    /// Model not found: no such file, unknown alias.
+    /// Model not found: no such file, unknown alias, demo not installed.
     pub const NOT_FOUND: i32 = 66;
-    /// Unavailable: daemon unreachable, no llama-server binary, remote server down.
+    /// Unavailable: daemon unreachable, no llama-server binary, remote server down, stopped
+    /// by `llmctl stop`, an environment failure (disk, permissions).
     pub const UNAVAILABLE: i32 = 69;
     /// The backend failed: llama-server exited or crashed while loading or generating.
     pub const BACKEND: i32 = 70;
@@ -95,6 +96,10 @@ pub enum Error {
     ModelNotFound { path: PathBuf },
     /// A name that is neither a file nor an alias.
     UnknownModel { name: String },
+    /// Something of a model that exists only once it was loaded (its log) is not there.
+    NotLoaded { message: String },
+    /// The demo model is not installed.
+    DemoMissing,
     /// A file that is not a usable GGUF model.
     BadModel { path: PathBuf, reason: String },
     /// The config file could not be read or parsed.
@@ -126,7 +131,7 @@ pub enum Error {
     Interrupted,
     /// `llmctl setup` could not finish.
     Setup { message: String },
-    /// An I/O failure with what was being done.
+    /// An I/O failure with what was being done: exit 69, the environment is at fault.
     Io { context: String, source: std::sync::Arc<std::io::Error> },
     /// An error reported by the daemon, already classified.
     Remote { kind: ErrorKind, message: String },
@@ -146,7 +151,9 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Usage { .. } => ErrorKind::Usage,
-            Error::ModelNotFound { .. } | Error::UnknownModel { .. } => ErrorKind::NotFound,
+            Error::ModelNotFound { .. } | Error::UnknownModel { .. } | Error::NotLoaded { .. } | Error::DemoMissing => {
+                ErrorKind::NotFound
+            }
             Error::BadModel { .. } | Error::BadConfig { .. } | Error::InvalidParameter { .. } => ErrorKind::Data,
             Error::NoLlamaServer { .. }
             | Error::DaemonUnavailable { .. }
@@ -158,7 +165,10 @@ impl Error {
             Error::NoCapacity { .. } => ErrorKind::NoCapacity,
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::Interrupted => ErrorKind::Interrupted,
-            Error::Io { .. } | Error::Internal { .. } => ErrorKind::Internal,
+            // What fails on I/O is the environment (a full disk, a read-only or missing
+            // directory, a permission), not llmctl: unavailable, with what was being done.
+            Error::Io { .. } => ErrorKind::Unavailable,
+            Error::Internal { .. } => ErrorKind::Internal,
             Error::Remote { kind, .. } => *kind,
         }
     }
@@ -182,6 +192,10 @@ impl fmt::Display for Error {
                 "unknown model `{name}`: not a file and not an alias in the config file; \
                  give a path to a .gguf file or add `[models.{name}]` to the config"
             ),
+            Error::NotLoaded { message } => write!(f, "{message}"),
+            Error::DemoMissing => {
+                write!(f, "the demo model is not installed; run `llmctl setup` to install it (94 MiB)")
+            }
             Error::BadModel { path, reason } => {
                 write!(f, "{} is not a usable GGUF model: {reason}", path.display())
             }
@@ -192,7 +206,9 @@ impl fmt::Display for Error {
             Error::NoLlamaServer { searched } => write!(
                 f,
                 "no llama-server binary found (searched {searched}); run `llmctl setup` to build \
-                 one, or pass --llama-server PATH or set LLMCTL_LLAMA_SERVER"
+                 one, or name one with `llama_server = \"PATH\"` in the config or LLMCTL_LLAMA_SERVER \
+                 and restart the daemon with `llmctl shutdown` (a running daemon keeps the one it \
+                 started with)"
             ),
             Error::DaemonUnavailable { socket, reason } => write!(
                 f,

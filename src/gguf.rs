@@ -12,6 +12,9 @@ use std::path::Path;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
+/// The largest data alignment accepted: GGUF files use 32; a power of two up to 1 MiB is
+/// plausible, anything else is a crafted header.
+const MAX_ALIGNMENT: u64 = 1 << 20;
 /// Caps that keep a corrupt header from making us allocate or loop without bound.
 const MAX_STRING_LEN: u64 = 1 << 24;
 const MAX_ARRAY_LEN: u64 = 1 << 26;
@@ -44,9 +47,10 @@ impl ModelInfo {
         };
         let heads = self.head_count.unwrap_or(1).max(1);
         let kv_heads = self.head_count_kv.unwrap_or(heads);
-        let kv_width = embd / heads * kv_heads;
-        // K and V, f16 (2 bytes each).
-        2 * layers * n_ctx * kv_width * 2
+        let kv_width = (embd / heads).saturating_mul(kv_heads);
+        // K and V, f16 (2 bytes each). The numbers come from the file: a crafted header
+        // saturates (and then fits no budget) rather than wrapping to a small estimate.
+        [layers, n_ctx, kv_width, 2].iter().fold(2u64, |bytes, &factor| bytes.saturating_mul(factor))
     }
 }
 
@@ -99,7 +103,7 @@ impl<R: BufRead> Reader<R> {
             self.inner.consume(step);
             left -= step as u64;
         }
-        self.offset += n;
+        self.offset = self.offset.saturating_add(n);
         Ok(())
     }
     fn u32(&mut self) -> Result<u32, ParseError> {
@@ -119,7 +123,7 @@ impl<R: BufRead> Reader<R> {
         let len = self.string_len()?;
         let mut bytes = vec![0u8; len as usize];
         self.inner.read_exact(&mut bytes).map_err(|_| ParseError::OutOfData)?;
-        self.offset += len;
+        self.offset = self.offset.saturating_add(len);
         String::from_utf8(bytes).map_err(|_| ParseError::Bad("a header string is not UTF-8".into()))
     }
 
@@ -148,7 +152,7 @@ impl<R: BufRead> Reader<R> {
                 }
                 match (fixed_size(element_type), element_type) {
                     (Some(size), _) => {
-                        self.take(size * len)?;
+                        self.take(size.saturating_mul(len))?;
                     }
                     // Vocabularies are arrays of tens of thousands of strings: skip them
                     // without decoding.
@@ -285,10 +289,11 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
     }
 
     let alignment = match metadata.get("general.alignment") {
-        Some(Value::Uint(a)) if *a > 0 => *a,
+        Some(Value::Uint(a)) if a.is_power_of_two() && *a <= MAX_ALIGNMENT => *a,
+        Some(Value::Uint(a)) => return Err(ParseError::Bad(format!("implausible alignment {a} in the header"))),
         _ => DEFAULT_ALIGNMENT,
     };
-    let data_start = reader.offset.div_ceil(alignment) * alignment;
+    let data_start = reader.offset.div_ceil(alignment).saturating_mul(alignment);
     let needed = data_start.saturating_add(data_end);
     if needed > file_size {
         return Err(ParseError::Bad(format!(
@@ -406,5 +411,13 @@ mod tests {
         };
         // 2 (K,V) * 30 layers * 2048 ctx * 192 width * 2 bytes
         assert_eq!(info.kv_cache_bytes(2048), 2 * 30 * 2048 * 192 * 2);
+        // A crafted header saturates instead of wrapping to a small estimate.
+        let crafted = ModelInfo {
+            block_count: Some(u64::MAX / 3),
+            embedding_length: Some(u64::MAX / 5),
+            head_count: Some(1),
+            ..info.clone()
+        };
+        assert_eq!(crafted.kv_cache_bytes(2048), u64::MAX);
     }
 }

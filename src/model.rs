@@ -105,11 +105,20 @@ pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverr
                 remote: Some(Remote {
                     urls,
                     api_key_env: model.api_key_env.clone(),
-                    ca_file: model.ca_file.as_deref().map(expand_home),
+                    ca_file: model.ca_file.as_deref().map(expand_home).map(|ca_file| match paths.config.parent() {
+                        Some(dir) if ca_file.is_relative() => dir.join(ca_file),
+                        _ => ca_file,
+                    }),
                 }),
             });
         };
+        // A relative path is relative to the config file, as in other tools' configs, not
+        // to wherever the client happens to run.
         let path = expand_home(path);
+        let path = match paths.config.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path,
+        };
         if !path.exists() {
             return Err(Error::ModelNotFound { path });
         }
@@ -117,7 +126,7 @@ pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverr
     } else if name == DEMO_ALIAS && !Path::new(name).exists() {
         let path = paths.models_dir().join(DEMO_FILE);
         if !path.exists() {
-            return Err(Error::Usage { message: "the demo model is not installed; run `llmctl setup` first".into() });
+            return Err(Error::DemoMissing);
         }
         (name.to_string(), path, LoadOptions::default())
     } else {

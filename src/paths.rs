@@ -79,15 +79,37 @@ fn from_env_or(own: &str, xdg: &str, home_relative: &str) -> PathBuf {
 }
 
 fn default_socket() -> PathBuf {
-    if let Some(path) = non_empty_env("LLMCTL_SOCKET") {
+    let uid = crate::sys::current_uid();
+    let run_user = PathBuf::from(format!("/run/user/{uid}"));
+    let run_user_is_ours = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&run_user).is_ok_and(|metadata| metadata.is_dir() && metadata.uid() == uid)
+    };
+    socket_location(
+        non_empty_env("LLMCTL_SOCKET"),
+        non_empty_env("XDG_RUNTIME_DIR"),
+        run_user_is_ours.then_some(run_user),
+        uid,
+    )
+}
+
+/// Where the socket is: `$LLMCTL_SOCKET`; else in `$XDG_RUNTIME_DIR`; else in `/run/user/$UID`
+/// when it exists and is the user's (what systemd sets XDG_RUNTIME_DIR to, so a cron job,
+/// which has no XDG_RUNTIME_DIR, finds the same daemon as the user's shell); else in
+/// `/tmp/llmctl-$UID`.
+pub fn socket_location(
+    explicit: Option<PathBuf>,
+    xdg_runtime: Option<PathBuf>,
+    run_user: Option<PathBuf>,
+    uid: u32,
+) -> PathBuf {
+    if let Some(path) = explicit {
         return path;
     }
-    if let Some(runtime) = non_empty_env("XDG_RUNTIME_DIR") {
-        return runtime.join("llmctl").join("llmctl.sock");
+    match xdg_runtime.or(run_user) {
+        Some(runtime) => runtime.join("llmctl").join("llmctl.sock"),
+        None => PathBuf::from(format!("/tmp/llmctl-{uid}")).join("llmctl.sock"),
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    PathBuf::from(format!("/tmp/llmctl-{uid}")).join("llmctl.sock")
 }
 
 fn default_config() -> PathBuf {
@@ -95,6 +117,24 @@ fn default_config() -> PathBuf {
         return path;
     }
     non_empty_env("XDG_CONFIG_HOME").unwrap_or_else(|| home().join(".config")).join("llmctl").join("config.toml")
+}
+
+/// The longest path a Unix socket can have (`sun_path` holds 108 bytes with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Refuses a socket path the kernel cannot bind, naming its length and the way out.
+pub fn check_socket_path(socket: &Path) -> Result<()> {
+    let len = socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(Error::DaemonUnavailable {
+            socket: socket.to_path_buf(),
+            reason: format!(
+                "the path is {len} bytes, over the {MAX_SOCKET_PATH} a Unix socket allows; set LLMCTL_SOCKET or \
+                 --socket to a shorter path"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Makes sure `dir` can hold the daemon's socket safely. A directory llmctl creates is
@@ -178,6 +218,19 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cron_and_the_shell_find_the_same_socket() {
+        let run_user = Some(PathBuf::from("/run/user/1000"));
+        // A login shell under systemd has XDG_RUNTIME_DIR=/run/user/1000; cron has none.
+        let shell = socket_location(None, run_user.clone(), run_user.clone(), 1000);
+        let cron = socket_location(None, None, run_user, 1000);
+        assert_eq!(shell, cron);
+        assert_eq!(cron, PathBuf::from("/run/user/1000/llmctl/llmctl.sock"));
+        assert_eq!(socket_location(None, None, None, 7), PathBuf::from("/tmp/llmctl-7/llmctl.sock"));
+        let explicit = Some(PathBuf::from("/x.sock"));
+        assert_eq!(socket_location(explicit, None, None, 7), PathBuf::from("/x.sock"));
+    }
 
     #[test]
     fn atomic_write_replaces_whole_file_and_leaves_no_temp() {

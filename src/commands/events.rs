@@ -11,6 +11,8 @@ use crate::protocol::{Request, Response};
 pub fn events(context: &Context) -> Result<()> {
     let mut connection = client::connect(context)?;
     connection.call(&Request::Events)?;
+    // Subscribed: events come when they come.
+    connection.set_reply_timeout(None)?;
     let mut out = io::stdout().lock();
     loop {
         let event = match connection.recv() {

@@ -26,7 +26,7 @@ pub fn run(context: &Context, args: LogsArgs) -> Result<()> {
     };
     let mut file = File::open(&path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => {
-            Error::Usage { message: format!("no log at {}: the model has not been loaded yet", path.display()) }
+            Error::NotLoaded { message: format!("no log at {}: the model has not been loaded yet", path.display()) }
         }
         _ => Error::io(format!("cannot open {}", path.display()), e),
     })?;

@@ -38,6 +38,19 @@ impl Context {
         Config::load(&self.paths.config)
     }
 
+    /// The longest a request that loads and generates may wait for the daemon's next
+    /// message: the longest silence the daemon itself allows (queue wait, a load without
+    /// output, a token) plus a margin, so a wedged daemon cannot hold a client for good.
+    pub fn generation_timeout(&self) -> std::time::Duration {
+        let config = self.config().unwrap_or_default();
+        let longest =
+            [crate::daemon::QUEUE_TIMEOUT_S, config.load_timeout.unwrap_or(120), config.token_timeout.unwrap_or(300)]
+                .into_iter()
+                .max()
+                .unwrap_or(600);
+        std::time::Duration::from_secs(longest + 60)
+    }
+
     /// Resolves MODEL to a file and load options.
     pub fn resolve_model(&self, name: &str, load: &LoadArgs) -> Result<ModelSpec> {
         let config = self.config()?;

@@ -47,6 +47,7 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
     };
 
     let mut connection = context.connect_for(&request.model)?;
+    connection.set_reply_timeout(Some(context.generation_timeout()))?;
     install_interrupt_handler(connection.raw_fd())?;
     let result = stream(&mut connection, &Request::Run(request), &args, context.global.verbose > 0);
     SOCKET_FD.store(-1, Ordering::SeqCst);
@@ -58,7 +59,14 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
 
 fn read_stdin(stdin: io::Stdin) -> Result<String> {
     let mut bytes = Vec::new();
-    stdin.lock().read_to_end(&mut bytes).map_err(|e| Error::io("cannot read stdin", e))?;
+    // Never more than one request can carry: a huge or endless stdin is refused, not held.
+    let limit = crate::protocol::MAX_LINE as u64;
+    stdin.lock().take(limit + 1).read_to_end(&mut bytes).map_err(|e| Error::io("cannot read stdin", e))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::InvalidParameter {
+            message: format!("stdin is over the {} MiB a request can carry; shorten it", limit >> 20),
+        });
+    }
     String::from_utf8(bytes).map_err(|_| Error::InvalidParameter { message: "stdin is not valid UTF-8 text".into() })
 }
 

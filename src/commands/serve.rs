@@ -313,7 +313,10 @@ fn generate(
     let id = format!("{}-{:x}", if chat { "chatcmpl" } else { "cmpl" }, nanos());
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut connection = match served.context.connect_for(&run.model) {
-        Ok(connection) => connection,
+        Ok(mut connection) => {
+            let _ = connection.set_reply_timeout(Some(served.context.generation_timeout()));
+            connection
+        }
         Err(error) => return respond_error(request, error.kind(), &error.to_string(), None, false),
     };
     if let Err(error) = connection.send(&Request::Run(run)) {

@@ -9,6 +9,7 @@ use crate::protocol::Request;
 pub fn run(context: &Context, args: WarmArgs) -> Result<()> {
     let model = context.resolve_model(&args.model, &args.load)?;
     let mut connection = context.connect_for(&model)?;
+    connection.set_reply_timeout(Some(context.generation_timeout()))?;
     connection.call(&Request::Warm { model, ttl_s: args.ttl })?;
     Ok(())
 }

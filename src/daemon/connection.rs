@@ -33,6 +33,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// itself arrives on a channel the moment it is free; this only bounds how long a client
 /// that left keeps its place.
 const CLIENT_CHECK: Duration = Duration::from_millis(100);
+/// The longest a write to a client may block (less when `token_timeout` is shorter).
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a broken stream waits to learn whether its child died.
 const EXIT_PATIENCE: Duration = Duration::from_millis(500);
 
@@ -57,6 +59,9 @@ pub fn serve(shared: &Arc<Shared>, stream: UnixStream) {
             return;
         }
     }
+    // A client that stops reading must not hold its slot (or an events thread) for good:
+    // a write that cannot proceed for this long fails, which cancels the generation.
+    let _ = stream.set_write_timeout(Some(shared.settings.token_timeout.min(CLIENT_WRITE_TIMEOUT)));
     let Ok(read_half) = stream.try_clone() else {
         return;
     };

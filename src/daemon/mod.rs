@@ -52,6 +52,8 @@ pub const DEFAULT_MEMORY_BUDGET: &str = "75%";
 pub const DEFAULT_VRAM_BUDGET: &str = "90%";
 /// Time a child gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a request may wait for a slot, in seconds.
+pub const QUEUE_TIMEOUT_S: u64 = 600;
 /// How often the supervisor looks for expired TTLs and a changed state file.
 const SUPERVISOR_TICK: Duration = Duration::from_millis(100);
 /// How often GPU memory is read in the background (and after every load).
@@ -80,7 +82,7 @@ impl Settings {
             queue_depth: queue_depth_flag.or(config.queue_depth).unwrap_or(DEFAULT_QUEUE_DEPTH),
             load_timeout: Duration::from_secs(config.load_timeout.unwrap_or(120)),
             token_timeout: Duration::from_secs(config.token_timeout.unwrap_or(300)),
-            queue_timeout: Duration::from_secs(600),
+            queue_timeout: Duration::from_secs(QUEUE_TIMEOUT_S),
             stop_grace: env_duration_ms("LLMCTL_STOP_GRACE_MS").unwrap_or(STOP_GRACE),
             llama_server: llama_server_flag.or_else(|| config.llama_server.clone()),
             crash_loop: CrashLoop {
@@ -147,6 +149,7 @@ impl Shared {
 
 /// Runs the daemon until a signal or `llmctl shutdown`.
 pub fn run(paths: Paths, settings: Settings) -> Result<()> {
+    paths::check_socket_path(&paths.socket)?;
     let socket_dir = paths.socket.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     paths::ensure_private_dir(&socket_dir)?;
     fs::create_dir_all(&paths.instance_logs_dir)
@@ -159,7 +162,8 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(format!("cannot remove stale socket {}", paths.socket.display()), e)),
     }
-    state::kill_leftovers(&paths.state_file());
+    let remembered = state::load(&paths.state_file());
+    state::kill_leftovers(&remembered.children);
     // Children's sockets sit next to the daemon's, in a directory only this user can enter;
     // any socket in it was left by a daemon that died.
     let children_dir = socket_dir.join(format!(
@@ -172,7 +176,6 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
             let _ = fs::remove_file(entry.path());
         }
     }
-    let remembered = state::remembered_instances(&paths.state_file());
 
     let listener = UnixListener::bind(&paths.socket)
         .map_err(|e| Error::io(format!("cannot listen on {}", paths.socket.display()), e))?;
@@ -214,7 +217,7 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         jobs: AtomicU64::new(0),
         exclusive_epoch: parking_lot::Mutex::new(0),
     });
-    restore_instances(&shared, remembered);
+    restore_instances(&shared, remembered.instances);
     log::info!(
         "llmctl daemon {} (pid {}) listening on {}",
         env!("CARGO_PKG_VERSION"),
@@ -350,6 +353,21 @@ fn acquire_lock(paths: &Paths) -> Result<File> {
     Ok(file)
 }
 
+/// Connections beyond the queue depth: enough for every stream in flight and control
+/// commands next to a full queue.
+const CONNECTION_HEADROOM: usize = 256;
+
+/// Tells a client over the connection cap that the daemon is busy, without waiting on it.
+fn refuse_connection(stream: &UnixStream, cap: usize) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let error = Error::Busy {
+        message: format!("the daemon has {cap} connections open, its limit"),
+        retry_after_ms: 1000,
+        per_model: false,
+    };
+    let _ = crate::protocol::write_message(&mut &*stream, &crate::protocol::Response::error(&error));
+}
+
 /// How long an idle connection thread waits for another connection before it exits.
 const IDLE_CONNECTION_THREAD: Duration = Duration::from_secs(30);
 
@@ -372,6 +390,13 @@ fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
                 continue;
             }
         };
+        // Each connection holds a thread: beyond the cap, a client is told busy at once
+        // instead of growing the daemon without bound.
+        let cap = shared.settings.queue_depth.saturating_add(CONNECTION_HEADROOM);
+        if shared.connections.load(Ordering::SeqCst) >= cap {
+            refuse_connection(&stream, cap);
+            continue;
+        }
         shared.connections.fetch_add(1, Ordering::SeqCst);
         let stream = match work_tx.try_send(stream) {
             Ok(()) => continue,

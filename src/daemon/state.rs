@@ -64,13 +64,38 @@ fn instances(table: &InstanceTable) -> Vec<InstanceRecord> {
         .collect()
 }
 
-/// Instances a previous daemon knew, to be restored (stopped) at start.
-pub fn remembered_instances(path: &Path) -> Vec<InstanceRecord> {
-    fs::read_to_string(path)
-        .ok()
-        .and_then(|text| serde_json::from_str::<StateFile>(&text).ok())
-        .map(|state| state.instances)
-        .unwrap_or_default()
+/// What an earlier daemon left: the state file, read once at start. A file that cannot be
+/// read as a state (not UTF-8, not JSON, a wrong shape) is kept aside as `state.json.corrupt`
+/// for a person to look at, and logged; the daemon starts without it.
+pub fn load(path: &Path) -> Remembered {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Remembered::default(),
+        Err(e) => {
+            log::warn!("cannot read the state file {}: {e}; starting without it", path.display());
+            return Remembered::default();
+        }
+    };
+    match serde_json::from_slice::<StateFile>(&bytes) {
+        Ok(state) => Remembered { children: state.children, instances: state.instances },
+        Err(error) => {
+            let aside = path.with_extension("json.corrupt");
+            let kept = fs::rename(path, &aside).map(|()| format!("kept as {}", aside.display()));
+            log::error!(
+                "the state file {} is unreadable ({error}); {}; LRU order and pins start afresh",
+                path.display(),
+                kept.unwrap_or_else(|e| format!("cannot keep it aside: {e}"))
+            );
+            Remembered::default()
+        }
+    }
+}
+
+/// What the state file said.
+#[derive(Debug, Default)]
+pub struct Remembered {
+    pub children: Vec<ChildRecord>,
+    pub instances: Vec<InstanceRecord>,
 }
 
 /// The children running now, in a stable order.
@@ -108,18 +133,8 @@ pub fn write(path: &Path, table: &InstanceTable) -> Result<(), String> {
 }
 
 /// Kills the children recorded by a daemon that did not shut down cleanly.
-pub fn kill_leftovers(path: &Path) {
-    let Ok(text) = fs::read_to_string(path) else {
-        return;
-    };
-    let state: StateFile = match serde_json::from_str(&text) {
-        Ok(state) => state,
-        Err(error) => {
-            log::warn!("ignoring unreadable state file {}: {error}", path.display());
-            return;
-        }
-    };
-    for child in state.children {
+pub fn kill_leftovers(children: &[ChildRecord]) {
+    for child in children {
         if process::kill_leftover(child.pid, child.start_time) {
             log::warn!("killed llama-server pid {} left by an earlier daemon ({})", child.pid, child.model);
         } else {

@@ -123,9 +123,6 @@ pub fn start(
     Ok(Handle { id, inbox: inbox_tx, view, rejected: Default::default(), thread: Mutex::new(Some(thread)) })
 }
 
-/// The longest path a Unix socket can have (`sun_path` holds 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
-
 /// A running child and the thread draining its output.
 struct Running {
     child: ChildGroup,
@@ -554,7 +551,7 @@ impl Worker {
     /// not fit a socket address.
     fn listen(&self, generation: u64) -> Result<Listen, Error> {
         let path = self.services.children_dir.join(format!("{}-{generation}.sock", self.id));
-        if !self.services.children_on_tcp && path.as_os_str().len() <= MAX_SOCKET_PATH {
+        if !self.services.children_on_tcp && path.as_os_str().len() <= crate::paths::MAX_SOCKET_PATH {
             // A leftover of an earlier daemon would make the bind fail.
             let _ = std::fs::remove_file(&path);
             return Ok(Listen::Socket(path));

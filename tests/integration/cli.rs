@@ -182,12 +182,23 @@ fn aliases_and_bad_config() {
 }
 
 #[test]
-fn no_llama_server_binary_is_unavailable() {
-    let env = Env::with_server(std::path::Path::new("/nonexistent/llama-server"));
+fn no_llama_server_binary_is_unavailable_and_never_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("llama-server");
+    let env = Env::with_server(&binary);
     let model = fake_model(&env);
+    // More tries than the crash-loop breaker allows: a missing binary is no crash.
+    for _ in 0..4 {
+        let output = env.command(&["run", &model, "hi"]).env("PATH", "/usr/bin:/bin").output().unwrap();
+        assert_exit(&output, 69);
+        assert!(stderr(&output).contains("llmctl setup"), "{}", stderr(&output));
+        assert!(stderr(&output).contains("llmctl shutdown"), "says how a running daemon gets it: {}", stderr(&output));
+    }
+    // Installed now: the running daemon finds it at the next request.
+    std::os::unix::fs::symlink(FAKE_SERVER, &binary).unwrap();
     let output = env.command(&["run", &model, "hi"]).env("PATH", "/usr/bin:/bin").output().unwrap();
-    assert_exit(&output, 69);
-    assert!(stderr(&output).contains("llmctl setup"), "{}", stderr(&output));
+    assert_success(&output);
+    assert_eq!(stdout(&output), "hi");
 }
 
 #[test]

@@ -6,6 +6,7 @@ mod budget;
 mod cli;
 mod core;
 mod docs;
+mod hardening;
 mod observe;
 mod private;
 mod real;

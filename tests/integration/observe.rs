@@ -9,7 +9,7 @@ fn logs_print_a_models_llama_server_output_and_the_daemons() {
     let env = Env::fake();
     let model = env.tiny_model("m.gguf").display().to_string();
     let output = env.run(&["logs", &model]);
-    assert_exit(&output, 2);
+    assert_exit(&output, 66);
     assert!(stderr(&output).contains("not been loaded"), "{}", stderr(&output));
     assert_success(&env.run(&["warm", &model]));
     let output = env.run(&["logs", &model]);

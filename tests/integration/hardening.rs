@@ -1,0 +1,181 @@
+//! Hostile input and odd environments: every number checked where it enters, environment
+//! failures reported as such (69), bad input as bad input (65), a daemon that does not
+//! answer never holds a client for good, a client that stops reading never holds a slot.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+
+use crate::support::*;
+
+fn fake_model(env: &Env) -> String {
+    env.tiny_model("m.gguf").display().to_string()
+}
+
+#[test]
+fn numbers_out_of_range_are_refused_where_they_enter() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    for args in [
+        vec!["warm", "--ttl", "18446744073709551615", &model],
+        vec!["warm", "--ttl", "999999999999d", &model],
+        vec!["run", "--gpu-layers", "4294967295", &model, "hi"],
+        vec!["run", "--parallel", "100000", &model, "hi"],
+        vec!["run", "--ctx-size", "4294967295", &model, "hi"],
+    ] {
+        let output = env.run(&args);
+        assert_exit(&output, 2);
+    }
+    for (config, key) in [
+        ("token_timeout = 0\n", "token_timeout = 0 is outside 1..="),
+        ("load_timeout = 0\n", "load_timeout = 0 is outside"),
+        ("crash_limit = 0\n", "crash_limit = 0 is outside"),
+        ("max_instances = 0\n", "max_instances = 0 is outside"),
+        ("default_ttl = \"18446744073709551615s\"\n", "longer than ten years"),
+    ] {
+        env.write_config(config);
+        let output = env.run(&["run", &model, "hi"]);
+        assert_exit(&output, 65);
+        assert!(stderr(&output).contains(key), "{config}: {}", stderr(&output));
+        // Met through `status`, which starts the daemon: the same error, not a timeout.
+        let output = env.run(&["status"]);
+        assert_exit(&output, 65);
+        assert!(stderr(&output).contains(key), "{config}: {}", stderr(&output));
+    }
+    env.write_config(&format!("[models.wide]\npath = \"{model}\"\nparallel = 100000\n"));
+    let output = env.run(&["run", "wide", "hi"]);
+    assert_exit(&output, 65);
+    assert!(stderr(&output).contains("models.wide.parallel = 100000 is outside 1..=256"), "{}", stderr(&output));
+    assert!(env.processes().is_empty(), "nothing started for bad input: {:?}", env.processes());
+}
+
+/// Runs llmctl with `stdin` piped in; llmctl may stop reading early (that is the point).
+fn run_feeding(env: &Env, args: &[&str], stdin: String) -> std::process::Output {
+    let mut child = env
+        .command(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let _ = pipe.write_all(stdin.as_bytes());
+    });
+    let output = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    output
+}
+
+#[test]
+fn a_prompt_over_the_protocol_limit_is_bad_input() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    let big = "x".repeat(17 << 20);
+    let output = run_feeding(&env, &["run", &model, "summarize:"], big);
+    assert_exit(&output, 65);
+    assert!(stderr(&output).contains("16 MiB"), "{}", stderr(&output));
+    // A prompt under the limit whose JSON is over it (escaped control characters) is named
+    // by its size too, before anything is sent.
+    let escaped = "\u{1}".repeat(4 << 20);
+    let output = run_feeding(&env, &["run", &model, "x"], escaped);
+    assert_exit(&output, 65);
+    assert!(stderr(&output).contains("MiB limit"), "{}", stderr(&output));
+}
+
+#[test]
+fn environment_failures_are_unavailable_not_bugs() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    // A state directory that cannot be created (its parent is a file).
+    std::fs::write(env.path("file"), "").unwrap();
+    let output = env.command(&["run", &model, "hi"]).env("LLMCTL_STATE_DIR", env.path("file/state")).output().unwrap();
+    assert_exit(&output, 69);
+    // A socket path longer than a Unix socket address holds.
+    let long = env.path(&format!("{}/llmctl.sock", "d".repeat(120)));
+    let output = env.command(&["status"]).env("LLMCTL_SOCKET", &long).output().unwrap();
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("bytes, over the 107"), "{}", stderr(&output));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn a_missing_demo_and_a_model_never_loaded_are_not_found() {
+    let env = Env::fake();
+    let output = env.run(&["run", "demo", "hi"]);
+    assert_exit(&output, 66);
+    assert!(stderr(&output).contains("llmctl setup"), "{}", stderr(&output));
+    let model = fake_model(&env);
+    let output = env.run(&["logs", &model]);
+    assert_exit(&output, 66);
+}
+
+#[test]
+fn a_stopped_daemon_gets_a_clear_answer_not_a_hang() {
+    let env = Env::fake();
+    assert_success(&env.run(&["status"]));
+    let pid = env.daemon_pid().unwrap();
+    let signal = |name: &str| std::process::Command::new("kill").args([name, &pid.to_string()]).status().unwrap();
+    signal("-STOP");
+    let output = env.run(&["status"]);
+    signal("-CONT");
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("did not answer within 5 s"), "{}", stderr(&output));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn a_client_that_stops_reading_gives_its_slot_back() {
+    let env = Env::fake();
+    let path = fake_model(&env);
+    env.write_config(&format!(
+        "token_timeout = 1\n[models.flood]\npath = \"{path}\"\nargs = [\"--fake-tokens\", \"10000000\"]\n"
+    ));
+    assert_success(&env.run(&["warm", "flood"]));
+    let spec = env.status_json()["instances"][0].clone();
+    assert_eq!(spec["name"], "flood");
+    // A raw client asks for ten million tokens and then reads nothing.
+    let mut stalled = UnixStream::connect(env.socket()).unwrap();
+    let model = serde_json::json!({"name": "flood", "path": path, "load": {"ctx_size": null, "parallel": 1, "gpu_layers": null, "extra_args": ["--fake-tokens", "10000000"]}});
+    let request = serde_json::json!({"type": "run", "model": model, "mode": "raw", "prompt": "go", "system": null, "sampling": {"stop": []}});
+    stalled.write_all(format!("{{\"type\":\"hello\",\"version\":1}}\n{request}\n").as_bytes()).unwrap();
+    wait_until("the stalled client holds the slot", || env.status_json()["instances"][0]["in_flight"] == 1);
+    wait_until("the slot comes back", || env.status_json()["instances"][0]["in_flight"] == 0);
+    let output = env.run(&["run", "--raw", "-n", "3", "flood", "go"]);
+    assert_success(&output);
+    drop(stalled);
+}
+
+#[test]
+fn a_relative_model_path_in_the_config_is_relative_to_the_config_file() {
+    let env = Env::fake();
+    env.tiny_model("relative.gguf");
+    // The config sits in the test directory; `models/relative.gguf` is next to it.
+    env.write_config("[models.near]\npath = \"models/relative.gguf\"\n");
+    let output = env.command(&["run", "near", "found"]).current_dir("/").output().unwrap();
+    assert_success(&output);
+    assert_eq!(stdout(&output), "found");
+}
+
+#[test]
+fn a_corrupt_state_file_is_kept_aside_and_the_daemon_serves() {
+    let env = Env::fake();
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    std::fs::write(env.path("state/state.json"), [0xff, 0xfe, b'{', 0x80]).unwrap();
+    let model = fake_model(&env);
+    assert_success(&env.run(&["run", &model, "still serving"]));
+    assert_eq!(std::fs::read(env.path("state/state.json.corrupt")).unwrap(), [0xff, 0xfe, b'{', 0x80]);
+    let log = std::fs::read_to_string(env.path("state/daemon.log")).unwrap();
+    assert!(log.contains("state.json.corrupt"), "{log}");
+}
+
+#[test]
+fn logs_of_an_alias_find_the_instance_another_alias_loaded() {
+    let env = Env::fake();
+    let path = fake_model(&env);
+    env.write_config(&format!("[models.first]\npath = \"{path}\"\n[models.second]\npath = \"{path}\"\n"));
+    assert_success(&env.run(&["warm", "first"]));
+    let output = env.run(&["logs", "second"]);
+    assert_success(&output);
+    assert!(stdout(&output).contains("listening on"), "{}", stdout(&output));
+}
