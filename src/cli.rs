@@ -77,6 +77,9 @@ pub enum Command {
     Daemon(DaemonArgs),
     /// Stop every model gracefully, then the daemon
     Shutdown,
+    /// Make the running daemon read its config again (as SIGHUP does): budgets, instance
+    /// limit and default TTL change at once; the reply names settings that need `shutdown`
+    Reload,
     /// Print the effective configuration and where each value came from
     Config(ConfigArgs),
     /// Print a model's llama-server log, or the daemon's

@@ -89,6 +89,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Command::Stop(args) => commands::stop::run(&context, args),
         Command::Daemon(args) => commands::daemon::run(&context, args),
         Command::Shutdown => commands::shutdown::run(&context),
+        Command::Reload => commands::reload::run(&context),
         Command::Config(args) => commands::config::run(&context, args),
         Command::Logs(args) => commands::logs::run(&context, args),
         Command::Events => commands::events::events(&context),

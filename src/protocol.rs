@@ -41,6 +41,8 @@ pub enum Request {
     Events,
     /// The daemon's counters in Prometheus text format.
     Metrics,
+    /// Read the config again; the reply says what changed and what needs a new daemon.
+    Reload,
     /// Load the model in the background; `wait` returns once it is ready.
     Switch {
         model: ModelSpec,
@@ -176,6 +178,9 @@ pub struct DaemonStatus {
     pub evictions: u64,
     /// Clients following `llmctl events`.
     pub event_subscribers: usize,
+    /// The daemon-wide settings in force, as `llmctl config` writes them.
+    #[serde(default)]
+    pub settings: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! `llmctl config`: the effective configuration, and where each value came from (flag,
-//! environment, config file or default). It reads; it changes nothing.
+//! environment, config file or default), and where a running daemon uses something else.
+//! It reads; it changes nothing.
 
 use std::io::Write;
 
@@ -17,6 +18,9 @@ struct Setting {
     name: &'static str,
     value: String,
     source: String,
+    /// What the running daemon uses, when it differs from `value`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daemon: Option<String>,
 }
 
 fn env_set(name: &str) -> bool {
@@ -59,26 +63,31 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             name: "socket",
             value: paths.socket.display().to_string(),
             source: flag_or(context.global.socket.is_some(), "LLMCTL_SOCKET", "--socket", Some("XDG_RUNTIME_DIR")),
+            daemon: None,
         },
         Setting {
             name: "config",
             value: format!("{}{}", paths.config.display(), if config_exists { "" } else { " (absent)" }),
             source: flag_or(context.global.config.is_some(), "LLMCTL_CONFIG", "--config", Some("XDG_CONFIG_HOME")),
+            daemon: None,
         },
         Setting {
             name: "state_dir",
             value: paths.state_dir.display().to_string(),
             source: path_source("LLMCTL_STATE_DIR", Some("XDG_STATE_HOME")),
+            daemon: None,
         },
         Setting {
             name: "data_dir",
             value: paths.data_dir.display().to_string(),
             source: path_source("LLMCTL_DATA_DIR", Some("XDG_DATA_HOME")),
+            daemon: None,
         },
         Setting {
             name: "cache_dir",
             value: paths.cache_dir.display().to_string(),
             source: path_source("LLMCTL_CACHE_DIR", Some("XDG_CACHE_HOME")),
+            daemon: None,
         },
     ];
     // Clap folds the flag and LLMCTL_LLAMA_SERVER together; tell them apart by the variable.
@@ -95,7 +104,7 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             Err(_) => ("(none found; run llmctl setup)".into(), "-".into()),
         },
     };
-    settings.push(Setting { name: "llama_server", value: llama_server, source });
+    settings.push(Setting { name: "llama_server", value: llama_server, source, daemon: None });
     let or_default = |value: Option<String>, default: &str| value.unwrap_or_else(|| default.to_string());
     let budget_from_env = env_set("LLMCTL_MEMORY_BUDGET");
     settings.extend([
@@ -103,6 +112,7 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             name: "queue_depth",
             value: or_default(config.queue_depth.map(|v| v.to_string()), &DEFAULT_QUEUE_DEPTH.to_string()),
             source: from_config(config.queue_depth.is_some(), "default"),
+            daemon: None,
         },
         Setting {
             name: "memory_budget",
@@ -116,41 +126,49 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             } else {
                 from_config(config.memory_budget.is_some(), "default")
             },
+            daemon: None,
         },
         Setting {
             name: "vram_budget",
             value: or_default(config.vram_budget.clone(), DEFAULT_VRAM_BUDGET),
             source: from_config(config.vram_budget.is_some(), "default"),
+            daemon: None,
         },
         Setting {
             name: "max_instances",
             value: or_default(config.max_instances.map(|v| v.to_string()), "none"),
             source: from_config(config.max_instances.is_some(), "default"),
+            daemon: None,
         },
         Setting {
             name: "default_ttl",
             value: or_default(config.default_ttl.clone(), "never"),
             source: from_config(config.default_ttl.is_some(), "default"),
+            daemon: None,
         },
         Setting {
             name: "load_timeout",
             value: format!("{}s", config.load_timeout.unwrap_or(120)),
             source: from_config(config.load_timeout.is_some(), "default"),
+            daemon: None,
         },
         Setting {
             name: "token_timeout",
             value: format!("{}s", config.token_timeout.unwrap_or(300)),
             source: from_config(config.token_timeout.is_some(), "default"),
+            daemon: None,
         },
         Setting {
             name: "crash_limit",
             value: config.crash_limit.unwrap_or(3).to_string(),
             source: from_config(config.crash_limit.is_some(), "default"),
+            daemon: None,
         },
         Setting {
             name: "crash_window",
             value: format!("{}s", config.crash_window.unwrap_or(60)),
             source: from_config(config.crash_window.is_some(), "default"),
+            daemon: None,
         },
     ]);
     for (alias, model) in &config.models {
@@ -177,14 +195,40 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             value += &format!(" args={:?}", model.args);
         }
         let name: &'static str = Box::leak(format!("models.{alias}").into_boxed_str());
-        settings.push(Setting { name, value, source: from_config(true, "") });
+        settings.push(Setting { name, value, source: from_config(true, ""), daemon: None });
     }
 
+    // A running daemon keeps what it read at start (or at the last reload): say where it
+    // differs from the file now.
+    if let Ok(Some(mut connection)) = crate::client::try_connect(context) {
+        if let Ok(crate::protocol::Response::Status(status)) = connection.call(&crate::protocol::Request::Status) {
+            for setting in &mut settings {
+                if let Some(in_force) = status.daemon.settings.get(setting.name) {
+                    if *in_force != setting.value {
+                        setting.daemon = Some(in_force.clone());
+                    }
+                }
+            }
+        }
+    }
+    let live = ["memory_budget", "vram_budget", "max_instances", "default_ttl"];
     let text = if args.json {
         serde_json::to_string_pretty(&settings).map_err(|e| Error::internal(e.to_string()))? + "\n"
     } else {
         let width = settings.iter().map(|s| s.name.len()).max().unwrap_or(0);
-        settings.iter().map(|s| format!("{:<width$}  {}  ({})\n", s.name, s.value, s.source)).collect()
+        settings
+            .iter()
+            .map(|s| {
+                let note = match &s.daemon {
+                    Some(in_force) if live.contains(&s.name) => {
+                        format!("  [the daemon uses {in_force}: `llmctl reload`]")
+                    }
+                    Some(in_force) => format!("  [the daemon uses {in_force}: `llmctl shutdown` to change]"),
+                    None => String::new(),
+                };
+                format!("{:<width$}  {}  ({}){note}\n", s.name, s.value, s.source)
+            })
+            .collect()
     };
     match std::io::stdout().lock().write_all(text.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("cannot write to stdout", e)),

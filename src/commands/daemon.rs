@@ -2,12 +2,13 @@
 
 use crate::cli::DaemonArgs;
 use crate::commands::Context;
-use crate::daemon::{self, Settings};
+use crate::daemon::{self, Settings, StartFlags};
 use crate::error::Result;
 
 pub fn run(context: &Context, args: DaemonArgs) -> Result<()> {
     let config = context.config()?;
     let queue_depth = args.queue_depth.map(|depth| depth as usize);
-    let settings = Settings::new(&config, queue_depth, context.global.llama_server.clone());
-    daemon::run(context.paths.clone(), settings)
+    let flags = StartFlags { queue_depth, llama_server: context.global.llama_server.clone() };
+    let settings = Settings::from_config(&config, &flags);
+    daemon::run(context.paths.clone(), settings, flags)
 }

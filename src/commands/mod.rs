@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod events;
 pub mod logs;
 pub mod pin;
+pub mod reload;
 pub mod run;
 pub mod serve;
 pub mod setup;

@@ -163,6 +163,10 @@ fn handle(shared: &Arc<Shared>, request: Request, writer: &mut Writer) -> Result
             reply(writer, &Response::Ok { message: None })
         }
         Request::Events => events(shared, writer),
+        Request::Reload => {
+            let message = shared.reload()?;
+            reply(writer, &Response::Ok { message: Some(message) })
+        }
         Request::Metrics => {
             let text = super::metrics::render(&status(shared));
             reply(writer, &Response::Metrics { text })
@@ -571,7 +575,8 @@ fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>) -> usize {
 
 fn status(shared: &Arc<Shared>) -> StatusReport {
     let gpu = shared.services.gpu.latest();
-    let budget = scheduler::budget(&shared.settings, gpu.as_ref());
+    let live = shared.live.read().clone();
+    let budget = scheduler::budget(&live, gpu.as_ref());
     let instances: Vec<_> = shared
         .table
         .all()
@@ -597,6 +602,7 @@ fn status(shared: &Arc<Shared>) -> StatusReport {
             max_instances: budget.max_instances,
             evictions: instances.iter().map(|i| u64::from(i.evictions)).sum(),
             event_subscribers: shared.services.events.subscribers(),
+            settings: shared.settings.describe(&live),
         },
         queue: QueueStatus {
             depth: shared.admission.depth(),

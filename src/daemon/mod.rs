@@ -3,6 +3,7 @@
 //!
 //! Threads, each named; [`run`] joins all but the connection threads, which it waits for:
 //! - `signals`: SIGINT/SIGTERM → the shutdown channel (a second SIGINT kills at once);
+//!   SIGHUP reloads the config;
 //! - `listener`: accepts connections and hands each to an idle `conn` thread, starting one
 //!   when none is idle (idle ones exit after a while);
 //! - `conn`: one request at a time: reads it, sends jobs and messages to instance workers,
@@ -76,7 +77,59 @@ pub struct Settings {
     pub default_ttl: Ttl,
 }
 
+/// The daemon's flags, kept so a reload applies the config under them again.
+#[derive(Debug, Clone, Default)]
+pub struct StartFlags {
+    pub queue_depth: Option<usize>,
+    pub llama_server: Option<PathBuf>,
+}
+
+/// The settings a reload changes while the daemon runs; the others need a new daemon.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveSettings {
+    pub memory_budget: String,
+    pub vram_budget: String,
+    pub max_instances: Option<usize>,
+    pub default_ttl: Ttl,
+}
+
 impl Settings {
+    pub fn from_config(config: &Config, flags: &StartFlags) -> Settings {
+        Settings::new(config, flags.queue_depth, flags.llama_server.clone())
+    }
+
+    pub fn live(&self) -> LiveSettings {
+        LiveSettings {
+            memory_budget: self.memory_budget.clone(),
+            vram_budget: self.vram_budget.clone(),
+            max_instances: self.max_instances,
+            default_ttl: self.default_ttl,
+        }
+    }
+
+    /// Each setting as `llmctl config` writes it, for `status` and for telling apart what
+    /// the daemon uses from what the config says now.
+    pub fn describe(&self, live: &LiveSettings) -> std::collections::BTreeMap<String, String> {
+        let ttl = |ttl: Ttl| match ttl {
+            Ttl::Never => "never".to_string(),
+            Ttl::Seconds(seconds) => format!("{seconds}s"),
+        };
+        [
+            ("queue_depth", self.queue_depth.to_string()),
+            ("memory_budget", live.memory_budget.clone()),
+            ("vram_budget", live.vram_budget.clone()),
+            ("max_instances", live.max_instances.map_or("none".into(), |max| max.to_string())),
+            ("default_ttl", ttl(live.default_ttl)),
+            ("load_timeout", format!("{}s", self.load_timeout.as_secs())),
+            ("token_timeout", format!("{}s", self.token_timeout.as_secs())),
+            ("crash_limit", self.crash_loop.limit.to_string()),
+            ("crash_window", format!("{}s", self.crash_loop.window.as_secs())),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), value))
+        .collect()
+    }
+
     pub fn new(config: &Config, queue_depth_flag: Option<usize>, llama_server_flag: Option<PathBuf>) -> Settings {
         Settings {
             queue_depth: queue_depth_flag.or(config.queue_depth).unwrap_or(DEFAULT_QUEUE_DEPTH),
@@ -129,6 +182,10 @@ pub struct Shared {
     pub state_file_error: parking_lot::Mutex<Option<String>>,
     /// The number of the last request sent to a worker.
     jobs: AtomicU64,
+    /// What a reload may change while the daemon runs.
+    pub live: parking_lot::RwLock<LiveSettings>,
+    /// The flags the daemon started with, applied again at a reload.
+    pub flags: StartFlags,
     /// Counts `switch --exclusive` requests, so the latest one wins. The lock is held only
     /// to compare and to send the unload messages (channel sends), never while waiting.
     pub exclusive_epoch: parking_lot::Mutex<u64>,
@@ -147,8 +204,50 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Reads the config again: the live settings (budgets, instance limit, default TTL)
+    /// change at once; the others are named as needing a new daemon. A bad config changes
+    /// nothing and is the error (65).
+    pub fn reload(&self) -> Result<String> {
+        let config = Config::load(&self.paths.config)?;
+        let fresh = Settings::from_config(&config, &self.flags);
+        let fresh_live = fresh.live();
+        let before = self.settings.describe(&self.live.read());
+        let after = fresh.describe(&fresh_live);
+        let live_keys = ["memory_budget", "vram_budget", "max_instances", "default_ttl"];
+        let mut applied = Vec::new();
+        let mut pending = Vec::new();
+        for (key, value) in &after {
+            if before.get(key) != Some(value) {
+                let change = format!("{key} {} -> {value}", before.get(key).map_or("", String::as_str));
+                if live_keys.contains(&key.as_str()) {
+                    applied.push(change);
+                } else {
+                    pending.push(change);
+                }
+            }
+        }
+        if fresh.llama_server != self.settings.llama_server {
+            pending.push("llama_server".to_string());
+        }
+        *self.live.write() = fresh_live;
+        // A bigger budget may let a waiting load in.
+        let _ = self.services.scheduler.send(crate::instance::RoomRequest::Replan);
+        let mut message = if applied.is_empty() {
+            "reloaded the config; nothing the daemon can change while it runs has changed".to_string()
+        } else {
+            format!("reloaded the config: {}", applied.join(", "))
+        };
+        if !pending.is_empty() {
+            message += &format!("; these need `llmctl shutdown` and a new daemon: {}", pending.join(", "));
+        }
+        log::info!("{message}");
+        Ok(message)
+    }
+}
+
 /// Runs the daemon until a signal or `llmctl shutdown`.
-pub fn run(paths: Paths, settings: Settings) -> Result<()> {
+pub fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
     paths::check_socket_path(&paths.socket)?;
     let socket_dir = paths.socket.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     paths::ensure_private_dir(&socket_dir)?;
@@ -203,6 +302,7 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
     };
     // The first GPU reading before any request, so the first load is planned with it.
     services.gpu.sample();
+    let live = settings.live();
     let shared = Arc::new(Shared {
         admission: Admission::new(settings.queue_depth),
         paths,
@@ -215,6 +315,8 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         connections: AtomicUsize::new(0),
         state_file_error: parking_lot::Mutex::new(None),
         jobs: AtomicU64::new(0),
+        live: parking_lot::RwLock::new(live),
+        flags,
         exclusive_epoch: parking_lot::Mutex::new(0),
     });
     restore_instances(&shared, remembered.instances);
@@ -225,12 +327,24 @@ pub fn run(paths: Paths, settings: Settings) -> Result<()> {
         shared.paths.socket.display()
     );
 
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .map_err(|e| Error::io("cannot install signal handlers", e))?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])
+    .map_err(|e| Error::io("cannot install signal handlers", e))?;
     let signals_handle = signals.handle();
+    let signal_shared = Arc::clone(&shared);
     let signal_thread = spawn_named("signals", move || {
         let mut interrupts = 0;
         for signal in signals.forever() {
+            if signal == signal_hook::consts::SIGHUP {
+                // The conventional "read your config again".
+                if let Err(error) = signal_shared.reload() {
+                    log::error!("SIGHUP: the config was not reloaded: {error}");
+                }
+                continue;
+            }
             interrupts += usize::from(signal == signal_hook::consts::SIGINT);
             let request = if interrupts >= 2 { ShutdownRequest::Kill } else { ShutdownRequest::Signal };
             if shutdown_tx.send(request).is_err() {
@@ -449,7 +563,8 @@ fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
             gpu_read_at = Instant::now();
         }
         for instance in shared.table.all() {
-            if instance.with_view(|view| view.ttl_expired(shared.settings.default_ttl)) {
+            let default_ttl = shared.live.read().default_ttl;
+            if instance.with_view(|view| view.ttl_expired(default_ttl)) {
                 instance.send(Message::Unload {
                     why: Unload::Expire,
                     cutoff: shared.last_job(),

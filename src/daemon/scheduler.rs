@@ -44,7 +44,7 @@ struct Holding {
     releasing_for: Option<usize>,
 }
 
-pub fn budget(settings: &super::Settings, gpu: Option<&GpuReading>) -> Budget {
+pub fn budget(settings: &super::LiveSettings, gpu: Option<&GpuReading>) -> Budget {
     let ram = budget::parse_size(&settings.memory_budget, memory::mem_total()).unwrap_or(u64::MAX);
     let vram = gpu.map(|gpu| budget::parse_size(&settings.vram_budget, gpu.total_bytes).unwrap_or(u64::MAX));
     Budget { ram, vram, max_instances: settings.max_instances }
@@ -95,6 +95,7 @@ impl Scheduler<'_> {
             RoomRequest::Return { id } => {
                 self.holding.remove(&id);
             }
+            RoomRequest::Replan => {}
         }
     }
 
@@ -152,7 +153,7 @@ impl Scheduler<'_> {
                 continue;
             }
             let gpu = self.shared.services.gpu.latest();
-            let budget = budget(&self.shared.settings, gpu.as_ref());
+            let budget = budget(&self.shared.live.read(), gpu.as_ref());
             let residents = self.residents(gpu.as_ref());
             match budget::plan(&budget, &residents, need) {
                 Plan::Fits => {

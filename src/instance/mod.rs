@@ -237,6 +237,8 @@ pub enum RoomRequest {
     Withdraw { id: usize },
     /// It gave back the room it was granted: its child is gone.
     Return { id: usize },
+    /// The budget changed (a reload): plan the waiting loads again.
+    Replan,
 }
 
 /// Counters and samples for `status`.

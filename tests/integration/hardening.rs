@@ -179,3 +179,33 @@ fn logs_of_an_alias_find_the_instance_another_alias_loaded() {
     assert_success(&output);
     assert!(stdout(&output).contains("listening on"), "{}", stdout(&output));
 }
+
+#[test]
+fn reload_applies_live_settings_and_names_the_rest() {
+    let env = Env::fake();
+    env.write_config("memory_budget = \"1GiB\"\n");
+    assert_success(&env.run(&["status"]));
+    assert_eq!(env.status_json()["daemon"]["budget_bytes"], 1u64 << 30);
+    env.write_config("memory_budget = \"2GiB\"\nqueue_depth = 9\n");
+    // `config` tells what the file says from what the daemon uses, and how to close the gap.
+    let shown = stdout(&env.run(&["config"]));
+    let line = |key: &str| shown.lines().find(|l| l.starts_with(key)).unwrap_or_default().to_string();
+    assert!(line("memory_budget").contains("the daemon uses 1GiB: `llmctl reload`"), "{shown}");
+    assert!(line("queue_depth").contains("the daemon uses 64: `llmctl shutdown`"), "{shown}");
+    let output = env.run(&["reload"]);
+    assert_success(&output);
+    assert!(stdout(&output).contains("memory_budget 1GiB -> 2GiB"), "{}", stdout(&output));
+    assert!(stdout(&output).contains("need `llmctl shutdown`") && stdout(&output).contains("queue_depth"));
+    assert_eq!(env.status_json()["daemon"]["budget_bytes"], 2u64 << 30);
+    // SIGHUP does the same, and the daemon lives on.
+    env.write_config("memory_budget = \"3GiB\"\n");
+    let pid = env.daemon_pid().unwrap();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+    wait_until("SIGHUP reloads the budget", || env.status_json()["daemon"]["budget_bytes"] == 3u64 << 30);
+    // A bad config changes nothing and is bad input.
+    env.write_config("memory_budget = \"lots\"\n");
+    let output = env.run(&["reload"]);
+    assert_exit(&output, 65);
+    assert_eq!(env.status_json()["daemon"]["budget_bytes"], 3u64 << 30);
+    assert_eq!(env.daemon_pid(), Some(pid));
+}
