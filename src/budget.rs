@@ -72,7 +72,7 @@ pub fn plan(budget: &Budget, residents: &[Resident], need: Need) -> Plan {
     if need.ram > budget.ram {
         return Plan::NoCapacity(format!(
             "the model needs {} of memory but the whole memory budget is {}; raise memory_budget in the config \
-             (and restart the daemon with `llmctl shutdown`)",
+            , then `llmctl reload`",
             human(need.ram),
             human(budget.ram),
         ));
@@ -80,7 +80,7 @@ pub fn plan(budget: &Budget, residents: &[Resident], need: Need) -> Plan {
     if let Some(limit) = budget.vram.filter(|&limit| need.vram > limit) {
         return Plan::NoCapacity(format!(
             "the model needs {} of GPU memory (its offloaded layers plus the CUDA context) but the whole GPU budget \
-             is {}; lower gpu_layers, or raise vram_budget in the config (and restart the daemon with `llmctl shutdown`)",
+             is {}; lower gpu_layers, or raise vram_budget in the config, then `llmctl reload`",
             human(need.vram),
             human(limit),
         ));
@@ -139,7 +139,7 @@ fn no_capacity_message(budget: &Budget, residents: &[Resident], need: Need) -> S
     } else {
         ", or raise memory_budget"
     });
-    message.push_str(" (a budget change needs `llmctl shutdown` and a new daemon)");
+    message.push_str(" (then `llmctl reload`)");
     message
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::model::ModelSpec;
@@ -350,7 +350,7 @@ impl Client {
             Mode::Chat => ("/v1/chat/completions", chat_body(request)),
             Mode::Raw => ("/completion", raw_body(request)),
         };
-        let response = self.send(path, &body.to_string());
+        let response = self.send(path, &body);
         let mut response = match response {
             Ok(response) => response,
             Err(error) => return Err(classify_transport(error)),
@@ -533,38 +533,64 @@ fn sampling_fields(request: &RunRequest, body: &mut serde_json::Map<String, Valu
     }
 }
 
-fn chat_body(request: &RunRequest) -> Value {
-    let messages = match &request.messages {
-        Some(messages) => messages.clone(),
+/// One chat message, borrowed from the request: the prompt is serialized straight from it.
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+/// A request body whose prompt part is borrowed, so a large prompt is copied once, into
+/// the body, and never into an intermediate JSON tree.
+#[derive(Serialize)]
+struct Body<P: Serialize> {
+    #[serde(flatten)]
+    prompt: P,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ChatMessages<'a> {
+    Given { messages: &'a [Value] },
+    Built { messages: Vec<Message<'a>> },
+}
+
+fn chat_body(request: &RunRequest) -> String {
+    let prompt = match &request.messages {
+        Some(messages) => ChatMessages::Given { messages },
         None => {
             let mut messages = Vec::new();
             if let Some(system) = &request.system {
-                messages.push(json!({"role": "system", "content": system}));
+                messages.push(Message { role: "system", content: system });
             }
-            messages.push(json!({"role": "user", "content": request.prompt}));
-            messages
+            messages.push(Message { role: "user", content: &request.prompt });
+            ChatMessages::Built { messages }
         }
     };
-    let mut body = serde_json::Map::new();
-    body.insert("messages".into(), Value::from(messages));
-    body.insert("stream".into(), Value::from(true));
-    body.insert("stream_options".into(), json!({"include_usage": true}));
+    let mut rest = serde_json::Map::new();
+    rest.insert("stream".into(), Value::from(true));
+    rest.insert("stream_options".into(), json!({"include_usage": true}));
     if let Some(max_tokens) = request.sampling.max_tokens {
-        body.insert("max_tokens".into(), Value::from(max_tokens));
+        rest.insert("max_tokens".into(), Value::from(max_tokens));
     }
-    sampling_fields(request, &mut body);
-    Value::Object(body)
+    sampling_fields(request, &mut rest);
+    serde_json::to_string(&Body { prompt, rest }).unwrap_or_default()
 }
 
-fn raw_body(request: &RunRequest) -> Value {
-    let mut body = serde_json::Map::new();
-    body.insert("prompt".into(), Value::from(request.prompt.as_str()));
-    body.insert("stream".into(), Value::from(true));
-    if let Some(max_tokens) = request.sampling.max_tokens {
-        body.insert("n_predict".into(), Value::from(max_tokens));
+fn raw_body(request: &RunRequest) -> String {
+    #[derive(Serialize)]
+    struct Prompt<'a> {
+        prompt: &'a str,
     }
-    sampling_fields(request, &mut body);
-    Value::Object(body)
+    let mut rest = serde_json::Map::new();
+    rest.insert("stream".into(), Value::from(true));
+    if let Some(max_tokens) = request.sampling.max_tokens {
+        rest.insert("n_predict".into(), Value::from(max_tokens));
+    }
+    sampling_fields(request, &mut rest);
+    serde_json::to_string(&Body { prompt: Prompt { prompt: &request.prompt }, rest }).unwrap_or_default()
 }
 
 #[derive(Deserialize)]

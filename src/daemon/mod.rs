@@ -53,6 +53,8 @@ pub const DEFAULT_MEMORY_BUDGET: &str = "75%";
 pub const DEFAULT_VRAM_BUDGET: &str = "90%";
 /// Time a child gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Allocations at least this large get their own mapping (see `run`).
+const LARGE_BUFFER: usize = 1 << 20;
 /// How long a request may wait for a slot, in seconds.
 pub const QUEUE_TIMEOUT_S: u64 = 600;
 /// How often the supervisor looks for expired TTLs and a changed state file.
@@ -248,6 +250,14 @@ impl Shared {
 
 /// Runs the daemon until a signal or `llmctl shutdown`.
 pub fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
+    // Buffers of a megabyte or more (large prompts) are mapped on their own and unmapped
+    // when freed. glibc otherwise raises this threshold after the first large free and
+    // serves later large buffers from its heap, which it keeps: measured, the daemon stayed
+    // 47 MB larger after two 15 MB prompts.
+    // SAFETY: mallopt only changes allocator tuning; called before the daemon's threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE_BUFFER as libc::c_int);
+    }
     paths::check_socket_path(&paths.socket)?;
     let socket_dir = paths.socket.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     paths::ensure_private_dir(&socket_dir)?;

@@ -209,3 +209,21 @@ fn reload_applies_live_settings_and_names_the_rest() {
     assert_eq!(env.status_json()["daemon"]["budget_bytes"], 3u64 << 30);
     assert_eq!(env.daemon_pid(), Some(pid));
 }
+
+#[test]
+fn the_daemon_gives_back_the_memory_of_large_prompts() {
+    let env = Env::fake();
+    let path = fake_model(&env);
+    env.write_config(&format!("[models.one]\npath = \"{path}\"\nargs = [\"--fake-tokens\", \"1\"]\n"));
+    assert_success(&env.run(&["run", "one", "warm up"]));
+    let rss = |env: &Env| env.status_json()["daemon"]["rss_bytes"].as_u64().unwrap();
+    let before = rss(&env);
+    let prompt = "word ".repeat(3 << 20);
+    for _ in 0..2 {
+        let output = env.run_with_stdin(&["run", "one", "summarize:"], &prompt);
+        assert_success(&output);
+    }
+    let after = rss(&env);
+    // Two 15 MiB prompts passed through; what the daemon keeps of them is small.
+    assert!(after < before + (8 << 20), "daemon RSS grew from {before} to {after} bytes");
+}
