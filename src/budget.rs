@@ -71,8 +71,8 @@ pub fn plan(budget: &Budget, residents: &[Resident], need: Need) -> Plan {
     }
     if need.ram > budget.ram {
         return Plan::NoCapacity(format!(
-            "the model needs {} of memory but the whole memory budget is {}; raise memory_budget in the config \
-            , then `llmctl reload`",
+            "the model needs {} of memory but the whole memory budget is {}; raise memory_budget in the config, \
+             then `llmctl reload`",
             human(need.ram),
             human(budget.ram),
         ));
