@@ -733,7 +733,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__setup)
-            opts="-j -q -v -h --jobs --no-model --quiet --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-j -q -v -h --jobs --no-model --quiet --backend --portable --dry-run --socket --config --llama-server --no-autostart --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -745,6 +745,10 @@ _llmctl() {
                     ;;
                 -j)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backend)
+                    COMPREPLY=($(compgen -W "cpu cuda vulkan" -- "${cur}"))
                     return 0
                     ;;
                 --socket)

@@ -181,11 +181,16 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l no-autostart -d 
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s j -l jobs -d 'Parallel compile jobs when building llama-server (default: number of CPUs)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l backend -d 'Build llama-server for this backend instead of the one detected (CUDA with an NVIDIA GPU and nvcc, Vulkan with its SDK, else the CPU)' -r -f -a "cpu\t''
+cuda\t''
+vulkan\t''"
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l no-model -d 'Do not install the demo model'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s q -l quiet -d 'Print nothing but errors'
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l portable -d 'For the CPU: a build that runs on any x86-64 of its class, not only this CPU'
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l dry-run -d 'Print the backend, CMake options and install path that setup would use; change nothing'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s h -l help -d 'Print help'

@@ -259,6 +259,23 @@ pub struct SetupArgs {
     /// Print nothing but errors
     #[arg(short, long)]
     pub quiet: bool,
+    /// Build llama-server for this backend instead of the one detected (CUDA with an NVIDIA
+    /// GPU and nvcc, Vulkan with its SDK, else the CPU)
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendArg>,
+    /// For the CPU: a build that runs on any x86-64 of its class, not only this CPU
+    #[arg(long)]
+    pub portable: bool,
+    /// Print the backend, CMake options and install path that setup would use; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BackendArg {
+    Cpu,
+    Cuda,
+    Vulkan,
 }
 
 fn parse_duration(text: &str) -> Result<u64, String> {

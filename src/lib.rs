@@ -55,6 +55,7 @@ pub mod model;
 pub mod paths;
 pub mod process;
 pub mod protocol;
+pub mod setup;
 pub mod sys;
 
 use std::ffi::OsString;
@@ -72,7 +73,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Err(error) => {
             let _ = error.print();
             return match error.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => Ok(()),
+                clap::error::ErrorKind::DisplayVersion => {
+                    print_llama_server();
+                    Ok(())
+                }
+                clap::error::ErrorKind::DisplayHelp => Ok(()),
                 _ => Err(Error::Usage { message: String::new() }),
             };
         }
@@ -96,6 +101,24 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Command::Metrics => commands::events::metrics(&context),
         Command::Serve(args) => commands::serve::run(&context, args),
         Command::Setup(args) => commands::setup::run(&context, args),
+    }
+}
+
+/// After `--version`: the llama-server llmctl would use (path, build, backend), and a
+/// warning when a GPU machine would run a CPU build.
+fn print_llama_server() {
+    let paths = paths::Paths::resolve(None, None);
+    let explicit = std::env::var_os("LLMCTL_LLAMA_SERVER").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    let configured = config::Config::load(&paths.config).ok().and_then(|config| config.llama_server);
+    println!("llama-server: {}", setup::describe_llama_server(&paths, explicit.as_deref(), configured.as_deref()));
+    let cpu_build = explicit.is_none()
+        && configured.is_none()
+        && setup::installed_backend(&paths).is_none_or(|backend| !backend.is_gpu());
+    if cpu_build && setup::Probes::of_this_machine().has_nvidia_gpu() {
+        println!(
+            "warning: this machine has an NVIDIA GPU but llama-server is a CPU build; `llmctl setup --backend cuda` \
+             builds one for the GPU (it needs the CUDA toolkit)"
+        );
     }
 }
 

@@ -178,6 +178,9 @@ pub struct DaemonStatus {
     pub evictions: u64,
     /// Clients following `llmctl events`.
     pub event_subscribers: usize,
+    /// The llama-server the daemon would spawn: path, build and backend.
+    #[serde(default)]
+    pub llama_server: String,
     /// The daemon-wide settings in force, as `llmctl config` writes them.
     #[serde(default)]
     pub settings: std::collections::BTreeMap<String, String>,

@@ -24,6 +24,7 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
 
 pub fn run(context: &Context, args: RunArgs) -> Result<()> {
+    crate::setup::on_first_use(context, Some(&args.model))?;
     let model = context.resolve_model(&args.model, &args.load)?;
     let stdin = io::stdin();
     let piped = if args.no_stdin || stdin.is_terminal() { None } else { Some(read_stdin(stdin)?) };

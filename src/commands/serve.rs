@@ -57,6 +57,7 @@ pub fn run(context: &Context, args: ServeArgs) -> Result<()> {
             ),
         });
     }
+    crate::setup::on_first_use(context, None)?;
     let server = tiny_http::Server::http(address).map_err(|e| Error::DaemonUnavailable {
         socket: std::path::PathBuf::from(address.to_string()),
         reason: format!("cannot listen: {e}"),

@@ -36,11 +36,12 @@ fn now_ms() -> u64 {
 pub fn render(report: &StatusReport, now_ms: u64) -> String {
     let daemon = &report.daemon;
     let mut out = format!(
-        "daemon  pid {}, up {}, memory {}, socket {}\nqueue   {} waiting of {}, {} rejected\n",
+        "daemon  pid {}, up {}, memory {}, socket {}\nserver  {}\nqueue   {} waiting of {}, {} rejected\n",
         daemon.pid,
         duration(daemon.uptime_ms),
         daemon.rss_bytes.map(bytes).unwrap_or_else(|| "-".into()),
         daemon.socket,
+        if daemon.llama_server.is_empty() { "-" } else { &daemon.llama_server },
         report.queue.waiting,
         report.queue.depth,
         report.queue.rejected,

@@ -417,7 +417,8 @@ fn stream(
         Ok(done) => {
             lease.report.usage = done.usage;
             lease.report.outcome = Some("ok".into());
-            drop(lease);
+            // The slot is back before the client hears `done`.
+            lease.release();
             let _ = send_final(writer, &Response::Done(done));
             return Ok(());
         }
@@ -489,7 +490,10 @@ fn warm(shared: &Arc<Shared>, spec: &ModelSpec, writer: &mut Writer) -> Result<A
         Progress { on_loading: &mut || {}, on_queued: &mut |_| {}, client_gone: &|| sys::peer_closed(&client_socket) },
     )?;
     match lease.client.ping() {
-        Ok(()) | Err(GenerateError::Cancelled) => Ok(instance),
+        Ok(()) | Err(GenerateError::Cancelled) => {
+            lease.release();
+            Ok(instance)
+        }
         Err(error) => Err(generation_failed(shared, &mut lease, spec, error)),
     }
 }
@@ -516,7 +520,7 @@ fn switch(shared: &Arc<Shared>, spec: &ModelSpec, wait: bool, exclusive: bool, w
         file,
         Progress { on_loading: &mut || {}, on_queued: &mut |_| {}, client_gone: &client_gone },
     )
-    .map(drop);
+    .map(Lease::release);
     if loaded.is_ok() && exclusive {
         let others: Vec<Arc<Handle>> =
             shared.table.all().into_iter().filter(|other| !Arc::ptr_eq(other, &instance)).collect();
@@ -657,6 +661,7 @@ fn status(shared: &Arc<Shared>) -> StatusReport {
             evictions: instances.iter().map(|i| u64::from(i.evictions)).sum(),
             event_subscribers: shared.services.events.subscribers(),
             settings: shared.settings.describe(&live),
+            llama_server: shared.llama_server.read().clone(),
         },
         queue: QueueStatus {
             depth: shared.admission.depth(),

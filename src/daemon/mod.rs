@@ -184,6 +184,9 @@ pub struct Shared {
     pub state_file_error: parking_lot::Mutex<Option<String>>,
     /// The number of the last request sent to a worker.
     jobs: AtomicU64,
+    /// The llama-server it would spawn, described (path, build, backend); read at start and
+    /// at each reload, since asking the binary for its version takes a process.
+    pub llama_server: parking_lot::RwLock<String>,
     /// What a reload may change while the daemon runs.
     pub live: parking_lot::RwLock<LiveSettings>,
     /// The flags the daemon started with, applied again at a reload.
@@ -207,6 +210,11 @@ impl Shared {
 }
 
 impl Shared {
+    fn describe_llama_server(&self) {
+        let description = crate::setup::describe_llama_server(&self.paths, self.settings.llama_server.as_deref(), None);
+        *self.llama_server.write() = description;
+    }
+
     /// Reads the config again: the live settings (budgets, instance limit, default TTL)
     /// change at once; the others are named as needing a new daemon. A bad config changes
     /// nothing and is the error (65).
@@ -233,6 +241,7 @@ impl Shared {
             pending.push("llama_server".to_string());
         }
         *self.live.write() = fresh_live;
+        self.describe_llama_server();
         // A bigger budget may let a waiting load in.
         let _ = self.services.scheduler.send(crate::instance::RoomRequest::Replan);
         let mut message = if applied.is_empty() {
@@ -326,10 +335,12 @@ pub fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
         state_file_error: parking_lot::Mutex::new(None),
         jobs: AtomicU64::new(0),
         live: parking_lot::RwLock::new(live),
+        llama_server: parking_lot::RwLock::new(String::new()),
         flags,
         exclusive_epoch: parking_lot::Mutex::new(0),
     });
     restore_instances(&shared, remembered.instances);
+    shared.describe_llama_server();
     log::info!(
         "llmctl daemon {} (pid {}) listening on {}",
         env!("CARGO_PKG_VERSION"),

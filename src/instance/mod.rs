@@ -165,14 +165,40 @@ pub struct Lease {
     pub replica: Option<usize>,
     pub report: Report,
     inbox: Sender<Message>,
+    released: bool,
 }
+
+impl Lease {
+    /// Gives the slot back and waits (briefly) until the worker has taken it, so that what
+    /// the client does next (`status`, another request) sees the instance idle.
+    pub fn release(mut self) {
+        let (ack, acked) = crossbeam_channel::bounded(1);
+        self.send_finished(Some(ack));
+        let _ = acked.recv_timeout(RELEASE_ACK_WAIT);
+    }
+
+    fn send_finished(&mut self, ack: Option<Sender<()>>) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        let report = std::mem::take(&mut self.report);
+        // A worker that is gone has nothing left to account.
+        let _ = self.inbox.send(Message::Finished {
+            replica: self.replica,
+            generation: self.generation.number,
+            report,
+            ack,
+        });
+    }
+}
+
+/// The longest a released lease waits for the worker to take the slot back.
+const RELEASE_ACK_WAIT: Duration = Duration::from_secs(1);
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let report = std::mem::take(&mut self.report);
-        // A worker that is gone has nothing left to account.
-        let _ =
-            self.inbox.send(Message::Finished { replica: self.replica, generation: self.generation.number, report });
+        self.send_finished(None);
     }
 }
 
@@ -188,11 +214,12 @@ pub enum Message {
     Arrive(Job),
     /// The job's client went away before it got a slot.
     Leave(JobId),
-    /// A lease was dropped.
+    /// A lease was dropped; `ack` hears when the slot is back.
     Finished {
         replica: Option<usize>,
         generation: u64,
         report: Report,
+        ack: Option<Sender<()>>,
     },
     RoomGranted(RoomToken),
     RoomRefused(Error),

@@ -238,7 +238,13 @@ impl Worker {
                     self.feed(Event::Left(job));
                 }
             }
-            Message::Finished { replica, generation, report } => self.finished(replica, generation, report),
+            Message::Finished { replica, generation, report, ack } => {
+                self.finished(replica, generation, report);
+                self.publish_view();
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+            }
             Message::RoomGranted(token) => self.feed(Event::RoomGranted(token)),
             Message::Keep(token) => self.feed(Event::Keep(token)),
             Message::RoomRefused(error) => {
@@ -667,6 +673,7 @@ impl Worker {
             replica,
             report: Report { waited, ..Report::default() },
             inbox: self.inbox.clone(),
+            released: false,
         };
         // A client that left meanwhile drops the lease with the channel; its drop gives
         // the slot back.

@@ -20,6 +20,8 @@
 //! 8. `llmctl serve`: streaming over the OpenAI API vs llama-server directly and its router.
 //! 9. Children on a Unix socket (the default) vs loopback TCP: admission and time to first
 //!    token.
+//! 10. llama-server built for this CPU (`GGML_NATIVE=ON`) vs a portable build, SmolLM2 and
+//!     Gemma 270M: generation and prompt tokens/s.
 //!
 //! Thrash (after 4): concurrent clients over three models with room for one, llmctl vs the
 //! router with `--models-max 1`.
@@ -297,6 +299,48 @@ fn main() {
             ms(tcp_ttft),
             socket_ttft.as_secs_f64() / tcp_ttft.as_secs_f64()
         );
+    }
+
+    // 10. llama-server built for this CPU (GGML_NATIVE=ON, what setup builds) against the
+    // portable build (GGML_NATIVE=OFF), same source, same machine, interleaved.
+    {
+        let native = data_dir().join("llama.cpp/b11434-cpu/llama-server");
+        let portable = data_dir().join("llama.cpp/b11434-cpu-portable/llama-server");
+        println!("### llama-server for this CPU vs a portable build\n");
+        if native.exists() && portable.exists() {
+            println!("| model | native gen tok/s | portable gen tok/s | ratio | native prompt tok/s | portable prompt tok/s | ratio |");
+            println!("|---|---|---|---|---|---|---|");
+            let models: Vec<(&str, PathBuf)> = std::iter::once(("SmolLM2 135M", demo.clone()))
+                .chain(gemma.clone().map(|g| ("Gemma 3 270M", g)))
+                .collect();
+            for (name, model) in models {
+                let (mut native_gen, mut portable_gen, mut native_prompt, mut portable_prompt) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                let servers = [Standalone::start(&native, &model), Standalone::start(&portable, &model)];
+                for _ in 0..reps {
+                    let (gen, prompt) = servers[0].speeds();
+                    native_gen.push(gen);
+                    native_prompt.push(prompt);
+                    let (gen, prompt) = servers[1].speeds();
+                    portable_gen.push(gen);
+                    portable_prompt.push(prompt);
+                }
+                let m = |v: &mut Vec<f64>| {
+                    v.sort_by(|a, b| a.total_cmp(b));
+                    v[v.len() / 2]
+                };
+                let (ng, pg, np, pp) =
+                    (m(&mut native_gen), m(&mut portable_gen), m(&mut native_prompt), m(&mut portable_prompt));
+                println!("| {name} | {ng:.1} | {pg:.1} | {:.3} | {np:.1} | {pp:.1} | {:.3} |", ng / pg, np / pp);
+            }
+            println!();
+        } else {
+            println!(
+                "(skipped: needs both {} and {}; `llmctl setup --portable` then `llmctl setup` builds both)\n",
+                native.display(),
+                portable.display()
+            );
+        }
     }
 
     // 7. Scaling: control plane and streaming with more instances loaded.
@@ -599,6 +643,54 @@ fn cold_start_alone(server: &Path, model: &Path) -> Duration {
     child.wait().unwrap();
     drain.join().unwrap();
     elapsed
+}
+
+/// One llama-server started by the bench itself on a loopback port, stopped on drop.
+struct Standalone {
+    child: Child,
+    port: u16,
+}
+
+impl Standalone {
+    fn start(binary: &Path, model: &Path) -> Standalone {
+        let port = free_port();
+        let child = Command::new(binary)
+            .arg("-m")
+            .arg(model)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "-c", "4096", "-np", "1", "--no-webui"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        while agent.get(format!("http://127.0.0.1:{port}/health")).call().map(|r| r.status() != 200).unwrap_or(true) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Standalone { child, port }
+    }
+
+    /// (generation tokens/s, prompt tokens/s) of a 128-token completion, as the server
+    /// times them; the prompt differs each time so nothing comes from the cache.
+    fn speeds(&self) -> (f64, f64) {
+        static ROUND: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let round = ROUND.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let prompt =
+            format!("Round {round}. Write a long story about a lighthouse keeper and the sea, with many details.");
+        let body = serde_json::json!({"prompt": prompt, "n_predict": 128, "temperature": 0, "ignore_eos": true, "cache_prompt": false});
+        let mut response =
+            ureq::post(format!("http://127.0.0.1:{}/completion", self.port)).send(body.to_string()).unwrap();
+        let answer: serde_json::Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+        let timings = &answer["timings"];
+        (timings["predicted_per_second"].as_f64().unwrap_or(0.0), timings["prompt_per_second"].as_f64().unwrap_or(0.0))
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A llama-server in router mode over `dir`, stopped on drop.

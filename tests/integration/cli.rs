@@ -386,27 +386,140 @@ fn a_running_daemon_refuses_bad_models_with_the_same_codes() {
     assert_exit(&env.run(&["run", model.to_str().unwrap(), "hi"]), 65);
 }
 
-#[test]
-fn setup_names_a_missing_build_tool_and_changes_nothing() {
-    let env = Env::with_server(std::path::Path::new("/nonexistent"));
-    // A PATH with everything a build needs except cmake, and no llama-server anywhere.
+/// A directory standing for PATH: a link to every program on it (the first of each name),
+/// but those in `leave_out`.
+fn tools_without(env: &Env, leave_out: &[&str]) -> std::path::PathBuf {
     let bin = env.path("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    for tool in ["python3", "make", "tar", "c++", "sh"] {
-        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
-            .map(|dir| dir.join(tool))
-            .find(|path| path.exists());
-        if let Some(found) = found {
-            std::os::unix::fs::symlink(found, bin.join(tool)).unwrap();
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name_text) = name.to_str() else { continue };
+            if leave_out.contains(&name_text) || bin.join(&name).exists() {
+                continue;
+            }
+            let _ = std::os::unix::fs::symlink(entry.path(), bin.join(&name));
         }
     }
+    bin
+}
+
+#[test]
+fn setup_names_a_missing_compiler_and_changes_nothing() {
+    let env = Env::with_server(std::path::Path::new("/nonexistent"));
+    // Everything a build needs but a C++ compiler, and no llama-server anywhere.
+    let compilers = ["c++", "g++", "clang++", "cc", "gcc", "clang"];
+    let mut leave_out: Vec<String> = compilers.iter().map(|c| c.to_string()).collect();
+    // Versioned names too (g++-12, x86_64-linux-gnu-g++-12).
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.contains("g++") || name.contains("clang++") || name.ends_with("-c++") {
+                leave_out.push(name);
+            }
+        }
+    }
+    let leave_out: Vec<&str> = leave_out.iter().map(String::as_str).collect();
+    let bin = tools_without(&env, &leave_out);
     let output =
         env.command(&["setup", "--no-model"]).env_remove("LLMCTL_LLAMA_SERVER").env("PATH", &bin).output().unwrap();
     assert_exit(&output, 69);
     let err = stderr(&output);
-    assert!(err.contains("`cmake` is needed") && err.contains("apt-get install cmake"), "{err}");
+    assert!(err.contains("no C++ compiler") && err.contains("apt-get install g++"), "{err}");
     assert!(!env.path("data/llama.cpp").exists(), "nothing half-installed");
     assert!(!env.path("cache/llama.cpp-b11434").exists(), "nothing downloaded");
+}
+
+#[test]
+fn setup_builds_for_the_accelerator_it_finds() {
+    let env = Env::with_server(std::path::Path::new("/nonexistent"));
+    let bin = tools_without(&env, &[]);
+    let fake = |name: &str, script: &str| {
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    };
+    let plan = |args: &[&str], extra: &[(&str, &str)]| {
+        let mut command = env.command(&[&["setup", "--dry-run"], args].concat());
+        command.env_remove("LLMCTL_LLAMA_SERVER").env("PATH", &bin).env_remove("VULKAN_SDK");
+        for (name, value) in extra {
+            command.env(name, value);
+        }
+        let output = command.output().unwrap();
+        assert_success(&output);
+        stdout(&output)
+    };
+    // No GPU: a native CPU build, or a portable one when asked.
+    let cpu = plan(&[], &[]);
+    assert!(cpu.contains("backend: cpu\n") && cpu.contains("-DGGML_NATIVE=ON") && !cpu.contains("CUDA"), "{cpu}");
+    assert!(plan(&["--portable"], &[]).contains("-DGGML_NATIVE=OFF"));
+    // An H200 and the CUDA toolkit: CUDA for its compute capability.
+    fake("nvcc", "echo 'Cuda compilation tools, release 12.4'");
+    fake("nvidia-smi", "echo 9.0");
+    let cuda = plan(&[], &[]);
+    assert!(cuda.contains("backend: cuda-sm90"), "{cuda}");
+    assert!(cuda.contains("-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90"), "{cuda}");
+    assert!(cuda.contains("llama.cpp/b11434-cuda-sm90/llama-server"), "each backend has its own directory: {cuda}");
+    assert!(plan(&["--backend", "cpu"], &[]).contains("backend: cpu\n"), "the choice overrides");
+    // A GPU without the toolkit: CPU, and `--version` says how to get a GPU build.
+    std::fs::remove_file(bin.join("nvcc")).unwrap();
+    assert!(plan(&[], &[]).contains("backend: cpu\n"));
+    let output = env.command(&["--version"]).env_remove("LLMCTL_LLAMA_SERVER").env("PATH", &bin).output().unwrap();
+    assert!(stdout(&output).contains("NVIDIA GPU but llama-server is a CPU build"), "{}", stdout(&output));
+    let output = env
+        .command(&["setup", "--dry-run", "--backend", "cuda"])
+        .env_remove("LLMCTL_LLAMA_SERVER")
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("nvcc"), "{}", stderr(&output));
+    // The Vulkan SDK: glslc and the headers.
+    std::fs::remove_file(bin.join("nvidia-smi")).unwrap();
+    fake("glslc", "true");
+    let sdk = env.path("vulkan-sdk");
+    std::fs::create_dir_all(sdk.join("include/vulkan")).unwrap();
+    std::fs::write(sdk.join("include/vulkan/vulkan.h"), "").unwrap();
+    let vulkan = plan(&[], &[("VULKAN_SDK", sdk.to_str().unwrap())]);
+    assert!(vulkan.contains("backend: vulkan") && vulkan.contains("-DGGML_VULKAN=ON"), "{vulkan}");
+    assert!(!env.path("data/llama.cpp").exists(), "a dry run changes nothing");
+}
+
+#[test]
+fn first_use_in_a_fresh_environment_sets_everything_up_without_root_tools() {
+    // An empty HOME and XDG tree, no llama-server, no demo model, and no cmake or make on
+    // PATH: `run demo` installs cmake and ninja from PyPI into llmctl's cache, builds
+    // llama-server, fetches the demo model, and answers.
+    let env = Env::with_server(std::path::Path::new("/nonexistent"));
+    let bin = tools_without(&env, &["cmake", "make", "ctest", "cpack", "ninja"]);
+    let output = env
+        .command(&["run", "-n", "8", "--temperature", "0", "demo", "Say hello"])
+        .env_remove("LLMCTL_LLAMA_SERVER")
+        .env_remove("LLMCTL_NO_SETUP")
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    assert_success(&output);
+    assert!(!stdout(&output).trim().is_empty(), "the demo model answered");
+    let err = stderr(&output);
+    assert!(err.contains("installing cmake and ninja from PyPI"), "{err}");
+    assert!(err.contains("installed llama-server build 11434 for cpu"), "{err}");
+    assert!(err.contains("installed the demo model"), "{err}");
+    assert!(env.path("cache/build-tools/bin/cmake").exists());
+    // A second time everything is there: no setup step, the same answer.
+    let again = env
+        .command(&["run", "-n", "8", "--temperature", "0", "demo", "Say hello"])
+        .env_remove("LLMCTL_LLAMA_SERVER")
+        .env_remove("LLMCTL_NO_SETUP")
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    assert_success(&again);
+    assert_eq!(stdout(&again), stdout(&output));
+    assert!(!stderr(&again).contains("setting up"), "{}", stderr(&again));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
 }
 
 #[test]

@@ -69,7 +69,10 @@ fn closing_stdout_frees_the_real_slot() {
     let demo = demo_model().display().to_string();
     let mut child = env.spawn(&["run", "-n", "4000", "--raw", &demo, "Count from one to one thousand:"]);
     let mut first = [0u8; 20];
-    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    if let Err(error) = child.stdout.as_mut().unwrap().read_exact(&mut first) {
+        let output = child.wait_with_output().unwrap();
+        panic!("no 20 bytes of output ({error}): exit {:?}, stderr: {}", output.status.code(), stderr(&output));
+    }
     drop(child.stdout.take());
     let output = child.wait_with_output().unwrap();
     assert_exit(&output, 0);

@@ -85,6 +85,8 @@ impl Env {
         command
             .env_remove("RUST_LOG")
             .env_remove("LLMCTL_NO_AUTOSTART")
+            // Tests that want setup on first use remove this.
+            .env("LLMCTL_NO_SETUP", "1")
             .env("HOME", root.join("home"))
             .env("XDG_RUNTIME_DIR", root.join("run"))
             .env("XDG_STATE_HOME", root.join("home/state"))

