@@ -166,6 +166,11 @@ fn start_daemon(context: &Context) -> Result<Connection> {
         .open(&log_path)
         .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the llmctl executable", e))?;
+    // Replaced while this process ran (an upgrade): start the binary that is there now.
+    let exe = match exe.to_str().and_then(|path| path.strip_suffix(" (deleted)")) {
+        Some(path) => std::path::PathBuf::from(path),
+        None => exe,
+    };
     let mut command = Command::new(exe);
     command.arg("daemon").arg("--socket").arg(&paths.socket).arg("--config").arg(&paths.config);
     if let Some(binary) = &context.global.llama_server {

@@ -16,6 +16,7 @@
 //! - `process`: the one owner of child processes and signals; `process/launcher` the thread
 //!   that forks them.
 //! - `events`: state changes for `llmctl events`.
+//! - `setup`: llama-server built for this machine's accelerator, and the demo model.
 //! - `model`, `gguf`, `config`, `paths`, `error`: resolution of names, file checks,
 //!   settings, locations and the exit-status table.
 //!
