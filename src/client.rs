@@ -29,6 +29,8 @@ pub struct Connection {
     socket_path: std::path::PathBuf,
     /// The longest wait for the daemon's next message; none waits for good.
     reply_timeout: Option<Duration>,
+    /// The daemon's pid, from its handshake.
+    pub daemon_pid: u32,
 }
 
 impl Connection {
@@ -133,6 +135,7 @@ pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
         line: Vec::with_capacity(256),
         socket_path: socket_path.clone(),
         reply_timeout: None,
+        daemon_pid: 0,
     };
     connection.set_reply_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let _ = connection.writer.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
@@ -142,7 +145,8 @@ pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
     match (connection.recv(), sent) {
         (Ok(Response::Error { kind, message, .. }), _) => Err(Error::Remote { kind, message }),
         (_, Err(error)) => Err(error),
-        (Ok(Response::Hello { .. }), Ok(())) => {
+        (Ok(Response::Hello { pid, .. }), Ok(())) => {
+            connection.daemon_pid = pid;
             // Commands that wait longer (run, warm, switch, events) say so themselves.
             connection.set_reply_timeout(Some(CONTROL_TIMEOUT))?;
             let _ = connection.writer.set_write_timeout(Some(CONTROL_TIMEOUT));
@@ -155,8 +159,12 @@ pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
 
 fn start_daemon(context: &Context) -> Result<Connection> {
     let paths = &context.paths;
-    // A daemon would refuse a bad config and exit; say what is wrong here, as bad input.
+    // A daemon would refuse a bad config or an unsafe socket directory and exit; say what
+    // is wrong here, as it is, rather than after waiting for an answer.
     crate::config::Config::load(&paths.config)?;
+    if let Some(dir) = paths.socket.parent() {
+        crate::paths::ensure_private_dir(dir)?;
+    }
     fs::create_dir_all(&paths.state_dir)
         .map_err(|e| Error::io(format!("cannot create {}", paths.state_dir.display()), e))?;
     let log_path = paths.daemon_log();
@@ -197,13 +205,13 @@ fn start_daemon(context: &Context) -> Result<Connection> {
         }
         let gave_up = exited_at.is_some_and(|at| at.elapsed() > Duration::from_millis(500));
         if gave_up || Instant::now() >= deadline {
-            return Err(daemon_failed(context, &log_path));
+            return Err(daemon_failed(context, &log_path, gave_up));
         }
         std::thread::sleep(CONNECT_POLL);
     }
 }
 
-fn daemon_failed(context: &Context, log_path: &std::path::Path) -> Error {
+fn daemon_failed(context: &Context, log_path: &std::path::Path, exited: bool) -> Error {
     let tail = File::open(log_path)
         .map(|file| {
             let lines: Vec<String> = BufReader::new(file).lines().map_while(|l| l.ok()).collect();
@@ -212,10 +220,14 @@ fn daemon_failed(context: &Context, log_path: &std::path::Path) -> Error {
         .unwrap_or_default();
     Error::DaemonUnavailable {
         socket: context.paths.socket.clone(),
-        reason: format!(
-            "the daemon did not answer within {} s; its log ({}) ends with:\n{tail}",
-            AUTOSTART_TIMEOUT.as_secs(),
-            log_path.display()
-        ),
+        reason: if exited {
+            format!("the daemon exited at start; its log ({}) ends with:\n{tail}", log_path.display())
+        } else {
+            format!(
+                "the daemon did not answer within {} s; its log ({}) ends with:\n{tail}",
+                AUTOSTART_TIMEOUT.as_secs(),
+                log_path.display()
+            )
+        },
     }
 }

@@ -131,7 +131,7 @@ impl Config {
             check_range(
                 &format!("models.{name}.max_queued"),
                 model.max_queued.map(u64::from),
-                0,
+                1,
                 MAX_QUEUE_DEPTH as u64,
             )?;
             let remote = model.url.is_some() || !model.urls.is_empty();
@@ -244,6 +244,7 @@ mod tests {
             ("[models.a]\npath = \"/x\"\ngpu_layers = 4294967295\n", "models.a.gpu_layers"),
             ("default_ttl = \"18446744073709551615s\"\n", "longer than ten years"),
             ("default_ttl = \"999999999999d\"\n", "longer than ten years"),
+            ("[models.a]\npath = \"/x\"\nmax_queued = 0\n", "models.a.max_queued = 0 is outside 1..="),
         ];
         for (text, expected) in table {
             let error = Config::parse(text).unwrap_err();

@@ -58,6 +58,7 @@ pub mod process;
 pub mod protocol;
 pub mod setup;
 pub mod sys;
+pub mod tiny_model;
 
 use std::ffi::OsString;
 use std::io::Write;

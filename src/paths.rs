@@ -31,7 +31,7 @@ impl Paths {
     pub fn resolve(socket_flag: Option<&Path>, config_flag: Option<&Path>) -> Paths {
         let state_dir = from_env_or("LLMCTL_STATE_DIR", "XDG_STATE_HOME", ".local/state");
         Paths {
-            socket: socket_flag.map(Path::to_path_buf).unwrap_or_else(default_socket),
+            socket: absolute(socket_flag.map(Path::to_path_buf).unwrap_or_else(default_socket)),
             instance_logs_dir: state_dir.join("logs"),
             state_dir,
             config: config_flag.map(Path::to_path_buf).unwrap_or_else(default_config),
@@ -61,6 +61,17 @@ impl Paths {
     pub fn models_dir(&self) -> PathBuf {
         self.data_dir.join("models")
     }
+}
+
+/// A relative path made absolute against the working directory, so the daemon (which
+/// starts elsewhere) and every client agree on it.
+fn absolute(path: PathBuf) -> PathBuf {
+    if path.is_relative() {
+        if let Ok(dir) = env::current_dir() {
+            return dir.join(path);
+        }
+    }
+    path
 }
 
 fn non_empty_env(name: &str) -> Option<PathBuf> {

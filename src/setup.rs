@@ -276,7 +276,7 @@ pub fn ensure_llama_server(context: &Context, options: &Options, reporter: &Repo
         println!("in use: {}", current.as_ref().map_or("none".into(), |b| b.dir_name()));
         return Ok(installed);
     }
-    if current.as_ref() == Some(&backend) && build_of(&installed) == Some(LLAMA_CPP_BUILD) {
+    if current.as_ref() == Some(&backend) && build_of(&installed) == Some(LLAMA_CPP_BUILD) && verified(&installed) {
         reporter.step(&format!(
             "llama-server build {LLAMA_CPP_BUILD} for {} is installed at {}",
             backend.dir_name(),
@@ -292,9 +292,19 @@ pub fn ensure_llama_server(context: &Context, options: &Options, reporter: &Repo
             );
         }
     }
-    let target = backend_binary(paths, &backend);
-    if build_of(&target) != Some(LLAMA_CPP_BUILD) {
-        build_llama_server(context, options, reporter, &backend, &target)?;
+    let mut backend = backend;
+    let mut target = backend_binary(paths, &backend);
+    if let Err(reason) = build_and_check(context, options, reporter, &backend, &target) {
+        // `-march=native` can use instructions the CPU reports but the machine (often a VM)
+        // does not let a process run: measured here, a native build on a CPU that reports
+        // AMX and AVX-512 died with SIGSEGV while warming up. A portable build is the way out.
+        if backend != (Backend::Cpu { portable: false }) || options.backend.is_some() {
+            return Err(Error::Setup { message: reason });
+        }
+        reporter.step(&format!("the build for this CPU failed its check ({reason}); building a portable one instead"));
+        backend = Backend::Cpu { portable: true };
+        target = backend_binary(paths, &backend);
+        build_and_check(context, options, reporter, &backend, &target).map_err(|message| Error::Setup { message })?;
     }
     link_current(&target, &installed)?;
     reporter.step(&format!(
@@ -303,6 +313,104 @@ pub fn ensure_llama_server(context: &Context, options: &Options, reporter: &Repo
         installed.display()
     ));
     Ok(installed)
+}
+
+/// Builds `target` for `backend` unless it is there, then checks it answers on this
+/// machine (once: a passed check is remembered next to the binary).
+fn build_and_check(
+    context: &Context,
+    options: &Options,
+    reporter: &Reporter,
+    backend: &Backend,
+    target: &Path,
+) -> std::result::Result<(), String> {
+    if build_of(target) != Some(LLAMA_CPP_BUILD) {
+        build_llama_server(context, options, reporter, backend, target).map_err(|e| e.to_string())?;
+    }
+    if verified(target) {
+        return Ok(());
+    }
+    // A build that failed its check once fails it again; say so without running it.
+    if let Ok(reason) = fs::read_to_string(target.with_file_name("failed")) {
+        return Err(reason.trim().to_string());
+    }
+    reporter.step("checking that the build runs a model on this machine");
+    let work = context.paths.cache_dir.join("smoke-test");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let result = smoke_test(target, &work);
+    let _ = fs::remove_dir_all(&work);
+    if let Err(reason) = &result {
+        let _ = fs::write(target.with_file_name("failed"), format!("{reason}\n"));
+    }
+    result?;
+    let marker = verified_marker(target);
+    fs::write(&marker, format!("{}\n", version_of(target)))
+        .map_err(|e| format!("cannot write {}: {e}", marker.display()))
+}
+
+fn verified_marker(binary: &Path) -> PathBuf {
+    binary.with_file_name("verified")
+}
+
+/// True when this binary passed the smoke test on this machine. The marker sits next to the
+/// binary in its backend directory (the current install links there).
+fn verified(binary: &Path) -> bool {
+    let binary = fs::canonicalize(binary).unwrap_or_else(|_| binary.to_path_buf());
+    verified_marker(&binary).exists()
+}
+
+/// Runs `binary` on a tiny model until it says it listens, which it does after loading the
+/// model and running its warm-up on this CPU (or GPU); an exit before that is the failure,
+/// with its status and last output.
+fn smoke_test(binary: &Path, work: &Path) -> std::result::Result<(), String> {
+    const SMOKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+    let model = work.join("smoke.gguf");
+    crate::tiny_model::write_quantized(&model).map_err(|e| format!("cannot write a test model: {e}"))?;
+    let (reader, writer) = io::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
+    let writer_err = writer.try_clone().map_err(|e| format!("cannot create a pipe: {e}"))?;
+    let mut command = Command::new(binary);
+    command
+        .arg("-m")
+        .arg(&model)
+        .args(["--host", "127.0.0.1", "--port", "0", "-c", "256", "-np", "1", "--no-webui", "--log-colors", "off"])
+        // A key nobody has: the server is up for a moment, for this check alone.
+        .env("LLAMA_API_KEY", crate::sys::random_hex(16).unwrap_or_else(|_| "smoke-test".into()))
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(writer_err);
+    let mut child = crate::process::ChildGroup::spawn(command).map_err(|e| format!("cannot start it: {e}"))?;
+    let (lines_tx, lines) = crossbeam_channel::unbounded();
+    let reading = std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines().map_while(|line| line.ok()) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + SMOKE_TIMEOUT;
+    let mut tail: Vec<String> = Vec::new();
+    let outcome = loop {
+        match lines.recv_deadline(deadline) {
+            Ok(line) if line.contains("listening on") => break Ok(()),
+            Ok(line) => {
+                if tail.len() == 8 {
+                    tail.remove(0);
+                }
+                tail.push(line);
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                break Err(format!("it did not start within {} s", SMOKE_TIMEOUT.as_secs()))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                let status = child.kill().map(crate::process::describe_status).unwrap_or_default();
+                break Err(format!("it {status} while loading a test model; its last output:\n{}", tail.join("\n")));
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = reading.join();
+    outcome
 }
 
 /// Points the current install at `target`, atomically (a new link renamed over the old).

@@ -204,7 +204,12 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
         if let Ok(crate::protocol::Response::Status(status)) = connection.call(&crate::protocol::Request::Status) {
             for setting in &mut settings {
                 if let Some(in_force) = status.daemon.settings.get(setting.name) {
-                    if *in_force != setting.value {
+                    // "5m" in the file is "300s" in the daemon: compare durations as such.
+                    let same_duration = matches!(
+                        (crate::config::parse_ttl(in_force), crate::config::parse_ttl(&setting.value)),
+                        (Ok(a), Ok(b)) if a == b
+                    );
+                    if *in_force != setting.value && !same_duration {
                         setting.daemon = Some(in_force.clone());
                     }
                 }

@@ -9,6 +9,14 @@ use crate::protocol::Request;
 
 pub fn run(context: &Context, args: PinArgs, pinned: bool) -> Result<()> {
     let model = context.resolve_model(&args.model, &args.load)?;
+    if !pinned && model.policy.pinned {
+        // The config's pin holds whatever a command says; changing it is an edit.
+        eprintln!(
+            "llmctl: {} stays pinned: `pinned = true` in {} pins it; remove that, then `llmctl reload`",
+            model.name,
+            context.paths.config.display()
+        );
+    }
     let mut connection = context.connect_for(&model)?;
     connection.call(&Request::Pin { model, pinned })?;
     Ok(())

@@ -16,11 +16,18 @@ pub fn run(context: &Context) -> Result<()> {
         return Ok(());
     };
     connection.call(&Request::Shutdown)?;
+    let pid = connection.daemon_pid;
     drop(connection);
-    // The daemon answers once its children are stopped; wait until it has let go of the
-    // socket too, so a following command starts from a clean slate.
+    // The daemon answers once its children are stopped; wait until it has exited (and so
+    // removed its socket and lock file), so a following command starts from a clean slate.
     let deadline = Instant::now() + EXIT_TIMEOUT;
-    while context.paths.socket.exists() {
+    let running = || {
+        let alive = pid != 0
+            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'));
+        alive || context.paths.socket.exists()
+    };
+    while running() {
         if Instant::now() >= deadline {
             return Err(Error::Timeout { what: "waiting for the daemon to exit".into() });
         }

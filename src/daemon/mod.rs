@@ -59,6 +59,8 @@ const LARGE_BUFFER: usize = 1 << 20;
 pub const QUEUE_TIMEOUT_S: u64 = 600;
 /// How often the supervisor looks for expired TTLs and a changed state file.
 const SUPERVISOR_TICK: Duration = Duration::from_millis(100);
+/// How long a failed state-file write waits before the next try.
+const STATE_RETRY: Duration = Duration::from_secs(10);
 /// How often GPU memory is read in the background (and after every load).
 const GPU_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -409,6 +411,10 @@ pub fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
     signals_handle.close();
     let _ = signal_thread.join();
     let _ = fs::remove_file(&shared.paths.socket);
+    // Nothing left in a shared directory: the children's directory (empty by now) and the
+    // lock file go too. The lock is still held, so no daemon can be starting on it.
+    let _ = fs::remove_dir(&shared.services.children_dir);
+    let _ = fs::remove_file(shared.paths.lock_file());
     log::info!("daemon stopped");
     Ok(())
 }
@@ -561,13 +567,23 @@ fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
 /// background, and keeps the state file current.
 fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
     let mut written = state::snapshot(&shared.table);
+    // A failed write is retried, but not every tick: a full disk or a read-only directory
+    // stays so for a while, and the log should say it once, not ten times a second.
     let write_state = || {
         let result = state::write(&shared.paths.state_file(), &shared.table);
         let failed = result.is_err();
-        *shared.state_file_error.lock() = result.err();
+        let mut last_error = shared.state_file_error.lock();
+        match (&result, last_error.as_ref()) {
+            (Err(message), Some(previous)) if message == previous => {}
+            (Err(message), _) => log::error!("{message}; serving on without it, retrying every 10 s"),
+            (Ok(()), Some(_)) => log::info!("the state file is written again"),
+            (Ok(()), None) => {}
+        }
+        *last_error = result.err();
         failed
     };
     let mut retry = write_state();
+    let mut failed_at = retry.then(Instant::now);
     let gpu = &shared.services.gpu;
     let mut gpu_read_at = Instant::now();
     loop {
@@ -596,8 +612,10 @@ fn supervise(shared: &Arc<Shared>, stop: Receiver<()>) {
             }
         }
         let current = state::snapshot(&shared.table);
-        if current != written || retry {
+        let retry_due = failed_at.is_none_or(|at| at.elapsed() >= STATE_RETRY);
+        if (current != written || retry) && retry_due {
             retry = write_state();
+            failed_at = retry.then(Instant::now);
             written = current;
         }
     }

@@ -125,11 +125,8 @@ pub fn write(path: &Path, table: &InstanceTable) -> Result<(), String> {
     if let Some(dir) = path.parent() {
         let _ = fs::create_dir_all(dir);
     }
-    paths::write_atomically(path, &json).map_err(|error| {
-        let message = format!("cannot write the state file {}: {error}", path.display());
-        log::error!("{message}; serving on without it");
-        message
-    })
+    paths::write_atomically(path, &json)
+        .map_err(|error| format!("cannot write the state file {}: {error}", path.display()))
 }
 
 /// Kills the children recorded by a daemon that did not shut down cleanly.

@@ -316,7 +316,15 @@ fn main() {
             for (name, model) in models {
                 let (mut native_gen, mut portable_gen, mut native_prompt, mut portable_prompt) =
                     (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                let servers = [Standalone::start(&native, &model), Standalone::start(&portable, &model)];
+                let (Some(native_server), Some(portable_server)) =
+                    (Standalone::start(&native, &model), Standalone::start(&portable, &model))
+                else {
+                    println!(
+                        "| {name} | crashed while loading (this CPU reports instructions it cannot run) | | | | | |"
+                    );
+                    continue;
+                };
+                let servers = [native_server, portable_server];
                 for _ in 0..reps {
                     let (gen, prompt) = servers[0].speeds();
                     native_gen.push(gen);
@@ -652,7 +660,8 @@ struct Standalone {
 }
 
 impl Standalone {
-    fn start(binary: &Path, model: &Path) -> Standalone {
+    /// None when the server dies before it answers.
+    fn start(binary: &Path, model: &Path) -> Option<Standalone> {
         let port = free_port();
         let child = Command::new(binary)
             .arg("-m")
@@ -663,11 +672,15 @@ impl Standalone {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let mut server = Standalone { child, port };
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
         while agent.get(format!("http://127.0.0.1:{port}/health")).call().map(|r| r.status() != 200).unwrap_or(true) {
+            if server.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
-        Standalone { child, port }
+        Some(server)
     }
 
     /// (generation tokens/s, prompt tokens/s) of a 128-token completion, as the server

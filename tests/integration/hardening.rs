@@ -227,3 +227,34 @@ fn the_daemon_gives_back_the_memory_of_large_prompts() {
     // Two 15 MiB prompts passed through; what the daemon keeps of them is small.
     assert!(after < before + (8 << 20), "daemon RSS grew from {before} to {after} bytes");
 }
+
+#[test]
+fn a_daemon_in_a_shared_directory_leaves_nothing_behind() {
+    let env = Env::fake();
+    let shared = env.path("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    let model = fake_model(&env);
+    // A relative socket path, from inside the shared directory.
+    let run =
+        |args: &[&str]| env.command(args).env("LLMCTL_SOCKET", "here.sock").current_dir(&shared).output().unwrap();
+    assert_success(&run(&["run", &model, "hi"]));
+    assert!(shared.join("here.sock").exists());
+    assert_success(&run(&["shutdown"]));
+    let left: Vec<String> =
+        std::fs::read_dir(&shared).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn unpinning_a_model_the_config_pins_says_where_the_pin_is() {
+    let env = Env::fake();
+    let path = fake_model(&env);
+    env.write_config(&format!("[models.kept]\npath = \"{path}\"\npinned = true\n"));
+    assert_success(&env.run(&["warm", "kept"]));
+    let output = env.run(&["unpin", "kept"]);
+    assert_success(&output);
+    assert!(stderr(&output).contains("`pinned = true`"), "{}", stderr(&output));
+    assert_eq!(env.status_json()["instances"][0]["pinned"], true);
+}
