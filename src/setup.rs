@@ -91,6 +91,10 @@ pub enum Backend {
     Cpu {
         portable: bool,
     },
+    /// This CPU but for its AMX units, for machines (often VMs) that report AMX a process
+    /// cannot use: measured here, a native build died with SIGSEGV on its first quantized
+    /// matrix product, and the same build without AMX ran.
+    CpuWithoutAmx,
     /// NVIDIA GPUs of these compute capabilities (`90` for an H100 or H200), `;`-separated.
     Cuda {
         architectures: String,
@@ -105,6 +109,7 @@ impl Backend {
         match self {
             Backend::Cpu { portable: false } => "cpu".into(),
             Backend::Cpu { portable: true } => "cpu-portable".into(),
+            Backend::CpuWithoutAmx => "cpu-noamx".into(),
             Backend::Cuda { architectures } => format!("cuda-sm{}", architectures.replace(';', "-")),
             Backend::Vulkan => "vulkan".into(),
         }
@@ -114,19 +119,28 @@ impl Backend {
         Some(match name {
             "cpu" => Backend::Cpu { portable: false },
             "cpu-portable" => Backend::Cpu { portable: true },
+            "cpu-noamx" => Backend::CpuWithoutAmx,
             "vulkan" => Backend::Vulkan,
             other => Backend::Cuda { architectures: other.strip_prefix("cuda-sm")?.replace('-', ";") },
         })
     }
 
     pub fn is_gpu(&self) -> bool {
-        !matches!(self, Backend::Cpu { .. })
+        !matches!(self, Backend::Cpu { .. } | Backend::CpuWithoutAmx)
     }
 
     /// The CMake options for this backend, beyond [`CMAKE_OPTIONS`].
     pub fn cmake_options(&self) -> Vec<String> {
         match self {
             Backend::Cpu { portable } => vec![format!("-DGGML_NATIVE={}", if *portable { "OFF" } else { "ON" })],
+            Backend::CpuWithoutAmx => {
+                let flags = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16";
+                vec![
+                    "-DGGML_NATIVE=ON".into(),
+                    format!("-DCMAKE_C_FLAGS={flags}"),
+                    format!("-DCMAKE_CXX_FLAGS={flags}"),
+                ]
+            }
             Backend::Cuda { architectures } => vec![
                 "-DGGML_NATIVE=ON".into(),
                 "-DGGML_CUDA=ON".into(),
@@ -292,20 +306,39 @@ pub fn ensure_llama_server(context: &Context, options: &Options, reporter: &Repo
             );
         }
     }
-    let mut backend = backend;
-    let mut target = backend_binary(paths, &backend);
-    if let Err(reason) = build_and_check(context, options, reporter, &backend, &target) {
-        // `-march=native` can use instructions the CPU reports but the machine (often a VM)
-        // does not let a process run: measured here, a native build on a CPU that reports
-        // AMX and AVX-512 died with SIGSEGV while warming up. A portable build is the way out.
-        if backend != (Backend::Cpu { portable: false }) || options.backend.is_some() {
-            return Err(Error::Setup { message: reason });
+    // `-march=native` can use instructions the CPU reports but the machine (often a VM) does
+    // not let a process run: measured here, a native build on a CPU that reports AMX died
+    // with SIGSEGV on its first quantized matrix product. When the native build fails its
+    // check, the same build without AMX (if the CPU reports it), then a portable one, are
+    // the way out.
+    let mut candidates = vec![backend.clone()];
+    if backend == (Backend::Cpu { portable: false }) && options.backend.is_none() {
+        if cpu_reports_amx() {
+            candidates.push(Backend::CpuWithoutAmx);
         }
-        reporter.step(&format!("the build for this CPU failed its check ({reason}); building a portable one instead"));
-        backend = Backend::Cpu { portable: true };
-        target = backend_binary(paths, &backend);
-        build_and_check(context, options, reporter, &backend, &target).map_err(|message| Error::Setup { message })?;
+        candidates.push(Backend::Cpu { portable: true });
     }
+    let mut chosen = None;
+    for candidate in candidates {
+        let target = backend_binary(paths, &candidate);
+        match build_and_check(context, options, reporter, &candidate, &target) {
+            Ok(()) => {
+                chosen = Some((candidate, target));
+                break;
+            }
+            Err(reason) if candidate == backend && options.backend.is_some() => {
+                return Err(Error::Setup { message: reason })
+            }
+            Err(reason) => {
+                reporter.step(&format!("the {} build failed its check ({reason})", candidate.dir_name()));
+            }
+        }
+    }
+    let Some((backend, target)) = chosen else {
+        return Err(Error::Setup {
+            message: "no build of llama-server runs on this machine; see the lines above".into(),
+        });
+    };
     link_current(&target, &installed)?;
     reporter.step(&format!(
         "installed llama-server build {LLAMA_CPP_BUILD} for {} at {}",
@@ -466,6 +499,11 @@ pub fn on_first_use(context: &Context, model: Option<&str>) -> Result<()> {
         install_demo_model(context, &reporter)?;
     }
     Ok(())
+}
+
+/// True when the CPU reports AMX units (`amx_tile` in /proc/cpuinfo).
+fn cpu_reports_amx() -> bool {
+    fs::read_to_string("/proc/cpuinfo").is_ok_and(|cpuinfo| cpuinfo.contains(" amx_tile"))
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
@@ -783,5 +821,8 @@ mod tests {
         assert_eq!(backend.cmake_options().last().unwrap(), "-DCMAKE_CUDA_ARCHITECTURES=86;90");
         assert_eq!(Backend::from_dir_name(&backend.dir_name()), Some(backend));
         assert_eq!(Backend::Cpu { portable: false }.cmake_options(), ["-DGGML_NATIVE=ON"]);
+        let without_amx = Backend::CpuWithoutAmx;
+        assert!(without_amx.cmake_options().iter().any(|o| o.contains("-mno-amx-int8")));
+        assert_eq!(Backend::from_dir_name(&without_amx.dir_name()), Some(without_amx));
     }
 }

@@ -43,6 +43,12 @@ fn main() {
     let demo = data_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(server.exists() && demo.exists(), "run `llmctl setup` first");
 
+    // `BENCH_ONLY=native` runs only the comparison of builds (it needs no daemon).
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("native") {
+        println!("machine: {}, {} CPUs; {} repetitions, medians\n", cpu_model(), cpus(), reps);
+        native_vs_portable(reps, &demo, gemma_model().as_ref());
+        return;
+    }
     println!("## llmctl benchmark\n");
     println!("machine: {}, {} CPUs; {} repetitions, medians\n", cpu_model(), cpus(), reps);
     let env = Bench::new(&server);
@@ -301,55 +307,7 @@ fn main() {
         );
     }
 
-    // 10. llama-server built for this CPU (GGML_NATIVE=ON, what setup builds) against the
-    // portable build (GGML_NATIVE=OFF), same source, same machine, interleaved.
-    {
-        let native = data_dir().join("llama.cpp/b11434-cpu/llama-server");
-        let portable = data_dir().join("llama.cpp/b11434-cpu-portable/llama-server");
-        println!("### llama-server for this CPU vs a portable build\n");
-        if native.exists() && portable.exists() {
-            println!("| model | native gen tok/s | portable gen tok/s | ratio | native prompt tok/s | portable prompt tok/s | ratio |");
-            println!("|---|---|---|---|---|---|---|");
-            let models: Vec<(&str, PathBuf)> = std::iter::once(("SmolLM2 135M", demo.clone()))
-                .chain(gemma.clone().map(|g| ("Gemma 3 270M", g)))
-                .collect();
-            for (name, model) in models {
-                let (mut native_gen, mut portable_gen, mut native_prompt, mut portable_prompt) =
-                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                let (Some(native_server), Some(portable_server)) =
-                    (Standalone::start(&native, &model), Standalone::start(&portable, &model))
-                else {
-                    println!(
-                        "| {name} | crashed while loading (this CPU reports instructions it cannot run) | | | | | |"
-                    );
-                    continue;
-                };
-                let servers = [native_server, portable_server];
-                for _ in 0..reps {
-                    let (gen, prompt) = servers[0].speeds();
-                    native_gen.push(gen);
-                    native_prompt.push(prompt);
-                    let (gen, prompt) = servers[1].speeds();
-                    portable_gen.push(gen);
-                    portable_prompt.push(prompt);
-                }
-                let m = |v: &mut Vec<f64>| {
-                    v.sort_by(|a, b| a.total_cmp(b));
-                    v[v.len() / 2]
-                };
-                let (ng, pg, np, pp) =
-                    (m(&mut native_gen), m(&mut portable_gen), m(&mut native_prompt), m(&mut portable_prompt));
-                println!("| {name} | {ng:.1} | {pg:.1} | {:.3} | {np:.1} | {pp:.1} | {:.3} |", ng / pg, np / pp);
-            }
-            println!();
-        } else {
-            println!(
-                "(skipped: needs both {} and {}; `llmctl setup --portable` then `llmctl setup` builds both)\n",
-                native.display(),
-                portable.display()
-            );
-        }
-    }
+    native_vs_portable(reps, &demo, gemma.as_ref());
 
     // 7. Scaling: control plane and streaming with more instances loaded.
     println!("### Scaling with loaded instances (fake servers)\n");
@@ -651,6 +609,63 @@ fn cold_start_alone(server: &Path, model: &Path) -> Duration {
     child.wait().unwrap();
     drain.join().unwrap();
     elapsed
+}
+
+/// Section 10: llama-server built for this CPU (what setup installs: `GGML_NATIVE=ON`, or without AMX
+/// where the native build cannot run) against the portable build (`GGML_NATIVE=OFF`), same
+/// source, same machine, interleaved.
+fn native_vs_portable(reps: usize, demo: &Path, gemma: Option<&PathBuf>) {
+    let portable = data_dir().join("llama.cpp/b11434-cpu-portable/llama-server");
+    println!("### llama-server for this CPU vs a portable build\n");
+    println!("| model | native build | native gen tok/s | portable gen tok/s | ratio | native prompt tok/s | portable prompt tok/s | ratio |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let models: Vec<(&str, PathBuf)> = std::iter::once(("SmolLM2 135M", demo.to_path_buf()))
+        .chain(gemma.map(|g| ("Gemma 3 270M", g.clone())))
+        .collect();
+    for (name, model) in models {
+        let Some(portable_server) = Standalone::start(&portable, &model) else {
+            println!(
+                "| {name} | (no portable build at {}: `llmctl setup --portable`) | | | | | | |",
+                portable.display()
+            );
+            continue;
+        };
+        // The native build, or where it cannot run here, the native build without AMX.
+        let mut native = None;
+        for variant in ["cpu", "cpu-noamx"] {
+            let binary = data_dir().join(format!("llama.cpp/b11434-{variant}/llama-server"));
+            if !binary.exists() {
+                continue;
+            }
+            match Standalone::start(&binary, &model) {
+                Some(server) => {
+                    native = Some((variant, server));
+                    break;
+                }
+                None => println!("| {name} | {variant}: crashed while loading | | | | | | |"),
+            }
+        }
+        let Some((variant, native_server)) = native else { continue };
+        let servers = [native_server, portable_server];
+        let (mut native_gen, mut portable_gen, mut native_prompt, mut portable_prompt) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let (gen, prompt) = servers[0].speeds();
+            native_gen.push(gen);
+            native_prompt.push(prompt);
+            let (gen, prompt) = servers[1].speeds();
+            portable_gen.push(gen);
+            portable_prompt.push(prompt);
+        }
+        let m = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let (ng, pg, np, pp) =
+            (m(&mut native_gen), m(&mut portable_gen), m(&mut native_prompt), m(&mut portable_prompt));
+        println!("| {name} | {variant} | {ng:.1} | {pg:.1} | {:.3} | {np:.1} | {pp:.1} | {:.3} |", ng / pg, np / pp);
+    }
+    println!();
 }
 
 /// One llama-server started by the bench itself on a loopback port, stopped on drop.
