@@ -248,13 +248,7 @@ impl Worker {
             Message::RoomGranted(token) => self.feed(Event::RoomGranted(token)),
             Message::Keep(token) => self.feed(Event::Keep(token)),
             Message::RoomRefused(error) => {
-                self.services.events.publish(
-                    EventKind::Refused,
-                    &self.spec.name,
-                    &self.path(),
-                    None,
-                    Some(error.to_string()),
-                );
+                self.publish(EventKind::Refused, None, Some(error.to_string()));
                 self.refusal = Some(error);
                 self.feed(Event::RoomRefused);
             }
@@ -302,13 +296,7 @@ impl Worker {
             if self.machine.phase().holds_room() {
                 if self.pending_file.as_ref().map(|(_, pending)| pending) != Some(&stamp) {
                     log::info!("{} changed on disk; reloading it once its requests finish", self.path());
-                    self.services.events.publish(
-                        EventKind::Reloading,
-                        &self.spec.name,
-                        &self.path(),
-                        self.pid(),
-                        Some("the model file was replaced".into()),
-                    );
+                    self.publish(EventKind::Reloading, self.pid(), Some("the model file was replaced".into()));
                     self.pending_file = Some((info, stamp));
                     self.feed(Event::Unload { why: Unload::Reload, cutoff: job.id.saturating_sub(1), room: None });
                 }
@@ -381,28 +369,15 @@ impl Worker {
             return;
         };
         log::warn!("{error}");
-        self.crashes.push_back(Instant::now());
-        self.failure = Some(error.to_string());
         if self.machine.phase() == Phase::Starting {
             self.loading = None;
-            self.load_error = Some(error.clone());
-            self.services.events.publish(
-                EventKind::Failed,
-                &self.spec.name,
-                &self.path(),
-                None,
-                Some(error.to_string()),
-            );
+            self.load_failed(error);
             self.feed(Event::LoadFailed);
         } else {
+            self.crashes.push_back(Instant::now());
+            self.failure = Some(error.to_string());
             self.client = None;
-            self.services.events.publish(
-                EventKind::Crashed,
-                &self.spec.name,
-                &self.path(),
-                None,
-                Some(error.to_string()),
-            );
+            self.publish(EventKind::Crashed, None, Some(error.to_string()));
             self.feed(Event::ChildExited);
         }
     }
@@ -488,7 +463,7 @@ impl Worker {
             self.view.lock().stats.restarts += 1;
         }
         self.failure = None;
-        self.services.events.publish(EventKind::Loading, &self.spec.name, &self.path(), None, None);
+        self.publish(EventKind::Loading, None, None);
         if let Some(remote) = self.spec.remote.clone() {
             let started = Instant::now();
             return Some(match self.connect_remote(&remote) {
@@ -608,20 +583,14 @@ impl Worker {
     fn became_ready(&mut self, started: Instant) {
         self.view.lock().stats.last_load = Some(started.elapsed());
         self.ready_since = Some(SystemTime::now());
-        self.services.events.publish(
-            EventKind::Ready,
-            &self.spec.name,
-            &self.path(),
-            self.pid(),
-            Some(format!("loaded in {} ms", started.elapsed().as_millis())),
-        );
+        self.publish(EventKind::Ready, self.pid(), Some(format!("loaded in {} ms", started.elapsed().as_millis())));
         self.services.gpu.refresh_soon();
     }
 
     fn load_failed(&mut self, error: Error) {
         self.crashes.push_back(Instant::now());
         self.failure = Some(error.to_string());
-        self.services.events.publish(EventKind::Failed, &self.spec.name, &self.path(), None, Some(error.to_string()));
+        self.publish(EventKind::Failed, None, Some(error.to_string()));
         self.load_error = Some(error);
         // Whatever was spawned for the failed load does not outlive it.
         self.finish_child(Duration::ZERO);
@@ -710,7 +679,7 @@ impl Worker {
             Unload::Restart => (EventKind::Stopped, Some("restarted after a stalled request".to_string())),
             Unload::Exclusive | Unload::Stop => (EventKind::Stopped, Some(self.stop_message.clone())),
         };
-        self.services.events.publish(kind, &self.spec.name, &self.path(), pid, detail);
+        self.publish(kind, pid, detail);
         if let Some((info, stamp)) = self.pending_file.take() {
             self.adopt_file(info, stamp);
         }
@@ -825,6 +794,11 @@ impl Worker {
         for waiter in self.stop_waiters.drain(..) {
             let _ = waiter.send(());
         }
+    }
+
+    /// Tells `llmctl events` about a state change of this instance.
+    fn publish(&self, kind: EventKind, pid: Option<u32>, detail: Option<String>) {
+        self.services.events.publish(kind, &self.spec.name, &self.path(), pid, detail);
     }
 
     fn pid(&self) -> Option<u32> {
