@@ -149,6 +149,12 @@ pub struct RunArgs {
     /// Stop when this text is generated (repeatable)
     #[arg(long, value_name = "TEXT")]
     pub stop: Vec<String>,
+    /// Make the output JSON valid for this JSON Schema: a file, or the schema itself
+    #[arg(short = 's', long, value_name = "FILE|JSON", conflicts_with = "grammar")]
+    pub json_schema: Option<String>,
+    /// Make the output follow this GBNF grammar file (llama.cpp's grammar format)
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub load: LoadArgs,
 }
