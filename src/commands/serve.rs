@@ -145,7 +145,13 @@ fn respond_error(
     let status = if kind == ErrorKind::Busy && per_model { 429 } else { http_status(kind) };
     let retry = retry_after_ms.map(|ms| ms.div_ceil(1000).max(1).to_string());
     let extra: Vec<(&str, &str)> = retry.as_deref().map(|value| vec![("Retry-After", value)]).unwrap_or_default();
-    exchange.error(status, message, &extra);
+    let kind_name = match kind {
+        ErrorKind::Usage | ErrorKind::Data | ErrorKind::NotFound => "invalid_request_error",
+        ErrorKind::Busy => "rate_limit_error",
+        _ => "server_error",
+    };
+    let body = json!({"error": {"message": message, "type": kind_name, "code": kind.name()}});
+    exchange.respond(status, "application/json", body.to_string().as_bytes(), &extra);
 }
 
 fn fail(exchange: &mut Exchange, error: &Error) {
