@@ -681,3 +681,249 @@ print("count", claude.messages.count_tokens(model="smol", messages=[{{"role": "u
     drop(server);
     drop(env);
 }
+
+/// Sends one request on a fresh connection and returns the connection without reading.
+fn send_request(server: &Server, path: &str, body: &serde_json::Value) -> TcpStream {
+    let mut stream = TcpStream::connect(server.base.trim_start_matches("http://")).unwrap();
+    let body = body.to_string();
+    write!(stream, "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    stream
+}
+
+fn instance(env: &Env, name: &str) -> serde_json::Value {
+    let status = env.status_json();
+    status["instances"].as_array().unwrap().iter().find(|i| i["name"] == name).cloned().unwrap_or_default()
+}
+
+#[test]
+fn a_client_that_leaves_a_non_streamed_generation_frees_the_slot_at_once() {
+    let env = Env::real();
+    env.write_config(&format!("[models.smol]\npath = \"{}\"\n", demo_model().display()));
+    let server = Server::start(&env, &[]);
+    assert_success(&env.run(&["warm", "smol"]));
+    // 4,000 tokens take the 135M model tens of seconds here; the slot must come back long
+    // before that.
+    let body = serde_json::json!({"model": "smol", "prompt": "Once upon a time", "max_tokens": 4000,
+        "ignore_eos": true, "temperature": 1});
+    let stream = send_request(&server, "/v1/completions", &body);
+    wait_until("the generation runs", || instance(&env, "smol")["in_flight"] == 1);
+    let left = std::time::Instant::now();
+    drop(stream);
+    wait_until("the slot is free", || instance(&env, "smol")["in_flight"] == 0);
+    eprintln!("slot freed {:?} after the client left", left.elapsed());
+    assert_eq!(instance(&env, "smol")["outcomes"]["cancelled"], 1);
+    // The child is fine and serves the next request.
+    let (status, text) =
+        post(&server, "/v1/completions", serde_json::json!({"model": "smol", "prompt": "x", "max_tokens": 2}));
+    assert_eq!(status, 200, "{text}");
+}
+
+#[test]
+fn a_client_that_leaves_while_queued_or_loading_gives_its_place_up() {
+    let mut env = Env::fake();
+    let record = env.path("requests.jsonl");
+    env.set("FAKE_LLAMA_RECORD", &record.display().to_string());
+    let (server, holder, waiter) = one_busy_one_waiting(&env, "", "");
+    let queued = send_request(
+        &server,
+        "/v1/chat/completions",
+        &serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "QUEUED-MARKER"}]}),
+    );
+    wait_until("the HTTP request waits", || instance(&env, "m")["queued"] == 2);
+    drop(queued);
+    wait_until("it left the queue", || instance(&env, "m")["queued"] == 1);
+    assert_success(&holder.wait_with_output().unwrap());
+    assert_success(&waiter.wait_with_output().unwrap());
+    assert!(!std::fs::read_to_string(&record).unwrap().contains("QUEUED-MARKER"));
+
+    // A model that takes 3 s to load: the request leaves during the load and never reaches it.
+    let slow = env.tiny_model("slow.gguf");
+    env.write_config(&format!(
+        "[models.slow]\npath = \"{}\"\nargs = [\"--fake-start-ms\", \"3000\"]\n",
+        slow.display()
+    ));
+    let loading = send_request(
+        &server,
+        "/v1/chat/completions",
+        &serde_json::json!({"model": "slow", "messages": [{"role": "user", "content": "LOADING-MARKER"}]}),
+    );
+    wait_until("the model loads", || instance(&env, "slow")["state"] == "starting");
+    drop(loading);
+    wait_until("the request left", || instance(&env, "slow")["queued"] == 0);
+    assert_success(&env.run(&["warm", "slow"]));
+    assert!(!std::fs::read_to_string(&record).unwrap().contains("LOADING-MARKER"));
+}
+
+/// The resident memory of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// What one raw exchange gets back (status line and headers, or what there was).
+fn raw(address: &str, sent: &[u8]) -> String {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let _ = stream.write_all(sent);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Every limit of the HTTP layer, against `server` (whose key is `key`, if any).
+fn attack(server: &Server, key: Option<&str>) {
+    let address = server.base.trim_start_matches("http://").to_string();
+    let pid = server.child.id();
+    let auth = key.map(|key| format!("Authorization: Bearer {key}\r\n")).unwrap_or_default();
+
+    // A slow head, in the background: 408 once the head timeout passes.
+    let slow_address = address.clone();
+    let slow = std::thread::spawn(move || raw(&slow_address, b"POST /v1/chat/completions HTTP/1.1\r\nX-Slow: "));
+
+    let huge = raw(&address, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n");
+    assert!(huge.starts_with("HTTP/1.1 413"), "{huge}");
+    let chunked =
+        raw(&address, b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffff\r\n");
+    assert!(chunked.starts_with("HTTP/1.1 413"), "{chunked}");
+    assert!(raw(&address, b"\x16\x03\x01 not http\r\n\r\n").starts_with("HTTP/1.1 400"));
+
+    // An endless header line: refused once it passes the limit, and the process does not grow.
+    let before = rss_kib(pid);
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(&address).unwrap();
+        let _ = stream.write_all(b"GET /v1/models HTTP/1.1\r\nX-Endless: ");
+        let junk = vec![b'a'; 1 << 20];
+        for _ in 0..8 {
+            if stream.write_all(&junk).is_err() {
+                break;
+            }
+        }
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431"), "{answer}");
+    }
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(grown < 8 << 10, "serve grew {grown} KiB on endless headers");
+
+    // Keep-alive: two requests on one connection, both answered.
+    let two = format!("GET /health HTTP/1.1\r\n{auth}\r\nGET /v1/models HTTP/1.1\r\n{auth}Connection: close\r\n\r\n");
+    let answer = raw(&address, two.as_bytes());
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+
+    // A full pool: idle connections hold every worker and the backlog; the next gets 503.
+    let held: Vec<TcpStream> = (0..260).map(|_| TcpStream::connect(&address).unwrap()).collect();
+    let refused = held[200..].iter().find_map(|mut stream| {
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer.starts_with("HTTP/1.1 503").then_some(answer)
+    });
+    let refused = refused.expect("never refused");
+    assert!(refused.contains("Retry-After: 1"), "{refused}");
+    drop(held);
+
+    let slow = slow.join().unwrap();
+    assert!(slow.starts_with("HTTP/1.1 408"), "{slow}");
+    assert!(alive(pid), "serve died");
+}
+
+#[test]
+fn nothing_a_client_sends_stops_or_bloats_serve_with_or_without_a_key() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf");
+    env.write_config(&format!("[models.m]\npath = \"{}\"\n", model.display()));
+    let open = Server::start(&env, &[]);
+    attack(&open, None);
+
+    let key_file = env.path("key");
+    std::fs::write(&key_file, "s3cret\n").unwrap();
+    let port = std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("0.0.0.0:{port}");
+    let child = env
+        .command(&["serve", "--listen", &listen, "--api-key-file", key_file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("serve answers", || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let keyed = Server { child, base: format!("http://127.0.0.1:{port}") };
+    attack(&keyed, Some("s3cret"));
+    // The scheme is matched in any case, and Anthropic's header works too.
+    for header in ["Authorization: bearer s3cret", "Authorization: BEARER s3cret", "x-api-key: s3cret"] {
+        let answer = raw(
+            keyed.base.trim_start_matches("http://"),
+            format!("GET /v1/models HTTP/1.1\r\n{header}\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{header}: {answer}");
+    }
+    let answer = raw(keyed.base.trim_start_matches("http://"), b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    drop((open, keyed));
+    drop(env);
+}
+
+#[test]
+fn cors_allows_local_pages_by_default_and_the_configured_origins_otherwise() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf");
+    env.write_config(&format!("[models.m]\npath = \"{}\"\n", model.display()));
+    let server = Server::start(&env, &[]);
+    let preflight = |origin: &str| {
+        let response = agent()
+            .options(format!("{}/v1/chat/completions", server.base))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header("Access-Control-Request-Headers", "authorization, content-type")
+            .call()
+            .unwrap();
+        let allowed = response.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string());
+        (response.status().as_u16(), allowed)
+    };
+    assert_eq!(preflight("http://localhost:5173"), (204, Some("http://localhost:5173".into())));
+    assert_eq!(preflight("http://evil.example"), (204, None));
+    let response =
+        agent().get(format!("{}/v1/models", server.base)).header("Origin", "http://127.0.0.1:3000").call().unwrap();
+    assert_eq!(response.headers().get("access-control-allow-origin").unwrap(), "http://127.0.0.1:3000");
+
+    env.write_config(&format!(
+        "cors_origins = [\"https://chat.example\"]\n[models.m]\npath = \"{}\"\n",
+        model.display()
+    ));
+    assert_eq!(preflight("https://chat.example"), (204, Some("https://chat.example".into())));
+    assert_eq!(preflight("http://localhost:5173"), (204, None));
+    env.write_config("cors_origins = [\"chat.example/x\"]\n");
+    let status = agent().get(format!("{}/v1/models", server.base)).call().unwrap().status();
+    assert_eq!(status, 400, "a bad cors_origins is a config error");
+}
+
+#[test]
+fn run_gives_json_for_a_schema_and_follows_a_grammar() {
+    let env = Env::real();
+    env.write_config(&format!("[models.smol]\npath = \"{}\"\n", demo_model().display()));
+    let schema = r#"{"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "why": {"type": "string", "maxLength": 20}},
+        "required": ["answer", "why"], "additionalProperties": false}"#;
+    let output = env.run(&["run", "-s", schema, "smol", "Is the sky blue? Answer in JSON.", "-n", "60"]);
+    assert_success(&output);
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("valid JSON");
+    assert!(value["answer"] == "yes" || value["answer"] == "no", "{value}");
+    let schema_file = env.path("schema.json");
+    std::fs::write(&schema_file, schema).unwrap();
+    let output =
+        env.run(&["run", "--json-schema", schema_file.to_str().unwrap(), "smol", "Is grass green?", "-n", "60"]);
+    assert_success(&output);
+    assert!(serde_json::from_str::<serde_json::Value>(&stdout(&output)).is_ok(), "{}", stdout(&output));
+
+    let grammar = env.path("yes-no.gbnf");
+    std::fs::write(&grammar, "root ::= \"yes\" | \"no\"\n").unwrap();
+    let output = env.run(&["run", "--grammar", grammar.to_str().unwrap(), "smol", "Is water wet?"]);
+    assert_success(&output);
+    assert!(["yes", "no"].contains(&stdout(&output).trim()), "{}", stdout(&output));
+
+    assert_exit(&env.run(&["run", "-s", "{not json", "smol", "x"]), 65);
+    assert_exit(&env.run(&["run", "-s", env.path("missing.json").to_str().unwrap(), "smol", "x"]), 66);
+    assert_exit(&env.run(&["run", "-s", "{}", "--grammar", grammar.to_str().unwrap(), "smol", "x"]), 2);
+    std::fs::write(&grammar, "root ::= broken (\n").unwrap();
+    let output = env.run(&["run", "--grammar", grammar.to_str().unwrap(), "smol", "x"]);
+    assert_exit(&output, 65);
+}
