@@ -88,7 +88,8 @@ pub enum Command {
     Events,
     /// Print the daemon's counters in Prometheus text format
     Metrics,
-    /// Serve the OpenAI API over HTTP for every model llmctl knows
+    /// Serve llama-server's HTTP API (OpenAI and Anthropic compatible) for every model llmctl
+    /// knows; requests are forwarded unchanged and answers relayed byte for byte
     Serve(ServeArgs),
     /// Find or build llama-server and install the demo model
     Setup(SetupArgs),
@@ -241,8 +242,8 @@ pub struct ServeArgs {
     /// Address to listen on; beyond loopback an API key is required
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// File holding the API key clients must send as `Authorization: Bearer KEY`
-    /// (or set LLMCTL_API_KEY)
+    /// File holding the API key clients must send as `Authorization: Bearer KEY` or
+    /// `x-api-key: KEY` (or set LLMCTL_API_KEY)
     #[arg(long, value_name = "PATH")]
     pub api_key_file: Option<PathBuf>,
 }
