@@ -96,8 +96,6 @@ pub struct ForwardRequest {
     /// The path and query, as the client sent them.
     pub path: String,
     pub content_type: Option<String>,
-    /// Whether the client asked for a stream: the answer is then relayed as it comes.
-    pub stream: bool,
     pub body_len: usize,
     /// The body, read after the line; never part of the JSON.
     #[serde(skip)]
@@ -431,7 +429,6 @@ mod tests {
             method: "POST".into(),
             path: "/v1/embeddings".into(),
             content_type: Some("application/json".into()),
-            stream: false,
             body_len: body.len(),
             body: body.clone(),
         });

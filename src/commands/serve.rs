@@ -3,8 +3,8 @@
 //! It forwards, it does not translate: each request is passed to the daemon as it came
 //! (method, path, body), the daemon gives it to the model's llama-server (or remote server)
 //! under the same admission, budget and accounting as `run`, and the answer comes back byte
-//! for byte, streamed as produced. `serve` reads only `model` and `stream` from the body, to
-//! pick the instance. When the HTTP client goes away the daemon connection is closed (a
+//! for byte, streamed as produced. `serve` reads only `model` from the body, to pick the
+//! instance. When the HTTP client goes away the daemon connection is closed (a
 //! watcher checks every in-flight client each [`WATCH_EVERY`]), which cancels the request
 //! wherever it is: queued, loading or generating. Listening beyond loopback requires an API
 //! key, compared in constant time.
@@ -253,22 +253,20 @@ fn handle(served: &Served, request: &Request, exchange: &mut Exchange) {
         },
         ("GET", "/props" | "/v1/props") => {
             let name = request.query("model").map(percent_decode);
-            forward(served, &config, request, exchange, Purpose::Generate, name, false);
+            forward(served, &config, request, exchange, Purpose::Generate, name);
         }
         ("POST", _) => match ROUTES.iter().find(|(route, _)| *route == path) {
             Some((_, purpose)) => {
                 #[derive(Deserialize)]
                 struct Peek {
                     model: Option<Value>,
-                    stream: Option<Value>,
                 }
                 let peek: Peek = match serde_json::from_slice(&request.body) {
                     Ok(peek) => peek,
                     Err(error) => return exchange.error(400, &format!("the body is not a JSON object: {error}"), &[]),
                 };
                 let name = peek.model.as_ref().and_then(Value::as_str).map(str::to_string);
-                let stream = peek.stream.as_ref().and_then(Value::as_bool).unwrap_or(false);
-                forward(served, &config, request, exchange, *purpose, name, stream);
+                forward(served, &config, request, exchange, *purpose, name);
             }
             None => exchange.error(404, &format!("no route for POST {path}"), &[]),
         },
@@ -312,7 +310,6 @@ fn forward(
     exchange: &mut Exchange,
     purpose: Purpose,
     name: Option<String>,
-    stream: bool,
 ) {
     let mut spec = match choose_model(&served.context, config, name.as_deref(), purpose) {
         Ok(spec) => spec,
@@ -328,7 +325,6 @@ fn forward(
         method: request.method.to_ascii_uppercase(),
         path: request.target.clone(),
         content_type: request.header("content-type").map(str::to_string),
-        stream,
         body_len: request.body.len(),
         body: request.body.clone(),
     };
