@@ -7,7 +7,8 @@
 //! - the request head is at most [`Limits::max_head`] bytes (431), read within
 //!   [`Limits::head_timeout`] of its first byte (408);
 //! - the body is at most [`Limits::max_body`] bytes (413), `Content-Length` or chunked, read
-//!   within [`Limits::body_timeout`] (408);
+//!   within [`Limits::body_timeout`] (408); all bodies held at once are at most
+//!   [`Limits::max_bodies`] bytes (503 with `Retry-After` beyond);
 //! - [`Limits::workers`] threads serve connections; when all are busy and the backlog is
 //!   full, a new connection gets 503 with `Retry-After` at once;
 //! - connections are kept alive between requests, and closed after
@@ -16,7 +17,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ pub struct Limits {
     pub max_head: usize,
     pub max_headers: usize,
     pub max_body: usize,
+    pub max_bodies: usize,
     pub head_timeout: Duration,
     pub body_timeout: Duration,
     pub idle_timeout: Duration,
@@ -41,6 +43,7 @@ impl Default for Limits {
             max_head: 16 << 10,
             max_headers: 64,
             max_body: crate::protocol::MAX_BODY,
+            max_bodies: 256 << 20,
             head_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(5),
@@ -80,20 +83,22 @@ impl Request {
 }
 
 /// What answers each request.
-pub type Handler = Arc<dyn Fn(&Request, &mut Exchange) + Send + Sync>;
+pub type Handler = Arc<dyn Fn(Request, &mut Exchange) + Send + Sync>;
 
 /// Serves connections from `listener` with `handler` until `stopping` is set and the
 /// listener is shut down.
 pub fn serve(listener: TcpListener, limits: Limits, handler: Handler, stopping: &AtomicBool) -> io::Result<()> {
     let limits = Arc::new(limits);
+    let held = Arc::new(AtomicUsize::new(0));
     let (queue, connections) = crossbeam_channel::bounded::<TcpStream>(limits.backlog);
     for index in 0..limits.workers {
         let connections = connections.clone();
         let limits = Arc::clone(&limits);
         let handler = Arc::clone(&handler);
+        let held = Arc::clone(&held);
         std::thread::Builder::new().name(format!("http-{index}")).spawn(move || {
             for stream in connections {
-                Connection::new(stream, &limits).serve(&*handler);
+                Connection::new(stream, &limits, &held).serve(&*handler);
             }
         })?;
     }
@@ -139,35 +144,59 @@ impl Refusal {
 struct Connection<'a> {
     stream: TcpStream,
     limits: &'a Limits,
+    /// Bytes of bodies all connections hold now.
+    held: &'a AtomicUsize,
+    /// This connection's share of `held`.
+    holding: usize,
     /// Bytes read past the end of the last request (a pipelined next one).
     buffer: Vec<u8>,
 }
 
 impl<'a> Connection<'a> {
-    fn new(stream: TcpStream, limits: &'a Limits) -> Connection<'a> {
+    fn new(stream: TcpStream, limits: &'a Limits, held: &'a AtomicUsize) -> Connection<'a> {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(limits.write_timeout));
-        Connection { stream, limits, buffer: Vec::new() }
+        Connection { stream, limits, held, holding: 0, buffer: Vec::new() }
     }
 
-    fn serve(mut self, handler: &(dyn Fn(&Request, &mut Exchange) + Send + Sync)) {
+    /// Takes `bytes` more of the shared body budget, or refuses with 503.
+    fn hold(&mut self, bytes: usize) -> Result<(), Refusal> {
+        let before = self.held.fetch_add(bytes, Ordering::SeqCst);
+        self.holding += bytes;
+        if before.saturating_add(bytes) > self.limits.max_bodies {
+            return Err(Refusal::with(503, "the server holds too many request bodies; retry shortly"));
+        }
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        self.held.fetch_sub(std::mem::take(&mut self.holding), Ordering::SeqCst);
+    }
+
+    fn serve(mut self, handler: &(dyn Fn(Request, &mut Exchange) + Send + Sync)) {
         loop {
-            let (request, keep_alive) = match self.read_request() {
+            let read = self.read_request();
+            let (request, keep_alive) = match read {
                 Ok(read) => read,
                 Err(refusal) => {
+                    self.release();
                     if let Some(status) = refusal.status {
                         let mut exchange = Exchange::new(&self.stream, false, false);
-                        exchange.error(status, refusal.message, &[]);
+                        let retry: &[(&str, &str)] = if status == 503 { &[("Retry-After", "1")] } else { &[] };
+                        exchange.error(status, refusal.message, retry);
                     }
                     break;
                 }
             };
             let mut exchange = Exchange::new(&self.stream, keep_alive, true);
-            handler(&request, &mut exchange);
-            if !exchange.finished() || !exchange.keep_alive {
+            handler(request, &mut exchange);
+            let go_on = exchange.finished() && exchange.keep_alive;
+            self.release();
+            if !go_on {
                 break;
             }
         }
+        self.release();
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
@@ -267,6 +296,9 @@ impl<'a> Connection<'a> {
         if length.is_some_and(|length| length > self.limits.max_body as u64) {
             return Err(Refusal::with(413, "the request body is too large"));
         }
+        if let Some(length) = length {
+            self.hold(length as usize)?;
+        }
         if (chunked || length.unwrap_or(0) > 0)
             && request.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
         {
@@ -316,6 +348,7 @@ impl<'a> Connection<'a> {
             if body.len().saturating_add(size) > self.limits.max_body {
                 return Err(Refusal::with(413, "the request body is too large"));
             }
+            self.hold(size)?;
             at = line_end + 2;
             if size == 0 {
                 // Trailers, up to the empty line.
@@ -538,7 +571,7 @@ mod tests {
     fn echo(limits: Limits) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
-        let handler: Handler = Arc::new(|request, exchange| {
+        let handler: Handler = Arc::new(|request: Request, exchange: &mut Exchange| {
             let text = format!("{} {} {}", request.method, request.target, String::from_utf8_lossy(&request.body));
             exchange.respond(200, "text/plain", text.as_bytes(), &[]);
         });
@@ -585,6 +618,39 @@ mod tests {
         let many: String = (0..100).map(|i| format!("H{i}: v\r\n")).collect();
         let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
         assert!(exchange(address, many.as_bytes()).starts_with("HTTP/1.1 431"));
+    }
+
+    #[test]
+    fn bodies_held_at_once_are_bounded() {
+        let limits = Limits { max_bodies: 100, ..Limits::default() };
+        let address = echo(limits);
+        // One connection sends half its 90-byte body and waits; a second 20-byte body
+        // would pass the budget.
+        let mut first = TcpStream::connect(address).unwrap();
+        first.write_all(b"POST / HTTP/1.1\r\nContent-Length: 90\r\n\r\n0123456789").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = exchange(address, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n01234567890123456789");
+            if answer.starts_with("HTTP/1.1 503") {
+                assert!(answer.contains("Retry-After: 1"), "{answer}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "never refused: {answer}");
+        }
+        first.write_all(&[b'x'; 80]).unwrap();
+        let mut answer = String::new();
+        first.shutdown(Shutdown::Write).unwrap();
+        first.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // Once it is answered, the budget is back (released just after the answer is sent).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = exchange(address, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n01234567890123456789");
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the budget never came back: {answer}");
+        }
     }
 
     #[test]

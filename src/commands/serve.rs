@@ -212,7 +212,7 @@ fn token_list(value: &str) -> bool {
     value.len() < 1024 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_, ".contains(&b))
 }
 
-fn handle(served: &Served, request: &Request, exchange: &mut Exchange) {
+fn handle(served: &Served, request: Request, exchange: &mut Exchange) {
     let config = match served.context.config() {
         Ok(config) => config,
         Err(error) => return fail(exchange, &error),
@@ -235,7 +235,7 @@ fn handle(served: &Served, request: &Request, exchange: &mut Exchange) {
     }
     if let Some(key) = &served.api_key {
         let public = method == "GET" && path == "/health";
-        if !public && !same_secret(given_key(request).as_bytes(), key.as_bytes()) {
+        if !public && !same_secret(given_key(&request).as_bytes(), key.as_bytes()) {
             return exchange.error(401, "invalid API key", &[("WWW-Authenticate", "Bearer")]);
         }
     }
@@ -306,7 +306,7 @@ fn percent_decode(text: &str) -> String {
 fn forward(
     served: &Served,
     config: &Config,
-    request: &Request,
+    request: Request,
     exchange: &mut Exchange,
     purpose: Purpose,
     name: Option<String>,
@@ -326,7 +326,7 @@ fn forward(
         path: request.target.clone(),
         content_type: request.header("content-type").map(str::to_string),
         body_len: request.body.len(),
-        body: request.body.clone(),
+        body: request.body,
     };
     let mut connection = match served.context.connect_for(&forward.model) {
         Ok(connection) => connection,
