@@ -254,7 +254,9 @@ fn protocol_abuse_gets_an_error_and_harms_no_one() {
     assert!(reply["message"].as_str().unwrap().contains("protocol"), "{reply}");
 
     let mut wrong_shape = connect();
-    wrong_shape.write_all(b"{\"type\":\"hello\",\"version\":1}\n{\"type\":\"run\",\"prompt\":5}\n").unwrap();
+    wrong_shape
+        .write_all(format!("{{\"type\":\"hello\",\"version\":{}}}\n{{\"type\":\"run\",\"prompt\":5}}\n", llmctl::protocol::VERSION).as_bytes())
+        .unwrap();
     let mut reader = BufReader::new(wrong_shape.try_clone().unwrap());
     let mut hello = String::new();
     reader.read_line(&mut hello).unwrap();
@@ -358,7 +360,7 @@ fn a_thousand_clients_get_an_answer_or_busy_and_none_hangs() {
         "model": {"name": "m.gguf", "path": model, "load": {"ctx_size": null, "parallel": 1, "extra_args": []}},
         "mode": "raw", "prompt": "x", "system": null, "sampling": {"stop": []},
     });
-    let message = format!("{{\"type\":\"hello\",\"version\":1}}\n{request}\n");
+    let message = format!("{{\"type\":\"hello\",\"version\":{}}}\n{request}\n", llmctl::protocol::VERSION);
     let socket = env.socket();
     let clients: Vec<_> = (0..1000)
         .map(|_| {
