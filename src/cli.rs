@@ -90,6 +90,17 @@ pub enum Command {
     Metrics,
     /// Serve the OpenAI API over HTTP for every model llmctl knows
     Serve(ServeArgs),
+    /// List every model llmctl can run: aliases, pulled models, the demo, files in the
+    /// models directory
+    Ls(LsArgs),
+    /// Show a model's details from its GGUF header: architecture, size, context, memory
+    Show(ShowArgs),
+    /// Download a GGUF model from the Hugging Face Hub (OWNER/REPO[:QUANT])
+    Pull(PullArgs),
+    /// Remove a model that `llmctl pull` downloaded
+    Rm(RmArgs),
+    /// List the loaded models, one line each
+    Ps(PsArgs),
     /// Find or build llama-server and install the demo model
     Setup(SetupArgs),
 }
@@ -239,6 +250,51 @@ pub struct ServeArgs {
     /// (or set LLMCTL_API_KEY)
     #[arg(long, value_name = "PATH")]
     pub api_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Print the list as a JSON array
+    #[arg(long, conflicts_with = "names")]
+    pub json: bool,
+    /// Print only the names, one per line (for shell completion)
+    #[arg(long, hide = true)]
+    pub names: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Path to a .gguf file, an alias, OWNER/REPO[:QUANT] of a pulled model, or a file name in
+    /// the models directory
+    pub model: String,
+    /// Print the chat template (alone, or as `chat_template` with --json)
+    #[arg(long)]
+    pub template: bool,
+    /// Print the details as one JSON object
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// OWNER/REPO on the Hub, with an optional quantization: `OWNER/REPO:Q8_0`. Without one,
+    /// Q4_K_M, else the first GGUF file. HF_ENDPOINT and HF_TOKEN are honoured
+    pub model: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// A pulled model: OWNER/REPO[:QUANT] as `llmctl ls` names it
+    pub model: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Print the loaded instances as a JSON array
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
