@@ -51,7 +51,10 @@ fn stop_instances_of(context: &Context, path: &std::path::Path) -> Result<()> {
             policy: Default::default(),
             remote: None,
         };
-        connection.call(&Request::Stop { model: Some(spec) })?;
+        // The daemon answers one request per connection.
+        if let Some(mut connection) = client::try_connect(context)? {
+            connection.call(&Request::Stop { model: Some(spec) })?;
+        }
     }
     Ok(())
 }

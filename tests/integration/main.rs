@@ -3,6 +3,7 @@
 
 mod admission;
 mod budget;
+mod catalog;
 mod cli;
 mod core;
 mod docs;
