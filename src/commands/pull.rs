@@ -18,20 +18,23 @@ pub fn run(context: &Context, args: PullArgs) -> Result<()> {
     let files = crate::hub::choose(&wanted.repo, &listing, wanted.tag.as_deref())?;
     let dir = library::repo_dir(&context.paths, &wanted.repo);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    let mut pulled_files = Vec::new();
-    for file in &files {
-        let path = hub.download(&wanted.repo, file, &dir)?;
-        let size = std::fs::metadata(&path).map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?.len();
-        pulled_files.push(PulledFile {
-            name: file.local_name().to_string(),
-            remote_name: file.name.clone(),
-            size,
-            sha256: file.sha256.clone(),
-        });
+    let result = download_all(&hub, &wanted, &files, &dir);
+    if result.is_err() {
+        // Directories this pull created and left empty go; a `.part` to resume from stays.
+        let _ = std::fs::remove_dir(&dir);
+        if let Some(owner_dir) = dir.parent() {
+            let _ = std::fs::remove_dir(owner_dir);
+        }
     }
+    let pulled_files = result?;
     // A file that is not a model is refused now, not when it is first run.
     let first = dir.join(&pulled_files[0].name);
-    crate::gguf::inspect(&first).map_err(|reason| Error::BadModel { path: first.clone(), reason })?;
+    if let Err(reason) = crate::gguf::inspect(&first) {
+        for file in &pulled_files {
+            let _ = std::fs::remove_file(dir.join(&file.name));
+        }
+        return Err(Error::BadModel { path: first, reason: format!("{reason} (the download was deleted)") });
+    }
     let pull = Pull {
         tag: wanted.tag.clone(),
         endpoint: hub.endpoint.clone(),
@@ -44,4 +47,24 @@ pub fn run(context: &Context, args: PullArgs) -> Result<()> {
         eprintln!("pulled {} ({}); run it with `llmctl run {} PROMPT`", args.model, first.display(), args.model);
     }
     Ok(())
+}
+
+fn download_all(
+    hub: &Hub,
+    wanted: &RepoName,
+    files: &[crate::hub::RemoteFile],
+    dir: &std::path::Path,
+) -> Result<Vec<PulledFile>> {
+    let mut pulled_files = Vec::new();
+    for file in files {
+        let path = hub.download(&wanted.repo, file, dir)?;
+        let size = std::fs::metadata(&path).map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?.len();
+        pulled_files.push(PulledFile {
+            name: file.local_name().to_string(),
+            remote_name: file.name.clone(),
+            size,
+            sha256: file.sha256.clone(),
+        });
+    }
+    Ok(pulled_files)
 }

@@ -107,10 +107,7 @@ fn serve(stream: TcpStream, state: &Mutex<HubState>) -> bool {
     state.requests.push((path.clone(), headers.get("range").cloned(), headers.get("authorization").cloned()));
     let mut stream = stream;
     let mut answer = |status: u16, extra: &str, body: &[u8]| {
-        let head = format!(
-            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
-            body.len()
-        );
+        let head = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n", body.len());
         let _ = stream.write_all(head.as_bytes());
         let _ = stream.write_all(body);
     };
@@ -312,8 +309,10 @@ fn hub_failures_have_clear_messages_and_exit_codes() {
     let (env, hub) = env_with_hub();
     hub.add("test/docs", vec![("README.md", b"no model here".to_vec())]);
     hub.add("test/tiny-GGUF", vec![("tiny-Q4_K_M.gguf", tiny_bytes(&env))]);
-    let table: [(&[&str], i32, &str); 5] = [
+    hub.add("test/fake-GGUF", vec![("fake-Q4_K_M.gguf", b"not a model at all".to_vec())]);
+    let table: [(&[&str], i32, &str); 6] = [
         (&["pull", "test/missing"], 66, "not found"),
+        (&["pull", "test/fake-GGUF"], 65, "GGUF magic"),
         (&["pull", "test/docs"], 66, "no GGUF file"),
         (&["pull", "test/tiny-GGUF:Q2_K"], 66, "tiny-Q4_K_M.gguf"),
         (&["pull", "not-a-repo"], 2, "OWNER/REPO"),
@@ -330,6 +329,11 @@ fn hub_failures_have_clear_messages_and_exit_codes() {
     assert!(stderr(&output).contains("HF_TOKEN"), "{}", stderr(&output));
     // Nothing was left behind, and nothing was started.
     assert!(!env.path("data/models/test/missing").exists());
+    assert!(
+        !pulled_dir(&env, "test/fake-GGUF").join("fake-Q4_K_M.gguf").exists(),
+        "a file that is no model is deleted"
+    );
+    assert!(ls_json(&env).is_empty());
     assert!(!env.socket().exists());
 }
 
@@ -497,4 +501,35 @@ fn unknown_models_get_the_closest_names() {
     assert_exit(&output, 66);
     assert!(!stderr(&output).contains("did you mean"), "{}", stderr(&output));
     assert!(!env.socket().exists());
+}
+
+#[test]
+fn bash_completes_model_names_through_ls() {
+    let env = Env::fake();
+    let model = env.tiny_model("tiny.gguf");
+    env.write_config(&format!("[models.coder]\npath = \"{}\"\n", model.display()));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/completions/llmctl.bash");
+    let bin_dir = std::path::Path::new(LLMCTL).parent().unwrap();
+    let complete = |words: &str, cword: usize| {
+        let program = format!(
+            "source {script}; COMP_WORDS=({words}); COMP_CWORD={cword}; COMP_LINE='{words}'; COMP_POINT=${{#COMP_LINE}}; \
+             _llmctl_with_models; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+        );
+        let output = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(program)
+            .current_dir(env.path("home"))
+            .env("PATH", format!("{}:/usr/bin:/bin", bin_dir.display()))
+            .env("LLMCTL_CONFIG", env.path("config.toml"))
+            .env("LLMCTL_DATA_DIR", env.path("data"))
+            .env("LLMCTL_SOCKET", env.socket())
+            .output()
+            .unwrap();
+        assert_success(&output);
+        stdout(&output)
+    };
+    assert_eq!(complete("llmctl run co", 2), "coder\n");
+    assert_eq!(complete("llmctl show co", 2), "coder\n");
+    assert!(!complete("llmctl pull co", 2).contains("coder"), "pull takes Hub names");
+    assert!(!complete("llmctl run coder co", 3).contains("coder"), "only the first argument is MODEL");
 }
