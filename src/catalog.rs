@@ -122,7 +122,11 @@ impl Summary {
     pub fn of(info: &gguf::ModelInfo) -> Summary {
         Summary {
             architecture: info.architecture.clone(),
-            parameters: if info.split_count.is_some_and(|n| n > 1) { None } else { Some(info.parameter_count) },
+            parameters: if info.details.split_count.is_some_and(|n| n > 1) {
+                None
+            } else {
+                Some(info.details.parameter_count)
+            },
             quantization: info.quantization(),
             context_length: info.context_length,
         }

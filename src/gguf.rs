@@ -36,6 +36,12 @@ pub struct ModelInfo {
     pub tensor_bytes: u64,
     pub file_size: u64,
     pub has_chat_template: bool,
+    /// What only `ls` and `show` need, boxed: the daemon keeps a `ModelInfo` in every job.
+    pub details: Box<Details>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Details {
     /// Weights in the file: the elements of every tensor (of this part, for a split model).
     pub parameter_count: u64,
     /// `general.file_type`: llama.cpp's name for how the weights are quantized.
@@ -67,10 +73,10 @@ impl ModelInfo {
     /// How the weights are stored, as llama.cpp names it (`Q4_K_M`, `F16`): from
     /// `general.file_type`, else the tensor type that holds the most bytes.
     pub fn quantization(&self) -> String {
-        if let Some(name) = self.file_type.and_then(file_type_name) {
+        if let Some(name) = self.details.file_type.and_then(file_type_name) {
             return name.to_string();
         }
-        match self.dominant_type {
+        match self.details.dominant_type {
             Some(ggml_type) => type_name(ggml_type).map(str::to_string).unwrap_or_else(|| format!("type {ggml_type}")),
             None => "unknown".to_string(),
         }
@@ -430,13 +436,15 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
     };
     Ok(ModelInfo {
         version,
-        parameter_count,
-        dominant_type,
-        file_type: unsigned("general.file_type"),
-        license: string("general.license"),
-        author: string("general.author"),
-        chat_template: string("tokenizer.chat_template"),
-        split_count: unsigned("split.count"),
+        details: Box::new(Details {
+            parameter_count,
+            dominant_type,
+            file_type: unsigned("general.file_type"),
+            license: string("general.license"),
+            author: string("general.author"),
+            chat_template: string("tokenizer.chat_template"),
+            split_count: unsigned("split.count"),
+        }),
         name: string("general.name"),
         context_length: number("context_length"),
         block_count: number("block_count"),
@@ -498,17 +506,21 @@ mod tests {
         assert_eq!(info.architecture, "llama");
         assert_eq!(info.block_count, Some(2));
         assert_eq!(info.tensor_bytes, 32);
-        assert_eq!(info.parameter_count, 8);
+        assert_eq!(info.details.parameter_count, 8);
         // No general.file_type: the type of the largest tensor names the quantization.
         assert_eq!(info.quantization(), "F32");
-        assert_eq!(info.chat_template, None);
+        assert_eq!(info.details.chat_template, None);
     }
 
     #[test]
     fn file_type_names_the_quantization() {
-        let info = ModelInfo { file_type: Some(15), dominant_type: Some(12), ..ModelInfo::default() };
+        let with = |file_type, dominant_type| ModelInfo {
+            details: Box::new(Details { file_type, dominant_type, ..Details::default() }),
+            ..ModelInfo::default()
+        };
+        let info = with(Some(15), Some(12));
         assert_eq!(info.quantization(), "Q4_K_M");
-        let info = ModelInfo { file_type: Some(999), dominant_type: Some(3), ..ModelInfo::default() };
+        let info = with(Some(999), Some(3));
         assert_eq!(info.quantization(), "Q4_1");
         assert_eq!(ModelInfo::default().quantization(), "unknown");
     }

@@ -54,7 +54,7 @@ pub fn run(context: &Context, args: ShowArgs) -> Result<()> {
     }
     let info = gguf::inspect(&spec.path).map_err(|reason| Error::BadModel { path: spec.path.clone(), reason })?;
     if args.template && !args.json {
-        let Some(template) = &info.chat_template else {
+        let Some(template) = &info.details.chat_template else {
             return Err(Error::BadModel {
                 path: spec.path.clone(),
                 reason: "it has no chat template; run it with `llmctl run --raw`".into(),
@@ -83,10 +83,10 @@ pub fn run(context: &Context, args: ShowArgs) -> Result<()> {
         head_count: info.head_count,
         head_count_kv: info.head_count_kv,
         general_name: info.name.clone(),
-        license: info.license.clone(),
-        author: info.author.clone(),
-        has_chat_template: info.chat_template.is_some(),
-        chat_template: if args.template { info.chat_template.clone() } else { None },
+        license: info.details.license.clone(),
+        author: info.details.author.clone(),
+        has_chat_template: info.details.chat_template.is_some(),
+        chat_template: if args.template { info.details.chat_template.clone() } else { None },
         memory_estimate_bytes: crate::instance::estimate_bytes(&spec, &info),
         kv_cache_bytes: info.kv_cache_bytes(ctx_size),
     };
