@@ -533,3 +533,26 @@ fn bash_completes_model_names_through_ls() {
     assert!(!complete("llmctl pull co", 2).contains("coder"), "pull takes Hub names");
     assert!(!complete("llmctl run coder co", 3).contains("coder"), "only the first argument is MODEL");
 }
+
+#[test]
+fn a_pulled_model_runs_on_the_real_llama_server_and_rm_unloads_it() {
+    let mut env = Env::real();
+    let hub = FakeHub::start();
+    env.set("HF_ENDPOINT", &hub.url);
+    hub.add("test/tiny-GGUF", vec![("tiny-F32.gguf", tiny_bytes(&env))]);
+    assert_success(&env.run(&["pull", "test/tiny-GGUF:f32"]));
+    let output = env.run(&["run", "--raw", "test/tiny-GGUF:F32", "Where do bytes go?"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), crate::tiny_model::expected_text());
+    let loaded = ls_json(&env);
+    assert_eq!(loaded[0]["loaded"], true, "{loaded:?}");
+    let pid = env.status_json()["instances"][0]["pid"].as_u64().unwrap() as u32;
+
+    assert_success(&env.run(&["rm", "test/tiny-GGUF:f32"]));
+    wait_until("the real llama-server of the removed model exits", || !alive(pid));
+    assert!(!pulled_dir(&env, "test/tiny-GGUF").exists());
+    let output = env.run(&["ps", "--json"]);
+    assert_eq!(stdout(&output).trim(), "[]");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
