@@ -16,6 +16,9 @@ _llmctl() {
             ",$1")
                 cmd="llmctl"
                 ;;
+            llmctl,chat)
+                cmd="llmctl__subcmd__chat"
+                ;;
             llmctl,config)
                 cmd="llmctl__subcmd__config"
                 ;;
@@ -81,6 +84,9 @@ _llmctl() {
                 ;;
             llmctl,warm)
                 cmd="llmctl__subcmd__warm"
+                ;;
+            llmctl__subcmd__help,chat)
+                cmd="llmctl__subcmd__help__subcmd__chat"
                 ;;
             llmctl__subcmd__help,config)
                 cmd="llmctl__subcmd__help__subcmd__config"
@@ -155,12 +161,66 @@ _llmctl() {
 
     case "${cmd}" in
         llmctl)
-            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps setup help"
+            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__chat)
+            opts="-n -v -h --system --temperature --max-tokens --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --system)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --temperature)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -n)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -263,8 +323,22 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__help)
-            opts="run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps setup help"
+            opts="run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__help__subcmd__chat)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1217,7 +1291,7 @@ else
     complete -F _llmctl -o bashdefault -o default llmctl
 fi
 
-# MODEL, the first argument of run warm pin unpin switch stop logs show rm: the names `llmctl ls --names` prints, and files.
+# MODEL, the first argument of run warm pin unpin switch stop logs show rm chat: the names `llmctl ls --names` prints, and files.
 _llmctl_with_models() {
     _llmctl "$@"
     local cur="${COMP_WORDS[COMP_CWORD]}"
@@ -1226,7 +1300,7 @@ _llmctl_with_models() {
     fi
     if [[ ${COMP_CWORD} -eq 2 && ${cur} != -* ]]; then
         case "${COMP_WORDS[1]}" in
-            run|warm|pin|unpin|switch|stop|logs|show|rm)
+            run|warm|pin|unpin|switch|stop|logs|show|rm|chat)
                 local IFS=$'\n'
                 COMPREPLY=( $(compgen -W "$(llmctl ls --names 2>/dev/null)" -- "${cur}") $(compgen -f -- "${cur}") )
                 if declare -F __ltrim_colon_completions >/dev/null; then

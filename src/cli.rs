@@ -101,6 +101,8 @@ pub enum Command {
     Rm(RmArgs),
     /// List the loaded models, one line each
     Ps(PsArgs),
+    /// Chat with MODEL on the terminal: the conversation is kept across turns
+    Chat(ChatArgs),
     /// Find or build llama-server and install the demo model
     Setup(SetupArgs),
 }
@@ -288,6 +290,23 @@ pub struct PullArgs {
 pub struct RmArgs {
     /// A pulled model: OWNER/REPO[:QUANT] as `llmctl ls` names it
     pub model: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// Path to a .gguf file, an alias, or OWNER/REPO[:QUANT] of a pulled model
+    pub model: String,
+    /// System message for the conversation (`/system TEXT` changes it)
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    /// Sampling temperature, 0 for greedy (`/set temperature X` changes it)
+    #[arg(long, value_name = "T", value_parser = parse_non_negative)]
+    pub temperature: Option<f32>,
+    /// Most tokens in one answer
+    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: Option<u32>,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 #[derive(Debug, Args)]

@@ -115,6 +115,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Command::Pull(args) => commands::pull::run(&context, args),
         Command::Rm(args) => commands::rm::run(&context, args),
         Command::Ps(args) => commands::ps::run(&context, args),
+        Command::Chat(args) => commands::chat::run(&context, args),
     }
     .map_err(|error| commands::suggest_names(&context, error))
 }

@@ -1,6 +1,7 @@
 //! One file per subcommand: the client side of each. They share a [`Context`] with the
 //! resolved paths and the global flags.
 
+pub mod chat;
 pub mod config;
 pub mod daemon;
 pub mod events;

@@ -4,6 +4,7 @@
 mod admission;
 mod budget;
 mod catalog;
+mod chat;
 mod cli;
 mod core;
 mod docs;
