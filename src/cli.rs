@@ -10,10 +10,13 @@ EXIT STATUS:
     0    success; also when the reader of stdout went away
     1    unexpected internal error (a bug)
     2    bad command line
-    65   bad input data: not a GGUF file, truncated file, invalid parameter, bad config
-    66   model not found: no such file, unknown alias, demo not installed
+    65   bad input data: not a GGUF file, truncated file, invalid parameter, bad config,
+         a download whose SHA-256 does not match
+    66   model not found: no such file, unknown alias, demo not installed, no such
+         Hub repository or no GGUF file in it for `pull`
     69   unavailable: daemon cannot be reached or started, no llama-server binary,
-         stopped by `llmctl stop`, an environment failure (disk, permissions)
+         stopped by `llmctl stop`, an environment failure (disk, permissions), the Hub
+         refused access (set HF_TOKEN) or a download broke off
     70   the backend failed: llama-server exited or crashed while loading or generating
     73   no capacity: the model cannot fit the memory budget
     75   busy, try later: admission queue full or per-model limit reached

@@ -18,12 +18,15 @@ pub mod exit {
     pub const INTERNAL: i32 = 1;
     /// Bad command line.
     pub const USAGE: i32 = 2;
-    /// Bad input data: not a GGUF file, truncated file, invalid parameter, bad config.
+    /// Bad input data: not a GGUF file, truncated file, invalid parameter, bad config, a
+    /// download whose SHA-256 does not match.
     pub const DATA: i32 = 65;
-    /// Model not found: no such file, unknown alias, demo not installed.
+    /// Model not found: no such file, unknown alias, demo not installed, no such Hub
+    /// repository or GGUF file for `pull`.
     pub const NOT_FOUND: i32 = 66;
     /// Unavailable: daemon unreachable, no llama-server binary, remote server down, stopped
-    /// by `llmctl stop`, an environment failure (disk, permissions).
+    /// by `llmctl stop`, an environment failure (disk, permissions), the Hub refused access,
+    /// a download broke off.
     pub const UNAVAILABLE: i32 = 69;
     /// The backend failed: llama-server exited or crashed while loading or generating.
     pub const BACKEND: i32 = 70;

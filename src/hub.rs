@@ -100,7 +100,7 @@ impl Hub {
             401 | 403 => Some(Error::HubDenied { repo: repo.to_string(), status, token_set: self.token.is_some() }),
             404 => Some(Error::HubNotFound {
                 repo: repo.to_string(),
-                reason: format!("{what} not found on {}", self.endpoint),
+                reason: format!("{what} was not found on {}", self.endpoint),
             }),
             _ => None,
         }
@@ -141,16 +141,25 @@ impl Hub {
     /// Downloads `file` of `repo` into `dir`, resuming a `.part` left by an earlier try.
     /// Returns the final path; it exists only once size and digest were checked.
     pub fn download(&self, repo: &str, file: &RemoteFile, dir: &Path) -> Result<PathBuf> {
-        let final_path = dir.join(file.local_name());
         let part_path = dir.join(format!("{}.part", file.local_name()));
+        let result = self.fetch(repo, file, dir, &part_path);
+        // A part with nothing in it is no start to resume from.
+        if result.is_err() && fs::metadata(&part_path).is_ok_and(|metadata| metadata.len() == 0) {
+            let _ = fs::remove_file(part_path);
+        }
+        result
+    }
+
+    fn fetch(&self, repo: &str, file: &RemoteFile, dir: &Path, part_path: &Path) -> Result<PathBuf> {
+        let final_path = dir.join(file.local_name());
         if let (Ok(metadata), Some(size)) = (fs::metadata(&final_path), file.size) {
             // Only a checked file ever gets its final name, so a complete one is done.
             if metadata.len() == size {
                 return Ok(final_path);
             }
         }
-        let write_error = |e: io::Error| write_failure(&part_path, e);
-        let mut part = File::options().create(true).append(true).read(true).open(&part_path).map_err(write_error)?;
+        let write_error = |e: io::Error| write_failure(part_path, e);
+        let mut part = File::options().create(true).append(true).read(true).open(part_path).map_err(write_error)?;
         lock(&part).map_err(|_| Error::Download {
             file: file.name.clone(),
             reason: format!("another llmctl pull is downloading it into {} now", part_path.display()),
@@ -220,7 +229,7 @@ impl Hub {
             if have != size {
                 // Short: kept, the next pull resumes it. Longer than the file: useless.
                 if have > size {
-                    let _ = fs::remove_file(&part_path);
+                    let _ = fs::remove_file(part_path);
                 }
                 return Err(broken(format!(
                     "it has {have} bytes where the Hub lists {size}; run the same command again"
@@ -230,11 +239,11 @@ impl Hub {
         if let Some(expected) = &file.sha256 {
             let actual = hasher.hex();
             if !actual.eq_ignore_ascii_case(expected) {
-                let _ = fs::remove_file(&part_path);
+                let _ = fs::remove_file(part_path);
                 return Err(Error::ChecksumMismatch { file: file.name.clone(), expected: expected.clone(), actual });
             }
         }
-        fs::rename(&part_path, &final_path).map_err(write_error)?;
+        fs::rename(part_path, &final_path).map_err(write_error)?;
         if let Ok(dir) = File::open(dir) {
             let _ = dir.sync_all();
         }

@@ -27,6 +27,8 @@ struct HubState {
     wrong_sha256: bool,
     /// Answer every request with this status.
     status: Option<u16>,
+    /// Downloads answer 404 although the listing names the files.
+    files_gone: bool,
     /// Break the next download after this many bytes.
     break_after: Option<usize>,
     /// Each request: path and Range and Authorization headers.
@@ -134,7 +136,7 @@ fn serve(stream: TcpStream, state: &Mutex<HubState>) -> bool {
     let found = path.split_once("/resolve/main/").and_then(|(repo, file)| {
         state.repos.get(repo.trim_start_matches('/'))?.iter().find(|(name, _)| name == file).map(|(_, b)| b.clone())
     });
-    let Some(bytes) = found else {
+    let Some(bytes) = found.filter(|_| !state.files_gone) else {
         answer(404, "", b"not found");
         return true;
     };
@@ -323,6 +325,12 @@ fn hub_failures_have_clear_messages_and_exit_codes() {
         assert_exit(&output, code);
         assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
     }
+    // The listing names a file the Hub then cannot find: no empty part, no directory left.
+    hub.state.lock().unwrap().files_gone = true;
+    let output = env.run(&["pull", "test/tiny-GGUF"]);
+    assert_exit(&output, 66);
+    assert!(stderr(&output).contains("tiny-Q4_K_M.gguf was not found"), "{}", stderr(&output));
+    assert!(!pulled_dir(&env, "test/tiny-GGUF").exists());
     hub.state.lock().unwrap().status = Some(401);
     let output = env.run(&["pull", "test/tiny-GGUF"]);
     assert_exit(&output, 69);
