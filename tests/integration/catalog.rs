@@ -27,6 +27,8 @@ struct HubState {
     wrong_sha256: bool,
     /// Answer every request with this status.
     status: Option<u16>,
+    /// Downloads are redirected to `localhost` (another host name, as the Hub's CDN is).
+    redirect: bool,
     /// Downloads answer 404 although the listing names the files.
     files_gone: bool,
     /// Break the next download after this many bytes.
@@ -108,6 +110,7 @@ fn serve(stream: TcpStream, state: &Mutex<HubState>) -> bool {
     let mut state = state.lock().unwrap();
     state.requests.push((path.clone(), headers.get("range").cloned(), headers.get("authorization").cloned()));
     let mut stream = stream;
+    let port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut answer = |status: u16, extra: &str, body: &[u8]| {
         let head = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n", body.len());
         let _ = stream.write_all(head.as_bytes());
@@ -133,6 +136,12 @@ fn serve(stream: TcpStream, state: &Mutex<HubState>) -> bool {
         answer(200, "Content-Type: application/json\r\n", json!({ "siblings": siblings }).to_string().as_bytes());
         return true;
     }
+    if state.redirect && !path.starts_with("/cdn/") && path.contains("/resolve/main/") {
+        let location = format!("Location: http://localhost:{port}/cdn{path}\r\n");
+        answer(302, &location, b"");
+        return true;
+    }
+    let path = path.strip_prefix("/cdn").unwrap_or(&path);
     let found = path.split_once("/resolve/main/").and_then(|(repo, file)| {
         state.repos.get(repo.trim_start_matches('/'))?.iter().find(|(name, _)| name == file).map(|(_, b)| b.clone())
     });
@@ -563,4 +572,42 @@ fn a_pulled_model_runs_on_the_real_llama_server_and_rm_unloads_it() {
     assert_eq!(stdout(&output).trim(), "[]");
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
+}
+
+#[test]
+fn downloads_follow_the_cdn_redirect_without_the_token_and_resume_there() {
+    let (mut env, hub) = env_with_hub();
+    env.set("HF_TOKEN", "secret-token");
+    let model = tiny_bytes(&env);
+    hub.add("test/tiny-GGUF", vec![("tiny-Q4_K_M.gguf", model.clone())]);
+    let half = model.len() / 2;
+    {
+        let mut state = hub.state.lock().unwrap();
+        state.redirect = true;
+        state.break_after = Some(half);
+    }
+    assert_exit(&env.run(&["pull", "test/tiny-GGUF"]), 69);
+    assert_success(&env.run(&["pull", "test/tiny-GGUF"]));
+    assert_eq!(fs::read(pulled_dir(&env, "test/tiny-GGUF").join("tiny-Q4_K_M.gguf")).unwrap(), model);
+    let cdn: Vec<_> = hub.requests().into_iter().filter(|(path, _, _)| path.starts_with("/cdn/")).collect();
+    assert_eq!(cdn.len(), 2, "{cdn:?}");
+    assert!(cdn.iter().all(|(_, _, auth)| auth.is_none()), "the token stays with the Hub: {cdn:?}");
+    assert_eq!(cdn[1].1, Some(format!("bytes={half}-")), "the Range survives the redirect");
+}
+
+#[test]
+fn two_pulls_never_write_one_file() {
+    let (env, hub) = env_with_hub();
+    hub.add("test/tiny-GGUF", vec![("tiny-Q4_K_M.gguf", tiny_bytes(&env))]);
+    let dir = pulled_dir(&env, "test/tiny-GGUF");
+    fs::create_dir_all(&dir).unwrap();
+    // Another pull holds the part file.
+    let part = fs::File::create(dir.join("tiny-Q4_K_M.gguf.part")).unwrap();
+    // SAFETY: flock on a descriptor `part` owns for the whole call.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&part), libc::LOCK_EX) }, 0);
+    let output = env.run(&["pull", "test/tiny-GGUF"]);
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("another llmctl pull"), "{}", stderr(&output));
+    drop(part);
+    assert_success(&env.run(&["pull", "test/tiny-GGUF"]));
 }
