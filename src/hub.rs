@@ -210,7 +210,7 @@ impl Hub {
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => {
-                            progress.finish();
+                            progress.finish(have);
                             return Err(broken(format!(
                                 "the connection broke after {have} bytes ({e}); run the same command again to resume"
                             )));
@@ -221,7 +221,7 @@ impl Hub {
                     have += n as u64;
                     progress.update(have);
                 }
-                progress.finish();
+                progress.finish(have);
             }
         }
         part.sync_all().map_err(write_error)?;
@@ -379,7 +379,14 @@ impl Progress {
     }
 
     fn update(&mut self, have: u64) {
-        if !self.enabled || self.last_draw.is_some_and(|at| at.elapsed() < Duration::from_millis(200)) {
+        if self.last_draw.is_some_and(|at| at.elapsed() < Duration::from_millis(200)) {
+            return;
+        }
+        self.draw(have);
+    }
+
+    fn draw(&mut self, have: u64) {
+        if !self.enabled {
             return;
         }
         self.last_draw = Some(Instant::now());
@@ -397,11 +404,12 @@ impl Progress {
         let _ = write!(io::stderr().lock(), "{line}\x1b[K");
     }
 
-    fn finish(&mut self) {
-        if self.enabled && self.last_draw.is_some() {
+    /// Draws where the download ended, and ends the line.
+    fn finish(&mut self, have: u64) {
+        if self.enabled {
+            self.draw(have);
             let _ = writeln!(io::stderr().lock());
         }
-        self.last_draw = None;
     }
 }
 

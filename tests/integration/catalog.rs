@@ -611,3 +611,16 @@ fn two_pulls_never_write_one_file() {
     drop(part);
     assert_success(&env.run(&["pull", "test/tiny-GGUF"]));
 }
+
+#[test]
+fn pull_shows_progress_on_a_terminal_only() {
+    let (env, hub) = env_with_hub();
+    hub.add("test/tiny-GGUF", vec![("tiny-Q4_K_M.gguf", tiny_bytes(&env))]);
+    let (code, transcript) = crate::chat::on_pty(
+        &env,
+        &["pull", "test/tiny-GGUF"],
+        &[("expect", "tiny-Q4_K_M.gguf: "), ("expect", "MiB/s"), ("expect", "pulled test/tiny-GGUF")],
+    );
+    assert_eq!(code, 0, "{transcript}");
+    assert!(transcript.contains("(100%)"), "{transcript}");
+}
