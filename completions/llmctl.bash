@@ -899,7 +899,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__run)
-            opts="-n -v -h --system --raw --json --no-stdin --max-tokens --temperature --top-p --top-k --min-p --repeat-penalty --seed --stop --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-n -s -v -h --system --raw --json --no-stdin --max-tokens --temperature --top-p --top-k --min-p --repeat-penalty --seed --stop --json-schema --grammar --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -942,6 +942,18 @@ _llmctl() {
                     return 0
                     ;;
                 --stop)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --json-schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --grammar)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

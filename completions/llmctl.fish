@@ -45,7 +45,7 @@ complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "config" -d 'Print the
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "logs" -d 'Print a model\'s llama-server log, or the daemon\'s'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "events" -d 'Print the daemon\'s state changes as JSON lines as they happen'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "metrics" -d 'Print the daemon\'s counters in Prometheus text format'
-complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "serve" -d 'Serve the OpenAI API over HTTP for every model llmctl knows'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "serve" -d 'Serve llama-server\'s HTTP API (OpenAI and Anthropic compatible) for every model llmctl knows; requests are forwarded unchanged and answers relayed byte for byte'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "ls" -d 'List every model llmctl can run: aliases, pulled models, the demo, files in the models directory'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "show" -d 'Show a model\'s details from its GGUF header: architecture, size, context, memory'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "pull" -d 'Download a GGUF model from the Hugging Face Hub (OWNER/REPO[:QUANT])'
@@ -63,6 +63,8 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l min-p -d 'Minimum 
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l repeat-penalty -d 'Penalty for repeated tokens (1 disables)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l seed -d 'Random seed, for reproducible sampling' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l stop -d 'Stop when this text is generated (repeatable)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s s -l json-schema -d 'Make the output JSON valid for this JSON Schema: a file, or the schema itself' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l grammar -d 'Make the output follow this GBNF grammar file (llama.cpp\'s grammar format)' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
@@ -179,7 +181,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -l no-autostart -
 complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l listen -d 'Address to listen on; beyond loopback an API key is required' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l api-key-file -d 'File holding the API key clients must send as `Authorization: Bearer KEY` (or set LLMCTL_API_KEY)' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l api-key-file -d 'File holding the API key clients must send as `Authorization: Bearer KEY` or `x-api-key: KEY` (or set LLMCTL_API_KEY)' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -264,7 +266,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_
 complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "logs" -d 'Print a model\'s llama-server log, or the daemon\'s'
 complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "events" -d 'Print the daemon\'s state changes as JSON lines as they happen'
 complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "metrics" -d 'Print the daemon\'s counters in Prometheus text format'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "serve" -d 'Serve the OpenAI API over HTTP for every model llmctl knows'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "serve" -d 'Serve llama-server\'s HTTP API (OpenAI and Anthropic compatible) for every model llmctl knows; requests are forwarded unchanged and answers relayed byte for byte'
 complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "ls" -d 'List every model llmctl can run: aliases, pulled models, the demo, files in the models directory'
 complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "show" -d 'Show a model\'s details from its GGUF header: architecture, size, context, memory'
 complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "pull" -d 'Download a GGUF model from the Hugging Face Hub (OWNER/REPO[:QUANT])'

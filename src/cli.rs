@@ -91,7 +91,8 @@ pub enum Command {
     Events,
     /// Print the daemon's counters in Prometheus text format
     Metrics,
-    /// Serve the OpenAI API over HTTP for every model llmctl knows
+    /// Serve llama-server's HTTP API (OpenAI and Anthropic compatible) for every model llmctl
+    /// knows; requests are forwarded unchanged and answers relayed byte for byte
     Serve(ServeArgs),
     /// List every model llmctl can run: aliases, pulled models, the demo, files in the
     /// models directory
@@ -165,6 +166,12 @@ pub struct RunArgs {
     /// Stop when this text is generated (repeatable)
     #[arg(long, value_name = "TEXT")]
     pub stop: Vec<String>,
+    /// Make the output JSON valid for this JSON Schema: a file, or the schema itself
+    #[arg(short = 's', long, value_name = "FILE|JSON", conflicts_with = "grammar")]
+    pub json_schema: Option<String>,
+    /// Make the output follow this GBNF grammar file (llama.cpp's grammar format)
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -251,8 +258,8 @@ pub struct ServeArgs {
     /// Address to listen on; beyond loopback an API key is required
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// File holding the API key clients must send as `Authorization: Bearer KEY`
-    /// (or set LLMCTL_API_KEY)
+    /// File holding the API key clients must send as `Authorization: Bearer KEY` or
+    /// `x-api-key: KEY` (or set LLMCTL_API_KEY)
     #[arg(long, value_name = "PATH")]
     pub api_key_file: Option<PathBuf>,
 }

@@ -42,11 +42,14 @@ impl Connection {
     }
 
     pub fn send(&mut self, request: &Request) -> Result<()> {
-        let mut buffer = Vec::with_capacity(256);
-        protocol::write_message(&mut buffer, request).map_err(|e| Error::internal(e.to_string()))?;
+        let buffer = protocol::encode_request(request).map_err(|e| Error::internal(e.to_string()))?;
         // The daemon refuses longer lines; say so here, naming the size, instead of meeting
         // a closed socket.
-        if buffer.len() > protocol::MAX_LINE {
+        let body_len = match request {
+            Request::Forward(forward) => forward.body.len(),
+            _ => 0,
+        };
+        if buffer.len() - body_len > protocol::MAX_LINE {
             return Err(Error::InvalidParameter {
                 message: format!(
                     "the request is {:.1} MiB, over the {} MiB limit; shorten the prompt or what is piped to stdin",
@@ -70,9 +73,19 @@ impl Connection {
         }
     }
 
+    /// The `len` bytes that follow a `Bytes` response, into `into`.
+    pub fn payload(&mut self, len: usize, into: &mut Vec<u8>) -> Result<()> {
+        protocol::read_payload(&mut self.reader, len, protocol::MAX_BODY, into).map_err(|e| self.lost(e))
+    }
+
     /// True when a complete response may already be buffered, so an output flush can wait.
     pub fn has_buffered(&self) -> bool {
         !self.reader.buffer().is_empty()
+    }
+
+    /// A second handle on the socket, so another thread can shut it down.
+    pub fn socket(&self) -> io::Result<UnixStream> {
+        self.writer.try_clone()
     }
 
     pub fn raw_fd(&self) -> RawFd {

@@ -57,6 +57,12 @@ pub struct Config {
     /// Unload an instance after this long without a request, unless its model says
     /// otherwise: "30m", "2h", "never" (the default).
     pub default_ttl: Option<String>,
+    /// The model `serve` answers with when a request names none, or one llmctl does not
+    /// know (clients often send a fixed name such as "gpt-4o-mini").
+    pub default_model: Option<String>,
+    /// Web origins `serve` allows for CORS, as `scheme://host[:port]`, or "*" for any;
+    /// unset allows pages served from this machine (localhost, 127.0.0.1, [::1]) only.
+    pub cors_origins: Option<Vec<String>>,
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
 }
@@ -91,6 +97,13 @@ pub struct ModelConfig {
     pub ttl: Option<String>,
     /// The most requests that may wait for this model's slots; more get busy (HTTP 429).
     pub max_queued: Option<u32>,
+    /// An embedding model: started with llama-server's `--embeddings`, and the model
+    /// `serve` answers `/v1/embeddings` with when a request names none.
+    #[serde(default)]
+    pub embeddings: bool,
+    /// A reranking model: started with `--reranking`; answers `/v1/rerank`.
+    #[serde(default)]
+    pub reranking: bool,
 }
 
 impl Config {
@@ -149,6 +162,14 @@ impl Config {
         }
         if let Some(ttl) = &config.default_ttl {
             parse_ttl(ttl).map_err(|e| format!("default_ttl: {e}"))?;
+        }
+        for origin in config.cors_origins.iter().flatten() {
+            let well_formed = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.trim_start_matches("https://").trim_start_matches("http://").contains('/'));
+            if !well_formed {
+                return Err(format!("cors_origins: `{origin}` is not \"*\" nor an origin like http://host:8080"));
+            }
         }
         for (key, value) in [("memory_budget", &config.memory_budget), ("vram_budget", &config.vram_budget)] {
             if let Some(value) = value {

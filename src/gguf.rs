@@ -36,6 +36,9 @@ pub struct ModelInfo {
     pub tensor_bytes: u64,
     pub file_size: u64,
     pub has_chat_template: bool,
+    /// How an embedding model pools token vectors into one (llama.cpp's numbering); none
+    /// for a model that does not say (a chat model).
+    pub pooling_type: Option<u64>,
     /// What only `ls` and `show` need, boxed: the daemon keeps a `ModelInfo` in every job.
     pub details: Box<Details>,
 }
@@ -452,6 +455,7 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
         head_count: number("attention.head_count"),
         head_count_kv: number("attention.head_count_kv"),
         has_chat_template: metadata.contains_key("tokenizer.chat_template"),
+        pooling_type: number("pooling_type"),
         architecture,
         tensor_count,
         tensor_bytes: data_end,

@@ -12,7 +12,10 @@
 //! - `instance`: handles, jobs, leases and views; `instance/worker` is the thread that owns
 //!   one child; `instance/state` its pure state machine; `instance/table` the lookup.
 //! - `budget`: the memory policy, a pure function; `memory` measures RAM and GPUs.
-//! - `backend/llama`: llama-server's command line, output capture, readiness, streaming.
+//! - `backend/llama`: llama-server's command line, output capture, readiness, streaming;
+//!   `backend/forward` passes `serve`'s requests through unchanged; `backend/unix` is HTTP
+//!   over a child's Unix socket.
+//! - `http`: the HTTP/1.1 server under `commands/serve`, with its limits.
 //! - `process`: the one owner of child processes and signals; `process/launcher` the thread
 //!   that forks them.
 //! - `events`: state changes for `llmctl events`.
@@ -54,6 +57,7 @@ pub mod daemon;
 pub mod error;
 pub mod events;
 pub mod gguf;
+pub mod http;
 pub mod hub;
 pub mod instance;
 pub mod library;

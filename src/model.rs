@@ -26,11 +26,25 @@ pub struct LoadOptions {
     pub gpu_layers: Option<u32>,
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// Serves embeddings (llama-server `--embeddings`): an instance of its own, so it never
+    /// disturbs a chat instance of the same file.
+    #[serde(default)]
+    pub embeddings: bool,
+    /// Serves reranking (llama-server `--reranking`).
+    #[serde(default)]
+    pub reranking: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { ctx_size: None, parallel: DEFAULT_PARALLEL, gpu_layers: None, extra_args: Vec::new() }
+        LoadOptions {
+            ctx_size: None,
+            parallel: DEFAULT_PARALLEL,
+            gpu_layers: None,
+            extra_args: Vec::new(),
+            embeddings: false,
+            reranking: false,
+        }
     }
 }
 
@@ -87,6 +101,8 @@ pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverr
             parallel: model.parallel.unwrap_or(DEFAULT_PARALLEL),
             gpu_layers: model.gpu_layers,
             extra_args: model.args.clone(),
+            embeddings: model.embeddings,
+            reranking: model.reranking,
         };
         policy.pinned = model.pinned;
         policy.max_queued = model.max_queued;

@@ -4,9 +4,13 @@
 //! refuses a client of another version with a typed error, so the handshake stays the first
 //! message forever. Then the client sends one request and reads responses until a final one
 //! (`Done`, `Status`, `Ok` or `Error`). Lines are capped at [`MAX_LINE`] bytes.
-//! **Only this module knows the wire format.**
+//!
+//! Two messages carry raw bytes after their line: a `Forward` request is followed by its
+//! HTTP body (`body_len` bytes), and each `Bytes` response by `len` bytes of the answer.
+//! The bytes travel as they are, never escaped into JSON, so `serve` hands a client exactly
+//! what llama-server wrote. **Only this module knows the wire format.**
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
@@ -14,9 +18,11 @@ use crate::error::{Error, ErrorKind};
 use crate::model::ModelSpec;
 
 /// Bumped whenever a message changes shape.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The longest line either side accepts; prompts piped from stdin fit comfortably.
 pub const MAX_LINE: usize = 16 << 20;
+/// The largest HTTP body a `Forward` request carries.
+pub const MAX_BODY: usize = 16 << 20;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -25,6 +31,8 @@ pub enum Request {
         version: u32,
     },
     Run(RunRequest),
+    /// An HTTP request for llama-server, passed on unchanged; its body follows the line.
+    Forward(ForwardRequest),
     Status,
     /// Load the model and return once it answers a one-token request; with `ttl_s`, keep
     /// it loaded at least that long.
@@ -79,6 +87,21 @@ pub struct RunRequest {
     pub messages: Option<Vec<serde_json::Value>>,
 }
 
+/// An HTTP request `serve` received, for the model's llama-server (or remote server).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardRequest {
+    pub model: ModelSpec,
+    pub method: String,
+    /// The path and query, as the client sent them.
+    pub path: String,
+    pub content_type: Option<String>,
+    pub body_len: usize,
+    /// The body, read after the line; never part of the JSON.
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
 /// Sampling options; they never change which instance serves the request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,6 +115,12 @@ pub struct Sampling {
     pub seed: Option<u64>,
     #[serde(default)]
     pub stop: Vec<String>,
+    /// Constrains the output to JSON of this schema (llama-server's `json_schema`).
+    #[serde(default)]
+    pub json_schema: Option<serde_json::Value>,
+    /// Constrains the output to this GBNF grammar (llama-server's `grammar`).
+    #[serde(default)]
+    pub grammar: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +140,16 @@ pub enum Response {
     },
     Token {
         text: String,
+    },
+    /// The status line of a forwarded request's answer; `Bytes` of its body follow.
+    Head {
+        status: u16,
+        content_type: Option<String>,
+        content_length: Option<u64>,
+    },
+    /// `len` bytes of a forwarded answer follow the line.
+    Bytes {
+        len: usize,
     },
     Event(Event),
     Metrics {
@@ -293,6 +332,38 @@ fn memchr(buf: &[u8]) -> Option<usize> {
     buf.iter().position(|&b| b == b'\n')
 }
 
+/// Encodes a request, with the body that follows a `Forward` line.
+pub fn encode_request(request: &Request) -> io::Result<Vec<u8>> {
+    let body = match request {
+        Request::Forward(forward) => &forward.body[..],
+        _ => &[],
+    };
+    let mut buffer = Vec::with_capacity(256 + body.len());
+    write_message(&mut buffer, request)?;
+    buffer.extend_from_slice(body);
+    Ok(buffer)
+}
+
+/// Reads the raw bytes a message announced (a `Forward` body, a `Bytes` payload).
+pub fn read_payload(reader: &mut impl Read, len: usize, limit: usize, into: &mut Vec<u8>) -> io::Result<()> {
+    if len > limit {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a payload of {len} bytes is over {limit}")));
+    }
+    into.clear();
+    into.reserve(len);
+    let read = reader.take(len as u64).read_to_end(into)?;
+    if read < len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-payload"));
+    }
+    Ok(())
+}
+
+/// Writes a `Bytes` message and its payload. The caller decides when to flush.
+pub fn write_bytes(writer: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    write_message(writer, &Response::Bytes { len: bytes.len() })?;
+    writer.write_all(bytes)
+}
+
 /// Reads and decodes one message; `Ok(None)` at a clean end of stream.
 pub fn read_message<T: for<'de> Deserialize<'de>>(
     reader: &mut impl BufRead,
@@ -342,6 +413,42 @@ mod tests {
         let mut reader = BufReader::new(&wire[..]);
         let decoded: Request = read_message(&mut reader, &mut Vec::new()).unwrap().unwrap();
         assert_eq!(decoded, request);
+    }
+
+    #[test]
+    fn forwarded_bodies_travel_raw() {
+        let body = b"{\"model\":\"m\"}\n\x00 not escaped".to_vec();
+        let request = Request::Forward(ForwardRequest {
+            model: ModelSpec {
+                name: "m".into(),
+                path: "/m.gguf".into(),
+                load: LoadOptions::default(),
+                policy: Default::default(),
+                remote: None,
+            },
+            method: "POST".into(),
+            path: "/v1/embeddings".into(),
+            content_type: Some("application/json".into()),
+            body_len: body.len(),
+            body: body.clone(),
+        });
+        let mut wire = encode_request(&request).unwrap();
+        assert!(wire.ends_with(&body));
+        write_bytes(&mut wire, b"data: x\n\n").unwrap();
+        let mut reader = BufReader::new(&wire[..]);
+        let mut line = Vec::new();
+        let Some(Request::Forward(mut decoded)) = read_message(&mut reader, &mut line).unwrap() else {
+            panic!("not a forward request");
+        };
+        read_payload(&mut reader, decoded.body_len, MAX_BODY, &mut decoded.body).unwrap();
+        assert_eq!(Request::Forward(decoded), request);
+        let Some(Response::Bytes { len }) = read_message(&mut reader, &mut line).unwrap() else {
+            panic!("not bytes");
+        };
+        let mut payload = Vec::new();
+        read_payload(&mut reader, len, MAX_BODY, &mut payload).unwrap();
+        assert_eq!(payload, b"data: x\n\n");
+        assert!(read_payload(&mut reader, MAX_BODY + 1, MAX_BODY, &mut payload).is_err());
     }
 
     #[test]

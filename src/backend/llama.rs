@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::gguf::ModelInfo;
 use crate::model::ModelSpec;
 use crate::protocol::{Done, Mode, RunRequest, Usage};
 
@@ -87,10 +88,11 @@ pub enum Listen {
 /// (llama-server's default is every origin).
 const NO_ORIGIN: &str = "http://llmctl.invalid";
 
-/// The llama-server command line for `spec`.
-pub fn command(binary: &Path, spec: &ModelSpec, listen: &Listen) -> Command {
+/// The llama-server command line for `spec`, whose file's header is `info`.
+pub fn command(binary: &Path, spec: &ModelSpec, info: &ModelInfo, listen: &Listen) -> Command {
     let mut command = Command::new(binary);
-    command.arg("--model").arg(&spec.path);
+    // The alias names the model in llama-server's answers, as the client named it.
+    command.arg("--model").arg(&spec.path).arg("--alias").arg(&spec.name);
     match listen {
         Listen::Socket(path) => {
             command.arg("--host").arg(path).args(["--cors-origins", NO_ORIGIN]);
@@ -108,6 +110,18 @@ pub fn command(binary: &Path, spec: &ModelSpec, listen: &Listen) -> Command {
     }
     if let Some(gpu_layers) = spec.load.gpu_layers {
         command.arg("--n-gpu-layers").arg(gpu_layers.to_string());
+    }
+    if spec.load.embeddings {
+        command.arg("--embeddings");
+        // A chat model's header names no pooling, and llama-server then gives one vector
+        // per token, which the OpenAI endpoint refuses: average them instead.
+        let pooling_given = spec.load.extra_args.iter().any(|arg| arg.starts_with("--pooling"));
+        if info.pooling_type.is_none() && !pooling_given {
+            command.args(["--pooling", "mean"]);
+        }
+    }
+    if spec.load.reranking {
+        command.arg("--reranking");
     }
     command.args(&spec.load.extra_args);
     command.stdin(Stdio::null());
@@ -184,13 +198,17 @@ pub fn parse_listening_port(line: &str) -> Option<u16> {
 #[derive(Debug, Clone)]
 pub struct Client {
     /// Keeps idle connections for reuse: a request then skips the TCP handshake.
-    agent: ureq::Agent,
+    pub(super) agent: ureq::Agent,
     /// Opens a fresh connection for every request: the retry when a pooled connection turns
     /// out to have been closed by the server while it sat idle.
-    fresh: ureq::Agent,
-    base: String,
+    pub(super) fresh: ureq::Agent,
+    pub(super) base: String,
     /// `Authorization` header value for a remote server that wants a bearer token.
-    authorization: Option<String>,
+    pub(super) authorization: Option<String>,
+    /// The child's Unix socket, when it listens on one: a forwarded request gets a
+    /// connection of its own there, which it can give up when its client leaves.
+    pub(super) socket: Option<PathBuf>,
+    pub(super) timeouts: Timeouts,
 }
 
 /// How a generation failed, for the caller to classify with what it knows of the child.
@@ -225,12 +243,19 @@ impl Client {
         let agent = |idle| {
             ureq::Agent::with_parts(
                 agent_config(None, timeouts, idle),
-                super::unix::UnixConnector { path: path.to_path_buf() },
+                super::unix::UnixConnector { path: path.to_path_buf(), cancel: None },
                 ureq::unversioned::resolver::DefaultResolver::default(),
             )
         };
         // The host only names the server in the Host header; the connector ignores it.
-        Client { agent: agent(IDLE_CONNECTIONS), fresh: agent(0), base: "http://localhost".into(), authorization: None }
+        Client {
+            agent: agent(IDLE_CONNECTIONS),
+            fresh: agent(0),
+            base: "http://localhost".into(),
+            authorization: None,
+            socket: Some(path.to_path_buf()),
+            timeouts,
+        }
     }
 
     /// Reads the CA certificates in a PEM file, for [`Client::for_url`].
@@ -267,6 +292,8 @@ impl Client {
             fresh: config(0).into(),
             base: base.trim_end_matches('/').to_string(),
             authorization: bearer.map(|token| format!("Bearer {token}")),
+            socket: None,
+            timeouts,
         }
     }
 
@@ -433,7 +460,7 @@ impl Client {
 }
 
 /// The settings of every agent talking to a child or a remote server.
-fn agent_config(
+pub(super) fn agent_config(
     tls: Option<ureq::tls::TlsConfig>,
     timeouts: Timeouts,
     idle_connections: usize,
@@ -459,11 +486,11 @@ fn agent_config(
 }
 
 /// Idle connections kept per child: enough for its parallel slots in most setups.
-const IDLE_CONNECTIONS: usize = 16;
+pub(super) const IDLE_CONNECTIONS: usize = 16;
 
 /// Reads what is left of a finished answer (the end of the chunked body), so its connection
 /// can go back to the pool; a server that keeps talking is left to the drop.
-fn finish_body(reader: &mut impl Read) {
+pub(super) fn finish_body(reader: &mut impl Read) {
     let mut rest = [0u8; 256];
     for _ in 0..4 {
         match reader.read(&mut rest) {
@@ -474,7 +501,7 @@ fn finish_body(reader: &mut impl Read) {
 }
 
 /// True for the errors of a connection the server had already closed.
-fn is_closed_connection(error: &io::Error) -> bool {
+pub(super) fn is_closed_connection(error: &io::Error) -> bool {
     matches!(
         error.kind(),
         io::ErrorKind::ConnectionReset
@@ -484,7 +511,7 @@ fn is_closed_connection(error: &io::Error) -> bool {
     )
 }
 
-fn classify_transport(error: ureq::Error) -> GenerateError {
+pub(super) fn classify_transport(error: ureq::Error) -> GenerateError {
     match error {
         ureq::Error::Timeout(_) => GenerateError::Stalled,
         ureq::Error::Io(io) => classify_io(io),
@@ -492,7 +519,7 @@ fn classify_transport(error: ureq::Error) -> GenerateError {
     }
 }
 
-fn classify_io(error: io::Error) -> GenerateError {
+pub(super) fn classify_io(error: io::Error) -> GenerateError {
     let timed_out = matches!(error.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
         || error.get_ref().is_some_and(|inner| inner.to_string().contains("timeout"));
     if timed_out {
@@ -528,6 +555,8 @@ fn sampling_fields(request: &RunRequest, body: &mut serde_json::Map<String, Valu
     put("min_p", sampling.min_p.map(Value::from));
     put("repeat_penalty", sampling.repeat_penalty.map(Value::from));
     put("seed", sampling.seed.map(Value::from));
+    put("json_schema", sampling.json_schema.clone());
+    put("grammar", sampling.grammar.clone().map(Value::from));
     if !sampling.stop.is_empty() {
         put("stop", Some(Value::from(sampling.stop.clone())));
     }

@@ -14,9 +14,18 @@ use std::time::Duration;
 
 use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, Transport};
 
+/// Asked while a read waits: true when the request should be given up (its client left).
+pub type Cancel = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How often a read with a [`Cancel`] asks it.
+const CANCEL_CHECK: Duration = Duration::from_millis(100);
+
 /// Connects every request to the socket at `path`.
 pub struct UnixConnector {
     pub path: PathBuf,
+    /// Set for a forwarded request's own connection: reads wait in short steps and fail
+    /// once it says so, which closes the connection and makes llama-server stop.
+    pub cancel: Option<Cancel>,
 }
 
 impl fmt::Debug for UnixConnector {
@@ -32,7 +41,13 @@ impl<In: Transport> Connector<In> for UnixConnector {
         let stream = UnixStream::connect(&self.path)?;
         let config = details.config;
         let buffers = LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size());
-        Ok(Some(UnixTransport { stream, buffers, read_timeout: None, write_timeout: None }))
+        Ok(Some(UnixTransport {
+            stream,
+            buffers,
+            read_timeout: None,
+            write_timeout: None,
+            cancel: self.cancel.clone(),
+        }))
     }
 }
 
@@ -42,6 +57,7 @@ pub struct UnixTransport {
     /// The timeouts last set on the socket, to skip a syscall when they do not change.
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
+    cancel: Option<Cancel>,
 }
 
 impl fmt::Debug for UnixTransport {
@@ -59,6 +75,9 @@ fn socket_timeout(timeout: &NextTimeout) -> Option<Duration> {
         Some((*timeout.after).max(Duration::from_millis(1)))
     }
 }
+
+/// The error a cancelled read gives.
+pub const CANCELLED: &str = "the client went away";
 
 fn timed_out(error: &io::Error) -> bool {
     matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
@@ -87,16 +106,30 @@ impl Transport for UnixTransport {
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
         let timeout = timeout.for_read();
         let wanted = socket_timeout(&timeout);
-        if wanted != self.read_timeout {
-            self.stream.set_read_timeout(wanted)?;
-            self.read_timeout = wanted;
-        }
-        let input = self.buffers.input_append_buf();
+        let started = std::time::Instant::now();
         let amount = loop {
-            match self.stream.read(input) {
+            // With a cancel check, wait in steps of CANCEL_CHECK up to the real timeout.
+            let left = wanted.map(|wanted| wanted.saturating_sub(started.elapsed()).max(Duration::from_millis(1)));
+            let step = match (&self.cancel, left) {
+                (Some(_), Some(left)) => Some(left.min(CANCEL_CHECK)),
+                (Some(_), None) => Some(CANCEL_CHECK),
+                (None, left) => left,
+            };
+            if step != self.read_timeout {
+                self.stream.set_read_timeout(step)?;
+                self.read_timeout = step;
+            }
+            match self.stream.read(self.buffers.input_append_buf()) {
                 Ok(amount) => break amount,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) if timed_out(&error) => return Err(ureq::Error::Timeout(timeout.reason)),
+                Err(error) if timed_out(&error) => {
+                    if self.cancel.as_ref().is_some_and(|cancel| cancel()) {
+                        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, CANCELLED).into());
+                    }
+                    if wanted.is_some_and(|wanted| started.elapsed() >= wanted) {
+                        return Err(ureq::Error::Timeout(timeout.reason));
+                    }
+                }
                 Err(error) => return Err(error.into()),
             }
         };

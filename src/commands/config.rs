@@ -170,6 +170,22 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             source: from_config(config.crash_window.is_some(), "default"),
             daemon: None,
         },
+        // Read by `serve` at each request, so a change applies at once.
+        Setting {
+            name: "default_model",
+            value: or_default(config.default_model.clone(), "none (the only model, if there is one)"),
+            source: from_config(config.default_model.is_some(), "default"),
+            daemon: None,
+        },
+        Setting {
+            name: "cors_origins",
+            value: match &config.cors_origins {
+                Some(origins) => origins.join(" "),
+                None => "this machine's pages (localhost, 127.0.0.1, [::1])".into(),
+            },
+            source: from_config(config.cors_origins.is_some(), "default"),
+            daemon: None,
+        },
     ]);
     for (alias, model) in &config.models {
         let mut value = match &model.path {
@@ -187,6 +203,12 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
         }
         if model.pinned {
             value += " pinned";
+        }
+        if model.embeddings {
+            value += " embeddings";
+        }
+        if model.reranking {
+            value += " reranking";
         }
         if let Some(ttl) = &model.ttl {
             value += &format!(" ttl={ttl}");

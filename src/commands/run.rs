@@ -7,6 +7,7 @@
 
 use std::io::{self, BufWriter, IsTerminal, Read, Write};
 use std::os::fd::RawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use serde::Serialize;
@@ -14,7 +15,7 @@ use serde::Serialize;
 use crate::cli::RunArgs;
 use crate::client;
 use crate::commands::Context;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::protocol::{Done, Mode, Request, Response, RunRequest, Sampling, Usage};
 use crate::sys;
 
@@ -36,6 +37,8 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
         repeat_penalty: args.repeat_penalty,
         seed: args.seed,
         stop: args.stop.clone(),
+        json_schema: args.json_schema.as_deref().map(read_schema).transpose()?,
+        grammar: args.grammar.as_deref().map(read_grammar).transpose()?,
     };
     // No prompt, typed at a terminal: a conversation, as `llmctl chat`.
     if args.prompt.is_empty() && !args.raw && !args.json && !args.no_stdin && stdin.is_terminal() {
@@ -61,6 +64,44 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
         Err(_) if INTERRUPTED.load(Ordering::SeqCst) => Err(Error::Interrupted),
         other => other,
     }
+}
+
+/// `--json-schema`: the schema itself when it looks like JSON, else a file holding it.
+fn read_schema(given: &str) -> Result<serde_json::Value> {
+    let (text, source) = if given.trim_start().starts_with('{') {
+        (given.to_string(), "the --json-schema argument".to_string())
+    } else {
+        (read_small_file(Path::new(given), "--json-schema")?, given.to_string())
+    };
+    let schema: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::InvalidParameter { message: format!("{source} is not JSON: {e}") })?;
+    if !schema.is_object() {
+        return Err(Error::InvalidParameter { message: format!("{source} is not a JSON Schema object") });
+    }
+    Ok(schema)
+}
+
+fn read_grammar(path: &Path) -> Result<String> {
+    read_small_file(path, "--grammar")
+}
+
+/// A schema or grammar file: missing is 66, unreadable or too large is 65.
+fn read_small_file(path: &Path, flag: &str) -> Result<String> {
+    const LIMIT: u64 = 1 << 20;
+    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => {
+            Error::Remote { kind: ErrorKind::NotFound, message: format!("{flag}: no file {}", path.display()) }
+        }
+        _ => Error::io(format!("{flag}: cannot read {}", path.display()), e),
+    })?;
+    let mut text = String::new();
+    file.take(LIMIT + 1)
+        .read_to_string(&mut text)
+        .map_err(|_| Error::InvalidParameter { message: format!("{flag}: {} is not UTF-8 text", path.display()) })?;
+    if text.len() as u64 > LIMIT {
+        return Err(Error::InvalidParameter { message: format!("{flag}: {} is over 1 MiB", path.display()) });
+    }
+    Ok(text)
 }
 
 fn read_stdin(stdin: io::Stdin) -> Result<String> {

@@ -1,35 +1,78 @@
-//! `llmctl serve --listen ADDR`: an OpenAI-compatible HTTP front for everything llmctl runs.
+//! `llmctl serve --listen ADDR`: llama-server's HTTP API, for every model llmctl knows.
 //!
-//! It is a translator, not a second daemon: each HTTP request becomes one request to the
-//! daemon over its socket, so admission, the memory budget and the exit-code taxonomy are
-//! the same as on the command line, and errors map onto HTTP statuses from one table. A
-//! client that disconnects from a stream closes the daemon connection, which cancels the
-//! generation upstream. Listening beyond loopback requires an API key, compared in constant
-//! time.
+//! It forwards, it does not translate: each request is passed to the daemon as it came
+//! (method, path, body), the daemon gives it to the model's llama-server (or remote server)
+//! under the same admission, budget and accounting as `run`, and the answer comes back byte
+//! for byte, streamed as produced. `serve` reads only `model` from the body, to pick the
+//! instance. When the HTTP client goes away the daemon connection is closed (a
+//! watcher checks every in-flight client each [`WATCH_EVERY`]), which cancels the request
+//! wherever it is: queued, loading or generating. Listening beyond loopback requires an API
+//! key, compared in constant time.
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use parking_lot::Mutex;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::cli::{LoadArgs, ServeArgs};
 use crate::client;
 use crate::commands::Context;
+use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{DEMO_ALIAS, DEMO_FILE};
-use crate::protocol::{Done, Mode, Request, Response, RunRequest, Sampling};
-
-/// The largest request body accepted.
-const MAX_BODY: u64 = 16 << 20;
+use crate::http::{self, Exchange, Request};
+use crate::model::{ModelSpec, DEMO_ALIAS, DEMO_FILE};
+use crate::protocol::{self, ForwardRequest, Response};
 
 static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// How often in-flight HTTP clients are checked for having gone away.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+
+/// What an endpoint needs of the instance it goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Generate,
+    Embed,
+    Rerank,
+}
+
+/// llama-server's POST endpoints that `serve` forwards, and what each needs.
+const ROUTES: &[(&str, Purpose)] = &[
+    ("/v1/chat/completions", Purpose::Generate),
+    ("/chat/completions", Purpose::Generate),
+    ("/v1/completions", Purpose::Generate),
+    ("/completions", Purpose::Generate),
+    ("/completion", Purpose::Generate),
+    ("/v1/responses", Purpose::Generate),
+    ("/responses", Purpose::Generate),
+    ("/v1/messages", Purpose::Generate),
+    ("/v1/messages/count_tokens", Purpose::Generate),
+    ("/v1/chat/completions/input_tokens", Purpose::Generate),
+    ("/v1/responses/input_tokens", Purpose::Generate),
+    ("/infill", Purpose::Generate),
+    ("/tokenize", Purpose::Generate),
+    ("/detokenize", Purpose::Generate),
+    ("/apply-template", Purpose::Generate),
+    ("/v1/embeddings", Purpose::Embed),
+    ("/embeddings", Purpose::Embed),
+    ("/embedding", Purpose::Embed),
+    ("/v1/rerank", Purpose::Rerank),
+    ("/rerank", Purpose::Rerank),
+    ("/reranking", Purpose::Rerank),
+    ("/v1/reranking", Purpose::Rerank),
+];
 
 struct Served {
     context: Context,
     api_key: Option<String>,
+    watch: Watch,
 }
 
 pub fn run(context: &Context, args: ServeArgs) -> Result<()> {
@@ -57,30 +100,25 @@ pub fn run(context: &Context, args: ServeArgs) -> Result<()> {
             ),
         });
     }
+    // A bad config is refused now rather than on every request.
+    context.config()?;
     crate::setup::on_first_use(context, None)?;
-    let server = tiny_http::Server::http(address).map_err(|e| Error::DaemonUnavailable {
+    let listener = TcpListener::bind(address).map_err(|e| Error::DaemonUnavailable {
         socket: std::path::PathBuf::from(address.to_string()),
         reason: format!("cannot listen: {e}"),
     })?;
-    let server = Arc::new(server);
-    let stopper = Arc::clone(&server);
+    let listener_fd = listener.as_raw_fd();
     let _ = ctrlc::set_handler(move || {
         STOPPING.store(true, Ordering::SeqCst);
-        stopper.unblock();
+        // Wakes the blocked accept.
+        crate::sys::shutdown_socket(listener_fd);
     });
-    eprintln!("llmctl: serving the OpenAI API on http://{address}/v1");
-    let served = Arc::new(Served { context: context.clone(), api_key });
-    for request in server.incoming_requests() {
-        if STOPPING.load(Ordering::SeqCst) {
-            break;
-        }
-        let served = Arc::clone(&served);
-        let spawned = std::thread::Builder::new().name("http".into()).spawn(move || handle(&served, request));
-        if let Err(error) = spawned {
-            log::warn!("cannot start a thread for an HTTP request: {error}");
-        }
-    }
-    Ok(())
+    let served = Arc::new(Served { context: context.clone(), api_key, watch: Watch::start()? });
+    let bound = listener.local_addr().unwrap_or(address);
+    eprintln!("llmctl: serving llama-server's API on http://{bound} (OpenAI-compatible under /v1)");
+    let handler: http::Handler = Arc::new(move |request, exchange| handle(&served, request, exchange));
+    http::serve(listener, http::Limits::default(), handler, &STOPPING)
+        .map_err(|e| Error::io("cannot start the HTTP workers", e))
 }
 
 /// The HTTP status for a failure, from the exit-status table.
@@ -96,37 +134,32 @@ pub fn http_status(kind: ErrorKind) -> u16 {
     }
 }
 
-fn error_body(kind: ErrorKind, message: &str) -> String {
-    let kind_name = match kind {
-        ErrorKind::Usage | ErrorKind::Data | ErrorKind::NotFound => "invalid_request_error",
-        ErrorKind::Busy => "rate_limit_error",
-        _ => "server_error",
-    };
-    json!({"error": {"message": message, "type": kind_name, "code": kind.name()}}).to_string()
-}
-
-fn respond(request: tiny_http::Request, status: u16, content_type: &str, body: String, extra: &[(&str, String)]) {
-    let mut response = tiny_http::Response::from_string(body).with_status_code(status);
-    for (name, value) in std::iter::once(&("Content-Type", content_type.to_string())).chain(extra) {
-        if let Ok(header) = tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-            response.add_header(header);
-        }
-    }
-    let _ = request.respond(response);
-}
-
 /// `per_model`: a busy model's own limit is 429; the daemon's full queue is 503.
 fn respond_error(
-    request: tiny_http::Request,
+    exchange: &mut Exchange,
     kind: ErrorKind,
     message: &str,
     retry_after_ms: Option<u64>,
     per_model: bool,
 ) {
-    let extra: Vec<(&str, String)> =
-        retry_after_ms.map(|ms| vec![("Retry-After", ms.div_ceil(1000).max(1).to_string())]).unwrap_or_default();
     let status = if kind == ErrorKind::Busy && per_model { 429 } else { http_status(kind) };
-    respond(request, status, "application/json", error_body(kind, message), &extra);
+    let retry = retry_after_ms.map(|ms| ms.div_ceil(1000).max(1).to_string());
+    let extra: Vec<(&str, &str)> = retry.as_deref().map(|value| vec![("Retry-After", value)]).unwrap_or_default();
+    let kind_name = match kind {
+        ErrorKind::Usage | ErrorKind::Data | ErrorKind::NotFound => "invalid_request_error",
+        ErrorKind::Busy => "rate_limit_error",
+        _ => "server_error",
+    };
+    let body = json!({"error": {"message": message, "type": kind_name, "code": kind.name()}});
+    exchange.respond(status, "application/json", body.to_string().as_bytes(), &extra);
+}
+
+fn fail(exchange: &mut Exchange, error: &Error) {
+    let (retry, per_model) = match error {
+        Error::Busy { retry_after_ms, per_model, .. } => (Some(*retry_after_ms), *per_model),
+        _ => (None, false),
+    };
+    respond_error(exchange, error.kind(), &error.to_string(), retry, per_model);
 }
 
 /// Compares without stopping at the first difference, so timing reveals nothing of the key.
@@ -138,88 +171,276 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     difference == 0
 }
 
-fn header<'a>(request: &'a tiny_http::Request, name: &str) -> Option<&'a str> {
-    request.headers().iter().find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
-}
-
-fn handle(served: &Served, mut request: tiny_http::Request) {
-    if let Some(key) = &served.api_key {
-        let given = header(&request, "Authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-        if !same_secret(given.as_bytes(), key.as_bytes()) {
-            return respond(request, 401, "application/json", error_body(ErrorKind::Usage, "invalid API key"), &[]);
+/// The key a client sent: `Authorization: Bearer KEY` (any case of the scheme), or
+/// `x-api-key: KEY` as Anthropic's clients send it.
+fn given_key(request: &Request) -> &str {
+    if let Some(value) = request.header("authorization") {
+        if let Some((scheme, key)) = value.trim().split_once(' ') {
+            if scheme.eq_ignore_ascii_case("bearer") {
+                return key.trim();
+            }
         }
     }
-    let path = request.url().split('?').next().unwrap_or("").to_string();
-    let method = request.method().as_str().to_ascii_uppercase();
+    request.header("x-api-key").map(str::trim).unwrap_or("")
+}
+
+/// Whether a page from `origin` may call this server: a configured list, or by default
+/// pages served from this machine.
+fn origin_allowed(origin: &str, configured: Option<&[String]>) -> bool {
+    match configured {
+        Some(list) => list.iter().any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(origin)),
+        None => {
+            let Some(rest) = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) else {
+                return false;
+            };
+            let host = if rest.starts_with('[') {
+                rest.split_inclusive(']').next().unwrap_or("")
+            } else {
+                rest.split(':').next().unwrap_or("")
+            };
+            let port_ok = match rest[host.len()..].strip_prefix(':') {
+                Some(port) => port.parse::<u16>().is_ok(),
+                None => rest.len() == host.len(),
+            };
+            port_ok && matches!(host.to_ascii_lowercase().as_str(), "localhost" | "127.0.0.1" | "[::1]")
+        }
+    }
+}
+
+/// A header value a client sent that is safe to echo: header-name characters only.
+fn token_list(value: &str) -> bool {
+    value.len() < 1024 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_, ".contains(&b))
+}
+
+fn handle(served: &Served, request: Request, exchange: &mut Exchange) {
+    let config = match served.context.config() {
+        Ok(config) => config,
+        Err(error) => return fail(exchange, &error),
+    };
+    let origin = request.header("origin").filter(|origin| origin_allowed(origin, config.cors_origins.as_deref()));
+    if let Some(origin) = origin {
+        exchange.headers.push(("Access-Control-Allow-Origin".into(), origin.to_string()));
+        exchange.headers.push(("Vary".into(), "Origin".into()));
+    }
+    let method = request.method.to_ascii_uppercase();
+    let path = request.path().to_string();
+    if method == "OPTIONS" {
+        // A preflight: answered for allowed origins, without the key (browsers send none).
+        let mut extra = vec![("Access-Control-Allow-Methods", "GET, POST, OPTIONS"), ("Access-Control-Max-Age", "600")];
+        let asked = request.header("access-control-request-headers").filter(|value| token_list(value));
+        if origin.is_some() {
+            extra.push(("Access-Control-Allow-Headers", asked.unwrap_or("Authorization, Content-Type")));
+        }
+        return exchange.respond(204, "text/plain", b"", &extra);
+    }
+    if let Some(key) = &served.api_key {
+        let public = method == "GET" && path == "/health";
+        if !public && !same_secret(given_key(&request).as_bytes(), key.as_bytes()) {
+            return exchange.error(401, "invalid API key", &[("WWW-Authenticate", "Bearer")]);
+        }
+    }
     match (method.as_str(), path.as_str()) {
-        ("GET", "/health") => respond(request, 200, "application/json", json!({"status": "ok"}).to_string(), &[]),
-        ("GET", "/v1/models") => match models(&served.context) {
-            Ok(list) => respond(request, 200, "application/json", list.to_string(), &[]),
-            Err(error) => respond_error(request, error.kind(), &error.to_string(), None, false),
+        ("GET", "/health" | "/v1/health") => {
+            exchange.respond(200, "application/json", br#"{"status":"ok"}"#, &[]);
+        }
+        ("GET", "/v1/models" | "/models") => match models(&served.context, &config) {
+            Ok(list) => exchange.respond(200, "application/json", list.to_string().as_bytes(), &[]),
+            Err(error) => fail(exchange, &error),
         },
         ("GET", "/metrics") => match metrics(&served.context) {
-            Ok(text) => respond(request, 200, "text/plain; version=0.0.4", text, &[]),
-            Err(error) => respond_error(request, error.kind(), &error.to_string(), None, false),
+            Ok(text) => exchange.respond(200, "text/plain; version=0.0.4", text.as_bytes(), &[]),
+            Err(error) => fail(exchange, &error),
         },
-        ("POST", "/v1/chat/completions") | ("POST", "/v1/completions") => {
-            let mut body = Vec::new();
-            if request.as_reader().take(MAX_BODY + 1).read_to_end(&mut body).is_err() || body.len() as u64 > MAX_BODY {
-                return respond_error(
-                    request,
-                    ErrorKind::Usage,
-                    "the request body is unreadable or too large",
-                    None,
-                    false,
-                );
+        ("GET", "/props" | "/v1/props") => {
+            let name = request.query("model").map(percent_decode);
+            forward(served, &config, request, exchange, Purpose::Generate, name);
+        }
+        ("POST", _) => match ROUTES.iter().find(|(route, _)| *route == path) {
+            Some((_, purpose)) => {
+                #[derive(Deserialize)]
+                struct Peek {
+                    model: Option<Value>,
+                }
+                let peek: Peek = match serde_json::from_slice(&request.body) {
+                    Ok(peek) => peek,
+                    Err(error) => return exchange.error(400, &format!("the body is not a JSON object: {error}"), &[]),
+                };
+                let name = peek.model.as_ref().and_then(Value::as_str).map(str::to_string);
+                forward(served, &config, request, exchange, *purpose, name);
             }
-            let chat = path == "/v1/chat/completions";
-            match parse_completion(&served.context, &body, chat) {
-                Ok((run, stream, include_usage)) => generate(served, request, run, chat, stream, include_usage),
-                Err(error) => respond_error(request, error.kind(), &error.to_string(), None, false),
+            None => exchange.error(404, &format!("no route for POST {path}"), &[]),
+        },
+        (_, _) if ROUTES.iter().any(|(route, _)| *route == path) => {
+            exchange.error(405, &format!("{path} takes POST"), &[("Allow", "POST")]);
+        }
+        _ => exchange.error(404, &format!("no route for {method} {path}"), &[]),
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Passes `request` to the daemon for the model it names (or the default) and relays the
+/// answer.
+fn forward(
+    served: &Served,
+    config: &Config,
+    request: Request,
+    exchange: &mut Exchange,
+    purpose: Purpose,
+    name: Option<String>,
+) {
+    let mut spec = match choose_model(&served.context, config, name.as_deref(), purpose) {
+        Ok(spec) => spec,
+        Err(error) => return fail(exchange, &error),
+    };
+    match purpose {
+        Purpose::Embed => spec.load.embeddings = true,
+        Purpose::Rerank => spec.load.reranking = true,
+        Purpose::Generate => {}
+    }
+    let forward = ForwardRequest {
+        model: spec,
+        method: request.method.to_ascii_uppercase(),
+        path: request.target.clone(),
+        content_type: request.header("content-type").map(str::to_string),
+        body_len: request.body.len(),
+        body: request.body,
+    };
+    let mut connection = match served.context.connect_for(&forward.model) {
+        Ok(connection) => connection,
+        Err(error) => return fail(exchange, &error),
+    };
+    let _ = connection.set_reply_timeout(Some(served.context.generation_timeout()));
+    // Closing the daemon connection when the HTTP client leaves cancels the request.
+    let _watched = match (exchange.socket(), connection.socket()) {
+        (Ok(http), Ok(daemon)) => Some(served.watch.add(http, daemon)),
+        _ => None,
+    };
+    if let Err(error) = connection.send(&protocol::Request::Forward(forward)) {
+        return fail(exchange, &error);
+    }
+    let mut payload = Vec::new();
+    loop {
+        let response = match connection.recv() {
+            Ok(response) => response,
+            Err(error) => {
+                if exchange.started() {
+                    exchange.abort();
+                } else if !exchange.client_gone() {
+                    fail(exchange, &error);
+                }
+                return;
+            }
+        };
+        match response {
+            Response::Loading { .. } | Response::Queued { .. } => {}
+            Response::Head { status, content_type, content_length } => {
+                if exchange.start(status, content_type.as_deref(), content_length).is_err() {
+                    return;
+                }
+            }
+            Response::Bytes { len } => {
+                if connection.payload(len, &mut payload).is_err() {
+                    exchange.abort();
+                    return;
+                }
+                if exchange.write(&payload).is_err() {
+                    return;
+                }
+            }
+            Response::Done(_) => {
+                exchange.finish();
+                return;
+            }
+            Response::Error { kind, message, retry_after_ms, per_model } => {
+                if exchange.started() {
+                    log::warn!("a forwarded answer broke off: {message}");
+                    exchange.abort();
+                } else {
+                    respond_error(exchange, kind, &message, retry_after_ms, per_model);
+                }
+                return;
+            }
+            _ => {
+                exchange.abort();
+                return;
             }
         }
-        _ => respond_error(request, ErrorKind::NotFound, &format!("no route for {method} {path}"), None, false),
     }
 }
 
-/// Every model the configuration names, plus the demo model and anything loaded.
-fn models(context: &Context) -> Result<Value> {
-    let config = context.config()?;
-    let mut ids: Vec<String> = config.models.keys().cloned().collect();
-    if context.paths.models_dir().join(DEMO_FILE).exists() {
-        ids.push(DEMO_ALIAS.to_string());
+/// Every name a request may use: config aliases and the demo.
+fn known_names(context: &Context, config: &Config) -> Vec<String> {
+    let mut names: Vec<String> = config.models.keys().cloned().collect();
+    if context.paths.models_dir().join(DEMO_FILE).exists() && !config.models.contains_key(DEMO_ALIAS) {
+        names.push(DEMO_ALIAS.to_string());
     }
-    if let Some(mut connection) = client::try_connect(context)? {
-        if let Response::Status(status) = connection.call(&Request::Status)? {
-            ids.extend(status.instances.into_iter().map(|instance| instance.name));
+    names
+}
+
+/// The model a request goes to: the one it names (an alias, a path, or a file stem), or
+/// else the default for its purpose: an embeddings or reranking model for those endpoints,
+/// `default_model`, or the only model there is.
+fn choose_model(context: &Context, config: &Config, name: Option<&str>, purpose: Purpose) -> Result<ModelSpec> {
+    if let Some(name) = name.filter(|name| !name.is_empty()) {
+        match resolve_model(context, config, name) {
+            Err(Error::UnknownModel { .. }) | Err(Error::ModelNotFound { .. }) => {}
+            other => return other,
         }
     }
-    ids.sort();
-    ids.dedup();
-    let data: Vec<Value> = ids.iter().map(|id| json!({"id": id, "object": "model", "owned_by": "llmctl"})).collect();
-    Ok(json!({"object": "list", "data": data}))
-}
-
-fn metrics(context: &Context) -> Result<String> {
-    let mut connection = client::connect(context)?;
-    match connection.call(&Request::Metrics)? {
-        Response::Metrics { text } => Ok(text),
-        _ => Err(Error::internal("the daemon answered metrics with something else")),
+    let no_overrides = LoadArgs { ctx_size: None, parallel: None, gpu_layers: None };
+    let for_purpose = config.models.iter().find(|(_, model)| match purpose {
+        Purpose::Embed => model.embeddings,
+        Purpose::Rerank => model.reranking,
+        Purpose::Generate => false,
+    });
+    let names = known_names(context, config);
+    let fallback = for_purpose
+        .map(|(alias, _)| alias.clone())
+        .or_else(|| config.default_model.clone())
+        .or_else(|| (names.len() == 1).then(|| names[0].clone()));
+    match fallback {
+        Some(alias) => context.resolve_model(&alias, &no_overrides),
+        None => {
+            let asked = name.map(|name| format!("no model `{name}`")).unwrap_or_else(|| "no `model` given".into());
+            let listed = if names.is_empty() { "none is configured".to_string() } else { names.join(", ") };
+            Err(Error::Remote {
+                kind: ErrorKind::NotFound,
+                message: format!("{asked} and no default_model in the config; known models: {listed}"),
+            })
+        }
     }
 }
 
-fn bad(message: impl Into<String>) -> Error {
-    Error::Remote { kind: ErrorKind::Usage, message: message.into() }
-}
-
-/// Resolves the `model` field: an alias, a path, or the file stem of a known model.
-fn resolve_model(context: &Context, name: &str) -> Result<crate::model::ModelSpec> {
+/// Resolves a name: an alias, a path, or the file stem of a known model.
+fn resolve_model(context: &Context, config: &Config, name: &str) -> Result<ModelSpec> {
     let no_overrides = LoadArgs { ctx_size: None, parallel: None, gpu_layers: None };
     match context.resolve_model(name, &no_overrides) {
         Err(Error::UnknownModel { .. }) | Err(Error::ModelNotFound { .. }) => {}
         other => return other,
     }
-    let config = context.config()?;
     let stem_of = |path: &std::path::Path| path.file_stem().map(|s| s.to_string_lossy().into_owned());
     for (alias, model) in &config.models {
         if model.path.as_deref().and_then(stem_of).as_deref() == Some(name) {
@@ -232,204 +453,109 @@ fn resolve_model(context: &Context, name: &str) -> Result<crate::model::ModelSpe
     Err(Error::UnknownModel { name: name.to_string() })
 }
 
-fn number(body: &Value, key: &str, low: f64, high: f64) -> Result<Option<f32>> {
-    match body.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(value) => match value.as_f64() {
-            Some(n) if n.is_finite() && (low..=high).contains(&n) => Ok(Some(n as f32)),
-            _ => Err(bad(format!("`{key}` must be a number between {low} and {high}"))),
+/// Every model a client can name, with what it can use: context length, kind, whether it
+/// is loaded, which one answers requests that name none.
+fn models(context: &Context, config: &Config) -> Result<Value> {
+    let status = match client::try_connect(context)? {
+        Some(mut connection) => match connection.call(&protocol::Request::Status)? {
+            Response::Status(status) => Some(status),
+            _ => None,
         },
-    }
-}
-
-fn integer(body: &Value, key: &str) -> Result<Option<u64>> {
-    match body.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(value) => value.as_u64().map(Some).ok_or_else(|| bad(format!("`{key}` must be a whole number"))),
-    }
-}
-
-/// The daemon request for an OpenAI request body; also whether to stream, and whether the
-/// stream ends with a usage chunk.
-fn parse_completion(context: &Context, body: &[u8], chat: bool) -> Result<(RunRequest, bool, bool)> {
-    let body: Value = serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
-    let name = body.get("model").and_then(Value::as_str).ok_or_else(|| bad("`model` is required"))?;
-    let model = resolve_model(context, name)?;
-    let stop = match body.get("stop") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|item| item.as_str().map(str::to_string).ok_or_else(|| bad("`stop` must hold strings")))
-            .collect::<Result<_>>()?,
-        Some(_) => return Err(bad("`stop` must be a string or an array of strings")),
+        None => None,
     };
-    let max_tokens = integer(&body, "max_completion_tokens")?.or(integer(&body, "max_tokens")?);
-    let sampling = Sampling {
-        max_tokens: max_tokens.map(|n| n.min(u64::from(u32::MAX)) as u32).filter(|&n| n > 0),
-        temperature: number(&body, "temperature", 0.0, 100.0)?,
-        top_p: number(&body, "top_p", 0.0, 1.0)?,
-        top_k: integer(&body, "top_k")?.map(|k| k.min(u64::from(u32::MAX)) as u32),
-        min_p: number(&body, "min_p", 0.0, 1.0)?,
-        repeat_penalty: number(&body, "repeat_penalty", 0.0, 100.0)?,
-        seed: integer(&body, "seed")?,
-        stop,
-    };
-    let (prompt, messages) = if chat {
-        let messages = body.get("messages").and_then(Value::as_array).filter(|m| !m.is_empty());
-        let messages = messages.ok_or_else(|| bad("`messages` must be a non-empty array"))?;
-        (String::new(), Some(messages.clone()))
-    } else {
-        let prompt = match body.get("prompt") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
-                items[0].as_str().unwrap_or_default().to_string()
+    let instances = status.map(|status| status.instances).unwrap_or_default();
+    let default = choose_model(context, config, None, Purpose::Generate).ok().map(|spec| spec.name);
+    let mut data = Vec::new();
+    let mut listed = Vec::new();
+    for name in known_names(context, config) {
+        let Ok(spec) = resolve_model(context, config, &name) else {
+            continue;
+        };
+        let loaded = instances.iter().any(|i| i.name == name && i.state == "ready");
+        let context_length = spec.load.ctx_size.map(u64::from).or_else(|| {
+            if spec.remote.is_some() {
+                return None;
             }
-            _ => return Err(bad("`prompt` must be a string")),
-        };
-        (prompt, None)
-    };
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
-    let run =
-        RunRequest { model, mode: if chat { Mode::Chat } else { Mode::Raw }, prompt, system: None, sampling, messages };
-    Ok((run, stream, include_usage))
-}
-
-/// Writes one chunk of a chunked HTTP body and flushes it.
-fn chunk(writer: &mut dyn Write, data: &str) -> io::Result<()> {
-    write!(writer, "{:x}\r\n{data}\r\n", data.len())?;
-    writer.flush()
-}
-
-fn generate(
-    served: &Served,
-    request: tiny_http::Request,
-    run: RunRequest,
-    chat: bool,
-    stream: bool,
-    include_usage: bool,
-) {
-    let model_name = run.model.name.clone();
-    let id = format!("{}-{:x}", if chat { "chatcmpl" } else { "cmpl" }, nanos());
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let mut connection = match served.context.connect_for(&run.model) {
-        Ok(mut connection) => {
-            let _ = connection.set_reply_timeout(Some(served.context.generation_timeout()));
-            connection
-        }
-        Err(error) => return respond_error(request, error.kind(), &error.to_string(), None, false),
-    };
-    if let Err(error) = connection.send(&Request::Run(run)) {
-        return respond_error(request, error.kind(), &error.to_string(), None, false);
-    }
-    // Wait for the first token (or the failure) before choosing the HTTP status.
-    let first = loop {
-        match connection.recv() {
-            Ok(Response::Loading { .. }) | Ok(Response::Queued { .. }) => continue,
-            Ok(response) => break response,
-            Err(error) => return respond_error(request, error.kind(), &error.to_string(), None, false),
-        }
-    };
-    if let Response::Error { kind, message, retry_after_ms, per_model } = first {
-        return respond_error(request, kind, &message, retry_after_ms, per_model);
-    }
-    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
-    let event = |delta: Option<&str>, finish: Option<&str>| -> String {
-        let choice = if chat {
-            let delta = match delta {
-                Some(text) => json!({"role": "assistant", "content": text}),
-                None => json!({}),
-            };
-            json!({"index": 0, "delta": delta, "finish_reason": finish})
-        } else {
-            json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish})
-        };
-        let payload = json!({"id": id, "object": object, "created": created, "model": model_name, "choices": [choice]});
-        format!("data: {payload}\n\n")
-    };
-
-    if !stream {
-        let mut text = String::new();
-        let mut next = first;
-        let done = loop {
-            match next {
-                Response::Token { text: piece } => text.push_str(&piece),
-                Response::Done(done) => break done,
-                Response::Error { kind, message, retry_after_ms, per_model } => {
-                    return respond_error(request, kind, &message, retry_after_ms, per_model)
-                }
-                _ => {}
-            }
-            next = match connection.recv() {
-                Ok(response) => response,
-                Err(error) => return respond_error(request, error.kind(), &error.to_string(), None, false),
-            };
-        };
-        let choice = if chat {
-            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": done.finish_reason})
-        } else {
-            json!({"index": 0, "text": text, "finish_reason": done.finish_reason})
-        };
-        let body = json!({
-            "id": id, "object": if chat { "chat.completion" } else { "text_completion" }, "created": created,
-            "model": model_name, "choices": [choice], "usage": usage(&done),
+            crate::gguf::inspect(&spec.path).ok().and_then(|info| info.context_length)
         });
-        return respond(request, 200, "application/json", body.to_string(), &[]);
-    }
-
-    let mut writer = request.into_writer();
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-                Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
-    if writer.write_all(head.as_bytes()).is_err() {
-        return;
-    }
-    let mut next = first;
-    loop {
-        let written = match &next {
-            Response::Token { text } => chunk(&mut writer, &event(Some(text), None)),
-            Response::Done(done) => {
-                let mut tail = event(None, Some(&done.finish_reason));
-                if include_usage {
-                    let payload = json!({"id": id, "object": object, "created": created, "model": model_name, "choices": [], "usage": usage(done)});
-                    tail += &format!("data: {payload}\n\n");
-                }
-                tail += "data: [DONE]\n\n";
-                let _ = chunk(&mut writer, &tail)
-                    .and_then(|()| writer.write_all(b"0\r\n\r\n"))
-                    .and_then(|()| writer.flush());
-                return;
-            }
-            Response::Error { kind, message, .. } => {
-                let payload = error_body(*kind, message);
-                let _ = chunk(&mut writer, &format!("data: {payload}\n\n"))
-                    .and_then(|()| writer.write_all(b"0\r\n\r\n"))
-                    .and_then(|()| writer.flush());
-                return;
-            }
-            _ => Ok(()),
+        let kind = match (spec.remote.is_some(), spec.load.embeddings, spec.load.reranking) {
+            (true, _, _) => "remote",
+            (_, true, _) => "embeddings",
+            (_, _, true) => "reranking",
+            _ => "chat",
         };
-        // The HTTP client went away: dropping the daemon connection cancels the generation.
-        if written.is_err() {
-            return;
+        data.push(json!({
+            "id": name, "object": "model", "created": 0, "owned_by": "llmctl",
+            "context_length": context_length, "kind": kind, "loaded": loaded,
+            "default": default.as_deref() == Some(name.as_str()),
+        }));
+        listed.push(name);
+    }
+    // Models loaded by path rather than by a name above.
+    for instance in &instances {
+        if !listed.contains(&instance.name) {
+            listed.push(instance.name.clone());
+            data.push(json!({
+                "id": instance.name, "object": "model", "created": 0, "owned_by": "llmctl",
+                "context_length": instance.ctx_size, "kind": "chat", "loaded": instance.state == "ready",
+                "default": false,
+            }));
         }
-        next = match connection.recv() {
-            Ok(response) => response,
-            Err(_) => return,
-        };
+    }
+    Ok(json!({"object": "list", "data": data}))
+}
+
+fn metrics(context: &Context) -> Result<String> {
+    let mut connection = client::connect(context)?;
+    match connection.call(&protocol::Request::Metrics)? {
+        Response::Metrics { text } => Ok(text),
+        _ => Err(Error::internal("the daemon answered metrics with something else")),
     }
 }
 
-fn usage(done: &Done) -> Value {
-    json!({
-        "prompt_tokens": done.usage.prompt_tokens,
-        "completion_tokens": done.usage.completion_tokens,
-        "total_tokens": done.usage.prompt_tokens + done.usage.completion_tokens,
-    })
+/// In-flight requests whose HTTP client is checked for having left: when it has, the
+/// daemon connection is shut down, which wakes the blocked handler and cancels the request
+/// in the daemon.
+struct Watch {
+    watched: Arc<Mutex<HashMap<u64, (TcpStream, UnixStream)>>>,
+    next: AtomicU64,
 }
 
-fn nanos() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+/// Stops watching when dropped.
+struct Watched<'a> {
+    watch: &'a Watch,
+    id: u64,
+}
+
+impl Watch {
+    fn start() -> Result<Watch> {
+        let watched: Arc<Mutex<HashMap<u64, (TcpStream, UnixStream)>>> = Arc::default();
+        let shared = Arc::clone(&watched);
+        std::thread::Builder::new()
+            .name("http-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(WATCH_EVERY);
+                for (http, daemon) in shared.lock().values() {
+                    if crate::sys::peer_closed(http) {
+                        let _ = daemon.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            })
+            .map_err(|e| Error::io("cannot start the watcher thread", e))?;
+        Ok(Watch { watched, next: AtomicU64::new(0) })
+    }
+
+    fn add(&self, http: TcpStream, daemon: UnixStream) -> Watched<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.watched.lock().insert(id, (http, daemon));
+        Watched { watch: self, id }
+    }
+}
+
+impl Drop for Watched<'_> {
+    fn drop(&mut self) {
+        self.watch.watched.lock().remove(&self.id);
+    }
 }
 
 #[cfg(test)]
@@ -460,5 +586,32 @@ mod tests {
         for wrong in [&b""[..], b"s3cre", b"s3cret!", b"S3cret"] {
             assert!(!same_secret(wrong, b"s3cret"));
         }
+    }
+
+    #[test]
+    fn local_origins_are_allowed_by_default() {
+        for allowed in ["http://localhost:3000", "http://127.0.0.1", "https://[::1]:8443", "http://LOCALHOST:80"] {
+            assert!(origin_allowed(allowed, None), "{allowed}");
+        }
+        for refused in [
+            "http://evil.example",
+            "http://localhost.evil.example",
+            "http://127.0.0.1.evil.example:80",
+            "http://localhost:80/x",
+            "null",
+            "file://",
+            "http://localhost:99999",
+        ] {
+            assert!(!origin_allowed(refused, None), "{refused}");
+        }
+        let list = vec!["https://app.example".to_string()];
+        assert!(origin_allowed("https://app.example", Some(&list)));
+        assert!(!origin_allowed("http://localhost:3000", Some(&list)));
+        assert!(origin_allowed("http://anything", Some(&["*".to_string()])));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Fb+c%zz%4"), "a/b c%zz%4");
     }
 }

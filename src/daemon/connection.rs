@@ -16,12 +16,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::RecvTimeoutError;
 
+use crate::backend::forward::Part;
 use crate::backend::llama::GenerateError;
+use crate::backend::unix::Cancel;
 use crate::error::{Error, ErrorKind, Result};
 use crate::gguf::{self, ModelInfo};
 use crate::instance::{key_of, Ended, FileStamp, Handle, Job, JobEvent, Lease, Message, Phase, Pin, Unload};
 use crate::model::ModelSpec;
-use crate::protocol::{self, DaemonStatus, QueueStatus, Request, Response, RunRequest, StatusReport, VERSION};
+use crate::protocol::{
+    self, DaemonStatus, ForwardRequest, QueueStatus, Request, Response, RunRequest, StatusReport, VERSION,
+};
 use crate::sys;
 
 use super::{scheduler, Shared, ShutdownRequest};
@@ -173,13 +177,18 @@ fn read_request(reader: &mut BufReader<UnixStream>, writer: &mut Writer) -> Resu
     }
     send_final(writer, &Response::Hello { version: VERSION, pid: std::process::id() })
         .map_err(|e| Error::io("cannot answer the handshake", e))?;
-    let request = match protocol::read_message(reader, &mut line) {
+    let mut request = match protocol::read_message(reader, &mut line) {
         Ok(Some(Request::Hello { .. })) => return Err(bad("a second hello".into())),
         Ok(Some(request)) => request,
         Ok(None) => return Ok(None),
         Err(error) => return Err(bad(error.to_string())),
     };
-    let size = line.len();
+    let mut size = line.len();
+    if let Request::Forward(forward) = &mut request {
+        protocol::read_payload(reader, forward.body_len, protocol::MAX_BODY, &mut forward.body)
+            .map_err(|error| bad(format!("the forwarded body: {error}")))?;
+        size += forward.body_len;
+    }
     let _ = reader.get_ref().set_read_timeout(None);
     Ok(Some((request, size)))
 }
@@ -197,6 +206,7 @@ fn handle(shared: &Arc<Shared>, request: Request, writer: &mut Writer) -> Result
     match request {
         Request::Hello { .. } => unreachable!("handled by the handshake"),
         Request::Run(run_request) => run(shared, run_request, writer),
+        Request::Forward(forward_request) => forward(shared, forward_request, writer),
         Request::Status => reply(writer, &Response::Status(status(shared))),
         Request::Warm { model, ttl_s } => {
             let instance = warm(shared, &model, writer)?;
@@ -302,7 +312,7 @@ fn acquire(
     let deadline = Instant::now() + shared.settings.queue_timeout;
     loop {
         match replies.recv_timeout(CLIENT_CHECK.min(deadline.saturating_duration_since(Instant::now()))) {
-            Ok(JobEvent::Granted(lease)) => return Ok(lease),
+            Ok(JobEvent::Granted(lease)) => return Ok(*lease),
             Ok(JobEvent::Failed(error)) => return Err(error),
             Ok(JobEvent::Loading) => (progress.on_loading)(),
             Ok(JobEvent::Queued(position)) => (progress.on_queued)(position),
@@ -332,11 +342,37 @@ fn acquire(
 }
 
 fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result<()> {
-    let request_started = Instant::now();
-    let (instance, mut file) = instance_for(shared, &request.model)?;
+    let started = Instant::now();
+    on_lease(shared, &request.model, writer, |lease, writer| {
+        // A fault hook for the test suite: a handler that panics while it holds a slot.
+        #[cfg(feature = "testing")]
+        if request.prompt == "__llmctl_test_panic__" {
+            panic!("fault injected by the test suite");
+        }
+        stream(shared, lease, &request, started, writer)
+    })
+}
+
+/// An HTTP request from `serve`: passed to the model's server unchanged, the answer relayed
+/// byte for byte. Admission, the budget and accounting are those of `run`.
+fn forward(shared: &Arc<Shared>, request: ForwardRequest, writer: &mut Writer) -> Result<()> {
+    let started = Instant::now();
+    on_lease(shared, &request.model, writer, |lease, writer| relay(shared, lease, &request, started, writer))
+}
+
+/// Admits a request for `spec`, waits for a slot (telling the client about loading and
+/// queueing), and runs `work` on the lease; for a remote model, a server that fails before
+/// answering is left out and `work` runs again on another.
+fn on_lease(
+    shared: &Arc<Shared>,
+    spec: &ModelSpec,
+    writer: &mut Writer,
+    mut work: impl FnMut(Lease, &mut Writer) -> std::result::Result<(), Retry>,
+) -> Result<()> {
+    let (instance, mut file) = instance_for(shared, spec)?;
     let place = shared.admission.enter().inspect_err(|_| instance.note_rejected())?;
     let client_socket = writer.get_ref().try_clone().map_err(|e| Error::io("cannot watch the client", e))?;
-    let model = request.model.name.clone();
+    let model = spec.name.clone();
     let mut place = Some(place);
     let mut attempt = 0;
     loop {
@@ -346,7 +382,7 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
         let lease = acquire(
             shared,
             &instance,
-            &request.model,
+            spec,
             file.take(),
             Progress {
                 on_loading: &mut || {
@@ -359,18 +395,11 @@ fn run(shared: &Arc<Shared>, request: RunRequest, writer: &mut Writer) -> Result
             },
         )?;
         drop(place.take());
-        // A fault hook for the test suite: a handler that panics while it holds a slot.
-        #[cfg(feature = "testing")]
-        if request.prompt == "__llmctl_test_panic__" {
-            panic!("fault injected by the test suite");
-        }
-        match stream(shared, lease, &request, request_started, writer) {
-            // A remote server that failed before it sent anything is left out for a while;
-            // the request goes to another one (each server gets one try).
+        match work(lease, writer) {
             Err(Retry::OtherReplica) if attempt < MAX_REPLICA_TRIES => continue,
             Err(Retry::OtherReplica) => {
                 return Err(Error::RemoteDown {
-                    message: format!("every server for {} failed; they are retried with backoff", request.model.name),
+                    message: format!("every server for {} failed; they are retried with backoff", spec.name),
                 })
             }
             Err(Retry::No(error)) => return Err(error),
@@ -441,6 +470,73 @@ fn stream(
     };
     lease.report.outcome = Some(outcome.kind().name().to_string());
     Err(Retry::No(outcome))
+}
+
+/// Relays one forwarded request on `lease`: the answer's head, then its bytes as they come.
+fn relay(
+    shared: &Shared,
+    mut lease: Lease,
+    request: &ForwardRequest,
+    started: Instant,
+    writer: &mut Writer,
+) -> std::result::Result<(), Retry> {
+    let client_socket = match writer.get_ref().try_clone() {
+        Ok(socket) => socket,
+        Err(error) => return Err(Retry::No(Error::io("cannot watch the client", error))),
+    };
+    let cancel: Cancel = Arc::new(move || sys::peer_closed(&client_socket));
+    let generation = &lease.generation;
+    let report = &mut lease.report;
+    let mut status = 0;
+    let result = lease.client.forward(request, Some(cancel), |part| {
+        if generation.is_stopped() {
+            return Err(std::io::Error::other("the instance was stopped"));
+        }
+        match part {
+            Part::Head { status: code, content_type, content_length } => {
+                status = code;
+                let head =
+                    Response::Head { status: code, content_type: content_type.map(str::to_string), content_length };
+                protocol::write_message(writer, &head)?;
+            }
+            Part::Bytes(bytes) => {
+                if report.first_token.is_none() {
+                    report.first_token = Some(started.elapsed());
+                }
+                protocol::write_bytes(writer, bytes)?;
+            }
+        }
+        writer.flush()
+    });
+    let error = match result {
+        Ok(done) => {
+            lease.report.usage = done.usage;
+            lease.report.outcome = Some(match status {
+                400..=499 => ErrorKind::Data.name().to_string(),
+                500.. => ErrorKind::Backend.name().to_string(),
+                _ => "ok".to_string(),
+            });
+            lease.release();
+            let _ = send_final(writer, &Response::Done(done));
+            return Ok(());
+        }
+        Err(GenerateError::Cancelled) if lease.generation.is_stopped() => {
+            generation_failed(shared, &mut lease, &request.model, GenerateError::Broken("stopped".into()))
+        }
+        Err(GenerateError::Cancelled) => {
+            log::debug!("client of {} went away; forwarded request cancelled", request.model.name);
+            lease.report.outcome = Some("cancelled".into());
+            return Ok(());
+        }
+        Err(GenerateError::Broken(message)) if lease.replica.is_some() && status == 0 => {
+            log::warn!("the server {} for {} failed: {message}", lease.client.base_url(), request.model.name);
+            lease.report.replica_failed = true;
+            return Err(Retry::OtherReplica);
+        }
+        Err(error) => generation_failed(shared, &mut lease, &request.model, error),
+    };
+    lease.report.outcome = Some(error.kind().name().to_string());
+    Err(Retry::No(error))
 }
 
 /// Classifies a failed generation by what happened to the lease's own child or server.

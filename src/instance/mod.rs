@@ -83,7 +83,7 @@ pub enum JobEvent {
     Loading,
     /// The request waits for a slot at this place (1 = next).
     Queued(usize),
-    Granted(Lease),
+    Granted(Box<Lease>),
     Failed(Error),
 }
 

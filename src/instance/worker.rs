@@ -492,7 +492,7 @@ impl Worker {
     fn spawn_child(&mut self, generation: u64) -> Result<Loading, Error> {
         let binary = (self.services.llama_server)().map_err(|searched| Error::NoLlamaServer { searched })?;
         let listen = self.listen(generation)?;
-        let mut command = llama::command(&binary, &self.spec, &listen);
+        let mut command = llama::command(&binary, &self.spec, &self.info, &listen);
         let log_path = self.services.log_dir.join(super::log_file_name(&self.spec));
         let (inbox, listening_inbox) = (self.inbox.clone(), self.inbox.clone());
         let on_listening = move || {
@@ -646,7 +646,7 @@ impl Worker {
         };
         // A client that left meanwhile drops the lease with the channel; its drop gives
         // the slot back.
-        let _ = job.events.send(JobEvent::Granted(lease));
+        let _ = job.events.send(JobEvent::Granted(Box::new(lease)));
         None
     }
 

@@ -49,6 +49,12 @@ fn main() {
         native_vs_portable(reps, &demo, gemma_model().as_ref());
         return;
     }
+    // `BENCH_ONLY=serve` runs only the comparison of `llmctl serve` with llama-server.
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("serve") {
+        println!("machine: {}, {} CPUs; {} repetitions, medians\n", cpu_model(), cpus(), reps);
+        serve_vs_direct_and_router(&Bench::new(&server), &server, &demo, reps);
+        return;
+    }
     println!("## llmctl benchmark\n");
     println!("machine: {}, {} CPUs; {} repetitions, medians\n", cpu_model(), cpus(), reps);
     let env = Bench::new(&server);
@@ -336,67 +342,8 @@ fn main() {
     }
     println!();
 
-    // 8. Through `llmctl serve` (OpenAI API over HTTP) vs llama-server directly vs router mode.
-    {
-        // The cold-start runs above restarted the instance: ask where it listens again.
-        env.llmctl(&["warm", demo.to_str().unwrap()]);
-        let target = env.instance_target();
-        let serve_port = free_port();
-        let mut serve = env
-            .command(&["serve", "--listen", &format!("127.0.0.1:{serve_port}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        while std::net::TcpStream::connect(("127.0.0.1", serve_port)).is_err() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let router = Router::start(&server, router_dir.path(), 1);
-        let demo_name = demo.to_str().unwrap();
-        let body = |model: Option<&str>, openai: bool| {
-            let mut body = if openai {
-                serde_json::json!({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": true})
-            } else {
-                serde_json::json!({"prompt": prompt, "n_predict": tokens, "temperature": 0, "stream": true})
-            };
-            if let Some(model) = model {
-                body["model"] = serde_json::Value::from(model);
-            }
-            body
-        };
-        sse_stream(&format!("http://127.0.0.1:{}/completion", router.port), &body(Some("smol"), false));
-        let (mut via_serve, mut direct, mut via_router) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..reps {
-            via_serve.push(sse_stream(
-                &format!("http://127.0.0.1:{serve_port}/v1/completions"),
-                &body(Some(demo_name), true),
-            ));
-            direct.push(target_stream(&target, "/completion", &body(None, false)));
-            via_router
-                .push(sse_stream(&format!("http://127.0.0.1:{}/completion", router.port), &body(Some("smol"), false)));
-        }
-        let _ = Command::new("kill").args(["-INT", &serve.id().to_string()]).status();
-        let _ = serve.wait();
-        println!("### Streaming through `llmctl serve`, SmolLM2, {tokens} tokens, warm, back to back\n");
-        println!("| path | time to first token | generation tokens/s | tokens/s vs direct |");
-        println!("|---|---|---|---|");
-        let (direct_ttft, direct_total) = medians(&direct);
-        let direct_rate = tokens as f64 / (direct_total - direct_ttft).as_secs_f64();
-        for (name, samples) in [
-            ("llama-server directly", &direct),
-            ("llama-server router mode", &via_router),
-            ("`llmctl serve`, `/v1/completions`", &via_serve),
-        ] {
-            let (ttft, total) = medians(samples);
-            let rate = tokens as f64 / (total - ttft).as_secs_f64();
-            println!("| {name} | {} | {rate:.1} | {:.3} |", ms(ttft), rate / direct_rate);
-        }
-        let serve_ttft = medians(&via_serve).0;
-        println!(
-            "\nadded time to first token through serve: **{:+.2} ms**\n",
-            (serve_ttft.as_secs_f64() - direct_ttft.as_secs_f64()) * 1000.0
-        );
-    }
+    // 8. Through `llmctl serve` vs llama-server directly vs router mode.
+    serve_vs_direct_and_router(&env, &server, &demo, reps);
 
     // 6. Footprint.
     let idle = Bench::new(&server);
@@ -526,7 +473,7 @@ fn target_stream(target: &Target, path: &str, body: &serde_json::Value) -> (Dura
         Target::Socket(socket) => {
             let agent = ureq::Agent::with_parts(
                 ureq::Agent::config_builder().build(),
-                llmctl::backend::unix::UnixConnector { path: socket.clone() },
+                llmctl::backend::unix::UnixConnector { path: socket.clone(), cancel: None },
                 ureq::unversioned::resolver::DefaultResolver::default(),
             );
             stream_with(&agent, &format!("http://localhost{path}"), body)
@@ -872,4 +819,68 @@ fn cpu_model() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Section 8: streaming through `llmctl serve` (requests forwarded to the child) vs
+/// llama-server directly vs its router mode, warm, back to back.
+fn serve_vs_direct_and_router(env: &Bench, server: &Path, demo: &Path, reps: usize) {
+    let tokens = 128;
+    let prompt = "1, 2, 3, 4, 5, 6,";
+    let router_dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(demo, router_dir.path().join("smol.gguf")).unwrap();
+    env.llmctl(&["warm", demo.to_str().unwrap()]);
+    let target = env.instance_target();
+    let serve_port = free_port();
+    let mut serve = env
+        .command(&["serve", "--listen", &format!("127.0.0.1:{serve_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(("127.0.0.1", serve_port)).is_err() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let router = Router::start(server, router_dir.path(), 1);
+    let demo_name = demo.to_str().unwrap();
+    let body = |model: Option<&str>, openai: bool| {
+        let mut body = if openai {
+            serde_json::json!({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": true})
+        } else {
+            serde_json::json!({"prompt": prompt, "n_predict": tokens, "temperature": 0, "stream": true})
+        };
+        if let Some(model) = model {
+            body["model"] = serde_json::Value::from(model);
+        }
+        body
+    };
+    sse_stream(&format!("http://127.0.0.1:{}/completion", router.port), &body(Some("smol"), false));
+    let (mut via_serve, mut direct, mut via_router) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        // The same request to all three: serve forwards it to the child unchanged.
+        via_serve.push(sse_stream(&format!("http://127.0.0.1:{serve_port}/completion"), &body(Some(demo_name), false)));
+        direct.push(target_stream(&target, "/completion", &body(None, false)));
+        via_router
+            .push(sse_stream(&format!("http://127.0.0.1:{}/completion", router.port), &body(Some("smol"), false)));
+    }
+    let _ = Command::new("kill").args(["-INT", &serve.id().to_string()]).status();
+    let _ = serve.wait();
+    println!("### Streaming through `llmctl serve`, SmolLM2, {tokens} tokens, warm, back to back\n");
+    println!("| path | time to first token | generation tokens/s | tokens/s vs direct |");
+    println!("|---|---|---|---|");
+    let (direct_ttft, direct_total) = medians(&direct);
+    let direct_rate = tokens as f64 / (direct_total - direct_ttft).as_secs_f64();
+    for (name, samples) in
+        [("llama-server directly", &direct), ("llama-server router mode", &via_router), ("`llmctl serve`", &via_serve)]
+    {
+        let (ttft, total) = medians(samples);
+        let rate = tokens as f64 / (total - ttft).as_secs_f64();
+        println!("| {name} | {} | {rate:.1} | {:.3} |", ms(ttft), rate / direct_rate);
+    }
+    let added =
+        |samples: &[(Duration, Duration)]| (medians(samples).0.as_secs_f64() - direct_ttft.as_secs_f64()) * 1000.0;
+    println!(
+        "\nadded time to first token: through serve **{:+.2} ms**, through router mode **{:+.2} ms**\n",
+        added(&via_serve),
+        added(&via_router)
+    );
 }

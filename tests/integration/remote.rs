@@ -233,3 +233,32 @@ fn https_servers_are_verified_against_the_configured_ca() {
     assert_exit(&output, 69);
     assert!(stderr(&output).to_lowercase().contains("certificate"), "{}", stderr(&output));
 }
+
+#[test]
+fn serve_passes_requests_to_a_remote_server_unchanged_with_its_token() {
+    let mut env = Env::real();
+    env.set("LLMCTL_TEST_REMOTE_KEY", "k3y");
+    let model = env.tiny_model("tiny.gguf");
+    let remote = External::start(&model, &["--api-key", "k3y"]);
+    env.write_config(&format!("[models.far]\nurl = \"{}\"\napi_key_env = \"LLMCTL_TEST_REMOTE_KEY\"\n", remote.url));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut serve =
+        env.command(&["serve", "--listen", &format!("127.0.0.1:{port}")]).stderr(Stdio::null()).spawn().unwrap();
+    wait_until("serve answers", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let ask = |base: &str, path: &str, body: &serde_json::Value| {
+        let mut response =
+            agent.post(format!("{base}{path}")).header("Authorization", "Bearer k3y").send(body.to_string()).unwrap();
+        (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
+    };
+    let body = serde_json::json!({"model": "far", "content": "Pipes carry bytes"});
+    let through = ask(&format!("http://127.0.0.1:{port}"), "/tokenize", &body);
+    assert_eq!(through, ask(&remote.url, "/tokenize", &body));
+    assert_eq!(through.0, 200, "{}", through.1);
+    let chat = serde_json::json!({"model": "far", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, text) = ask(&format!("http://127.0.0.1:{port}"), "/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains(&tiny_model::expected_text()), "{text}");
+    let _ = Command::new("kill").args(["-INT", &serve.id().to_string()]).status();
+    let _ = serve.wait();
+}

@@ -1,0 +1,275 @@
+//! Forwarding: an HTTP request passed to llama-server (or a remote server) as it came, and
+//! its answer handed back byte for byte as it is produced.
+//!
+//! llmctl reads only what it must from the answer, without changing it: the token counts
+//! and the finish reason, for usage accounting. Whatever the endpoint (OpenAI, Anthropic,
+//! llama-server's own), they sit in a few well-known fields of the JSON or of each SSE event.
+
+use std::io::{self, BufRead, BufReader};
+
+use serde_json::Value;
+
+use super::llama::{agent_config, classify_transport, finish_body, is_closed_connection, Client, GenerateError};
+use super::unix::{Cancel, UnixConnector};
+use crate::protocol::{Done, ForwardRequest, Usage};
+
+/// A part of the answer, as it arrives.
+pub enum Part<'a> {
+    Head { status: u16, content_type: Option<&'a str>, content_length: Option<u64> },
+    Bytes(&'a [u8]),
+}
+
+/// The longest JSON line or body searched for usage; a longer one (a large batch of
+/// embeddings) is passed on without being read.
+const MAX_SCANNED: usize = 4 << 20;
+
+impl Client {
+    /// Sends `request` and hands each part of the answer to `on_part`. When `on_part`
+    /// fails, or `cancel` says so while the answer is awaited, the connection is dropped,
+    /// which makes llama-server stop the work and free the slot.
+    pub fn forward(
+        &self,
+        request: &ForwardRequest,
+        cancel: Option<Cancel>,
+        mut on_part: impl FnMut(Part<'_>) -> io::Result<()>,
+    ) -> Result<Done, GenerateError> {
+        let response = match (&self.socket, cancel) {
+            // A connection of its own, whose reads ask `cancel`: a client that leaves while
+            // a non-streamed answer is computed frees the slot at once, not at the end.
+            (Some(path), Some(cancel)) => {
+                let agent = ureq::Agent::with_parts(
+                    agent_config(None, self.timeouts, 0),
+                    UnixConnector { path: path.clone(), cancel: Some(cancel) },
+                    ureq::unversioned::resolver::DefaultResolver::default(),
+                );
+                self.send_raw(&agent, request)
+            }
+            _ => match self.send_raw(&self.agent, request) {
+                Err(ureq::Error::Io(error)) if is_closed_connection(&error) => self.send_raw(&self.fresh, request),
+                other => other,
+            },
+        };
+        let mut response = match response {
+            Ok(response) => response,
+            Err(ureq::Error::Io(error)) if error.to_string().contains(super::unix::CANCELLED) => {
+                return Err(GenerateError::Cancelled)
+            }
+            Err(error) => return Err(classify_transport(error)),
+        };
+        let status = response.status().as_u16();
+        let header = |name: &str| response.headers().get(name).and_then(|value| value.to_str().ok());
+        let content_type = header("content-type").map(str::to_string);
+        let content_length = header("content-length").and_then(|value| value.parse().ok());
+        let head = Part::Head { status, content_type: content_type.as_deref(), content_length };
+        if on_part(head).is_err() {
+            return Err(GenerateError::Cancelled);
+        }
+        let mut scanner = Scanner::default();
+        let mut reader = BufReader::with_capacity(1 << 16, response.body_mut().as_reader());
+        loop {
+            let chunk = match reader.fill_buf() {
+                Ok([]) => break,
+                Ok(chunk) => chunk,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) if error.to_string().contains(super::unix::CANCELLED) => {
+                    return Err(GenerateError::Cancelled)
+                }
+                Err(error) => return Err(super::llama::classify_io(error)),
+            };
+            scanner.feed(chunk);
+            if on_part(Part::Bytes(chunk)).is_err() {
+                return Err(GenerateError::Cancelled);
+            }
+            let used = chunk.len();
+            reader.consume(used);
+        }
+        finish_body(&mut reader);
+        let mut done = scanner.finish();
+        if done.finish_reason.is_empty() {
+            done.finish_reason = if status < 400 { "stop".into() } else { format!("http {status}") };
+        }
+        Ok(done)
+    }
+
+    fn send_raw(
+        &self,
+        agent: &ureq::Agent,
+        request: &ForwardRequest,
+    ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let url = format!("{}{}", self.base, request.path);
+        let authorization = self.authorization.as_deref();
+        if request.method.eq_ignore_ascii_case("GET") {
+            let builder = agent.get(&url);
+            return match authorization {
+                Some(value) => builder.header("Authorization", value),
+                None => builder,
+            }
+            .call();
+        }
+        let mut builder = agent.post(&url);
+        if let Some(content_type) = &request.content_type {
+            builder = builder.header("Content-Type", content_type);
+        }
+        if let Some(value) = authorization {
+            builder = builder.header("Authorization", value);
+        }
+        builder.send(&request.body[..])
+    }
+}
+
+/// Reads the usage and finish reason out of an answer: a JSON body, or SSE events.
+#[derive(Default)]
+struct Scanner {
+    line: Vec<u8>,
+    /// The current line outgrew MAX_SCANNED and is skipped to its end.
+    skipping: bool,
+    done: Done,
+}
+
+impl Scanner {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
+            self.take(&bytes[..end]);
+            self.scan_line();
+            bytes = &bytes[end + 1..];
+        }
+        self.take(bytes);
+    }
+
+    fn take(&mut self, bytes: &[u8]) {
+        if self.skipping || self.line.len() + bytes.len() > MAX_SCANNED {
+            self.skipping = true;
+            self.line.clear();
+        } else {
+            self.line.extend_from_slice(bytes);
+        }
+    }
+
+    fn scan_line(&mut self) {
+        let line = std::mem::take(&mut self.line);
+        self.skipping = false;
+        let payload = line.strip_prefix(b"data:").unwrap_or(&line);
+        let payload = payload.trim_ascii();
+        // Only events that can carry counts or an ending are parsed; tokens are not.
+        let interesting = ["usage", "timings", "tokens_predicted", "finish_reason", "stop_reason"]
+            .iter()
+            .any(|key| contains(payload, key.as_bytes()));
+        if interesting && payload.first() == Some(&b'{') {
+            if let Ok(value) = serde_json::from_slice::<Value>(payload) {
+                read_counts(&value, &mut self.done);
+            }
+        }
+        self.line = line;
+        self.line.clear();
+    }
+
+    fn finish(mut self) -> Done {
+        if !self.line.is_empty() && !self.skipping {
+            self.scan_line();
+        }
+        self.done
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
+}
+
+/// Token counts and the finish reason, wherever the endpoint puts them: OpenAI's `usage`
+/// (`prompt_tokens`, `completion_tokens`), Anthropic's and the Responses API's
+/// (`input_tokens`, `output_tokens`, also inside `message` or `response`), llama-server's
+/// `timings` and `/completion` fields.
+fn read_counts(value: &Value, done: &mut Done) {
+    let count = |value: &Value, key: &str| value.get(key).and_then(Value::as_u64);
+    let mut found = Usage::default();
+    for holder in
+        [value.get("usage"), value.pointer("/message/usage"), value.pointer("/response/usage")].into_iter().flatten()
+    {
+        if let Some(n) = count(holder, "prompt_tokens").or(count(holder, "input_tokens")) {
+            found.prompt_tokens = n;
+        }
+        if let Some(n) = count(holder, "completion_tokens").or(count(holder, "output_tokens")) {
+            found.completion_tokens = n;
+        }
+    }
+    if let Some(n) = count(value, "tokens_evaluated") {
+        found.prompt_tokens = n;
+    }
+    if let Some(n) = count(value, "tokens_predicted") {
+        found.completion_tokens = n;
+    }
+    if let Some(timings) = value.get("timings") {
+        done.timings = Some(timings.clone());
+        if found.prompt_tokens == 0 {
+            found.prompt_tokens = count(timings, "prompt_n").unwrap_or(0);
+        }
+        if found.completion_tokens == 0 {
+            found.completion_tokens = count(timings, "predicted_n").unwrap_or(0);
+        }
+    }
+    // Counts only grow over a stream (Anthropic sends input and output in two events).
+    done.usage.prompt_tokens = done.usage.prompt_tokens.max(found.prompt_tokens);
+    done.usage.completion_tokens = done.usage.completion_tokens.max(found.completion_tokens);
+    let reason = value
+        .pointer("/choices/0/finish_reason")
+        .or_else(|| value.get("stop_reason"))
+        .or_else(|| value.pointer("/delta/stop_reason"))
+        .or_else(|| value.get("stop_type"))
+        .and_then(Value::as_str);
+    if let Some(reason) = reason {
+        done.finish_reason = reason.to_string();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(parts: &[&str]) -> Done {
+        let mut scanner = Scanner::default();
+        for part in parts {
+            scanner.feed(part.as_bytes());
+        }
+        scanner.finish()
+    }
+
+    #[test]
+    fn counts_from_openai_streams_split_anywhere() {
+        let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}]}\n\n\
+                      data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\n\
+                      data: [DONE]\n\n";
+        for split in 0..stream.len() {
+            let done = scan(&[&stream[..split], &stream[split..]]);
+            assert_eq!(done.usage, Usage { prompt_tokens: 7, completion_tokens: 3 }, "split at {split}");
+            assert_eq!(done.finish_reason, "length");
+        }
+    }
+
+    #[test]
+    fn counts_from_other_endpoints() {
+        let anthropic = scan(&[
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":12,\"output_tokens\":0}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":5}}\n\n",
+        ]);
+        assert_eq!(anthropic.usage, Usage { prompt_tokens: 12, completion_tokens: 5 });
+        assert_eq!(anthropic.finish_reason, "end_turn");
+        let native =
+            scan(&["{\"content\":\"x\",\"tokens_evaluated\":4,\"tokens_predicted\":2,\"stop_type\":\"limit\"}"]);
+        assert_eq!(native.usage, Usage { prompt_tokens: 4, completion_tokens: 2 });
+        let embeddings = scan(&["{\"data\":[],\"usage\":{\"prompt_tokens\":9,\"total_tokens\":9}}"]);
+        assert_eq!(embeddings.usage.prompt_tokens, 9);
+        let timings = scan(&["data: {\"timings\":{\"prompt_n\":3,\"predicted_n\":8}}\n"]);
+        assert_eq!(timings.usage, Usage { prompt_tokens: 3, completion_tokens: 8 });
+    }
+
+    #[test]
+    fn huge_lines_are_skipped_not_held() {
+        let mut scanner = Scanner::default();
+        let big = vec![b'1'; MAX_SCANNED / 2 + 1];
+        scanner.feed(&big);
+        scanner.feed(&big);
+        assert!(scanner.line.is_empty());
+        scanner.feed(b"\n{\"usage\":{\"prompt_tokens\":2}}\n");
+        assert_eq!(scanner.finish().usage.prompt_tokens, 2);
+    }
+}

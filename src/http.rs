@@ -1,0 +1,685 @@
+//! The HTTP/1.1 server under `llmctl serve`: a bounded pool of threads, strict limits, and
+//! nothing a client sends that can stop the process or grow it without bound.
+//!
+//! Requests are parsed by `httparse` (the parser under hyper), which works on a buffer the
+//! server owns and never allocates for what it reads. Everything else is here and small:
+//!
+//! - the request head is at most [`Limits::max_head`] bytes (431), read within
+//!   [`Limits::head_timeout`] of its first byte (408);
+//! - the body is at most [`Limits::max_body`] bytes (413), `Content-Length` or chunked, read
+//!   within [`Limits::body_timeout`] (408); all bodies held at once are at most
+//!   [`Limits::max_bodies`] bytes (503 with `Retry-After` beyond);
+//! - [`Limits::workers`] threads serve connections; when all are busy and the backlog is
+//!   full, a new connection gets 503 with `Retry-After` at once;
+//! - connections are kept alive between requests, and closed after
+//!   [`Limits::idle_timeout`] without one;
+//! - a client that stops reading an answer is dropped after [`Limits::write_timeout`].
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The limits a server enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_head: usize,
+    pub max_headers: usize,
+    pub max_body: usize,
+    pub max_bodies: usize,
+    pub head_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub workers: usize,
+    /// Accepted connections that may wait for a worker.
+    pub backlog: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_head: 16 << 10,
+            max_headers: 64,
+            max_body: crate::protocol::MAX_BODY,
+            max_bodies: 256 << 20,
+            head_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(30),
+            workers: 128,
+            backlog: 64,
+        }
+    }
+}
+
+/// One parsed request with its whole body.
+#[derive(Debug)]
+pub struct Request {
+    pub method: String,
+    /// The path and query as sent.
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// The first header of this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
+    }
+
+    /// The path without the query.
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+
+    /// A query parameter's raw value.
+    pub fn query(&self, name: &str) -> Option<&str> {
+        let query = self.target.split_once('?')?.1;
+        query.split('&').find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+    }
+}
+
+/// What answers each request.
+pub type Handler = Arc<dyn Fn(Request, &mut Exchange) + Send + Sync>;
+
+/// Serves connections from `listener` with `handler` until `stopping` is set and the
+/// listener is shut down.
+pub fn serve(listener: TcpListener, limits: Limits, handler: Handler, stopping: &AtomicBool) -> io::Result<()> {
+    let limits = Arc::new(limits);
+    let held = Arc::new(AtomicUsize::new(0));
+    let (queue, connections) = crossbeam_channel::bounded::<TcpStream>(limits.backlog);
+    for index in 0..limits.workers {
+        let connections = connections.clone();
+        let limits = Arc::clone(&limits);
+        let handler = Arc::clone(&handler);
+        let held = Arc::clone(&held);
+        std::thread::Builder::new().name(format!("http-{index}")).spawn(move || {
+            for stream in connections {
+                Connection::new(stream, &limits, &held).serve(&*handler);
+            }
+        })?;
+    }
+    for stream in listener.incoming() {
+        if stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(stream) = stream else {
+            continue;
+        };
+        if let Err(crossbeam_channel::TrySendError::Full(mut stream)) = queue.try_send(stream) {
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let body =
+                br#"{"error":{"message":"every worker is busy; retry shortly","type":"server_error","code":"busy"}}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .and_then(|()| stream.write_all(body));
+        }
+    }
+    Ok(())
+}
+
+/// Why a request could not be read: the status to answer with, or none to close quietly.
+struct Refusal {
+    status: Option<u16>,
+    message: &'static str,
+}
+
+impl Refusal {
+    fn quiet() -> Refusal {
+        Refusal { status: None, message: "" }
+    }
+
+    fn with(status: u16, message: &'static str) -> Refusal {
+        Refusal { status: Some(status), message }
+    }
+}
+
+struct Connection<'a> {
+    stream: TcpStream,
+    limits: &'a Limits,
+    /// Bytes of bodies all connections hold now.
+    held: &'a AtomicUsize,
+    /// This connection's share of `held`.
+    holding: usize,
+    /// Bytes read past the end of the last request (a pipelined next one).
+    buffer: Vec<u8>,
+}
+
+impl<'a> Connection<'a> {
+    fn new(stream: TcpStream, limits: &'a Limits, held: &'a AtomicUsize) -> Connection<'a> {
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_write_timeout(Some(limits.write_timeout));
+        Connection { stream, limits, held, holding: 0, buffer: Vec::new() }
+    }
+
+    /// Takes `bytes` more of the shared body budget, or refuses with 503.
+    fn hold(&mut self, bytes: usize) -> Result<(), Refusal> {
+        let before = self.held.fetch_add(bytes, Ordering::SeqCst);
+        self.holding += bytes;
+        if before.saturating_add(bytes) > self.limits.max_bodies {
+            return Err(Refusal::with(503, "the server holds too many request bodies; retry shortly"));
+        }
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        self.held.fetch_sub(std::mem::take(&mut self.holding), Ordering::SeqCst);
+    }
+
+    fn serve(mut self, handler: &(dyn Fn(Request, &mut Exchange) + Send + Sync)) {
+        loop {
+            let read = self.read_request();
+            let (request, keep_alive) = match read {
+                Ok(read) => read,
+                Err(refusal) => {
+                    self.release();
+                    if let Some(status) = refusal.status {
+                        let mut exchange = Exchange::new(&self.stream, false, false);
+                        let retry: &[(&str, &str)] = if status == 503 { &[("Retry-After", "1")] } else { &[] };
+                        exchange.error(status, refusal.message, retry);
+                    }
+                    break;
+                }
+            };
+            let mut exchange = Exchange::new(&self.stream, keep_alive, true);
+            handler(request, &mut exchange);
+            let go_on = exchange.finished() && exchange.keep_alive;
+            self.release();
+            if !go_on {
+                break;
+            }
+        }
+        self.release();
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Reads into the buffer until `deadline`; a timeout is `Err(TimedOut)`.
+    fn fill(&mut self, deadline: Instant) -> io::Result<usize> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut chunk = [0u8; 8192];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(n) => {
+                    self.buffer.extend_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(io::ErrorKind::TimedOut.into())
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    fn read_request(&mut self) -> Result<(Request, bool), Refusal> {
+        // Between requests the connection may sit idle; once a byte of the next arrives, the
+        // whole head must follow within head_timeout.
+        let mut deadline = Instant::now() + self.limits.idle_timeout;
+        let mut started = !self.buffer.is_empty();
+        if started {
+            deadline = Instant::now() + self.limits.head_timeout;
+        }
+        let (head_len, method, target, version, headers) = loop {
+            let mut slots = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
+            let mut parsed = httparse::Request::new(&mut slots);
+            match parsed.parse(&self.buffer) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let headers: Vec<(String, String)> = parsed
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                        .collect();
+                    break (
+                        len,
+                        parsed.method.unwrap_or("").to_string(),
+                        parsed.path.unwrap_or("").to_string(),
+                        parsed.version.unwrap_or(1),
+                        headers,
+                    );
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(Refusal::with(431, "too many header fields"));
+                }
+                Err(_) => return Err(Refusal::with(400, "malformed HTTP request")),
+            }
+            if self.buffer.len() >= self.limits.max_head {
+                return Err(Refusal::with(431, "the request head is too large"));
+            }
+            match self.fill(deadline) {
+                Ok(0) => return Err(Refusal::quiet()),
+                Ok(_) if !started => {
+                    started = true;
+                    deadline = Instant::now() + self.limits.head_timeout;
+                }
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::TimedOut && started => {
+                    return Err(Refusal::with(408, "the request head took too long"));
+                }
+                Err(_) => return Err(Refusal::quiet()),
+            }
+        };
+        if head_len > self.limits.max_head {
+            return Err(Refusal::with(431, "the request head is too large"));
+        }
+        self.buffer.drain(..head_len);
+        let request = Request { method, target, headers, body: Vec::new() };
+        let connection = request.header("connection").unwrap_or("").to_ascii_lowercase();
+        let keep_alive = if version == 0 { connection.contains("keep-alive") } else { !connection.contains("close") };
+        let body = self.read_body(&request)?;
+        Ok((Request { body, ..request }, keep_alive))
+    }
+
+    fn read_body(&mut self, request: &Request) -> Result<Vec<u8>, Refusal> {
+        let chunked = request.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let length = match request.header("content-length") {
+            Some(value) => {
+                Some(value.trim().parse::<u64>().map_err(|_| Refusal::with(400, "Content-Length is not a number"))?)
+            }
+            None => None,
+        };
+        if chunked && length.is_some() {
+            return Err(Refusal::with(400, "both Content-Length and chunked encoding"));
+        }
+        if length.is_some_and(|length| length > self.limits.max_body as u64) {
+            return Err(Refusal::with(413, "the request body is too large"));
+        }
+        if let Some(length) = length {
+            self.hold(length as usize)?;
+        }
+        if (chunked || length.unwrap_or(0) > 0)
+            && request.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+        {
+            let _ = self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        let deadline = Instant::now() + self.limits.body_timeout;
+        if chunked {
+            return self.read_chunked(deadline);
+        }
+        let length = length.unwrap_or(0) as usize;
+        while self.buffer.len() < length {
+            self.fill_body(deadline)?;
+        }
+        let rest = self.buffer.split_off(length);
+        Ok(std::mem::replace(&mut self.buffer, rest))
+    }
+
+    fn fill_body(&mut self, deadline: Instant) -> Result<(), Refusal> {
+        match self.fill(deadline) {
+            Ok(0) => Err(Refusal::quiet()),
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::TimedOut => {
+                Err(Refusal::with(408, "the request body took too long"))
+            }
+            Err(_) => Err(Refusal::quiet()),
+        }
+    }
+
+    /// A chunked body, decoded; trailers are read and dropped.
+    fn read_chunked(&mut self, deadline: Instant) -> Result<Vec<u8>, Refusal> {
+        let mut body = Vec::new();
+        let mut at = 0;
+        loop {
+            // The chunk-size line.
+            let line_end = loop {
+                if let Some(end) = find_crlf(&self.buffer[at..]) {
+                    break at + end;
+                }
+                if self.buffer.len() - at > 1024 {
+                    return Err(Refusal::with(400, "malformed chunked body"));
+                }
+                self.fill_body(deadline)?;
+            };
+            let line = std::str::from_utf8(&self.buffer[at..line_end]).unwrap_or("");
+            let size = line.split(';').next().unwrap_or("").trim();
+            let size = usize::from_str_radix(size, 16).map_err(|_| Refusal::with(400, "malformed chunk size"))?;
+            if body.len().saturating_add(size) > self.limits.max_body {
+                return Err(Refusal::with(413, "the request body is too large"));
+            }
+            self.hold(size)?;
+            at = line_end + 2;
+            if size == 0 {
+                // Trailers, up to the empty line.
+                loop {
+                    let end = loop {
+                        if let Some(end) = find_crlf(&self.buffer[at..]) {
+                            break at + end;
+                        }
+                        if self.buffer.len() - at > self.limits.max_head {
+                            return Err(Refusal::with(431, "the trailers are too large"));
+                        }
+                        self.fill_body(deadline)?;
+                    };
+                    let empty = end == at;
+                    at = end + 2;
+                    if empty {
+                        self.buffer.drain(..at);
+                        return Ok(body);
+                    }
+                }
+            }
+            while self.buffer.len() < at + size + 2 {
+                self.fill_body(deadline)?;
+            }
+            body.extend_from_slice(&self.buffer[at..at + size]);
+            if &self.buffer[at + size..at + size + 2] != b"\r\n" {
+                return Err(Refusal::with(400, "malformed chunked body"));
+            }
+            at += size + 2;
+            // Keep the buffer small: what was decoded is dropped.
+            self.buffer.drain(..at);
+            at = 0;
+        }
+    }
+}
+
+fn find_crlf(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(2).position(|pair| pair == b"\r\n")
+}
+
+/// The answer to one request: written whole, or streamed in chunks.
+pub struct Exchange<'a> {
+    stream: &'a TcpStream,
+    keep_alive: bool,
+    /// Headers every answer carries (CORS).
+    pub headers: Vec<(String, String)>,
+    state: State,
+    http11: bool,
+}
+
+#[derive(PartialEq)]
+enum State {
+    Fresh,
+    /// A streamed body is being written: chunked, or delimited by the connection's close.
+    Streaming {
+        chunked: bool,
+    },
+    Finished,
+    Broken,
+}
+
+impl<'a> Exchange<'a> {
+    fn new(stream: &'a TcpStream, keep_alive: bool, http11: bool) -> Exchange<'a> {
+        Exchange { stream, keep_alive, headers: Vec::new(), state: State::Fresh, http11 }
+    }
+
+    /// True once the HTTP client has closed its end.
+    pub fn client_gone(&self) -> bool {
+        crate::sys::peer_closed(self.stream)
+    }
+
+    /// A copy of the connection, for a watcher.
+    pub fn socket(&self) -> io::Result<TcpStream> {
+        self.stream.try_clone()
+    }
+
+    fn finished(&self) -> bool {
+        self.state == State::Finished
+    }
+
+    pub fn started(&self) -> bool {
+        self.state != State::Fresh
+    }
+
+    fn head(&self, status: u16, content_type: Option<&str>, extra: &[(&str, &str)], framing: &str) -> String {
+        let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+        if let Some(content_type) = content_type {
+            head += &format!("Content-Type: {content_type}\r\n");
+        }
+        for (name, value) in self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).chain(extra.iter().copied()) {
+            head += &format!("{name}: {value}\r\n");
+        }
+        head += framing;
+        head += if self.keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" };
+        head
+    }
+
+    /// Writes a whole answer.
+    pub fn respond(&mut self, status: u16, content_type: &str, body: &[u8], extra: &[(&str, &str)]) {
+        if self.state != State::Fresh {
+            return;
+        }
+        let head = self.head(status, Some(content_type), extra, &format!("Content-Length: {}\r\n", body.len()));
+        let mut out = Vec::with_capacity(head.len() + body.len());
+        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(body);
+        let mut stream = self.stream;
+        self.state = match stream.write_all(&out).and_then(|()| stream.flush()) {
+            Ok(()) => State::Finished,
+            Err(_) => State::Broken,
+        };
+    }
+
+    /// An error in the OpenAI shape.
+    pub fn error(&mut self, status: u16, message: &str, extra: &[(&str, &str)]) {
+        let kind = match status {
+            401 => "authentication_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        let body = serde_json::json!({"error": {"message": message, "type": kind, "code": status}});
+        self.respond(status, "application/json", body.to_string().as_bytes(), extra);
+    }
+
+    /// Starts an answer whose body follows in [`Exchange::write`]s; with a known length it
+    /// is sent as is, else chunked (or, for an HTTP/1.0 client, until the connection closes).
+    pub fn start(&mut self, status: u16, content_type: Option<&str>, length: Option<u64>) -> io::Result<()> {
+        let (framing, chunked) = match length {
+            Some(length) => (format!("Content-Length: {length}\r\n"), false),
+            None if self.http11 => ("Transfer-Encoding: chunked\r\nCache-Control: no-cache\r\n".to_string(), true),
+            None => {
+                self.keep_alive = false;
+                (String::new(), false)
+            }
+        };
+        let head = self.head(status, content_type, &[], &framing);
+        self.state = State::Streaming { chunked };
+        let mut stream = self.stream;
+        stream.write_all(head.as_bytes()).inspect_err(|_| self.state = State::Broken)
+    }
+
+    /// Writes part of a started body, and flushes it.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut stream = self.stream;
+        let result = match self.state {
+            Streaming { chunked: true } if bytes.is_empty() => Ok(()),
+            Streaming { chunked: true } => {
+                let mut framed = Vec::with_capacity(bytes.len() + 16);
+                let _ = write!(framed, "{:x}\r\n", bytes.len());
+                framed.extend_from_slice(bytes);
+                framed.extend_from_slice(b"\r\n");
+                stream.write_all(&framed)
+            }
+            Streaming { chunked: false } => stream.write_all(bytes),
+            _ => Err(io::Error::other("no answer was started")),
+        };
+        result.inspect_err(|_| self.state = State::Broken)
+    }
+
+    /// Ends a started body; the connection may then serve the next request.
+    pub fn finish(&mut self) {
+        let mut stream = self.stream;
+        self.state = match self.state {
+            Streaming { chunked: true } => match stream.write_all(b"0\r\n\r\n") {
+                Ok(()) => State::Finished,
+                Err(_) => State::Broken,
+            },
+            Streaming { chunked: false } => {
+                if self.keep_alive {
+                    State::Finished
+                } else {
+                    State::Broken
+                }
+            }
+            State::Finished => State::Finished,
+            _ => State::Broken,
+        };
+    }
+
+    /// Gives up a started answer: the connection is closed without ending the body, so the
+    /// client sees that the answer is incomplete.
+    pub fn abort(&mut self) {
+        self.state = State::Broken;
+    }
+}
+
+use State::Streaming;
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        507 => "Insufficient Storage",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A server with `limits` answering every request with its method, path and body.
+    fn echo(limits: Limits) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let handler: Handler = Arc::new(|request: Request, exchange: &mut Exchange| {
+            let text = format!("{} {} {}", request.method, request.target, String::from_utf8_lossy(&request.body));
+            exchange.respond(200, "text/plain", text.as_bytes(), &[]);
+        });
+        std::thread::spawn(move || {
+            static NEVER: AtomicBool = AtomicBool::new(false);
+            let _ = serve(listener, limits, handler, &NEVER);
+        });
+        address
+    }
+
+    fn exchange(address: std::net::SocketAddr, sent: &[u8]) -> String {
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.write_all(sent).unwrap();
+        let _ = stream.shutdown(Shutdown::Write);
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    }
+
+    #[test]
+    fn keeps_alive_and_decodes_chunked_bodies() {
+        let address = echo(Limits::default());
+        let answer = exchange(
+            address,
+            b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPOST /b?x=1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n1;ext\r\n!\r\n0\r\n\r\n",
+        );
+        assert!(answer.contains("POST /a abc"), "{answer}");
+        assert!(answer.contains("POST /b?x=1 hi!"), "{answer}");
+        assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2);
+    }
+
+    #[test]
+    fn limits_give_their_statuses() {
+        let limits = Limits { max_head: 1024, max_body: 100, ..Limits::default() };
+        let address = echo(limits);
+        let long_header = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(2000));
+        assert!(exchange(address, long_header.as_bytes()).starts_with("HTTP/1.1 431"));
+        let huge = b"POST / HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n";
+        assert!(exchange(address, huge).starts_with("HTTP/1.1 413"));
+        let chunked_over = format!("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n", 101);
+        assert!(exchange(address, chunked_over.as_bytes()).starts_with("HTTP/1.1 413"));
+        assert!(exchange(address, b"\x00\x01garbage\r\n\r\n").starts_with("HTTP/1.1 400"));
+        let many: String = (0..100).map(|i| format!("H{i}: v\r\n")).collect();
+        let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert!(exchange(address, many.as_bytes()).starts_with("HTTP/1.1 431"));
+    }
+
+    #[test]
+    fn bodies_held_at_once_are_bounded() {
+        let limits = Limits { max_bodies: 100, ..Limits::default() };
+        let address = echo(limits);
+        // One connection sends half its 90-byte body and waits; a second 20-byte body
+        // would pass the budget.
+        let mut first = TcpStream::connect(address).unwrap();
+        first.write_all(b"POST / HTTP/1.1\r\nContent-Length: 90\r\n\r\n0123456789").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = exchange(address, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n01234567890123456789");
+            if answer.starts_with("HTTP/1.1 503") {
+                assert!(answer.contains("Retry-After: 1"), "{answer}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "never refused: {answer}");
+        }
+        first.write_all(&[b'x'; 80]).unwrap();
+        let mut answer = String::new();
+        first.shutdown(Shutdown::Write).unwrap();
+        first.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // Once it is answered, the budget is back (released just after the answer is sent).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = exchange(address, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n01234567890123456789");
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the budget never came back: {answer}");
+        }
+    }
+
+    #[test]
+    fn slow_heads_time_out() {
+        let limits = Limits { head_timeout: Duration::from_millis(200), ..Limits::default() };
+        let address = echo(limits);
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+
+    #[test]
+    fn a_full_pool_answers_503_at_once() {
+        let limits = Limits { workers: 1, backlog: 1, idle_timeout: Duration::from_secs(30), ..Limits::default() };
+        let address = echo(limits);
+        // One idle connection holds the only worker, a second waits in the backlog.
+        let _held = TcpStream::connect(address).unwrap();
+        let _waiting = TcpStream::connect(address).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = exchange(address, b"GET / HTTP/1.1\r\n\r\n");
+            if answer.starts_with("HTTP/1.1 503") {
+                assert!(answer.contains("Retry-After: 1"));
+                break;
+            }
+            assert!(Instant::now() < deadline, "never refused: {answer}");
+        }
+    }
+}
