@@ -7,7 +7,7 @@
 //! the prompt; the unanswered turn is dropped. `/bye` or Ctrl-D leaves. The conversation
 //! lives in this process only.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use rustyline::error::ReadlineError;
@@ -213,13 +213,16 @@ fn answer(
 fn stream(connection: &mut crate::client::Connection, request: &Request) -> Result<String> {
     connection.send(request)?;
     let mut stdout = io::stdout().lock();
+    // Progress only on a terminal; a piped conversation gets no control codes.
+    let progress = io::stderr().is_terminal();
     let mut reply = String::new();
     loop {
         match connection.recv()? {
-            Response::Loading { model } => eprint!("\rloading {model}...\r"),
-            Response::Queued { position } => eprint!("\rwaiting for a slot: position {position}...\r"),
+            Response::Loading { model } if progress => eprint!("\rloading {model}...\r"),
+            Response::Queued { position } if progress => eprint!("\rwaiting for a slot: position {position}...\r"),
+            Response::Loading { .. } | Response::Queued { .. } => {}
             Response::Token { text } => {
-                if reply.is_empty() {
+                if reply.is_empty() && progress {
                     eprint!("\x1b[K");
                 }
                 reply.push_str(&text);
