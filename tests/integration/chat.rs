@@ -190,3 +190,15 @@ fn chat_with_the_real_demo_model() {
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
+
+#[test]
+fn a_piped_chat_reads_lines_and_writes_only_answers() {
+    let env = Env::fake();
+    let model = env.tiny_model("tiny.gguf");
+    let output = env.run_with_stdin(&["chat", model.to_str().unwrap()], "hello world\n/clear\nagain\n");
+    assert_success(&output);
+    assert_eq!(stdout(&output), "hello world\nagain\n");
+    assert!(!stderr(&output).contains('\x1b'), "no control codes on a pipe: {:?}", stderr(&output));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
