@@ -16,6 +16,9 @@ _llmctl() {
             ",$1")
                 cmd="llmctl"
                 ;;
+            llmctl,chat)
+                cmd="llmctl__subcmd__chat"
+                ;;
             llmctl,config)
                 cmd="llmctl__subcmd__config"
                 ;;
@@ -31,14 +34,26 @@ _llmctl() {
             llmctl,logs)
                 cmd="llmctl__subcmd__logs"
                 ;;
+            llmctl,ls)
+                cmd="llmctl__subcmd__ls"
+                ;;
             llmctl,metrics)
                 cmd="llmctl__subcmd__metrics"
                 ;;
             llmctl,pin)
                 cmd="llmctl__subcmd__pin"
                 ;;
+            llmctl,ps)
+                cmd="llmctl__subcmd__ps"
+                ;;
+            llmctl,pull)
+                cmd="llmctl__subcmd__pull"
+                ;;
             llmctl,reload)
                 cmd="llmctl__subcmd__reload"
+                ;;
+            llmctl,rm)
+                cmd="llmctl__subcmd__rm"
                 ;;
             llmctl,run)
                 cmd="llmctl__subcmd__run"
@@ -48,6 +63,9 @@ _llmctl() {
                 ;;
             llmctl,setup)
                 cmd="llmctl__subcmd__setup"
+                ;;
+            llmctl,show)
+                cmd="llmctl__subcmd__show"
                 ;;
             llmctl,shutdown)
                 cmd="llmctl__subcmd__shutdown"
@@ -67,6 +85,9 @@ _llmctl() {
             llmctl,warm)
                 cmd="llmctl__subcmd__warm"
                 ;;
+            llmctl__subcmd__help,chat)
+                cmd="llmctl__subcmd__help__subcmd__chat"
+                ;;
             llmctl__subcmd__help,config)
                 cmd="llmctl__subcmd__help__subcmd__config"
                 ;;
@@ -82,14 +103,26 @@ _llmctl() {
             llmctl__subcmd__help,logs)
                 cmd="llmctl__subcmd__help__subcmd__logs"
                 ;;
+            llmctl__subcmd__help,ls)
+                cmd="llmctl__subcmd__help__subcmd__ls"
+                ;;
             llmctl__subcmd__help,metrics)
                 cmd="llmctl__subcmd__help__subcmd__metrics"
                 ;;
             llmctl__subcmd__help,pin)
                 cmd="llmctl__subcmd__help__subcmd__pin"
                 ;;
+            llmctl__subcmd__help,ps)
+                cmd="llmctl__subcmd__help__subcmd__ps"
+                ;;
+            llmctl__subcmd__help,pull)
+                cmd="llmctl__subcmd__help__subcmd__pull"
+                ;;
             llmctl__subcmd__help,reload)
                 cmd="llmctl__subcmd__help__subcmd__reload"
+                ;;
+            llmctl__subcmd__help,rm)
+                cmd="llmctl__subcmd__help__subcmd__rm"
                 ;;
             llmctl__subcmd__help,run)
                 cmd="llmctl__subcmd__help__subcmd__run"
@@ -99,6 +132,9 @@ _llmctl() {
                 ;;
             llmctl__subcmd__help,setup)
                 cmd="llmctl__subcmd__help__subcmd__setup"
+                ;;
+            llmctl__subcmd__help,show)
+                cmd="llmctl__subcmd__help__subcmd__show"
                 ;;
             llmctl__subcmd__help,shutdown)
                 cmd="llmctl__subcmd__help__subcmd__shutdown"
@@ -125,12 +161,66 @@ _llmctl() {
 
     case "${cmd}" in
         llmctl)
-            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help"
+            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__chat)
+            opts="-n -v -h --system --temperature --max-tokens --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --system)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --temperature)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-tokens)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -n)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -233,8 +323,22 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__help)
-            opts="run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help"
+            opts="run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__help__subcmd__chat)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -316,6 +420,20 @@ _llmctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        llmctl__subcmd__help__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         llmctl__subcmd__help__subcmd__metrics)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -344,7 +462,49 @@ _llmctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        llmctl__subcmd__help__subcmd__ps)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__help__subcmd__pull)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         llmctl__subcmd__help__subcmd__reload)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__help__subcmd__rm)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -387,6 +547,20 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__help__subcmd__setup)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__help__subcmd__show)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -530,6 +704,32 @@ _llmctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        llmctl__subcmd__ls)
+            opts="-v -h --json --names --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         llmctl__subcmd__metrics)
             opts="-v -h --socket --config --llama-server --no-autostart --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -594,7 +794,85 @@ _llmctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        llmctl__subcmd__ps)
+            opts="-v -h --json --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__pull)
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         llmctl__subcmd__reload)
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__rm)
             opts="-v -h --socket --config --llama-server --no-autostart --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -761,6 +1039,44 @@ _llmctl() {
                     ;;
                 --backend)
                     COMPREPLY=($(compgen -W "cpu cuda vulkan" -- "${cur}"))
+                    return 0
+                    ;;
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__show)
+            opts="-v -h --template --json --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --socket)
@@ -986,3 +1302,24 @@ if [[ "${BASH_VERSINFO[0]}" -eq 4 && "${BASH_VERSINFO[1]}" -ge 4 || "${BASH_VERS
 else
     complete -F _llmctl -o bashdefault -o default llmctl
 fi
+
+# MODEL, the first argument of run warm pin unpin switch stop logs show rm chat: the names `llmctl ls --names` prints, and files.
+_llmctl_with_models() {
+    _llmctl "$@"
+    local cur="${COMP_WORDS[COMP_CWORD]}"
+    if declare -F _get_comp_words_by_ref >/dev/null; then
+        _get_comp_words_by_ref -n : cur
+    fi
+    if [[ ${COMP_CWORD} -eq 2 && ${cur} != -* ]]; then
+        case "${COMP_WORDS[1]}" in
+            run|warm|pin|unpin|switch|stop|logs|show|rm|chat)
+                local IFS=$'\n'
+                COMPREPLY=( $(compgen -W "$(llmctl ls --names 2>/dev/null)" -- "${cur}") $(compgen -f -- "${cur}") )
+                if declare -F __ltrim_colon_completions >/dev/null; then
+                    __ltrim_colon_completions "${cur}"
+                fi
+                ;;
+        esac
+    fi
+}
+complete -F _llmctl_with_models -o bashdefault -o default llmctl

@@ -46,6 +46,12 @@ complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "logs" -d 'Print a mod
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "events" -d 'Print the daemon\'s state changes as JSON lines as they happen'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "metrics" -d 'Print the daemon\'s counters in Prometheus text format'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "serve" -d 'Serve llama-server\'s HTTP API (OpenAI and Anthropic compatible) for every model llmctl knows; requests are forwarded unchanged and answers relayed byte for byte'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "ls" -d 'List every model llmctl can run: aliases, pulled models, the demo, files in the models directory'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "show" -d 'Show a model\'s details from its GGUF header: architecture, size, context, memory'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "pull" -d 'Download a GGUF model from the Hugging Face Hub (OWNER/REPO[:QUANT])'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "rm" -d 'Remove a model that `llmctl pull` downloaded'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "ps" -d 'List the loaded models, one line each'
+complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "chat" -d 'Chat with MODEL on the terminal: the conversation is kept across turns'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "setup" -d 'Find or build llama-server and install the demo model'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l system -d 'System message (chat mode)' -r
@@ -182,6 +188,56 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l llama-server -d 
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l json -d 'Print the list as a JSON array'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l names -d 'Print only the names, one per line (for shell completion)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l template -d 'Print the chat template (alone, or as `chat_template` with --json)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l json -d 'Print the details as one JSON object'
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l json -d 'Print the loaded instances as a JSON array'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l system -d 'System message for the conversation (`/system TEXT` changes it)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l temperature -d 'Sampling temperature, 0 for greedy (`/set temperature X` changes it)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -s n -l max-tokens -d 'Most tokens in one answer' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s j -l jobs -d 'Parallel compile jobs when building llama-server (default: number of CPUs)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l backend -d 'Build llama-server for this backend instead of the one detected (CUDA with an NVIDIA GPU and nvcc, Vulkan with its SDK, else the CPU)' -r -f -a "cpu\t''
 cuda\t''
@@ -196,20 +252,27 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l dry-run -d 'Prin
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s h -l help -d 'Print help'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "run" -d 'Generate text; tokens go to stdout as they arrive'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "status" -d 'Show the daemon, its queue and every model instance'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "warm" -d 'Load MODEL and return once it answers; quiet and idempotent, for cron'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "pin" -d 'Keep MODEL loaded: never evicted for memory, never unloaded by its TTL'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "unpin" -d 'Let MODEL be evicted and unloaded again'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "switch" -d 'Make MODEL the loaded one, in the background unless --wait'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "stop" -d 'Unload a model (or all of them) gracefully'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "daemon" -d 'Run the daemon in the foreground (for systemd or debugging)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "shutdown" -d 'Stop every model gracefully, then the daemon'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "reload" -d 'Make the running daemon read its config again (as SIGHUP does): budgets, instance limit and default TTL change at once; the reply names settings that need `shutdown`'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "config" -d 'Print the effective configuration and where each value came from'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "logs" -d 'Print a model\'s llama-server log, or the daemon\'s'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "events" -d 'Print the daemon\'s state changes as JSON lines as they happen'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "metrics" -d 'Print the daemon\'s counters in Prometheus text format'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "serve" -d 'Serve llama-server\'s HTTP API (OpenAI and Anthropic compatible) for every model llmctl knows; requests are forwarded unchanged and answers relayed byte for byte'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "setup" -d 'Find or build llama-server and install the demo model'
-complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve setup help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "run" -d 'Generate text; tokens go to stdout as they arrive'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "status" -d 'Show the daemon, its queue and every model instance'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "warm" -d 'Load MODEL and return once it answers; quiet and idempotent, for cron'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "pin" -d 'Keep MODEL loaded: never evicted for memory, never unloaded by its TTL'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "unpin" -d 'Let MODEL be evicted and unloaded again'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "switch" -d 'Make MODEL the loaded one, in the background unless --wait'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "stop" -d 'Unload a model (or all of them) gracefully'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "daemon" -d 'Run the daemon in the foreground (for systemd or debugging)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "shutdown" -d 'Stop every model gracefully, then the daemon'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "reload" -d 'Make the running daemon read its config again (as SIGHUP does): budgets, instance limit and default TTL change at once; the reply names settings that need `shutdown`'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "config" -d 'Print the effective configuration and where each value came from'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "logs" -d 'Print a model\'s llama-server log, or the daemon\'s'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "events" -d 'Print the daemon\'s state changes as JSON lines as they happen'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "metrics" -d 'Print the daemon\'s counters in Prometheus text format'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "serve" -d 'Serve llama-server\'s HTTP API (OpenAI and Anthropic compatible) for every model llmctl knows; requests are forwarded unchanged and answers relayed byte for byte'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "ls" -d 'List every model llmctl can run: aliases, pulled models, the demo, files in the models directory'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "show" -d 'Show a model\'s details from its GGUF header: architecture, size, context, memory'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "pull" -d 'Download a GGUF model from the Hugging Face Hub (OWNER/REPO[:QUANT])'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "rm" -d 'Remove a model that `llmctl pull` downloaded'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "ps" -d 'List the loaded models, one line each'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "chat" -d 'Chat with MODEL on the terminal: the conversation is kept across turns'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "setup" -d 'Find or build llama-server and install the demo model'
+complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand run warm pin unpin switch stop logs show rm chat" -a "(llmctl ls --names 2>/dev/null)" -d 'model'

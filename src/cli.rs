@@ -10,10 +10,13 @@ EXIT STATUS:
     0    success; also when the reader of stdout went away
     1    unexpected internal error (a bug)
     2    bad command line
-    65   bad input data: not a GGUF file, truncated file, invalid parameter, bad config
-    66   model not found: no such file, unknown alias, demo not installed
+    65   bad input data: not a GGUF file, truncated file, invalid parameter, bad config,
+         a download whose SHA-256 does not match
+    66   model not found: no such file, unknown alias, demo not installed, no such
+         Hub repository or no GGUF file in it for `pull`
     69   unavailable: daemon cannot be reached or started, no llama-server binary,
-         stopped by `llmctl stop`, an environment failure (disk, permissions)
+         stopped by `llmctl stop`, an environment failure (disk, permissions), the Hub
+         refused access (set HF_TOKEN) or a download broke off
     70   the backend failed: llama-server exited or crashed while loading or generating
     73   no capacity: the model cannot fit the memory budget
     75   busy, try later: admission queue full or per-model limit reached
@@ -91,6 +94,19 @@ pub enum Command {
     /// Serve llama-server's HTTP API (OpenAI and Anthropic compatible) for every model llmctl
     /// knows; requests are forwarded unchanged and answers relayed byte for byte
     Serve(ServeArgs),
+    /// List every model llmctl can run: aliases, pulled models, the demo, files in the
+    /// models directory
+    Ls(LsArgs),
+    /// Show a model's details from its GGUF header: architecture, size, context, memory
+    Show(ShowArgs),
+    /// Download a GGUF model from the Hugging Face Hub (OWNER/REPO[:QUANT])
+    Pull(PullArgs),
+    /// Remove a model that `llmctl pull` downloaded
+    Rm(RmArgs),
+    /// List the loaded models, one line each
+    Ps(PsArgs),
+    /// Chat with MODEL on the terminal: the conversation is kept across turns
+    Chat(ChatArgs),
     /// Find or build llama-server and install the demo model
     Setup(SetupArgs),
 }
@@ -246,6 +262,68 @@ pub struct ServeArgs {
     /// `x-api-key: KEY` (or set LLMCTL_API_KEY)
     #[arg(long, value_name = "PATH")]
     pub api_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Print the list as a JSON array
+    #[arg(long, conflicts_with = "names")]
+    pub json: bool,
+    /// Print only the names, one per line (for shell completion)
+    #[arg(long, hide = true)]
+    pub names: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Path to a .gguf file, an alias, OWNER/REPO[:QUANT] of a pulled model, or a file name in
+    /// the models directory
+    pub model: String,
+    /// Print the chat template (alone, or as `chat_template` with --json)
+    #[arg(long)]
+    pub template: bool,
+    /// Print the details as one JSON object
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// OWNER/REPO on the Hub, with an optional quantization: `OWNER/REPO:Q8_0`. Without one,
+    /// Q4_K_M, else the first GGUF file. HF_ENDPOINT and HF_TOKEN are honoured
+    pub model: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// A pulled model: OWNER/REPO[:QUANT] as `llmctl ls` names it
+    pub model: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// Path to a .gguf file, an alias, or OWNER/REPO[:QUANT] of a pulled model
+    pub model: String,
+    /// System message for the conversation (`/system TEXT` changes it)
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    /// Sampling temperature, 0 for greedy (`/set temperature X` changes it)
+    #[arg(long, value_name = "T", value_parser = parse_non_negative)]
+    pub temperature: Option<f32>,
+    /// Most tokens in one answer
+    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: Option<u32>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Print the loaded instances as a JSON array
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -18,12 +18,15 @@ pub mod exit {
     pub const INTERNAL: i32 = 1;
     /// Bad command line.
     pub const USAGE: i32 = 2;
-    /// Bad input data: not a GGUF file, truncated file, invalid parameter, bad config.
+    /// Bad input data: not a GGUF file, truncated file, invalid parameter, bad config, a
+    /// download whose SHA-256 does not match.
     pub const DATA: i32 = 65;
-    /// Model not found: no such file, unknown alias, demo not installed.
+    /// Model not found: no such file, unknown alias, demo not installed, no such Hub
+    /// repository or GGUF file for `pull`.
     pub const NOT_FOUND: i32 = 66;
     /// Unavailable: daemon unreachable, no llama-server binary, remote server down, stopped
-    /// by `llmctl stop`, an environment failure (disk, permissions).
+    /// by `llmctl stop`, an environment failure (disk, permissions), the Hub refused access,
+    /// a download broke off.
     pub const UNAVAILABLE: i32 = 69;
     /// The backend failed: llama-server exited or crashed while loading or generating.
     pub const BACKEND: i32 = 70;
@@ -135,6 +138,19 @@ pub enum Error {
     Io { context: String, source: std::sync::Arc<std::io::Error> },
     /// An error reported by the daemon, already classified.
     Remote { kind: ErrorKind, message: String },
+    /// A name that is neither a file nor an alias, with the known names closest to it;
+    /// `pullable` when it reads as a Hugging Face repository `llmctl pull` could fetch.
+    UnknownModelNear { name: String, suggestions: Vec<String>, pullable: bool },
+    /// The Hugging Face Hub has no such repository, or no GGUF file in it that matches.
+    HubNotFound { repo: String, reason: String },
+    /// The Hub refused access (HTTP 401 or 403): a gated or private repository.
+    HubDenied { repo: String, status: u16, token_set: bool },
+    /// A download from the Hub failed or broke off; what arrived is kept for a resume.
+    Download { file: String, reason: String },
+    /// A downloaded file does not have the digest the Hub lists; it was deleted.
+    ChecksumMismatch { file: String, expected: String, actual: String },
+    /// `llmctl rm` was given a model llmctl did not download.
+    NotPulled { name: String, path: Option<PathBuf> },
     /// A bug.
     Internal { message: String },
 }
@@ -170,6 +186,10 @@ impl Error {
             Error::Io { .. } => ErrorKind::Unavailable,
             Error::Internal { .. } => ErrorKind::Internal,
             Error::Remote { kind, .. } => *kind,
+            Error::UnknownModelNear { .. } | Error::HubNotFound { .. } => ErrorKind::NotFound,
+            Error::HubDenied { .. } | Error::Download { .. } => ErrorKind::Unavailable,
+            Error::ChecksumMismatch { .. } => ErrorKind::Data,
+            Error::NotPulled { .. } => ErrorKind::Usage,
         }
     }
 
@@ -248,6 +268,46 @@ impl fmt::Display for Error {
             Error::Io { context, source } => write!(f, "{context}: {source}"),
             Error::Remote { message, .. } => write!(f, "{message}"),
             Error::Internal { message } => write!(f, "internal error (a bug in llmctl): {message}"),
+            Error::UnknownModelNear { name, suggestions, pullable } => {
+                write!(f, "unknown model `{name}`: ")?;
+                if !suggestions.is_empty() {
+                    let quoted: Vec<String> = suggestions.iter().map(|s| format!("`{s}`")).collect();
+                    write!(f, "did you mean {}? ", quoted.join(" or "))?;
+                } else {
+                    write!(f, "not a file, an alias or a pulled model; ")?;
+                }
+                if *pullable {
+                    write!(f, "`llmctl pull {name}` downloads it from the Hugging Face Hub, ")?;
+                }
+                write!(f, "`llmctl ls` lists the models llmctl can run")
+            }
+            Error::HubNotFound { repo, reason } => write!(f, "cannot pull {repo}: {reason}"),
+            Error::HubDenied { repo, status, token_set } => {
+                write!(f, "the Hugging Face Hub refused access to {repo} (HTTP {status}): ")?;
+                if *token_set {
+                    write!(f, "the token in HF_TOKEN cannot read it; accept the model's terms on its Hub page or use another token")
+                } else {
+                    write!(
+                        f,
+                        "it is gated, private or does not exist; set HF_TOKEN to an access token that can read it"
+                    )
+                }
+            }
+            Error::Download { file, reason } => write!(f, "download of {file} failed: {reason}"),
+            Error::ChecksumMismatch { file, expected, actual } => write!(
+                f,
+                "{file} arrived damaged: its SHA-256 is {actual}, the Hub lists {expected}; the file was deleted, \
+                 run the same `llmctl pull` again"
+            ),
+            Error::NotPulled { name, path } => match path {
+                Some(path) => write!(
+                    f,
+                    "`{name}` is {}, which `llmctl pull` did not download; llmctl removes only models it pulled \
+                     (delete the file yourself if you mean to)",
+                    path.display()
+                ),
+                None => write!(f, "`{name}` is not a file; llmctl removes only models it pulled"),
+            },
         }
     }
 }

@@ -39,6 +39,23 @@ pub struct ModelInfo {
     /// How an embedding model pools token vectors into one (llama.cpp's numbering); none
     /// for a model that does not say (a chat model).
     pub pooling_type: Option<u64>,
+    /// What only `ls` and `show` need, boxed: the daemon keeps a `ModelInfo` in every job.
+    pub details: Box<Details>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Details {
+    /// Weights in the file: the elements of every tensor (of this part, for a split model).
+    pub parameter_count: u64,
+    /// `general.file_type`: llama.cpp's name for how the weights are quantized.
+    pub file_type: Option<u64>,
+    /// The ggml type holding the most bytes, for files without `general.file_type`.
+    pub dominant_type: Option<u32>,
+    pub license: Option<String>,
+    pub author: Option<String>,
+    pub chat_template: Option<String>,
+    /// Parts of a split model (`split.count`); none for a single file.
+    pub split_count: Option<u64>,
 }
 
 impl ModelInfo {
@@ -55,6 +72,97 @@ impl ModelInfo {
         // saturates (and then fits no budget) rather than wrapping to a small estimate.
         [layers, n_ctx, kv_width, 2].iter().fold(2u64, |bytes, &factor| bytes.saturating_mul(factor))
     }
+
+    /// How the weights are stored, as llama.cpp names it (`Q4_K_M`, `F16`): from
+    /// `general.file_type`, else the tensor type that holds the most bytes.
+    pub fn quantization(&self) -> String {
+        if let Some(name) = self.details.file_type.and_then(file_type_name) {
+            return name.to_string();
+        }
+        match self.details.dominant_type {
+            Some(ggml_type) => type_name(ggml_type).map(str::to_string).unwrap_or_else(|| format!("type {ggml_type}")),
+            None => "unknown".to_string(),
+        }
+    }
+}
+
+/// llama.cpp's `llama_ftype` names (llama.h), as `general.file_type` stores them.
+fn file_type_name(file_type: u64) -> Option<&'static str> {
+    Some(match file_type {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        38 => "MXFP4_MOE",
+        _ => return None,
+    })
+}
+
+/// ggml's tensor type names (ggml.h).
+fn type_name(ggml_type: u32) -> Option<&'static str> {
+    Some(match ggml_type {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        6 => "Q5_0",
+        7 => "Q5_1",
+        8 => "Q8_0",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        12 => "Q4_K",
+        13 => "Q5_K",
+        14 => "Q6_K",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        30 => "BF16",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => return None,
+    })
 }
 
 #[derive(Debug)]
@@ -272,6 +380,8 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
     }
 
     let mut data_end = 0u64;
+    let mut parameter_count = 0u64;
+    let mut bytes_by_type: HashMap<u32, u64> = HashMap::new();
     for _ in 0..tensor_count {
         let name = reader.string()?;
         let n_dims = reader.u32()?;
@@ -288,6 +398,9 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
             Some((block, bytes)) => elements.div_ceil(block).saturating_mul(bytes),
             None => 0,
         };
+        parameter_count = parameter_count.saturating_add(elements);
+        let type_bytes = bytes_by_type.entry(ggml_type).or_default();
+        *type_bytes = type_bytes.saturating_add(size);
         data_end = data_end.max(offset.saturating_add(size));
     }
 
@@ -315,8 +428,26 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
         Some(Value::Int(n)) if *n >= 0 => Some(*n as u64),
         _ => None,
     };
+    let dominant_type = bytes_by_type
+        .into_iter()
+        .max_by_key(|&(ggml_type, bytes)| (bytes, std::cmp::Reverse(ggml_type)))
+        .map(|(t, _)| t);
+    let unsigned = |key: &str| match metadata.get(key) {
+        Some(Value::Uint(n)) => Some(*n),
+        Some(Value::Int(n)) if *n >= 0 => Some(*n as u64),
+        _ => None,
+    };
     Ok(ModelInfo {
         version,
+        details: Box::new(Details {
+            parameter_count,
+            dominant_type,
+            file_type: unsigned("general.file_type"),
+            license: string("general.license"),
+            author: string("general.author"),
+            chat_template: string("tokenizer.chat_template"),
+            split_count: unsigned("split.count"),
+        }),
         name: string("general.name"),
         context_length: number("context_length"),
         block_count: number("block_count"),
@@ -379,6 +510,23 @@ mod tests {
         assert_eq!(info.architecture, "llama");
         assert_eq!(info.block_count, Some(2));
         assert_eq!(info.tensor_bytes, 32);
+        assert_eq!(info.details.parameter_count, 8);
+        // No general.file_type: the type of the largest tensor names the quantization.
+        assert_eq!(info.quantization(), "F32");
+        assert_eq!(info.details.chat_template, None);
+    }
+
+    #[test]
+    fn file_type_names_the_quantization() {
+        let with = |file_type, dominant_type| ModelInfo {
+            details: Box::new(Details { file_type, dominant_type, ..Details::default() }),
+            ..ModelInfo::default()
+        };
+        let info = with(Some(15), Some(12));
+        assert_eq!(info.quantization(), "Q4_K_M");
+        let info = with(Some(999), Some(3));
+        assert_eq!(info.quantization(), "Q4_1");
+        assert_eq!(ModelInfo::default().quantization(), "unknown");
     }
 
     #[test]

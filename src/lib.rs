@@ -22,6 +22,9 @@
 //! - `setup`: llama-server built for this machine's accelerator, and the demo model.
 //! - `model`, `gguf`, `config`, `paths`, `error`: resolution of names, file checks,
 //!   settings, locations and the exit-status table.
+//! - `catalog`: every model llmctl can run (`ls`, completion, "did you mean"), with a cache
+//!   of headers; `library`: the models `pull` downloaded and their manifests; `hub`: the
+//!   Hugging Face Hub client of `pull`; `sha256`: the digest that checks a download.
 //!
 //! # Threads of the daemon and what each owns
 //! - `listener` accepts; `conn` threads (reused, one request each at a time) send jobs and
@@ -45,6 +48,7 @@
 pub mod admission;
 pub mod backend;
 pub mod budget;
+pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod commands;
@@ -54,13 +58,16 @@ pub mod error;
 pub mod events;
 pub mod gguf;
 pub mod http;
+pub mod hub;
 pub mod instance;
+pub mod library;
 pub mod memory;
 pub mod model;
 pub mod paths;
 pub mod process;
 pub mod protocol;
 pub mod setup;
+pub mod sha256;
 pub mod sys;
 pub mod tiny_model;
 
@@ -107,7 +114,14 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         Command::Metrics => commands::events::metrics(&context),
         Command::Serve(args) => commands::serve::run(&context, args),
         Command::Setup(args) => commands::setup::run(&context, args),
+        Command::Ls(args) => commands::ls::run(&context, args),
+        Command::Show(args) => commands::show::run(&context, args),
+        Command::Pull(args) => commands::pull::run(&context, args),
+        Command::Rm(args) => commands::rm::run(&context, args),
+        Command::Ps(args) => commands::ps::run(&context, args),
+        Command::Chat(args) => commands::chat::run(&context, args),
     }
+    .map_err(|error| commands::suggest_names(&context, error))
 }
 
 /// After `--version`: the llama-server llmctl would use (path, build, backend), and a

@@ -145,6 +145,8 @@ pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverr
             return Err(Error::DemoMissing);
         }
         (name.to_string(), path, LoadOptions::default())
+    } else if let Some((display, path)) = in_models_dir(name, paths) {
+        (display, path, LoadOptions::default())
     } else {
         let path = PathBuf::from(name);
         if !path.exists() {
@@ -172,6 +174,20 @@ pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverr
         load.gpu_layers = Some(gpu_layers);
     }
     Ok(ModelSpec { name: display, path, load, policy, remote: None })
+}
+
+/// A model of the models directory that `name` means when it is not a path here: a model
+/// `llmctl pull` downloaded (`OWNER/REPO[:QUANT]`), or a file there by its bare name.
+fn in_models_dir(name: &str, paths: &Paths) -> Option<(String, PathBuf)> {
+    if Path::new(name).exists() {
+        return None;
+    }
+    if let Some(pulled) = crate::library::find(paths, name) {
+        return Some((pulled.name(), pulled.path()));
+    }
+    let bare = !name.is_empty() && !name.contains('/') && name != "." && name != "..";
+    let path = paths.models_dir().join(name);
+    (bare && path.is_file()).then(|| (name.to_string(), path))
 }
 
 fn expand_home(path: &Path) -> PathBuf {

@@ -1,15 +1,21 @@
 //! One file per subcommand: the client side of each. They share a [`Context`] with the
 //! resolved paths and the global flags.
 
+pub mod chat;
 pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod logs;
+pub mod ls;
 pub mod pin;
+pub mod ps;
+pub mod pull;
 pub mod reload;
+pub mod rm;
 pub mod run;
 pub mod serve;
 pub mod setup;
+pub mod show;
 pub mod shutdown;
 pub mod status;
 pub mod stop;
@@ -71,4 +77,22 @@ impl Context {
         }
         client::connect(self)
     }
+}
+
+/// Adds "did you mean" to an unknown model: the known names closest to it (aliases, pulled
+/// models, files in the models directory). Any other error passes unchanged.
+pub fn suggest_names(context: &Context, error: Error) -> Error {
+    let name = match &error {
+        Error::UnknownModel { name } => name.clone(),
+        Error::ModelNotFound { path } if path.is_relative() => path.to_string_lossy().into_owned(),
+        _ => return error,
+    };
+    let pullable = !name.ends_with(".gguf") && crate::library::RepoName::parse(&name).is_ok();
+    let config = context.config().unwrap_or_default();
+    let known = crate::catalog::known(&config, &context.paths);
+    let suggestions = crate::catalog::closest(&name, known.iter().map(|model| model.name.as_str()));
+    if suggestions.is_empty() && !pullable {
+        return error;
+    }
+    Error::UnknownModelNear { name, suggestions, pullable }
 }

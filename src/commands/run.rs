@@ -28,6 +28,22 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
     crate::setup::on_first_use(context, Some(&args.model))?;
     let model = context.resolve_model(&args.model, &args.load)?;
     let stdin = io::stdin();
+    let sampling = Sampling {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        min_p: args.min_p,
+        repeat_penalty: args.repeat_penalty,
+        seed: args.seed,
+        stop: args.stop.clone(),
+        json_schema: args.json_schema.as_deref().map(read_schema).transpose()?,
+        grammar: args.grammar.as_deref().map(read_grammar).transpose()?,
+    };
+    // No prompt, typed at a terminal: a conversation, as `llmctl chat`.
+    if args.prompt.is_empty() && !args.raw && !args.json && !args.no_stdin && stdin.is_terminal() {
+        return super::chat::session(context, model, args.system.clone(), sampling);
+    }
     let piped = if args.no_stdin || stdin.is_terminal() { None } else { Some(read_stdin(stdin)?) };
     let prompt = compose_prompt(&args.prompt, piped.as_deref())?;
     let request = RunRequest {
@@ -36,18 +52,7 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
         prompt,
         system: args.system.clone(),
         messages: None,
-        sampling: Sampling {
-            max_tokens: args.max_tokens,
-            temperature: args.temperature,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            min_p: args.min_p,
-            repeat_penalty: args.repeat_penalty,
-            seed: args.seed,
-            stop: args.stop.clone(),
-            json_schema: args.json_schema.as_deref().map(read_schema).transpose()?,
-            grammar: args.grammar.as_deref().map(read_grammar).transpose()?,
-        },
+        sampling,
     };
 
     let mut connection = context.connect_for(&request.model)?;

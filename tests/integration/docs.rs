@@ -23,9 +23,94 @@ fn generated() -> Vec<(String, Vec<u8>)> {
     ] {
         let mut script = Vec::new();
         clap_complete::generate(shell, &mut command.clone(), "llmctl", &mut script);
-        files.push((file.to_string(), script));
+        let script = with_model_names(shell, String::from_utf8(script).unwrap(), &model_subcommands(&command));
+        files.push((file.to_string(), script.into_bytes()));
     }
     files
+}
+
+/// Subcommands whose first argument is a local MODEL (not `pull`, whose MODEL is on the Hub).
+fn model_subcommands(command: &clap::Command) -> Vec<String> {
+    command
+        .get_subcommands()
+        .filter(|sub| {
+            sub.get_name() != "pull" && sub.get_positionals().next().is_some_and(|arg| arg.get_id() == "model")
+        })
+        .map(|sub| sub.get_name().to_string())
+        .collect()
+}
+
+/// clap_complete completes MODEL as a file only; this teaches each shell to offer the names
+/// `llmctl ls --names` prints (aliases, pulled models, files of the models directory) too.
+fn with_model_names(shell: clap_complete::Shell, script: String, subcommands: &[String]) -> String {
+    let list = subcommands.join(" ");
+    match shell {
+        clap_complete::Shell::Bash => {
+            let cases = subcommands.join("|");
+            script
+                + &format!(
+                    r#"
+# MODEL, the first argument of {list}: the names `llmctl ls --names` prints, and files.
+_llmctl_with_models() {{
+    _llmctl "$@"
+    local cur="${{COMP_WORDS[COMP_CWORD]}}"
+    if declare -F _get_comp_words_by_ref >/dev/null; then
+        _get_comp_words_by_ref -n : cur
+    fi
+    if [[ ${{COMP_CWORD}} -eq 2 && ${{cur}} != -* ]]; then
+        case "${{COMP_WORDS[1]}}" in
+            {cases})
+                local IFS=$'\n'
+                COMPREPLY=( $(compgen -W "$(llmctl ls --names 2>/dev/null)" -- "${{cur}}") $(compgen -f -- "${{cur}}") )
+                if declare -F __ltrim_colon_completions >/dev/null; then
+                    __ltrim_colon_completions "${{cur}}"
+                fi
+                ;;
+        esac
+    fi
+}}
+complete -F _llmctl_with_models -o bashdefault -o default llmctl
+"#
+                )
+        }
+        clap_complete::Shell::Zsh => {
+            let helper = r#"(( $+functions[_llmctl_models] )) ||
+_llmctl_models() {
+    local -a models
+    models=(${(f)"$(_call_program models llmctl ls --names 2>/dev/null)"})
+    models=(${models//:/\:})
+    _describe -t models 'model' models
+    _files
+}
+
+"#;
+            let mut out = String::new();
+            let mut section = "";
+            for line in script.lines() {
+                if let Some(name) = line.trim_start().strip_prefix('(').and_then(|rest| rest.strip_suffix(')')) {
+                    section = name;
+                }
+                let is_model = subcommands.iter().any(|sub| sub == section);
+                if is_model && (line.starts_with("':model -- ") || line.starts_with("'::model -- ")) && line.ends_with(":_default' \\") {
+                    out.push_str(&line.replace(":_default' \\", ":_llmctl_models' \\"));
+                } else {
+                    if line.starts_with("if [ \"$funcstack[1]\" = \"_llmctl\" ]") {
+                        out.push_str(helper);
+                    }
+                    out.push_str(line);
+                }
+                out.push('\n');
+            }
+            out
+        }
+        clap_complete::Shell::Fish => {
+            script
+                + &format!(
+                    "complete -c llmctl -n \"__fish_llmctl_using_subcommand {list}\" -a \"(llmctl ls --names 2>/dev/null)\" -d 'model'\n"
+                )
+        }
+        _ => script,
+    }
 }
 
 #[test]

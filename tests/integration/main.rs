@@ -3,6 +3,8 @@
 
 mod admission;
 mod budget;
+mod catalog;
+mod chat;
 mod cli;
 mod core;
 mod docs;

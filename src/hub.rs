@@ -1,0 +1,480 @@
+//! The Hugging Face Hub, as `llmctl pull` uses it: list a repository's files, pick the GGUF
+//! for a quantization the way llama.cpp's `-hf` does, and download it so that no half file
+//! ever carries its final name.
+//!
+//! `GET {endpoint}/api/models/OWNER/REPO?blobs=true` lists the files with sizes and LFS
+//! digests; `GET {endpoint}/OWNER/REPO/resolve/main/FILE` downloads one. A download goes to
+//! `FILE.part`, resumes from there with a Range request, is checked for size and SHA-256,
+//! and only then is renamed. The endpoint comes from `HF_ENDPOINT`, a token from
+//! `HF_TOKEN`. This module does the network and file work; the manifest is `library`'s.
+
+use std::fs::{self, File};
+use std::io::{self, IsTerminal, Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::library::DEFAULT_TAG;
+use crate::sha256::Sha256;
+
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+/// How long a connection may take, and how long the Hub may go silent mid-download.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+const BUFFER: usize = 1 << 20;
+
+/// A file of a Hub repository, from its listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteFile {
+    /// Its path in the repository.
+    pub name: String,
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+}
+
+impl RemoteFile {
+    /// The name it gets in the local repository directory.
+    pub fn local_name(&self) -> &str {
+        self.name.rsplit('/').next().unwrap_or(&self.name)
+    }
+}
+
+#[derive(Deserialize)]
+struct Listing {
+    #[serde(default)]
+    siblings: Vec<Sibling>,
+}
+
+#[derive(Deserialize)]
+struct Sibling {
+    rfilename: String,
+    size: Option<u64>,
+    lfs: Option<Lfs>,
+}
+
+#[derive(Deserialize)]
+struct Lfs {
+    sha256: Option<String>,
+    size: Option<u64>,
+}
+
+pub struct Hub {
+    pub endpoint: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Hub {
+    /// The Hub named by `HF_ENDPOINT` (default huggingface.co), with `HF_TOKEN` if set.
+    pub fn from_env() -> Hub {
+        let non_empty = |name: &str| std::env::var(name).ok().filter(|value| !value.trim().is_empty());
+        let endpoint = non_empty("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        let config = ureq::Agent::config_builder()
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_per_read(Some(READ_TIMEOUT))
+            .http_status_as_error(false)
+            // The Hub redirects downloads to its CDN; the token must not follow to another host.
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
+            .user_agent(concat!("llmctl/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Hub {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            token: non_empty("HF_TOKEN").map(|token| token.trim().to_string()),
+            agent: ureq::Agent::new_with_config(config),
+        }
+    }
+
+    fn get(&self, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let request = self.agent.get(url);
+        match &self.token {
+            Some(token) => request.header("Authorization", format!("Bearer {token}")),
+            None => request,
+        }
+    }
+
+    fn denied_or_missing(&self, repo: &str, status: u16, what: &str) -> Option<Error> {
+        match status {
+            401 | 403 => Some(Error::HubDenied { repo: repo.to_string(), status, token_set: self.token.is_some() }),
+            404 => Some(Error::HubNotFound {
+                repo: repo.to_string(),
+                reason: format!("{what} was not found on {}", self.endpoint),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The files of `repo`.
+    pub fn list(&self, repo: &str) -> Result<Vec<RemoteFile>> {
+        let url = format!("{}/api/models/{repo}?blobs=true", self.endpoint);
+        let unreachable = |reason: String| Error::Download { file: format!("the file list of {repo}"), reason };
+        let response =
+            self.get(&url).call().map_err(|e| unreachable(format!("cannot reach {}: {e}", self.endpoint)))?;
+        let status = response.status().as_u16();
+        if let Some(error) = self.denied_or_missing(repo, status, "the repository") {
+            return Err(error);
+        }
+        if status != 200 {
+            return Err(unreachable(format!("{url} answered HTTP {status}")));
+        }
+        let text = response
+            .into_body()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .map_err(|e| unreachable(format!("reading the answer of {url}: {e}")))?;
+        let listing: Listing =
+            serde_json::from_str(&text).map_err(|e| unreachable(format!("{url} did not answer a file list: {e}")))?;
+        Ok(listing
+            .siblings
+            .into_iter()
+            .map(|sibling| RemoteFile {
+                size: sibling.lfs.as_ref().and_then(|lfs| lfs.size).or(sibling.size),
+                sha256: sibling.lfs.and_then(|lfs| lfs.sha256).filter(|digest| is_sha256(digest)),
+                name: sibling.rfilename,
+            })
+            .collect())
+    }
+
+    /// Downloads `file` of `repo` into `dir`, resuming a `.part` left by an earlier try.
+    /// Returns the final path; it exists only once size and digest were checked.
+    pub fn download(&self, repo: &str, file: &RemoteFile, dir: &Path) -> Result<PathBuf> {
+        let part_path = dir.join(format!("{}.part", file.local_name()));
+        let result = self.fetch(repo, file, dir, &part_path);
+        // A part with nothing in it is no start to resume from.
+        if result.is_err() && fs::metadata(&part_path).is_ok_and(|metadata| metadata.len() == 0) {
+            let _ = fs::remove_file(part_path);
+        }
+        result
+    }
+
+    fn fetch(&self, repo: &str, file: &RemoteFile, dir: &Path, part_path: &Path) -> Result<PathBuf> {
+        let final_path = dir.join(file.local_name());
+        if let (Ok(metadata), Some(size)) = (fs::metadata(&final_path), file.size) {
+            // Only a checked file ever gets its final name, so a complete one is done.
+            if metadata.len() == size {
+                return Ok(final_path);
+            }
+        }
+        let write_error = |e: io::Error| write_failure(part_path, e);
+        let mut part = File::options().create(true).append(true).read(true).open(part_path).map_err(write_error)?;
+        lock(&part).map_err(|_| Error::Download {
+            file: file.name.clone(),
+            reason: format!("another llmctl pull is downloading it into {} now", part_path.display()),
+        })?;
+        let mut have = part.metadata().map_err(write_error)?.len();
+        if file.size.is_some_and(|size| have > size) {
+            part.set_len(0).map_err(write_error)?;
+            have = 0;
+        }
+        // The digest covers the whole file: hash what an earlier try left first.
+        let mut hasher = Sha256::new();
+        if have > 0 {
+            hash_prefix(&mut part, have, &mut hasher).map_err(write_error)?;
+        }
+
+        let url = format!("{}/{repo}/resolve/main/{}", self.endpoint, encode_path(&file.name));
+        let broken = |reason: String| Error::Download { file: file.name.clone(), reason };
+        let complete = file.size.is_some_and(|size| have == size);
+        if !complete {
+            let mut request = self.get(&url);
+            if have > 0 {
+                request = request.header("Range", format!("bytes={have}-"));
+            }
+            let response = request.call().map_err(|e| broken(format!("cannot reach {}: {e}", self.endpoint)))?;
+            let status = response.status().as_u16();
+            if let Some(error) = self.denied_or_missing(repo, status, &format!("the file {}", file.name)) {
+                return Err(error);
+            }
+            match status {
+                206 if have > 0 => {}
+                // The server sent the whole file: start again.
+                200 => {
+                    part.set_len(0).map_err(write_error)?;
+                    have = 0;
+                    hasher = Sha256::new();
+                }
+                // What was asked for starts at the end: the part may be complete already.
+                416 => {}
+                _ => return Err(broken(format!("{url} answered HTTP {status}"))),
+            }
+            if status != 416 {
+                let mut progress = Progress::new(file.local_name(), have, file.size);
+                let mut body = response.into_body().into_reader();
+                let mut buffer = vec![0u8; BUFFER];
+                loop {
+                    let n = match body.read(&mut buffer) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            progress.finish(have);
+                            return Err(broken(format!(
+                                "the connection broke after {have} bytes ({e}); run the same command again to resume"
+                            )));
+                        }
+                    };
+                    part.write_all(&buffer[..n]).map_err(write_error)?;
+                    hasher.update(&buffer[..n]);
+                    have += n as u64;
+                    progress.update(have);
+                }
+                progress.finish(have);
+            }
+        }
+        part.sync_all().map_err(write_error)?;
+        if let Some(size) = file.size {
+            if have != size {
+                // Short: kept, the next pull resumes it. Longer than the file: useless.
+                if have > size {
+                    let _ = fs::remove_file(part_path);
+                }
+                return Err(broken(format!(
+                    "it has {have} bytes where the Hub lists {size}; run the same command again"
+                )));
+            }
+        }
+        if let Some(expected) = &file.sha256 {
+            let actual = hasher.hex();
+            if !actual.eq_ignore_ascii_case(expected) {
+                let _ = fs::remove_file(part_path);
+                return Err(Error::ChecksumMismatch { file: file.name.clone(), expected: expected.clone(), actual });
+            }
+        }
+        fs::rename(part_path, &final_path).map_err(write_error)?;
+        if let Ok(dir) = File::open(dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(final_path)
+    }
+}
+
+/// Percent-encodes a file path of the repository for a URL, keeping its slashes: Hub file
+/// names may hold spaces and other characters a URL cannot carry as they are.
+fn encode_path(path: &str) -> String {
+    let mut encoded = String::with_capacity(path.len());
+    for byte in path.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+fn is_sha256(digest: &str) -> bool {
+    digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+fn write_failure(path: &Path, error: io::Error) -> Error {
+    // ENOSPC: say it plainly; the part stays, so the pull resumes once there is room.
+    if error.raw_os_error() == Some(libc::ENOSPC) {
+        return Error::io(
+            format!("the disk is full while writing {} (free some space and pull again)", path.display()),
+            error,
+        );
+    }
+    Error::io(format!("cannot write {}", path.display()), error)
+}
+
+/// Takes an exclusive lock on the part file, so two pulls never append to one file.
+fn lock(file: &File) -> io::Result<()> {
+    // SAFETY: flock on a descriptor this function borrows; it does not outlive `file`.
+    let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn hash_prefix(file: &mut File, len: u64, hasher: &mut Sha256) -> io::Result<()> {
+    file.rewind()?;
+    let mut reader = (&*file).take(len);
+    let mut buffer = vec![0u8; BUFFER];
+    loop {
+        let n = reader.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    file.seek(io::SeekFrom::End(0))?;
+    Ok(())
+}
+
+/// Picks the files to download for `tag`, as llama.cpp's `-hf` does: the GGUF whose name
+/// contains the tag (case aside); without a tag Q4_K_M, else the first GGUF. Multimodal
+/// projectors (`mmproj`) are never the model. A split model comes whole: every part, first
+/// part first.
+pub fn choose(repo: &str, files: &[RemoteFile], tag: Option<&str>) -> Result<Vec<RemoteFile>> {
+    let mut ggufs: Vec<&RemoteFile> = files
+        .iter()
+        .filter(|file| file.name.to_ascii_lowercase().ends_with(".gguf"))
+        .filter(|file| !file.local_name().to_ascii_lowercase().contains("mmproj"))
+        .collect();
+    ggufs.sort_by(|a, b| a.name.cmp(&b.name));
+    if ggufs.is_empty() {
+        return Err(Error::HubNotFound { repo: repo.to_string(), reason: "the repository has no GGUF file".into() });
+    }
+    let containing = |tag: &str| -> Vec<&RemoteFile> {
+        let tag = tag.to_ascii_lowercase();
+        ggufs.iter().copied().filter(|file| file.local_name().to_ascii_lowercase().contains(&tag)).collect()
+    };
+    let candidates = match tag {
+        Some(tag) => containing(tag),
+        None => match containing(DEFAULT_TAG) {
+            found if found.is_empty() => ggufs.clone(),
+            found => found,
+        },
+    };
+    let Some(first) = candidates.first() else {
+        let names: Vec<&str> = ggufs.iter().map(|file| file.local_name()).collect();
+        return Err(Error::HubNotFound {
+            repo: repo.to_string(),
+            reason: format!("no GGUF file matches `{}`; it has {}", tag.unwrap_or_default(), names.join(", ")),
+        });
+    };
+    let Some((prefix, count)) = split_part(&first.name) else {
+        return Ok(vec![(*first).clone()]);
+    };
+    let mut parts = Vec::new();
+    for index in 1..=count {
+        let name = format!("{prefix}-{index:05}-of-{count:05}.gguf");
+        match files.iter().find(|file| file.name == name) {
+            Some(file) => parts.push(file.clone()),
+            None => {
+                return Err(Error::HubNotFound {
+                    repo: repo.to_string(),
+                    reason: format!("{} is part of a split model, but part {name} is missing", first.name),
+                })
+            }
+        }
+    }
+    Ok(parts)
+}
+
+/// `model-00001-of-00003.gguf` → (`model`, 3).
+fn split_part(name: &str) -> Option<(&str, u32)> {
+    let stem = name.strip_suffix(".gguf")?;
+    let (rest, count) = stem.rsplit_once("-of-")?;
+    let (prefix, index) = rest.rsplit_once('-')?;
+    let valid = |digits: &str| digits.len() == 5 && digits.chars().all(|c| c.is_ascii_digit());
+    if !valid(count) || !valid(index) {
+        return None;
+    }
+    Some((prefix, count.parse().ok()?))
+}
+
+/// Bytes, rate and time left on stderr, redrawn on one line, only when stderr is a
+/// terminal.
+struct Progress {
+    name: String,
+    total: Option<u64>,
+    started: Instant,
+    start_bytes: u64,
+    last_draw: Option<Instant>,
+    enabled: bool,
+}
+
+impl Progress {
+    fn new(name: &str, have: u64, total: Option<u64>) -> Progress {
+        Progress {
+            name: name.to_string(),
+            total,
+            started: Instant::now(),
+            start_bytes: have,
+            last_draw: None,
+            enabled: io::stderr().is_terminal(),
+        }
+    }
+
+    fn update(&mut self, have: u64) {
+        if self.last_draw.is_some_and(|at| at.elapsed() < Duration::from_millis(200)) {
+            return;
+        }
+        self.draw(have);
+    }
+
+    fn draw(&mut self, have: u64) {
+        if !self.enabled {
+            return;
+        }
+        self.last_draw = Some(Instant::now());
+        let seconds = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = (have - self.start_bytes) as f64 / seconds;
+        let mut line = format!("\r{}: {}", self.name, mib(have));
+        if let Some(total) = self.total {
+            line += &format!(" / {} ({:.0}%)", mib(total), have as f64 * 100.0 / total.max(1) as f64);
+        }
+        line += &format!(", {}/s", mib(rate as u64));
+        if let (Some(total), true) = (self.total, rate > 0.0) {
+            let left = total.saturating_sub(have) as f64 / rate;
+            line += &format!(", {} left", clock(left as u64));
+        }
+        let _ = write!(io::stderr().lock(), "{line}\x1b[K");
+    }
+
+    /// Draws where the download ended, and ends the line.
+    fn finish(&mut self, have: u64) {
+        if self.enabled {
+            self.draw(have);
+            let _ = writeln!(io::stderr().lock());
+        }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+fn clock(seconds: u64) -> String {
+    match seconds {
+        0..=3599 => format!("{}:{:02}", seconds / 60, seconds % 60),
+        _ => format!("{}:{:02}:{:02}", seconds / 3600, seconds % 3600 / 60, seconds % 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(names: &[&str]) -> Vec<RemoteFile> {
+        names.iter().map(|name| RemoteFile { name: name.to_string(), size: Some(1), sha256: None }).collect()
+    }
+
+    fn chosen(names: &[&str], tag: Option<&str>) -> Result<Vec<String>> {
+        Ok(choose("o/r", &files(names), tag)?.into_iter().map(|file| file.name).collect())
+    }
+
+    #[test]
+    fn picks_files_like_llama_cpp() {
+        let repo = ["README.md", "m-Q8_0.gguf", "m-Q4_K_M.gguf", "m-f16.gguf", "mmproj-m-f16.gguf"];
+        assert_eq!(chosen(&repo, None).unwrap(), ["m-Q4_K_M.gguf"]);
+        assert_eq!(chosen(&repo, Some("q8_0")).unwrap(), ["m-Q8_0.gguf"]);
+        assert_eq!(chosen(&repo, Some("F16")).unwrap(), ["m-f16.gguf"]);
+        assert_eq!(chosen(&["b.gguf", "a.gguf"], None).unwrap(), ["a.gguf"]);
+        assert!(matches!(chosen(&repo, Some("Q2_K")), Err(Error::HubNotFound { .. })));
+        assert!(matches!(chosen(&["README.md"], None), Err(Error::HubNotFound { .. })));
+    }
+
+    #[test]
+    fn file_paths_are_encoded_for_urls() {
+        assert_eq!(encode_path("Q4_K_M/m-00001-of-00002.gguf"), "Q4_K_M/m-00001-of-00002.gguf");
+        assert_eq!(encode_path("my model #1?.gguf"), "my%20model%20%231%3F.gguf");
+        assert_eq!(encode_path("ü.gguf"), "%C3%BC.gguf");
+    }
+
+    #[test]
+    fn split_models_come_whole() {
+        let repo = ["Q4_K_M/m-00002-of-00002.gguf", "Q4_K_M/m-00001-of-00002.gguf", "m-Q8_0.gguf"];
+        assert_eq!(chosen(&repo, None).unwrap(), ["Q4_K_M/m-00001-of-00002.gguf", "Q4_K_M/m-00002-of-00002.gguf"]);
+        let missing = ["m-Q4_K_M-00001-of-00003.gguf", "m-Q4_K_M-00002-of-00003.gguf"];
+        assert!(matches!(chosen(&missing, None), Err(Error::HubNotFound { .. })));
+        assert_eq!(split_part("x-00001-of-00003.gguf"), Some(("x", 3)));
+        assert_eq!(split_part("x-1-of-3.gguf"), None);
+    }
+}

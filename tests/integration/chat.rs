@@ -1,0 +1,204 @@
+//! `llmctl chat` (and `run` at a terminal without a prompt) under a pseudo-terminal: a
+//! small Python harness (`pty` module) runs llmctl on a pty, types lines, and waits for
+//! what should appear, with a deadline for each step.
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// Runs the harness steps against `llmctl ARGS` on a pty; returns the exit code and the
+/// transcript. A step is `("expect", TEXT)` (wait until TEXT appears after the previous
+/// match) or `("send", KEYS)`.
+const HARNESS: &str = r#"
+import json, os, pty, select, sys, time
+argv, steps = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+buf, pos = b"", 0
+def read_some(deadline):
+    global buf
+    ready, _, _ = select.select([fd], [], [], max(0, deadline - time.time()))
+    if ready:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        buf += data
+    return True
+def fail(why):
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    sys.stdout.write(buf.decode(errors="replace") + "\n[" + why + "]\n")
+    sys.exit(99)
+for kind, value in steps:
+    if kind == "expect":
+        deadline, needle = time.time() + 60, value.encode()
+        while buf.find(needle, pos) < 0:
+            if time.time() > deadline or not read_some(deadline):
+                fail("no %r" % value)
+        pos = buf.find(needle, pos) + len(needle)
+    else:
+        os.write(fd, value.encode())
+deadline = time.time() + 30
+while time.time() < deadline and read_some(deadline):
+    pass
+while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    if time.time() > deadline:
+        fail("llmctl did not exit")
+    time.sleep(0.01)
+sys.stdout.write(buf.decode(errors="replace"))
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+
+pub fn on_pty(env: &Env, args: &[&str], steps: &[(&str, &str)]) -> (i32, String) {
+    let template = env.command(&[]);
+    let mut command = Command::new("python3");
+    for (name, value) in template.get_envs() {
+        match value {
+            Some(value) => command.env(name, value),
+            None => command.env_remove(name),
+        };
+    }
+    let argv: Vec<&str> = std::iter::once(LLMCTL).chain(args.iter().copied()).collect();
+    let steps: Vec<Value> = steps.iter().map(|(kind, value)| json!([kind, value])).collect();
+    let output = command
+        .arg("-c")
+        .arg(HARNESS)
+        .arg(serde_json::to_string(&argv).unwrap())
+        .arg(serde_json::to_string(&steps).unwrap())
+        .output()
+        .expect("python3 runs the pty harness");
+    (output.status.code().unwrap_or(-1), format!("{}{}", stdout(&output), stderr(&output)))
+}
+
+fn recorded(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
+#[test]
+fn chat_keeps_the_conversation_and_takes_commands() {
+    let mut env = Env::fake();
+    let record = env.path("requests.jsonl");
+    env.set("FAKE_LLAMA_RECORD", &record.display().to_string());
+    let model = env.tiny_model("tiny.gguf");
+    let steps = [
+        ("expect", ">>> "),
+        ("send", "/system be brief\r"),
+        ("expect", ">>> "),
+        ("send", "hello there\r"),
+        ("expect", ">>> "),
+        ("send", "/set temperature 0.5\r"),
+        ("expect", ">>> "),
+        ("send", "second turn\r"),
+        ("expect", ">>> "),
+        ("send", "/clear\r"),
+        ("expect", ">>> "),
+        ("send", "/nonsense\r"),
+        ("expect", "unknown command"),
+        ("expect", ">>> "),
+        ("send", "after clear\r"),
+        ("expect", ">>> "),
+        ("send", "/bye\r"),
+    ];
+    let (code, transcript) = on_pty(&env, &["chat", model.to_str().unwrap()], &steps);
+    assert_eq!(code, 0, "{transcript}");
+
+    let requests: Vec<Value> = recorded(&record).iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    let system = json!({"role": "system", "content": "be brief"});
+    assert_eq!(requests[0]["messages"], json!([system, {"role": "user", "content": "hello there"}]));
+    assert_eq!(
+        requests[1]["messages"],
+        json!([
+            system,
+            {"role": "user", "content": "hello there"},
+            {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "second turn"}
+        ]),
+        "the whole conversation goes with each turn"
+    );
+    assert_eq!(requests[1]["temperature"], 0.5);
+    assert_eq!(requests[2]["messages"], json!([system, {"role": "user", "content": "after clear"}]));
+    let history = std::fs::read_to_string(env.path("state/chat_history")).unwrap();
+    assert!(history.contains("second turn"), "{history}");
+
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn ctrl_c_stops_the_answer_and_ctrl_d_leaves() {
+    let mut env = Env::fake();
+    let record = env.path("requests.jsonl");
+    env.set("FAKE_LLAMA_RECORD", &record.display().to_string());
+    let model = env.tiny_model("tiny.gguf");
+    env.write_config(&format!(
+        "[models.slow]\npath = \"{}\"\nargs = [\"--fake-token-ms\", \"300\"]\n",
+        model.display()
+    ));
+    let words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omega";
+    let typed = format!("{words}\r");
+    let steps = [
+        ("expect", ">>> "),
+        ("send", typed.as_str()),
+        // The echo of the typed line, then the first word of the answer.
+        ("expect", "omega"),
+        ("expect", "alpha"),
+        ("send", "\x03"),
+        ("expect", "(stopped)"),
+        ("expect", ">>> "),
+        ("send", "\x04"),
+    ];
+    let started = std::time::Instant::now();
+    let (code, transcript) = on_pty(&env, &["run", "slow"], &steps);
+    assert_eq!(code, 0, "{transcript}");
+    assert!(!transcript.contains("lambda omega\r\n>>>"), "the answer was not cut: {transcript}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(12 * 300 / 1000 + 30));
+    wait_until("the fake server saw the client go", || recorded(&record).iter().any(|l| l == "cancelled"));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn chat_with_the_real_demo_model() {
+    let env = Env::real();
+    let model = demo_model();
+    let steps = [
+        ("expect", ">>> "),
+        ("send", "My name is Ada. Say hello to me.\r"),
+        ("expect", ">>> "),
+        ("send", "What is my name?\r"),
+        ("expect", ">>> "),
+        ("send", "/bye\r"),
+    ];
+    let (code, transcript) = on_pty(&env, &["chat", "-n", "24", "--temperature", "0", model.to_str().unwrap()], &steps);
+    assert_eq!(code, 0, "{transcript}");
+    let answers: Vec<&str> = transcript.split(">>> ").collect();
+    assert_eq!(answers.len(), 4, "{transcript}");
+    for answer in &answers[1..3] {
+        let lines: Vec<&str> = answer.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() >= 2, "an answer after the typed line: {answer:?}");
+    }
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn a_piped_chat_reads_lines_and_writes_only_answers() {
+    let env = Env::fake();
+    let model = env.tiny_model("tiny.gguf");
+    let output = env.run_with_stdin(&["chat", model.to_str().unwrap()], "hello world\n/clear\nagain\n");
+    assert_success(&output);
+    assert_eq!(stdout(&output), "hello world\nagain\n");
+    assert!(!stderr(&output).contains('\x1b'), "no control codes on a pipe: {:?}", stderr(&output));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
