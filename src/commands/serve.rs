@@ -391,12 +391,22 @@ fn forward(
     }
 }
 
-/// Every name a request may use: config aliases and the demo.
+/// Every name a request may use: config aliases, the demo, pulled models (`OWNER/REPO`)
+/// and the other GGUF files in the models directory, by file name.
 fn known_names(context: &Context, config: &Config) -> Vec<String> {
     let mut names: Vec<String> = config.models.keys().cloned().collect();
     if context.paths.models_dir().join(DEMO_FILE).exists() && !config.models.contains_key(DEMO_ALIAS) {
         names.push(DEMO_ALIAS.to_string());
     }
+    names.extend(crate::library::list(&context.paths).iter().map(crate::library::Pulled::name));
+    for file in crate::library::loose_files(&context.paths) {
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name != DEMO_FILE {
+            names.push(name);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|name| seen.insert(name.clone()));
     names
 }
 

@@ -739,7 +739,9 @@ fn daemon_request(socket: &Path, spec: &serde_json::Value) {
     use std::io::Write;
     let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
     let request = serde_json::json!({"type": "run", "model": spec, "mode": "raw", "prompt": "x", "system": null, "sampling": {"stop": []}});
-    stream.write_all(format!("{{\"type\":\"hello\",\"version\":{}}}\n{request}\n", llmctl::protocol::VERSION).as_bytes()).unwrap();
+    stream
+        .write_all(format!("{{\"type\":\"hello\",\"version\":{}}}\n{request}\n", llmctl::protocol::VERSION).as_bytes())
+        .unwrap();
     for line in BufReader::new(stream).lines() {
         let line = line.unwrap();
         if line.starts_with("{\"type\":\"done\"") {

@@ -173,6 +173,9 @@ fn requests_without_a_known_model_go_to_the_default() {
         "default_model = \"b\"\n[models.a]\npath = \"{0}\"\nparallel = 1\n[models.b]\npath = \"{0}\"\nparallel = 2\n",
         model.display()
     ));
+    // A model file in the models directory is a model too, by its file name.
+    std::fs::create_dir_all(env.path("data/models")).unwrap();
+    tiny_model::write(&env.path("data/models/loose.gguf"), "llama");
     let server = Server::start(&env, &[]);
     for body in [
         serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
@@ -191,7 +194,13 @@ fn requests_without_a_known_model_go_to_the_default() {
     )
     .unwrap();
     let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["a", "b"], "{models}");
+    assert_eq!(ids, ["a", "b", "loose.gguf"], "{models}");
+    let (status, text) = post(
+        &server,
+        "/v1/chat/completions",
+        serde_json::json!({"model": "loose.gguf", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(status, 200, "{text}");
     assert_eq!(models["data"][1]["default"], true);
     assert_eq!(models["data"][1]["loaded"], true);
     assert_eq!(models["data"][0]["loaded"], false);
