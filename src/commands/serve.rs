@@ -444,21 +444,24 @@ fn choose_model(context: &Context, config: &Config, name: Option<&str>, purpose:
     }
 }
 
-/// Resolves a name: an alias, a path, or the file stem of a known model.
+/// Resolves a name among the models llmctl knows: by name, or by the path or file stem of
+/// one of them. Any other path is unknown: a client cannot make llmctl load a file merely
+/// by naming it.
 fn resolve_model(context: &Context, config: &Config, name: &str) -> Result<ModelSpec> {
     let no_overrides = LoadArgs { ctx_size: None, parallel: None, gpu_layers: None };
-    match context.resolve_model(name, &no_overrides) {
-        Err(Error::UnknownModel { .. }) | Err(Error::ModelNotFound { .. }) => {}
-        other => return other,
+    let known = known_names(context, config);
+    if known.iter().any(|known| known == name) {
+        return context.resolve_model(name, &no_overrides);
     }
-    let stem_of = |path: &std::path::Path| path.file_stem().map(|s| s.to_string_lossy().into_owned());
-    for (alias, model) in &config.models {
-        if model.path.as_deref().and_then(stem_of).as_deref() == Some(name) {
-            return context.resolve_model(alias, &no_overrides);
+    let named_path = std::path::Path::new(name).canonicalize().ok();
+    for known in &known {
+        let Ok(spec) = context.resolve_model(known, &no_overrides) else {
+            continue;
+        };
+        let stem = spec.path.file_stem().map(|stem| stem.to_string_lossy().into_owned());
+        if spec.remote.is_none() && (stem.as_deref() == Some(name) || named_path.as_ref() == Some(&spec.path)) {
+            return Ok(spec);
         }
-    }
-    if stem_of(std::path::Path::new(DEMO_FILE)).as_deref() == Some(name) {
-        return context.resolve_model(DEMO_ALIAS, &no_overrides);
     }
     Err(Error::UnknownModel { name: name.to_string() })
 }

@@ -142,8 +142,12 @@ fn errors_are_openai_shaped_with_the_table_statuses() {
         model.display()
     ));
     let server = Server::start(&env, &[]);
+    // A GGUF file no alias names cannot be loaded by naming its path.
+    let stranger = env.tiny_model("stranger.gguf");
     let table = [
         (serde_json::json!({"model": "nope", "prompt": "x"}), 404, "not_found"),
+        (serde_json::json!({"model": stranger, "prompt": "x"}), 404, "not_found"),
+        (serde_json::json!({"model": model, "prompt": "x"}), 507, "no_capacity"),
         (serde_json::json!({"prompt": "x"}), 404, "not_found"),
         (serde_json::json!({"model": "m", "prompt": "x"}), 507, "no_capacity"),
     ];
