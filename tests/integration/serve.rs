@@ -29,7 +29,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).stderr(Stdio::null()).status();
         let _ = self.child.wait();
     }
 }
@@ -939,4 +939,85 @@ fn run_gives_json_for_a_schema_and_follows_a_grammar() {
     std::fs::write(&grammar, "root ::= broken (\n").unwrap();
     let output = env.run(&["run", "--grammar", grammar.to_str().unwrap(), "smol", "x"]);
     assert_exit(&output, 65);
+}
+
+#[test]
+fn many_http_clients_across_three_models_with_one_instance_all_get_answers() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf");
+    let mut config = "max_instances = 1\n".to_string();
+    for name in ["a", "b", "c"] {
+        config += &format!("[models.{name}]\npath = \"{}\"\nargs = [\"--fake-tokens\", \"5\"]\n", model.display());
+    }
+    env.write_config(&config);
+    let server = Server::start(&env, &[]);
+    let base = server.base.clone();
+    let clients: Vec<_> = (0..45)
+        .map(|i| {
+            let base = base.clone();
+            std::thread::spawn(move || {
+                let name = ["a", "b", "c"][i % 3];
+                let body = serde_json::json!({"model": name, "stream": i % 2 == 0,
+                    "messages": [{"role": "user", "content": "hi"}]});
+                let mut response = agent().post(format!("{base}/v1/chat/completions")).send(body.to_string()).unwrap();
+                (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
+            })
+        })
+        .collect();
+    for client in clients {
+        let (status, body) = client.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("t t") || body.matches("\"t \"").count() == 5, "{body}");
+    }
+    let status = env.status_json();
+    let served: u64 = status["instances"].as_array().unwrap().iter().map(|i| i["requests"].as_u64().unwrap()).sum();
+    assert_eq!(served, 45, "{status}");
+    drop(server);
+    drop(env);
+}
+
+#[test]
+fn serve_killed_mid_stream_frees_the_slot_and_a_crashing_child_breaks_the_answer_off() {
+    let mut env = Env::fake();
+    env.set("FAKE_LLAMA_TOKENS", "100000");
+    env.set("FAKE_LLAMA_TOKEN_MS", "5");
+    let model = env.tiny_model("m.gguf");
+    env.write_config(&format!(
+        "[models.m]\npath = \"{0}\"\n[models.crashy]\npath = \"{0}\"\nargs = [\"--fake-crash-after\", \"3\"]\n",
+        model.display()
+    ));
+    let mut server = Server::start(&env, &[]);
+    let stream = send_request(
+        &server,
+        "/v1/chat/completions",
+        &serde_json::json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "x"}]}),
+    );
+    wait_until("the generation runs", || instance(&env, "m")["in_flight"] == 1);
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(stream);
+    wait_until("the slot is free", || instance(&env, "m")["in_flight"] == 0);
+    assert_eq!(instance(&env, "m")["outcomes"]["cancelled"], 1);
+
+    // A child that dies mid-answer: the streamed body is cut off, never ended as if whole.
+    let server = Server::start(&env, &[]);
+    let mut response = agent()
+        .post(format!("{}/v1/chat/completions", server.base))
+        .send(
+            serde_json::json!({"model": "crashy", "stream": true, "messages": [{"role": "user", "content": "x"}]})
+                .to_string(),
+        )
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let read = response.body_mut().read_to_string();
+    assert!(read.is_err() || !read.as_ref().unwrap().contains("[DONE]"), "{read:?}");
+    // The restarted child answers; a crash before any answer is a 502 with the reason.
+    let (status, text) = post(
+        &server,
+        "/v1/chat/completions",
+        serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "{text}");
+    drop(server);
+    drop(env);
 }
