@@ -24,7 +24,7 @@ use crate::gguf::{self, ModelInfo};
 use crate::instance::{key_of, Ended, FileStamp, Handle, Job, JobEvent, Lease, Message, Phase, Pin, Unload};
 use crate::model::ModelSpec;
 use crate::protocol::{
-    self, DaemonStatus, ForwardRequest, QueueStatus, Request, Response, RunRequest, StatusReport, VERSION,
+    self, DaemonStatus, Done, ForwardRequest, QueueStatus, Request, Response, RunRequest, StatusReport, VERSION,
 };
 use crate::sys;
 
@@ -442,34 +442,8 @@ fn stream(
         }
         Ok(())
     });
-    let outcome = match result {
-        Ok(done) => {
-            lease.report.usage = done.usage;
-            lease.report.outcome = Some("ok".into());
-            // The slot is back before the client hears `done`.
-            lease.release();
-            let _ = send_final(writer, &Response::Done(done));
-            return Ok(());
-        }
-        Err(GenerateError::Cancelled) if lease.generation.is_stopped() => {
-            generation_failed(shared, &mut lease, &request.model, GenerateError::Broken("stopped".into()))
-        }
-        // The client went away; dropping the HTTP response closed the upstream connection,
-        // which makes llama-server stop generating and free the slot.
-        Err(GenerateError::Cancelled) => {
-            log::debug!("client of {} went away; generation cancelled", request.model.name);
-            lease.report.outcome = Some("cancelled".into());
-            return Ok(());
-        }
-        Err(GenerateError::Broken(message)) if lease.replica.is_some() && lease.report.first_token.is_none() => {
-            log::warn!("the server {} for {} failed: {message}", lease.client.base_url(), request.model.name);
-            lease.report.replica_failed = true;
-            return Err(Retry::OtherReplica);
-        }
-        Err(error) => generation_failed(shared, &mut lease, &request.model, error),
-    };
-    lease.report.outcome = Some(outcome.kind().name().to_string());
-    Err(Retry::No(outcome))
+    let answered = lease.report.first_token.is_some();
+    conclude(shared, lease, &request.model, result, "ok", answered, writer)
 }
 
 /// Relays one forwarded request on `lease`: the answer's head, then its bytes as they come.
@@ -508,32 +482,52 @@ fn relay(
         }
         writer.flush()
     });
+    // What llama-server answered with is passed on as it is; the outcome counts its status.
+    let ok = match status {
+        400..=499 => ErrorKind::Data.name(),
+        500.. => ErrorKind::Backend.name(),
+        _ => "ok",
+    };
+    conclude(shared, lease, &request.model, result, ok, status != 0, writer)
+}
+
+/// What a finished generation or forwarded request leaves: the slot back before the client
+/// hears `done`; a cancellation noted; another server to try when a remote one failed
+/// before `answered`; or the failure classified.
+fn conclude(
+    shared: &Shared,
+    mut lease: Lease,
+    spec: &ModelSpec,
+    result: std::result::Result<Done, GenerateError>,
+    ok: &str,
+    answered: bool,
+    writer: &mut Writer,
+) -> std::result::Result<(), Retry> {
     let error = match result {
         Ok(done) => {
             lease.report.usage = done.usage;
-            lease.report.outcome = Some(match status {
-                400..=499 => ErrorKind::Data.name().to_string(),
-                500.. => ErrorKind::Backend.name().to_string(),
-                _ => "ok".to_string(),
-            });
+            lease.report.outcome = Some(ok.to_string());
             lease.release();
             let _ = send_final(writer, &Response::Done(done));
             return Ok(());
         }
+        // `stop` or `shutdown` cut the stream off.
         Err(GenerateError::Cancelled) if lease.generation.is_stopped() => {
-            generation_failed(shared, &mut lease, &request.model, GenerateError::Broken("stopped".into()))
+            generation_failed(shared, &mut lease, spec, GenerateError::Broken("stopped".into()))
         }
+        // The client went away; dropping the HTTP response closed the upstream connection,
+        // which makes llama-server stop generating and free the slot.
         Err(GenerateError::Cancelled) => {
-            log::debug!("client of {} went away; forwarded request cancelled", request.model.name);
+            log::debug!("client of {} went away; its request was cancelled", spec.name);
             lease.report.outcome = Some("cancelled".into());
             return Ok(());
         }
-        Err(GenerateError::Broken(message)) if lease.replica.is_some() && status == 0 => {
-            log::warn!("the server {} for {} failed: {message}", lease.client.base_url(), request.model.name);
+        Err(GenerateError::Broken(message)) if lease.replica.is_some() && !answered => {
+            log::warn!("the server {} for {} failed: {message}", lease.client.base_url(), spec.name);
             lease.report.replica_failed = true;
             return Err(Retry::OtherReplica);
         }
-        Err(error) => generation_failed(shared, &mut lease, &request.model, error),
+        Err(error) => generation_failed(shared, &mut lease, spec, error),
     };
     lease.report.outcome = Some(error.kind().name().to_string());
     Err(Retry::No(error))

@@ -304,18 +304,7 @@ print(done.choices[0].text)
 "#,
         base = server.base
     );
-    let mut python = Command::new(test_python())
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    python.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    let output = python.wait_with_output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let mut out = String::new();
-    output.stdout.as_slice().read_to_string(&mut out).unwrap();
+    let out = python(&script);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines, [expected.as_str(), expected.as_str(), " Pipes carry bytes"], "{out}");
 }
