@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::cli::{LoadArgs, ServeArgs};
+use crate::cli::ServeArgs;
 use crate::client;
 use crate::commands::Context;
 use crate::config::Config;
@@ -420,7 +420,6 @@ fn choose_model(context: &Context, config: &Config, name: Option<&str>, purpose:
             other => return other,
         }
     }
-    let no_overrides = LoadArgs { ctx_size: None, parallel: None, gpu_layers: None };
     let for_purpose = config.models.iter().find(|(_, model)| match purpose {
         Purpose::Embed => model.embeddings,
         Purpose::Rerank => model.reranking,
@@ -432,7 +431,7 @@ fn choose_model(context: &Context, config: &Config, name: Option<&str>, purpose:
         .or_else(|| config.default_model.clone())
         .or_else(|| (names.len() == 1).then(|| names[0].clone()));
     match fallback {
-        Some(alias) => context.resolve_model(&alias, &no_overrides),
+        Some(alias) => resolve_known(context, config, &alias),
         None => {
             let asked = name.map(|name| format!("no model `{name}`")).unwrap_or_else(|| "no `model` given".into());
             let listed = if names.is_empty() { "none is configured".to_string() } else { names.join(", ") };
@@ -448,14 +447,17 @@ fn choose_model(context: &Context, config: &Config, name: Option<&str>, purpose:
 /// one of them. Any other path is unknown: a client cannot make llmctl load a file merely
 /// by naming it.
 fn resolve_model(context: &Context, config: &Config, name: &str) -> Result<ModelSpec> {
-    let no_overrides = LoadArgs { ctx_size: None, parallel: None, gpu_layers: None };
+    // Aliases first: the common case reads no directory.
+    if config.models.contains_key(name) || name == DEMO_ALIAS {
+        return resolve_known(context, config, name);
+    }
     let known = known_names(context, config);
     if known.iter().any(|known| known == name) {
-        return context.resolve_model(name, &no_overrides);
+        return resolve_known(context, config, name);
     }
     let named_path = std::path::Path::new(name).canonicalize().ok();
     for known in &known {
-        let Ok(spec) = context.resolve_model(known, &no_overrides) else {
+        let Ok(spec) = resolve_known(context, config, known) else {
             continue;
         };
         let stem = spec.path.file_stem().map(|stem| stem.to_string_lossy().into_owned());
@@ -464,6 +466,11 @@ fn resolve_model(context: &Context, config: &Config, name: &str) -> Result<Model
         }
     }
     Err(Error::UnknownModel { name: name.to_string() })
+}
+
+/// Resolves a name with the config already read.
+fn resolve_known(context: &Context, config: &Config, name: &str) -> Result<ModelSpec> {
+    crate::model::resolve(name, config, &context.paths, &crate::model::LoadOverrides::default())
 }
 
 /// Every model a client can name, with what it can use: context length, kind, whether it
