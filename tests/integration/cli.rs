@@ -564,3 +564,17 @@ fn a_model_whose_file_is_gone_can_still_be_stopped() {
     assert_success(&env.run(&["stop", model.to_str().unwrap()]));
     assert!(!alive(pid), "the instance of a deleted file was not stopped");
 }
+
+#[test]
+fn a_mistyped_subcommand_is_exit_2_and_never_suggests_a_destructive_one() {
+    let env = Env::fake();
+    let output = env.run(&["shotdown"]);
+    assert_exit(&output, 2);
+    let err = stderr(&output);
+    assert!(!err.contains("'shutdown'"), "{err}");
+    assert!(err.contains("llmctl --help"), "{err}");
+
+    let output = env.run(&["stauts"]);
+    assert_exit(&output, 2);
+    assert!(stderr(&output).contains("'status'"), "{}", stderr(&output));
+}
