@@ -207,3 +207,23 @@ fn long_help_has_the_same_sections_as_the_man_page() {
         assert!(help.contains(&format!("{heading}:\n{body}")), "{heading} missing from --help:\n{help}");
     }
 }
+
+/// The systemd user unit in README.md: the three sections, and an ExecStart that runs a
+/// subcommand llmctl has.
+#[test]
+fn the_readme_systemd_unit_is_well_formed() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let unit =
+        readme.split("```ini\n").nth(1).and_then(|rest| rest.split("```").next()).expect("an ini block in README.md");
+    let sections: Vec<&str> = unit.lines().filter(|line| line.starts_with('[')).collect();
+    assert_eq!(sections, ["[Unit]", "[Service]", "[Install]"], "{unit}");
+    for line in unit.lines().filter(|line| !line.is_empty() && !line.starts_with('[')) {
+        assert!(line.split_once('=').is_some_and(|(key, value)| !key.is_empty() && !value.is_empty()), "{line}");
+    }
+    let exec_start = unit.lines().find_map(|line| line.strip_prefix("ExecStart=")).expect("ExecStart");
+    let words: Vec<&str> = exec_start.split_whitespace().collect();
+    assert!(words[0].ends_with("/llmctl"), "{exec_start}");
+    let command = llmctl::cli::command();
+    assert!(command.find_subcommand(words[1]).is_some(), "no subcommand {}", words[1]);
+    assert!(unit.contains("Restart=on-failure") && unit.contains("WantedBy=default.target"), "{unit}");
+}
