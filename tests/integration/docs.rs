@@ -32,7 +32,7 @@ fn generated() -> Vec<(String, Vec<u8>)> {
 /// ENVIRONMENT, FILES, EXIT STATUS) instead of a single EXTRA section.
 fn main_page(command: &clap::Command) -> Vec<u8> {
     let man = clap_mangen::Man::new(command.clone());
-    let sections: [fn(&clap_mangen::Man, &mut dyn std::io::Write) -> std::io::Result<()>; 6] = [
+    let sections: [RenderSection; 6] = [
         clap_mangen::Man::render_title,
         clap_mangen::Man::render_name_section,
         clap_mangen::Man::render_synopsis_section,
@@ -62,6 +62,9 @@ fn main_page(command: &clap::Command) -> Vec<u8> {
     page.extend_from_slice(version.strip_prefix(ROFF_PREAMBLE).unwrap_or(&version));
     page
 }
+
+/// One of clap_mangen's `Man::render_*` methods.
+type RenderSection = fn(&clap_mangen::Man, &mut dyn std::io::Write) -> std::io::Result<()>;
 
 /// What the roff crate writes at the top of every document it renders.
 const ROFF_PREAMBLE: &[u8] = b".ie \\n(.g .ds Aq \\(aq\n.el .ds Aq '\n";
