@@ -78,8 +78,11 @@ fn a_waiting_client_hears_its_position_and_can_give_up() {
     let mut waiter = std::os::unix::net::UnixStream::connect(env.socket()).unwrap();
     let spec = serde_json::json!({"name": "one", "path": env.path("models/one.gguf"), "load": {"ctx_size": null, "parallel": 1, "extra_args": ["--fake-tokens", "40", "--fake-token-ms", "10"]}});
     let request = serde_json::json!({"type": "run", "model": spec, "mode": "raw", "prompt": "x", "system": null, "sampling": {"stop": []}});
-    std::io::Write::write_all(&mut waiter, format!("{{\"type\":\"hello\",\"version\":{}}}\n{request}\n", llmctl::protocol::VERSION).as_bytes())
-        .unwrap();
+    std::io::Write::write_all(
+        &mut waiter,
+        format!("{{\"type\":\"hello\",\"version\":{}}}\n{request}\n", llmctl::protocol::VERSION).as_bytes(),
+    )
+    .unwrap();
     let mut lines = BufReader::new(waiter.try_clone().unwrap()).lines();
     let _hello = lines.next().unwrap().unwrap();
     let queued: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();

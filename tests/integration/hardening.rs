@@ -138,7 +138,9 @@ fn a_client_that_stops_reading_gives_its_slot_back() {
     let mut stalled = UnixStream::connect(env.socket()).unwrap();
     let model = serde_json::json!({"name": "flood", "path": path, "load": {"ctx_size": null, "parallel": 1, "gpu_layers": null, "extra_args": ["--fake-tokens", "10000000"]}});
     let request = serde_json::json!({"type": "run", "model": model, "mode": "raw", "prompt": "go", "system": null, "sampling": {"stop": []}});
-    stalled.write_all(format!("{{\"type\":\"hello\",\"version\":{}}}\n{request}\n", llmctl::protocol::VERSION).as_bytes()).unwrap();
+    stalled
+        .write_all(format!("{{\"type\":\"hello\",\"version\":{}}}\n{request}\n", llmctl::protocol::VERSION).as_bytes())
+        .unwrap();
     wait_until("the stalled client holds the slot", || env.status_json()["instances"][0]["in_flight"] == 1);
     wait_until("the slot comes back", || env.status_json()["instances"][0]["in_flight"] == 0);
     let output = env.run(&["run", "--raw", "-n", "3", "flood", "go"]);

@@ -255,7 +255,13 @@ fn protocol_abuse_gets_an_error_and_harms_no_one() {
 
     let mut wrong_shape = connect();
     wrong_shape
-        .write_all(format!("{{\"type\":\"hello\",\"version\":{}}}\n{{\"type\":\"run\",\"prompt\":5}}\n", llmctl::protocol::VERSION).as_bytes())
+        .write_all(
+            format!(
+                "{{\"type\":\"hello\",\"version\":{}}}\n{{\"type\":\"run\",\"prompt\":5}}\n",
+                llmctl::protocol::VERSION
+            )
+            .as_bytes(),
+        )
         .unwrap();
     let mut reader = BufReader::new(wrong_shape.try_clone().unwrap());
     let mut hello = String::new();
