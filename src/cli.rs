@@ -48,8 +48,7 @@ Per-model keys, in a [models.NAME] table (NAME is then an alias for MODEL):
     api_key_env      the variable holding the bearer token for url/urls
     ca_file          a CA to trust for https url/urls instead of Mozilla's roots";
 
-pub const ENVIRONMENT_HELP: &str = "\
-    LLMCTL_SOCKET           the daemon's Unix socket (as --socket)
+pub const ENVIRONMENT_HELP: &str = "    LLMCTL_SOCKET           the daemon's Unix socket (as --socket)
     LLMCTL_CONFIG           the config file (as --config)
     LLMCTL_LLAMA_SERVER     the llama-server binary (as --llama-server)
     LLMCTL_NO_AUTOSTART     set (not 0 or false): fail instead of starting the daemon
@@ -70,8 +69,7 @@ pub const ENVIRONMENT_HELP: &str = "\
     VULKAN_SDK              where `setup` looks for the Vulkan headers
     RUST_LOG                log filter for diagnostics on stderr (overrides -v)";
 
-pub const FILES_HELP: &str = "\
-    $XDG_RUNTIME_DIR/llmctl/llmctl.sock, else /run/user/$UID/llmctl/llmctl.sock,
+pub const FILES_HELP: &str = "    $XDG_RUNTIME_DIR/llmctl/llmctl.sock, else /run/user/$UID/llmctl/llmctl.sock,
     else /tmp/llmctl-$UID/llmctl.sock
         the daemon's socket and lock file; SOCKET.children/ holds the children's sockets
     $XDG_CONFIG_HOME/llmctl/config.toml, else ~/.config/llmctl/config.toml
@@ -83,8 +81,7 @@ pub const FILES_HELP: &str = "\
     $XDG_CACHE_HOME/llmctl, else ~/.cache/llmctl
         setup downloads and build tree, the GGUF header cache of `ls`";
 
-pub const EXIT_STATUS_HELP: &str = "\
-    0    success; also when the reader of stdout went away
+pub const EXIT_STATUS_HELP: &str = "    0    success; also when the reader of stdout went away
     1    unexpected internal error (a bug)
     2    bad command line
     65   bad input data: not a GGUF file, truncated file, invalid parameter, bad config,
