@@ -5,9 +5,83 @@ use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-pub const EXIT_STATUS_HELP: &str = "\
-EXIT STATUS:
-    0    success; also when the reader of stdout went away
+/// The sections after the options in `llmctl --help` and in the man page, as (heading,
+/// body): both are generated from here so they cannot disagree.
+pub const HELP_SECTIONS: [(&str, &str); 4] = [
+    ("CONFIGURATION", CONFIGURATION_HELP),
+    ("ENVIRONMENT", ENVIRONMENT_HELP),
+    ("FILES", FILES_HELP),
+    ("EXIT STATUS", EXIT_STATUS_HELP),
+];
+
+pub const CONFIGURATION_HELP: &str = "\
+The config file is TOML; every key is optional and an unknown key is an error (exit 65).
+`llmctl config` prints the effective settings and where each came from; `llmctl reload`
+makes a running daemon read the file again.
+
+Top-level keys:
+    llama_server     path of the llama-server binary
+    queue_depth      requests that may wait for a slot before new ones get exit 75 (64)
+    memory_budget    memory of all instances together: bytes, \"12GiB\" or \"75%\" of MemTotal
+    vram_budget      GPU memory of all instances together, where nvidia-smi exists (\"90%\")
+    max_instances    the most instances loaded at once, 1..=1024
+    default_ttl      unload an instance idle this long: \"30m\", \"2h\", \"never\" (the default)
+    load_timeout     seconds a load may go without any llama-server output (120)
+    token_timeout    seconds without a token before a generation fails with 124 (300)
+    crash_limit      failures within crash_window seconds after which a model is not
+    crash_window     restarted until `llmctl stop MODEL` (3 within 60)
+    default_model    the model `serve` answers with when a request names none it knows
+    cors_origins     web origins allowed to call `serve`, or [\"*\"]; default: this machine
+
+Per-model keys, in a [models.NAME] table (NAME is then an alias for MODEL):
+    path             the .gguf file; relative to the config file's directory
+    ctx_size         context size in tokens (llama-server -c), 16..=16777216
+    parallel         parallel slots (llama-server -np), 1..=256
+    gpu_layers       layers to offload to the GPU, 0..=1000
+    args             more llama-server arguments, passed as they are
+    pinned           true: never evicted for memory, never unloaded by its TTL
+    ttl              this model's idle TTL
+    max_queued       requests that may wait for this model; more get exit 75
+    embeddings       start llama-server with --embeddings (answers /v1/embeddings)
+    reranking        start llama-server with --reranking (answers /v1/rerank)
+    url, urls        a server that already runs, fronted but never started or stopped
+    api_key_env      the variable holding the bearer token for url/urls
+    ca_file          a CA to trust for https url/urls instead of Mozilla's roots";
+
+pub const ENVIRONMENT_HELP: &str = "    LLMCTL_SOCKET           the daemon's Unix socket (as --socket)
+    LLMCTL_CONFIG           the config file (as --config)
+    LLMCTL_LLAMA_SERVER     the llama-server binary (as --llama-server)
+    LLMCTL_NO_AUTOSTART     set (not 0 or false): fail instead of starting the daemon
+    LLMCTL_NO_SETUP         set (not 0): never build llama-server or install the demo
+                            model on first use
+    LLMCTL_MEMORY_BUDGET    overrides memory_budget of the config file
+    LLMCTL_API_KEY          the key `serve` requires (or --api-key-file)
+    LLMCTL_CHILDREN_ON_TCP  1: llama-server children listen on loopback TCP, each with a
+                            random key, instead of a private Unix socket
+    LLMCTL_STOP_GRACE_MS    milliseconds a child gets after SIGTERM before SIGKILL (5000)
+    LLMCTL_STATE_DIR        state directory (logs, state.json)
+    LLMCTL_DATA_DIR         data directory (llama-server, demo and pulled models)
+    LLMCTL_CACHE_DIR        cache directory (setup downloads and builds, header cache)
+    XDG_RUNTIME_DIR, XDG_STATE_HOME, XDG_CONFIG_HOME, XDG_DATA_HOME, XDG_CACHE_HOME
+                            where the directories above are when no LLMCTL_* names them
+    HF_ENDPOINT             the Hugging Face Hub `pull` downloads from
+    HF_TOKEN                a Hub token, for gated or private repositories
+    VULKAN_SDK              where `setup` looks for the Vulkan headers
+    RUST_LOG                log filter for diagnostics on stderr (overrides -v)";
+
+pub const FILES_HELP: &str = "    $XDG_RUNTIME_DIR/llmctl/llmctl.sock, else /run/user/$UID/llmctl/llmctl.sock,
+    else /tmp/llmctl-$UID/llmctl.sock
+        the daemon's socket and lock file; SOCKET.children/ holds the children's sockets
+    $XDG_CONFIG_HOME/llmctl/config.toml, else ~/.config/llmctl/config.toml
+        the config file (optional)
+    $XDG_STATE_HOME/llmctl, else ~/.local/state/llmctl
+        the daemon log, per-model llama-server logs (logs/) and state.json
+    $XDG_DATA_HOME/llmctl, else ~/.local/share/llmctl
+        the installed llama-server, the demo model and pulled models (models/)
+    $XDG_CACHE_HOME/llmctl, else ~/.cache/llmctl
+        setup downloads and build tree, the GGUF header cache of `ls`";
+
+pub const EXIT_STATUS_HELP: &str = "    0    success; also when the reader of stdout went away
     1    unexpected internal error (a bug)
     2    bad command line
     65   bad input data: not a GGUF file, truncated file, invalid parameter, bad config,
@@ -23,6 +97,11 @@ EXIT STATUS:
     124  timed out: load, queue wait or generation deadline
     130  interrupted (SIGINT)";
 
+/// `llmctl --help` after the options: every section of [`HELP_SECTIONS`] under its heading.
+fn after_long_help() -> String {
+    HELP_SECTIONS.iter().map(|(heading, body)| format!("{heading}:\n{body}")).collect::<Vec<_>>().join("\n\n")
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "llmctl",
@@ -32,7 +111,7 @@ EXIT STATUS:
         `llmctl run MODEL PROMPT` streams generated text to stdout. Behind it a small daemon, \
         reached over a Unix socket and started on demand, runs one llama.cpp llama-server per \
         model, keeps loaded models warm and never leaves a child process behind.",
-    after_long_help = EXIT_STATUS_HELP
+    after_long_help = after_long_help()
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -386,6 +465,39 @@ fn parse_unit(text: &str) -> Result<f32, String> {
     Ok(value)
 }
 
+/// Subcommands that stop or delete something. A typo is never answered with one of them:
+/// `llmctl shotdown` must not teach the user to type `shutdown` on autopilot.
+const DESTRUCTIVE_SUBCOMMANDS: [&str; 3] = ["shutdown", "stop", "rm"];
+
+/// Parses the command line like [`Parser::try_parse_from`], except that an error never
+/// suggests a destructive subcommand; where it would have, it points at `--help` instead.
+pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, clap::Error> {
+    use clap::error::{ContextKind, ContextValue};
+
+    Cli::try_parse_from(args).map_err(|mut error| {
+        let Some(ContextValue::Strings(suggested)) = error.get(ContextKind::SuggestedSubcommand) else {
+            return error;
+        };
+        let safe: Vec<String> =
+            suggested.iter().filter(|name| !DESTRUCTIVE_SUBCOMMANDS.contains(&name.as_str())).cloned().collect();
+        if safe.len() == suggested.len() {
+            return error;
+        }
+        if safe.is_empty() {
+            error.remove(ContextKind::SuggestedSubcommand);
+        } else {
+            error.insert(ContextKind::SuggestedSubcommand, ContextValue::Strings(safe));
+        }
+        let mut tips = match error.remove(ContextKind::Suggested) {
+            Some(ContextValue::StyledStrs(tips)) => tips,
+            _ => Vec::new(),
+        };
+        tips.push("`llmctl --help` lists every subcommand".into());
+        error.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+        error
+    })
+}
+
 /// The clap command, for the man page and completion generators.
 pub fn command() -> clap::Command {
     Cli::command()
@@ -398,6 +510,25 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         command().debug_assert();
+    }
+
+    #[test]
+    fn a_typo_never_suggests_a_destructive_subcommand() {
+        for typo in ["shotdown", "shutdwn", "stpo", "sotp", "rmm"] {
+            let error = parse(["llmctl".into(), typo.into()]).unwrap_err();
+            assert_eq!(error.kind(), clap::error::ErrorKind::InvalidSubcommand, "{typo}");
+            let message = error.render().to_string();
+            for destructive in DESTRUCTIVE_SUBCOMMANDS {
+                assert!(!message.contains(&format!("'{destructive}'")), "{typo} suggested {destructive}:\n{message}");
+            }
+            assert!(message.contains("llmctl --help"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_typo_still_gets_a_harmless_suggestion() {
+        let message = parse(["llmctl".into(), "stauts".into()]).unwrap_err().render().to_string();
+        assert!(message.contains("'status'"), "{message}");
     }
 
     #[test]

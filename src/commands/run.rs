@@ -4,6 +4,8 @@
 //! only when more are already buffered). Progress goes to stderr and only to a terminal.
 //! When the reader of stdout goes away, dropping the connection makes the daemon cancel the
 //! generation upstream, and the command succeeds. Ctrl-C cancels the same way and exits 130.
+//! On a terminal the text always ends with a newline, even when cut short, so the shell
+//! prompt starts a fresh line; a pipe gets exactly the generated text.
 
 use std::io::{self, BufWriter, IsTerminal, Read, Write};
 use std::os::fd::RawFd;
@@ -166,11 +168,29 @@ fn stream(connection: &mut client::Connection, request: &Request, args: &RunArgs
         }
         Ok(())
     };
+    // Whatever ends the stream early (Ctrl-C, an error, a broken connection) leaves the
+    // terminal as the shell expects it: progress cleared, and the next line fresh.
+    let end_early = |out: &mut BufWriter<io::StdoutLock<'_>>, last_byte: u8, progress_shown: bool| {
+        if progress_shown {
+            eprint!("\r\x1b[K");
+        }
+        if stdout_is_terminal && !args.json && last_byte != b'\n' {
+            let _ = out.write_all(b"\n");
+        }
+        let _ = out.flush();
+    };
     loop {
         if INTERRUPTED.load(Ordering::SeqCst) {
+            end_early(&mut out, last_byte, progress_shown);
             return Err(Error::Interrupted);
         }
-        let response = connection.recv()?;
+        let response = match connection.recv() {
+            Ok(response) => response,
+            Err(error) => {
+                end_early(&mut out, last_byte, progress_shown);
+                return Err(error);
+            }
+        };
         let flush = !connection.has_buffered();
         let written = match response {
             Response::Loading { model } => {
@@ -224,10 +244,7 @@ fn stream(connection: &mut client::Connection, request: &Request, args: &RunArgs
                 };
             }
             Response::Error { kind, message, .. } => {
-                let _ = out.flush();
-                if progress_shown {
-                    eprint!("\r\x1b[K");
-                }
+                end_early(&mut out, last_byte, progress_shown);
                 return Err(Error::Remote { kind, message });
             }
             other => return Err(Error::internal(format!("unexpected message from the daemon: {other:?}"))),

@@ -1,4 +1,9 @@
 //! `llmctl status [--json]`: the daemon, its queue and every instance.
+//!
+//! The JSON is the daemon's report as it is. The table tells instances of one model apart
+//! by their context size and by the load options on the child's command line (read from
+//! `/proc/PID/cmdline`, since the report does not carry them), and leaves out instances that
+//! stopped or failed more than a day ago.
 
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -7,7 +12,10 @@ use crate::cli::StatusArgs;
 use crate::client;
 use crate::commands::Context;
 use crate::error::{Error, Result};
-use crate::protocol::{Request, Response, StatusReport};
+use crate::protocol::{InstanceStatus, Request, Response, StatusReport};
+
+/// Stopped and failed instances last used longer ago than this are left out of the table.
+const FORGET_AFTER_MS: u64 = 24 * 3600 * 1000;
 
 pub fn run(context: &Context, args: StatusArgs) -> Result<()> {
     let mut connection = client::connect(context)?;
@@ -19,7 +27,7 @@ pub fn run(context: &Context, args: StatusArgs) -> Result<()> {
         json.push('\n');
         json
     } else {
-        render(&report, now_ms())
+        render(&report, now_ms(), cmdline_of)
     };
     match std::io::stdout().lock().write_all(text.as_bytes()) {
         // A closed pipe (`| head`) is the reader's choice, not a failure.
@@ -32,8 +40,59 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// The human-readable table.
-pub fn render(report: &StatusReport, now_ms: u64) -> String {
+/// The command line of process `pid`, if it still runs and is ours to read.
+fn cmdline_of(pid: u32) -> Option<Vec<String>> {
+    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        bytes
+            .split(|&b| b == 0)
+            .filter(|arg| !arg.is_empty())
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect(),
+    )
+}
+
+/// What sets an instance apart beyond its model, context size and slots, from the child's
+/// command line: `embeddings`, `reranking`, the GPU layers and the extra arguments. The
+/// arguments every child gets (see `backend::llama::command`) are left out.
+fn load_options(argv: &[String]) -> String {
+    // Flags llmctl passes with a value that the table shows elsewhere or that never differ.
+    const WITH_VALUE: [&str; 8] =
+        ["--model", "--alias", "--host", "--port", "--cors-origins", "--log-colors", "--parallel", "--ctx-size"];
+    let mut options = Vec::new();
+    let mut args = argv.iter().skip(1).peekable();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            flag if WITH_VALUE.contains(&flag) => {
+                args.next();
+            }
+            "--no-webui" => {}
+            "--n-gpu-layers" => options.push(format!("gpu-layers {}", args.next().map(String::as_str).unwrap_or("?"))),
+            "--embeddings" => {
+                options.push("embeddings".to_string());
+                // llmctl adds mean pooling right after --embeddings when the model names none.
+                if args.peek().is_some_and(|next| *next == "--pooling") {
+                    args.next();
+                    args.next();
+                }
+            }
+            "--reranking" => options.push("reranking".to_string()),
+            other => options.push(other.to_string()),
+        }
+    }
+    options.join(" ")
+}
+
+/// Stopped or failed, not in a crash loop (which needs `llmctl stop`), and last used more
+/// than [`FORGET_AFTER_MS`] ago.
+fn is_forgotten(instance: &InstanceStatus, now_ms: u64) -> bool {
+    matches!(instance.state.as_str(), "stopped" | "failed")
+        && !instance.crash_loop
+        && instance.last_used_ms.is_some_and(|t| now_ms.saturating_sub(t) > FORGET_AFTER_MS)
+}
+
+/// The human-readable table; `cmdline_of` gives a child's command line by pid.
+pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Option<Vec<String>>) -> String {
     let daemon = &report.daemon;
     let mut out = format!(
         "daemon  pid {}, up {}, memory {}, socket {}\nserver  {}\nqueue   {} waiting of {}, {} rejected\n",
@@ -46,23 +105,49 @@ pub fn render(report: &StatusReport, now_ms: u64) -> String {
         report.queue.depth,
         report.queue.rejected,
     );
-    if report.instances.is_empty() {
+    let instances: Vec<&InstanceStatus> =
+        report.instances.iter().filter(|instance| !is_forgotten(instance, now_ms)).collect();
+    let forgotten = report.instances.len() - instances.len();
+    let forgotten_note = match forgotten {
+        0 => String::new(),
+        n => format!("{n} stopped or failed more than a day ago not shown; `llmctl status --json` lists them\n"),
+    };
+    if instances.is_empty() {
         out.push_str("no models loaded\n");
+        out.push_str(&forgotten_note);
         return out;
     }
-    let mut rows =
-        vec![["MODEL", "STATE", "PID", "PORT", "SLOTS", "MEMORY", "ESTIMATE", "LAST USE", "REQUESTS", "TOKENS IN/OUT"]
-            .map(String::from)];
-    for instance in &report.instances {
+    let mut rows = vec![[
+        "MODEL",
+        "STATE",
+        "PID",
+        "PORT",
+        "CTX",
+        "SLOTS",
+        "MEMORY",
+        "ESTIMATE",
+        "LAST USE",
+        "REQUESTS",
+        "TOKENS IN/OUT",
+        "OPTIONS",
+    ]
+    .map(String::from)];
+    for instance in &instances {
+        let options = instance.pid.and_then(&cmdline_of).map(|argv| load_options(&argv)).unwrap_or_default();
         rows.push([
             instance.name.clone(),
-            match (instance.pinned, &instance.remote) {
-                (_, Some(_)) => format!("{} (remote)", instance.state),
-                (true, None) => format!("{} (pinned)", instance.state),
-                (false, None) => instance.state.clone(),
+            match (instance.pinned, &instance.remote, instance.pinned_until_ms) {
+                (_, Some(_), _) => format!("{} (remote)", instance.state),
+                (true, None, Some(until)) if until > now_ms => {
+                    // Rounded up, so a fresh `warm --ttl 2h` reads "2h00m", not "1h59m".
+                    format!("{} (pinned {})", instance.state, duration((until - now_ms).div_ceil(1000) * 1000))
+                }
+                (true, None, _) => format!("{} (pinned)", instance.state),
+                (false, None, _) => instance.state.clone(),
             },
             instance.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             instance.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            instance.ctx_size.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
             format!("{}/{}", instance.in_flight, instance.slots),
             instance.rss_bytes.map(bytes).unwrap_or_else(|| "-".into()),
             bytes(instance.estimate_bytes),
@@ -72,6 +157,7 @@ pub fn render(report: &StatusReport, now_ms: u64) -> String {
                 .unwrap_or_else(|| "never".into()),
             instance.requests.to_string(),
             format!("{}/{}", instance.usage.prompt_tokens, instance.usage.completion_tokens),
+            if options.is_empty() { "-".into() } else { options },
         ]);
     }
     let widths: Vec<usize> =
@@ -82,7 +168,8 @@ pub fn render(report: &StatusReport, now_ms: u64) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
-    for instance in &report.instances {
+    out.push_str(&forgotten_note);
+    for instance in &instances {
         if let Some(failure) = &instance.failure {
             let first_line = failure.lines().next().unwrap_or_default();
             out.push_str(&format!("{}: {first_line}\n", instance.name));
@@ -109,6 +196,16 @@ mod tests {
     use super::*;
     use crate::protocol::{InstanceStatus, Usage};
 
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+
+    fn no_cmdline(_pid: u32) -> Option<Vec<String>> {
+        None
+    }
+
+    fn argv(text: &str) -> Vec<String> {
+        text.split(' ').map(String::from).collect()
+    }
+
     #[test]
     fn renders_a_table() {
         let mut report = StatusReport::default();
@@ -127,11 +224,94 @@ mod tests {
             usage: Usage { prompt_tokens: 10, completion_tokens: 20 },
             ..InstanceStatus::default()
         });
-        let text = render(&report, 31_000);
+        let text = render(&report, 31_000, no_cmdline);
         assert!(text.contains("up 1m05s"), "{text}");
         assert!(
-            text.contains("demo   ready  7    4000  0/1    150 MiB  200 MiB   30s ago   3         10/20"),
+            text.contains(
+                "demo   ready  7    4000  -    0/1    150 MiB  200 MiB   30s ago   3         10/20          -"
+            ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn instances_of_one_model_differ_by_context_and_options() {
+        let mut report = StatusReport::default();
+        for (pid, ctx_size) in [(7, Some(4096)), (8, None), (9, None), (10, None)] {
+            report.instances.push(InstanceStatus {
+                name: "smol".into(),
+                state: "ready".into(),
+                pid: Some(pid),
+                ctx_size,
+                slots: 1,
+                ..InstanceStatus::default()
+            });
+        }
+        let common =
+            "llama-server --model /m/smol.gguf --alias smol --host /run/s --cors-origins http://llmctl.invalid \
+                      --no-webui --log-colors off --parallel 1";
+        let text = render(&report, 0, |pid| match pid {
+            7 => Some(argv(&format!("{common} --ctx-size 4096"))),
+            8 => Some(argv(&format!("{common} --embeddings --pooling mean"))),
+            9 => Some(argv(&format!("{common} --reranking --n-gpu-layers 99"))),
+            _ => Some(argv(&format!("{common} --flash-attn on"))),
+        });
+        let rows: Vec<&str> = text.lines().filter(|line| line.starts_with("smol")).collect();
+        assert_eq!(rows.len(), 4, "{text}");
+        assert!(rows[0].contains(" 4096 ") && rows[0].ends_with(" -"), "{text}");
+        assert!(rows[1].ends_with(" embeddings"), "{text}");
+        assert!(rows[2].ends_with(" reranking gpu-layers 99"), "{text}");
+        assert!(rows[3].ends_with(" --flash-attn on"), "{text}");
+    }
+
+    #[test]
+    fn stopped_rows_older_than_a_day_are_left_out() {
+        let now = 10 * DAY_MS;
+        let mut report = StatusReport::default();
+        for (name, state, last_used_ms, crash_loop) in [
+            ("fresh", "stopped", Some(now - DAY_MS / 2), false),
+            ("old", "stopped", Some(now - 2 * DAY_MS), false),
+            ("old-failure", "failed", Some(now - 2 * DAY_MS), false),
+            ("crash-loop", "failed", Some(now - 2 * DAY_MS), true),
+            ("idle", "ready", Some(now - 2 * DAY_MS), false),
+            ("never-used", "stopped", None, false),
+        ] {
+            report.instances.push(InstanceStatus {
+                name: name.into(),
+                state: state.into(),
+                last_used_ms,
+                crash_loop,
+                ..InstanceStatus::default()
+            });
+        }
+        let text = render(&report, now, no_cmdline);
+        let names: Vec<&str> = text.lines().skip(5).filter_map(|line| line.split(' ').next()).collect();
+        assert_eq!(names, ["fresh", "crash-loop", "idle", "never-used", "2"], "{text}");
+        assert!(text.contains("2 stopped or failed more than a day ago not shown"), "{text}");
+
+        report.instances.retain(|instance| instance.name.starts_with("old"));
+        let text = render(&report, now, no_cmdline);
+        assert!(text.contains("no models loaded\n2 stopped or failed more than a day ago not shown"), "{text}");
+    }
+
+    #[test]
+    fn a_pin_with_an_expiry_shows_the_time_left() {
+        let mut report = StatusReport::default();
+        report.instances.push(InstanceStatus {
+            name: "demo".into(),
+            state: "ready".into(),
+            pinned: true,
+            pinned_until_ms: Some(2 * 3600 * 1000 + 500),
+            ..InstanceStatus::default()
+        });
+        report.instances.push(InstanceStatus {
+            name: "forever".into(),
+            state: "ready".into(),
+            pinned: true,
+            ..InstanceStatus::default()
+        });
+        let text = render(&report, 1_000, no_cmdline);
+        assert!(text.contains("demo     ready (pinned 2h00m)"), "{text}");
+        assert!(text.contains("forever  ready (pinned)  "), "{text}");
     }
 }

@@ -202,3 +202,34 @@ fn a_piped_chat_reads_lines_and_writes_only_answers() {
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
+
+#[test]
+fn run_on_a_terminal_ends_its_text_with_a_newline() {
+    let env = Env::fake();
+    let model = env.tiny_model("tiny.gguf");
+    // The fake echoes the prompt, which ends without a newline.
+    let (code, transcript) = on_pty(&env, &["run", model.to_str().unwrap(), "one two three"], &[]);
+    assert_eq!(code, 0, "{transcript}");
+    assert!(transcript.ends_with("one two three\r\n"), "{transcript:?}");
+    // Piped, the text is exactly what was generated.
+    assert_eq!(stdout(&env.run(&["run", model.to_str().unwrap(), "one two three"])), "one two three");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn ctrl_c_during_run_on_a_terminal_leaves_a_fresh_line() {
+    let env = Env::fake();
+    let model = env.tiny_model("tiny.gguf");
+    env.write_config(&format!(
+        "[models.slow]\npath = \"{}\"\nargs = [\"--fake-token-ms\", \"300\"]\n",
+        model.display()
+    ));
+    let steps = [("expect", "alpha"), ("send", "\x03")];
+    let (code, transcript) = on_pty(&env, &["run", "slow", "alpha beta gamma delta epsilon zeta eta theta"], &steps);
+    assert_eq!(code, 130, "{transcript:?}");
+    assert!(!transcript.contains("theta"), "the answer was not cut: {transcript:?}");
+    assert!(transcript.ends_with('\n'), "{transcript:?}");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}

@@ -299,6 +299,29 @@ fn status_shows_instances_in_a_table() {
 }
 
 #[test]
+fn status_tells_instances_of_one_model_apart() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    env.write_config(&format!(
+        "[models.embed]\npath = \"{model}\"\nembeddings = true\nargs = [\"--fake-token-ms\", \"1\"]\n"
+    ));
+    assert_success(&env.run(&["warm", &model, "--ctx-size", "256"]));
+    assert_success(&env.run(&["warm", &model, "--ctx-size", "512", "--ttl", "2h"]));
+    assert_success(&env.run(&["warm", "embed"]));
+    let output = env.run(&["status"]);
+    assert_success(&output);
+    let text = stdout(&output);
+    let row =
+        |needle: &str| text.lines().find(|line| line.contains(needle)).unwrap_or_else(|| panic!("{needle}: {text}"));
+    assert!(text.lines().any(|line| line.starts_with("MODEL") && line.contains("CTX") && line.ends_with("OPTIONS")));
+    assert!(row(" 256 ").starts_with("model.gguf") && row(" 256 ").ends_with(" -"), "{text}");
+    assert!(row(" 512 ").contains("ready (pinned 2h00m)") || row(" 512 ").contains("ready (pinned 1h59m)"), "{text}");
+    assert!(row("embed ").ends_with(" embeddings --fake-token-ms 1"), "{text}");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
 fn switch_loads_in_the_background_and_exclusive_unloads_others() {
     let env = Env::fake();
     let first = env.tiny_model("first.gguf").display().to_string();
@@ -563,4 +586,18 @@ fn a_model_whose_file_is_gone_can_still_be_stopped() {
     std::fs::remove_file(&model).unwrap();
     assert_success(&env.run(&["stop", model.to_str().unwrap()]));
     assert!(!alive(pid), "the instance of a deleted file was not stopped");
+}
+
+#[test]
+fn a_mistyped_subcommand_is_exit_2_and_never_suggests_a_destructive_one() {
+    let env = Env::fake();
+    let output = env.run(&["shotdown"]);
+    assert_exit(&output, 2);
+    let err = stderr(&output);
+    assert!(!err.contains("'shutdown'"), "{err}");
+    assert!(err.contains("llmctl --help"), "{err}");
+
+    let output = env.run(&["stauts"]);
+    assert_exit(&output, 2);
+    assert!(stderr(&output).contains("'status'"), "{}", stderr(&output));
 }

@@ -6,9 +6,7 @@ use std::path::Path;
 fn generated() -> Vec<(String, Vec<u8>)> {
     let command = llmctl::cli::command();
     let mut files = Vec::new();
-    let mut page = Vec::new();
-    clap_mangen::Man::new(command.clone()).render(&mut page).unwrap();
-    files.push(("man/llmctl.1".to_string(), page));
+    files.push(("man/llmctl.1".to_string(), main_page(&command)));
     for sub in command.get_subcommands() {
         let name = format!("llmctl-{}", sub.get_name());
         let mut page = Vec::new();
@@ -27,6 +25,59 @@ fn generated() -> Vec<(String, Vec<u8>)> {
         files.push((file.to_string(), script.into_bytes()));
     }
     files
+}
+
+/// llmctl(1): clap_mangen's sections, except that what follows the options in `--help`
+/// becomes one man page section per heading of `cli::HELP_SECTIONS` (CONFIGURATION,
+/// ENVIRONMENT, FILES, EXIT STATUS) instead of a single EXTRA section.
+fn main_page(command: &clap::Command) -> Vec<u8> {
+    let man = clap_mangen::Man::new(command.clone());
+    let sections: [RenderSection; 6] = [
+        clap_mangen::Man::render_title,
+        clap_mangen::Man::render_name_section,
+        clap_mangen::Man::render_synopsis_section,
+        clap_mangen::Man::render_description_section,
+        clap_mangen::Man::render_options_section,
+        clap_mangen::Man::render_subcommands_section,
+    ];
+    let mut page = Vec::new();
+    for render in sections {
+        let mut section = Vec::new();
+        render(&man, &mut section).unwrap();
+        // Every piece clap_mangen renders opens with the same preamble; the page needs it once.
+        let section =
+            if page.is_empty() { &section[..] } else { section.strip_prefix(ROFF_PREAMBLE).unwrap_or(&section) };
+        page.extend_from_slice(section);
+    }
+    for (heading, body) in llmctl::cli::HELP_SECTIONS {
+        page.extend_from_slice(format!(".SH \"{heading}\"\n.nf\n").as_bytes());
+        for line in body.lines() {
+            page.extend_from_slice(roff_line(line).as_bytes());
+            page.push(b'\n');
+        }
+        page.extend_from_slice(b".fi\n");
+    }
+    let mut version = Vec::new();
+    man.render_version_section(&mut version).unwrap();
+    page.extend_from_slice(version.strip_prefix(ROFF_PREAMBLE).unwrap_or(&version));
+    page
+}
+
+/// One of clap_mangen's `Man::render_*` methods.
+type RenderSection = fn(&clap_mangen::Man, &mut dyn std::io::Write) -> std::io::Result<()>;
+
+/// What the roff crate writes at the top of every document it renders.
+const ROFF_PREAMBLE: &[u8] = b".ie \\n(.g .ds Aq \\(aq\n.el .ds Aq '\n";
+
+/// One line of preformatted text as roff reads it literally: backslashes escaped, and a
+/// leading `.` or `'` kept from being read as a request.
+fn roff_line(line: &str) -> String {
+    let escaped = line.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with('.') || escaped.starts_with('\'') {
+        format!("\\&{escaped}")
+    } else {
+        escaped
+    }
 }
 
 /// Subcommands whose first argument is a local MODEL (not `pull`, whose MODEL is on the Hub).
@@ -138,4 +189,44 @@ fn the_man_page_has_the_exit_status_table() {
     for code in ["65", "66", "69", "70", "73", "75", "124", "130"] {
         assert!(page.contains(code), "exit status {code} missing from the man page");
     }
+}
+
+#[test]
+fn the_man_page_has_configuration_environment_files_and_exit_status_sections() {
+    let page = String::from_utf8(generated().remove(0).1).unwrap();
+    for heading in ["CONFIGURATION", "ENVIRONMENT", "FILES", "EXIT STATUS"] {
+        assert!(page.contains(&format!(".SH \"{heading}\"\n")), "no {heading} section in llmctl(1)");
+    }
+    for key in ["default_model", "cors_origins", "embeddings", "reranking", "LLMCTL_SOCKET", "HF_TOKEN", "config.toml"]
+    {
+        assert!(page.contains(&key.replace('-', "\\-")), "{key} missing from llmctl(1)");
+    }
+}
+
+#[test]
+fn long_help_has_the_same_sections_as_the_man_page() {
+    let help = llmctl::cli::command().term_width(1000).render_long_help().to_string();
+    for (heading, body) in llmctl::cli::HELP_SECTIONS {
+        assert!(help.contains(&format!("{heading}:\n{body}")), "{heading} missing from --help:\n{help}");
+    }
+}
+
+/// The systemd user unit in README.md: the three sections, and an ExecStart that runs a
+/// subcommand llmctl has.
+#[test]
+fn the_readme_systemd_unit_is_well_formed() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let unit =
+        readme.split("```ini\n").nth(1).and_then(|rest| rest.split("```").next()).expect("an ini block in README.md");
+    let sections: Vec<&str> = unit.lines().filter(|line| line.starts_with('[')).collect();
+    assert_eq!(sections, ["[Unit]", "[Service]", "[Install]"], "{unit}");
+    for line in unit.lines().filter(|line| !line.is_empty() && !line.starts_with('[')) {
+        assert!(line.split_once('=').is_some_and(|(key, value)| !key.is_empty() && !value.is_empty()), "{line}");
+    }
+    let exec_start = unit.lines().find_map(|line| line.strip_prefix("ExecStart=")).expect("ExecStart");
+    let words: Vec<&str> = exec_start.split_whitespace().collect();
+    assert!(words[0].ends_with("/llmctl"), "{exec_start}");
+    let command = llmctl::cli::command();
+    assert!(command.find_subcommand(words[1]).is_some(), "no subcommand {}", words[1]);
+    assert!(unit.contains("Restart=on-failure") && unit.contains("WantedBy=default.target"), "{unit}");
 }
