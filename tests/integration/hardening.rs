@@ -129,7 +129,7 @@ fn a_client_that_stops_reading_gives_its_slot_back() {
     let env = Env::fake();
     let path = fake_model(&env);
     env.write_config(&format!(
-        "token_timeout = 1\n[models.flood]\npath = \"{path}\"\nargs = [\"--fake-tokens\", \"10000000\"]\n"
+        "token_timeout = 3\n[models.flood]\npath = \"{path}\"\nargs = [\"--fake-tokens\", \"10000000\"]\n"
     ));
     assert_success(&env.run(&["warm", "flood"]));
     let spec = env.status_json()["instances"][0].clone();

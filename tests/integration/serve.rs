@@ -468,8 +468,8 @@ fn every_endpoint_answers_byte_for_byte_as_llama_server_with_the_same_argv() {
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         body
     };
-    let schema =
-        serde_json::json!({"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]});
+    let schema = serde_json::json!({"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+        "required": ["colour"], "additionalProperties": false});
     let cases: Vec<(&str, serde_json::Value)> = vec![
         ("/v1/chat/completions", chat(serde_json::json!({}))),
         ("/v1/chat/completions", chat(serde_json::json!({"stream": true, "stream_options": {"include_usage": true}}))),
@@ -626,8 +626,9 @@ for chunk in client.chat.completions.create(model="caller", messages=[{{"role": 
         if delta.function.name: names.add(delta.function.name)
         arguments += delta.function.arguments or ""
 print("streamed", sorted(names), json.loads(arguments)["city"])
-schema = {{"type": "object", "properties": {{"colour": {{"type": "string"}}, "n": {{"type": "integer"}}}}, "required": ["colour", "n"]}}
-reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "A colour"}}], max_tokens=40,
+schema = {{"type": "object", "properties": {{"colour": {{"enum": ["red", "green", "blue"]}}, "n": {{"type": "integer", "minimum": 0, "maximum": 9}}}},
+    "required": ["colour", "n"], "additionalProperties": False}}
+reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "A colour"}}], max_tokens=60, temperature=0,
     response_format={{"type": "json_schema", "json_schema": {{"name": "c", "schema": schema}}}})
 value = json.loads(reply.choices[0].message.content)
 print("schema", sorted(value), type(value["n"]).__name__)
