@@ -32,6 +32,9 @@ Top-level keys:
     crash_window     restarted until `llmctl stop MODEL` (3 within 60)
     default_model    the model `serve` answers with when a request names none it knows
     cors_origins     web origins allowed to call `serve`, or [\"*\"]; default: this machine
+    listen           addresses the daemon serves `serve`'s API on from its start
+    api_key_file     the API key file for `listen` (required beyond loopback)
+    allowed_hosts    Host values a key-less `serve` answers besides loopback names
 
 Per-model keys, in a [models.NAME] table (NAME is then an alias for MODEL):
     path             the .gguf file; relative to the config file's directory
@@ -171,7 +174,8 @@ pub enum Command {
     /// Print the daemon's counters in Prometheus text format
     Metrics,
     /// Serve llama-server's HTTP API (OpenAI and Anthropic compatible) for every model llmctl
-    /// knows; requests are forwarded unchanged and answers relayed byte for byte
+    /// knows, from the daemon, until Ctrl-C; requests are forwarded unchanged and answers
+    /// relayed byte for byte
     Serve(ServeArgs),
     /// List every model llmctl can run: aliases, pulled models, the demo, files in the
     /// models directory
@@ -201,6 +205,26 @@ pub struct LoadArgs {
     /// Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::config::MAX_GPU_LAYERS)))]
     pub gpu_layers: Option<u32>,
+}
+
+impl LoadArgs {
+    /// The load options given, each overriding the config.
+    pub fn overrides(&self) -> crate::model::LoadOverrides {
+        crate::model::LoadOverrides { ctx_size: self.ctx_size, parallel: self.parallel, gpu_layers: self.gpu_layers }
+    }
+}
+
+impl GlobalArgs {
+    /// The options as a command's context takes them.
+    pub fn to_global(&self) -> crate::context::Global {
+        crate::context::Global {
+            socket: self.socket.clone(),
+            config: self.config.clone(),
+            llama_server: self.llama_server.clone(),
+            no_autostart: self.no_autostart,
+            verbose: self.verbose,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

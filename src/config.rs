@@ -63,6 +63,15 @@ pub struct Config {
     /// Web origins `serve` allows for CORS, as `scheme://host[:port]`, or "*" for any;
     /// unset allows pages served from this machine (localhost, 127.0.0.1, [::1]) only.
     pub cors_origins: Option<Vec<String>>,
+    /// Addresses (`HOST:PORT`) the daemon serves llama-server's HTTP API on from its start,
+    /// as `llmctl serve --listen` does while it runs (for a daemon under systemd).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// The file holding the API key for the `listen` addresses (required beyond loopback).
+    pub api_key_file: Option<PathBuf>,
+    /// `Host` values `serve` answers besides this machine's loopback names, for a listener
+    /// without a key reached by another name (a reverse proxy's); "*" for any.
+    pub allowed_hosts: Option<Vec<String>>,
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
 }

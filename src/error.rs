@@ -73,6 +73,20 @@ impl ErrorKind {
         }
     }
 
+    /// The HTTP status `serve` answers a failure of this kind with (a model's own queue
+    /// limit is 429 rather than 503; `serve` tells the two apart).
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::Usage | ErrorKind::Data => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Unavailable | ErrorKind::Busy => 503,
+            ErrorKind::Backend => 502,
+            ErrorKind::NoCapacity => 507,
+            ErrorKind::Timeout => 504,
+            ErrorKind::Internal | ErrorKind::Interrupted => 500,
+        }
+    }
+
     pub fn exit_code(self) -> i32 {
         match self {
             ErrorKind::Internal => exit::INTERNAL,
@@ -113,8 +127,19 @@ pub enum Error {
     NoLlamaServer { searched: String },
     /// The daemon could not be reached or started.
     DaemonUnavailable { socket: PathBuf, reason: String },
-    /// Another daemon already owns the socket.
+    /// Another daemon already owns the socket or the state directory; `socket` is where
+    /// it listens.
     DaemonRunning { socket: PathBuf, pid: Option<u32> },
+    /// The daemon at the socket belongs to another user.
+    ForeignDaemon { uid: u32 },
+    /// The daemon and the client speak different protocol versions.
+    ProtocolMismatch { daemon: u32, client: u32 },
+    /// `serve` cannot listen on an address: the daemon or another program holds it.
+    AddressInUse { address: String, by: String },
+    /// A request to `serve` names no model it knows, and there is no default.
+    NoDefaultModel { asked: Option<String>, known: Vec<String> },
+    /// A file named on the command line (a schema, a grammar) does not exist.
+    FileNotFound { what: String, path: PathBuf },
     /// llama-server exited while loading or generating.
     LlamaExited { model: String, status: String, stderr_tail: String },
     /// llama-server answered with an error or broke the protocol.
@@ -174,7 +199,11 @@ impl Error {
             Error::NoLlamaServer { .. }
             | Error::DaemonUnavailable { .. }
             | Error::DaemonRunning { .. }
+            | Error::ForeignDaemon { .. }
+            | Error::ProtocolMismatch { .. }
+            | Error::AddressInUse { .. }
             | Error::Setup { .. } => ErrorKind::Unavailable,
+            Error::NoDefaultModel { .. } | Error::FileNotFound { .. } => ErrorKind::NotFound,
             Error::LlamaExited { .. } | Error::Backend { .. } => ErrorKind::Backend,
             Error::Busy { .. } => ErrorKind::Busy,
             Error::Stopped { .. } | Error::RemoteDown { .. } => ErrorKind::Unavailable,
@@ -248,6 +277,27 @@ impl fmt::Display for Error {
                     socket.display()
                 ),
             },
+            Error::ForeignDaemon { uid } => {
+                write!(f, "the llmctl daemon at this socket belongs to another user (uid {uid})")
+            }
+            Error::ProtocolMismatch { daemon, client } => write!(
+                f,
+                "the daemon speaks protocol {daemon} but this client speaks {client}; restart the daemon with                  `llmctl shutdown`"
+            ),
+            Error::AddressInUse { address, by } => write!(f, "cannot serve on {address}: {by}"),
+            Error::NoDefaultModel { asked, known } => {
+                match asked {
+                    Some(name) => write!(f, "no model `{name}`")?,
+                    None => write!(f, "no `model` given")?,
+                }
+                write!(f, " and no default_model in the config; known models: ")?;
+                if known.is_empty() {
+                    write!(f, "none is configured")
+                } else {
+                    write!(f, "{}", known.join(", "))
+                }
+            }
+            Error::FileNotFound { what, path } => write!(f, "{what}: no file {}", path.display()),
             Error::LlamaExited { model, status, stderr_tail } => {
                 write!(f, "llama-server for {model} {status}")?;
                 if stderr_tail.trim().is_empty() {
@@ -343,6 +393,24 @@ mod tests {
         ];
         for (kind, code) in table {
             assert_eq!(kind.exit_code(), code, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn every_kind_has_its_http_status() {
+        let table = [
+            (ErrorKind::Usage, 400),
+            (ErrorKind::Data, 400),
+            (ErrorKind::NotFound, 404),
+            (ErrorKind::Unavailable, 503),
+            (ErrorKind::Backend, 502),
+            (ErrorKind::NoCapacity, 507),
+            (ErrorKind::Busy, 503),
+            (ErrorKind::Timeout, 504),
+            (ErrorKind::Internal, 500),
+        ];
+        for (kind, status) in table {
+            assert_eq!(kind.http_status(), status, "{kind:?}");
         }
     }
 

@@ -15,8 +15,9 @@
 //!   [`Limits::idle_timeout`] without one;
 //! - a client that stops reading an answer is dropped after [`Limits::write_timeout`].
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,23 +86,21 @@ impl Request {
 /// What answers each request.
 pub type Handler = Arc<dyn Fn(Request, &mut Exchange) + Send + Sync>;
 
+/// How long an idle worker thread waits for another connection before it exits.
+const IDLE_WORKER: Duration = Duration::from_secs(30);
+
 /// Serves connections from `listener` with `handler` until `stopping` is set and the
-/// listener is shut down.
-pub fn serve(listener: TcpListener, limits: Limits, handler: Handler, stopping: &AtomicBool) -> io::Result<()> {
+/// listener is shut down (see [`wake`]). Worker threads start as connections need them, up
+/// to [`Limits::workers`], and exit after a while without work, so a server that waits for
+/// clients holds no threads; beyond the workers, [`Limits::backlog`] connections wait, and
+/// any more get 503 at once.
+pub fn serve(listener: TcpListener, limits: Limits, handler: Handler, stopping: Arc<AtomicBool>) -> io::Result<()> {
     let limits = Arc::new(limits);
     let held = Arc::new(AtomicUsize::new(0));
-    let (queue, connections) = crossbeam_channel::bounded::<TcpStream>(limits.backlog);
-    for index in 0..limits.workers {
-        let connections = connections.clone();
-        let limits = Arc::clone(&limits);
-        let handler = Arc::clone(&handler);
-        let held = Arc::clone(&held);
-        std::thread::Builder::new().name(format!("http-{index}")).spawn(move || {
-            for stream in connections {
-                Connection::new(stream, &limits, &held).serve(&*handler);
-            }
-        })?;
-    }
+    let alive = Arc::new(AtomicUsize::new(0));
+    // A rendezvous: a send succeeds only when an idle worker waits for it.
+    let (hand_over, idle) = crossbeam_channel::bounded::<TcpStream>(0);
+    let (queue, waiting) = crossbeam_channel::bounded::<TcpStream>(limits.backlog);
     for stream in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
             break;
@@ -109,6 +108,34 @@ pub fn serve(listener: TcpListener, limits: Limits, handler: Handler, stopping: 
         let Ok(stream) = stream else {
             continue;
         };
+        let stream = match hand_over.try_send(stream) {
+            Ok(()) => continue,
+            Err(
+                crossbeam_channel::TrySendError::Full(stream) | crossbeam_channel::TrySendError::Disconnected(stream),
+            ) => stream,
+        };
+        if alive.load(Ordering::SeqCst) < limits.workers {
+            alive.fetch_add(1, Ordering::SeqCst);
+            let (limits, handler, held, worker_alive) =
+                (Arc::clone(&limits), Arc::clone(&handler), Arc::clone(&held), Arc::clone(&alive));
+            let (idle, waiting, stopping) = (idle.clone(), waiting.clone(), Arc::clone(&stopping));
+            let spawned = std::thread::Builder::new().name("http".into()).spawn(move || {
+                let mut next = Some(stream);
+                while let Some(stream) = next.take() {
+                    Connection::new(stream, &limits, &held, &stopping).serve(&*handler);
+                    next = crossbeam_channel::select_biased! {
+                        recv(waiting) -> stream => stream.ok(),
+                        recv(idle) -> stream => stream.ok(),
+                        default(IDLE_WORKER) => None,
+                    };
+                }
+                worker_alive.fetch_sub(1, Ordering::SeqCst);
+            });
+            if spawned.is_err() {
+                alive.fetch_sub(1, Ordering::SeqCst);
+            }
+            continue;
+        }
         if let Err(crossbeam_channel::TrySendError::Full(mut stream)) = queue.try_send(stream) {
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
             let body =
@@ -123,6 +150,12 @@ pub fn serve(listener: TcpListener, limits: Limits, handler: Handler, stopping: 
         }
     }
     Ok(())
+}
+
+/// Wakes a [`serve`] blocked in `accept` on the listener with descriptor `fd`, after its
+/// `stopping` flag was set.
+pub fn wake(fd: std::os::fd::RawFd) {
+    crate::sys::shutdown_socket(fd);
 }
 
 /// Why a request could not be read: the status to answer with, or none to close quietly.
@@ -150,13 +183,15 @@ struct Connection<'a> {
     holding: usize,
     /// Bytes read past the end of the last request (a pipelined next one).
     buffer: Vec<u8>,
+    /// Set when the listener closes: the connection ends after its current answer.
+    stopping: &'a AtomicBool,
 }
 
 impl<'a> Connection<'a> {
-    fn new(stream: TcpStream, limits: &'a Limits, held: &'a AtomicUsize) -> Connection<'a> {
+    fn new(stream: TcpStream, limits: &'a Limits, held: &'a AtomicUsize, stopping: &'a AtomicBool) -> Connection<'a> {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(limits.write_timeout));
-        Connection { stream, limits, held, holding: 0, buffer: Vec::new() }
+        Connection { stream, limits, held, holding: 0, buffer: Vec::new(), stopping }
     }
 
     /// Takes `bytes` more of the shared body budget, or refuses with 503.
@@ -188,9 +223,25 @@ impl<'a> Connection<'a> {
                     break;
                 }
             };
+            let keep_alive = keep_alive && !self.stopping.load(Ordering::SeqCst);
             let mut exchange = Exchange::new(&self.stream, keep_alive, true);
-            handler(request, &mut exchange);
-            let go_on = exchange.finished() && exchange.keep_alive;
+            // A bug in one request's handling is that request's 500, never the server's end.
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler(request, &mut exchange)));
+            if let Err(payload) = outcome {
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                log::error!("an HTTP handler panicked: {message}\n{}", std::backtrace::Backtrace::force_capture());
+                if exchange.started() {
+                    exchange.abort();
+                } else {
+                    exchange.keep_alive = false;
+                    exchange.error(500, "the server hit a bug while answering; see its log", &[]);
+                }
+            }
+            let go_on = exchange.finished() && exchange.keep_alive && !self.stopping.load(Ordering::SeqCst);
             self.release();
             if !go_on {
                 break;
@@ -397,6 +448,10 @@ pub struct Exchange<'a> {
     pub headers: Vec<(String, String)>,
     state: State,
     http11: bool,
+    status: u16,
+    /// The head of a started answer, sent with the first bytes of its body: one write
+    /// carries both.
+    pending_head: Option<String>,
 }
 
 #[derive(PartialEq)]
@@ -412,7 +467,7 @@ enum State {
 
 impl<'a> Exchange<'a> {
     fn new(stream: &'a TcpStream, keep_alive: bool, http11: bool) -> Exchange<'a> {
-        Exchange { stream, keep_alive, headers: Vec::new(), state: State::Fresh, http11 }
+        Exchange { stream, keep_alive, headers: Vec::new(), state: State::Fresh, http11, status: 0, pending_head: None }
     }
 
     /// True once the HTTP client has closed its end.
@@ -420,9 +475,9 @@ impl<'a> Exchange<'a> {
         crate::sys::peer_closed(self.stream)
     }
 
-    /// A copy of the connection, for a watcher.
-    pub fn socket(&self) -> io::Result<TcpStream> {
-        self.stream.try_clone()
+    /// The connection, for a check that the client is still there.
+    pub fn stream(&self) -> &TcpStream {
+        self.stream
     }
 
     fn finished(&self) -> bool {
@@ -431,6 +486,11 @@ impl<'a> Exchange<'a> {
 
     pub fn started(&self) -> bool {
         self.state != State::Fresh
+    }
+
+    /// The status answered, once an answer started; 0 before.
+    pub fn status(&self) -> u16 {
+        self.status
     }
 
     fn head(&self, status: u16, content_type: Option<&str>, extra: &[(&str, &str)], framing: &str) -> String {
@@ -451,12 +511,9 @@ impl<'a> Exchange<'a> {
         if self.state != State::Fresh {
             return;
         }
+        self.status = status;
         let head = self.head(status, Some(content_type), extra, &format!("Content-Length: {}\r\n", body.len()));
-        let mut out = Vec::with_capacity(head.len() + body.len());
-        out.extend_from_slice(head.as_bytes());
-        out.extend_from_slice(body);
-        let mut stream = self.stream;
-        self.state = match stream.write_all(&out).and_then(|()| stream.flush()) {
+        self.state = match write_all_vectored(self.stream, &mut [IoSlice::new(head.as_bytes()), IoSlice::new(body)]) {
             Ok(()) => State::Finished,
             Err(_) => State::Broken,
         };
@@ -473,36 +530,48 @@ impl<'a> Exchange<'a> {
         self.respond(status, "application/json", body.to_string().as_bytes(), extra);
     }
 
-    /// Starts an answer whose body follows in [`Exchange::write`]s; with a known length it
-    /// is sent as is, else chunked (or, for an HTTP/1.0 client, until the connection closes).
-    pub fn start(&mut self, status: u16, content_type: Option<&str>, length: Option<u64>) -> io::Result<()> {
+    /// Starts an answer whose body follows in [`Exchange::write`]s, with the headers given
+    /// (end-to-end headers of an answer being relayed); with a known length it is sent as
+    /// is, else chunked (or, for an HTTP/1.0 client, until the connection closes).
+    pub fn start(&mut self, status: u16, headers: &[(String, String)], length: Option<u64>) -> io::Result<()> {
         let (framing, chunked) = match length {
             Some(length) => (format!("Content-Length: {length}\r\n"), false),
-            None if self.http11 => ("Transfer-Encoding: chunked\r\nCache-Control: no-cache\r\n".to_string(), true),
+            None if self.http11 => ("Transfer-Encoding: chunked\r\n".to_string(), true),
             None => {
                 self.keep_alive = false;
                 (String::new(), false)
             }
         };
-        let head = self.head(status, content_type, &[], &framing);
+        let extra: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+        self.pending_head = Some(self.head(status, None, &extra, &framing));
+        self.status = status;
         self.state = State::Streaming { chunked };
-        let mut stream = self.stream;
-        stream.write_all(head.as_bytes()).inspect_err(|_| self.state = State::Broken)
+        Ok(())
     }
 
-    /// Writes part of a started body, and flushes it.
+    /// Writes part of a started body, and flushes it: one write for the chunk and its
+    /// framing, without copying it.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let mut stream = self.stream;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let head = self.pending_head.take().unwrap_or_default();
         let result = match self.state {
-            Streaming { chunked: true } if bytes.is_empty() => Ok(()),
             Streaming { chunked: true } => {
-                let mut framed = Vec::with_capacity(bytes.len() + 16);
-                let _ = write!(framed, "{:x}\r\n", bytes.len());
-                framed.extend_from_slice(bytes);
-                framed.extend_from_slice(b"\r\n");
-                stream.write_all(&framed)
+                let size = format!("{:x}\r\n", bytes.len());
+                write_all_vectored(
+                    self.stream,
+                    &mut [
+                        IoSlice::new(head.as_bytes()),
+                        IoSlice::new(size.as_bytes()),
+                        IoSlice::new(bytes),
+                        IoSlice::new(b"\r\n"),
+                    ],
+                )
             }
-            Streaming { chunked: false } => stream.write_all(bytes),
+            Streaming { chunked: false } => {
+                write_all_vectored(self.stream, &mut [IoSlice::new(head.as_bytes()), IoSlice::new(bytes)])
+            }
             _ => Err(io::Error::other("no answer was started")),
         };
         result.inspect_err(|_| self.state = State::Broken)
@@ -510,17 +579,13 @@ impl<'a> Exchange<'a> {
 
     /// Ends a started body; the connection may then serve the next request.
     pub fn finish(&mut self) {
-        let mut stream = self.stream;
+        let head = self.pending_head.take().unwrap_or_default();
         self.state = match self.state {
-            Streaming { chunked: true } => match stream.write_all(b"0\r\n\r\n") {
-                Ok(()) => State::Finished,
-                Err(_) => State::Broken,
-            },
-            Streaming { chunked: false } => {
-                if self.keep_alive {
-                    State::Finished
-                } else {
-                    State::Broken
+            Streaming { chunked } => {
+                let end: &[u8] = if chunked { b"0\r\n\r\n" } else { b"" };
+                match write_all_vectored(self.stream, &mut [IoSlice::new(head.as_bytes()), IoSlice::new(end)]) {
+                    Ok(()) if chunked || self.keep_alive => State::Finished,
+                    _ => State::Broken,
                 }
             }
             State::Finished => State::Finished,
@@ -533,6 +598,20 @@ impl<'a> Exchange<'a> {
     pub fn abort(&mut self) {
         self.state = State::Broken;
     }
+}
+
+/// Writes every slice with as few `writev` calls as the socket takes.
+fn write_all_vectored(mut stream: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match stream.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut slices, written),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 use State::Streaming;
@@ -576,8 +655,7 @@ mod tests {
             exchange.respond(200, "text/plain", text.as_bytes(), &[]);
         });
         std::thread::spawn(move || {
-            static NEVER: AtomicBool = AtomicBool::new(false);
-            let _ = serve(listener, limits, handler, &NEVER);
+            let _ = serve(listener, limits, handler, Arc::new(AtomicBool::new(false)));
         });
         address
     }

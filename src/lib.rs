@@ -45,7 +45,6 @@
 //! - **Only `main` decides the exit code**: everything below returns an [`error::Error`].
 //! - **stdout of `run` carries generated text and nothing else.**
 
-pub mod admission;
 pub mod backend;
 pub mod budget;
 pub mod catalog;
@@ -53,8 +52,10 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod context;
 pub mod daemon;
 pub mod error;
+pub mod estimate;
 pub mod events;
 pub mod gguf;
 pub mod http;
@@ -66,6 +67,7 @@ pub mod model;
 pub mod paths;
 pub mod process;
 pub mod protocol;
+pub mod settings;
 pub mod setup;
 pub mod sha256;
 pub mod sys;
@@ -94,7 +96,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         }
     };
     init_logging(cli.global.verbose, matches!(cli.command, Command::Daemon(_)));
-    let context = commands::Context::new(&cli.global);
+    let context = context::Context::new(cli.global.to_global());
     match cli.command {
         Command::Run(args) => commands::run::run(&context, args),
         Command::Status(args) => commands::status::run(&context, args),

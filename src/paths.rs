@@ -40,9 +40,19 @@ impl Paths {
         }
     }
 
-    /// The lock file that makes one daemon the owner of a socket.
+    /// The lock file that makes one daemon the owner of a socket: the socket's path with
+    /// `.lock` added (never replacing an extension, so `./Cargo.sock` cannot name
+    /// `./Cargo.lock`).
     pub fn lock_file(&self) -> PathBuf {
-        self.socket.with_extension("lock")
+        let mut name = self.socket.as_os_str().to_owned();
+        name.push(".lock");
+        PathBuf::from(name)
+    }
+
+    /// The lock file that makes one daemon the owner of the state directory, and names
+    /// its pid and socket, so every way of reaching llmctl from this account finds it.
+    pub fn daemon_lock(&self) -> PathBuf {
+        self.state_dir.join("daemon.lock")
     }
 
     pub fn daemon_log(&self) -> PathBuf {
@@ -204,6 +214,57 @@ pub fn ensure_own_private_dir(dir: &Path) -> Result<()> {
         return Err(unusable("it exists but is not a directory private to you (0700); remove it".into()));
     }
     Ok(())
+}
+
+/// Removes `path` if it is a socket (left by a process that died); anything else there is
+/// not llmctl's and stays. Returns an error naming what is there when it is not a socket.
+pub fn remove_stale_socket(path: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot inspect {}: {e}", path.display())),
+        Ok(metadata) if metadata.file_type().is_socket() => {
+            fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))
+        }
+        Ok(metadata) => Err(format!(
+            "{} exists and is not a socket (it is {}); llmctl never removes it: choose another path with --socket              or LLMCTL_SOCKET",
+            path.display(),
+            describe_file_type(&metadata.file_type())
+        )),
+    }
+}
+
+/// "a regular file", "a directory", ... for messages about what sits at a path.
+pub fn describe_file_type(file_type: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_symlink() {
+        "a symbolic link"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_block_device() || file_type.is_char_device() {
+        "a device"
+    } else {
+        "a regular file"
+    }
+}
+
+/// A log file name that is readable and unique per model file and load options, the same
+/// whichever alias named them (the instance is the same), and stable across llmctl versions
+/// (FNV-1a over the path and options, not std's hasher), so `llmctl logs` finds what a
+/// daemon wrote.
+pub fn log_file_name(spec: &crate::model::ModelSpec) -> String {
+    let key = format!("{}\0{:?}", spec.path.display(), spec.load);
+    let hash = key
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
+    let file_stem = spec.path.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem: String =
+        file_stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
+    format!("{stem}-{:08x}.log", hash as u32)
 }
 
 /// Writes `contents` to `path` so that readers see either the old file or the whole new

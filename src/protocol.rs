@@ -5,12 +5,11 @@
 //! message forever. Then the client sends one request and reads responses until a final one
 //! (`Done`, `Status`, `Ok` or `Error`). Lines are capped at [`MAX_LINE`] bytes.
 //!
-//! Two messages carry raw bytes after their line: a `Forward` request is followed by its
-//! HTTP body (`body_len` bytes), and each `Bytes` response by `len` bytes of the answer.
-//! The bytes travel as they are, never escaped into JSON, so `serve` hands a client exactly
-//! what llama-server wrote. **Only this module knows the wire format.**
+//! `llmctl serve` does not carry HTTP over this socket: it asks the daemon to listen
+//! ([`ListenRequest`]), and the daemon serves HTTP itself. **Only this module knows the wire
+//! format.**
 
-use std::io::{self, BufRead, Read, Write};
+use std::io::{self, BufRead, Write};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,12 +17,14 @@ use crate::error::{Error, ErrorKind};
 use crate::model::ModelSpec;
 
 /// Bumped whenever a message changes shape.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The longest line either side accepts; prompts piped from stdin fit comfortably.
 pub const MAX_LINE: usize = 16 << 20;
-/// The largest HTTP body a `Forward` request carries.
+/// The largest HTTP request body `serve` takes.
 pub const MAX_BODY: usize = 16 << 20;
 
+// One request is decoded per connection and moved once: its size costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -31,8 +32,6 @@ pub enum Request {
         version: u32,
     },
     Run(RunRequest),
-    /// An HTTP request for llama-server, passed on unchanged; its body follows the line.
-    Forward(ForwardRequest),
     Status,
     /// Load the model and return once it answers a one-token request; with `ttl_s`, keep
     /// it loaded at least that long.
@@ -62,6 +61,17 @@ pub enum Request {
         model: Option<ModelSpec>,
     },
     Shutdown,
+    /// Serve llama-server's HTTP API on an address while this connection stays open.
+    Listen(ListenRequest),
+}
+
+/// `llmctl serve`: where to listen, and the key clients must send (required beyond
+/// loopback). The answer is `Listening`, then `Log` lines until the client goes away.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenRequest {
+    pub address: String,
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,21 +95,6 @@ pub struct RunRequest {
     /// and `prompt`. Each message is passed to llama-server as it came.
     #[serde(default)]
     pub messages: Option<Vec<serde_json::Value>>,
-}
-
-/// An HTTP request `serve` received, for the model's llama-server (or remote server).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ForwardRequest {
-    pub model: ModelSpec,
-    pub method: String,
-    /// The path and query, as the client sent them.
-    pub path: String,
-    pub content_type: Option<String>,
-    pub body_len: usize,
-    /// The body, read after the line; never part of the JSON.
-    #[serde(skip)]
-    pub body: Vec<u8>,
 }
 
 /// Sampling options; they never change which instance serves the request.
@@ -141,15 +136,13 @@ pub enum Response {
     Token {
         text: String,
     },
-    /// The status line of a forwarded request's answer; `Bytes` of its body follow.
-    Head {
-        status: u16,
-        content_type: Option<String>,
-        content_length: Option<u64>,
+    /// The daemon serves HTTP on this address (the port it bound, when 0 was asked).
+    Listening {
+        address: String,
     },
-    /// `len` bytes of a forwarded answer follow the line.
-    Bytes {
-        len: usize,
+    /// One line of a listener's access log.
+    Log {
+        line: String,
     },
     Event(Event),
     Metrics {
@@ -223,6 +216,9 @@ pub struct DaemonStatus {
     /// The daemon-wide settings in force, as `llmctl config` writes them.
     #[serde(default)]
     pub settings: std::collections::BTreeMap<String, String>,
+    /// The HTTP addresses the daemon serves `serve`'s API on.
+    #[serde(default)]
+    pub listening: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -232,11 +228,63 @@ pub struct QueueStatus {
     pub rejected: u64,
 }
 
+/// The state of an instance as every reader sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// No child and no memory.
+    #[default]
+    Stopped,
+    /// No child; the last load or the child failed.
+    Failed,
+    /// Waiting for memory to load.
+    Waiting,
+    /// The child is starting.
+    Starting,
+    /// Loaded, with nothing in flight.
+    Ready,
+    /// Loaded, with requests in flight.
+    Busy,
+    /// The child is being stopped.
+    Stopping,
+}
+
+impl InstanceState {
+    /// Loaded and answering: ready or busy.
+    pub fn is_loaded(self) -> bool {
+        matches!(self, InstanceState::Ready | InstanceState::Busy)
+    }
+
+    /// A child is there (starting, loaded or stopping), holding memory.
+    pub fn is_up(self) -> bool {
+        matches!(self, InstanceState::Starting | InstanceState::Ready | InstanceState::Busy | InstanceState::Stopping)
+    }
+
+    /// The word on the wire and in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            InstanceState::Stopped => "stopped",
+            InstanceState::Failed => "failed",
+            InstanceState::Waiting => "waiting",
+            InstanceState::Starting => "starting",
+            InstanceState::Ready => "ready",
+            InstanceState::Busy => "busy",
+            InstanceState::Stopping => "stopping",
+        }
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct InstanceStatus {
     pub name: String,
     pub path: String,
-    pub state: String,
+    pub state: InstanceState,
     pub failure: Option<String>,
     pub pid: Option<u32>,
     pub port: Option<u16>,
@@ -332,38 +380,6 @@ fn memchr(buf: &[u8]) -> Option<usize> {
     buf.iter().position(|&b| b == b'\n')
 }
 
-/// Encodes a request, with the body that follows a `Forward` line.
-pub fn encode_request(request: &Request) -> io::Result<Vec<u8>> {
-    let body = match request {
-        Request::Forward(forward) => &forward.body[..],
-        _ => &[],
-    };
-    let mut buffer = Vec::with_capacity(256 + body.len());
-    write_message(&mut buffer, request)?;
-    buffer.extend_from_slice(body);
-    Ok(buffer)
-}
-
-/// Reads the raw bytes a message announced (a `Forward` body, a `Bytes` payload).
-pub fn read_payload(reader: &mut impl Read, len: usize, limit: usize, into: &mut Vec<u8>) -> io::Result<()> {
-    if len > limit {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a payload of {len} bytes is over {limit}")));
-    }
-    into.clear();
-    into.reserve(len);
-    let read = reader.take(len as u64).read_to_end(into)?;
-    if read < len {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-payload"));
-    }
-    Ok(())
-}
-
-/// Writes a `Bytes` message and its payload. The caller decides when to flush.
-pub fn write_bytes(writer: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
-    write_message(writer, &Response::Bytes { len: bytes.len() })?;
-    writer.write_all(bytes)
-}
-
 /// Reads and decodes one message; `Ok(None)` at a clean end of stream.
 pub fn read_message<T: for<'de> Deserialize<'de>>(
     reader: &mut impl BufRead,
@@ -416,39 +432,13 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_bodies_travel_raw() {
-        let body = b"{\"model\":\"m\"}\n\x00 not escaped".to_vec();
-        let request = Request::Forward(ForwardRequest {
-            model: ModelSpec {
-                name: "m".into(),
-                path: "/m.gguf".into(),
-                load: LoadOptions::default(),
-                policy: Default::default(),
-                remote: None,
-            },
-            method: "POST".into(),
-            path: "/v1/embeddings".into(),
-            content_type: Some("application/json".into()),
-            body_len: body.len(),
-            body: body.clone(),
-        });
-        let mut wire = encode_request(&request).unwrap();
-        assert!(wire.ends_with(&body));
-        write_bytes(&mut wire, b"data: x\n\n").unwrap();
-        let mut reader = BufReader::new(&wire[..]);
-        let mut line = Vec::new();
-        let Some(Request::Forward(mut decoded)) = read_message(&mut reader, &mut line).unwrap() else {
-            panic!("not a forward request");
-        };
-        read_payload(&mut reader, decoded.body_len, MAX_BODY, &mut decoded.body).unwrap();
-        assert_eq!(Request::Forward(decoded), request);
-        let Some(Response::Bytes { len }) = read_message(&mut reader, &mut line).unwrap() else {
-            panic!("not bytes");
-        };
-        let mut payload = Vec::new();
-        read_payload(&mut reader, len, MAX_BODY, &mut payload).unwrap();
-        assert_eq!(payload, b"data: x\n\n");
-        assert!(read_payload(&mut reader, MAX_BODY + 1, MAX_BODY, &mut payload).is_err());
+    fn instance_states_are_words_on_the_wire() {
+        let status = InstanceStatus { state: InstanceState::Busy, ..InstanceStatus::default() };
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["state"], "busy");
+        assert!(InstanceState::Busy.is_loaded() && InstanceState::Ready.is_loaded());
+        assert!(!InstanceState::Starting.is_loaded() && InstanceState::Starting.is_up());
+        assert!(!InstanceState::Failed.is_up() && !InstanceState::Waiting.is_up());
     }
 
     #[test]

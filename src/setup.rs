@@ -17,8 +17,8 @@ use std::io::{self, BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::backend::llama;
-use crate::commands::Context;
+use crate::backend::local as llama;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::gguf;
 use crate::model::{DEMO_ALIAS, DEMO_FILE};

@@ -56,6 +56,23 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     }
 }
 
+/// Takes a shared advisory lock on `file` without waiting, to learn whether another
+/// process holds it exclusively: false if one does. The lock lasts as long as the file
+/// stays open.
+pub fn try_lock_shared(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor we own for the duration of the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(error)
+    }
+}
+
 /// Shuts down both directions of a socket by raw descriptor, from a signal handler or
 /// another thread, so a blocked read returns at once.
 pub fn shutdown_socket(fd: RawFd) {

@@ -1,21 +1,40 @@
 //! Forwarding: an HTTP request passed to llama-server (or a remote server) as it came, and
-//! its answer handed back byte for byte as it is produced.
+//! its answer handed back as it is produced, one read and one write per chunk.
 //!
 //! llmctl reads only what it must from the answer, without changing it: the token counts
 //! and the finish reason, for usage accounting. Whatever the endpoint (OpenAI, Anthropic,
 //! llama-server's own), they sit in a few well-known fields of the JSON or of each SSE event.
 
 use std::io::{self, BufRead, BufReader};
+use std::ops::ControlFlow;
 
 use serde_json::Value;
 
-use super::llama::{agent_config, classify_transport, finish_body, is_closed_connection, Client, GenerateError};
-use super::unix::{Cancel, UnixConnector};
-use crate::protocol::{Done, ForwardRequest, Usage};
+use super::client::{classify_io, classify_transport, finish_body, is_closed_connection, Client};
+use super::sse::{Line, Lines};
+use super::unix::{with_cancel, Cancel};
+use super::GenerateError;
+use crate::protocol::{Done, Usage};
+
+/// A request to pass on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outgoing<'a> {
+    pub(crate) method: &'a str,
+    /// The path and query, as the client sent them.
+    pub(crate) target: &'a str,
+    pub(crate) content_type: Option<&'a str>,
+    pub(crate) body: &'a [u8],
+}
 
 /// A part of the answer, as it arrives.
-pub enum Part<'a> {
-    Head { status: u16, content_type: Option<&'a str>, content_length: Option<u64> },
+pub(crate) enum Part<'a> {
+    /// The status, the end-to-end headers (hop-by-hop ones and the framing left out: the
+    /// server that relays the answer frames it itself) and the length, when known.
+    Head {
+        status: u16,
+        headers: &'a [(String, String)],
+        content_length: Option<u64>,
+    },
     Bytes(&'a [u8]),
 }
 
@@ -23,45 +42,56 @@ pub enum Part<'a> {
 /// embeddings) is passed on without being read.
 const MAX_SCANNED: usize = 4 << 20;
 
+/// Headers that describe one connection, not the answer (RFC 9110 §7.6.1), and the framing.
+const NOT_PASSED: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "content-length",
+];
+
 impl Client {
     /// Sends `request` and hands each part of the answer to `on_part`. When `on_part`
     /// fails, or `cancel` says so while the answer is awaited, the connection is dropped,
     /// which makes llama-server stop the work and free the slot.
-    pub fn forward(
+    pub(crate) fn forward(
         &self,
-        request: &ForwardRequest,
+        request: Outgoing<'_>,
         cancel: Option<Cancel>,
+        on_part: impl FnMut(Part<'_>) -> io::Result<()>,
+    ) -> Result<Done, GenerateError> {
+        with_cancel(cancel, || self.forward_now(request, on_part))
+    }
+
+    fn forward_now(
+        &self,
+        request: Outgoing<'_>,
         mut on_part: impl FnMut(Part<'_>) -> io::Result<()>,
     ) -> Result<Done, GenerateError> {
-        let response = match (&self.socket, cancel) {
-            // A connection of its own, whose reads ask `cancel`: a client that leaves while
-            // a non-streamed answer is computed frees the slot at once, not at the end.
-            (Some(path), Some(cancel)) => {
-                let agent = ureq::Agent::with_parts(
-                    agent_config(None, self.timeouts, 0),
-                    UnixConnector { path: path.clone(), cancel: Some(cancel) },
-                    ureq::unversioned::resolver::DefaultResolver::default(),
-                );
-                self.send_raw(&agent, request)
-            }
-            _ => match self.send_raw(&self.agent, request) {
-                Err(ureq::Error::Io(error)) if is_closed_connection(&error) => self.send_raw(&self.fresh, request),
-                other => other,
-            },
+        let response = match self.send_raw(&self.agent, request) {
+            Err(ureq::Error::Io(error)) if is_closed_connection(&error) => self.send_raw(&self.fresh, request),
+            other => other,
         };
-        let mut response = match response {
-            Ok(response) => response,
-            Err(ureq::Error::Io(error)) if error.to_string().contains(super::unix::CANCELLED) => {
-                return Err(GenerateError::Cancelled)
-            }
-            Err(error) => return Err(classify_transport(error)),
-        };
+        let mut response = response.map_err(classify_transport)?;
         let status = response.status().as_u16();
-        let header = |name: &str| response.headers().get(name).and_then(|value| value.to_str().ok());
-        let content_type = header("content-type").map(str::to_string);
-        let content_length = header("content-length").and_then(|value| value.parse().ok());
-        let head = Part::Head { status, content_type: content_type.as_deref(), content_length };
-        if on_part(head).is_err() {
+        let mut content_length = None;
+        let mut headers = Vec::with_capacity(8);
+        for (name, value) in response.headers() {
+            let Ok(value) = value.to_str() else { continue };
+            if name == "content-length" {
+                content_length = value.parse().ok();
+            }
+            if !NOT_PASSED.contains(&name.as_str()) {
+                headers.push((name.as_str().to_string(), value.to_string()));
+            }
+        }
+        if on_part(Part::Head { status, headers: &headers, content_length }).is_err() {
             return Err(GenerateError::Cancelled);
         }
         let mut scanner = Scanner::default();
@@ -71,10 +101,7 @@ impl Client {
                 Ok([]) => break,
                 Ok(chunk) => chunk,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) if error.to_string().contains(super::unix::CANCELLED) => {
-                    return Err(GenerateError::Cancelled)
-                }
-                Err(error) => return Err(super::llama::classify_io(error)),
+                Err(error) => return Err(classify_io(error)),
             };
             scanner.feed(chunk);
             if on_part(Part::Bytes(chunk)).is_err() {
@@ -94,80 +121,62 @@ impl Client {
     fn send_raw(
         &self,
         agent: &ureq::Agent,
-        request: &ForwardRequest,
+        request: Outgoing<'_>,
     ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
-        let url = format!("{}{}", self.base, request.path);
-        let authorization = self.authorization.as_deref();
-        if request.method.eq_ignore_ascii_case("GET") {
-            let builder = agent.get(&url);
-            return match authorization {
-                Some(value) => builder.header("Authorization", value),
-                None => builder,
-            }
-            .call();
-        }
-        let mut builder = agent.post(&url);
-        if let Some(content_type) = &request.content_type {
+        let mut builder =
+            ureq::http::Request::builder().method(request.method).uri(format!("{}{}", self.base, request.target));
+        if let Some(content_type) = request.content_type {
             builder = builder.header("Content-Type", content_type);
         }
-        if let Some(value) = authorization {
+        if let Some(value) = &self.authorization {
             builder = builder.header("Authorization", value);
         }
-        builder.send(&request.body[..])
+        let outgoing = builder.body(request.body).map_err(|error| ureq::Error::BadUri(error.to_string()))?;
+        agent.run(outgoing)
     }
 }
 
 /// Reads the usage and finish reason out of an answer: a JSON body, or SSE events.
-#[derive(Default)]
 struct Scanner {
-    line: Vec<u8>,
-    /// The current line outgrew MAX_SCANNED and is skipped to its end.
-    skipping: bool,
+    lines: Lines,
     done: Done,
 }
 
+impl Default for Scanner {
+    fn default() -> Scanner {
+        Scanner { lines: Lines::with_max(MAX_SCANNED), done: Done::default() }
+    }
+}
+
 impl Scanner {
-    fn feed(&mut self, mut bytes: &[u8]) {
-        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
-            self.take(&bytes[..end]);
-            self.scan_line();
-            bytes = &bytes[end + 1..];
-        }
-        self.take(bytes);
-    }
-
-    fn take(&mut self, bytes: &[u8]) {
-        if self.skipping || self.line.len() + bytes.len() > MAX_SCANNED {
-            self.skipping = true;
-            self.line.clear();
-        } else {
-            self.line.extend_from_slice(bytes);
-        }
-    }
-
-    fn scan_line(&mut self) {
-        let line = std::mem::take(&mut self.line);
-        self.skipping = false;
-        let payload = line.strip_prefix(b"data:").unwrap_or(&line);
-        let payload = payload.trim_ascii();
-        // Only events that can carry counts or an ending are parsed; tokens are not.
-        let interesting = ["usage", "timings", "tokens_predicted", "finish_reason", "stop_reason"]
-            .iter()
-            .any(|key| contains(payload, key.as_bytes()));
-        if interesting && payload.first() == Some(&b'{') {
-            if let Ok(value) = serde_json::from_slice::<Value>(payload) {
-                read_counts(&value, &mut self.done);
+    fn feed(&mut self, bytes: &[u8]) {
+        let done = &mut self.done;
+        let _: ControlFlow<()> = self.lines.feed(bytes, |line, _| {
+            if let Line::Complete(line) = line {
+                scan_line(line, done);
             }
-        }
-        self.line = line;
-        self.line.clear();
+            ControlFlow::Continue(())
+        });
     }
 
     fn finish(mut self) -> Done {
-        if !self.line.is_empty() && !self.skipping {
-            self.scan_line();
+        if let Some(Line::Complete(line)) = self.lines.finish() {
+            scan_line(line, &mut self.done);
         }
         self.done
+    }
+}
+
+fn scan_line(line: &[u8], done: &mut Done) {
+    let payload = line.strip_prefix(b"data:").unwrap_or(line).trim_ascii();
+    // Only events that can carry counts or an ending are parsed; tokens are not.
+    let interesting = ["usage", "timings", "tokens_predicted", "finish_reason", "stop_reason"]
+        .iter()
+        .any(|key| contains(payload, key.as_bytes()));
+    if interesting && payload.first() == Some(&b'{') {
+        if let Ok(value) = serde_json::from_slice::<Value>(payload) {
+            read_counts(&value, done);
+        }
     }
 }
 
@@ -268,7 +277,7 @@ mod tests {
         let big = vec![b'1'; MAX_SCANNED / 2 + 1];
         scanner.feed(&big);
         scanner.feed(&big);
-        assert!(scanner.line.is_empty());
+        assert!(scanner.done.usage.prompt_tokens == 0);
         scanner.feed(b"\n{\"usage\":{\"prompt_tokens\":2}}\n");
         assert_eq!(scanner.finish().usage.prompt_tokens, 2);
     }

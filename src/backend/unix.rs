@@ -5,7 +5,13 @@
 //! user and no web page can reach them: there is no TCP port at all. ureq 3 builds its
 //! transports from connectors (`Agent::with_parts`); this one stands where `TcpConnector`
 //! would, and the rest of ureq (HTTP/1.1, pooling, timeouts) is unchanged.
+//!
+//! A request can be given up while it waits for an answer: [`with_cancel`] sets, for the
+//! calling thread, a check that reads ask in short steps. ureq runs a request on the calling
+//! thread, so this works on pooled connections too; a cancelled read fails with
+//! [`Cancelled`], a type, which closes the connection and makes llama-server stop.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -15,17 +21,55 @@ use std::time::Duration;
 use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, Transport};
 
 /// Asked while a read waits: true when the request should be given up (its client left).
-pub type Cancel = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+pub(crate) type Cancel = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// How often a read with a [`Cancel`] asks it.
+/// How often a read with a cancel check asks it.
 const CANCEL_CHECK: Duration = Duration::from_millis(100);
+
+thread_local! {
+    /// The cancel check of the request this thread is making, if any.
+    static CANCEL: RefCell<Option<Cancel>> = const { RefCell::new(None) };
+}
+
+/// Runs `work` (a request to a child) with `cancel` asked while it waits for an answer.
+pub(crate) fn with_cancel<T>(cancel: Option<Cancel>, work: impl FnOnce() -> T) -> T {
+    let previous = CANCEL.with(|slot| slot.replace(cancel));
+    let result = work();
+    CANCEL.with(|slot| *slot.borrow_mut() = previous);
+    result
+}
+
+fn current_cancel() -> Option<Cancel> {
+    CANCEL.with(|slot| slot.borrow().clone())
+}
+
+/// The error of a read given up because its client left.
+#[derive(Debug)]
+pub(crate) struct Cancelled;
+
+impl fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the client went away")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+/// True when `error` is, or wraps, a [`Cancelled`] read.
+pub(crate) fn is_cancelled(error: &io::Error) -> bool {
+    match error.get_ref() {
+        Some(inner) if inner.is::<Cancelled>() => true,
+        Some(inner) => match inner.downcast_ref::<ureq::Error>() {
+            Some(ureq::Error::Io(io)) => is_cancelled(io),
+            _ => false,
+        },
+        None => false,
+    }
+}
 
 /// Connects every request to the socket at `path`.
 pub struct UnixConnector {
     pub path: PathBuf,
-    /// Set for a forwarded request's own connection: reads wait in short steps and fail
-    /// once it says so, which closes the connection and makes llama-server stop.
-    pub cancel: Option<Cancel>,
 }
 
 impl fmt::Debug for UnixConnector {
@@ -41,13 +85,7 @@ impl<In: Transport> Connector<In> for UnixConnector {
         let stream = UnixStream::connect(&self.path)?;
         let config = details.config;
         let buffers = LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size());
-        Ok(Some(UnixTransport {
-            stream,
-            buffers,
-            read_timeout: None,
-            write_timeout: None,
-            cancel: self.cancel.clone(),
-        }))
+        Ok(Some(UnixTransport { stream, buffers, read_timeout: None, write_timeout: None }))
     }
 }
 
@@ -57,7 +95,6 @@ pub struct UnixTransport {
     /// The timeouts last set on the socket, to skip a syscall when they do not change.
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
-    cancel: Option<Cancel>,
 }
 
 impl fmt::Debug for UnixTransport {
@@ -75,9 +112,6 @@ fn socket_timeout(timeout: &NextTimeout) -> Option<Duration> {
         Some((*timeout.after).max(Duration::from_millis(1)))
     }
 }
-
-/// The error a cancelled read gives.
-pub const CANCELLED: &str = "the client went away";
 
 fn timed_out(error: &io::Error) -> bool {
     matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
@@ -106,11 +140,12 @@ impl Transport for UnixTransport {
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
         let timeout = timeout.for_read();
         let wanted = socket_timeout(&timeout);
+        let cancel = current_cancel();
         let started = std::time::Instant::now();
         let amount = loop {
             // With a cancel check, wait in steps of CANCEL_CHECK up to the real timeout.
             let left = wanted.map(|wanted| wanted.saturating_sub(started.elapsed()).max(Duration::from_millis(1)));
-            let step = match (&self.cancel, left) {
+            let step = match (&cancel, left) {
                 (Some(_), Some(left)) => Some(left.min(CANCEL_CHECK)),
                 (Some(_), None) => Some(CANCEL_CHECK),
                 (None, left) => left,
@@ -123,8 +158,8 @@ impl Transport for UnixTransport {
                 Ok(amount) => break amount,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) if timed_out(&error) => {
-                    if self.cancel.as_ref().is_some_and(|cancel| cancel()) {
-                        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, CANCELLED).into());
+                    if cancel.as_ref().is_some_and(|cancel| cancel()) {
+                        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, Cancelled).into());
                     }
                     if wanted.is_some_and(|wanted| started.elapsed() >= wanted) {
                         return Err(ureq::Error::Timeout(timeout.reason));
@@ -146,5 +181,33 @@ impl Transport for UnixTransport {
         let mut byte = [0u8; 1];
         let open = matches!(self.stream.read(&mut byte), Err(error) if error.kind() == io::ErrorKind::WouldBlock);
         open && self.stream.set_nonblocking(false).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancellation_is_a_type_found_through_ureq() {
+        let cancelled = io::Error::new(io::ErrorKind::ConnectionAborted, Cancelled);
+        assert!(is_cancelled(&cancelled));
+        let through_ureq =
+            io::Error::other(ureq::Error::Io(io::Error::new(io::ErrorKind::ConnectionAborted, Cancelled)));
+        assert!(is_cancelled(&through_ureq));
+        let other = io::Error::new(io::ErrorKind::ConnectionAborted, "the client went away");
+        assert!(!is_cancelled(&other), "a message that reads the same is not a cancellation");
+    }
+
+    #[test]
+    fn the_cancel_check_is_per_thread_and_restored() {
+        let cancel: Cancel = std::sync::Arc::new(|| true);
+        with_cancel(Some(cancel), || {
+            assert!(current_cancel().is_some());
+            std::thread::spawn(|| assert!(current_cancel().is_none())).join().unwrap();
+            with_cancel(None, || assert!(current_cancel().is_none()));
+            assert!(current_cancel().is_some(), "restored after the inner call");
+        });
+        assert!(current_cancel().is_none());
     }
 }

@@ -14,7 +14,7 @@ use rustyline::error::ReadlineError;
 use serde_json::json;
 
 use crate::cli::ChatArgs;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::protocol::{Mode, Request, Response, RunRequest, Sampling};
@@ -98,7 +98,7 @@ fn parse(line: &str) -> Input {
 
 pub fn run(context: &Context, args: ChatArgs) -> Result<()> {
     crate::setup::on_first_use(context, Some(&args.model))?;
-    let model = context.resolve_model(&args.model, &args.load)?;
+    let model = context.resolve_model(&args.model, &args.load.overrides())?;
     let sampling = Sampling { max_tokens: args.max_tokens, temperature: args.temperature, ..Sampling::default() };
     session(context, model, args.system, sampling)
 }
@@ -194,7 +194,7 @@ fn answer(
         messages: Some(conversation.messages(text)),
         sampling: sampling.clone(),
     };
-    let mut connection = context.connect_for(model)?;
+    let mut connection = crate::client::connect_for(context, model)?;
     connection.set_reply_timeout(Some(context.generation_timeout()))?;
     STOPPED.store(false, Ordering::SeqCst);
     SOCKET_FD.store(connection.raw_fd(), Ordering::SeqCst);

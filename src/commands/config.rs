@@ -6,12 +6,12 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::backend::llama;
+use crate::backend::local as llama;
 use crate::cli::ConfigArgs;
-use crate::commands::Context;
 use crate::config::DEFAULT_QUEUE_DEPTH;
-use crate::daemon::{DEFAULT_MEMORY_BUDGET, DEFAULT_VRAM_BUDGET};
+use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::settings::{DEFAULT_MEMORY_BUDGET, DEFAULT_VRAM_BUDGET};
 
 #[derive(Serialize)]
 struct Setting {

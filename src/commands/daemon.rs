@@ -1,9 +1,10 @@
 //! `llmctl daemon`: run the daemon in the foreground.
 
 use crate::cli::DaemonArgs;
-use crate::commands::Context;
-use crate::daemon::{self, Settings, StartFlags};
+use crate::context::Context;
+use crate::daemon;
 use crate::error::Result;
+use crate::settings::{Settings, StartFlags};
 
 pub fn run(context: &Context, args: DaemonArgs) -> Result<()> {
     let config = context.config()?;

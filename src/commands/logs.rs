@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::cli::LogsArgs;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::instance::log_file_name;
+use crate::paths::log_file_name;
 
 /// How often `--follow` looks for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
@@ -19,7 +19,7 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 pub fn run(context: &Context, args: LogsArgs) -> Result<()> {
     let path = match &args.model {
         Some(name) => {
-            let spec = context.resolve_model(name, &args.load)?;
+            let spec = context.resolve_model(name, &args.load.overrides())?;
             context.paths.instance_logs_dir.join(log_file_name(&spec))
         }
         None => context.paths.daemon_log(),

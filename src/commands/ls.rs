@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::catalog::{self, HeaderCache, Source};
 use crate::cli::LsArgs;
 use crate::client;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::protocol::{Request, Response, StatusReport};
 
@@ -95,10 +95,7 @@ fn loaded_paths(context: &Context) -> HashSet<PathBuf> {
 
 /// Instances that hold a model in memory, or are loading one.
 pub fn loaded_instances(report: &StatusReport) -> impl Iterator<Item = &crate::protocol::InstanceStatus> {
-    report
-        .instances
-        .iter()
-        .filter(|instance| matches!(instance.state.as_str(), "starting" | "ready" | "busy" | "stopping"))
+    report.instances.iter().filter(|instance| instance.state.is_up())
 }
 
 fn render(listed: &[Listed]) -> String {

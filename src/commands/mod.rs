@@ -1,5 +1,5 @@
 //! One file per subcommand: the client side of each. They share a [`Context`] with the
-//! resolved paths and the global flags.
+//! resolved paths, the global flags and the config, read once.
 
 pub mod chat;
 pub mod config;
@@ -22,62 +22,8 @@ pub mod stop;
 pub mod switch;
 pub mod warm;
 
-use crate::cli::{GlobalArgs, LoadArgs};
-use crate::client::{self, Connection};
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::gguf;
-use crate::model::{self, LoadOverrides, ModelSpec};
-use crate::paths::Paths;
-
-#[derive(Clone)]
-pub struct Context {
-    pub global: GlobalArgs,
-    pub paths: Paths,
-}
-
-impl Context {
-    pub fn new(global: &GlobalArgs) -> Context {
-        Context { paths: Paths::resolve(global.socket.as_deref(), global.config.as_deref()), global: global.clone() }
-    }
-
-    pub fn config(&self) -> Result<Config> {
-        Config::load(&self.paths.config)
-    }
-
-    /// The longest a request that loads and generates may wait for the daemon's next
-    /// message: the longest silence the daemon itself allows (queue wait, a load without
-    /// output, a token) plus a margin, so a wedged daemon cannot hold a client for good.
-    pub fn generation_timeout(&self) -> std::time::Duration {
-        let config = self.config().unwrap_or_default();
-        let longest =
-            [crate::daemon::QUEUE_TIMEOUT_S, config.load_timeout.unwrap_or(120), config.token_timeout.unwrap_or(300)]
-                .into_iter()
-                .max()
-                .unwrap_or(600);
-        std::time::Duration::from_secs(longest + 60)
-    }
-
-    /// Resolves MODEL to a file and load options.
-    pub fn resolve_model(&self, name: &str, load: &LoadArgs) -> Result<ModelSpec> {
-        let config = self.config()?;
-        let overrides = LoadOverrides { ctx_size: load.ctx_size, parallel: load.parallel, gpu_layers: load.gpu_layers };
-        model::resolve(name, &config, &self.paths, &overrides)
-    }
-
-    /// Connects for a request about `model`. A running daemon checks the model's header
-    /// itself (and remembers it); when none runs, the header is checked here first, so a
-    /// wrong or truncated file is refused without starting anything.
-    pub fn connect_for(&self, model: &ModelSpec) -> Result<Connection> {
-        if let Some(connection) = client::try_connect(self)? {
-            return Ok(connection);
-        }
-        if model.remote.is_none() {
-            gguf::inspect(&model.path).map_err(|reason| Error::BadModel { path: model.path.clone(), reason })?;
-        }
-        client::connect(self)
-    }
-}
+pub use crate::context::Context;
+use crate::error::Error;
 
 /// Adds "did you mean" to an unknown model: the known names closest to it (aliases, pulled
 /// models, files in the models directory). Any other error passes unchanged.

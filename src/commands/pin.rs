@@ -3,12 +3,12 @@
 //! survive a daemon restart.
 
 use crate::cli::PinArgs;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::Result;
 use crate::protocol::Request;
 
 pub fn run(context: &Context, args: PinArgs, pinned: bool) -> Result<()> {
-    let model = context.resolve_model(&args.model, &args.load)?;
+    let model = context.resolve_model(&args.model, &args.load.overrides())?;
     if !pinned && model.policy.pinned {
         // The config's pin holds whatever a command says; changing it is an edit.
         eprintln!(
@@ -17,7 +17,7 @@ pub fn run(context: &Context, args: PinArgs, pinned: bool) -> Result<()> {
             context.paths.config.display()
         );
     }
-    let mut connection = context.connect_for(&model)?;
+    let mut connection = crate::client::connect_for(context, &model)?;
     connection.call(&Request::Pin { model, pinned })?;
     Ok(())
 }

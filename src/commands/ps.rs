@@ -7,8 +7,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::cli::PsArgs;
 use crate::client;
 use crate::commands::ls::{loaded_instances, table, write_stdout};
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
+#[cfg(test)]
+use crate::protocol::InstanceState;
 use crate::protocol::{InstanceStatus, Request, Response};
 
 pub fn run(context: &Context, args: PsArgs) -> Result<()> {
@@ -40,7 +42,7 @@ fn render(loaded: &[&InstanceStatus], now_ms: u64) -> String {
     for instance in loaded {
         rows.push([
             instance.name.clone(),
-            if instance.pinned { format!("{} (pinned)", instance.state) } else { instance.state.clone() },
+            if instance.pinned { format!("{} (pinned)", instance.state) } else { instance.state.to_string() },
             instance.pid.map(|pid| pid.to_string()).unwrap_or_else(|| "-".into()),
             crate::budget::human(instance.rss_bytes.unwrap_or(instance.estimate_bytes)),
             instance.ctx_size.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
@@ -62,7 +64,7 @@ mod tests {
     fn one_line_per_instance() {
         let instance = InstanceStatus {
             name: "demo".into(),
-            state: "ready".into(),
+            state: InstanceState::Ready,
             pid: Some(7),
             slots: 1,
             ctx_size: Some(2048),

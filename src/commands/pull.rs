@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::cli::PullArgs;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::library::{self, Pull, PulledFile, RepoName};

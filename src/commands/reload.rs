@@ -2,7 +2,7 @@
 //! and what needs a new daemon. Succeeds when no daemon runs: the next one reads the config.
 
 use crate::client;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::Result;
 use crate::protocol::{Request, Response};
 

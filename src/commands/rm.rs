@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 
 use crate::cli::RmArgs;
 use crate::client;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::library;
 use crate::model::ModelSpec;
@@ -14,7 +14,7 @@ use crate::protocol::{Request, Response};
 
 pub fn run(context: &Context, args: RmArgs) -> Result<()> {
     let Some(pulled) = library::find(&context.paths, &args.model) else {
-        let no_overrides = crate::cli::LoadArgs { ctx_size: None, parallel: None, gpu_layers: None };
+        let no_overrides = crate::model::LoadOverrides::default();
         // Say what the name is, if it is anything: a file or an alias llmctl did not pull.
         let spec = context.resolve_model(&args.model, &no_overrides)?;
         let path = spec.remote.is_none().then_some(spec.path);

@@ -8,27 +8,21 @@
 //! prompt starts a fresh line; a pipe gets exactly the generated text.
 
 use std::io::{self, BufWriter, IsTerminal, Read, Write};
-use std::os::fd::RawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use serde::Serialize;
 
 use crate::cli::RunArgs;
-use crate::client;
-use crate::commands::Context;
-use crate::error::{Error, ErrorKind, Result};
-use crate::protocol::{Done, Mode, Request, Response, RunRequest, Sampling, Usage};
-use crate::sys;
-
-/// Set by the Ctrl-C handler; read when the connection breaks.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-/// The socket the Ctrl-C handler shuts down to wake the blocked read; -1 when none.
-static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
+use crate::client::interrupt;
+use crate::client::stream::{self, Ended, Progress, Sink};
+use crate::client::{self};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::protocol::{Done, Mode, Request, RunRequest, Sampling, Usage};
 
 pub fn run(context: &Context, args: RunArgs) -> Result<()> {
     crate::setup::on_first_use(context, Some(&args.model))?;
-    let model = context.resolve_model(&args.model, &args.load)?;
+    let model = context.resolve_model(&args.model, &args.load.overrides())?;
     let stdin = io::stdin();
     let sampling = Sampling {
         max_tokens: args.max_tokens,
@@ -57,14 +51,117 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
         sampling,
     };
 
-    let mut connection = context.connect_for(&request.model)?;
+    let mut connection = client::connect_for(context, &request.model)?;
     connection.set_reply_timeout(Some(context.generation_timeout()))?;
-    install_interrupt_handler(connection.raw_fd())?;
-    let result = stream(&mut connection, &Request::Run(request), &args, context.global.verbose > 0);
-    SOCKET_FD.store(-1, Ordering::SeqCst);
+    let _watch = interrupt::Watch::socket(connection.raw_fd())?;
+    let mut output = Output::new(args.json);
+    let result = stream::generate(&mut connection, &Request::Run(request), &mut output);
     match result {
-        Err(_) if INTERRUPTED.load(Ordering::SeqCst) => Err(Error::Interrupted),
-        other => other,
+        Ok(Ended::Done(done)) => {
+            let written = output.done(&done);
+            if context.global.verbose > 0 {
+                eprintln!("{}", timings_summary(&done));
+            }
+            match written {
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+                Err(e) => Err(Error::io("cannot write to stdout", e)),
+                Ok(()) => Ok(()),
+            }
+        }
+        // The reader of stdout went away (`| head`): that is its choice, not a failure.
+        // Returning drops the connection, and the daemon cancels the generation.
+        Ok(Ended::SinkClosed(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Ok(Ended::SinkClosed(e)) => Err(Error::io("cannot write to stdout", e)),
+        Err(error) => {
+            output.end_early();
+            if interrupt::interrupted() {
+                Err(Error::Interrupted)
+            } else {
+                Err(error)
+            }
+        }
+    }
+}
+
+/// stdout of `run`: the generated text (or `--json` lines), and progress on a terminal's
+/// stderr only.
+struct Output {
+    out: BufWriter<io::StdoutLock<'static>>,
+    json: bool,
+    stdout_is_terminal: bool,
+    stderr_is_terminal: bool,
+    progress_shown: bool,
+    last_byte: u8,
+}
+
+impl Output {
+    fn new(json: bool) -> Output {
+        Output {
+            out: BufWriter::with_capacity(1 << 16, io::stdout().lock()),
+            json,
+            stdout_is_terminal: io::stdout().is_terminal(),
+            stderr_is_terminal: io::stderr().is_terminal(),
+            progress_shown: false,
+            last_byte: b'\n',
+        }
+    }
+
+    fn clear_progress(&mut self) {
+        if self.progress_shown {
+            eprint!("\r\x1b[K");
+            self.progress_shown = false;
+        }
+    }
+
+    /// The end of a whole answer: the `done` line, or on a terminal a final newline so the
+    /// shell prompt starts a line of its own; pipes get the text as is.
+    fn done(&mut self, done: &Done) -> io::Result<()> {
+        self.clear_progress();
+        if self.json {
+            self.out.write_all(done_line(done).as_bytes())?;
+        } else if self.stdout_is_terminal && self.last_byte != b'\n' {
+            self.out.write_all(b"\n")?;
+        }
+        self.out.flush()
+    }
+
+    /// Whatever ends the stream early (Ctrl-C, an error, a broken connection) leaves the
+    /// terminal as the shell expects it: progress cleared, and the next line fresh.
+    fn end_early(&mut self) {
+        self.clear_progress();
+        if self.stdout_is_terminal && !self.json && self.last_byte != b'\n' {
+            let _ = self.out.write_all(b"\n");
+        }
+        let _ = self.out.flush();
+    }
+}
+
+impl Sink for Output {
+    fn progress(&mut self, progress: Progress) {
+        if !self.stderr_is_terminal {
+            return;
+        }
+        match progress {
+            Progress::Loading { model } => eprint!("\rloading {model}..."),
+            Progress::Queued { position } => eprint!("\rwaiting for a slot: position {position}..."),
+        }
+        self.progress_shown = true;
+    }
+
+    fn token(&mut self, text: &str, more: bool) -> io::Result<()> {
+        self.clear_progress();
+        if self.json {
+            let mut line = serde_json::to_string(&TokenLine { kind: "token", text }).map_err(io::Error::other)?;
+            line.push('\n');
+            self.out.write_all(line.as_bytes())?;
+        } else {
+            self.last_byte = *text.as_bytes().last().unwrap_or(&self.last_byte);
+            self.out.write_all(text.as_bytes())?;
+        }
+        if !more {
+            self.out.flush()?;
+        }
+        Ok(())
     }
 }
 
@@ -91,9 +188,7 @@ fn read_grammar(path: &Path) -> Result<String> {
 fn read_small_file(path: &Path, flag: &str) -> Result<String> {
     const LIMIT: u64 = 1 << 20;
     let file = std::fs::File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => {
-            Error::Remote { kind: ErrorKind::NotFound, message: format!("{flag}: no file {}", path.display()) }
-        }
+        io::ErrorKind::NotFound => Error::FileNotFound { what: flag.to_string(), path: path.to_path_buf() },
         _ => Error::io(format!("{flag}: cannot read {}", path.display()), e),
     })?;
     let mut text = String::new();
@@ -135,128 +230,6 @@ pub fn compose_prompt(words: &[String], piped: Option<&str>) -> Result<String> {
         }
     };
     Ok(prompt)
-}
-
-fn install_interrupt_handler(fd: RawFd) -> Result<()> {
-    SOCKET_FD.store(fd, Ordering::SeqCst);
-    let installed = ctrlc::set_handler(|| {
-        INTERRUPTED.store(true, Ordering::SeqCst);
-        let fd = SOCKET_FD.load(Ordering::SeqCst);
-        if fd >= 0 {
-            // Wakes the blocked read; the daemon sees the hang-up and cancels upstream.
-            sys::shutdown_socket(fd);
-        }
-    });
-    match installed {
-        // A handler from an earlier call in this process is still in place and still works.
-        Ok(()) | Err(ctrlc::Error::MultipleHandlers) => Ok(()),
-        Err(error) => Err(Error::internal(format!("cannot install the Ctrl-C handler: {error}"))),
-    }
-}
-
-fn stream(connection: &mut client::Connection, request: &Request, args: &RunArgs, verbose: bool) -> Result<()> {
-    connection.send(request)?;
-    let stderr_is_terminal = io::stderr().is_terminal();
-    let stdout_is_terminal = io::stdout().is_terminal();
-    let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
-    let mut progress_shown = false;
-    let mut last_byte = b'\n';
-    let write_or_quit = |out: &mut BufWriter<io::StdoutLock<'_>>, bytes: &[u8], flush: bool| -> io::Result<()> {
-        out.write_all(bytes)?;
-        if flush {
-            out.flush()?;
-        }
-        Ok(())
-    };
-    // Whatever ends the stream early (Ctrl-C, an error, a broken connection) leaves the
-    // terminal as the shell expects it: progress cleared, and the next line fresh.
-    let end_early = |out: &mut BufWriter<io::StdoutLock<'_>>, last_byte: u8, progress_shown: bool| {
-        if progress_shown {
-            eprint!("\r\x1b[K");
-        }
-        if stdout_is_terminal && !args.json && last_byte != b'\n' {
-            let _ = out.write_all(b"\n");
-        }
-        let _ = out.flush();
-    };
-    loop {
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            end_early(&mut out, last_byte, progress_shown);
-            return Err(Error::Interrupted);
-        }
-        let response = match connection.recv() {
-            Ok(response) => response,
-            Err(error) => {
-                end_early(&mut out, last_byte, progress_shown);
-                return Err(error);
-            }
-        };
-        let flush = !connection.has_buffered();
-        let written = match response {
-            Response::Loading { model } => {
-                if stderr_is_terminal {
-                    eprint!("\rloading {model}...");
-                    progress_shown = true;
-                }
-                Ok(())
-            }
-            Response::Queued { position } => {
-                if stderr_is_terminal {
-                    eprint!("\rwaiting for a slot: position {position}...");
-                    progress_shown = true;
-                }
-                Ok(())
-            }
-            Response::Token { text } => {
-                if progress_shown {
-                    eprint!("\r\x1b[K");
-                    progress_shown = false;
-                }
-                if args.json {
-                    let mut line = serde_json::to_string(&TokenLine { kind: "token", text: &text })
-                        .map_err(|e| Error::internal(e.to_string()))?;
-                    line.push('\n');
-                    write_or_quit(&mut out, line.as_bytes(), flush)
-                } else {
-                    last_byte = *text.as_bytes().last().unwrap_or(&last_byte);
-                    write_or_quit(&mut out, text.as_bytes(), flush)
-                }
-            }
-            Response::Done(done) => {
-                if progress_shown {
-                    eprint!("\r\x1b[K");
-                }
-                let result = if args.json {
-                    write_or_quit(&mut out, done_line(&done).as_bytes(), true)
-                } else if stdout_is_terminal && last_byte != b'\n' {
-                    // Leave the shell prompt on a line of its own; pipes get the text as is.
-                    write_or_quit(&mut out, b"\n", true)
-                } else {
-                    out.flush()
-                };
-                if verbose {
-                    eprintln!("{}", timings_summary(&done));
-                }
-                return match result {
-                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-                    Err(e) => Err(Error::io("cannot write to stdout", e)),
-                    Ok(()) => Ok(()),
-                };
-            }
-            Response::Error { kind, message, .. } => {
-                end_early(&mut out, last_byte, progress_shown);
-                return Err(Error::Remote { kind, message });
-            }
-            other => return Err(Error::internal(format!("unexpected message from the daemon: {other:?}"))),
-        };
-        match written {
-            Ok(()) => {}
-            // The reader of stdout went away (`| head`): that is its choice, not a failure.
-            // Returning drops the connection, and the daemon cancels the generation.
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
-            Err(e) => return Err(Error::io("cannot write to stdout", e)),
-        }
-    }
 }
 
 /// The `--json` lines, with `type` first so a reader can dispatch on the line's start.

@@ -2,7 +2,7 @@
 //! (`run`, `warm` and `serve` do the same on first use). The work is in [`crate::setup`].
 
 use crate::cli::{BackendArg, SetupArgs};
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::Result;
 use crate::setup::{self, BackendChoice, Options, Reporter};
 

@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::catalog;
 use crate::cli::ShowArgs;
 use crate::commands::ls::write_stdout;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::gguf;
 use crate::library;
@@ -46,7 +46,7 @@ struct Shown {
 const FALLBACK_CTX: u64 = 4096;
 
 pub fn run(context: &Context, args: ShowArgs) -> Result<()> {
-    let spec = context.resolve_model(&args.model, &args.load)?;
+    let spec = context.resolve_model(&args.model, &args.load.overrides())?;
     if spec.remote.is_some() {
         return Err(Error::Usage {
             message: format!("`{}` is a remote model: its server has the file, llmctl has nothing to read", spec.name),
@@ -87,7 +87,7 @@ pub fn run(context: &Context, args: ShowArgs) -> Result<()> {
         author: info.details.author.clone(),
         has_chat_template: info.details.chat_template.is_some(),
         chat_template: if args.template { info.details.chat_template.clone() } else { None },
-        memory_estimate_bytes: crate::instance::estimate_bytes(&spec, &info),
+        memory_estimate_bytes: crate::estimate::bytes(&spec, &info),
         kv_cache_bytes: info.kv_cache_bytes(ctx_size),
     };
     let text = if args.json {

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::client;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::protocol::Request;
 

@@ -10,9 +10,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::cli::StatusArgs;
 use crate::client;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::protocol::{InstanceStatus, Request, Response, StatusReport};
+use crate::protocol::{InstanceState, InstanceStatus, Request, Response, StatusReport};
 
 /// Stopped and failed instances last used longer ago than this are left out of the table.
 const FORGET_AFTER_MS: u64 = 24 * 3600 * 1000;
@@ -86,7 +86,7 @@ fn load_options(argv: &[String]) -> String {
 /// Stopped or failed, not in a crash loop (which needs `llmctl stop`), and last used more
 /// than [`FORGET_AFTER_MS`] ago.
 fn is_forgotten(instance: &InstanceStatus, now_ms: u64) -> bool {
-    matches!(instance.state.as_str(), "stopped" | "failed")
+    matches!(instance.state, InstanceState::Stopped | InstanceState::Failed)
         && !instance.crash_loop
         && instance.last_used_ms.is_some_and(|t| now_ms.saturating_sub(t) > FORGET_AFTER_MS)
 }
@@ -143,7 +143,7 @@ pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Op
                     format!("{} (pinned {})", instance.state, duration((until - now_ms).div_ceil(1000) * 1000))
                 }
                 (true, None, _) => format!("{} (pinned)", instance.state),
-                (false, None, _) => instance.state.clone(),
+                (false, None, _) => instance.state.to_string(),
             },
             instance.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             instance.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
@@ -213,7 +213,7 @@ mod tests {
         report.daemon.uptime_ms = 65_000;
         report.instances.push(InstanceStatus {
             name: "demo".into(),
-            state: "ready".into(),
+            state: InstanceState::Ready,
             pid: Some(7),
             port: Some(4000),
             slots: 1,
@@ -240,7 +240,7 @@ mod tests {
         for (pid, ctx_size) in [(7, Some(4096)), (8, None), (9, None), (10, None)] {
             report.instances.push(InstanceStatus {
                 name: "smol".into(),
-                state: "ready".into(),
+                state: InstanceState::Ready,
                 pid: Some(pid),
                 ctx_size,
                 slots: 1,
@@ -269,16 +269,16 @@ mod tests {
         let now = 10 * DAY_MS;
         let mut report = StatusReport::default();
         for (name, state, last_used_ms, crash_loop) in [
-            ("fresh", "stopped", Some(now - DAY_MS / 2), false),
-            ("old", "stopped", Some(now - 2 * DAY_MS), false),
-            ("old-failure", "failed", Some(now - 2 * DAY_MS), false),
-            ("crash-loop", "failed", Some(now - 2 * DAY_MS), true),
-            ("idle", "ready", Some(now - 2 * DAY_MS), false),
-            ("never-used", "stopped", None, false),
+            ("fresh", InstanceState::Stopped, Some(now - DAY_MS / 2), false),
+            ("old", InstanceState::Stopped, Some(now - 2 * DAY_MS), false),
+            ("old-failure", InstanceState::Failed, Some(now - 2 * DAY_MS), false),
+            ("crash-loop", InstanceState::Failed, Some(now - 2 * DAY_MS), true),
+            ("idle", InstanceState::Ready, Some(now - 2 * DAY_MS), false),
+            ("never-used", InstanceState::Stopped, None, false),
         ] {
             report.instances.push(InstanceStatus {
                 name: name.into(),
-                state: state.into(),
+                state,
                 last_used_ms,
                 crash_loop,
                 ..InstanceStatus::default()
@@ -299,14 +299,14 @@ mod tests {
         let mut report = StatusReport::default();
         report.instances.push(InstanceStatus {
             name: "demo".into(),
-            state: "ready".into(),
+            state: InstanceState::Ready,
             pinned: true,
             pinned_until_ms: Some(2 * 3600 * 1000 + 500),
             ..InstanceStatus::default()
         });
         report.instances.push(InstanceStatus {
             name: "forever".into(),
-            state: "ready".into(),
+            state: InstanceState::Ready,
             pinned: true,
             ..InstanceStatus::default()
         });

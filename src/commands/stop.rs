@@ -2,9 +2,9 @@
 
 use std::io::IsTerminal;
 
-use crate::cli::{LoadArgs, StopArgs};
+use crate::cli::StopArgs;
 use crate::client;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::protocol::{Request, Response};
@@ -12,7 +12,7 @@ use crate::protocol::{Request, Response};
 pub fn run(context: &Context, args: StopArgs) -> Result<()> {
     let model = match &args.model {
         Some(name) if !args.all => {
-            let no_overrides = LoadArgs { ctx_size: None, parallel: None, gpu_layers: None };
+            let no_overrides = crate::model::LoadOverrides::default();
             match context.resolve_model(name, &no_overrides) {
                 Ok(spec) => Some(spec),
                 // The file may be gone while its instance still runs: stop it by its path.

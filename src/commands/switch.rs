@@ -2,13 +2,13 @@
 //! `--exclusive` unloads the others once it is ready.
 
 use crate::cli::SwitchArgs;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::Result;
 use crate::protocol::Request;
 
 pub fn run(context: &Context, args: SwitchArgs) -> Result<()> {
-    let model = context.resolve_model(&args.model, &args.load)?;
-    let mut connection = context.connect_for(&model)?;
+    let model = context.resolve_model(&args.model, &args.load.overrides())?;
+    let mut connection = crate::client::connect_for(context, &model)?;
     connection.set_reply_timeout(Some(context.generation_timeout()))?;
     connection.call(&Request::Switch { model, wait: args.wait, exclusive: args.exclusive })?;
     Ok(())

@@ -2,14 +2,14 @@
 //! Quiet on success and idempotent, for cron.
 
 use crate::cli::WarmArgs;
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::Result;
 use crate::protocol::Request;
 
 pub fn run(context: &Context, args: WarmArgs) -> Result<()> {
     crate::setup::on_first_use(context, Some(&args.model))?;
-    let model = context.resolve_model(&args.model, &args.load)?;
-    let mut connection = context.connect_for(&model)?;
+    let model = context.resolve_model(&args.model, &args.load.overrides())?;
+    let mut connection = crate::client::connect_for(context, &model)?;
     connection.set_reply_timeout(Some(context.generation_timeout()))?;
     connection.call(&Request::Warm { model, ttl_s: args.ttl })?;
     Ok(())

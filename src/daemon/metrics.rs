@@ -53,7 +53,7 @@ pub fn render(report: &StatusReport) -> String {
             }
         };
     per_instance("llmctl_instance_up", "gauge", "1 when the instance is ready or busy.", &|i| {
-        vec![(String::new(), u8::from(i.state == "ready" || i.state == "busy").to_string())]
+        vec![(String::new(), u8::from(i.state.is_loaded()).to_string())]
     });
     per_instance("llmctl_requests_total", "counter", "Finished requests by outcome.", &|i| {
         i.outcomes.iter().map(|(outcome, n)| (format!("outcome=\"{}\"", escape(outcome)), n.to_string())).collect()
@@ -111,13 +111,14 @@ fn quantiles(p50_ms: Option<f64>, p99_ms: Option<f64>) -> Vec<(String, String)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::InstanceState;
     use crate::protocol::InstanceStatus;
 
     #[test]
     fn renders_prometheus_text() {
         let mut report = StatusReport::default();
         report.queue.depth = 64;
-        let mut instance = InstanceStatus { name: "co\"der".into(), state: "ready".into(), ..Default::default() };
+        let mut instance = InstanceStatus { name: "co\"der".into(), state: InstanceState::Ready, ..Default::default() };
         instance.outcomes.insert("ok".into(), 3);
         instance.wait_p50_ms = Some(1.5);
         report.instances.push(instance);

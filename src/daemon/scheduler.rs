@@ -22,14 +22,14 @@ use crossbeam_channel::{select_biased, Receiver};
 
 use crate::budget::{self, Budget, Need, Plan, Resident};
 use crate::error::Error;
-use crate::instance::{Message, Phase, RoomRequest, RoomToken, Unload, View};
+use crate::instance::{Message, Phase, RoomRequest, RoomToken, Snapshot, Unload};
 use crate::memory::{self, GpuReading};
 use crate::process;
 
-use super::Shared;
+use super::shared::Shared;
 
 /// How long the head of the line waits for busy instances to drain before it gives up.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 struct Waiting {
     id: usize,
@@ -44,14 +44,14 @@ struct Holding {
     releasing_for: Option<usize>,
 }
 
-pub fn budget(settings: &super::LiveSettings, gpu: Option<&GpuReading>) -> Budget {
+pub(crate) fn budget(settings: &crate::settings::LiveSettings, gpu: Option<&GpuReading>) -> Budget {
     let ram = budget::parse_size(&settings.memory_budget, memory::mem_total()).unwrap_or(u64::MAX);
     let vram = gpu.map(|gpu| budget::parse_size(&settings.vram_budget, gpu.total_bytes).unwrap_or(u64::MAX));
     Budget { ram, vram, max_instances: settings.max_instances }
 }
 
 /// Runs until `stop` closes.
-pub fn run(shared: &Arc<Shared>, requests: &Receiver<RoomRequest>, stop: &Receiver<()>) {
+pub(crate) fn run(shared: &Arc<Shared>, requests: &Receiver<RoomRequest>, stop: &Receiver<()>) {
     let mut scheduler = Scheduler { shared, line: VecDeque::new(), holding: BTreeMap::new(), next_token: 0 };
     loop {
         let timeout = scheduler
@@ -199,8 +199,8 @@ impl Scheduler<'_> {
         self.holding
             .iter()
             .map(|(&id, holding)| {
-                let view: Option<View> = self.shared.table.by_id(id).map(|handle| handle.view());
-                let Some(view) = view else {
+                let snapshot: Option<Snapshot> = self.shared.table.by_id(id).map(|handle| handle.snapshot());
+                let Some(snapshot) = snapshot else {
                     return Resident {
                         id,
                         name: String::new(),
@@ -212,17 +212,21 @@ impl Scheduler<'_> {
                         releasing: holding.releasing_for.is_some(),
                     };
                 };
+                let view = &snapshot.view;
                 // Until it runs, an instance is charged its estimate; then what it really uses.
                 let measured_ram =
                     if view.phase == Phase::Ready { view.pid.and_then(process::rss_bytes) } else { None };
                 let measured_vram = view.pid.and_then(|pid| gpu?.used_by_pid.get(&pid).copied());
-                let idle = view.phase == Phase::Ready && view.in_flight == 0 && view.queued == 0;
+                let idle = snapshot.idle();
                 Resident {
                     id,
                     name: view.spec.name.clone(),
                     ram: measured_ram.unwrap_or(holding.need.ram),
                     vram: measured_vram.unwrap_or(holding.need.vram),
-                    last_used_ms: view.last_used.or(view.ready_since).map_or(0, crate::instance::millis_since_epoch),
+                    last_used_ms: snapshot
+                        .last_used()
+                        .or(view.ready_since)
+                        .map_or(0, crate::instance::view::millis_since_epoch),
                     pinned: view.pinned(),
                     busy: !idle,
                     releasing: holding.releasing_for.is_some(),

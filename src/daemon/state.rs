@@ -14,8 +14,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::instance::millis_since_epoch;
 use crate::instance::table::InstanceTable;
+use crate::instance::view::millis_since_epoch;
 use crate::model::ModelSpec;
 use crate::paths;
 use crate::process;
@@ -39,6 +39,9 @@ pub struct InstanceRecord {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StateFile {
     daemon_pid: u32,
+    /// The daemon's kernel start time, so a reused pid is never taken for it.
+    #[serde(default)]
+    daemon_start_time: Option<u64>,
     children: Vec<ChildRecord>,
     #[serde(default)]
     instances: Vec<InstanceRecord>,
@@ -54,9 +57,10 @@ fn instances(table: &InstanceTable) -> Vec<InstanceRecord> {
         .all()
         .iter()
         .map(|instance| {
+            let last_used_ms = instance.last_used().map(millis_since_epoch);
             instance.with_view(|view| InstanceRecord {
                 model: view.spec.clone(),
-                last_used_ms: view.last_used.map(millis_since_epoch),
+                last_used_ms,
                 pinned: view.pinned_by_command,
                 pinned_until_ms: view.pinned_until.map(millis_since_epoch),
             })
@@ -77,7 +81,11 @@ pub fn load(path: &Path) -> Remembered {
         }
     };
     match serde_json::from_slice::<StateFile>(&bytes) {
-        Ok(state) => Remembered { children: state.children, instances: state.instances },
+        Ok(state) => Remembered {
+            owner: state.daemon_start_time.map(|start_time| (state.daemon_pid, start_time)),
+            children: state.children,
+            instances: state.instances,
+        },
         Err(error) => {
             let aside = path.with_extension("json.corrupt");
             let kept = fs::rename(path, &aside).map(|()| format!("kept as {}", aside.display()));
@@ -94,6 +102,8 @@ pub fn load(path: &Path) -> Remembered {
 /// What the state file said.
 #[derive(Debug, Default)]
 pub struct Remembered {
+    /// The daemon that wrote it: pid and start time.
+    pub owner: Option<(u32, u64)>,
     pub children: Vec<ChildRecord>,
     pub instances: Vec<InstanceRecord>,
 }
@@ -119,7 +129,12 @@ fn children(table: &InstanceTable) -> Vec<ChildRecord> {
 
 /// Writes the state file; on failure logs it and returns the reason for `status`.
 pub fn write(path: &Path, table: &InstanceTable) -> Result<(), String> {
-    let state = StateFile { daemon_pid: std::process::id(), children: children(table), instances: instances(table) };
+    let state = StateFile {
+        daemon_pid: std::process::id(),
+        daemon_start_time: process::start_time(std::process::id()),
+        children: children(table),
+        instances: instances(table),
+    };
     let mut json = serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?;
     json.push(b'\n');
     if let Some(dir) = path.parent() {
@@ -129,9 +144,17 @@ pub fn write(path: &Path, table: &InstanceTable) -> Result<(), String> {
         .map_err(|error| format!("cannot write the state file {}: {error}", path.display()))
 }
 
-/// Kills the children recorded by a daemon that did not shut down cleanly.
-pub fn kill_leftovers(children: &[ChildRecord]) {
-    for child in children {
+/// Kills the children recorded by a daemon that did not shut down cleanly. A daemon that
+/// still runs is never "earlier": its children are left alone.
+pub fn kill_leftovers(remembered: &Remembered) {
+    if let Some((pid, start_time)) = remembered.owner {
+        let alive = pid != std::process::id() && process::start_time(pid) == Some(start_time);
+        if alive {
+            log::warn!("the state file belongs to a running llmctl daemon (pid {pid}); its children are left alone");
+            return;
+        }
+    }
+    for child in &remembered.children {
         if process::kill_leftover(child.pid, child.start_time) {
             log::warn!("killed llama-server pid {} left by an earlier daemon ({})", child.pid, child.model);
         } else {

@@ -37,18 +37,6 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn name(self, in_flight: u32) -> &'static str {
-        match self {
-            Phase::Stopped => "stopped",
-            Phase::Failed => "failed",
-            Phase::WaitingRoom => "waiting",
-            Phase::Starting => "starting",
-            Phase::Ready if in_flight > 0 => "busy",
-            Phase::Ready => "ready",
-            Phase::Stopping => "stopping",
-        }
-    }
-
     /// True while the instance holds memory the scheduler granted.
     pub fn holds_room(self) -> bool {
         matches!(self, Phase::Starting | Phase::Ready | Phase::Stopping)
@@ -123,6 +111,11 @@ pub enum Event {
     ChildStopped,
     /// The load an eviction of grant `room` was for is gone: keep serving if still draining.
     Keep(RoomToken),
+    /// The worker lent this many free slots out (see [`Machine::lendable`]): they count as
+    /// in flight until they come back.
+    Lent(u32),
+    /// This many lent slots came back unused when the worker called the lending back.
+    Returned(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +213,16 @@ impl Machine {
         self.phase == Phase::Ready && self.in_flight == 0 && self.queue.is_empty() && self.draining.is_none()
     }
 
+    /// Free slots the worker may lend out: only while ready, not draining and with nobody
+    /// waiting, so a lent slot never jumps the queue or delays a drain.
+    pub fn lendable(&self) -> u32 {
+        if self.phase == Phase::Ready && self.draining.is_none() && self.queue.is_empty() {
+            self.slots.saturating_sub(self.in_flight)
+        } else {
+            0
+        }
+    }
+
     /// Changes the number of slots (remote models: one per replica and parallel slot).
     pub fn set_slots(&mut self, slots: u32) {
         self.slots = slots.max(1);
@@ -300,6 +303,17 @@ impl Machine {
                     if self.phase == Phase::Ready {
                         self.grant(&mut actions);
                     }
+                }
+            }
+            Event::Lent(slots) => {
+                // The worker lends only what `lendable` said; more would oversubscribe.
+                self.in_flight += slots.min(self.lendable());
+            }
+            Event::Returned(slots) => {
+                self.in_flight = self.in_flight.saturating_sub(slots);
+                if self.phase == Phase::Ready {
+                    self.grant(&mut actions);
+                    self.maybe_finish_drain(&mut actions);
                 }
             }
             Event::ChildStopped => {
@@ -654,6 +668,27 @@ mod tests {
                 Phase::WaitingRoom,
             ),
             (
+                "lent slots count as in flight: a request arriving queues",
+                || ready(1),
+                vec![Event::Lent(1), Arrived(10)],
+                vec![Queued(10, 1)],
+                Phase::Ready,
+            ),
+            (
+                "a lent slot called back goes to the first waiter",
+                || ready(2),
+                vec![Event::Lent(2), Arrived(10), Event::Returned(1)],
+                vec![Grant(10)],
+                Phase::Ready,
+            ),
+            (
+                "a drain ends once the lent slots are back",
+                || ready(1),
+                vec![Event::Lent(1), unload(Unload::Evict, 5, Some(7)), Event::Returned(1)],
+                vec![StopChild(Unload::Evict)],
+                Phase::Stopping,
+            ),
+            (
                 "stop while waiting for room withdraws",
                 || Machine::new(1),
                 vec![Arrived(1), unload(Unload::Stop, 1, None)],
@@ -699,121 +734,210 @@ mod tests {
     /// Drives the machine with random events, as a worker and its environment would produce
     /// them, and checks the invariants after every step: slots are never oversubscribed, a
     /// child with requests in flight is stopped only by `stop`, and every job is answered
-    /// exactly once (a slot or a failure) or is still waiting.
+    /// exactly once (a slot or a failure) or is still waiting. The worker's lending is
+    /// modelled as the worker does it: before each message it calls the lent slots back
+    /// (`Returned`), after each it lends what is free (`Lent`); between messages requests
+    /// take and give back lent slots without the machine hearing of it.
     #[test]
     fn random_schedules_keep_the_invariants() {
         for seed in 0..400 {
-            let mut rng = Rng::new(seed);
-            let slots = 1 + rng.below(3) as u32;
-            let mut machine = Machine::new(slots);
-            let mut next_job: JobId = 0;
-            let mut waiting: Vec<JobId> = Vec::new();
-            // Leases out, by the generation they were granted on.
-            let mut leases: Vec<u64> = Vec::new();
-            let mut live_generation: Option<u64> = None;
-            let mut answered: std::collections::BTreeSet<JobId> = Default::default();
-            let mut room_asked = false;
-            let mut token = 0;
-            let mut trace = Vec::new();
-            for _ in 0..200 {
-                let event = match rng.below(10) {
-                    0..=2 => {
-                        next_job += 1;
-                        Arrived(next_job)
-                    }
-                    3 if !waiting.is_empty() => Left(waiting[rng.below(waiting.len() as u64) as usize]),
-                    4 if room_asked => {
-                        token += 1;
-                        if rng.below(5) == 0 {
-                            RoomRefused
-                        } else {
-                            RoomGranted(token)
-                        }
-                    }
-                    5 if machine.phase() == Phase::Starting => {
-                        if rng.below(6) == 0 {
-                            LoadFailed
-                        } else {
-                            Loaded
-                        }
-                    }
-                    6 if !leases.is_empty() => SlotFreed(leases.swap_remove(rng.below(leases.len() as u64) as usize)),
-                    7 => {
-                        let why = [
-                            Unload::Evict,
-                            Unload::Expire,
-                            Unload::Reload,
-                            Unload::Exclusive,
-                            Unload::Stop,
-                            Unload::Restart,
-                        ][rng.below(6) as usize];
-                        unload(why, next_job, Some(token))
-                    }
-                    8 if machine.phase() == Phase::Stopping => ChildStopped,
-                    8 => Event::Keep(token),
-                    9 if machine.phase() == Phase::Ready && rng.below(4) == 0 => ChildExited,
-                    _ => continue,
-                };
-                trace.push(event);
-                let actions = machine.step(event);
-                if let Left(job) = event {
-                    waiting.retain(|&j| j != job);
+            check_random_schedule(seed);
+        }
+    }
+
+    /// What a schedule step does: a message to the worker, or a request taking or giving
+    /// back a lent slot (the machine hears nothing of those).
+    enum Step {
+        Message(Event),
+        TakeLent,
+        GiveBackLent(usize),
+    }
+
+    pub(crate) fn check_random_schedule(seed: u64) {
+        let mut rng = Rng::new(seed);
+        let slots = 1 + rng.below(3) as u32;
+        let mut machine = Machine::new(slots);
+        let mut next_job: JobId = 0;
+        let mut waiting: Vec<JobId> = Vec::new();
+        // Leases out, by the generation they were granted on.
+        let mut leases: Vec<u64> = Vec::new();
+        // Leases taken from the lending while it is open, by generation.
+        let mut lent_leases: Vec<u64> = Vec::new();
+        // The lending: open for one generation, with this many free slots.
+        let mut lending: Option<(u64, u32)> = None;
+        let mut live_generation: Option<u64> = None;
+        let mut answered: std::collections::BTreeSet<JobId> = Default::default();
+        let mut room_asked = false;
+        let mut token = 0;
+        let mut trace: Vec<String> = Vec::new();
+        for _ in 0..200 {
+            let step = match rng.below(12) {
+                0..=2 => {
+                    next_job += 1;
+                    Step::Message(Arrived(next_job))
                 }
-                if let Arrived(job) = event {
-                    waiting.push(job);
+                3 if !waiting.is_empty() => Step::Message(Left(waiting[rng.below(waiting.len() as u64) as usize])),
+                4 if room_asked => {
+                    token += 1;
+                    Step::Message(if rng.below(5) == 0 { RoomRefused } else { RoomGranted(token) })
                 }
-                for action in &actions {
-                    match *action {
-                        Grant(job) | Fail(job, _) => {
-                            assert!(answered.insert(job), "seed {seed}: job {job} answered twice: {trace:?}");
-                            assert!(waiting.contains(&job), "seed {seed}: job {job} was not waiting: {trace:?}");
-                            waiting.retain(|&j| j != job);
-                            if matches!(action, Grant(_)) {
-                                leases.push(machine.generation());
-                            }
-                        }
-                        AskRoom => room_asked = true,
-                        WithdrawRoom => room_asked = false,
-                        Spawn => {
-                            room_asked = false;
-                            live_generation = Some(machine.generation());
-                        }
-                        StopChild(why) => {
-                            let on_child = leases.iter().filter(|&&g| Some(g) == live_generation).count();
-                            assert!(
-                                on_child == 0 || matches!(why, Unload::Stop | Unload::Restart),
-                                "seed {seed}: {why:?} stopped a child with {on_child} requests in flight: {trace:?}"
+                5 if machine.phase() == Phase::Starting => {
+                    Step::Message(if rng.below(6) == 0 { LoadFailed } else { Loaded })
+                }
+                6 if !leases.is_empty() => {
+                    Step::Message(SlotFreed(leases.swap_remove(rng.below(leases.len() as u64) as usize)))
+                }
+                7 => {
+                    let why = [
+                        Unload::Evict,
+                        Unload::Expire,
+                        Unload::Reload,
+                        Unload::Exclusive,
+                        Unload::Stop,
+                        Unload::Restart,
+                    ][rng.below(6) as usize];
+                    Step::Message(unload(why, next_job, Some(token)))
+                }
+                8 if machine.phase() == Phase::Stopping => Step::Message(ChildStopped),
+                8 => Step::Message(Event::Keep(token)),
+                9 if machine.phase() == Phase::Ready && rng.below(4) == 0 => Step::Message(ChildExited),
+                10 if lending.is_some_and(|(_, free)| free > 0) => Step::TakeLent,
+                11 if !lent_leases.is_empty() => Step::GiveBackLent(rng.below(lent_leases.len() as u64) as usize),
+                _ => continue,
+            };
+            let event = match step {
+                Step::TakeLent => {
+                    let (generation, free) = lending.as_mut().expect("open");
+                    *free -= 1;
+                    lent_leases.push(*generation);
+                    trace.push("take lent".into());
+                    check_counts(&machine, &leases, &lent_leases, lending, live_generation, slots, seed, &trace);
+                    continue;
+                }
+                Step::GiveBackLent(index) => {
+                    let generation = lent_leases.swap_remove(index);
+                    match lending.as_mut() {
+                        Some((open, free)) if *open == generation => {
+                            *free += 1;
+                            trace.push("give back lent".into());
+                            check_counts(
+                                &machine,
+                                &leases,
+                                &lent_leases,
+                                lending,
+                                live_generation,
+                                slots,
+                                seed,
+                                &trace,
                             );
-                            live_generation = None;
+                            continue;
                         }
-                        _ => {}
+                        // The lending closed: the slot goes back as a message.
+                        _ => SlotFreed(generation),
                     }
                 }
-                if event == RoomRefused {
-                    room_asked = false;
-                }
-                if matches!(event, ChildExited | LoadFailed) {
-                    live_generation = None;
-                }
-                let running = leases.iter().filter(|&&g| Some(g) == live_generation).count() as u32;
-                assert!(machine.in_flight() <= slots, "seed {seed}: over the slots: {trace:?}");
-                assert_eq!(machine.in_flight(), running, "seed {seed}: slot count drifted: {trace:?}");
-                assert_eq!(machine.queued(), waiting.len(), "seed {seed}: queue drifted: {trace:?}");
-                if machine.phase() == Phase::Ready && machine.in_flight() < slots {
-                    // A free slot with an eligible waiter would be a stuck request.
-                    assert!(
-                        machine.draining.is_some() || machine.queue.is_empty(),
-                        "seed {seed}: a waiter is stuck behind a free slot: {trace:?}"
-                    );
-                }
-                if !waiting.is_empty() {
-                    // Someone must be working for the waiters: a load asked for or running,
-                    // a child being stopped (they load next), or slots that will free.
-                    let progressing = matches!(machine.phase(), Phase::WaitingRoom | Phase::Starting | Phase::Stopping)
-                        || (machine.phase() == Phase::Ready && (running > 0 || machine.draining.is_none()));
-                    assert!(progressing, "seed {seed}: waiters with nobody working for them: {trace:?}");
+                Step::Message(event) => event,
+            };
+            // The worker calls the lent slots back before it handles a message; the
+            // leases out on them become ordinary ones.
+            let mut all_actions = Vec::new();
+            if let Some((_, free)) = lending.take() {
+                trace.push(format!("{:?}", Event::Returned(free)));
+                all_actions.extend(machine.step(Event::Returned(free)));
+                leases.append(&mut lent_leases);
+            }
+            trace.push(format!("{event:?}"));
+            all_actions.extend(machine.step(event));
+            let mut granted_now = Vec::new();
+            if let Left(job) = event {
+                waiting.retain(|&j| j != job);
+            }
+            if let Arrived(job) = event {
+                waiting.push(job);
+            }
+            for action in &all_actions {
+                match *action {
+                    Grant(job) | Fail(job, _) => {
+                        assert!(answered.insert(job), "seed {seed}: job {job} answered twice: {trace:?}");
+                        assert!(waiting.contains(&job), "seed {seed}: job {job} was not waiting: {trace:?}");
+                        waiting.retain(|&j| j != job);
+                        if matches!(action, Grant(_)) {
+                            granted_now.push(machine.generation());
+                        }
+                    }
+                    AskRoom => room_asked = true,
+                    WithdrawRoom => room_asked = false,
+                    Spawn => {
+                        room_asked = false;
+                        live_generation = Some(machine.generation());
+                    }
+                    StopChild(why) => {
+                        let on_child =
+                            leases.iter().chain(&granted_now).filter(|&&g| Some(g) == live_generation).count();
+                        assert!(
+                            on_child == 0 || matches!(why, Unload::Stop | Unload::Restart),
+                            "seed {seed}: {why:?} stopped a child with {on_child} requests in flight: {trace:?}"
+                        );
+                        live_generation = None;
+                    }
+                    _ => {}
                 }
             }
+            leases.extend(granted_now);
+            if event == RoomRefused {
+                room_asked = false;
+            }
+            if matches!(event, ChildExited | LoadFailed) {
+                live_generation = None;
+            }
+            // After the message, what is free is lent out again.
+            let lendable = machine.lendable();
+            if lendable > 0 {
+                trace.push(format!("{:?}", Event::Lent(lendable)));
+                let actions = machine.step(Event::Lent(lendable));
+                assert!(actions.is_empty(), "seed {seed}: lending acts: {trace:?}");
+                lending = Some((machine.generation(), lendable));
+            }
+            check_counts(&machine, &leases, &lent_leases, lending, live_generation, slots, seed, &trace);
+            assert_eq!(machine.queued(), waiting.len(), "seed {seed}: queue drifted: {trace:?}");
+            if machine.phase() == Phase::Ready && machine.in_flight() < slots {
+                // A free slot with an eligible waiter would be a stuck request.
+                assert!(
+                    machine.draining.is_some() || machine.queue.is_empty(),
+                    "seed {seed}: a waiter is stuck behind a free slot: {trace:?}"
+                );
+            }
+            if !waiting.is_empty() {
+                // Someone must be working for the waiters: a load asked for or running,
+                // a child being stopped (they load next), or slots that will free.
+                let running = leases.iter().filter(|&&g| Some(g) == live_generation).count();
+                let progressing = matches!(machine.phase(), Phase::WaitingRoom | Phase::Starting | Phase::Stopping)
+                    || (machine.phase() == Phase::Ready && (running > 0 || machine.draining.is_none()));
+                assert!(progressing, "seed {seed}: waiters with nobody working for them: {trace:?}");
+                assert!(lending.is_none(), "seed {seed}: slots lent while requests wait: {trace:?}");
+            }
+        }
+    }
+
+    /// The machine's slots in flight are exactly the leases on the live child, lent or
+    /// granted, plus the lent slots nobody took; never more than the slots.
+    #[allow(clippy::too_many_arguments)]
+    fn check_counts(
+        machine: &Machine,
+        leases: &[u64],
+        lent_leases: &[u64],
+        lending: Option<(u64, u32)>,
+        live_generation: Option<u64>,
+        slots: u32,
+        seed: u64,
+        trace: &[String],
+    ) {
+        let running = leases.iter().chain(lent_leases).filter(|&&g| Some(g) == live_generation).count() as u32;
+        let lent_free = lending.map_or(0, |(_, free)| free);
+        assert!(machine.in_flight() <= slots, "seed {seed}: over the slots: {trace:?}");
+        assert_eq!(machine.in_flight(), running + lent_free, "seed {seed}: slot count drifted: {trace:?}");
+        if let Some((generation, _)) = lending {
+            assert_eq!(Some(generation), live_generation, "seed {seed}: lent slots of a dead child: {trace:?}");
         }
     }
 }

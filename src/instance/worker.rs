@@ -1,10 +1,16 @@
 //! The worker: one thread per instance, the only owner of its child and its state.
 //!
 //! It waits on its inbox (a blocking receive; while a child starts, with the readiness poll
-//! interval as the deadline), feeds what it hears to the state machine, and carries out the
-//! actions the machine answers: ask the scheduler for memory, spawn, grant slots, fail
-//! requests, stop the child. Blocking work (spawning, stopping with its grace period,
-//! checking remote servers) happens here and delays only this instance's messages.
+//! interval as the deadline; while it is ready, with a liveness check as the deadline),
+//! feeds what it hears to the state machine, and carries out the actions the machine
+//! answers: ask the scheduler for memory, spawn, grant slots, fail requests, stop the
+//! child. Blocking work (spawning, stopping with its grace period, checking remote servers)
+//! happens here and delays only this instance's messages. Decisions that are policy (the
+//! breaker, replica choice, the queue limit) are asked of [`super::policy`].
+//!
+//! Around every message the worker calls its lent slots back first and lends what is free
+//! afterwards (see [`super::lease`]), so requests for a ready instance with a free slot
+//! never need it, and anything it decides sees every slot.
 //!
 //! The child handle lives in [`Running`] together with the [`Generation`] it belongs to: a
 //! stop, a crash or a reload ends that generation and nothing else.
@@ -19,12 +25,12 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
+use super::lease::{Ended, Generation, Home, Lease, Lending};
+use super::policy::{self, Breaker, CrashLoop, ReplicaHealth};
 use super::state::{Action, Cause, Event, Machine, Phase, Unload};
-use super::{
-    need, Ended, FileStamp, Generation, Handle, Job, JobEvent, JobId, Lease, Message, Pin, Report, RoomRequest, Stats,
-    View,
-};
-use crate::backend::llama::{self, Listen, OutputTail, Timeouts};
+use super::{FileStamp, Handle, Job, JobEvent, JobId, Message, Pin, RoomRequest, Stats, View};
+use crate::backend::client::{Client, Timeouts};
+use crate::backend::local::{self, Listen, OutputTail};
 use crate::error::Error;
 use crate::events::{EventBus, EventKind};
 use crate::gguf::ModelInfo;
@@ -33,42 +39,38 @@ use crate::model::{ModelSpec, Remote};
 use crate::process::launcher::Launcher;
 use crate::process::{self, ChildGroup};
 
-/// How long a failed remote replica is left out at first, and at most.
-const REPLICA_BACKOFF: Duration = Duration::from_secs(1);
-const REPLICA_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long a worker waits for a child whose output closed to be reported as exited.
 const EXIT_PATIENCE: Duration = Duration::from_secs(2);
-
-/// The crash-loop breaker: after `limit` crashes within `window`, an instance is not
-/// restarted until `llmctl stop` clears it or the window has passed since the last crash.
-#[derive(Debug, Clone, Copy)]
-pub struct CrashLoop {
-    pub limit: usize,
-    pub window: Duration,
-}
+/// How often a ready child is checked for having died unnoticed (a helper it started may
+/// hold its output open, so the pipe never says so) or lost its socket.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+/// The longest a stop waits for a child's output to be drained once the child is gone.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(2);
 
 /// What every worker needs from the daemon.
-pub struct Services {
-    pub launcher: Launcher,
-    pub log_dir: PathBuf,
+pub(crate) struct Services {
+    pub(crate) launcher: Launcher,
+    pub(crate) log_dir: PathBuf,
     /// Where children's Unix sockets live: a directory only this user can enter.
-    pub children_dir: PathBuf,
+    pub(crate) children_dir: PathBuf,
     /// Children listen on loopback TCP with a key instead of a Unix socket (for comparing
     /// the two; also used when a socket path would be too long).
-    pub children_on_tcp: bool,
+    pub(crate) children_on_tcp: bool,
     /// Longest a load may go without any output from the child.
-    pub load_timeout: Duration,
-    pub http: Timeouts,
-    pub crash_loop: CrashLoop,
-    pub stop_grace: Duration,
+    pub(crate) load_timeout: Duration,
+    pub(crate) http: Timeouts,
+    pub(crate) crash_loop: CrashLoop,
+    pub(crate) stop_grace: Duration,
     /// Set to cut every grace period short (a second SIGINT).
-    pub kill_now: AtomicBool,
-    pub scheduler: Sender<RoomRequest>,
-    pub events: EventBus,
-    pub gpu: Gpu,
+    pub(crate) kill_now: AtomicBool,
+    pub(crate) scheduler: Sender<RoomRequest>,
+    pub(crate) events: EventBus,
+    pub(crate) gpu: Gpu,
     /// Finds the llama-server binary; asked only when a child is spawned, since looking
     /// through PATH costs a stat per directory.
-    pub llama_server: Box<dyn Fn() -> Result<PathBuf, String> + Send + Sync>,
+    pub(crate) llama_server: Box<dyn Fn() -> Result<PathBuf, String> + Send + Sync>,
+    /// Marks this daemon's children (see `process::MARK_VARIABLE`).
+    pub(crate) mark_prefix: String,
 }
 
 impl Services {
@@ -82,7 +84,7 @@ impl Services {
 }
 
 /// Starts the worker of a new instance and returns its handle.
-pub fn start(
+pub(crate) fn start(
     id: usize,
     spec: ModelSpec,
     info: ModelInfo,
@@ -91,15 +93,22 @@ pub fn start(
 ) -> std::io::Result<Handle> {
     let (inbox_tx, inbox) = unbounded();
     let view = Arc::new(Mutex::new(View::new(spec.clone(), info.clone(), stamp)));
+    let home = Home {
+        inbox: inbox_tx,
+        lending: Arc::new(Mutex::new(Lending::default())),
+        stats: Arc::new(Mutex::new(Stats::default())),
+    };
     let worker = Worker {
         id,
         machine: Machine::new(spec.load.parallel),
+        breaker: Breaker::new(services.crash_loop),
         spec,
         info,
         stamp,
         services,
-        inbox: inbox_tx.clone(),
+        home: home.clone(),
         view: Arc::clone(&view),
+        lent: 0,
         jobs: HashMap::new(),
         arrivals: HashMap::new(),
         pending_file: None,
@@ -108,35 +117,43 @@ pub fn start(
         loading: None,
         client: None,
         replicas: Vec::new(),
-        crashes: VecDeque::new(),
         failure: None,
         refusal: None,
         load_error: None,
         stop_message: String::new(),
         stop_waiters: Vec::new(),
-        last_used: None,
         ready_since: None,
         pinned_by_command: false,
         pinned_until: None,
     };
     let thread = thread::Builder::new().name(format!("instance-{id}")).spawn(move || worker.run(inbox))?;
-    Ok(Handle { id, inbox: inbox_tx, view, rejected: Default::default(), thread: Mutex::new(Some(thread)) })
+    Ok(Handle { home, view, rejected: Default::default(), thread: Mutex::new(Some(thread)) })
 }
 
 /// A running child and the thread draining its output.
 struct Running {
     child: ChildGroup,
     drain: Option<JoinHandle<()>>,
+    /// Closed when the drain thread ends.
+    drained: Receiver<()>,
     tail: Arc<OutputTail>,
     /// The Unix socket it listens on, removed once it is gone.
     socket: Option<PathBuf>,
 }
 
 impl Running {
-    /// After the child is reaped: its output drained, its socket file gone.
+    /// After the child is reaped: its output drained (for a moment at most: a helper it left
+    /// could hold the pipe), its socket file gone.
     fn cleanup(&mut self) {
         if let Some(drain) = self.drain.take() {
-            let _ = drain.join();
+            match self.drained.recv_timeout(DRAIN_PATIENCE) {
+                Err(RecvTimeoutError::Timeout) => {
+                    log::warn!("llama-server pid {}'s output is still held open; not waiting for it", self.child.pid())
+                }
+                _ => {
+                    let _ = drain.join();
+                }
+            }
         }
         if let Some(socket) = self.socket.take() {
             let _ = std::fs::remove_file(socket);
@@ -150,27 +167,28 @@ struct Loading {
     port: Receiver<u16>,
     /// The key a TCP child wants.
     api_key: Option<String>,
-    client: Option<llama::Client>,
+    client: Option<Client>,
 }
 
 /// One server of a remote model.
 struct Replica {
-    client: llama::Client,
-    in_flight: u32,
-    /// Left out of the rotation until then, after a failure.
-    down_until: Option<Instant>,
-    backoff: Duration,
+    client: Client,
+    health: ReplicaHealth,
 }
 
 struct Worker {
     id: usize,
     services: Arc<Services>,
-    inbox: Sender<Message>,
+    /// The inbox, lending and counters, as leases hold them.
+    home: Home,
     view: Arc<Mutex<View>>,
     machine: Machine,
+    breaker: Breaker,
     spec: ModelSpec,
     info: ModelInfo,
     stamp: FileStamp,
+    /// Slots lent out since they were last called back (free or taken).
+    lent: u32,
     /// Requests waiting for a slot, by number.
     jobs: HashMap<JobId, Job>,
     arrivals: HashMap<JobId, Instant>,
@@ -179,10 +197,8 @@ struct Worker {
     generation: Option<Arc<Generation>>,
     running: Option<Running>,
     loading: Option<Loading>,
-    client: Option<llama::Client>,
+    client: Option<Client>,
     replicas: Vec<Replica>,
-    /// When the child crashed or failed to load, most recent last.
-    crashes: VecDeque<Instant>,
     failure: Option<String>,
     /// Why the last request for memory was refused.
     refusal: Option<Error>,
@@ -192,7 +208,6 @@ struct Worker {
     stop_message: String,
     /// Who waits for the instance to stop.
     stop_waiters: Vec<Sender<()>>,
-    last_used: Option<SystemTime>,
     ready_since: Option<SystemTime>,
     pinned_by_command: bool,
     pinned_until: Option<SystemTime>,
@@ -201,22 +216,35 @@ struct Worker {
 impl Worker {
     fn run(mut self, inbox: Receiver<Message>) {
         loop {
-            let message = if self.loading.is_some() {
-                match inbox.recv_timeout(llama::READY_POLL) {
+            let wait = if self.loading.is_some() {
+                Some(local::READY_POLL)
+            } else if self.machine.phase() == Phase::Ready && self.running.is_some() {
+                Some(LIVENESS_CHECK)
+            } else {
+                None
+            };
+            let message = match wait {
+                Some(wait) => match inbox.recv_timeout(wait) {
                     Ok(message) => Some(message),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match inbox.recv() {
+                },
+                None => match inbox.recv() {
                     Ok(message) => Some(message),
                     Err(_) => break,
-                }
+                },
             };
             let shutdown = matches!(message, Some(Message::Shutdown { .. }));
             match message {
-                Some(message) => self.handle(message),
-                None => self.poll_load(),
+                Some(message) => {
+                    self.reclaim();
+                    self.handle(message);
+                }
+                None if self.loading.is_some() => self.poll_load(),
+                None => self.check_alive(),
+            }
+            if !shutdown {
+                self.lend();
             }
             self.publish_view();
             if shutdown {
@@ -224,9 +252,40 @@ impl Worker {
             }
         }
         // Whatever happened, the child does not outlive its owner.
+        self.reclaim();
         self.finish_child(Duration::ZERO);
         self.notify_stop_waiters();
         self.publish_view();
+    }
+
+    /// Calls the lent slots back: the free ones return to the machine, the taken ones are
+    /// from now on ordinary leases that give their slot back with a message.
+    fn reclaim(&mut self) {
+        if self.lent == 0 {
+            return;
+        }
+        // The view's lock before the lending's, as in `Handle::snapshot`.
+        let reclaimed = {
+            let mut view = self.view.lock();
+            let reclaimed = self.home.lending.lock().reclaim();
+            view.in_flight += reclaimed.taken;
+            reclaimed
+        };
+        self.lent = 0;
+        self.feed(Event::Returned(reclaimed.free));
+    }
+
+    /// Lends what is free while the instance is ready, not draining and nobody waits.
+    fn lend(&mut self) {
+        let slots = self.machine.lendable();
+        let (Some(generation), Some(client)) = (&self.generation, &self.client) else { return };
+        if slots == 0 || self.spec.remote.is_some() {
+            return;
+        }
+        let (generation, client) = (Arc::clone(generation), client.clone());
+        self.feed(Event::Lent(slots));
+        self.lent += slots;
+        self.home.lending.lock().lend(slots, &generation, &client, &self.spec.policy);
     }
 
     fn handle(&mut self, message: Message) {
@@ -238,8 +297,8 @@ impl Worker {
                     self.feed(Event::Left(job));
                 }
             }
-            Message::Finished { replica, generation, report, ack } => {
-                self.finished(replica, generation, report);
+            Message::Finished { replica, generation, stalled, replica_failed, ack } => {
+                self.finished(replica, generation, stalled, replica_failed);
                 self.publish_view();
                 if let Some(ack) = ack {
                     let _ = ack.send(());
@@ -255,7 +314,7 @@ impl Worker {
             Message::Unload { why, cutoff, room, message, done } => {
                 if why == Unload::Stop {
                     // `llmctl stop` also clears the crash-loop breaker.
-                    self.crashes.clear();
+                    self.breaker.clear();
                     self.failure = None;
                 }
                 self.stop_message = message;
@@ -272,12 +331,17 @@ impl Worker {
                 self.pinned_until = Some(self.pinned_until.map_or(until, |current| current.max(until)));
             }
             Message::OutputClosed { generation } => self.output_closed(generation),
+            Message::Suspect { generation } => {
+                if self.generation.as_ref().is_some_and(|g| g.number == generation) {
+                    self.check_alive();
+                }
+            }
             Message::Listening { generation } => {
                 if self.generation.as_ref().is_some_and(|g| g.number == generation) {
                     self.poll_load();
                 }
             }
-            Message::Restore { last_used } => self.last_used = Some(last_used),
+            Message::Restore { last_used } => self.view.lock().restored_last_use = Some(last_used),
             Message::Shutdown { message } => {
                 self.stop_message = message;
                 self.feed(Event::Unload { why: Unload::Stop, cutoff: JobId::MAX, room: None });
@@ -304,19 +368,20 @@ impl Worker {
                 self.adopt_file(info, stamp);
             }
         }
-        if self.machine.would_wait() {
-            if let Some(max_queued) = self.spec.policy.max_queued {
-                if self.machine.queued() >= max_queued as usize {
-                    self.view.lock().stats.rejected += 1;
-                    let error = Error::Busy {
-                        message: format!("{} already has {max_queued} requests waiting (max_queued)", self.spec.name),
-                        retry_after_ms: 1000,
-                        per_model: true,
-                    };
-                    let _ = job.events.send(JobEvent::Failed(error));
-                    return;
-                }
-            }
+        let max_queued = self.spec.policy.max_queued;
+        if policy::refuse_queued(self.machine.would_wait(), self.machine.queued(), max_queued) {
+            self.home.stats.lock().rejected += 1;
+            let error = Error::Busy {
+                message: format!(
+                    "{} already has {} requests waiting (max_queued)",
+                    self.spec.name,
+                    max_queued.unwrap_or_default()
+                ),
+                retry_after_ms: 1000,
+                per_model: true,
+            };
+            let _ = job.events.send(JobEvent::Failed(error));
+            return;
         }
         if matches!(self.machine.phase(), Phase::Failed | Phase::Stopped) {
             if let Some(error) = self.crash_loop_error() {
@@ -330,25 +395,15 @@ impl Worker {
         self.feed(Event::Arrived(id));
     }
 
-    fn finished(&mut self, replica: Option<usize>, generation: u64, report: Report) {
-        self.last_used = Some(SystemTime::now());
-        self.view.lock().stats.usage.prompt_tokens += report.usage.prompt_tokens;
-        self.view.lock().stats.usage.completion_tokens += report.usage.completion_tokens;
-        if let Some(outcome) = report.outcome {
-            *self.view.lock().stats.outcomes.entry(outcome).or_insert(0) += 1;
-        }
-        if let Some(first_token) = report.first_token {
-            Stats::sample(&mut self.view.lock().stats.first_tokens, first_token);
-        }
+    fn finished(&mut self, replica: Option<usize>, generation: u64, stalled: bool, replica_failed: bool) {
         if let Some(replica) = replica.and_then(|index| self.replicas.get_mut(index)) {
-            replica.in_flight = replica.in_flight.saturating_sub(1);
-            if report.replica_failed {
-                replica.down_until = Some(Instant::now() + replica.backoff);
-                replica.backoff = (replica.backoff * 2).min(REPLICA_BACKOFF_MAX);
+            replica.health.in_flight = replica.health.in_flight.saturating_sub(1);
+            if replica_failed {
+                replica.health.failed(Instant::now());
             }
         }
         let current = self.generation.as_ref().is_some_and(|g| g.number == generation);
-        if report.stalled && current && self.machine.phase() == Phase::Ready {
+        if stalled && current && self.machine.phase() == Phase::Ready {
             // Restart before the slot is free, so no waiting request is handed the same
             // stalled child.
             log::warn!("{} produced no token within the token timeout; restarting it", self.spec.name);
@@ -364,17 +419,48 @@ impl Worker {
         if !current || self.running.is_none() || !matches!(self.machine.phase(), Phase::Starting | Phase::Ready) {
             return;
         }
-        let Some(error) = self.exit_error(EXIT_PATIENCE) else {
-            // It closed its output but lives on: unusual, and harmless until it exits.
+        // A child that closed its output but lives on is unusual, and harmless until it exits.
+        if let Some(error) = self.exit_error(EXIT_PATIENCE) {
+            self.child_died(error);
+        }
+    }
+
+    /// A ready child that died without its output closing (a helper holds it), or whose
+    /// socket is gone, is a crash: restarted for the next request, under the breaker.
+    fn check_alive(&mut self) {
+        if !matches!(self.machine.phase(), Phase::Starting | Phase::Ready) || self.running.is_none() {
             return;
-        };
+        }
+        if let Some(error) = self.exit_error(Duration::ZERO) {
+            return self.child_died(error);
+        }
+        let socket = self.running.as_ref().and_then(|running| running.socket.clone());
+        if socket.is_some_and(|socket| !socket.exists()) {
+            let pid = self.pid().unwrap_or_default();
+            let tail = self.running.as_ref().map(|running| running.tail.quote()).unwrap_or_default();
+            self.finish_child(Duration::ZERO);
+            let error = Error::LlamaExited {
+                model: self.spec.name.clone(),
+                status: format!("(pid {pid}) lost its socket and was restarted"),
+                stderr_tail: tail,
+            };
+            if let Some(generation) = &self.generation {
+                generation.end(Ended::Exited { status: "lost its socket".into(), stderr_tail: String::new() });
+            }
+            self.child_died(error);
+        }
+    }
+
+    /// Fails the load, or marks the instance crashed (waiting requests load it again).
+    fn child_died(&mut self, error: Error) {
+        self.reclaim();
         log::warn!("{error}");
         if self.machine.phase() == Phase::Starting {
             self.loading = None;
             self.load_failed(error);
             self.feed(Event::LoadFailed);
         } else {
-            self.crashes.push_back(Instant::now());
+            self.breaker.record(Instant::now());
             self.failure = Some(error.to_string());
             self.client = None;
             self.publish(EventKind::Crashed, None, Some(error.to_string()));
@@ -450,7 +536,7 @@ impl Worker {
             return Some(Event::RoomRefused);
         }
         let gpu_present = self.services.gpu.latest().is_some();
-        let need = need(&self.spec, &self.info, gpu_present);
+        let need = crate::estimate::need(&self.spec, &self.info, gpu_present);
         let _ = self.services.scheduler.send(RoomRequest::Want { id: self.id, need });
         None
     }
@@ -460,7 +546,7 @@ impl Worker {
         let generation = Arc::new(Generation::new(self.machine.generation()));
         self.generation = Some(Arc::clone(&generation));
         if self.failure.is_some() {
-            self.view.lock().stats.restarts += 1;
+            self.home.stats.lock().restarts += 1;
         }
         self.failure = None;
         self.publish(EventKind::Loading, None, None);
@@ -492,16 +578,19 @@ impl Worker {
     fn spawn_child(&mut self, generation: u64) -> Result<Loading, Error> {
         let binary = (self.services.llama_server)().map_err(|searched| Error::NoLlamaServer { searched })?;
         let listen = self.listen(generation)?;
-        let mut command = llama::command(&binary, &self.spec, &self.info, &listen);
-        let log_path = self.services.log_dir.join(super::log_file_name(&self.spec));
-        let (inbox, listening_inbox) = (self.inbox.clone(), self.inbox.clone());
+        let mut command = local::command(&binary, &self.spec, &self.info, &listen);
+        command.env(process::MARK_VARIABLE, format!("{}-{}-{generation}", self.services.mark_prefix, self.id));
+        let log_path = self.services.log_dir.join(crate::paths::log_file_name(&self.spec));
+        let (inbox, listening_inbox) = (self.home.inbox.clone(), self.home.inbox.clone());
         let on_listening = move || {
             let _ = listening_inbox.send(Message::Listening { generation });
         };
+        let (drained_tx, drained) = crossbeam_channel::bounded::<()>(0);
         let on_close = move || {
+            drop(drained_tx);
             let _ = inbox.send(Message::OutputClosed { generation });
         };
-        let capture = llama::capture_output(&mut command, &log_path, on_listening, on_close).map_err(|e| {
+        let capture = local::capture_output(&mut command, &log_path, on_listening, on_close).map_err(|e| {
             Error::io(format!("cannot capture the output of llama-server in {}", log_path.display()), e)
         })?;
         // `command` (and the pipe's write ends in it) goes with the spawn; only the child
@@ -518,12 +607,12 @@ impl Worker {
         log::info!("spawned llama-server pid {} for {}", child.pid(), self.path());
         let (socket, api_key, client) = match listen {
             Listen::Socket(path) => {
-                let client = llama::Client::for_socket(&path, self.services.http);
+                let client = Client::for_socket(&path, self.services.http);
                 (Some(path), None, Some(client))
             }
             Listen::Tcp { api_key } => (None, Some(api_key), None),
         };
-        self.running = Some(Running { child, drain: Some(capture.drain), tail: capture.tail, socket });
+        self.running = Some(Running { child, drain: Some(capture.drain), drained, tail: capture.tail, socket });
         Ok(Loading { started: Instant::now(), port: capture.port, api_key, client })
     }
 
@@ -533,8 +622,9 @@ impl Worker {
     fn listen(&self, generation: u64) -> Result<Listen, Error> {
         let path = self.services.children_dir.join(format!("{}-{generation}.sock", self.id));
         if !self.services.children_on_tcp && path.as_os_str().len() <= crate::paths::MAX_SOCKET_PATH {
-            // A leftover of an earlier daemon would make the bind fail.
-            let _ = std::fs::remove_file(&path);
+            // A leftover of an earlier daemon would make the bind fail; only a socket is
+            // ever removed, in a directory only this user can enter.
+            let _ = crate::paths::remove_stale_socket(&path);
             return Ok(Listen::Socket(path));
         }
         let api_key =
@@ -542,13 +632,18 @@ impl Worker {
         Ok(Listen::Tcp { api_key })
     }
 
-    /// Between messages while a child starts: the port, then `/health`, then ready.
+    /// Between messages while a child starts: the port, then `/health`, then ready. A
+    /// child that exits while loading fails the load at once, even when a helper it left
+    /// keeps its output open.
     fn poll_load(&mut self) {
+        if let Some(error) = self.exit_error(Duration::ZERO) {
+            return self.child_died(error);
+        }
         let Some(loading) = self.loading.as_mut() else { return };
         if loading.client.is_none() {
             if let Ok(port) = loading.port.try_recv() {
                 let api_key = loading.api_key.as_deref().unwrap_or_default();
-                loading.client = Some(llama::Client::new(port, api_key, self.services.http));
+                loading.client = Some(Client::new(port, api_key, self.services.http));
                 self.view.lock().port = Some(port);
             }
         }
@@ -581,14 +676,14 @@ impl Worker {
     }
 
     fn became_ready(&mut self, started: Instant) {
-        self.view.lock().stats.last_load = Some(started.elapsed());
+        self.home.stats.lock().last_load = Some(started.elapsed());
         self.ready_since = Some(SystemTime::now());
         self.publish(EventKind::Ready, self.pid(), Some(format!("loaded in {} ms", started.elapsed().as_millis())));
         self.services.gpu.refresh_soon();
     }
 
     fn load_failed(&mut self, error: Error) {
-        self.crashes.push_back(Instant::now());
+        self.breaker.record(Instant::now());
         self.failure = Some(error.to_string());
         self.publish(EventKind::Failed, None, Some(error.to_string()));
         self.load_error = Some(error);
@@ -603,15 +698,8 @@ impl Worker {
             return Some(Event::SlotFreed(self.machine.generation()));
         };
         let (client, replica) = if self.spec.remote.is_some() {
-            let now = Instant::now();
-            let candidate = self
-                .replicas
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| r.down_until.is_none_or(|until| until <= now))
-                .min_by_key(|(_, r)| r.in_flight)
-                .map(|(index, _)| index);
-            let Some(index) = candidate else {
+            let health: Vec<ReplicaHealth> = self.replicas.iter().map(|replica| replica.health.clone()).collect();
+            let Some(index) = policy::choose_replica(&health, Instant::now()) else {
                 let urls: Vec<&str> = self.replicas.iter().map(|r| r.client.base_url()).collect();
                 let error = Error::RemoteDown {
                     message: format!(
@@ -623,7 +711,7 @@ impl Worker {
                 let _ = job.events.send(JobEvent::Failed(error));
                 return Some(Event::SlotFreed(self.machine.generation()));
             };
-            self.replicas[index].in_flight += 1;
+            self.replicas[index].health.in_flight += 1;
             (self.replicas[index].client.clone(), Some(index))
         } else {
             match self.client.clone() {
@@ -634,16 +722,8 @@ impl Worker {
                 }
             }
         };
-        self.view.lock().stats.requests += 1;
-        Stats::sample(&mut self.view.lock().stats.waits, waited);
-        let lease = Lease {
-            generation,
-            client,
-            replica,
-            report: Report { waited, ..Report::default() },
-            inbox: self.inbox.clone(),
-            released: false,
-        };
+        self.home.stats.lock().granted(waited);
+        let lease = Lease::granted(generation, client, replica, self.home.clone());
         // A client that left meanwhile drops the lease with the channel; its drop gives
         // the slot back.
         let _ = job.events.send(JobEvent::Granted(Box::new(lease)));
@@ -668,11 +748,11 @@ impl Worker {
         self.finish_child(grace);
         let (kind, detail) = match why {
             Unload::Evict => {
-                self.view.lock().stats.evictions += 1;
+                self.home.stats.lock().evictions += 1;
                 (EventKind::Evicted, Some("evicted to make room for another model".to_string()))
             }
             Unload::Expire => {
-                self.view.lock().stats.evictions += 1;
+                self.home.stats.lock().evictions += 1;
                 (EventKind::Expired, Some("idle for longer than its TTL".to_string()))
             }
             Unload::Reload => (EventKind::Stopped, Some("the model file was replaced".to_string())),
@@ -737,7 +817,7 @@ impl Worker {
     fn connect_remote(&mut self, remote: &Remote) -> Result<(), Error> {
         let token = remote.api_key_env.as_deref().and_then(|name| std::env::var(name).ok());
         let roots = match &remote.ca_file {
-            Some(path) => Some(llama::Client::load_ca_file(path).map_err(|reason| Error::BadConfig {
+            Some(path) => Some(Client::load_ca_file(path).map_err(|reason| Error::BadConfig {
                 path: path.clone(),
                 reason: format!("ca_file of {}: {reason}", self.spec.name),
             })?),
@@ -746,19 +826,14 @@ impl Worker {
         let mut replicas = Vec::new();
         let mut problems = Vec::new();
         for url in &remote.urls {
-            let client = llama::Client::for_url(url, token.as_deref(), roots.as_ref(), self.services.http);
+            let client = Client::for_url(url, token.as_deref(), roots.as_ref(), self.services.http);
             let health = client.remote_healthy();
             if let Err(problem) = &health {
                 problems.push(format!("{url}: {problem}"));
             }
-            replicas.push(Replica {
-                down_until: health.is_err().then(|| Instant::now() + REPLICA_BACKOFF),
-                backoff: REPLICA_BACKOFF,
-                client,
-                in_flight: 0,
-            });
+            replicas.push(Replica { health: ReplicaHealth::checked(health.is_ok(), Instant::now()), client });
         }
-        if replicas.iter().all(|r| r.down_until.is_some()) {
+        if replicas.iter().all(|r| r.health.down_until.is_some()) {
             return Err(Error::RemoteDown {
                 message: format!("no server for {} answers: {}", self.spec.name, problems.join("; ")),
             });
@@ -770,21 +845,14 @@ impl Worker {
 
     /// The error to give instead of a restart while the instance is in a crash loop.
     fn crash_loop_error(&mut self) -> Option<Error> {
-        let breaker = self.services.crash_loop;
-        while self.crashes.front().is_some_and(|at| at.elapsed() > breaker.window) {
-            self.crashes.pop_front();
-        }
-        if self.crashes.len() < breaker.limit {
-            return None;
-        }
+        let crashes = self.breaker.tripped(Instant::now())?;
         let last = self.failure.as_deref().unwrap_or("");
         Some(Error::Backend {
             model: self.spec.name.clone(),
             message: format!(
-                "failed {} times within {} s, so llmctl stopped restarting it; fix the cause, then `llmctl stop {}` \
-                 to try again. The last failure: {last}",
-                self.crashes.len(),
-                breaker.window.as_secs(),
+                "failed {crashes} times within {} s, so llmctl stopped restarting it; fix the cause, then `llmctl \
+                 stop {}` to try again. The last failure: {last}",
+                self.breaker.settings().window.as_secs(),
                 self.spec.name,
             ),
         })
@@ -811,9 +879,8 @@ impl Worker {
 
     /// Mirrors what others read into the view.
     fn publish_view(&mut self) {
-        let breaker = self.services.crash_loop;
-        let crash_loop = matches!(self.machine.phase(), Phase::Failed)
-            && self.crashes.iter().filter(|at| at.elapsed() <= breaker.window).count() >= breaker.limit;
+        let crash_loop =
+            matches!(self.machine.phase(), Phase::Failed) && self.breaker.tripped(Instant::now()).is_some();
         let (pid, start_time) = match &self.running {
             Some(running) => (Some(running.child.pid()), running.child.start_time()),
             None => (None, None),
@@ -821,7 +888,8 @@ impl Worker {
         let mut view = self.view.lock();
         view.spec = self.spec.clone();
         view.phase = self.machine.phase();
-        view.in_flight = self.machine.in_flight();
+        // Lent slots are counted by the handle as they are taken.
+        view.in_flight = self.machine.in_flight() - self.lent;
         view.queued = self.machine.queued();
         view.slots = self.spec.load.parallel * (self.replicas.len().max(1) as u32);
         view.failure = self.failure.clone();
@@ -832,7 +900,6 @@ impl Worker {
         if pid.is_none() || self.spec.remote.is_some() {
             view.port = None;
         }
-        view.last_used = self.last_used;
         view.ready_since = self.ready_since;
         view.pinned_by_command = self.pinned_by_command;
         view.pinned_until = self.pinned_until;
@@ -840,7 +907,7 @@ impl Worker {
 }
 
 /// Remembered LRU order and pins, restored into a new worker's view before it starts.
-pub fn restore(handle: &Handle, last_used_ms: Option<u64>, pinned: bool, pinned_until_ms: Option<u64>) {
+pub(crate) fn restore(handle: &Handle, last_used_ms: Option<u64>, pinned: bool, pinned_until_ms: Option<u64>) {
     let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
     if pinned {
         handle.send(Message::Pin(Pin::Set(true)));

@@ -7,6 +7,12 @@
 //!
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process
 //! (prctl(2)), so callers must spawn from a thread that lives as long as the daemon.
+//!
+//! A helper the child starts in a session of its own (`setsid`) leaves the process group,
+//! and may outlive the child holding its output pipe. Each child therefore carries a mark
+//! in its environment ([`MARK_VARIABLE`]), which its descendants inherit: when a child is
+//! stopped or found dead, every process of this user that still carries its mark is killed
+//! too ([`kill_marked`]).
 
 pub mod launcher;
 
@@ -20,12 +26,17 @@ use std::time::{Duration, Instant};
 /// How often a stop checks whether the child has gone.
 const POLL: Duration = Duration::from_millis(5);
 
+/// The environment variable that marks a child and everything it starts.
+pub const MARK_VARIABLE: &str = "LLMCTL_CHILD";
+
 #[derive(Debug)]
 pub struct ChildGroup {
     child: Child,
     pid: u32,
     start_time: Option<u64>,
     status: Option<ExitStatus>,
+    /// The value of [`MARK_VARIABLE`] the child was started with, if any.
+    mark: Option<String>,
 }
 
 impl ChildGroup {
@@ -48,9 +59,13 @@ impl ChildGroup {
                 Ok(())
             });
         }
+        let mark = command
+            .get_envs()
+            .find(|(name, _)| *name == MARK_VARIABLE)
+            .and_then(|(_, value)| value.map(|value| value.to_string_lossy().into_owned()));
         let child = command.spawn()?;
         let pid = child.id();
-        Ok(ChildGroup { child, pid, start_time: start_time(pid), status: None })
+        Ok(ChildGroup { child, pid, start_time: start_time(pid), status: None, mark })
     }
 
     pub fn pid(&self) -> u32 {
@@ -75,6 +90,7 @@ impl ChildGroup {
         // The leader is a zombie: its pid and group id cannot be reused yet, so killing the
         // group here reaches only its own descendants.
         self.signal_group(libc::SIGKILL);
+        self.kill_escaped();
         let status = self.child.wait()?;
         self.status = Some(status);
         Ok(Some(status))
@@ -119,9 +135,20 @@ impl ChildGroup {
             return Ok(status);
         }
         self.signal_group(libc::SIGKILL);
+        self.kill_escaped();
         let status = self.child.wait()?;
         self.status = Some(status);
         Ok(status)
+    }
+
+    /// Kills what the child started outside its group (a `setsid` helper), found by its mark.
+    fn kill_escaped(&self) {
+        if let Some(mark) = &self.mark {
+            let killed = kill_marked(mark, self.pid);
+            if killed > 0 {
+                log::warn!("killed {killed} process(es) llama-server pid {} left outside its group", self.pid);
+            }
+        }
     }
 
     fn signal_group(&self, signal: libc::c_int) {
@@ -184,6 +211,32 @@ fn signal_name(signal: i32) -> &'static str {
     }
 }
 
+/// Kills every process of this user whose environment holds `MARK_VARIABLE=mark`, except
+/// `spare` (the leader, reaped by its owner). Returns how many it killed.
+pub fn kill_marked(mark: &str, spare: u32) -> usize {
+    let wanted = format!("{MARK_VARIABLE}={mark}");
+    let Ok(entries) = fs::read_dir("/proc") else { return 0 };
+    let own = std::process::id();
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        if pid == spare || pid == own {
+            continue;
+        }
+        // Another user's process cannot be read, and is never ours to kill.
+        let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if environ.split(|&b| b == 0).any(|variable| variable == wanted.as_bytes()) {
+            // SAFETY: kill only sends a signal, to a process of this user that carries the
+            // mark of a child llmctl is stopping.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+            killed += 1;
+        }
+    }
+    killed
+}
+
 /// Start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat).
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -237,6 +290,44 @@ mod tests {
 
     fn has_child_process(pid: u32) -> bool {
         fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).map(|s| !s.trim().is_empty()).unwrap_or(false)
+    }
+
+    #[test]
+    fn a_helper_in_its_own_session_dies_with_the_child() {
+        let mark = format!("test-{}-{}", std::process::id(), start_time(std::process::id()).unwrap_or(0));
+        let mut command = Command::new("sh");
+        // The helper leaves the group and the session; only the mark follows it.
+        command.args(["-c", "setsid sleep 300 & echo started; exec sleep 300"]).env(MARK_VARIABLE, &mark);
+        command.stdout(std::process::Stdio::piped());
+        let mut child = ChildGroup::spawn(command).unwrap();
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let leader = child.pid();
+        let marked = || {
+            fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&pid| pid != leader)
+                .filter(|pid| {
+                    fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                        environ.split(|&b| b == 0).any(|v| v == format!("{MARK_VARIABLE}={mark}").as_bytes())
+                    })
+                })
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while marked() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(marked(), 1, "the setsid helper runs");
+        child.kill().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while marked() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(marked(), 0, "the helper outlived the child");
     }
 
     #[test]

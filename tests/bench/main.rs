@@ -473,7 +473,7 @@ fn target_stream(target: &Target, path: &str, body: &serde_json::Value) -> (Dura
         Target::Socket(socket) => {
             let agent = ureq::Agent::with_parts(
                 ureq::Agent::config_builder().build(),
-                llmctl::backend::unix::UnixConnector { path: socket.clone(), cancel: None },
+                llmctl::backend::unix::UnixConnector { path: socket.clone() },
                 ureq::unversioned::resolver::DefaultResolver::default(),
             );
             stream_with(&agent, &format!("http://localhost{path}"), body)

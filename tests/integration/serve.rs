@@ -236,13 +236,17 @@ fn a_client_that_disconnects_mid_stream_cancels_upstream() {
     let mut stream = TcpStream::connect(&address).unwrap();
     let body =
         serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true}).to_string();
-    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-        .unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     while !line.starts_with("data: ") {
         line.clear();
-        reader.read_line(&mut line).unwrap();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the answer ended before its first event");
     }
     drop(reader);
     drop(stream);
@@ -689,7 +693,8 @@ print("count", claude.messages.count_tokens(model="smol", messages=[{{"role": "u
 fn send_request(server: &Server, path: &str, body: &serde_json::Value) -> TcpStream {
     let mut stream = TcpStream::connect(server.base.trim_start_matches("http://")).unwrap();
     let body = body.to_string();
-    write!(stream, "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let host = server.base.trim_start_matches("http://");
+    write!(stream, "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     stream
 }
 
@@ -774,10 +779,14 @@ fn raw(address: &str, sent: &[u8]) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-/// Every limit of the HTTP layer, against `server` (whose key is `key`, if any).
-fn attack(server: &Server, key: Option<&str>) {
+/// Every limit of the HTTP layer, against `server` (whose key is `key`, if any), hosted by
+/// the daemon of `env`: the daemon and its child survive it, and `llmctl run` on the Unix
+/// socket answers while it goes on.
+fn attack(env: &Env, server: &Server, key: Option<&str>) {
     let address = server.base.trim_start_matches("http://").to_string();
-    let pid = server.child.id();
+    let pid = env.daemon_pid().expect("a daemon runs");
+    assert_success(&env.run(&["run", "m", "warm"]));
+    let child = instance(env, "m")["pid"].as_u64().expect("the model is loaded") as u32;
     let auth = key.map(|key| format!("Authorization: Bearer {key}\r\n")).unwrap_or_default();
 
     // A slow head, in the background: 408 once the head timeout passes.
@@ -807,7 +816,7 @@ fn attack(server: &Server, key: Option<&str>) {
         assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431"), "{answer}");
     }
     let grown = rss_kib(pid).saturating_sub(before);
-    assert!(grown < 8 << 10, "serve grew {grown} KiB on endless headers");
+    assert!(grown < 8 << 10, "the daemon grew {grown} KiB on endless headers");
 
     // Keep-alive: two requests on one connection, both answered.
     let two = format!("GET /health HTTP/1.1\r\n{auth}\r\nGET /v1/models HTTP/1.1\r\n{auth}Connection: close\r\n\r\n");
@@ -824,11 +833,17 @@ fn attack(server: &Server, key: Option<&str>) {
     });
     let refused = refused.expect("never refused");
     assert!(refused.contains("Retry-After: 1"), "{refused}");
+    // Every HTTP worker is taken: the Unix socket still answers.
+    let output = env.run(&["run", "m", "during the attack"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "during the attack");
     drop(held);
 
     let slow = slow.join().unwrap();
     assert!(slow.starts_with("HTTP/1.1 408"), "{slow}");
-    assert!(alive(pid), "serve died");
+    assert!(alive(pid), "the daemon died");
+    assert!(alive(child), "the model's child died");
+    assert_eq!(env.daemon_pid(), Some(pid));
 }
 
 #[test]
@@ -837,7 +852,7 @@ fn nothing_a_client_sends_stops_or_bloats_serve_with_or_without_a_key() {
     let model = env.tiny_model("m.gguf");
     env.write_config(&format!("[models.m]\npath = \"{}\"\n", model.display()));
     let open = Server::start(&env, &[]);
-    attack(&open, None);
+    attack(&env, &open, None);
 
     let key_file = env.path("key");
     std::fs::write(&key_file, "s3cret\n").unwrap();
@@ -851,7 +866,7 @@ fn nothing_a_client_sends_stops_or_bloats_serve_with_or_without_a_key() {
         .unwrap();
     wait_until("serve answers", || TcpStream::connect(("127.0.0.1", port)).is_ok());
     let keyed = Server { child, base: format!("http://127.0.0.1:{port}") };
-    attack(&keyed, Some("s3cret"));
+    attack(&env, &keyed, Some("s3cret"));
     // The scheme is matched in any case, and Anthropic's header works too.
     for header in ["Authorization: bearer s3cret", "Authorization: BEARER s3cret", "x-api-key: s3cret"] {
         let answer = raw(
@@ -967,7 +982,7 @@ fn many_http_clients_across_three_models_with_one_instance_all_get_answers() {
 }
 
 #[test]
-fn serve_killed_mid_stream_frees_the_slot_and_a_crashing_child_breaks_the_answer_off() {
+fn serve_killed_closes_the_listener_only_and_a_crashing_child_breaks_the_answer_off() {
     let mut env = Env::fake();
     env.set("FAKE_LLAMA_TOKENS", "100000");
     env.set("FAKE_LLAMA_TOKEN_MS", "5");
@@ -983,8 +998,20 @@ fn serve_killed_mid_stream_frees_the_slot_and_a_crashing_child_breaks_the_answer
         &serde_json::json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "x"}]}),
     );
     wait_until("the generation runs", || instance(&env, "m")["in_flight"] == 1);
+    let model_pid = instance(&env, "m")["pid"].clone();
+    // SIGKILL on `serve`: the daemon closes its listener and nothing else.
     server.child.kill().unwrap();
     server.child.wait().unwrap();
+    let address = server.base.trim_start_matches("http://").to_string();
+    wait_until("the listener closes", || TcpStream::connect(&address).is_err());
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    for _ in 0..20 {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream in flight goes on");
+    }
+    assert_eq!(instance(&env, "m")["pid"], model_pid, "the model stays loaded");
+    drop(reader);
     drop(stream);
     wait_until("the slot is free", || instance(&env, "m")["in_flight"] == 0);
     assert_eq!(instance(&env, "m")["outcomes"]["cancelled"], 1);
@@ -1010,4 +1037,120 @@ fn serve_killed_mid_stream_frees_the_slot_and_a_crashing_child_breaks_the_answer
     assert_eq!(status, 200, "{text}");
     drop(server);
     drop(env);
+}
+
+#[test]
+fn the_daemon_hosts_the_listener_one_per_address_and_serve_closes_only_its_own() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf");
+    env.write_config(&format!("[models.m]\npath = \"{}\"\n", model.display()));
+    let first = Server::start(&env, &[]);
+    let mut second = Server::start(&env, &[]);
+    for server in [&first, &second] {
+        let (status, text) = post(server, "/completion", serde_json::json!({"model": "m", "prompt": "x"}));
+        assert_eq!(status, 200, "{text}");
+    }
+    // `serve` is not on the path: stopped, its listener still answers (the daemon serves).
+    let _ = Command::new("kill").args(["-STOP", &first.child.id().to_string()]).status();
+    let (status, _) = post(&first, "/completion", serde_json::json!({"model": "m", "prompt": "x"}));
+    let _ = Command::new("kill").args(["-CONT", &first.child.id().to_string()]).status();
+    assert_eq!(status, 200, "the daemon answers while serve is stopped");
+    let status = env.status_json();
+    assert_eq!(status["daemon"]["listening"].as_array().unwrap().len(), 2, "{status}");
+
+    // The same address twice, and an address another program holds, are refused clearly.
+    let listen = first.base.trim_start_matches("http://");
+    let output = env.run(&["serve", "--listen", listen]);
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("already serves"), "{}", stderr(&output));
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = other.local_addr().unwrap().to_string();
+    let output = env.run(&["serve", "--listen", &taken]);
+    assert_exit(&output, 69);
+    let message = stderr(&output);
+    assert!(message.contains("another program") && !message.contains("cannot reach the llmctl daemon"), "{message}");
+
+    // SIGTERM on one `serve`: its listener closes, nothing else does.
+    let model_pid = instance(&env, "m")["pid"].clone();
+    let _ = Command::new("kill").args(["-TERM", &second.child.id().to_string()]).status();
+    assert!(second.child.wait().unwrap().success(), "serve ends cleanly on SIGTERM");
+    let second_address = second.base.trim_start_matches("http://").to_string();
+    wait_until("the second listener closes", || TcpStream::connect(&second_address).is_err());
+    let (status, _) = post(&first, "/completion", serde_json::json!({"model": "m", "prompt": "x"}));
+    assert_eq!(status, 200, "the other listener serves on");
+    assert_eq!(instance(&env, "m")["pid"], model_pid, "the model stays loaded");
+    drop(first);
+    drop(env);
+}
+
+#[test]
+fn the_config_makes_the_daemon_listen_from_its_start() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.write_config(&format!("listen = [\"127.0.0.1:{port}\"]\n[models.m]\npath = \"{}\"\n", model.display()));
+    assert_success(&env.run(&["status"]));
+    let mut response = agent()
+        .post(format!("http://127.0.0.1:{port}/completion"))
+        .send(serde_json::json!({"model": "m", "prompt": "hello"}).to_string())
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.body_mut().read_to_string().unwrap().contains("hello"));
+    assert_success(&env.run(&["shutdown"]));
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "the listener closes with the daemon");
+}
+
+#[test]
+fn without_a_key_other_sites_cannot_reach_serve_by_dns_rebinding_or_simple_posts() {
+    let mut env = Env::fake();
+    let record = env.path("requests.jsonl");
+    env.set("FAKE_LLAMA_RECORD", &record.display().to_string());
+    let model = env.tiny_model("m.gguf");
+    env.write_config(&format!("[models.m]\npath = \"{}\"\n", model.display()));
+    let server = Server::start(&env, &[]);
+    let address = server.base.trim_start_matches("http://").to_string();
+    let body = r#"{"model":"m","prompt":"x"}"#;
+    let request = |headers: &str| {
+        raw(
+            &address,
+            format!(
+                "POST /completion HTTP/1.1\r\n{headers}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    // A page whose name was rebound to 127.0.0.1 sends its own name as Host.
+    let rebound = request("Host: attacker.example:80\r\n");
+    assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+    let rebound = raw(&address, b"GET /v1/models HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n");
+    assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+    // A form or a `fetch` in no-cors mode from another site: a simple request with an Origin.
+    let simple = request(&format!("Host: {address}\r\nOrigin: http://attacker.example\r\n"));
+    assert!(simple.starts_with("HTTP/1.1 403"), "{simple}");
+    let fetch_metadata = request(&format!("Host: {address}\r\nSec-Fetch-Site: cross-site\r\n"));
+    assert!(fetch_metadata.starts_with("HTTP/1.1 403"), "{fetch_metadata}");
+    assert!(!record.exists() || std::fs::read_to_string(&record).unwrap().is_empty(), "nothing reached the model");
+    // The machine's own names, and local pages, are served.
+    for host in [address.clone(), address.replace("127.0.0.1", "localhost")] {
+        let answer = request(&format!("Host: {host}\r\n"));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
+    let local_page = request(&format!("Host: {address}\r\nOrigin: http://localhost:5173\r\n"));
+    assert!(local_page.starts_with("HTTP/1.1 200"), "{local_page}");
+}
+
+#[test]
+fn a_panic_while_answering_is_a_500_and_the_daemon_serves_on() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf");
+    env.write_config(&format!("[models.m]\npath = \"{}\"\n", model.display()));
+    let server = Server::start(&env, &[]);
+    let pid = env.daemon_pid().unwrap();
+    let (status, text) = post(&server, "/__llmctl_test_panic", serde_json::json!({}));
+    assert_eq!(status, 500, "{text}");
+    let (status, text) = post(&server, "/completion", serde_json::json!({"model": "m", "prompt": "x"}));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(env.daemon_pid(), Some(pid));
+    assert!(alive(pid));
 }

@@ -327,6 +327,8 @@ fn an_unwritable_state_file_is_reported_and_serving_goes_on() {
     let output = env.run(&["run", &model, "still works"]);
     assert_success(&output);
     assert_eq!(stdout(&output), "still works");
+    // The supervisor tries the write as it starts and reports the failure.
+    wait_until("the problem is reported", || env.status_json()["daemon"]["state_file_error"].is_string());
     let status = env.status_json();
     let error = status["daemon"]["state_file_error"].as_str().expect("the problem is reported");
     assert!(error.contains("state.json"), "{error}");

@@ -134,7 +134,7 @@ impl Env {
     }
 
     pub fn daemon_pid(&self) -> Option<u32> {
-        fs::read_to_string(self.path("run/llmctl.lock")).ok()?.trim().parse().ok()
+        fs::read_to_string(self.path("run/llmctl.sock.lock")).ok()?.lines().next()?.trim().parse().ok()
     }
 
     /// Processes whose command line mentions this environment's directory.

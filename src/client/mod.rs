@@ -1,5 +1,14 @@
 //! The client end of the socket: connect (starting the daemon when none answers), shake
-//! hands, send a request, read responses.
+//! hands, send a request, read responses. [`stream`] reads a generation as it comes, for
+//! `run` and `chat`; [`interrupt`] is the one Ctrl-C handler of a foreground command.
+//!
+//! One daemon serves a user and state directory. When none answers at this command's
+//! socket but the state directory's lock names a running daemon at another socket (cron's
+//! environment picks another socket than a login shell), the command uses that daemon
+//! rather than starting a second one.
+
+pub mod interrupt;
+pub mod stream;
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
@@ -8,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::commands::Context;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::process;
 use crate::protocol::{self, Request, Response, VERSION};
@@ -42,14 +51,11 @@ impl Connection {
     }
 
     pub fn send(&mut self, request: &Request) -> Result<()> {
-        let buffer = protocol::encode_request(request).map_err(|e| Error::internal(e.to_string()))?;
+        let mut buffer = Vec::with_capacity(256);
+        protocol::write_message(&mut buffer, request).map_err(|e| Error::internal(e.to_string()))?;
         // The daemon refuses longer lines; say so here, naming the size, instead of meeting
         // a closed socket.
-        let body_len = match request {
-            Request::Forward(forward) => forward.body.len(),
-            _ => 0,
-        };
-        if buffer.len() - body_len > protocol::MAX_LINE {
+        if buffer.len() > protocol::MAX_LINE {
             return Err(Error::InvalidParameter {
                 message: format!(
                     "the request is {:.1} MiB, over the {} MiB limit; shorten the prompt or what is piped to stdin",
@@ -73,11 +79,6 @@ impl Connection {
         }
     }
 
-    /// The `len` bytes that follow a `Bytes` response, into `into`.
-    pub fn payload(&mut self, len: usize, into: &mut Vec<u8>) -> Result<()> {
-        protocol::read_payload(&mut self.reader, len, protocol::MAX_BODY, into).map_err(|e| self.lost(e))
-    }
-
     /// True when a complete response may already be buffered, so an output flush can wait.
     pub fn has_buffered(&self) -> bool {
         !self.reader.buffer().is_empty()
@@ -98,7 +99,7 @@ impl Connection {
                 "it did not answer within {} s; it may be stopped or wedged (its pid is in {}; `kill -CONT` \
                  resumes a stopped one)",
                 timeout.as_secs(),
-                self.socket_path.with_extension("lock").display()
+                lock_file(&self.socket_path).display()
             ),
             _ => error.to_string(),
         };
@@ -111,11 +112,31 @@ impl Connection {
         loop {
             match self.recv()? {
                 Response::Error { kind, message, .. } => return Err(Error::Remote { kind, message }),
-                Response::Loading { .. } | Response::Queued { .. } => continue,
+                Response::Loading { .. } | Response::Queued { .. } | Response::Log { .. } => continue,
                 response => return Ok(response),
             }
         }
     }
+}
+
+/// The lock file beside a socket (see `Paths::lock_file`).
+fn lock_file(socket: &std::path::Path) -> std::path::PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    std::path::PathBuf::from(name)
+}
+
+/// Connects for a request about `model`. A running daemon checks the model's header
+/// itself (and remembers it); when none runs, the header is checked here first, so a
+/// wrong or truncated file is refused without starting anything.
+pub fn connect_for(context: &Context, model: &crate::model::ModelSpec) -> Result<Connection> {
+    if let Some(connection) = try_connect(context)? {
+        return Ok(connection);
+    }
+    if model.remote.is_none() {
+        crate::gguf::inspect(&model.path).map_err(|reason| Error::BadModel { path: model.path.clone(), reason })?;
+    }
+    connect(context)
 }
 
 /// Connects to the daemon, starting it first unless autostart is off.
@@ -130,9 +151,42 @@ pub fn connect(context: &Context) -> Result<Connection> {
     }
 }
 
-/// Connects to a running daemon; `Ok(None)` when none answers.
+/// Connects to a running daemon; `Ok(None)` when none answers. When none answers at this
+/// command's socket, a daemon that holds the state directory at another socket is used.
 pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
-    let socket_path = &context.paths.socket;
+    if let Some(connection) = connect_at(&context.paths.socket)? {
+        return Ok(Some(connection));
+    }
+    let Some((pid, socket)) = daemon_of_state_dir(&context.paths) else { return Ok(None) };
+    if socket == context.paths.socket {
+        return Ok(None);
+    }
+    match connect_at(&socket)? {
+        Some(connection) => {
+            log::info!("using the llmctl daemon (pid {pid}) of this state directory, at {}", socket.display());
+            Ok(Some(connection))
+        }
+        None => Err(Error::DaemonRunning { socket, pid: Some(pid) }),
+    }
+}
+
+/// The daemon that holds the state directory's lock now, and its socket.
+fn daemon_of_state_dir(paths: &crate::paths::Paths) -> Option<(u32, std::path::PathBuf)> {
+    let lock_path = paths.daemon_lock();
+    let file = File::open(&lock_path).ok()?;
+    // A lock we can take is nobody's: its daemon is gone.
+    if crate::sys::try_lock_shared(&file).ok()? {
+        return None;
+    }
+    let text = fs::read_to_string(&lock_path).ok()?;
+    let mut lines = text.lines();
+    let pid = lines.next()?.trim().parse().ok()?;
+    let socket = std::path::PathBuf::from(lines.next()?);
+    Some((pid, socket))
+}
+
+fn connect_at(socket_path: &std::path::Path) -> Result<Option<Connection>> {
+    let socket_path = &socket_path.to_path_buf();
     crate::paths::check_socket_path(socket_path)?;
     let stream = match UnixStream::connect(socket_path) {
         Ok(stream) => stream,
@@ -174,7 +228,7 @@ fn start_daemon(context: &Context) -> Result<Connection> {
     let paths = &context.paths;
     // A daemon would refuse a bad config or an unsafe socket directory and exit; say what
     // is wrong here, as it is, rather than after waiting for an answer.
-    crate::config::Config::load(&paths.config)?;
+    context.config()?;
     if let Some(dir) = paths.socket.parent() {
         crate::paths::ensure_private_dir(dir)?;
     }

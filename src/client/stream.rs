@@ -1,0 +1,53 @@
+//! The one loop that reads a generation from the daemon as it comes, for `run` and `chat`:
+//! progress (loading, a place in line) to a [`Sink`]'s `progress`, each piece of text to its
+//! `token` (with whether more is already buffered, so output may be flushed less often),
+//! and the final `done` or error. A sink that fails to write (its reader went away) ends
+//! the loop; dropping the connection then makes the daemon cancel the request upstream.
+
+use std::io;
+
+use super::Connection;
+use crate::error::{Error, Result};
+use crate::protocol::{Done, Request, Response};
+
+/// What a waiting request hears before its first token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    Loading { model: String },
+    Queued { position: usize },
+}
+
+/// Where a generation goes.
+pub trait Sink {
+    fn progress(&mut self, progress: Progress);
+    /// A piece of text; `more` is true when more is already buffered.
+    fn token(&mut self, text: &str, more: bool) -> io::Result<()>;
+}
+
+/// How a generation ended on the client's side.
+#[derive(Debug)]
+pub enum Ended {
+    Done(Done),
+    /// The sink could not write (its reader went away): not a failure.
+    SinkClosed(io::Error),
+}
+
+/// Sends `request` and feeds what comes back to `sink` until the generation ends.
+pub fn generate(connection: &mut Connection, request: &Request, sink: &mut dyn Sink) -> Result<Ended> {
+    connection.send(request)?;
+    loop {
+        let response = connection.recv()?;
+        match response {
+            Response::Loading { model } => sink.progress(Progress::Loading { model }),
+            Response::Queued { position } => sink.progress(Progress::Queued { position }),
+            Response::Token { text } => {
+                if let Err(error) = sink.token(&text, connection.has_buffered()) {
+                    return Ok(Ended::SinkClosed(error));
+                }
+            }
+            Response::Done(done) => return Ok(Ended::Done(done)),
+            Response::Error { kind, message, .. } => return Err(Error::Remote { kind, message }),
+            other => return Err(Error::internal(format!("unexpected message from the daemon: {other:?}"))),
+        }
+    }
+}

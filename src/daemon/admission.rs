@@ -1,0 +1,225 @@
+//! Admission: how a request gets a slot, from whichever door it came in (the Unix socket or
+//! HTTP).
+//!
+//! A request for a ready instance with a free slot takes a lent slot from the instance's
+//! handle at once: no queue place, no message to the worker (see `instance::lease`).
+//! Otherwise it takes a place in the daemon-wide queue, a bounded crossbeam channel used as
+//! a counting semaphore (a full queue is an answer, Busy with a retry hint, never a blocked
+//! thread), sends the worker a job and waits for its slot on a channel, checking every
+//! [`CLIENT_CHECK`] that its client is still there.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use super::shared::Shared;
+use crate::error::{Error, Result};
+use crate::gguf::{self, ModelInfo};
+use crate::instance::{FileStamp, Handle, Job, JobEvent, Lease, Message};
+use crate::model::ModelSpec;
+
+/// How long a refused client is told to wait before trying again.
+const RETRY_AFTER_MS: u64 = 1000;
+/// How often a request waiting for its slot checks that its client is still there. The slot
+/// itself arrives on a channel the moment it is free; this only bounds how long a client
+/// that left keeps its place.
+pub(crate) const CLIENT_CHECK: Duration = Duration::from_millis(100);
+
+/// A model file that changed since its instance loaded it: its header and stamp.
+pub(crate) type NewFile = (ModelInfo, FileStamp);
+
+#[derive(Debug, Clone)]
+pub(crate) struct Admission {
+    places: Sender<()>,
+    returned: Receiver<()>,
+    depth: usize,
+    rejected: Arc<AtomicU64>,
+}
+
+/// One place in the queue; dropping it gives the place back.
+#[derive(Debug)]
+pub(crate) struct QueuePlace {
+    returned: Receiver<()>,
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        // Every live place holds one message in the channel, so this never finds it empty.
+        let _ = self.returned.try_recv();
+    }
+}
+
+impl Admission {
+    pub(crate) fn new(depth: usize) -> Admission {
+        let (places, returned) = bounded(depth);
+        Admission { places, returned, depth, rejected: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// Takes a place in the queue, or refuses at once when it is full.
+    pub(crate) fn enter(&self) -> Result<QueuePlace> {
+        match self.places.try_send(()) {
+            Ok(()) => Ok(QueuePlace { returned: self.returned.clone() }),
+            Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                Err(Error::Busy {
+                    message: format!("the daemon's queue is full ({} requests waiting)", self.depth),
+                    retry_after_ms: RETRY_AFTER_MS,
+                    per_model: false,
+                })
+            }
+        }
+    }
+
+    pub(crate) fn depth(&self) -> usize {
+        self.depth
+    }
+
+    pub(crate) fn waiting(&self) -> usize {
+        self.places.len()
+    }
+
+    pub(crate) fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+}
+
+/// What a waiting request tells its client, and how it knows the client left.
+pub(crate) trait Waiter {
+    /// The model is being loaded for this request (once).
+    fn loading(&mut self, model: &str);
+    /// The request waits for a slot at this place (1 = next).
+    fn queued(&mut self, position: usize);
+    /// True once the client has gone away.
+    fn gone(&self) -> bool;
+}
+
+/// A waiter that tells nobody and never leaves (a background load).
+pub(crate) struct Detached;
+
+impl Waiter for Detached {
+    fn loading(&mut self, _model: &str) {}
+    fn queued(&mut self, _position: usize) {}
+    fn gone(&self) -> bool {
+        false
+    }
+}
+
+/// The instance for `spec`, after checking the file again: it may have been replaced since
+/// the instance loaded it. Returns the file as found when it differs from the instance's.
+pub(crate) fn instance_for(shared: &Shared, spec: &ModelSpec) -> Result<(Arc<Handle>, Option<NewFile>)> {
+    shared.refuse_if_shutting_down()?;
+    let start = |info, stamp| {
+        shared
+            .table
+            .get_or_start(spec, info, stamp, &shared.services)
+            .map_err(|e| Error::io("cannot start a thread for the instance", e))
+    };
+    if spec.remote.is_some() {
+        let handle = match shared.table.get(spec) {
+            Some(handle) => handle,
+            None => start(ModelInfo::default(), FileStamp::none())?,
+        };
+        return Ok((handle, None));
+    }
+    let metadata = std::fs::metadata(&spec.path).map_err(|_| Error::ModelNotFound { path: spec.path.clone() })?;
+    let stamp = FileStamp::of(&metadata);
+    let existing = shared.table.get(spec);
+    // A header takes milliseconds to read (a vocabulary is megabytes); an unchanged file
+    // needs no second look.
+    if let Some(handle) = &existing {
+        if handle.with_view(|view| view.stamp == stamp) {
+            return Ok((Arc::clone(handle), None));
+        }
+    }
+    let info = gguf::inspect(&spec.path).map_err(|reason| Error::BadModel { path: spec.path.clone(), reason })?;
+    match existing {
+        Some(handle) => Ok((handle, Some((info, stamp)))),
+        None => Ok((start(info, stamp)?, None)),
+    }
+}
+
+/// A slot on `instance` for a request about `spec`: a lent one at once when there is one,
+/// else through the queue and the worker.
+pub(crate) fn lease(
+    shared: &Shared,
+    instance: &Handle,
+    spec: &ModelSpec,
+    file: Option<NewFile>,
+    waiter: &mut dyn Waiter,
+) -> Result<Lease> {
+    if file.is_none() {
+        if let Some(lease) = instance.take_lent(&spec.policy) {
+            return Ok(lease);
+        }
+    }
+    let _place = shared.admission.enter().inspect_err(|_| instance.note_rejected())?;
+    acquire(shared, instance, spec, file, waiter)
+}
+
+/// Sends a job to `instance` and waits for its slot: a blocking receive, woken by the
+/// worker the moment a slot is free. Every [`CLIENT_CHECK`] it looks whether the client
+/// left, and if so gives its place up.
+fn acquire(
+    shared: &Shared,
+    instance: &Handle,
+    spec: &ModelSpec,
+    file: Option<NewFile>,
+    waiter: &mut dyn Waiter,
+) -> Result<Lease> {
+    let (events, replies) = crossbeam_channel::unbounded();
+    let id = shared.next_job();
+    let job = Job { id, events, policy: spec.policy.clone(), file };
+    if !instance.send(Message::Arrive(job)) {
+        return Err(Error::Stopped { message: "the llmctl daemon is shutting down".into() });
+    }
+    let deadline = Instant::now() + shared.settings.queue_timeout;
+    loop {
+        match replies.recv_timeout(CLIENT_CHECK.min(deadline.saturating_duration_since(Instant::now()))) {
+            Ok(JobEvent::Granted(lease)) => return Ok(*lease),
+            Ok(JobEvent::Failed(error)) => return Err(error),
+            Ok(JobEvent::Loading) => waiter.loading(&spec.name),
+            Ok(JobEvent::Queued(position)) => waiter.queued(position),
+            Err(RecvTimeoutError::Timeout) => {
+                let error = if waiter.gone() {
+                    Error::Interrupted
+                } else if Instant::now() >= deadline {
+                    Error::Timeout {
+                        what: format!(
+                            "waiting for a free slot on {} ({} s)",
+                            spec.name,
+                            shared.settings.queue_timeout.as_secs()
+                        ),
+                    }
+                } else {
+                    continue;
+                };
+                // A lease granted meanwhile is dropped with `replies`, which frees it.
+                instance.send(Message::Leave(id));
+                return Err(error);
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(Error::Stopped { message: format!("{} was stopped", spec.name) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_queue_answers_busy_and_places_come_back() {
+        let admission = Admission::new(2);
+        let first = admission.enter().unwrap();
+        let _second = admission.enter().unwrap();
+        let error = admission.enter().unwrap_err();
+        assert_eq!(error.exit_code(), 75);
+        assert_eq!(admission.rejected(), 1);
+        drop(first);
+        assert_eq!(admission.waiting(), 1);
+        assert!(admission.enter().is_ok());
+    }
+}

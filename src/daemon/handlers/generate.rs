@@ -1,0 +1,57 @@
+//! `llmctl run` and `chat`: one generation streamed to the client as token messages.
+
+use std::sync::Arc;
+
+use crate::daemon::admission::Waiter;
+use crate::daemon::connection::Peer;
+use crate::daemon::shared::Shared;
+use crate::daemon::work::{self, Attempt};
+use crate::error::Result;
+use crate::protocol::{self, Response, RunRequest};
+
+pub(crate) fn run(shared: &Arc<Shared>, request: RunRequest, peer: &mut Peer) -> Result<()> {
+    let spec = request.model.clone();
+    // The lease's waiter and the stream both write to the client, one after the other.
+    let peer_cell = std::cell::RefCell::new(peer);
+    let done = work::on_lease(shared, &spec, &mut WaiterOf(&peer_cell), |lease, started| {
+        // A fault hook for the test suite: a handler that panics while it holds a slot.
+        #[cfg(feature = "testing")]
+        if request.prompt == "__llmctl_test_panic__" {
+            panic!("fault injected by the test suite");
+        }
+        let mut first_token = None;
+        let mut peer = peer_cell.borrow_mut();
+        let result = lease.client.generate(&request, |text, more_buffered| {
+            if lease.generation.is_stopped() {
+                // `stop` or `shutdown`: cut the stream off now, even if the child ignores SIGTERM.
+                return Err(std::io::Error::other("the instance was stopped"));
+            }
+            first_token.get_or_insert_with(|| started.elapsed());
+            protocol::write_message(&mut peer.writer, &Response::Token { text: text.to_string() })?;
+            if !more_buffered {
+                std::io::Write::flush(&mut peer.writer)?;
+            }
+            Ok(())
+        });
+        Attempt { result, answered: first_token.is_some(), ok: Some("ok"), first_token }
+    })?;
+    let mut peer = peer_cell.borrow_mut();
+    peer.reply(&Response::Done(done))
+}
+
+/// The client as the admission layer's waiter, shared with the stream that follows.
+struct WaiterOf<'a, 'b>(&'a std::cell::RefCell<&'b mut Peer>);
+
+impl Waiter for WaiterOf<'_, '_> {
+    fn loading(&mut self, model: &str) {
+        self.0.borrow_mut().loading(model);
+    }
+
+    fn queued(&mut self, position: usize) {
+        self.0.borrow_mut().queued(position);
+    }
+
+    fn gone(&self) -> bool {
+        self.0.borrow().gone()
+    }
+}

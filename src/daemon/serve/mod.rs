@@ -1,0 +1,171 @@
+//! `llmctl serve`: llama-server's HTTP API for every model llmctl knows, hosted by the
+//! daemon itself, so one llmctl process stands between an HTTP client and a child, as in
+//! llama-server's own router mode.
+//!
+//! A listener opens when `llmctl serve` asks (it closes when that client goes away) or, for
+//! the config's `listen` addresses, with the daemon. Each is an `http` server of its own
+//! (its limits, its threads started as connections need them) whose handler is
+//! [`routes::handle`]. It forwards, it does not translate: a request goes to the model's
+//! llama-server (or remote server) under the same admission, budget and accounting as
+//! `run`, and the answer comes back as it is produced. Listening beyond loopback needs an
+//! API key, compared in constant time.
+
+pub(crate) mod models;
+pub(crate) mod routes;
+
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use parking_lot::Mutex;
+
+use super::shared::Shared;
+use crate::error::{Error, Result};
+use crate::http;
+
+/// Access-log lines a `serve` client may fall behind by before lines are dropped.
+const LOG_BACKLOG: usize = 1024;
+
+/// The HTTP listeners open now.
+#[derive(Default)]
+pub(crate) struct Listeners {
+    open: Mutex<Vec<Arc<Listener>>>,
+}
+
+impl Listeners {
+    /// The addresses listened on, for `status`.
+    pub(crate) fn addresses(&self) -> Vec<String> {
+        self.open.lock().iter().map(|listener| listener.address.to_string()).collect()
+    }
+
+    /// Closes every listener (the daemon is shutting down).
+    pub(crate) fn close_all(&self) {
+        let open: Vec<Arc<Listener>> = self.open.lock().drain(..).collect();
+        for listener in open {
+            listener.stop();
+        }
+    }
+}
+
+/// One HTTP listener of the daemon.
+pub(crate) struct Listener {
+    address: SocketAddr,
+    /// The key clients must send; none on loopback without one.
+    pub(crate) api_key: Option<String>,
+    stopping: Arc<AtomicBool>,
+    fd: std::os::fd::RawFd,
+    log: Sender<String>,
+    log_rx: Receiver<String>,
+    shared: std::sync::Weak<Shared>,
+}
+
+impl Listener {
+    pub(crate) fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The access log: one line per answered request.
+    pub(crate) fn log(&self) -> Receiver<String> {
+        self.log_rx.clone()
+    }
+
+    /// Records one answered request; a reader that falls behind loses lines, never slows
+    /// a request.
+    pub(crate) fn note(&self, line: String) {
+        if let Err(TrySendError::Full(_)) = self.log.try_send(line) {
+            log::debug!("the access log of {} is not being read fast enough", self.address);
+        }
+    }
+
+    /// Closes this listener: no new connection is accepted; requests in flight finish.
+    pub(crate) fn close(self: &Arc<Self>) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.listeners.open.lock().retain(|open| !Arc::ptr_eq(open, self));
+        }
+        self.stop();
+    }
+
+    fn stop(&self) {
+        if !self.stopping.swap(true, Ordering::SeqCst) {
+            http::wake(self.fd);
+            log::info!("stopped listening on http://{}", self.address);
+        }
+    }
+}
+
+/// Opens an HTTP listener on `address` (`HOST:PORT`). Beyond loopback an API key is
+/// required. An address the daemon already listens on, or one another program holds, is
+/// refused with a message that says which.
+pub(crate) fn open(shared: &Arc<Shared>, address: &str, api_key: Option<String>) -> Result<Arc<Listener>> {
+    let wanted: SocketAddr =
+        address.to_socket_addrs().ok().and_then(|mut addresses| addresses.next()).ok_or_else(|| Error::Usage {
+            message: format!("cannot use `{address}` as an address to listen on (HOST:PORT, e.g. 127.0.0.1:8080)"),
+        })?;
+    if api_key.as_deref() == Some("") {
+        return Err(Error::Usage { message: "the API key is empty".into() });
+    }
+    if !wanted.ip().is_loopback() && api_key.is_none() {
+        return Err(Error::Usage {
+            message: format!(
+                "listening on {wanted} reaches beyond this machine; give an API key with --api-key-file or \
+                 LLMCTL_API_KEY"
+            ),
+        });
+    }
+    shared.refuse_if_shutting_down()?;
+    let mut open = shared.listeners.open.lock();
+    if let Some(existing) =
+        open.iter().find(|listener| listener.address == wanted || same_port_any(listener.address, wanted))
+    {
+        return Err(Error::AddressInUse {
+            address: wanted.to_string(),
+            by: format!("this llmctl daemon (pid {}) already serves http://{}", std::process::id(), existing.address),
+        });
+    }
+    let listener = TcpListener::bind(wanted).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => Error::AddressInUse {
+            address: wanted.to_string(),
+            by: "another program listens there; choose another port with --listen".into(),
+        },
+        _ => Error::io(format!("cannot listen on {wanted}"), e),
+    })?;
+    let bound = listener.local_addr().unwrap_or(wanted);
+    let (log, log_rx) = crossbeam_channel::bounded(LOG_BACKLOG);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let entry = Arc::new(Listener {
+        address: bound,
+        api_key,
+        stopping: Arc::clone(&stopping),
+        fd: listener.as_raw_fd(),
+        log,
+        log_rx,
+        shared: Arc::downgrade(shared),
+    });
+    let handler_shared = Arc::downgrade(shared);
+    let handler_listener = Arc::downgrade(&entry);
+    let handler: http::Handler = Arc::new(move |request, exchange| {
+        if let (Some(shared), Some(listener)) = (handler_shared.upgrade(), handler_listener.upgrade()) {
+            routes::handle(&shared, &listener, request, exchange);
+        } else {
+            exchange.error(503, "the server is shutting down", &[]);
+        }
+    });
+    std::thread::Builder::new()
+        .name("http-listener".into())
+        .spawn(move || {
+            if let Err(error) = http::serve(listener, http::Limits::default(), handler, stopping) {
+                log::error!("the HTTP listener on {bound} failed: {error}");
+            }
+        })
+        .map_err(|e| Error::io("cannot start the HTTP listener thread", e))?;
+    log::info!("serving llama-server's API on http://{bound}");
+    open.push(Arc::clone(&entry));
+    Ok(entry)
+}
+
+/// A wildcard address and a specific one on the same port collide on bind.
+fn same_port_any(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && b.port() != 0 && (a.ip().is_unspecified() || b.ip().is_unspecified())
+}

@@ -1,0 +1,176 @@
+//! Which model a request means, and the models `serve` lists.
+//!
+//! A request names a model by alias, by the name of a pulled model, by a file name in the
+//! models directory, or by the path or file stem of one of those; a request that names
+//! none, or one llmctl does not know, goes to the default for its purpose. A path that no
+//! known model has is never loaded: a client cannot make llmctl load a file by naming it.
+
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::daemon::shared::Shared;
+use crate::error::{Error, Result};
+use crate::model::{ModelSpec, DEMO_ALIAS, DEMO_FILE};
+
+/// What an endpoint needs of the instance it goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    Generate,
+    Embed,
+    Rerank,
+}
+
+/// Every name a request may use: config aliases, the demo, pulled models (`OWNER/REPO`)
+/// and the other GGUF files in the models directory, by file name.
+fn known_names(shared: &Shared, config: &Config) -> Vec<String> {
+    let paths = &shared.paths;
+    let mut names: Vec<String> = config.models.keys().cloned().collect();
+    if paths.models_dir().join(DEMO_FILE).exists() && !config.models.contains_key(DEMO_ALIAS) {
+        names.push(DEMO_ALIAS.to_string());
+    }
+    names.extend(crate::library::list(paths).iter().map(crate::library::Pulled::name));
+    for file in crate::library::loose_files(paths) {
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name != DEMO_FILE {
+            names.push(name);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|name| seen.insert(name.clone()));
+    names
+}
+
+/// The model a request goes to: the one it names (an alias, a path, or a file stem), or
+/// else the default for its purpose: an embeddings or reranking model for those endpoints,
+/// `default_model`, or the only model there is.
+pub(crate) fn choose(shared: &Shared, config: &Config, name: Option<&str>, purpose: Purpose) -> Result<ModelSpec> {
+    if let Some(name) = name.filter(|name| !name.is_empty()) {
+        match resolve(shared, config, name) {
+            Err(Error::UnknownModel { .. }) | Err(Error::ModelNotFound { .. }) => {}
+            other => return other,
+        }
+    }
+    let for_purpose = config.models.iter().find(|(_, model)| match purpose {
+        Purpose::Embed => model.embeddings,
+        Purpose::Rerank => model.reranking,
+        Purpose::Generate => false,
+    });
+    if let Some(alias) = for_purpose.map(|(alias, _)| alias.clone()).or_else(|| config.default_model.clone()) {
+        return resolve_known(shared, config, &alias);
+    }
+    let names = known_names(shared, config);
+    match names.as_slice() {
+        [only] => resolve_known(shared, config, only),
+        _ => Err(Error::NoDefaultModel { asked: name.map(str::to_string), known: names }),
+    }
+}
+
+/// Resolves a name among the models llmctl knows: by name, or by the path or file stem of
+/// one of them.
+fn resolve(shared: &Shared, config: &Config, name: &str) -> Result<ModelSpec> {
+    // Aliases first: the common case reads no directory.
+    if config.models.contains_key(name) || name == DEMO_ALIAS {
+        return resolve_known(shared, config, name);
+    }
+    let known = known_names(shared, config);
+    if known.iter().any(|known| known == name) {
+        return resolve_known(shared, config, name);
+    }
+    let named_path = std::path::Path::new(name).canonicalize().ok();
+    for known in &known {
+        let Ok(spec) = resolve_known(shared, config, known) else {
+            continue;
+        };
+        let stem = spec.path.file_stem().map(|stem| stem.to_string_lossy().into_owned());
+        if spec.remote.is_none() && (stem.as_deref() == Some(name) || named_path.as_ref() == Some(&spec.path)) {
+            return Ok(spec);
+        }
+    }
+    Err(Error::UnknownModel { name: name.to_string() })
+}
+
+/// Resolves a name with the config already read.
+fn resolve_known(shared: &Shared, config: &Config, name: &str) -> Result<ModelSpec> {
+    crate::model::resolve(name, config, &shared.paths, &crate::model::LoadOverrides::default())
+}
+
+/// Every model a client can name, with what it can use: context length, kind, whether it
+/// is loaded, which one answers requests that name none.
+pub(crate) fn list(shared: &Shared, config: &Config) -> Value {
+    let instances: Vec<_> = shared.table.all().iter().map(|instance| instance.snapshot().status()).collect();
+    let default = choose(shared, config, None, Purpose::Generate).ok().map(|spec| spec.name);
+    let mut data = Vec::new();
+    let mut listed = Vec::new();
+    for name in known_names(shared, config) {
+        let Ok(spec) = resolve(shared, config, &name) else {
+            continue;
+        };
+        let loaded = instances.iter().any(|i| i.name == name && i.state.is_loaded());
+        let context_length = spec.load.ctx_size.map(u64::from).or_else(|| {
+            if spec.remote.is_some() {
+                return None;
+            }
+            crate::gguf::inspect(&spec.path).ok().and_then(|info| info.context_length)
+        });
+        let kind = match (spec.remote.is_some(), spec.load.embeddings, spec.load.reranking) {
+            (true, _, _) => "remote",
+            (_, true, _) => "embeddings",
+            (_, _, true) => "reranking",
+            _ => "chat",
+        };
+        data.push(json!({
+            "id": name, "object": "model", "created": 0, "owned_by": "llmctl",
+            "context_length": context_length, "kind": kind, "loaded": loaded,
+            "default": default.as_deref() == Some(name.as_str()),
+        }));
+        listed.push(name);
+    }
+    // Models loaded by path rather than by a name above, while their file is there.
+    for instance in &instances {
+        let present = instance.remote.is_some() || std::path::Path::new(&instance.path).exists();
+        if !listed.contains(&instance.name) && present && instance.state.is_up() {
+            listed.push(instance.name.clone());
+            data.push(json!({
+                "id": instance.name, "object": "model", "created": 0, "owned_by": "llmctl",
+                "context_length": instance.ctx_size, "kind": "chat", "loaded": instance.state.is_loaded(),
+                "default": false,
+            }));
+        }
+    }
+    json!({"object": "list", "data": data})
+}
+
+/// A query parameter's value decoded (`%2F` and `+` for a space).
+pub(crate) fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Fb+c%zz%4"), "a/b c%zz%4");
+    }
+}

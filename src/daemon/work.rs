@@ -1,0 +1,115 @@
+//! A request's life on a slot, the same from either door (the Unix socket or HTTP): the
+//! instance found, a lease taken (see `admission`), the work done on it, and the outcome
+//! decided (see `instance::outcome`): the slot back before the client hears `done`, a
+//! cancellation noted, another server tried when a remote one failed before answering, a
+//! failure classified by what happened to the lease's own child.
+
+use std::time::{Duration, Instant};
+
+use super::admission::{self, Waiter};
+use super::shared::Shared;
+use crate::backend::GenerateError;
+use crate::error::{Error, Result};
+use crate::instance::outcome::{self, Facts, Verdict};
+use crate::instance::{Lease, Message};
+use crate::model::ModelSpec;
+use crate::protocol::Done;
+
+/// How many servers of a remote model one request tries.
+const MAX_REPLICA_TRIES: usize = 4;
+/// How long a broken stream waits to learn whether its child died.
+const EXIT_PATIENCE: Duration = Duration::from_millis(500);
+
+/// What one try on a lease came to.
+pub(crate) struct Attempt {
+    pub(crate) result: std::result::Result<Done, GenerateError>,
+    /// Some of the answer reached the client (so another server cannot be tried).
+    pub(crate) answered: bool,
+    /// The outcome when the backend finished (see [`Facts::ok`]).
+    pub(crate) ok: Option<&'static str>,
+    pub(crate) first_token: Option<Duration>,
+}
+
+impl Attempt {
+    /// The outcome of a finished answer with HTTP `status`: llama-server's own errors are
+    /// passed on as they are, and counted by their class.
+    pub(crate) fn ok_for_status(status: u16) -> Option<&'static str> {
+        Some(match status {
+            400..=499 => crate::error::ErrorKind::Data.name(),
+            500.. => crate::error::ErrorKind::Backend.name(),
+            _ => "ok",
+        })
+    }
+}
+
+/// Admits a request for `spec`, waits for a slot (telling `waiter` about loading and
+/// queueing), and runs `work` on the lease; for a remote model, a server that fails before
+/// answering is left out and `work` runs again on another.
+pub(crate) fn on_lease(
+    shared: &Shared,
+    spec: &ModelSpec,
+    waiter: &mut dyn Waiter,
+    mut work: impl FnMut(&Lease, Instant) -> Attempt,
+) -> Result<Done> {
+    let (instance, mut file) = admission::instance_for(shared, spec)?;
+    for attempt in 1..=MAX_REPLICA_TRIES {
+        let started = Instant::now();
+        let mut lease = admission::lease(shared, &instance, spec, file.take(), waiter)?;
+        let tried = work(&lease, started);
+        lease.report.first_token = tried.first_token;
+        let replica = lease.replica.map(|_| lease.client.base_url().to_string());
+        let facts = Facts {
+            model: &spec.name,
+            stopped: lease.generation.is_stopped(),
+            replica: replica.as_deref(),
+            answered: tried.answered,
+            ok: tried.ok,
+            token_timeout_s: shared.settings.token_timeout.as_secs(),
+        };
+        let (verdict, marks) = outcome::classify(tried.result, &facts, || lease.generation.wait_ended(EXIT_PATIENCE));
+        lease.report.outcome = marks.outcome;
+        lease.report.stalled = marks.stalled;
+        lease.report.replica_failed = marks.replica_failed;
+        match verdict {
+            Verdict::Finished(done) => {
+                lease.report.usage = done.usage;
+                lease.release();
+                return Ok(done);
+            }
+            Verdict::Cancelled => {
+                log::debug!("the client of {} went away; its request was cancelled", spec.name);
+                return Err(Error::Interrupted);
+            }
+            Verdict::OtherReplica => {
+                log::warn!("the server {} for {} failed before answering", replica.unwrap_or_default(), spec.name);
+                drop(lease);
+                if attempt == MAX_REPLICA_TRIES {
+                    break;
+                }
+            }
+            Verdict::Failed(error) => {
+                if replica.is_none() && matches!(error, Error::Backend { .. }) {
+                    // The stream broke and the child has not been seen to die: its worker
+                    // looks now rather than at its next liveness check.
+                    instance.send(Message::Suspect { generation: lease.generation.number });
+                }
+                return Err(error);
+            }
+        }
+    }
+    Err(Error::RemoteDown { message: format!("every server for {} failed; they are retried with backoff", spec.name) })
+}
+
+/// Loads `spec` (unless loaded) and proves it answers a one-token request: `warm` and
+/// `switch`, through admission like every request.
+pub(crate) fn load(shared: &Shared, spec: &ModelSpec, waiter: &mut dyn Waiter) -> Result<()> {
+    on_lease(shared, spec, waiter, |lease, _| {
+        let result = match lease.client.ping() {
+            // A ping cut short by its client still loaded the model.
+            Ok(()) | Err(GenerateError::Cancelled) => Ok(Done::default()),
+            Err(error) => Err(error),
+        };
+        Attempt { result, answered: false, ok: None, first_token: None }
+    })
+    .map(|_| ())
+}

@@ -1,0 +1,315 @@
+//! A slot on a ready instance, and how it goes back.
+//!
+//! Two ways to a slot. While an instance is ready and nobody waits, its worker *lends* its
+//! free slots to the [`Lending`] beside its handle: a request takes one there under a short
+//! lock, without a message to the worker, and gives it back the same way. When the worker
+//! must decide something (a request queues, an unload, a crash) it first calls the lent
+//! slots back ([`Lending::reclaim`]); from then on, leases out on them give their slot back
+//! with a message, as leases the worker granted itself always do. Either way the worker
+//! stays the only thread that changes the instance's state or touches its child.
+//!
+//! Counters (requests, tokens, outcomes, last use) are not state: a lease records its own
+//! into the instance's [`Stats`] when it ends, under their own lock.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::Sender;
+use parking_lot::{Condvar, Mutex};
+
+use super::view::Stats;
+use super::Message;
+use crate::backend::client::Client;
+use crate::model::Policy;
+use crate::protocol::Usage;
+
+/// How one load of the child ended, for the requests that ran on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The child exited on its own: its exit status and last output.
+    Exited { status: String, stderr_tail: String },
+    /// llmctl stopped it; the message says who and why.
+    Stopped(String),
+}
+
+/// One load of an instance: the child it started (or the remote servers it checked), and
+/// how it ended. A lease holds the generation it was granted on, so a request classifies a
+/// broken stream by what happened to *its* child, never a newer one.
+pub struct Generation {
+    pub(crate) number: u64,
+    ended: Mutex<Option<Ended>>,
+    changed: Condvar,
+    /// Set when llmctl stopped the child: streams on it stop relaying at the next token,
+    /// whatever the child does with SIGTERM.
+    stopped: AtomicBool,
+}
+
+impl Generation {
+    pub(crate) fn new(number: u64) -> Generation {
+        Generation { number, ended: Mutex::new(None), changed: Condvar::new(), stopped: AtomicBool::new(false) }
+    }
+
+    /// Records how the generation ended; the first word stays.
+    pub(crate) fn end(&self, ended: Ended) {
+        if matches!(ended, Ended::Stopped(_)) {
+            self.stopped.store(true, Ordering::SeqCst);
+        }
+        let mut slot = self.ended.lock();
+        if slot.is_none() {
+            *slot = Some(ended);
+        }
+        drop(slot);
+        self.changed.notify_all();
+    }
+
+    /// True once llmctl has stopped this generation's child.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// How it ended, waiting up to `patience` for the worker to find out: a crash closes
+    /// the connection a moment before the kernel reports the exit.
+    pub(crate) fn wait_ended(&self, patience: Duration) -> Option<Ended> {
+        let mut slot = self.ended.lock();
+        if slot.is_none() {
+            self.changed.wait_for(&mut slot, patience);
+        }
+        slot.clone()
+    }
+}
+
+/// What a finished request reports when its lease ends.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    pub(crate) usage: Usage,
+    /// "ok", "cancelled" or an error kind; none for a lease used to load (warm, switch).
+    pub(crate) outcome: Option<&'static str>,
+    pub(crate) first_token: Option<Duration>,
+    /// No token came within the token timeout: the child is restarted.
+    pub(crate) stalled: bool,
+    /// The remote replica failed: it is left out for a while.
+    pub(crate) replica_failed: bool,
+}
+
+impl Report {
+    /// Only the worker can act on these: a stalled child or a failed replica.
+    fn needs_worker(&self) -> bool {
+        self.stalled || self.replica_failed
+    }
+}
+
+/// The slots a worker has lent out while its instance is ready and nobody waits.
+#[derive(Default)]
+pub(crate) struct Lending {
+    open: Option<Open>,
+}
+
+/// Lent slots of one generation, and what a request needs to use one.
+struct Open {
+    generation: Arc<Generation>,
+    client: Client,
+    /// The model policy the lending was opened with: a request that brings another one
+    /// (the config changed) goes to the worker, which adopts it.
+    policy: Policy,
+    free: u32,
+    taken: u32,
+}
+
+impl Lending {
+    /// Lends `slots` more slots of `generation`.
+    pub(crate) fn lend(&mut self, slots: u32, generation: &Arc<Generation>, client: &Client, policy: &Policy) {
+        match &mut self.open {
+            Some(open) if open.generation.number == generation.number => open.free += slots,
+            _ => {
+                self.open = Some(Open {
+                    generation: Arc::clone(generation),
+                    client: client.clone(),
+                    policy: policy.clone(),
+                    free: slots,
+                    taken: 0,
+                })
+            }
+        }
+    }
+
+    /// Calls the lent slots back: returns how many were free. The taken ones become
+    /// ordinary leases, which give their slot back with a message.
+    pub(crate) fn reclaim(&mut self) -> Reclaimed {
+        match self.open.take() {
+            Some(open) => Reclaimed { free: open.free, taken: open.taken },
+            None => Reclaimed::default(),
+        }
+    }
+
+    /// Lent slots in use now.
+    pub(crate) fn taken(&self) -> u32 {
+        self.open.as_ref().map_or(0, |open| open.taken)
+    }
+
+    /// Takes a free lent slot for a request that brings `policy`.
+    fn take(&mut self, policy: &Policy) -> Option<(Arc<Generation>, Client)> {
+        let open = self.open.as_mut().filter(|open| open.free > 0 && open.policy == *policy)?;
+        open.free -= 1;
+        open.taken += 1;
+        Some((Arc::clone(&open.generation), open.client.clone()))
+    }
+
+    /// Gives a lent slot of `generation` back; false when the lending closed meanwhile, so
+    /// the slot must go back through the worker.
+    fn give_back(&mut self, generation: u64) -> bool {
+        match &mut self.open {
+            Some(open) if open.generation.number == generation && open.taken > 0 => {
+                open.taken -= 1;
+                open.free += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What [`Lending::reclaim`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reclaimed {
+    pub(crate) free: u32,
+    pub(crate) taken: u32,
+}
+
+/// Where a lease goes back to: its worker, and the instance's lending and counters.
+#[derive(Clone)]
+pub(crate) struct Home {
+    pub(crate) inbox: Sender<Message>,
+    pub(crate) lending: Arc<Mutex<Lending>>,
+    pub(crate) stats: Arc<Mutex<Stats>>,
+}
+
+/// A slot on a ready instance. Dropping it gives the slot back, even on panic.
+pub struct Lease {
+    pub(crate) generation: Arc<Generation>,
+    pub(crate) client: Client,
+    /// The remote replica serving this request, if the model is remote.
+    pub(crate) replica: Option<usize>,
+    pub(crate) report: Report,
+    home: Home,
+    /// Taken from the lending rather than granted by the worker.
+    lent: bool,
+    released: bool,
+}
+
+impl Lease {
+    /// A slot the worker granted.
+    pub(crate) fn granted(generation: Arc<Generation>, client: Client, replica: Option<usize>, home: Home) -> Lease {
+        Lease { generation, client, replica, report: Report::default(), home, lent: false, released: false }
+    }
+
+    /// A lent slot, if one is free for a request that brings `policy`; counted as a request
+    /// that waited for nothing.
+    pub(crate) fn take_lent(home: &Home, policy: &Policy) -> Option<Lease> {
+        let (generation, client) = home.lending.lock().take(policy)?;
+        home.stats.lock().granted(Duration::ZERO);
+        Some(Lease {
+            generation,
+            client,
+            replica: None,
+            report: Report::default(),
+            home: home.clone(),
+            lent: true,
+            released: false,
+        })
+    }
+
+    /// Gives the slot back. A slot the worker granted waits (briefly) until the worker has
+    /// taken it, so that what the client does next (`status`, another request) sees the
+    /// instance idle; a lent one is back at once.
+    pub(crate) fn release(mut self) {
+        let (ack, acked) = crossbeam_channel::bounded(1);
+        if self.finish(Some(ack)) {
+            let _ = acked.recv_timeout(RELEASE_ACK_WAIT);
+        }
+    }
+
+    /// Records the report and gives the slot back; true when the worker was told (and will
+    /// answer `ack`).
+    fn finish(&mut self, ack: Option<Sender<()>>) -> bool {
+        if self.released {
+            return false;
+        }
+        self.released = true;
+        let report = std::mem::take(&mut self.report);
+        self.home.stats.lock().finished(&report, SystemTime::now());
+        if self.lent && !report.needs_worker() && self.home.lending.lock().give_back(self.generation.number) {
+            return false;
+        }
+        // A worker that is gone has nothing left to account.
+        self.home
+            .inbox
+            .send(Message::Finished {
+                replica: self.replica,
+                generation: self.generation.number,
+                stalled: report.stalled,
+                replica_failed: report.replica_failed,
+                ack,
+            })
+            .is_ok()
+    }
+}
+
+/// The longest a released lease waits for the worker to take the slot back.
+const RELEASE_ACK_WAIT: Duration = Duration::from_secs(1);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.finish(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> Client {
+        Client::for_url("http://127.0.0.1:9", None, None, crate::backend::client::Timeouts::default())
+    }
+
+    fn home() -> (Home, crossbeam_channel::Receiver<Message>) {
+        let (inbox, messages) = crossbeam_channel::unbounded();
+        (Home { inbox, lending: Arc::default(), stats: Arc::default() }, messages)
+    }
+
+    #[test]
+    fn lent_slots_come_back_without_a_message_while_lending_is_open() {
+        let (home, messages) = home();
+        let generation = Arc::new(Generation::new(1));
+        home.lending.lock().lend(2, &generation, &client(), &Policy::default());
+        let first = Lease::take_lent(&home, &Policy::default()).expect("a free lent slot");
+        let second = Lease::take_lent(&home, &Policy::default()).expect("a second one");
+        assert!(Lease::take_lent(&home, &Policy::default()).is_none(), "only two were lent");
+        assert_eq!(home.lending.lock().taken(), 2);
+        first.release();
+        assert!(messages.try_recv().is_err(), "a lent slot goes back without the worker");
+        assert!(Lease::take_lent(&home, &Policy::default()).is_some_and(|again| {
+            drop(again);
+            true
+        }));
+        // Called back with one out: that one goes back through the worker.
+        assert_eq!(home.lending.lock().reclaim(), Reclaimed { free: 1, taken: 1 });
+        drop(second);
+        assert!(matches!(messages.try_recv(), Ok(Message::Finished { generation: 1, .. })));
+        let stats = home.stats.lock();
+        assert_eq!((stats.requests, stats.last_used.is_some()), (3, true));
+    }
+
+    #[test]
+    fn another_policy_or_a_stall_goes_to_the_worker() {
+        let (home, messages) = home();
+        let generation = Arc::new(Generation::new(3));
+        home.lending.lock().lend(1, &generation, &client(), &Policy::default());
+        let pinned = Policy { pinned: true, ..Policy::default() };
+        assert!(Lease::take_lent(&home, &pinned).is_none(), "a changed policy must reach the worker");
+        let mut lease = Lease::take_lent(&home, &Policy::default()).unwrap();
+        lease.report.stalled = true;
+        drop(lease);
+        assert!(matches!(messages.try_recv(), Ok(Message::Finished { stalled: true, .. })));
+    }
+}
