@@ -17,10 +17,10 @@ use std::io::{self, BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::backend::llama;
 use crate::commands::Context;
 use crate::error::{Error, Result};
 use crate::gguf;
+use crate::llama_server::{self, build_of, installed_backend, version_of};
 use crate::model::{DEMO_ALIAS, DEMO_FILE};
 use crate::paths::{Paths, LLAMA_CPP_BUILD};
 
@@ -166,7 +166,7 @@ impl Probes {
     pub fn of_this_machine() -> Probes {
         let nvcc = find_on_path("nvcc").or_else(|| {
             let default = PathBuf::from("/usr/local/cuda/bin/nvcc");
-            llama::is_executable(&default).then_some(default)
+            llama_server::is_executable(&default).then_some(default)
         });
         let compute_caps = Command::new("nvidia-smi")
             .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
@@ -243,27 +243,6 @@ pub fn backend_binary(paths: &Paths, backend: &Backend) -> PathBuf {
     paths.data_dir.join("llama.cpp").join(format!("b{LLAMA_CPP_BUILD}-{}", backend.dir_name())).join("llama-server")
 }
 
-/// The backend of the llama-server `llmctl setup` installed, if it knows it: the current
-/// install is a link into its backend's directory.
-pub fn installed_backend(paths: &Paths) -> Option<Backend> {
-    let target = fs::read_link(paths.installed_llama_server()).ok()?;
-    let dir = target.parent()?.file_name()?.to_str()?;
-    Backend::from_dir_name(dir.strip_prefix(&format!("b{LLAMA_CPP_BUILD}-"))?)
-}
-
-/// The llama-server llmctl would use, and a line describing it (path, build, backend).
-pub fn describe_llama_server(paths: &Paths, explicit: Option<&Path>, configured: Option<&Path>) -> String {
-    let installed = paths.installed_llama_server();
-    match llama::find_binary(explicit, configured, &installed) {
-        Ok(binary) if binary == installed => {
-            let backend = installed_backend(paths).map_or("cpu, portable".into(), |backend| backend.dir_name());
-            format!("{} ({}, backend {backend}, installed by llmctl setup)", binary.display(), version_of(&binary))
-        }
-        Ok(binary) => format!("{} ({})", binary.display(), version_of(&binary)),
-        Err(searched) => format!("none found (searched {searched}); `llmctl setup` builds one"),
-    }
-}
-
 /// Makes sure a llama-server is there, building one for this machine when none is found.
 /// A llama-server the user named (flag, environment, config) or put on PATH is used as it
 /// is; one llmctl installed is rebuilt when it was built for another backend than the one
@@ -275,7 +254,7 @@ pub fn ensure_llama_server(context: &Context, options: &Options, reporter: &Repo
     let probes = Probes::of_this_machine();
     let explicit = context.global.llama_server.as_deref();
     let configured = config.llama_server.as_deref();
-    if let Ok(binary) = llama::find_binary(explicit, configured, Path::new("/nonexistent")) {
+    if let Ok(binary) = llama_server::find_binary(explicit, configured, Path::new("/nonexistent")) {
         reporter.step(&format!("using llama-server at {} ({})", binary.display(), version_of(&binary)));
         return Ok(binary);
     }
@@ -482,7 +461,7 @@ pub fn on_first_use(context: &Context, model: Option<&str>) -> Result<()> {
     let config = context.config()?;
     let named = context.global.llama_server.is_some() || config.llama_server.is_some();
     let installed = context.paths.installed_llama_server();
-    let missing_server = !named && llama::find_binary(None, None, &installed).is_err();
+    let missing_server = !named && llama_server::find_binary(None, None, &installed).is_err();
     let missing_demo = model == Some(DEMO_ALIAS)
         && !config.models.contains_key(DEMO_ALIAS)
         && !Path::new(DEMO_ALIAS).exists()
@@ -507,31 +486,9 @@ fn cpu_reports_amx() -> bool {
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| llama::is_executable(p)))
-}
-
-fn version_of(binary: &Path) -> String {
-    Command::new(binary)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|out| {
-            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-            text.lines().find(|l| l.contains("version")).map(|l| l.trim().to_string())
-        })
-        .unwrap_or_else(|| "version unknown".into())
-}
-
-/// The llama.cpp build number a binary reports, e.g. 11434 for `(build 11434, ...)`.
-fn build_of(binary: &Path) -> Option<u32> {
-    if !llama::is_executable(binary) {
-        return None;
-    }
-    let version = version_of(binary);
-    let rest = &version[version.find("build ")? + "build ".len()..];
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| llama_server::is_executable(p))
+    })
 }
 
 fn require_tool(name: &str, package_hint: &str) -> Result<()> {
@@ -573,10 +530,10 @@ fn build_tools(context: &Context, reporter: &Reporter, log: &mut File, log_path:
     let venv = context.paths.cache_dir.join("build-tools");
     let bin = venv.join("bin");
     let mut wanted = Vec::new();
-    if cmake.is_none() && !llama::is_executable(&bin.join("cmake")) {
+    if cmake.is_none() && !llama_server::is_executable(&bin.join("cmake")) {
         wanted.push("cmake");
     }
-    if make.is_none() && !llama::is_executable(&bin.join("ninja")) {
+    if make.is_none() && !llama_server::is_executable(&bin.join("ninja")) {
         wanted.push("ninja");
     }
     if !wanted.is_empty() {
@@ -586,7 +543,7 @@ fn build_tools(context: &Context, reporter: &Reporter, log: &mut File, log_path:
             wanted.join(" and "),
             venv.display()
         ));
-        if !llama::is_executable(&bin.join("python3")) {
+        if !llama_server::is_executable(&bin.join("python3")) {
             let mut create = Command::new("python3");
             create.args(["-m", "venv"]).arg(&venv);
             run_logged(create, "creating a virtual environment for the build tools", log, log_path, |_| {})?;

@@ -6,7 +6,6 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::backend::llama;
 use crate::cli::ConfigArgs;
 use crate::commands::Context;
 use crate::config::DEFAULT_QUEUE_DEPTH;
@@ -98,7 +97,7 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
         }
         (Some(path), _) => (path.display().to_string(), "flag --llama-server".to_string()),
         (None, Some(path)) => (path.display().to_string(), from_config(true, "")),
-        (None, None) => match llama::find_binary(None, None, &installed) {
+        (None, None) => match crate::llama_server::find_binary(None, None, &installed) {
             Ok(path) if path == installed => (path.display().to_string(), "installed by llmctl setup".into()),
             Ok(path) => (path.display().to_string(), "PATH".into()),
             Err(_) => ("(none found; run llmctl setup)".into(), "-".into()),

@@ -213,7 +213,8 @@ impl Shared {
 
 impl Shared {
     fn describe_llama_server(&self) {
-        let description = crate::setup::describe_llama_server(&self.paths, self.settings.llama_server.as_deref(), None);
+        let description =
+            crate::llama_server::describe_llama_server(&self.paths, self.settings.llama_server.as_deref(), None);
         *self.llama_server.write() = description;
     }
 
@@ -319,7 +320,7 @@ pub fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
         scheduler: room_tx,
         events: EventBus::default(),
         gpu: Gpu::default(),
-        llama_server: Box::new(move || crate::backend::llama::find_binary(configured.as_deref(), None, &installed)),
+        llama_server: Box::new(move || crate::llama_server::find_binary(configured.as_deref(), None, &installed)),
     };
     // The first GPU reading before any request, so the first load is planned with it.
     services.gpu.sample();

@@ -14,6 +14,7 @@ mod private;
 mod real;
 mod remote;
 mod serve;
+mod setup;
 mod supervision;
 mod support;
 mod tiny_model;
