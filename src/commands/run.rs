@@ -27,9 +27,6 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
 
 pub fn run(context: &Context, args: RunArgs) -> Result<()> {
-    crate::setup::on_first_use(context, Some(&args.model))?;
-    let model = context.resolve_model(&args.model, &args.load)?;
-    let stdin = io::stdin();
     let sampling = Sampling {
         max_tokens: args.max_tokens,
         temperature: args.temperature,
@@ -42,6 +39,9 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
         json_schema: args.json_schema.as_deref().map(read_schema).transpose()?,
         grammar: args.grammar.as_deref().map(read_grammar).transpose()?,
     };
+    // What the user typed (model, schema, grammar) is checked before a first use sets up.
+    let model = crate::setup::resolve_on_first_use(context, &args.model, &args.load)?;
+    let stdin = io::stdin();
     // No prompt, typed at a terminal: a conversation, as `llmctl chat`.
     if args.prompt.is_empty() && !args.raw && !args.json && !args.no_stdin && stdin.is_terminal() {
         return super::chat::session(context, model, args.system.clone(), sampling);

@@ -409,42 +409,11 @@ fn a_running_daemon_refuses_bad_models_with_the_same_codes() {
     assert_exit(&env.run(&["run", model.to_str().unwrap(), "hi"]), 65);
 }
 
-/// A directory standing for PATH: a link to every program on it (the first of each name),
-/// but those in `leave_out`.
-fn tools_without(env: &Env, leave_out: &[&str]) -> std::path::PathBuf {
-    let bin = env.path("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name_text) = name.to_str() else { continue };
-            if leave_out.contains(&name_text) || bin.join(&name).exists() {
-                continue;
-            }
-            let _ = std::os::unix::fs::symlink(entry.path(), bin.join(&name));
-        }
-    }
-    bin
-}
-
 #[test]
 fn setup_names_a_missing_compiler_and_changes_nothing() {
     let env = Env::with_server(std::path::Path::new("/nonexistent"));
     // Everything a build needs but a C++ compiler, and no llama-server anywhere.
-    let compilers = ["c++", "g++", "clang++", "cc", "gcc", "clang"];
-    let mut leave_out: Vec<String> = compilers.iter().map(|c| c.to_string()).collect();
-    // Versioned names too (g++-12, x86_64-linux-gnu-g++-12).
-    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.contains("g++") || name.contains("clang++") || name.ends_with("-c++") {
-                leave_out.push(name);
-            }
-        }
-    }
-    let leave_out: Vec<&str> = leave_out.iter().map(String::as_str).collect();
-    let bin = tools_without(&env, &leave_out);
+    let bin = tools_without_a_compiler(&env);
     let output =
         env.command(&["setup", "--no-model"]).env_remove("LLMCTL_LLAMA_SERVER").env("PATH", &bin).output().unwrap();
     assert_exit(&output, 69);

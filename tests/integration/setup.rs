@@ -55,3 +55,55 @@ fn a_llama_server_that_hangs_on_version_never_blocks_a_command() {
     }
     env.assert_nothing_survives();
 }
+
+/// A command in a fresh environment with setup on first use on: no llama-server named or
+/// on PATH, none installed, no demo model, and no compiler, so a set-up that starts fails
+/// at once with "no C++ compiler" (exit 69).
+fn first_use_command(env: &Env, args: &[&str]) -> std::process::Command {
+    let bin = tools_without_a_compiler(env);
+    let mut command = env.command(args);
+    command
+        .env_remove("LLMCTL_NO_SETUP")
+        .env_remove("LLMCTL_LLAMA_SERVER")
+        .env("PATH", bin)
+        .current_dir(env.dir.path());
+    command
+}
+
+#[test]
+fn what_the_user_typed_is_checked_before_any_set_up() {
+    let env = Env::with_server(Path::new("/nonexistent"));
+    std::fs::write(env.path("README.md"), "# not a model\n").unwrap();
+    let table: [(&[&str], i32, &str); 8] = [
+        (&["run", "dmeo", "hi"], 66, "did you mean `demo`?"),
+        (&["run", "llama3.2", "hi"], 66, "unknown model `llama3.2`"),
+        (&["run", "./missing.gguf", "hi"], 66, "missing.gguf does not exist"),
+        (&["run", "README.md", "hi"], 65, "README.md is not a usable GGUF model"),
+        (&["warm", "dmeo"], 66, "did you mean `demo`?"),
+        (&["switch", "dmeo"], 66, "did you mean `demo`?"),
+        (&["chat", "README.md"], 65, "not a usable GGUF model"),
+        (&["run", "-s", "no-such-schema.json", "demo", "hi"], 66, "no-such-schema.json"),
+    ];
+    for (args, code, message) in table {
+        let started = Instant::now();
+        let output = first_use_command(&env, args).output().unwrap();
+        let took = started.elapsed();
+        assert_exit(&output, code);
+        let err = stderr(&output);
+        assert!(err.contains(message), "{args:?}: {err}");
+        assert!(!err.contains("setting up") && !err.contains("C++ compiler"), "{args:?} started a set-up: {err}");
+        assert!(took < Duration::from_secs(5), "{args:?} took {took:?}");
+    }
+    assert!(!env.path("cache/llama.cpp-b11434").exists(), "no build was started");
+    assert!(!env.path("data/llama.cpp").exists() && !env.path("data/models").exists(), "nothing was installed");
+    assert!(!env.socket().exists(), "no daemon was started");
+
+    // A good model file in the same environment does start the set-up, which fails at once
+    // here for want of a compiler: the checks above are what kept it from starting.
+    let model = env.tiny_model("tiny.gguf");
+    let output = first_use_command(&env, &["run", model.to_str().unwrap(), "hi"]).output().unwrap();
+    assert_exit(&output, 69);
+    let err = stderr(&output);
+    assert!(err.contains("first use: setting up") && err.contains("no C++ compiler"), "{err}");
+    env.assert_nothing_survives();
+}

@@ -311,3 +311,40 @@ pub fn tcp_listeners_of(pid: u32) -> Vec<String> {
     }
     listeners
 }
+
+/// A directory standing for PATH: a link to every program on it (the first of each name),
+/// but those in `leave_out`.
+pub fn tools_without(env: &Env, leave_out: &[&str]) -> std::path::PathBuf {
+    let bin = env.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name_text) = name.to_str() else { continue };
+            if leave_out.contains(&name_text) || bin.join(&name).exists() {
+                continue;
+            }
+            let _ = std::os::unix::fs::symlink(entry.path(), bin.join(&name));
+        }
+    }
+    bin
+}
+
+/// PATH as [`tools_without`] makes it, without any C++ or C compiler (versioned names such
+/// as g++-12 included) and without llama-server: a build of llama-server started there
+/// fails at once, before it downloads or creates anything.
+pub fn tools_without_a_compiler(env: &Env) -> std::path::PathBuf {
+    let mut leave_out: Vec<String> =
+        ["c++", "g++", "clang++", "cc", "gcc", "clang", "llama-server"].iter().map(|c| c.to_string()).collect();
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.contains("g++") || name.contains("clang++") || name.ends_with("-c++") {
+                leave_out.push(name);
+            }
+        }
+    }
+    let leave_out: Vec<&str> = leave_out.iter().map(String::as_str).collect();
+    tools_without(env, &leave_out)
+}
