@@ -79,7 +79,8 @@ pub const FILES_HELP: &str = "    $XDG_RUNTIME_DIR/llmctl/llmctl.sock, else /run
     $XDG_DATA_HOME/llmctl, else ~/.local/share/llmctl
         the installed llama-server, the demo model and pulled models (models/)
     $XDG_CACHE_HOME/llmctl, else ~/.cache/llmctl
-        setup downloads and build tree, the GGUF header cache of `ls`";
+        setup downloads and build tree, the set-up lock (setup.lock), the GGUF header
+        cache of `ls`";
 
 pub const EXIT_STATUS_HELP: &str = "    0    success; also when the reader of stdout went away
     1    unexpected internal error (a bug)

