@@ -739,9 +739,10 @@ fn build_llama_server(
         reporter.step(&format!("building llama-server with {jobs} jobs (a few minutes; log: {})", log_path.display()));
         let mut build = Command::new(&tools.cmake);
         build.arg("--build").arg(&build_dir).args(["--target", "llama-server", "-j", &jobs.to_string()]);
+        let started = std::time::Instant::now();
         let result = run_logged(build, "building llama-server", log, &log_path, |line| {
             if let Some(percent) = build_percent(line) {
-                reporter.progress(&format!("building llama-server: {percent:3}%"));
+                reporter.progress(&build_progress(percent, started.elapsed()));
             }
         });
         reporter.end_progress();
@@ -776,6 +777,42 @@ fn build_llama_server(
                 log_path.display()
             ),
         }),
+    }
+}
+
+/// The progress line of a build: `building llama-server:  43% (2m10s, about 3m left)`.
+/// The estimate assumes the rest goes at the pace so far; it is left out until the build
+/// is 5% along, when one slow first file would make it wild.
+fn build_progress(percent: u32, elapsed: std::time::Duration) -> String {
+    let elapsed_s = elapsed.as_secs();
+    let estimate = if (5..100).contains(&percent) {
+        let left_s = elapsed_s * u64::from(100 - percent) / u64::from(percent);
+        format!(", about {} left", rough_duration(left_s))
+    } else {
+        String::new()
+    };
+    format!("building llama-server: {percent:3}% ({}{estimate})", exact_duration(elapsed_s))
+}
+
+/// `42s`, `2m10s`, `1h05m`: how long something has taken.
+fn exact_duration(seconds: u64) -> String {
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        _ => format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60),
+    }
+}
+
+/// `40s`, `3m`, `1h05m`: an estimate, to the 10 s under a minute and to the minute above
+/// (rounded up, so "about 1m" never means two).
+fn rough_duration(seconds: u64) -> String {
+    match seconds {
+        0..60 => format!("{}s", seconds.div_ceil(10).max(1) * 10),
+        60..3600 => format!("{}m", seconds.div_ceil(60)),
+        _ => {
+            let minutes = seconds.div_ceil(60);
+            format!("{}h{:02}m", minutes / 60, minutes % 60)
+        }
     }
 }
 
@@ -916,6 +953,7 @@ fn run_logged(
     let writer_err = writer.try_clone().map_err(|e| Error::io("cannot create a pipe", e))?;
     command.stdin(Stdio::null()).stdout(writer).stderr(writer_err);
     let _ = writeln!(log, "$ {command:?}");
+    let started = std::time::Instant::now();
     let mut child = command.spawn().map_err(|e| Error::Setup { message: format!("{what}: cannot start it: {e}") })?;
     // The command holds the pipe's write ends; drop it so the read ends at the child's exit.
     drop(command);
@@ -930,6 +968,13 @@ fn run_logged(
         tail.push(line);
     }
     let status = child.wait().map_err(|e| Error::io(format!("{what}: cannot wait for it"), e))?;
+    // How long each step took, in the log: what the README's set-up time is read from.
+    let _ = writeln!(
+        log,
+        "# {what}: {} after {}",
+        crate::process::describe_status(status),
+        exact_duration(started.elapsed().as_secs())
+    );
     if status.success() {
         return Ok(());
     }
@@ -946,6 +991,23 @@ fn run_logged(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_build_progress_line_has_the_time_so_far_and_an_estimate() {
+        use std::time::Duration;
+        let table = [
+            (43, 130, "building llama-server:  43% (2m10s, about 3m left)"),
+            (3, 20, "building llama-server:   3% (20s)"),
+            (50, 30, "building llama-server:  50% (30s, about 30s left)"),
+            (90, 270, "building llama-server:  90% (4m30s, about 30s left)"),
+            (10, 4000, "building llama-server:  10% (1h06m, about 10h00m left)"),
+            (100, 345, "building llama-server: 100% (5m45s)"),
+            (5, 380, "building llama-server:   5% (6m20s, about 2h01m left)"),
+        ];
+        for (percent, elapsed_s, expected) in table {
+            assert_eq!(build_progress(percent, Duration::from_secs(elapsed_s)), expected);
+        }
+    }
 
     #[test]
     fn reads_build_progress() {

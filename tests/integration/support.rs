@@ -22,6 +22,7 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub llama_server: PathBuf,
     vars: Vec<(String, String)>,
+    removed: Vec<String>,
 }
 
 impl Env {
@@ -40,7 +41,7 @@ impl Env {
         for sub in ["home", "models", "run"] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        Env { dir, llama_server: server.to_path_buf(), vars: Vec::new() }
+        Env { dir, llama_server: server.to_path_buf(), vars: Vec::new(), removed: Vec::new() }
     }
 
     pub fn path(&self, relative: &str) -> PathBuf {
@@ -54,6 +55,11 @@ impl Env {
     /// Sets an environment variable for every command (and so for an autostarted daemon).
     pub fn set(&mut self, name: &str, value: &str) {
         self.vars.push((name.to_string(), value.to_string()));
+    }
+
+    /// Leaves an environment variable out of every command, even one this builder sets.
+    pub fn unset(&mut self, name: &str) {
+        self.removed.push(name.to_string());
     }
 
     pub fn write_config(&self, text: &str) {
@@ -102,6 +108,9 @@ impl Env {
             .stdin(Stdio::null());
         for (name, value) in &self.vars {
             command.env(name, value);
+        }
+        for name in &self.removed {
+            command.env_remove(name);
         }
     }
 
