@@ -98,7 +98,8 @@ fn parse(line: &str) -> Input {
 
 pub fn run(context: &Context, args: ChatArgs) -> Result<()> {
     let model = crate::setup::resolve_on_first_use(context, &args.model, &args.load)?;
-    let sampling = Sampling { max_tokens: args.max_tokens, temperature: args.temperature, ..Sampling::default() };
+    let max_tokens = crate::config::max_tokens(args.max_tokens, &context.config()?);
+    let sampling = Sampling { max_tokens, temperature: args.temperature, ..Sampling::default() };
     session(context, model, args.system, sampling)
 }
 

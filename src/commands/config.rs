@@ -47,7 +47,8 @@ fn flag_or(given: bool, own_env: &str, flag: &str, xdg: Option<&str>) -> String 
 }
 
 pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
-    let config = context.config()?;
+    // A config with a mistake still shows what it sets right; the error comes after it.
+    let (config, config_error) = crate::config::Config::load_what_it_can(&context.paths.config);
     let paths = &context.paths;
     let config_exists = paths.config.exists();
     let from_config = |present: bool, default: &str| -> String {
@@ -169,6 +170,16 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             source: from_config(config.crash_window.is_some(), "default"),
             daemon: None,
         },
+        // Read by `run` and `chat` themselves, so a change applies to the next one.
+        Setting {
+            name: "max_tokens",
+            value: match crate::config::max_tokens(None, &config) {
+                Some(limit) => limit.to_string(),
+                None => "0 (no limit)".into(),
+            },
+            source: from_config(config.max_tokens.is_some(), "default"),
+            daemon: None,
+        },
         // Read by `serve` at each request, so a change applies at once.
         Setting {
             name: "default_model",
@@ -258,6 +269,6 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
     };
     match std::io::stdout().lock().write_all(text.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("cannot write to stdout", e)),
-        _ => Ok(()),
+        _ => config_error.map_or(Ok(()), Err),
     }
 }

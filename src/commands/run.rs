@@ -28,7 +28,7 @@ static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
 
 pub fn run(context: &Context, args: RunArgs) -> Result<()> {
     let sampling = Sampling {
-        max_tokens: args.max_tokens,
+        max_tokens: crate::config::max_tokens(args.max_tokens, &context.config()?),
         temperature: args.temperature,
         top_p: args.top_p,
         top_k: args.top_k,

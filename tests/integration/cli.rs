@@ -122,7 +122,7 @@ fn invalid_values_are_refused_before_anything_starts() {
         vec!["run", "--temperature", "-1", &model, "x"],
         vec!["run", "--top-p", "1.5", &model, "x"],
         vec!["run", "--min-p", "nan", &model, "x"],
-        vec!["run", "-n", "0", &model, "x"],
+        vec!["run", "-n", "-1", &model, "x"],
         vec!["run", "--top-k", "many", &model, "x"],
         vec!["run", "--system", "s", "--raw", &model, "x"],
         vec!["stop"],
@@ -179,6 +179,69 @@ fn aliases_and_bad_config() {
     let output = env.run(&["run", "echo", "hi"]);
     assert_exit(&output, 65);
     assert!(stderr(&output).contains("line 3"), "{}", stderr(&output));
+}
+
+#[test]
+fn a_bad_config_line_is_named_with_its_fix_and_config_shows_the_rest() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    env.write_config(&format!(
+        "queue_depth = 8\nmax_instances = 2\ndefault_ttl = 30m\nmemory_budget = \"lots\"\n\
+         [models.echo]\npath = \"{model}\"\nttl = \"soon\"\n"
+    ));
+    let fix = "line 3: default_ttl = 30m is not valid TOML: durations are strings, write default_ttl = \"30m\"";
+    // Every command names each mistake with its line and what to write.
+    for args in [&["status"][..], &["run", "echo", "hi"][..], &["ls"][..]] {
+        let output = env.run(args);
+        assert_exit(&output, 65);
+        let err = stderr(&output);
+        assert!(err.contains(fix), "{args:?}: {err}");
+        assert!(err.contains("line 4: memory_budget = \"lots\": `lots` is not a size"), "{args:?}: {err}");
+        assert!(err.contains("line 7: models.echo.ttl = \"soon\": `soon` is not a duration"), "{args:?}: {err}");
+    }
+    // `config` prints the settings it could read, then the same errors.
+    let output = env.run(&["config"]);
+    assert_exit(&output, 65);
+    let settings = stdout(&output);
+    for (name, value) in [("queue_depth", "8"), ("max_instances", "2"), ("default_ttl", "never")] {
+        let line = settings.lines().find(|line| line.starts_with(&format!("{name} "))).unwrap_or_default();
+        assert!(line.split_whitespace().nth(1) == Some(value), "{name} {value}: {settings}");
+    }
+    assert!(stderr(&output).contains(fix), "{}", stderr(&output));
+    assert!(!env.socket().exists(), "no daemon starts on a bad config");
+}
+
+#[test]
+fn run_stops_at_a_documented_token_limit_unless_told_otherwise() {
+    let mut env = Env::fake();
+    let record = env.path("requests.jsonl");
+    env.set("FAKE_LLAMA_RECORD", &record.display().to_string());
+    let model = fake_model(&env);
+    // The limit each request carried: `max_tokens` in chat mode, `n_predict` raw.
+    let limits = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&record)
+            .unwrap()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .map(|request| request.get("max_tokens").or(request.get("n_predict")).cloned().unwrap_or_default())
+            .collect()
+    };
+    assert_success(&env.run(&["run", &model, "default"]));
+    assert_success(&env.run(&["run", "--raw", &model, "default raw"]));
+    assert_success(&env.run(&["run", "-n", "0", &model, "no limit"]));
+    assert_success(&env.run(&["run", "-n", "5", &model, "five"]));
+    env.write_config("max_tokens = 64\n");
+    assert_success(&env.run(&["run", &model, "configured"]));
+    env.write_config("max_tokens = 0\n");
+    assert_success(&env.run(&["run", &model, "configured without a limit"]));
+    let none = serde_json::Value::Null;
+    assert_eq!(limits(), [1024.into(), 1024.into(), none.clone(), 5.into(), 64.into(), none]);
+    let output = env.run(&["config"]);
+    let settings = stdout(&output);
+    let line = settings.lines().find(|line| line.starts_with("max_tokens ")).unwrap_or_default();
+    assert!(line.contains(" 0 (no limit)") && line.contains("(config "), "{settings}");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
 }
 
 #[test]
