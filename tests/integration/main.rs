@@ -11,6 +11,7 @@ mod docs;
 mod hardening;
 mod observe;
 mod private;
+mod readme;
 mod real;
 mod remote;
 mod serve;
