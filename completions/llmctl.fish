@@ -55,7 +55,7 @@ complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "chat" -d 'Chat with M
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "setup" -d 'Find or build llama-server and install the demo model'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l system -d 'System message (chat mode)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s n -l max-tokens -d 'Most tokens to generate' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s n -l max-tokens -d 'Most tokens to generate: 1024 unless `max_tokens` in the config says otherwise; 0 for no limit' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l temperature -d 'Sampling temperature, 0 for greedy' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l top-p -d 'Nucleus sampling threshold, in [0, 1]' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l top-k -d 'Sample from the K most likely tokens (0 disables)' -r
@@ -228,7 +228,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -s v -l verbose -d 'Mo
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l system -d 'System message for the conversation (`/system TEXT` changes it)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l temperature -d 'Sampling temperature, 0 for greedy (`/set temperature X` changes it)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -s n -l max-tokens -d 'Most tokens in one answer' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -s n -l max-tokens -d 'Most tokens in one answer: 1024 unless `max_tokens` in the config says otherwise; 0 for no limit (`/set parameter num_predict N` changes it)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r

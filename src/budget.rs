@@ -167,7 +167,8 @@ pub fn parse_size(text: &str, total: u64) -> Result<u64, String> {
     }
     let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().map_err(|_| format!("`{text}` is not a size"))?;
+    let number: f64 =
+        number.parse().map_err(|_| format!("`{text}` is not a size (write bytes, \"12GiB\" or \"75%\")"))?;
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,

@@ -15,7 +15,9 @@ pub const HELP_SECTIONS: [(&str, &str); 4] = [
 ];
 
 pub const CONFIGURATION_HELP: &str = "\
-The config file is TOML; every key is optional and an unknown key is an error (exit 65).
+The config file is TOML; every key is optional. An unknown key, a wrong type or a bad
+value is an error (exit 65) that names its line and what to write instead; strings,
+durations (\"30m\") and sizes (\"12GiB\") are in quotes.
 `llmctl config` prints the effective settings and where each came from; `llmctl reload`
 makes a running daemon read the file again.
 
@@ -30,6 +32,7 @@ Top-level keys:
     token_timeout    seconds without a token before a generation fails with 124 (300)
     crash_limit      failures within crash_window seconds after which a model is not
     crash_window     restarted until `llmctl stop MODEL` (3 within 60)
+    max_tokens       the most tokens `run` and `chat` generate without -n (1024; 0: no limit)
     default_model    the model `serve` answers with when a request names none it knows
     cors_origins     web origins allowed to call `serve`, or [\"*\"]; default: this machine
     listen           addresses the daemon serves `serve`'s API on from its start
@@ -82,7 +85,8 @@ pub const FILES_HELP: &str = "    $XDG_RUNTIME_DIR/llmctl/llmctl.sock, else /run
     $XDG_DATA_HOME/llmctl, else ~/.local/share/llmctl
         the installed llama-server, the demo model and pulled models (models/)
     $XDG_CACHE_HOME/llmctl, else ~/.cache/llmctl
-        setup downloads and build tree, the GGUF header cache of `ls`";
+        setup downloads and build tree, the set-up lock (setup.lock), the GGUF header
+        cache of `ls`";
 
 pub const EXIT_STATUS_HELP: &str = "    0    success; also when the reader of stdout went away
     1    unexpected internal error (a bug)
@@ -245,8 +249,9 @@ pub struct RunArgs {
     /// Do not read stdin even when it is not a terminal
     #[arg(long)]
     pub no_stdin: bool,
-    /// Most tokens to generate
-    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Most tokens to generate: 1024 unless `max_tokens` in the config says otherwise; 0 for
+    /// no limit
+    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::config::MAX_TOKENS)))]
     pub max_tokens: Option<u32>,
     /// Sampling temperature, 0 for greedy
     #[arg(long, value_name = "T", value_parser = parse_non_negative)]
@@ -415,8 +420,9 @@ pub struct ChatArgs {
     /// Sampling temperature, 0 for greedy (`/set temperature X` changes it)
     #[arg(long, value_name = "T", value_parser = parse_non_negative)]
     pub temperature: Option<f32>,
-    /// Most tokens in one answer
-    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Most tokens in one answer: 1024 unless `max_tokens` in the config says otherwise; 0 for
+    /// no limit (`/set parameter num_predict N` changes it)
+    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::config::MAX_TOKENS)))]
     pub max_tokens: Option<u32>,
     #[command(flatten)]
     pub load: LoadArgs,

@@ -25,11 +25,26 @@ pub const MAX_GPU_LAYERS: u32 = 1000;
 pub const MAX_QUEUE_DEPTH: usize = 1 << 20;
 /// Ten years: the longest timeout or TTL, so seconds never overflow a clock.
 pub const MAX_SECONDS: u64 = 10 * 365 * 86400;
+/// The most tokens `run` and `chat` generate unless told otherwise. Without a limit
+/// llama-server generates until the model stops or the context is full, and a small model
+/// may never stop (the demo model was still writing a commit message after 120 s). 1024
+/// tokens is a long answer (about 750 English words, or a page of code) and takes about 10 s
+/// at the demo model's 100 tokens/s on two cores. `-n 0` or `max_tokens = 0` lifts it.
+pub const DEFAULT_MAX_TOKENS: u32 = 1024;
+/// The largest token limit taken: as many tokens as the largest context.
+pub const MAX_TOKENS: u32 = MAX_CTX_SIZE;
 
-/// Refuses a number outside `min..=max`, naming the key and the range.
-fn check_range(key: &str, value: Option<u64>, min: u64, max: u64) -> Result<(), String> {
+/// The token limit of a generation: `-n` if given, else `max_tokens` from the config,
+/// else [`DEFAULT_MAX_TOKENS`]; 0 means none.
+pub fn max_tokens(flag: Option<u32>, config: &Config) -> Option<u32> {
+    let limit = flag.or(config.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
+    (limit > 0).then_some(limit)
+}
+
+/// Refuses a number outside `min..=max`, naming the range.
+fn check_range(value: Option<u64>, min: u64, max: u64) -> Result<(), String> {
     match value {
-        Some(value) if value < min || value > max => Err(format!("{key} = {value} is outside {min}..={max}")),
+        Some(value) if value < min || value > max => Err(format!("is outside {min}..={max}")),
         _ => Ok(()),
     }
 }
@@ -57,6 +72,8 @@ pub struct Config {
     /// Unload an instance after this long without a request, unless its model says
     /// otherwise: "30m", "2h", "never" (the default).
     pub default_ttl: Option<String>,
+    /// The most tokens `run` and `chat` generate unless `-n` says otherwise; 0 for no limit.
+    pub max_tokens: Option<u32>,
     /// The model `serve` answers with when a request names none, or one llmctl does not
     /// know (clients often send a fixed name such as "gpt-4o-mini").
     pub default_model: Option<String>,
@@ -116,76 +133,293 @@ pub struct ModelConfig {
 }
 
 impl Config {
-    /// Reads the config at `path`; a missing file is an empty config.
+    /// Reads the config at `path`; a missing file is an empty config. Every error names its
+    /// line, the key and what to write instead.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = match fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
-            Err(e) => return Err(Error::BadConfig { path: path.to_path_buf(), reason: e.to_string() }),
-        };
-        Config::parse(&text).map_err(|reason| Error::BadConfig { path: path.to_path_buf(), reason })
+        match Config::load_what_it_can(path) {
+            (config, None) => Ok(config),
+            (_, Some(error)) => Err(error),
+        }
     }
 
-    pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
-        // Every number is checked where it enters, against what llama-server and the daemon
-        // can really use: a zero timeout would make every load hang, an overflow would wrap.
-        let limits: [(&str, Option<u64>, u64, u64); 6] = [
-            ("queue_depth", config.queue_depth.map(|v| v as u64), 1, MAX_QUEUE_DEPTH as u64),
-            ("load_timeout", config.load_timeout, 1, MAX_SECONDS),
-            ("token_timeout", config.token_timeout, 1, MAX_SECONDS),
-            ("crash_limit", config.crash_limit.map(|v| v as u64), 1, 1000),
-            ("crash_window", config.crash_window, 1, MAX_SECONDS),
-            ("max_instances", config.max_instances.map(|v| v as u64), 1, 1024),
-        ];
-        for (key, value, min, max) in limits {
-            check_range(key, value, min, max)?;
-        }
-        for (name, model) in &config.models {
-            check_range(&format!("models.{name}.parallel"), model.parallel.map(u64::from), 1, MAX_PARALLEL.into())?;
-            check_range(&format!("models.{name}.ctx_size"), model.ctx_size.map(u64::from), 16, MAX_CTX_SIZE.into())?;
-            check_range(
-                &format!("models.{name}.gpu_layers"),
-                model.gpu_layers.map(u64::from),
-                0,
-                MAX_GPU_LAYERS.into(),
-            )?;
-            check_range(
-                &format!("models.{name}.max_queued"),
-                model.max_queued.map(u64::from),
-                1,
-                MAX_QUEUE_DEPTH as u64,
-            )?;
-            let remote = model.url.is_some() || !model.urls.is_empty();
-            if remote == model.path.is_some() {
-                return Err(format!("models.{name} needs exactly one of `path` and `url`/`urls`"));
+    /// The settings of the config at `path` that can be read, and the error about the rest:
+    /// for `llmctl config`, which shows what it can even when one line is wrong.
+    pub fn load_what_it_can(path: &Path) -> (Config, Option<Error>) {
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Config::default(), None),
+            Err(e) => {
+                return (Config::default(), Some(Error::BadConfig { path: path.to_path_buf(), reason: e.to_string() }))
             }
-            for url in model.url.iter().chain(&model.urls) {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(format!("models.{name}: `{url}` is not an http:// or https:// URL"));
+        };
+        let (config, errors) = Config::parse_what_it_can(&text);
+        let error =
+            (!errors.is_empty()).then(|| Error::BadConfig { path: path.to_path_buf(), reason: errors.join("\n  ") });
+        (config, error)
+    }
+
+    /// Parses a whole config; the error lists every problem found, one per line.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        match Config::parse_what_it_can(text) {
+            (config, errors) if errors.is_empty() => Ok(config),
+            (_, errors) => Err(errors.join("\n  ")),
+        }
+    }
+
+    /// Parses `text`, leaving out what is wrong: each error's lines are blanked (the line
+    /// of a bad key, or the whole table of a bad model) and the rest parsed again, so the
+    /// settings that are right are still read and every error is found, not only the first.
+    pub fn parse_what_it_can(text: &str) -> (Config, Vec<String>) {
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let mut errors: Vec<(Option<usize>, String)> = Vec::new();
+        // Each round blanks at least one line, so this ends; the bound is for safety.
+        for _ in 0..=lines.len() {
+            let attempt = lines.join("\n");
+            match parse_once(&attempt) {
+                Ok(config) => return (config, in_line_order(errors)),
+                Err(error) => {
+                    errors.push((error.lines.as_ref().map(|range| range.start), error.message));
+                    let Some(range) = error.lines.filter(|range| range.start < lines.len()) else {
+                        break;
+                    };
+                    let range = range.start..range.end.min(lines.len());
+                    // Nothing left to blank: the error does not go away by leaving lines out.
+                    if lines[range.clone()].iter().all(|line| line.trim().is_empty()) {
+                        break;
+                    }
+                    for line in &mut lines[range] {
+                        line.clear();
+                    }
                 }
             }
-            if let Some(ttl) = &model.ttl {
-                parse_ttl(ttl).map_err(|e| format!("models.{name}.ttl: {e}"))?;
-            }
         }
-        if let Some(ttl) = &config.default_ttl {
-            parse_ttl(ttl).map_err(|e| format!("default_ttl: {e}"))?;
+        (Config::default(), in_line_order(errors))
+    }
+}
+
+/// Error messages in the order of their lines (those without a line last), as found.
+fn in_line_order(mut errors: Vec<(Option<usize>, String)>) -> Vec<String> {
+    errors.sort_by_key(|(line, _)| line.unwrap_or(usize::MAX));
+    errors.into_iter().map(|(_, message)| message).collect()
+}
+
+/// One problem of a config file: the message (which names its line when it has one), and
+/// the lines to leave out to read the rest (0-based, end excluded).
+struct ParseError {
+    message: String,
+    lines: Option<std::ops::Range<usize>>,
+}
+
+/// Keys whose values are durations or sizes in strings: what a fix for an unquoted value says.
+const DURATION_KEYS: [&str; 2] = ["default_ttl", "ttl"];
+const SIZE_KEYS: [&str; 2] = ["memory_budget", "vram_budget"];
+
+fn parse_once(text: &str) -> Result<Config, ParseError> {
+    let config: Config = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
+    // Every value is checked where it enters, against what llama-server and the daemon can
+    // really use (a zero timeout would make every load hang, an overflow would wrap), and
+    // every error names the line of its key.
+    // A problem that reads on from the value ("is outside 1..=256") follows it; any other
+    // ("`soon` is not a duration") comes after a colon.
+    let at_key = |key: &str, problem: String| -> ParseError {
+        let line = find_key(text, key);
+        let shown = line.map_or_else(|| key.to_string(), |n| key_and_value(text, n, key));
+        let separator = if problem.starts_with("is ") { " " } else { ": " };
+        ParseError {
+            message: match line {
+                Some(n) => format!("line {}: {shown}{separator}{problem}", n + 1),
+                None => format!("{shown}{separator}{problem}"),
+            },
+            lines: line.map(|n| n..n + 1),
         }
-        for origin in config.cors_origins.iter().flatten() {
-            let well_formed = origin == "*"
-                || ((origin.starts_with("http://") || origin.starts_with("https://"))
-                    && !origin.trim_start_matches("https://").trim_start_matches("http://").contains('/'));
-            if !well_formed {
-                return Err(format!("cors_origins: `{origin}` is not \"*\" nor an origin like http://host:8080"));
-            }
+    };
+    let at_table = |table: &str, problem: String| -> ParseError {
+        let range = find_table(text, table);
+        ParseError {
+            message: match &range {
+                Some(range) => format!("line {}: [{table}] {problem}", range.start + 1),
+                None => format!("[{table}] {problem}"),
+            },
+            lines: range,
         }
-        for (key, value) in [("memory_budget", &config.memory_budget), ("vram_budget", &config.vram_budget)] {
-            if let Some(value) = value {
-                crate::budget::parse_size(value, 100).map_err(|e| format!("{key}: {e}"))?;
-            }
+    };
+    let limits: [(&str, Option<u64>, u64, u64); 7] = [
+        ("queue_depth", config.queue_depth.map(|v| v as u64), 1, MAX_QUEUE_DEPTH as u64),
+        ("load_timeout", config.load_timeout, 1, MAX_SECONDS),
+        ("token_timeout", config.token_timeout, 1, MAX_SECONDS),
+        ("crash_limit", config.crash_limit.map(|v| v as u64), 1, 1000),
+        ("crash_window", config.crash_window, 1, MAX_SECONDS),
+        ("max_instances", config.max_instances.map(|v| v as u64), 1, 1024),
+        ("max_tokens", config.max_tokens.map(u64::from), 0, MAX_TOKENS.into()),
+    ];
+    for (key, value, min, max) in limits {
+        check_range(value, min, max).map_err(|problem| at_key(key, problem))?;
+    }
+    for (name, model) in &config.models {
+        let key = |field: &str| format!("models.{name}.{field}");
+        let model_limits: [(&str, Option<u64>, u64, u64); 4] = [
+            ("parallel", model.parallel.map(u64::from), 1, MAX_PARALLEL.into()),
+            ("ctx_size", model.ctx_size.map(u64::from), 16, MAX_CTX_SIZE.into()),
+            ("gpu_layers", model.gpu_layers.map(u64::from), 0, MAX_GPU_LAYERS.into()),
+            ("max_queued", model.max_queued.map(u64::from), 1, MAX_QUEUE_DEPTH as u64),
+        ];
+        for (field, value, min, max) in model_limits {
+            check_range(value, min, max).map_err(|problem| at_key(&key(field), problem))?;
         }
-        Ok(config)
+        let remote = model.url.is_some() || !model.urls.is_empty();
+        if remote == model.path.is_some() {
+            return Err(at_table(
+                &format!("models.{name}"),
+                "needs exactly one of `path` (a model file) and `url`/`urls` (servers that already run)".into(),
+            ));
+        }
+        if let Some(url) = &model.url {
+            check_url(url).map_err(|problem| at_key(&key("url"), problem))?;
+        }
+        for url in &model.urls {
+            check_url(url).map_err(|problem| at_key(&key("urls"), problem))?;
+        }
+        if let Some(ttl) = &model.ttl {
+            parse_ttl(ttl).map_err(|problem| at_key(&key("ttl"), problem))?;
+        }
+    }
+    if let Some(ttl) = &config.default_ttl {
+        parse_ttl(ttl).map_err(|problem| at_key("default_ttl", problem))?;
+    }
+    for origin in config.cors_origins.iter().flatten() {
+        let well_formed = origin == "*"
+            || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                && !origin.trim_start_matches("https://").trim_start_matches("http://").contains('/'));
+        if !well_formed {
+            return Err(at_key("cors_origins", format!("`{origin}` is not \"*\" nor an origin like http://host:8080")));
+        }
+    }
+    for (key, value) in [("memory_budget", &config.memory_budget), ("vram_budget", &config.vram_budget)] {
+        if let Some(value) = value {
+            crate::budget::parse_size(value, 100).map_err(|problem| at_key(key, problem))?;
+        }
+    }
+    Ok(config)
+}
+
+fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(format!("`{url}` is not an http:// or https:// URL"))
+    }
+}
+
+/// The name of the table a `[header]` line opens, quotes and spaces aside; none for
+/// another line.
+fn table_header(line: &str) -> Option<String> {
+    let inside = line.trim().strip_prefix('[')?.split(']').next()?;
+    Some(inside.chars().filter(|c| *c != '"' && *c != '\'' && !c.is_whitespace()).collect())
+}
+
+/// The key a `key = value` line sets, with its table: `models.coder.ttl` for `ttl = ...`
+/// under `[models.coder]`.
+fn full_key(table: &str, line: &str) -> Option<String> {
+    let (key, _) = line.split_once('=')?;
+    let key: String = key.chars().filter(|c| *c != '"' && *c != '\'' && !c.is_whitespace()).collect();
+    if key.is_empty() || key.starts_with('#') || key.starts_with('[') {
+        return None;
+    }
+    Some(if table.is_empty() { key } else { format!("{table}.{key}") })
+}
+
+/// The 0-based line that sets `key` (dotted, as `models.coder.ttl`).
+fn find_key(text: &str, key: &str) -> Option<usize> {
+    let mut table = String::new();
+    for (number, line) in text.lines().enumerate() {
+        if let Some(header) = table_header(line) {
+            table = header;
+        } else if full_key(&table, line).as_deref() == Some(key) {
+            return Some(number);
+        }
+    }
+    None
+}
+
+/// The 0-based lines of `[table]`: its header to the line before the next header.
+fn find_table(text: &str, table: &str) -> Option<std::ops::Range<usize>> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|line| table_header(line).as_deref() == Some(table))?;
+    let end =
+        lines[start + 1..].iter().position(|line| table_header(line).is_some()).map_or(lines.len(), |n| start + 1 + n);
+    Some(start..end)
+}
+
+/// `default_ttl = "soon"` (or `models.coder.ttl = "soon"` for a key of a table), with the
+/// value as the file has it on line `number` (0-based), comment aside.
+fn key_and_value(text: &str, number: usize, key: &str) -> String {
+    let line = text.lines().nth(number).unwrap_or_default();
+    let value = line.split_once('=').map_or("", |(_, value)| value).trim();
+    format!("{key} = {}", without_comment(value))
+}
+
+/// A value with a trailing `# comment` taken off, unless the `#` is inside quotes.
+fn without_comment(value: &str) -> &str {
+    let mut quote = None;
+    for (index, c) in value.char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(open), c) if c == open => quote = None,
+            (None, '#') => return value[..index].trim_end(),
+            _ => {}
+        }
+    }
+    value.trim_end()
+}
+
+/// toml's own message names no key and spans several lines with a caret: lead with the
+/// line, and for the mistakes people make (an unquoted duration, size or word, a
+/// misspelled key) say what to write.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> ParseError {
+    let message = error.message().trim_end().to_string();
+    let Some(span) = error.span() else {
+        return ParseError { message, lines: None };
+    };
+    let number = text[..span.start.min(text.len())].matches('\n').count();
+    let line = text.lines().nth(number).unwrap_or_default();
+    let lines = Some(number..number + 1);
+    let prefix = format!("line {}", number + 1);
+    if let Some(field) = message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()) {
+        let known = message.split("expected one of ").nth(1).unwrap_or_default();
+        let known: Vec<&str> = known.split(", ").map(|name| name.trim_matches('`')).collect();
+        let suggestion = match crate::catalog::closest(field, known.iter().copied()).first() {
+            Some(name) => format!("; did you mean `{name}`?"),
+            None => "; `llmctl --help` lists the keys".into(),
+        };
+        return ParseError { message: format!("{prefix}: unknown key `{field}`{suggestion}"), lines };
+    }
+    if let Some((key, value)) = line.split_once('=') {
+        let key = key.trim();
+        let value = without_comment(value.trim());
+        let bare = !value.is_empty() && !value.starts_with(['"', '\'', '[', '{']);
+        if bare && !key.is_empty() && !key.contains(char::is_whitespace) {
+            let short_key = key.rsplit('.').next().unwrap_or(key);
+            let kind = if DURATION_KEYS.contains(&short_key) {
+                "durations are strings"
+            } else if SIZE_KEYS.contains(&short_key) {
+                "sizes are strings"
+            } else {
+                "text is written in quotes"
+            };
+            let fixed = format!("{key} = \"{}\"", value.replace('"', "\\\""));
+            return ParseError {
+                message: format!("{prefix}: {key} = {value} is not valid TOML: {kind}, write {fixed}"),
+                lines,
+            };
+        }
+    }
+    let first = message.lines().next().unwrap_or_default();
+    match line.split_once('=') {
+        Some((key, value)) => {
+            let key = key.trim();
+            ParseError { message: format!("{prefix}: {key} = {}: {first}", without_comment(value.trim())), lines }
+        }
+        None => ParseError { message: format!("{prefix}: {first}"), lines },
     }
 }
 
@@ -219,18 +453,6 @@ pub fn parse_ttl(text: &str) -> Result<Ttl, String> {
     }
 }
 
-/// toml's own message spans several lines with a caret; keep it, but lead with the line.
-fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim_end().to_string();
-    match error.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {message}")
-        }
-        None => message,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,21 +482,75 @@ mod tests {
     }
 
     #[test]
+    fn what_can_be_read_is_read_and_every_error_is_named() {
+        let text = "queue_depth = 8\ndefault_ttl = 30m\nmax_instances = 2\nmemory_budget = \"lots\"\n\
+                    [models.bad]\nctx_size = 512\n[models.good]\npath = \"/m/good.gguf\"\n";
+        let (config, errors) = Config::parse_what_it_can(text);
+        assert_eq!(config.queue_depth, Some(8));
+        assert_eq!(config.max_instances, Some(2));
+        assert_eq!(config.default_ttl, None);
+        assert_eq!(config.memory_budget, None);
+        assert_eq!(config.models.keys().collect::<Vec<_>>(), ["good"]);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].starts_with("line 2: default_ttl = 30m"), "{errors:?}");
+        assert!(errors.iter().any(|e| e.starts_with("line 4: memory_budget")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.starts_with("line 5: [models.bad]")), "{errors:?}");
+        assert!(Config::parse(text).unwrap_err().contains("line 2: default_ttl = 30m is not valid TOML"));
+    }
+
+    #[test]
+    fn the_token_limit_comes_from_the_flag_the_config_or_the_default() {
+        let none = Config::default();
+        let configured = Config { max_tokens: Some(64), ..Config::default() };
+        let unlimited = Config { max_tokens: Some(0), ..Config::default() };
+        assert_eq!(max_tokens(None, &none), Some(DEFAULT_MAX_TOKENS));
+        assert_eq!(max_tokens(None, &configured), Some(64));
+        assert_eq!(max_tokens(Some(8), &configured), Some(8));
+        assert_eq!(max_tokens(Some(0), &none), None, "-n 0 is no limit");
+        assert_eq!(max_tokens(None, &unlimited), None);
+        assert_eq!(max_tokens(Some(16), &unlimited), Some(16));
+    }
+
+    #[test]
     fn errors_name_the_line() {
         let table = [
             ("queue_depth = 8\nqueue_dept = 9\n", "line 2"),
             ("[models.a]\npath = \"/x\"\nctx_size = \"big\"\n", "line 3"),
             ("[models.a]\nctx_size = 512\n", "path"),
-            ("queue_depth = 0\n", "queue_depth = 0 is outside 1..="),
+            ("queue_depth = 0\n", "line 1: queue_depth = 0 is outside 1..="),
             ("token_timeout = 0\n", "token_timeout = 0 is outside"),
             ("load_timeout = 0\n", "load_timeout = 0 is outside"),
             ("crash_limit = 0\n", "crash_limit = 0 is outside"),
             ("max_instances = 0\n", "max_instances = 0 is outside"),
-            ("[models.a]\npath = \"/x\"\nparallel = 100000\n", "models.a.parallel = 100000 is outside 1..=256"),
-            ("[models.a]\npath = \"/x\"\ngpu_layers = 4294967295\n", "models.a.gpu_layers"),
+            ("[models.a]\npath = \"/x\"\nparallel = 100000\n", "line 3: models.a.parallel = 100000 is outside 1..=256"),
+            ("[models.a]\npath = \"/x\"\ngpu_layers = 4294967295\n", "line 3: models.a.gpu_layers"),
             ("default_ttl = \"18446744073709551615s\"\n", "longer than ten years"),
             ("default_ttl = \"999999999999d\"\n", "longer than ten years"),
-            ("[models.a]\npath = \"/x\"\nmax_queued = 0\n", "models.a.max_queued = 0 is outside 1..="),
+            ("[models.a]\npath = \"/x\"\nmax_queued = 0\n", "line 3: models.a.max_queued = 0 is outside 1..="),
+            (
+                "queue_depth = 8\nmax_instances = 2\ndefault_ttl = 30m\n",
+                "line 3: default_ttl = 30m is not valid TOML: durations are strings, write default_ttl = \"30m\"",
+            ),
+            (
+                "memory_budget = 12GiB   # most of it\n",
+                "line 1: memory_budget = 12GiB is not valid TOML: sizes are strings, write memory_budget = \"12GiB\"",
+            ),
+            (
+                "[models.a]\npath = /m/a.gguf\n",
+                "line 2: path = /m/a.gguf is not valid TOML: text is written in quotes, write path = \"/m/a.gguf\"",
+            ),
+            ("queue_depth = 8\nmemory_budget = \"lots\"\n", "line 2: memory_budget = \"lots\": `lots` is not a size"),
+            (
+                "[models.a]\npath = \"/x\"\nttl = \"soon\"  # not yet\n",
+                "line 3: models.a.ttl = \"soon\": `soon` is not a duration",
+            ),
+            ("queue_dept = 9\n", "line 1: unknown key `queue_dept`; did you mean `queue_depth`?"),
+            ("queue_depth = \"8\"\n", "line 1: queue_depth = \"8\": invalid type"),
+            (
+                "[models.b]\nurl = \"http://x\"\n[models.a]\nctx_size = 512\n",
+                "line 3: [models.a] needs exactly one of `path`",
+            ),
+            ("max_tokens = 99999999999\n", "line 1: max_tokens = 99999999999"),
         ];
         for (text, expected) in table {
             let error = Config::parse(text).unwrap_err();

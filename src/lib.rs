@@ -19,7 +19,8 @@
 //! - `process`: the one owner of child processes and signals; `process/launcher` the thread
 //!   that forks them.
 //! - `events`: state changes for `llmctl events`.
-//! - `setup`: llama-server built for this machine's accelerator, and the demo model.
+//! - `setup`: llama-server built for this machine's accelerator, and the demo model;
+//!   `llama_server`: finding the binary and asking its version, with a deadline.
 //! - `model`, `gguf`, `config`, `paths`, `error`: resolution of names, file checks,
 //!   settings, locations and the exit-status table.
 //! - `catalog`: every model llmctl can run (`ls`, completion, "did you mean"), with a cache
@@ -62,6 +63,7 @@ pub mod http;
 pub mod hub;
 pub mod instance;
 pub mod library;
+pub mod llama_server;
 pub mod memory;
 pub mod model;
 pub mod paths;
@@ -130,10 +132,13 @@ fn print_llama_server() {
     let paths = paths::Paths::resolve(None, None);
     let explicit = std::env::var_os("LLMCTL_LLAMA_SERVER").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
     let configured = config::Config::load(&paths.config).ok().and_then(|config| config.llama_server);
-    println!("llama-server: {}", setup::describe_llama_server(&paths, explicit.as_deref(), configured.as_deref()));
+    println!(
+        "llama-server: {}",
+        llama_server::describe_llama_server(&paths, explicit.as_deref(), configured.as_deref())
+    );
     let cpu_build = explicit.is_none()
         && configured.is_none()
-        && setup::installed_backend(&paths).is_none_or(|backend| !backend.is_gpu());
+        && llama_server::installed_backend(&paths).is_none_or(|backend| !backend.is_gpu());
     if cpu_build && setup::Probes::of_this_machine().has_nvidia_gpu() {
         println!(
             "warning: this machine has an NVIDIA GPU but llama-server is a CPU build; `llmctl setup --backend cuda` \

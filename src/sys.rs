@@ -73,6 +73,24 @@ pub fn try_lock_shared(file: &File) -> io::Result<bool> {
     }
 }
 
+/// Takes an exclusive advisory lock on `file`, waiting as long as another process holds
+/// it. The lock lasts as long as the file stays open, and the kernel drops it when its
+/// holder dies, however it dies.
+pub fn lock_exclusive(file: &File) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on a descriptor we own for the duration of the call.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        // A signal handler that returns (Ctrl-C in a foreground command) interrupts the wait.
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
 /// Shuts down both directions of a socket by raw descriptor, from a signal handler or
 /// another thread, so a blocked read returns at once.
 pub fn shutdown_socket(fd: RawFd) {

@@ -226,45 +226,6 @@ pub(crate) fn parse_listening_port(line: &str) -> Option<u16> {
     address.rsplit(':').next()?.trim_end_matches('/').parse().ok()
 }
 
-/// Where llmctl looked for llama-server, for the error message when it is nowhere.
-pub(crate) fn find_binary(
-    explicit: Option<&Path>,
-    configured: Option<&Path>,
-    installed: &Path,
-) -> Result<PathBuf, String> {
-    let mut searched = Vec::new();
-    // A path the user named is the one they mean: say what is wrong with it rather than
-    // quietly running another llama-server.
-    for candidate in [explicit, configured].into_iter().flatten() {
-        if is_executable(candidate) {
-            return Ok(candidate.to_path_buf());
-        }
-        if candidate.is_file() {
-            return Err(format!("{} (not executable)", candidate.display()));
-        }
-        searched.push(format!("{} (missing)", candidate.display()));
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join("llama-server");
-            if is_executable(&candidate) {
-                return Ok(candidate);
-            }
-        }
-        searched.push("PATH".to_string());
-    }
-    if is_executable(installed) {
-        return Ok(installed.to_path_buf());
-    }
-    searched.push(installed.display().to_string());
-    Err(searched.join(", "))
-}
-
-pub(crate) fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

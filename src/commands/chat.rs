@@ -97,9 +97,9 @@ fn parse(line: &str) -> Input {
 }
 
 pub fn run(context: &Context, args: ChatArgs) -> Result<()> {
-    crate::setup::on_first_use(context, Some(&args.model))?;
-    let model = context.resolve_model(&args.model, &args.load.overrides())?;
-    let sampling = Sampling { max_tokens: args.max_tokens, temperature: args.temperature, ..Sampling::default() };
+    let model = crate::setup::resolve_on_first_use(context, &args.model, &args.load.overrides())?;
+    let max_tokens = crate::config::max_tokens(args.max_tokens, &*context.config()?);
+    let sampling = Sampling { max_tokens, temperature: args.temperature, ..Sampling::default() };
     session(context, model, args.system, sampling)
 }
 

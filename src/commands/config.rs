@@ -6,7 +6,6 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::backend::local as llama;
 use crate::cli::ConfigArgs;
 use crate::config::DEFAULT_QUEUE_DEPTH;
 use crate::context::Context;
@@ -48,7 +47,8 @@ fn flag_or(given: bool, own_env: &str, flag: &str, xdg: Option<&str>) -> String 
 }
 
 pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
-    let config = context.config()?;
+    // A config with a mistake still shows what it sets right; the error comes after it.
+    let (config, config_error) = crate::config::Config::load_what_it_can(&context.paths.config);
     let paths = &context.paths;
     let config_exists = paths.config.exists();
     let from_config = |present: bool, default: &str| -> String {
@@ -98,7 +98,7 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
         }
         (Some(path), _) => (path.display().to_string(), "flag --llama-server".to_string()),
         (None, Some(path)) => (path.display().to_string(), from_config(true, "")),
-        (None, None) => match llama::find_binary(None, None, &installed) {
+        (None, None) => match crate::llama_server::find_binary(None, None, &installed) {
             Ok(path) if path == installed => (path.display().to_string(), "installed by llmctl setup".into()),
             Ok(path) => (path.display().to_string(), "PATH".into()),
             Err(_) => ("(none found; run llmctl setup)".into(), "-".into()),
@@ -168,6 +168,16 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             name: "crash_window",
             value: format!("{}s", config.crash_window.unwrap_or(60)),
             source: from_config(config.crash_window.is_some(), "default"),
+            daemon: None,
+        },
+        // Read by `run` and `chat` themselves, so a change applies to the next one.
+        Setting {
+            name: "max_tokens",
+            value: match crate::config::max_tokens(None, &config) {
+                Some(limit) => limit.to_string(),
+                None => "0 (no limit)".into(),
+            },
+            source: from_config(config.max_tokens.is_some(), "default"),
             daemon: None,
         },
         // Read by `serve` at each request, so a change applies at once.
@@ -259,6 +269,6 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
     };
     match std::io::stdout().lock().write_all(text.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("cannot write to stdout", e)),
-        _ => Ok(()),
+        _ => config_error.map_or(Ok(()), Err),
     }
 }

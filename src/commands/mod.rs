@@ -36,7 +36,12 @@ pub fn suggest_names(context: &Context, error: Error) -> Error {
     let pullable = !name.ends_with(".gguf") && crate::library::RepoName::parse(&name).is_ok();
     let config = context.config().unwrap_or_default();
     let known = crate::catalog::known(&config, &context.paths);
-    let suggestions = crate::catalog::closest(&name, known.iter().map(|model| model.name.as_str()));
+    let mut names: Vec<&str> = known.iter().map(|model| model.name.as_str()).collect();
+    // `demo` runs even before it is installed (first use installs it), so it is offered too.
+    if !names.contains(&crate::model::DEMO_ALIAS) {
+        names.push(crate::model::DEMO_ALIAS);
+    }
+    let suggestions = crate::catalog::closest(&name, names);
     if suggestions.is_empty() && !pullable {
         return error;
     }

@@ -21,11 +21,8 @@ use crate::error::{Error, Result};
 use crate::protocol::{Done, Mode, Request, RunRequest, Sampling, Usage};
 
 pub fn run(context: &Context, args: RunArgs) -> Result<()> {
-    crate::setup::on_first_use(context, Some(&args.model))?;
-    let model = context.resolve_model(&args.model, &args.load.overrides())?;
-    let stdin = io::stdin();
     let sampling = Sampling {
-        max_tokens: args.max_tokens,
+        max_tokens: crate::config::max_tokens(args.max_tokens, &*context.config()?),
         temperature: args.temperature,
         top_p: args.top_p,
         top_k: args.top_k,
@@ -36,6 +33,9 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
         json_schema: args.json_schema.as_deref().map(read_schema).transpose()?,
         grammar: args.grammar.as_deref().map(read_grammar).transpose()?,
     };
+    // What the user typed (model, schema, grammar) is checked before a first use sets up.
+    let model = crate::setup::resolve_on_first_use(context, &args.model, &args.load.overrides())?;
+    let stdin = io::stdin();
     // No prompt, typed at a terminal: a conversation, as `llmctl chat`.
     if args.prompt.is_empty() && !args.raw && !args.json && !args.no_stdin && stdin.is_terminal() {
         return super::chat::session(context, model, args.system.clone(), sampling);

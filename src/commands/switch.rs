@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::protocol::Request;
 
 pub fn run(context: &Context, args: SwitchArgs) -> Result<()> {
-    let model = context.resolve_model(&args.model, &args.load.overrides())?;
+    let model = crate::setup::resolve_on_first_use(context, &args.model, &args.load.overrides())?;
     let mut connection = crate::client::connect_for(context, &model)?;
     connection.set_reply_timeout(Some(context.generation_timeout()))?;
     connection.call(&Request::Switch { model, wait: args.wait, exclusive: args.exclusive })?;

@@ -122,7 +122,7 @@ pub fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
         scheduler: room_tx,
         events: EventBus::default(),
         gpu: Gpu::default(),
-        llama_server: Box::new(move || crate::backend::local::find_binary(configured.as_deref(), None, &installed)),
+        llama_server: Box::new(move || crate::llama_server::find_binary(configured.as_deref(), None, &installed)),
         mark_prefix: format!(
             "{}-{}",
             std::process::id(),

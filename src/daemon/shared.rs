@@ -117,7 +117,8 @@ impl Shared {
     }
 
     pub(crate) fn describe_llama_server(&self) {
-        let description = crate::setup::describe_llama_server(&self.paths, self.settings.llama_server.as_deref(), None);
+        let description =
+            crate::llama_server::describe_llama_server(&self.paths, self.settings.llama_server.as_deref(), None);
         *self.llama_server.write() = description;
     }
 

@@ -122,7 +122,7 @@ fn invalid_values_are_refused_before_anything_starts() {
         vec!["run", "--temperature", "-1", &model, "x"],
         vec!["run", "--top-p", "1.5", &model, "x"],
         vec!["run", "--min-p", "nan", &model, "x"],
-        vec!["run", "-n", "0", &model, "x"],
+        vec!["run", "-n", "-1", &model, "x"],
         vec!["run", "--top-k", "many", &model, "x"],
         vec!["run", "--system", "s", "--raw", &model, "x"],
         vec!["stop"],
@@ -182,6 +182,69 @@ fn aliases_and_bad_config() {
 }
 
 #[test]
+fn a_bad_config_line_is_named_with_its_fix_and_config_shows_the_rest() {
+    let env = Env::fake();
+    let model = fake_model(&env);
+    env.write_config(&format!(
+        "queue_depth = 8\nmax_instances = 2\ndefault_ttl = 30m\nmemory_budget = \"lots\"\n\
+         [models.echo]\npath = \"{model}\"\nttl = \"soon\"\n"
+    ));
+    let fix = "line 3: default_ttl = 30m is not valid TOML: durations are strings, write default_ttl = \"30m\"";
+    // Every command names each mistake with its line and what to write.
+    for args in [&["status"][..], &["run", "echo", "hi"][..], &["ls"][..]] {
+        let output = env.run(args);
+        assert_exit(&output, 65);
+        let err = stderr(&output);
+        assert!(err.contains(fix), "{args:?}: {err}");
+        assert!(err.contains("line 4: memory_budget = \"lots\": `lots` is not a size"), "{args:?}: {err}");
+        assert!(err.contains("line 7: models.echo.ttl = \"soon\": `soon` is not a duration"), "{args:?}: {err}");
+    }
+    // `config` prints the settings it could read, then the same errors.
+    let output = env.run(&["config"]);
+    assert_exit(&output, 65);
+    let settings = stdout(&output);
+    for (name, value) in [("queue_depth", "8"), ("max_instances", "2"), ("default_ttl", "never")] {
+        let line = settings.lines().find(|line| line.starts_with(&format!("{name} "))).unwrap_or_default();
+        assert!(line.split_whitespace().nth(1) == Some(value), "{name} {value}: {settings}");
+    }
+    assert!(stderr(&output).contains(fix), "{}", stderr(&output));
+    assert!(!env.socket().exists(), "no daemon starts on a bad config");
+}
+
+#[test]
+fn run_stops_at_a_documented_token_limit_unless_told_otherwise() {
+    let mut env = Env::fake();
+    let record = env.path("requests.jsonl");
+    env.set("FAKE_LLAMA_RECORD", &record.display().to_string());
+    let model = fake_model(&env);
+    // The limit each request carried: `max_tokens` in chat mode, `n_predict` raw.
+    let limits = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&record)
+            .unwrap()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .map(|request| request.get("max_tokens").or(request.get("n_predict")).cloned().unwrap_or_default())
+            .collect()
+    };
+    assert_success(&env.run(&["run", &model, "default"]));
+    assert_success(&env.run(&["run", "--raw", &model, "default raw"]));
+    assert_success(&env.run(&["run", "-n", "0", &model, "no limit"]));
+    assert_success(&env.run(&["run", "-n", "5", &model, "five"]));
+    env.write_config("max_tokens = 64\n");
+    assert_success(&env.run(&["run", &model, "configured"]));
+    env.write_config("max_tokens = 0\n");
+    assert_success(&env.run(&["run", &model, "configured without a limit"]));
+    let none = serde_json::Value::Null;
+    assert_eq!(limits(), [1024.into(), 1024.into(), none.clone(), 5.into(), 64.into(), none]);
+    let output = env.run(&["config"]);
+    let settings = stdout(&output);
+    let line = settings.lines().find(|line| line.starts_with("max_tokens ")).unwrap_or_default();
+    assert!(line.contains(" 0 (no limit)") && line.contains("(config "), "{settings}");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
 fn no_llama_server_binary_is_unavailable_and_never_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let binary = dir.path().join("llama-server");
@@ -221,7 +284,7 @@ fn closing_stdout_cancels_upstream_and_exits_zero() {
     let model = fake_model(&env);
     assert_success(&env.run(&["warm", &model]));
 
-    let mut child = env.spawn(&["run", &model, "go"]);
+    let mut child = env.spawn(&["run", "-n", "0", &model, "go"]);
     let mut first = [0u8; 20];
     child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
     drop(child.stdout.take()); // what `| head -c 20` does
@@ -409,42 +472,11 @@ fn a_running_daemon_refuses_bad_models_with_the_same_codes() {
     assert_exit(&env.run(&["run", model.to_str().unwrap(), "hi"]), 65);
 }
 
-/// A directory standing for PATH: a link to every program on it (the first of each name),
-/// but those in `leave_out`.
-fn tools_without(env: &Env, leave_out: &[&str]) -> std::path::PathBuf {
-    let bin = env.path("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name_text) = name.to_str() else { continue };
-            if leave_out.contains(&name_text) || bin.join(&name).exists() {
-                continue;
-            }
-            let _ = std::os::unix::fs::symlink(entry.path(), bin.join(&name));
-        }
-    }
-    bin
-}
-
 #[test]
 fn setup_names_a_missing_compiler_and_changes_nothing() {
     let env = Env::with_server(std::path::Path::new("/nonexistent"));
     // Everything a build needs but a C++ compiler, and no llama-server anywhere.
-    let compilers = ["c++", "g++", "clang++", "cc", "gcc", "clang"];
-    let mut leave_out: Vec<String> = compilers.iter().map(|c| c.to_string()).collect();
-    // Versioned names too (g++-12, x86_64-linux-gnu-g++-12).
-    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.contains("g++") || name.contains("clang++") || name.ends_with("-c++") {
-                leave_out.push(name);
-            }
-        }
-    }
-    let leave_out: Vec<&str> = leave_out.iter().map(String::as_str).collect();
-    let bin = tools_without(&env, &leave_out);
+    let bin = tools_without_a_compiler(&env);
     let output =
         env.command(&["setup", "--no-model"]).env_remove("LLMCTL_LLAMA_SERVER").env("PATH", &bin).output().unwrap();
     assert_exit(&output, 69);

@@ -1,6 +1,6 @@
 //! End to end against the real llama-server that `llmctl setup` builds: the tiny
 //! deterministic model the suite writes (exact output), a model llama-server refuses, and
-//! the SmolLM2 demo model.
+//! the SmolLM2 demo model. The README's own examples are run by `readme.rs`.
 
 use std::io::Read;
 
@@ -127,74 +127,6 @@ fn two_real_models_alternate_under_a_budget_for_one() {
     }
     assert_eq!(outputs[0], outputs[2], "greedy output survives an eviction and reload");
     assert_eq!(outputs[1], outputs[3]);
-    assert_success(&env.run(&["shutdown"]));
-    env.assert_nothing_survives();
-}
-
-/// The README's shell examples that run the demo model, as a shell runs them: each command
-/// line (a `\\` continues it) in a `sh` or `console` block that starts with `llmctl` and names
-/// `demo`. Examples that need a file the README only describes (`--grammar yes-no.gbnf`)
-/// are left out.
-fn readme_demo_examples() -> Vec<String> {
-    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let mut examples = Vec::new();
-    let mut in_shell_block = false;
-    let mut pending = String::new();
-    for line in readme.lines() {
-        if line.starts_with("```") {
-            in_shell_block = line == "```sh" || line == "```console";
-            continue;
-        }
-        if !in_shell_block {
-            continue;
-        }
-        let line = line.strip_prefix("$ ").unwrap_or(line);
-        if pending.is_empty() && !line.starts_with("llmctl ") {
-            continue;
-        }
-        match line.strip_suffix('\\') {
-            Some(start) => pending.push_str(start),
-            None => {
-                pending.push_str(line);
-                let command = std::mem::take(&mut pending);
-                if command.contains(" demo ") && !command.contains(".gbnf") {
-                    examples.push(command);
-                }
-            }
-        }
-    }
-    examples
-}
-
-#[test]
-fn readme_examples_with_the_demo_model_work_as_written() {
-    let env = Env::real();
-    // `demo` is the model `llmctl setup` installs into the data directory.
-    let models_dir = env.path("data/models");
-    std::fs::create_dir_all(&models_dir).unwrap();
-    std::os::unix::fs::symlink(demo_model(), models_dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
-    let examples = readme_demo_examples();
-    assert!(examples.len() >= 5, "{examples:?}");
-    let bin_dir = std::path::Path::new(LLMCTL).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
-    for example in &examples {
-        let mut shell = std::process::Command::new("bash");
-        for (name, value) in env.command(&[]).get_envs() {
-            match value {
-                Some(value) => shell.env(name, value),
-                None => shell.env_remove(name),
-            };
-        }
-        let output = shell
-            .args(["-o", "pipefail", "-c", example])
-            .env("PATH", &path)
-            .current_dir(env.dir.path())
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{example}: {}", stderr(&output));
-        assert!(!stdout(&output).trim().is_empty(), "{example} printed nothing");
-    }
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }

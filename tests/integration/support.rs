@@ -22,6 +22,7 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub llama_server: PathBuf,
     vars: Vec<(String, String)>,
+    removed: Vec<String>,
 }
 
 impl Env {
@@ -40,7 +41,7 @@ impl Env {
         for sub in ["home", "models", "run"] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        Env { dir, llama_server: server.to_path_buf(), vars: Vec::new() }
+        Env { dir, llama_server: server.to_path_buf(), vars: Vec::new(), removed: Vec::new() }
     }
 
     pub fn path(&self, relative: &str) -> PathBuf {
@@ -54,6 +55,11 @@ impl Env {
     /// Sets an environment variable for every command (and so for an autostarted daemon).
     pub fn set(&mut self, name: &str, value: &str) {
         self.vars.push((name.to_string(), value.to_string()));
+    }
+
+    /// Leaves an environment variable out of every command, even one this builder sets.
+    pub fn unset(&mut self, name: &str) {
+        self.removed.push(name.to_string());
     }
 
     pub fn write_config(&self, text: &str) {
@@ -102,6 +108,9 @@ impl Env {
             .stdin(Stdio::null());
         for (name, value) in &self.vars {
             command.env(name, value);
+        }
+        for name in &self.removed {
+            command.env_remove(name);
         }
     }
 
@@ -310,4 +319,41 @@ pub fn tcp_listeners_of(pid: u32) -> Vec<String> {
         }
     }
     listeners
+}
+
+/// A directory standing for PATH: a link to every program on it (the first of each name),
+/// but those in `leave_out`.
+pub fn tools_without(env: &Env, leave_out: &[&str]) -> std::path::PathBuf {
+    let bin = env.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name_text) = name.to_str() else { continue };
+            if leave_out.contains(&name_text) || bin.join(&name).exists() {
+                continue;
+            }
+            let _ = std::os::unix::fs::symlink(entry.path(), bin.join(&name));
+        }
+    }
+    bin
+}
+
+/// PATH as [`tools_without`] makes it, without any C++ or C compiler (versioned names such
+/// as g++-12 included) and without llama-server: a build of llama-server started there
+/// fails at once, before it downloads or creates anything.
+pub fn tools_without_a_compiler(env: &Env) -> std::path::PathBuf {
+    let mut leave_out: Vec<String> =
+        ["c++", "g++", "clang++", "cc", "gcc", "clang", "llama-server"].iter().map(|c| c.to_string()).collect();
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.contains("g++") || name.contains("clang++") || name.ends_with("-c++") {
+                leave_out.push(name);
+            }
+        }
+    }
+    let leave_out: Vec<&str> = leave_out.iter().map(String::as_str).collect();
+    tools_without(env, &leave_out)
 }
