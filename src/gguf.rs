@@ -6,8 +6,9 @@
 //! files; it never loads tensor data. The format is described in llama.cpp's `docs/gguf.md`.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -15,9 +16,23 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// The largest data alignment accepted: GGUF files use 32; a power of two up to 1 MiB is
 /// plausible, anything else is a crafted header.
 const MAX_ALIGNMENT: u64 = 1 << 20;
-/// Caps that keep a corrupt header from making us allocate or loop without bound.
-const MAX_STRING_LEN: u64 = 1 << 24;
-const MAX_ARRAY_LEN: u64 = 1 << 26;
+
+// Bounds on what a header may hold, so that no file can make the reader recurse, allocate
+// or loop without limit. Each is far above what real models hold (measured: Gemma 3's
+// header, with its 262,144-token vocabulary, is 6.2 MiB; SmolLM2's is 1.7 MiB).
+/// The whole header (metadata and tensor list): 20 times Gemma 3's.
+const MAX_HEADER_BYTES: u64 = 128 << 20;
+/// One string value; chat templates, the longest strings real models carry, are tens of KiB.
+const MAX_STRING_LEN: u64 = 16 << 20;
+/// One key or tensor name: the GGUF specification caps keys at 65,535 bytes (and tensor
+/// names at 64; llama.cpp checks that itself).
+const MAX_KEY_LEN: u64 = u16::MAX as u64;
+/// Elements of one array: 64 times the largest vocabulary in use (262,144 tokens).
+const MAX_ARRAY_LEN: u64 = 1 << 24;
+/// Arrays of arrays: the specification allows them, llama.cpp reads none and no real model
+/// has one; a small bound keeps the reader's recursion far from the end of any stack.
+const MAX_NESTING: u32 = 8;
+/// Keys and tensors: models have tens of keys and at most a few thousand tensors.
 const MAX_COUNT: u64 = 1 << 20;
 
 /// What llmctl needs to know about a model file.
@@ -191,19 +206,48 @@ impl From<String> for ParseError {
 /// Reads the header as a stream through one small reused buffer: a vocabulary is megabytes
 /// of strings, and reading it into a fresh allocation costs more in page faults than the
 /// parsing itself (measured: 4 ms against 0.5 ms for 4 MiB).
+///
+/// Every read first asks [`Reader::need`] whether the bytes exist, so nothing is allocated
+/// or skipped for a length the file cannot hold, and nothing is read past the size the file
+/// had when it was opened or past [`MAX_HEADER_BYTES`].
 struct Reader<R> {
     inner: R,
     offset: u64,
+    file_size: u64,
 }
 
 impl<R: BufRead> Reader<R> {
+    fn new(inner: R, file_size: u64) -> Reader<R> {
+        Reader { inner, offset: 0, file_size }
+    }
+
+    /// Fails unless `n` more bytes may be read: past the end of the file is `OutOfData`
+    /// (truncated), past the header bound is a crafted header.
+    fn need(&self, n: u64) -> Result<(), ParseError> {
+        let end = self.offset.saturating_add(n);
+        if end > self.file_size {
+            return Err(ParseError::OutOfData);
+        }
+        if end > MAX_HEADER_BYTES {
+            return Err(ParseError::Bad(format!("the header is larger than {} MiB", MAX_HEADER_BYTES >> 20)));
+        }
+        Ok(())
+    }
+
+    /// Bytes of the file after the offset (for a count that claims more than that).
+    fn remaining(&self) -> u64 {
+        self.file_size.saturating_sub(self.offset)
+    }
+
     fn array<const N: usize>(&mut self) -> Result<[u8; N], ParseError> {
+        self.need(N as u64)?;
         let mut buf = [0u8; N];
         self.inner.read_exact(&mut buf).map_err(|_| ParseError::OutOfData)?;
         self.offset += N as u64;
         Ok(buf)
     }
     fn take(&mut self, n: u64) -> Result<(), ParseError> {
+        self.need(n)?;
         let mut left = n;
         while left > 0 {
             let available = self.inner.fill_buf().map_err(|_| ParseError::OutOfData)?.len();
@@ -214,7 +258,7 @@ impl<R: BufRead> Reader<R> {
             self.inner.consume(step);
             left -= step as u64;
         }
-        self.offset = self.offset.saturating_add(n);
+        self.offset += n;
         Ok(())
     }
     fn u32(&mut self) -> Result<u32, ParseError> {
@@ -223,22 +267,25 @@ impl<R: BufRead> Reader<R> {
     fn u64(&mut self) -> Result<u64, ParseError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    fn string_len(&mut self) -> Result<u64, ParseError> {
+    /// The length of a string, checked against `max` and against what the file still holds.
+    fn string_len(&mut self, max: u64) -> Result<u64, ParseError> {
         let len = self.u64()?;
-        if len > MAX_STRING_LEN {
+        if len > max {
             return Err(ParseError::Bad(format!("string of {len} bytes in the header")));
         }
+        self.need(len)?;
         Ok(len)
     }
-    fn string(&mut self) -> Result<String, ParseError> {
-        let len = self.string_len()?;
+    fn string(&mut self, max: u64) -> Result<String, ParseError> {
+        let len = self.string_len(max)?;
         let mut bytes = vec![0u8; len as usize];
         self.inner.read_exact(&mut bytes).map_err(|_| ParseError::OutOfData)?;
-        self.offset = self.offset.saturating_add(len);
+        self.offset += len;
         String::from_utf8(bytes).map_err(|_| ParseError::Bad("a header string is not UTF-8".into()))
     }
 
-    fn value(&mut self, value_type: u32) -> Result<Value, ParseError> {
+    /// One metadata value; `depth` counts the arrays it is inside.
+    fn value(&mut self, value_type: u32, depth: u32) -> Result<Value, ParseError> {
         Ok(match value_type {
             0 => Value::Uint(self.array::<1>()?[0] as u64),
             1 => Value::Int(self.array::<1>()?[0] as i8 as i64),
@@ -254,12 +301,26 @@ impl<R: BufRead> Reader<R> {
                 self.array::<1>()?;
                 Value::Bool
             }
-            8 => Value::Str(self.string()?),
+            8 => Value::Str(self.string(MAX_STRING_LEN)?),
             9 => {
+                if depth >= MAX_NESTING {
+                    return Err(ParseError::Bad(format!("metadata arrays nested more than {MAX_NESTING} deep")));
+                }
                 let element_type = self.u32()?;
                 let len = self.u64()?;
                 if len > MAX_ARRAY_LEN {
                     return Err(ParseError::Bad(format!("array of {len} elements in the header")));
+                }
+                let Some(smallest) = smallest_size(element_type) else {
+                    return Err(ParseError::Bad(format!("unknown metadata value type {element_type}")));
+                };
+                // Every element takes at least `smallest` bytes: a count the rest of the file
+                // cannot hold is refused before the first element is read.
+                if len.saturating_mul(smallest) > self.remaining() {
+                    return Err(ParseError::Bad(format!(
+                        "the file is truncated or corrupt: an array of {len} elements needs more bytes than \
+                         the file holds"
+                    )));
                 }
                 match (fixed_size(element_type), element_type) {
                     (Some(size), _) => {
@@ -269,13 +330,13 @@ impl<R: BufRead> Reader<R> {
                     // without decoding.
                     (None, 8) => {
                         for _ in 0..len {
-                            let string_len = self.string_len()?;
+                            let string_len = self.string_len(MAX_STRING_LEN)?;
                             self.take(string_len)?;
                         }
                     }
                     (None, _) => {
                         for _ in 0..len {
-                            self.value(element_type)?;
+                            self.value(element_type, depth + 1)?;
                         }
                     }
                 }
@@ -289,6 +350,16 @@ impl<R: BufRead> Reader<R> {
             }
             other => return Err(ParseError::Bad(format!("unknown metadata value type {other}"))),
         })
+    }
+}
+
+/// The fewest bytes a value of `value_type` takes: its size, a string's length field, or
+/// an array's element type and count.
+fn smallest_size(value_type: u32) -> Option<u64> {
+    match value_type {
+        8 => Some(8),
+        9 => Some(12),
+        _ => fixed_size(value_type),
     }
 }
 
@@ -343,10 +414,21 @@ fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
 /// Reads the header of `path` and checks that the file holds all the data it describes.
 /// The error is a sentence for the user.
 pub fn inspect(path: &Path) -> Result<ModelInfo, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let file = open_regular(path)?;
     let file_size = file.metadata().map_err(|e| format!("cannot stat it: {e}"))?.len();
-    let reader = Reader { inner: BufReader::with_capacity(1 << 16, file), offset: 0 };
-    match parse(reader, file_size) {
+    let reader = Reader::new(BufReader::with_capacity(1 << 16, file), file_size);
+    describe(parse(reader), file_size)
+}
+
+/// Reads a header held in memory, with the same checks as [`inspect`] (the fuzz target's
+/// way in).
+pub fn inspect_bytes(bytes: &[u8]) -> Result<ModelInfo, String> {
+    let file_size = bytes.len() as u64;
+    describe(parse(Reader::new(bytes, file_size)), file_size)
+}
+
+fn describe(parsed: Result<ModelInfo, ParseError>, file_size: u64) -> Result<ModelInfo, String> {
+    match parsed {
         Ok(info) => Ok(info),
         Err(ParseError::Bad(message)) => Err(message),
         Err(ParseError::OutOfData) if file_size < 24 => {
@@ -356,7 +438,41 @@ pub fn inspect(path: &Path) -> Result<ModelInfo, String> {
     }
 }
 
-fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo, ParseError> {
+/// Opens `path` for reading only when it is a regular file (a symlink to one is fine).
+///
+/// The type is checked before the open, because opening a FIFO for reading blocks until a
+/// writer comes and opening a device may do something; and again on the open descriptor,
+/// so a file swapped for a FIFO between the two is caught too. `O_NONBLOCK` makes that
+/// second open return at once even then; on a regular file it changes nothing (Linux
+/// ignores it for regular files, see open(2)).
+fn open_regular(path: &Path) -> Result<File, String> {
+    let metadata = fs::metadata(path).map_err(|e| format!("cannot stat it: {e}"))?;
+    refuse_unless_regular(&metadata)?;
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot open it: {e}"))?;
+    refuse_unless_regular(&file.metadata().map_err(|e| format!("cannot stat it: {e}"))?)?;
+    Ok(file)
+}
+
+fn refuse_unless_regular(metadata: &fs::Metadata) -> Result<(), String> {
+    let file_type = metadata.file_type();
+    let kind = match () {
+        _ if file_type.is_file() => return Ok(()),
+        _ if file_type.is_dir() => "a directory",
+        _ if file_type.is_fifo() => "a FIFO",
+        _ if file_type.is_socket() => "a socket",
+        _ if file_type.is_char_device() => "a character device",
+        _ if file_type.is_block_device() => "a block device",
+        _ => "not a regular file",
+    };
+    Err(format!("it is {kind}, not a model file"))
+}
+
+fn parse<R: BufRead>(mut reader: Reader<R>) -> Result<ModelInfo, ParseError> {
+    let file_size = reader.file_size;
     let magic: [u8; 4] = reader.array()?;
     if &magic != MAGIC {
         return Err(ParseError::Bad("it does not start with the GGUF magic bytes".to_string()));
@@ -370,12 +486,20 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
     if tensor_count > MAX_COUNT || kv_count > MAX_COUNT {
         return Err(ParseError::Bad(format!("implausible header ({tensor_count} tensors, {kv_count} keys)")));
     }
+    // A key takes at least 13 bytes (length, type, one byte of value), a tensor 24 (name
+    // length, dimension count, type, offset): counts the file cannot hold are refused now.
+    if kv_count * 13 + tensor_count * 24 > reader.remaining() {
+        return Err(ParseError::Bad(format!(
+            "the file is truncated or corrupt: its header claims {tensor_count} tensors and {kv_count} keys, \
+             more than the file holds"
+        )));
+    }
 
     let mut metadata: HashMap<String, Value> = HashMap::new();
     for _ in 0..kv_count {
-        let key = reader.string()?;
+        let key = reader.string(MAX_KEY_LEN)?;
         let value_type = reader.u32()?;
-        let value = reader.value(value_type)?;
+        let value = reader.value(value_type, 0)?;
         metadata.insert(key, value);
     }
 
@@ -383,7 +507,7 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
     let mut parameter_count = 0u64;
     let mut bytes_by_type: HashMap<u32, u64> = HashMap::new();
     for _ in 0..tensor_count {
-        let name = reader.string()?;
+        let name = reader.string(MAX_KEY_LEN)?;
         let n_dims = reader.u32()?;
         if n_dims > 8 {
             return Err(ParseError::Bad(format!("tensor {name} has {n_dims} dimensions")));
@@ -475,6 +599,11 @@ mod tests {
 
     /// A minimal valid file: one string key, one f32 tensor of 8 elements.
     fn minimal() -> Vec<u8> {
+        minimal_with(0, 8)
+    }
+
+    /// A minimal file whose one tensor has `elements` of `ggml_type`, with 32 bytes of data.
+    fn minimal_with(ggml_type: u32, elements: u64) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend(b"GGUF");
         out.extend(3u32.to_le_bytes());
@@ -488,8 +617,8 @@ mod tests {
         out.extend(2u32.to_le_bytes());
         put_string(&mut out, "w");
         out.extend(1u32.to_le_bytes());
-        out.extend(8u64.to_le_bytes());
-        out.extend(0u32.to_le_bytes());
+        out.extend(elements.to_le_bytes());
+        out.extend(ggml_type.to_le_bytes());
         out.extend(0u64.to_le_bytes());
         while out.len() % 32 != 0 {
             out.push(0);
@@ -498,15 +627,43 @@ mod tests {
         out
     }
 
-    fn inspect_bytes(bytes: &[u8]) -> Result<ModelInfo, String> {
+    /// `bytes` written to a file and inspected there, as every caller does.
+    fn inspect_file_of(bytes: &[u8]) -> Result<ModelInfo, String> {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(bytes).unwrap();
         inspect(file.path())
     }
 
+    /// A header of `tensor_count` tensors and one key `x` whose value (type and bytes)
+    /// follows, as a crafted file would hold it.
+    fn with_value(tensor_count: u64, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(b"GGUF");
+        out.extend(3u32.to_le_bytes());
+        out.extend(tensor_count.to_le_bytes());
+        out.extend(1u64.to_le_bytes());
+        put_string(&mut out, "x");
+        out.extend(value);
+        out
+    }
+
+    /// An array value: its type, then [`array_element`].
+    fn array_head(element_type: u32, len: u64) -> Vec<u8> {
+        let mut out = 9u32.to_le_bytes().to_vec();
+        out.extend(array_element(element_type, len));
+        out
+    }
+
+    /// An array as an element of another: element type and count, with no type of its own.
+    fn array_element(element_type: u32, len: u64) -> Vec<u8> {
+        let mut out = element_type.to_le_bytes().to_vec();
+        out.extend(len.to_le_bytes());
+        out
+    }
+
     #[test]
     fn reads_a_minimal_file() {
-        let info = inspect_bytes(&minimal()).unwrap();
+        let info = inspect_file_of(&minimal()).unwrap();
         assert_eq!(info.architecture, "llama");
         assert_eq!(info.block_count, Some(2));
         assert_eq!(info.tensor_bytes, 32);
@@ -537,11 +694,11 @@ mod tests {
             (&minimal()[..40], "truncated"),
         ];
         for (bytes, expected) in table {
-            let error = inspect_bytes(bytes).unwrap_err();
+            let error = inspect_file_of(bytes).unwrap_err();
             assert!(error.contains(expected), "{error} should mention {expected}");
         }
         let full = minimal();
-        let error = inspect_bytes(&full[..full.len() - 1]).unwrap_err();
+        let error = inspect_file_of(&full[..full.len() - 1]).unwrap_err();
         assert!(error.contains("truncated"), "{error}");
     }
 
@@ -549,7 +706,100 @@ mod tests {
     fn refuses_absurd_counts() {
         let mut bytes = minimal();
         bytes[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(inspect_bytes(&bytes).unwrap_err().contains("implausible"));
+        assert!(inspect_file_of(&bytes).unwrap_err().contains("implausible"));
+    }
+
+    #[test]
+    fn deeply_nested_arrays_are_refused_not_a_stack_overflow() {
+        // A million arrays, each holding the next: one recursion per level would take a
+        // stack of hundreds of MiB.
+        let mut value = 9u32.to_le_bytes().to_vec();
+        for _ in 0..1_000_000 {
+            value.extend(array_element(9, 1));
+        }
+        value.extend(array_element(4, 0));
+        let error = inspect_bytes(&with_value(0, &value)).unwrap_err();
+        assert!(error.contains("nested more than 8 deep"), "{error}");
+        // Within the bound, nesting is read (the specification allows it).
+        let mut value = 9u32.to_le_bytes().to_vec();
+        for _ in 0..7 {
+            value.extend(array_element(9, 1));
+        }
+        value.extend(array_element(4, 1));
+        value.extend(7u32.to_le_bytes());
+        let mut bytes = with_value(0, &value);
+        bytes.resize(bytes.len().next_multiple_of(32), 0);
+        let error = inspect_bytes(&bytes).unwrap_err();
+        assert!(error.contains("general.architecture"), "read to the end: {error}");
+    }
+
+    #[test]
+    fn counts_and_lengths_the_file_cannot_hold_are_refused_at_once() {
+        let string_value = |len: u64| {
+            let mut value = 8u32.to_le_bytes().to_vec();
+            value.extend(len.to_le_bytes());
+            value
+        };
+        let table: [(Vec<u8>, &str); 8] = [
+            (with_value(0, &array_head(0, u64::MAX)), "array of 18446744073709551615 elements"),
+            (with_value(0, &array_head(8, 1 << 24)), "needs more bytes than the file holds"),
+            (with_value(0, &array_head(9, 1 << 24)), "needs more bytes than the file holds"),
+            (with_value(0, &array_head(12, 1 << 20)), "needs more bytes than the file holds"),
+            (with_value(0, &array_head(77, 0)), "unknown metadata value type 77"),
+            (with_value(0, &string_value(1 << 40)), "string of 1099511627776 bytes"),
+            (with_value(0, &string_value(1 << 20)), "truncated"),
+            (with_value(1 << 19, &string_value(0)), "more than the file holds"),
+        ];
+        for (bytes, expected) in table {
+            let started = std::time::Instant::now();
+            let error = inspect_bytes(&bytes).unwrap_err();
+            assert!(error.contains(expected), "{error} should mention {expected}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(1), "{expected}: {:?}", started.elapsed());
+        }
+        let mut key = minimal();
+        key[24..32].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        assert!(inspect_bytes(&key).unwrap_err().contains("string of 1048576 bytes"));
+    }
+
+    #[test]
+    fn a_header_over_128_mib_is_refused() {
+        // An array of 2^24 u64 (128 MiB) in a sparse file big enough to hold it.
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&with_value(0, &array_head(10, 1 << 24))).unwrap();
+        file.as_file().set_len(200 << 20).unwrap();
+        let error = inspect(file.path()).unwrap_err();
+        assert!(error.contains("larger than 128 MiB"), "{error}");
+    }
+
+    #[test]
+    fn only_regular_files_are_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("x.gguf");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Opening a FIFO for reading blocks until a writer comes: read it on a thread and
+        // fail at a deadline rather than hang the test.
+        let (sender, answer) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = sender.send(inspect(&path));
+        });
+        let error = answer.recv_timeout(std::time::Duration::from_secs(10)).expect("inspect returned").unwrap_err();
+        assert!(error.contains("it is a FIFO, not a model file"), "{error}");
+        let error = inspect(dir.path()).unwrap_err();
+        assert!(error.contains("a directory"), "{error}");
+        let error = inspect(Path::new("/dev/null")).unwrap_err();
+        assert!(error.contains("a character device"), "{error}");
+        // A symlink to a model is a model.
+        let model = dir.path().join("model.gguf");
+        fs::write(&model, minimal()).unwrap();
+        let link = dir.path().join("link.gguf");
+        std::os::unix::fs::symlink(&model, &link).unwrap();
+        assert_eq!(inspect(&link).unwrap().architecture, "llama");
+        // A descriptor that turns out not to be a regular file is refused after the open too.
+        let error = refuse_unless_regular(&fs::metadata(&fifo).unwrap()).unwrap_err();
+        assert!(error.contains("FIFO"), "{error}");
     }
 
     #[test]

@@ -193,7 +193,7 @@ fn pulled_dir(env: &Env, repo: &str) -> PathBuf {
     env.path("data/models").join(repo)
 }
 
-fn ls_json(env: &Env) -> Vec<Value> {
+pub fn ls_json(env: &Env) -> Vec<Value> {
     let output = env.run(&["ls", "--json"]);
     assert_success(&output);
     serde_json::from_slice::<Value>(&output.stdout).unwrap().as_array().unwrap().clone()

@@ -17,3 +17,4 @@ mod serve;
 mod supervision;
 mod support;
 mod tiny_model;
+mod untrusted;
