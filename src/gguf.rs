@@ -802,6 +802,58 @@ mod tests {
         assert!(error.contains("FIFO"), "{error}");
     }
 
+    /// A small deterministic generator (xorshift64*), so a failing case replays exactly.
+    struct Random(u64);
+
+    impl Random {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn thousands_of_mutated_headers_never_panic() {
+        let original = crate::tiny_model::bytes();
+        let header_len = inspect_bytes(&original).map(|info| (info.file_size - info.tensor_bytes) as usize).unwrap();
+        // Values that hit the bounds: zero, one, the limits and just past them, all ones.
+        let boundaries: [u64; 9] =
+            [0, 1, 8, 9, MAX_NESTING as u64 + 1, MAX_ARRAY_LEN + 1, u32::MAX as u64, 1 << 40, u64::MAX];
+        let mut random = Random(0x5eed_1234_abcd_9876);
+        let mut bytes = original.clone();
+        let mut parsed = 0;
+        for _ in 0..20_000 {
+            let mut changed = Vec::new();
+            for _ in 0..1 + random.below(4) {
+                let at = random.below(header_len - 8);
+                changed.push((at, bytes[at..at + 8].to_vec()));
+                match random.below(3) {
+                    0 => bytes[at] ^= 1 << random.below(8),
+                    1 => bytes[at] = random.next() as u8,
+                    _ => {
+                        let value = boundaries[random.below(boundaries.len())];
+                        bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+                    }
+                }
+            }
+            let end = if random.below(4) == 0 { random.below(bytes.len()) } else { bytes.len() };
+            if let Ok(info) = inspect_bytes(&bytes[..end]) {
+                assert!(info.tensor_bytes <= info.file_size, "{info:?}");
+                parsed += 1;
+            }
+            for (at, old) in changed.into_iter().rev() {
+                bytes[at..at + 8].copy_from_slice(&old);
+            }
+        }
+        assert_eq!(bytes, original);
+        assert!(parsed > 100, "the mutations should leave some headers readable: {parsed}");
+    }
+
     #[test]
     fn kv_cache_estimate_uses_kv_heads() {
         let info = ModelInfo {

@@ -150,7 +150,18 @@ pub fn write_quantized(path: &Path) -> std::io::Result<()> {
     write_model(path, "llama", WORDS, true)
 }
 
+/// The bytes of the tiny model, as [`write`] writes them: the fuzz target's seed and the
+/// header the GGUF reader's mutation test starts from.
+pub fn bytes() -> Vec<u8> {
+    model_bytes("llama", WORDS, false)
+}
+
 fn write_model(path: &Path, architecture: &str, words: &[&str], quantized: bool) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(&model_bytes(architecture, words, quantized))
+}
+
+fn model_bytes(architecture: &str, words: &[&str], quantized: bool) -> Vec<u8> {
     let mut tokens = vec!["<unk>".to_string(), "<s>".to_string(), "</s>".to_string()];
     let mut types = vec![2, 3, 3];
     for byte in 0..=255u8 {
@@ -252,6 +263,5 @@ fn write_model(path: &Path, architecture: &str, words: &[&str], quantized: bool)
             w.out.push(0);
         }
     }
-    let mut file = std::fs::File::create(path)?;
-    file.write_all(&w.out)
+    w.out
 }
