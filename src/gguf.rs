@@ -137,6 +137,9 @@ fn file_type_name(file_type: u64) -> Option<&'static str> {
         36 => "TQ1_0",
         37 => "TQ2_0",
         38 => "MXFP4_MOE",
+        39 => "NVFP4",
+        40 => "Q1_0",
+        41 => "Q2_0",
         _ => return None,
     })
 }
@@ -176,6 +179,9 @@ fn type_name(ggml_type: u32) -> Option<&'static str> {
         34 => "TQ1_0",
         35 => "TQ2_0",
         39 => "MXFP4",
+        40 => "NVFP4",
+        41 => "Q1_0",
+        42 => "Q2_0",
         _ => return None,
     })
 }
@@ -373,40 +379,47 @@ fn fixed_size(value_type: u32) -> Option<u64> {
     }
 }
 
-/// Elements per block and bytes per block of a ggml tensor type, from ggml's type traits.
+/// Elements per block and bytes per block of a ggml tensor type: `blck_size` and
+/// `type_size` of ggml's `type_traits` (ggml/src/ggml.c), as `ggml_blck_size` and
+/// `ggml_type_size` of build b11434 report them. Ids 4, 5 and 31 to 33, 36 to 38 are types
+/// ggml removed; GGUF files cannot hold them.
 fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
     Some(match ggml_type {
-        0 => (1, 4),     // F32
-        1 => (1, 2),     // F16
-        2 => (32, 18),   // Q4_0
-        3 => (32, 20),   // Q4_1
-        6 => (32, 22),   // Q5_0
-        7 => (32, 24),   // Q5_1
-        8 => (32, 34),   // Q8_0
-        9 => (32, 36),   // Q8_1
-        10 => (256, 84), // Q2_K
-        11 => (256, 110),
-        12 => (256, 144),
-        13 => (256, 176),
-        14 => (256, 210),
-        15 => (256, 292),
-        16 => (256, 66), // IQ2_XXS
-        17 => (256, 74),
-        18 => (256, 98),
-        19 => (256, 50), // IQ1_S
-        20 => (32, 18),  // IQ4_NL
-        21 => (256, 110),
-        22 => (256, 82),
-        23 => (256, 136),
-        24 => (1, 1),    // I8
-        25 => (1, 2),    // I16
-        26 => (1, 4),    // I32
-        27 => (1, 8),    // I64
-        28 => (1, 8),    // F64
-        29 => (256, 56), // IQ1_M
-        30 => (1, 2),    // BF16
-        34 => (256, 54), // TQ1_0
-        35 => (256, 66), // TQ2_0
+        0 => (1, 4),      // F32
+        1 => (1, 2),      // F16
+        2 => (32, 18),    // Q4_0
+        3 => (32, 20),    // Q4_1
+        6 => (32, 22),    // Q5_0
+        7 => (32, 24),    // Q5_1
+        8 => (32, 34),    // Q8_0
+        9 => (32, 36),    // Q8_1
+        10 => (256, 84),  // Q2_K
+        11 => (256, 110), // Q3_K
+        12 => (256, 144), // Q4_K
+        13 => (256, 176), // Q5_K
+        14 => (256, 210), // Q6_K
+        15 => (256, 292), // Q8_K
+        16 => (256, 66),  // IQ2_XXS
+        17 => (256, 74),  // IQ2_XS
+        18 => (256, 98),  // IQ3_XXS
+        19 => (256, 50),  // IQ1_S
+        20 => (32, 18),   // IQ4_NL
+        21 => (256, 110), // IQ3_S
+        22 => (256, 82),  // IQ2_S
+        23 => (256, 136), // IQ4_XS
+        24 => (1, 1),     // I8
+        25 => (1, 2),     // I16
+        26 => (1, 4),     // I32
+        27 => (1, 8),     // I64
+        28 => (1, 8),     // F64
+        29 => (256, 56),  // IQ1_M
+        30 => (1, 2),     // BF16
+        34 => (256, 54),  // TQ1_0
+        35 => (256, 66),  // TQ2_0
+        39 => (32, 17),   // MXFP4 (gpt-oss)
+        40 => (64, 36),   // NVFP4
+        41 => (128, 18),  // Q1_0
+        42 => (64, 18),   // Q2_0
         _ => return None,
     })
 }
@@ -506,6 +519,7 @@ fn parse<R: BufRead>(mut reader: Reader<R>) -> Result<ModelInfo, ParseError> {
     let mut data_end = 0u64;
     let mut parameter_count = 0u64;
     let mut bytes_by_type: HashMap<u32, u64> = HashMap::new();
+    let mut has_unknown_type = false;
     for _ in 0..tensor_count {
         let name = reader.string(MAX_KEY_LEN)?;
         let n_dims = reader.u32()?;
@@ -520,7 +534,10 @@ fn parse<R: BufRead>(mut reader: Reader<R>) -> Result<ModelInfo, ParseError> {
         let offset = reader.u64()?;
         let size = match block_layout(ggml_type) {
             Some((block, bytes)) => elements.div_ceil(block).saturating_mul(bytes),
-            None => 0,
+            None => {
+                has_unknown_type = true;
+                0
+            }
         };
         parameter_count = parameter_count.saturating_add(elements);
         let type_bytes = bytes_by_type.entry(ggml_type).or_default();
@@ -535,6 +552,11 @@ fn parse<R: BufRead>(mut reader: Reader<R>) -> Result<ModelInfo, ParseError> {
     };
     let data_start = reader.offset.div_ceil(alignment).saturating_mul(alignment);
     let needed = data_start.saturating_add(data_end);
+    // A type this table does not know (one newer than llama.cpp b11434) has no size; the
+    // data on disk is then the best estimate of what the weights take, never zero.
+    if has_unknown_type {
+        data_end = data_end.max(file_size.saturating_sub(data_start));
+    }
     if needed > file_size {
         return Err(ParseError::Bad(format!(
             "the file is truncated: its header describes {needed} bytes but it has {file_size}"
@@ -800,6 +822,42 @@ mod tests {
         // A descriptor that turns out not to be a regular file is refused after the open too.
         let error = refuse_unless_regular(&fs::metadata(&fifo).unwrap()).unwrap_err();
         assert!(error.contains("FIFO"), "{error}");
+    }
+
+    /// `minimal()` with its one tensor of 64 elements stored as `ggml_type`, and room for
+    /// its data.
+    fn one_tensor_of(ggml_type: u32) -> Vec<u8> {
+        let mut bytes = minimal_with(ggml_type, 64);
+        bytes.extend([0u8; 256]);
+        bytes
+    }
+
+    #[test]
+    fn mxfp4_and_the_newest_types_have_their_sizes() {
+        // 64 elements: two MXFP4 blocks of 32 elements in 17 bytes each.
+        let info = inspect_bytes(&one_tensor_of(39)).unwrap();
+        assert_eq!(info.tensor_bytes, 34);
+        assert_eq!(info.quantization(), "MXFP4");
+        for (ggml_type, bytes) in [(40, 36), (41, 18), (42, 18), (12, 144), (2, 36)] {
+            assert_eq!(inspect_bytes(&one_tensor_of(ggml_type)).unwrap().tensor_bytes, bytes, "type {ggml_type}");
+        }
+        // A type newer than the table counts as the bytes on disk after the header.
+        let unknown = one_tensor_of(99);
+        let info = inspect_bytes(&unknown).unwrap();
+        assert!(info.tensor_bytes >= 256, "{}", info.tensor_bytes);
+    }
+
+    #[test]
+    fn every_named_ggml_type_has_a_size() {
+        // ggml.h of b11434 numbers its types 0 to 42 (GGML_TYPE_COUNT = 43); these ids are
+        // types it removed.
+        let removed = [4, 5, 31, 32, 33, 36, 37, 38];
+        for ggml_type in 0..43 {
+            let named = type_name(ggml_type).is_some();
+            assert_eq!(named, !removed.contains(&ggml_type), "type {ggml_type}");
+            assert_eq!(block_layout(ggml_type).is_some(), named, "type {ggml_type}");
+        }
+        assert_eq!(type_name(43), None);
     }
 
     /// A small deterministic generator (xorshift64*), so a failing case replays exactly.
