@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::library::DEFAULT_TAG;
+use crate::percent;
 use crate::sha256::Sha256;
 
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -175,7 +176,7 @@ impl Hub {
             hash_prefix(&mut part, have, &mut hasher).map_err(write_error)?;
         }
 
-        let url = format!("{}/{repo}/resolve/main/{}", self.endpoint, encode_path(&file.name));
+        let url = format!("{}/{repo}/resolve/main/{}", self.endpoint, percent::encode_path(&file.name));
         let broken = |reason: String| Error::Download { file: file.name.clone(), reason };
         let complete = file.size.is_some_and(|size| have == size);
         if !complete {
@@ -249,20 +250,6 @@ impl Hub {
         }
         Ok(final_path)
     }
-}
-
-/// Percent-encodes a file path of the repository for a URL, keeping its slashes: Hub file
-/// names may hold spaces and other characters a URL cannot carry as they are.
-fn encode_path(path: &str) -> String {
-    let mut encoded = String::with_capacity(path.len());
-    for byte in path.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
-            encoded.push(byte as char);
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
 }
 
 fn is_sha256(digest: &str) -> bool {
@@ -459,13 +446,6 @@ mod tests {
         assert_eq!(chosen(&["b.gguf", "a.gguf"], None).unwrap(), ["a.gguf"]);
         assert!(matches!(chosen(&repo, Some("Q2_K")), Err(Error::HubNotFound { .. })));
         assert!(matches!(chosen(&["README.md"], None), Err(Error::HubNotFound { .. })));
-    }
-
-    #[test]
-    fn file_paths_are_encoded_for_urls() {
-        assert_eq!(encode_path("Q4_K_M/m-00001-of-00002.gguf"), "Q4_K_M/m-00001-of-00002.gguf");
-        assert_eq!(encode_path("my model #1?.gguf"), "my%20model%20%231%3F.gguf");
-        assert_eq!(encode_path("ü.gguf"), "%C3%BC.gguf");
     }
 
     #[test]

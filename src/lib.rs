@@ -24,7 +24,8 @@
 //!   settings, locations and the exit-status table.
 //! - `catalog`: every model llmctl can run (`ls`, completion, "did you mean"), with a cache
 //!   of headers; `library`: the models `pull` downloaded and their manifests; `hub`: the
-//!   Hugging Face Hub client of `pull`; `sha256`: the digest that checks a download.
+//!   Hugging Face Hub client of `pull`; `sha256`: the digest that checks a download;
+//!   `percent`: URL percent-encoding.
 //!
 //! # Threads of the daemon and what each owns
 //! - `listener` accepts; `conn` threads (reused, one request each at a time) send jobs and
@@ -64,6 +65,7 @@ pub mod library;
 pub mod memory;
 pub mod model;
 pub mod paths;
+pub mod percent;
 pub mod process;
 pub mod protocol;
 pub mod setup;
