@@ -26,6 +26,8 @@
 //!   of headers; `library`: the models `pull` downloaded and their manifests; `hub`: the
 //!   Hugging Face Hub client of `pull`; `sha256`: the digest that checks a download;
 //!   `percent`: URL percent-encoding.
+//! - `term`: untrusted text (file names, header strings, a child's output) escaped for the
+//!   terminal.
 //!
 //! # Threads of the daemon and what each owns
 //! - `listener` accepts; `conn` threads (reused, one request each at a time) send jobs and
@@ -71,6 +73,7 @@ pub mod protocol;
 pub mod setup;
 pub mod sha256;
 pub mod sys;
+pub mod term;
 pub mod tiny_model;
 
 use std::ffi::OsString;
@@ -150,7 +153,10 @@ pub fn report(error: &Error) -> i32 {
         Error::Usage { message } if message.is_empty() => {}
         Error::Interrupted => {}
         _ => {
-            let _ = writeln!(std::io::stderr().lock(), "llmctl: {error}");
+            // Messages name files and quote what servers wrote: escaped, lines kept, so no
+            // such text can drive the terminal.
+            let message = error.to_string();
+            let _ = writeln!(std::io::stderr().lock(), "llmctl: {}", term::escape_lines(&message));
         }
     }
     if code == exit::OK {

@@ -1,5 +1,6 @@
-//! Files llmctl does not control: crafted GGUF headers and a FIFO where a model should be.
-//! Each must get its documented exit code quickly and leave nothing behind.
+//! Files llmctl does not control: crafted GGUF headers, a FIFO where a model should be,
+//! escape sequences in metadata and file names. Each must get its documented exit code
+//! quickly and leave nothing behind.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -163,6 +164,73 @@ fn a_fifo_named_like_a_model_is_refused_at_once_and_the_daemon_lives() {
     assert_eq!(env.daemon_pid(), Some(daemon));
     // The daemon still serves, on a thread not stuck in an open().
     assert_success(&run_quickly(&env, &["run", tiny.to_str().unwrap(), "hi"]));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+/// True when `bytes` holds a byte a terminal acts on: ESC, BEL, or another C0 control
+/// except the newline between lines.
+fn has_control_bytes(bytes: &[u8]) -> bool {
+    bytes.iter().any(|&byte| (byte < 0x20 && byte != b'\n') || byte == 0x7f)
+}
+
+#[test]
+fn escape_sequences_in_headers_and_file_names_never_reach_the_terminal() {
+    let env = Env::fake();
+    let models = env.path("data/models");
+    fs::create_dir_all(&models).unwrap();
+    let evil_name = "evil\x1b[31m.gguf";
+    let title = "\x1b]0;pwned\x07";
+    let model = models.join(evil_name);
+    llmctl::tiny_model::write_with_strings(
+        &model,
+        &[
+            ("general.name", title),
+            ("general.author", "author\x1b[2J"),
+            ("general.license", "licence\r\nforged: line"),
+            ("tokenizer.chat_template", "{{ messages }}\n\x1b[8mhidden\x1b[0m\n"),
+        ],
+    )
+    .unwrap();
+
+    let output = env.run(&["ls"]);
+    assert_success(&output);
+    assert!(!has_control_bytes(&output.stdout), "{:?}", stdout(&output));
+    assert!(stdout(&output).contains("evil\\x1b[31m.gguf"), "{}", stdout(&output));
+    let output = env.run(&["ls", "--names"]);
+    assert!(!has_control_bytes(&output.stdout), "{:?}", stdout(&output));
+    // JSON carries the name as it is, escaped by JSON itself.
+    assert_eq!(ls_json(&env)[0]["name"], evil_name);
+
+    let output = env.run(&["show", evil_name]);
+    assert_success(&output);
+    let text = stdout(&output);
+    assert!(!has_control_bytes(&output.stdout), "{text:?}");
+    for shown in ["\\x1b]0;pwned\\x07", "author\\x1b[2J", "licence\\x0d\\x0aforged: line", "evil\\x1b[31m.gguf"] {
+        assert!(text.contains(shown), "{shown} in {text}");
+    }
+    let output = env.run(&["show", "--template", evil_name]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "{{ messages }}\n\\x1b[8mhidden\\x1b[0m\n", "lines kept, escapes shown");
+    let output = env.run(&["show", "--json", evil_name]);
+    let shown: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(shown["general_name"], title);
+
+    // Error messages name the file: escaped too.
+    let missing = env.path("missing\x1b]0;pwned\x07.gguf");
+    let output = env.run(&["show", missing.to_str().unwrap()]);
+    assert_exit(&output, 66);
+    assert!(!has_control_bytes(&output.stderr), "{:?}", stderr(&output));
+    assert!(stderr(&output).contains("missing\\x1b]0;pwned\\x07.gguf"), "{}", stderr(&output));
+
+    // A loaded instance keeps the file's name: `ps` and `status` escape it.
+    assert_success(&env.run(&["warm", evil_name]));
+    for args in [&["ps"][..], &["status"][..]] {
+        let output = env.run(args);
+        assert_success(&output);
+        assert!(!has_control_bytes(&output.stdout), "{args:?}: {:?}", stdout(&output));
+        assert!(stdout(&output).contains("evil\\x1b[31m.gguf"), "{args:?}: {}", stdout(&output));
+    }
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
