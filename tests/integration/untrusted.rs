@@ -1,6 +1,7 @@
-//! Files llmctl does not control: crafted GGUF headers, a FIFO where a model should be,
-//! escape sequences in metadata and file names. Each must get its documented exit code
-//! quickly and leave nothing behind.
+//! Files and servers llmctl does not control: crafted GGUF headers, a FIFO where a model
+//! should be, escape sequences in metadata and file names, a Hub that sends more than it
+//! lists, a full disk, a `.part` file that is not llmctl's, and redirects to another port.
+//! Each must get its documented exit code quickly and leave nothing behind.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::catalog::ls_json;
+use crate::catalog::{env_with_hub, ls_json, pulled_dir, tiny_bytes, FakeHub};
 use crate::support::*;
 
 /// How long a refusal may take: bad input is answered in well under a second; the bound
@@ -233,4 +234,166 @@ fn escape_sequences_in_headers_and_file_names_never_reach_the_terminal() {
     }
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
+}
+
+/// A small tmpfs mounted on a directory of the test, unmounted when dropped (before the
+/// test's temporary directory goes, so declare it after the `Env`).
+struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs on {} needs root", path.display());
+        Tmpfs { path: path.to_path_buf() }
+    }
+
+    fn resize(&self, size: &str) {
+        let status =
+            Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.path).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// The names in `dir`.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_hub_that_sends_more_than_it_lists_never_fills_the_disk() {
+    let (env, hub) = env_with_hub();
+    let model = tiny_bytes(&env);
+    hub.add("test/tiny-GGUF", vec![("tiny-Q4_K_M.gguf", model.clone())]);
+    // Room for the model twice over, not for what the Hub sends: writing past the listed
+    // size would end in "the disk is full" instead.
+    let _disk = Tmpfs::mount(&env.path("data/models"), &format!("{}", 2 * model.len()));
+    for announced in [false, true] {
+        {
+            let mut state = hub.state.lock().unwrap();
+            state.extra_bytes = 64 << 20;
+            state.extra_announced = announced;
+        }
+        let output = run_quickly(&env, &["pull", "test/tiny-GGUF"]);
+        assert_exit(&output, 69);
+        let expected = format!("sent more than the {} bytes the Hub lists", model.len());
+        assert!(stderr(&output).contains(&expected), "announced {announced}: {}", stderr(&output));
+        assert!(!pulled_dir(&env, "test/tiny-GGUF").exists(), "nothing left: {:?}", names_in(&env.path("data/models")));
+    }
+    hub.state.lock().unwrap().extra_bytes = 0;
+    assert_success(&env.run(&["pull", "test/tiny-GGUF"]));
+    assert_eq!(fs::read(pulled_dir(&env, "test/tiny-GGUF").join("tiny-Q4_K_M.gguf")).unwrap(), model);
+}
+
+#[test]
+fn a_full_disk_fails_the_pull_and_keeps_only_a_part_to_resume() {
+    let (env, hub) = env_with_hub();
+    let model = tiny_bytes(&env);
+    hub.add("test/tiny-GGUF", vec![("tiny-Q4_K_M.gguf", model.clone())]);
+    let disk = Tmpfs::mount(&env.path("data/models"), &format!("{}", model.len() / 2));
+    let output = env.run(&["pull", "test/tiny-GGUF"]);
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("the disk is full"), "{}", stderr(&output));
+    let dir = pulled_dir(&env, "test/tiny-GGUF");
+    assert_eq!(names_in(&dir), ["tiny-Q4_K_M.gguf.part"], "only the part, no final name, no temporary file");
+    let part = fs::read(dir.join("tiny-Q4_K_M.gguf.part")).unwrap();
+    assert!(!part.is_empty() && part.len() < model.len(), "{}", part.len());
+    assert_eq!(part[..], model[..part.len()], "the part is a prefix of the file");
+
+    disk.resize(&format!("{}", 4 * model.len()));
+    assert_success(&env.run(&["pull", "test/tiny-GGUF"]));
+    assert_eq!(fs::read(dir.join("tiny-Q4_K_M.gguf")).unwrap(), model);
+    let ranges: Vec<Option<String>> = hub.requests().into_iter().map(|(_, range, _)| range).collect();
+    assert!(ranges.contains(&Some(format!("bytes={}-", part.len()))), "resumed: {ranges:?}");
+    assert_eq!(names_in(&dir), ["llmctl-pull.json", "tiny-Q4_K_M.gguf"]);
+}
+
+#[test]
+fn a_part_file_that_is_not_llmctls_is_never_written_or_removed() {
+    let (env, hub) = env_with_hub();
+    let model = tiny_bytes(&env);
+    hub.add("test/tiny-GGUF", vec![("tiny-Q4_K_M.gguf", model.clone())]);
+    let dir = pulled_dir(&env, "test/tiny-GGUF");
+    fs::create_dir_all(&dir).unwrap();
+    let part = dir.join("tiny-Q4_K_M.gguf.part");
+    let victim = env.path("precious.txt");
+    fs::write(&victim, b"precious").unwrap();
+
+    let cases: [(&str, &dyn Fn()); 4] = [
+        ("a symbolic link", &|| std::os::unix::fs::symlink(&victim, &part).unwrap()),
+        ("a hard link to another file", &|| fs::hard_link(&victim, &part).unwrap()),
+        ("another user's file", &|| {
+            fs::write(&part, b"").unwrap();
+            std::os::unix::fs::chown(&part, Some(65534), Some(65534)).unwrap();
+        }),
+        ("not a regular file", &|| mkfifo(&part)),
+    ];
+    for (what, plant) in cases {
+        plant();
+        let output = run_quickly(&env, &["pull", "test/tiny-GGUF"]);
+        assert_exit(&output, 69);
+        assert!(stderr(&output).contains(&format!("tiny-Q4_K_M.gguf.part is {what}")), "{what}: {}", stderr(&output));
+        assert_eq!(fs::read(&victim).unwrap(), b"precious", "{what}: the file it points to is untouched");
+        assert!(fs::symlink_metadata(&part).is_ok(), "{what}: what is not llmctl's is not removed either");
+        fs::remove_file(&part).unwrap();
+    }
+
+    // Another pull holds the part: refused, and its part stays for it.
+    let held = fs::File::create(&part).unwrap();
+    // SAFETY: flock on a descriptor `held` owns for the whole call.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) }, 0);
+    let output = run_quickly(&env, &["pull", "test/tiny-GGUF"]);
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("another llmctl pull"), "{}", stderr(&output));
+    assert!(part.exists(), "the other pull's part is left alone");
+    drop(held);
+
+    assert_success(&env.run(&["pull", "test/tiny-GGUF"]));
+    assert_eq!(fs::read(dir.join("tiny-Q4_K_M.gguf")).unwrap(), model);
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+}
+
+#[test]
+fn the_token_goes_only_to_the_exact_origin_it_was_given_for() {
+    let (mut env, hub) = env_with_hub();
+    env.set("HF_TOKEN", "secret-token");
+    let model = tiny_bytes(&env);
+    hub.add("test/tiny-GGUF", vec![("tiny-Q4_K_M.gguf", model.clone())]);
+    // A second listener: the same host, another port.
+    let other_port = FakeHub::sharing(std::sync::Arc::clone(&hub.state));
+    let cdn_requests = |hub: &FakeHub| -> Vec<(String, Option<String>, Option<String>)> {
+        hub.requests().into_iter().filter(|(path, _, _)| path.starts_with("/cdn/")).collect()
+    };
+
+    hub.state.lock().unwrap().redirect_to = Some(other_port.url.clone());
+    assert_success(&env.run(&["pull", "test/tiny-GGUF"]));
+    let requests = hub.requests();
+    assert_eq!(requests[0].2.as_deref(), Some("Bearer secret-token"), "the endpoint gets the token: {requests:?}");
+    let cdn = cdn_requests(&hub);
+    assert_eq!(cdn.len(), 1, "{requests:?}");
+    assert_eq!(cdn[0].2, None, "another port of the same host is another origin: {cdn:?}");
+    assert_eq!(fs::read(pulled_dir(&env, "test/tiny-GGUF").join("tiny-Q4_K_M.gguf")).unwrap(), model);
+
+    // A redirect within the endpoint's own origin keeps it.
+    assert_success(&env.run(&["rm", "test/tiny-GGUF"]));
+    hub.state.lock().unwrap().redirect_to = Some(hub.url.clone());
+    assert_success(&env.run(&["pull", "test/tiny-GGUF"]));
+    let cdn = cdn_requests(&hub);
+    assert_eq!(cdn.len(), 2, "{cdn:?}");
+    assert_eq!(cdn[1].2.as_deref(), Some("Bearer secret-token"), "{cdn:?}");
 }
