@@ -6,8 +6,9 @@
 //! files; it never loads tensor data. The format is described in llama.cpp's `docs/gguf.md`.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -15,9 +16,23 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// The largest data alignment accepted: GGUF files use 32; a power of two up to 1 MiB is
 /// plausible, anything else is a crafted header.
 const MAX_ALIGNMENT: u64 = 1 << 20;
-/// Caps that keep a corrupt header from making us allocate or loop without bound.
-const MAX_STRING_LEN: u64 = 1 << 24;
-const MAX_ARRAY_LEN: u64 = 1 << 26;
+
+// Bounds on what a header may hold, so that no file can make the reader recurse, allocate
+// or loop without limit. Each is far above what real models hold (measured: Gemma 3's
+// header, with its 262,144-token vocabulary, is 6.2 MiB; SmolLM2's is 1.7 MiB).
+/// The whole header (metadata and tensor list): 20 times Gemma 3's.
+const MAX_HEADER_BYTES: u64 = 128 << 20;
+/// One string value; chat templates, the longest strings real models carry, are tens of KiB.
+const MAX_STRING_LEN: u64 = 16 << 20;
+/// One key or tensor name: the GGUF specification caps keys at 65,535 bytes (and tensor
+/// names at 64; llama.cpp checks that itself).
+const MAX_KEY_LEN: u64 = u16::MAX as u64;
+/// Elements of one array: 64 times the largest vocabulary in use (262,144 tokens).
+const MAX_ARRAY_LEN: u64 = 1 << 24;
+/// Arrays of arrays: the specification allows them, llama.cpp reads none and no real model
+/// has one; a small bound keeps the reader's recursion far from the end of any stack.
+const MAX_NESTING: u32 = 8;
+/// Keys and tensors: models have tens of keys and at most a few thousand tensors.
 const MAX_COUNT: u64 = 1 << 20;
 
 /// What llmctl needs to know about a model file.
@@ -122,6 +137,9 @@ fn file_type_name(file_type: u64) -> Option<&'static str> {
         36 => "TQ1_0",
         37 => "TQ2_0",
         38 => "MXFP4_MOE",
+        39 => "NVFP4",
+        40 => "Q1_0",
+        41 => "Q2_0",
         _ => return None,
     })
 }
@@ -161,6 +179,9 @@ fn type_name(ggml_type: u32) -> Option<&'static str> {
         34 => "TQ1_0",
         35 => "TQ2_0",
         39 => "MXFP4",
+        40 => "NVFP4",
+        41 => "Q1_0",
+        42 => "Q2_0",
         _ => return None,
     })
 }
@@ -191,19 +212,48 @@ impl From<String> for ParseError {
 /// Reads the header as a stream through one small reused buffer: a vocabulary is megabytes
 /// of strings, and reading it into a fresh allocation costs more in page faults than the
 /// parsing itself (measured: 4 ms against 0.5 ms for 4 MiB).
+///
+/// Every read first asks [`Reader::need`] whether the bytes exist, so nothing is allocated
+/// or skipped for a length the file cannot hold, and nothing is read past the size the file
+/// had when it was opened or past [`MAX_HEADER_BYTES`].
 struct Reader<R> {
     inner: R,
     offset: u64,
+    file_size: u64,
 }
 
 impl<R: BufRead> Reader<R> {
+    fn new(inner: R, file_size: u64) -> Reader<R> {
+        Reader { inner, offset: 0, file_size }
+    }
+
+    /// Fails unless `n` more bytes may be read: past the end of the file is `OutOfData`
+    /// (truncated), past the header bound is a crafted header.
+    fn need(&self, n: u64) -> Result<(), ParseError> {
+        let end = self.offset.saturating_add(n);
+        if end > self.file_size {
+            return Err(ParseError::OutOfData);
+        }
+        if end > MAX_HEADER_BYTES {
+            return Err(ParseError::Bad(format!("the header is larger than {} MiB", MAX_HEADER_BYTES >> 20)));
+        }
+        Ok(())
+    }
+
+    /// Bytes of the file after the offset (for a count that claims more than that).
+    fn remaining(&self) -> u64 {
+        self.file_size.saturating_sub(self.offset)
+    }
+
     fn array<const N: usize>(&mut self) -> Result<[u8; N], ParseError> {
+        self.need(N as u64)?;
         let mut buf = [0u8; N];
         self.inner.read_exact(&mut buf).map_err(|_| ParseError::OutOfData)?;
         self.offset += N as u64;
         Ok(buf)
     }
     fn take(&mut self, n: u64) -> Result<(), ParseError> {
+        self.need(n)?;
         let mut left = n;
         while left > 0 {
             let available = self.inner.fill_buf().map_err(|_| ParseError::OutOfData)?.len();
@@ -214,7 +264,7 @@ impl<R: BufRead> Reader<R> {
             self.inner.consume(step);
             left -= step as u64;
         }
-        self.offset = self.offset.saturating_add(n);
+        self.offset += n;
         Ok(())
     }
     fn u32(&mut self) -> Result<u32, ParseError> {
@@ -223,22 +273,25 @@ impl<R: BufRead> Reader<R> {
     fn u64(&mut self) -> Result<u64, ParseError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    fn string_len(&mut self) -> Result<u64, ParseError> {
+    /// The length of a string, checked against `max` and against what the file still holds.
+    fn string_len(&mut self, max: u64) -> Result<u64, ParseError> {
         let len = self.u64()?;
-        if len > MAX_STRING_LEN {
+        if len > max {
             return Err(ParseError::Bad(format!("string of {len} bytes in the header")));
         }
+        self.need(len)?;
         Ok(len)
     }
-    fn string(&mut self) -> Result<String, ParseError> {
-        let len = self.string_len()?;
+    fn string(&mut self, max: u64) -> Result<String, ParseError> {
+        let len = self.string_len(max)?;
         let mut bytes = vec![0u8; len as usize];
         self.inner.read_exact(&mut bytes).map_err(|_| ParseError::OutOfData)?;
-        self.offset = self.offset.saturating_add(len);
+        self.offset += len;
         String::from_utf8(bytes).map_err(|_| ParseError::Bad("a header string is not UTF-8".into()))
     }
 
-    fn value(&mut self, value_type: u32) -> Result<Value, ParseError> {
+    /// One metadata value; `depth` counts the arrays it is inside.
+    fn value(&mut self, value_type: u32, depth: u32) -> Result<Value, ParseError> {
         Ok(match value_type {
             0 => Value::Uint(self.array::<1>()?[0] as u64),
             1 => Value::Int(self.array::<1>()?[0] as i8 as i64),
@@ -254,12 +307,26 @@ impl<R: BufRead> Reader<R> {
                 self.array::<1>()?;
                 Value::Bool
             }
-            8 => Value::Str(self.string()?),
+            8 => Value::Str(self.string(MAX_STRING_LEN)?),
             9 => {
+                if depth >= MAX_NESTING {
+                    return Err(ParseError::Bad(format!("metadata arrays nested more than {MAX_NESTING} deep")));
+                }
                 let element_type = self.u32()?;
                 let len = self.u64()?;
                 if len > MAX_ARRAY_LEN {
                     return Err(ParseError::Bad(format!("array of {len} elements in the header")));
+                }
+                let Some(smallest) = smallest_size(element_type) else {
+                    return Err(ParseError::Bad(format!("unknown metadata value type {element_type}")));
+                };
+                // Every element takes at least `smallest` bytes: a count the rest of the file
+                // cannot hold is refused before the first element is read.
+                if len.saturating_mul(smallest) > self.remaining() {
+                    return Err(ParseError::Bad(format!(
+                        "the file is truncated or corrupt: an array of {len} elements needs more bytes than \
+                         the file holds"
+                    )));
                 }
                 match (fixed_size(element_type), element_type) {
                     (Some(size), _) => {
@@ -269,13 +336,13 @@ impl<R: BufRead> Reader<R> {
                     // without decoding.
                     (None, 8) => {
                         for _ in 0..len {
-                            let string_len = self.string_len()?;
+                            let string_len = self.string_len(MAX_STRING_LEN)?;
                             self.take(string_len)?;
                         }
                     }
                     (None, _) => {
                         for _ in 0..len {
-                            self.value(element_type)?;
+                            self.value(element_type, depth + 1)?;
                         }
                     }
                 }
@@ -292,6 +359,16 @@ impl<R: BufRead> Reader<R> {
     }
 }
 
+/// The fewest bytes a value of `value_type` takes: its size, a string's length field, or
+/// an array's element type and count.
+fn smallest_size(value_type: u32) -> Option<u64> {
+    match value_type {
+        8 => Some(8),
+        9 => Some(12),
+        _ => fixed_size(value_type),
+    }
+}
+
 fn fixed_size(value_type: u32) -> Option<u64> {
     match value_type {
         0 | 1 | 7 => Some(1),
@@ -302,40 +379,47 @@ fn fixed_size(value_type: u32) -> Option<u64> {
     }
 }
 
-/// Elements per block and bytes per block of a ggml tensor type, from ggml's type traits.
+/// Elements per block and bytes per block of a ggml tensor type: `blck_size` and
+/// `type_size` of ggml's `type_traits` (ggml/src/ggml.c), as `ggml_blck_size` and
+/// `ggml_type_size` of build b11434 report them. Ids 4, 5 and 31 to 33, 36 to 38 are types
+/// ggml removed; GGUF files cannot hold them.
 fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
     Some(match ggml_type {
-        0 => (1, 4),     // F32
-        1 => (1, 2),     // F16
-        2 => (32, 18),   // Q4_0
-        3 => (32, 20),   // Q4_1
-        6 => (32, 22),   // Q5_0
-        7 => (32, 24),   // Q5_1
-        8 => (32, 34),   // Q8_0
-        9 => (32, 36),   // Q8_1
-        10 => (256, 84), // Q2_K
-        11 => (256, 110),
-        12 => (256, 144),
-        13 => (256, 176),
-        14 => (256, 210),
-        15 => (256, 292),
-        16 => (256, 66), // IQ2_XXS
-        17 => (256, 74),
-        18 => (256, 98),
-        19 => (256, 50), // IQ1_S
-        20 => (32, 18),  // IQ4_NL
-        21 => (256, 110),
-        22 => (256, 82),
-        23 => (256, 136),
-        24 => (1, 1),    // I8
-        25 => (1, 2),    // I16
-        26 => (1, 4),    // I32
-        27 => (1, 8),    // I64
-        28 => (1, 8),    // F64
-        29 => (256, 56), // IQ1_M
-        30 => (1, 2),    // BF16
-        34 => (256, 54), // TQ1_0
-        35 => (256, 66), // TQ2_0
+        0 => (1, 4),      // F32
+        1 => (1, 2),      // F16
+        2 => (32, 18),    // Q4_0
+        3 => (32, 20),    // Q4_1
+        6 => (32, 22),    // Q5_0
+        7 => (32, 24),    // Q5_1
+        8 => (32, 34),    // Q8_0
+        9 => (32, 36),    // Q8_1
+        10 => (256, 84),  // Q2_K
+        11 => (256, 110), // Q3_K
+        12 => (256, 144), // Q4_K
+        13 => (256, 176), // Q5_K
+        14 => (256, 210), // Q6_K
+        15 => (256, 292), // Q8_K
+        16 => (256, 66),  // IQ2_XXS
+        17 => (256, 74),  // IQ2_XS
+        18 => (256, 98),  // IQ3_XXS
+        19 => (256, 50),  // IQ1_S
+        20 => (32, 18),   // IQ4_NL
+        21 => (256, 110), // IQ3_S
+        22 => (256, 82),  // IQ2_S
+        23 => (256, 136), // IQ4_XS
+        24 => (1, 1),     // I8
+        25 => (1, 2),     // I16
+        26 => (1, 4),     // I32
+        27 => (1, 8),     // I64
+        28 => (1, 8),     // F64
+        29 => (256, 56),  // IQ1_M
+        30 => (1, 2),     // BF16
+        34 => (256, 54),  // TQ1_0
+        35 => (256, 66),  // TQ2_0
+        39 => (32, 17),   // MXFP4 (gpt-oss)
+        40 => (64, 36),   // NVFP4
+        41 => (128, 18),  // Q1_0
+        42 => (64, 18),   // Q2_0
         _ => return None,
     })
 }
@@ -343,10 +427,21 @@ fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
 /// Reads the header of `path` and checks that the file holds all the data it describes.
 /// The error is a sentence for the user.
 pub fn inspect(path: &Path) -> Result<ModelInfo, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let file = open_regular(path)?;
     let file_size = file.metadata().map_err(|e| format!("cannot stat it: {e}"))?.len();
-    let reader = Reader { inner: BufReader::with_capacity(1 << 16, file), offset: 0 };
-    match parse(reader, file_size) {
+    let reader = Reader::new(BufReader::with_capacity(1 << 16, file), file_size);
+    describe(parse(reader), file_size)
+}
+
+/// Reads a header held in memory, with the same checks as [`inspect`] (the fuzz target's
+/// way in).
+pub fn inspect_bytes(bytes: &[u8]) -> Result<ModelInfo, String> {
+    let file_size = bytes.len() as u64;
+    describe(parse(Reader::new(bytes, file_size)), file_size)
+}
+
+fn describe(parsed: Result<ModelInfo, ParseError>, file_size: u64) -> Result<ModelInfo, String> {
+    match parsed {
         Ok(info) => Ok(info),
         Err(ParseError::Bad(message)) => Err(message),
         Err(ParseError::OutOfData) if file_size < 24 => {
@@ -356,7 +451,41 @@ pub fn inspect(path: &Path) -> Result<ModelInfo, String> {
     }
 }
 
-fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo, ParseError> {
+/// Opens `path` for reading only when it is a regular file (a symlink to one is fine).
+///
+/// The type is checked before the open, because opening a FIFO for reading blocks until a
+/// writer comes and opening a device may do something; and again on the open descriptor,
+/// so a file swapped for a FIFO between the two is caught too. `O_NONBLOCK` makes that
+/// second open return at once even then; on a regular file it changes nothing (Linux
+/// ignores it for regular files, see open(2)).
+fn open_regular(path: &Path) -> Result<File, String> {
+    let metadata = fs::metadata(path).map_err(|e| format!("cannot stat it: {e}"))?;
+    refuse_unless_regular(&metadata)?;
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot open it: {e}"))?;
+    refuse_unless_regular(&file.metadata().map_err(|e| format!("cannot stat it: {e}"))?)?;
+    Ok(file)
+}
+
+fn refuse_unless_regular(metadata: &fs::Metadata) -> Result<(), String> {
+    let file_type = metadata.file_type();
+    let kind = match () {
+        _ if file_type.is_file() => return Ok(()),
+        _ if file_type.is_dir() => "a directory",
+        _ if file_type.is_fifo() => "a FIFO",
+        _ if file_type.is_socket() => "a socket",
+        _ if file_type.is_char_device() => "a character device",
+        _ if file_type.is_block_device() => "a block device",
+        _ => "not a regular file",
+    };
+    Err(format!("it is {kind}, not a model file"))
+}
+
+fn parse<R: BufRead>(mut reader: Reader<R>) -> Result<ModelInfo, ParseError> {
+    let file_size = reader.file_size;
     let magic: [u8; 4] = reader.array()?;
     if &magic != MAGIC {
         return Err(ParseError::Bad("it does not start with the GGUF magic bytes".to_string()));
@@ -370,20 +499,29 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
     if tensor_count > MAX_COUNT || kv_count > MAX_COUNT {
         return Err(ParseError::Bad(format!("implausible header ({tensor_count} tensors, {kv_count} keys)")));
     }
+    // A key takes at least 13 bytes (length, type, one byte of value), a tensor 24 (name
+    // length, dimension count, type, offset): counts the file cannot hold are refused now.
+    if kv_count * 13 + tensor_count * 24 > reader.remaining() {
+        return Err(ParseError::Bad(format!(
+            "the file is truncated or corrupt: its header claims {tensor_count} tensors and {kv_count} keys, \
+             more than the file holds"
+        )));
+    }
 
     let mut metadata: HashMap<String, Value> = HashMap::new();
     for _ in 0..kv_count {
-        let key = reader.string()?;
+        let key = reader.string(MAX_KEY_LEN)?;
         let value_type = reader.u32()?;
-        let value = reader.value(value_type)?;
+        let value = reader.value(value_type, 0)?;
         metadata.insert(key, value);
     }
 
     let mut data_end = 0u64;
     let mut parameter_count = 0u64;
     let mut bytes_by_type: HashMap<u32, u64> = HashMap::new();
+    let mut has_unknown_type = false;
     for _ in 0..tensor_count {
-        let name = reader.string()?;
+        let name = reader.string(MAX_KEY_LEN)?;
         let n_dims = reader.u32()?;
         if n_dims > 8 {
             return Err(ParseError::Bad(format!("tensor {name} has {n_dims} dimensions")));
@@ -396,7 +534,10 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
         let offset = reader.u64()?;
         let size = match block_layout(ggml_type) {
             Some((block, bytes)) => elements.div_ceil(block).saturating_mul(bytes),
-            None => 0,
+            None => {
+                has_unknown_type = true;
+                0
+            }
         };
         parameter_count = parameter_count.saturating_add(elements);
         let type_bytes = bytes_by_type.entry(ggml_type).or_default();
@@ -411,6 +552,11 @@ fn parse<R: BufRead>(mut reader: Reader<R>, file_size: u64) -> Result<ModelInfo,
     };
     let data_start = reader.offset.div_ceil(alignment).saturating_mul(alignment);
     let needed = data_start.saturating_add(data_end);
+    // A type this table does not know (one newer than llama.cpp b11434) has no size; the
+    // data on disk is then the best estimate of what the weights take, never zero.
+    if has_unknown_type {
+        data_end = data_end.max(file_size.saturating_sub(data_start));
+    }
     if needed > file_size {
         return Err(ParseError::Bad(format!(
             "the file is truncated: its header describes {needed} bytes but it has {file_size}"
@@ -475,6 +621,11 @@ mod tests {
 
     /// A minimal valid file: one string key, one f32 tensor of 8 elements.
     fn minimal() -> Vec<u8> {
+        minimal_with(0, 8)
+    }
+
+    /// A minimal file whose one tensor has `elements` of `ggml_type`, with 32 bytes of data.
+    fn minimal_with(ggml_type: u32, elements: u64) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend(b"GGUF");
         out.extend(3u32.to_le_bytes());
@@ -488,8 +639,8 @@ mod tests {
         out.extend(2u32.to_le_bytes());
         put_string(&mut out, "w");
         out.extend(1u32.to_le_bytes());
-        out.extend(8u64.to_le_bytes());
-        out.extend(0u32.to_le_bytes());
+        out.extend(elements.to_le_bytes());
+        out.extend(ggml_type.to_le_bytes());
         out.extend(0u64.to_le_bytes());
         while out.len() % 32 != 0 {
             out.push(0);
@@ -498,15 +649,43 @@ mod tests {
         out
     }
 
-    fn inspect_bytes(bytes: &[u8]) -> Result<ModelInfo, String> {
+    /// `bytes` written to a file and inspected there, as every caller does.
+    fn inspect_file_of(bytes: &[u8]) -> Result<ModelInfo, String> {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(bytes).unwrap();
         inspect(file.path())
     }
 
+    /// A header of `tensor_count` tensors and one key `x` whose value (type and bytes)
+    /// follows, as a crafted file would hold it.
+    fn with_value(tensor_count: u64, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(b"GGUF");
+        out.extend(3u32.to_le_bytes());
+        out.extend(tensor_count.to_le_bytes());
+        out.extend(1u64.to_le_bytes());
+        put_string(&mut out, "x");
+        out.extend(value);
+        out
+    }
+
+    /// An array value: its type, then [`array_element`].
+    fn array_head(element_type: u32, len: u64) -> Vec<u8> {
+        let mut out = 9u32.to_le_bytes().to_vec();
+        out.extend(array_element(element_type, len));
+        out
+    }
+
+    /// An array as an element of another: element type and count, with no type of its own.
+    fn array_element(element_type: u32, len: u64) -> Vec<u8> {
+        let mut out = element_type.to_le_bytes().to_vec();
+        out.extend(len.to_le_bytes());
+        out
+    }
+
     #[test]
     fn reads_a_minimal_file() {
-        let info = inspect_bytes(&minimal()).unwrap();
+        let info = inspect_file_of(&minimal()).unwrap();
         assert_eq!(info.architecture, "llama");
         assert_eq!(info.block_count, Some(2));
         assert_eq!(info.tensor_bytes, 32);
@@ -537,11 +716,11 @@ mod tests {
             (&minimal()[..40], "truncated"),
         ];
         for (bytes, expected) in table {
-            let error = inspect_bytes(bytes).unwrap_err();
+            let error = inspect_file_of(bytes).unwrap_err();
             assert!(error.contains(expected), "{error} should mention {expected}");
         }
         let full = minimal();
-        let error = inspect_bytes(&full[..full.len() - 1]).unwrap_err();
+        let error = inspect_file_of(&full[..full.len() - 1]).unwrap_err();
         assert!(error.contains("truncated"), "{error}");
     }
 
@@ -549,7 +728,188 @@ mod tests {
     fn refuses_absurd_counts() {
         let mut bytes = minimal();
         bytes[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(inspect_bytes(&bytes).unwrap_err().contains("implausible"));
+        assert!(inspect_file_of(&bytes).unwrap_err().contains("implausible"));
+    }
+
+    #[test]
+    fn deeply_nested_arrays_are_refused_not_a_stack_overflow() {
+        // A million arrays, each holding the next: one recursion per level would take a
+        // stack of hundreds of MiB.
+        let mut value = 9u32.to_le_bytes().to_vec();
+        for _ in 0..1_000_000 {
+            value.extend(array_element(9, 1));
+        }
+        value.extend(array_element(4, 0));
+        let error = inspect_bytes(&with_value(0, &value)).unwrap_err();
+        assert!(error.contains("nested more than 8 deep"), "{error}");
+        // Within the bound, nesting is read (the specification allows it).
+        let mut value = 9u32.to_le_bytes().to_vec();
+        for _ in 0..7 {
+            value.extend(array_element(9, 1));
+        }
+        value.extend(array_element(4, 1));
+        value.extend(7u32.to_le_bytes());
+        let mut bytes = with_value(0, &value);
+        bytes.resize(bytes.len().next_multiple_of(32), 0);
+        let error = inspect_bytes(&bytes).unwrap_err();
+        assert!(error.contains("general.architecture"), "read to the end: {error}");
+    }
+
+    #[test]
+    fn counts_and_lengths_the_file_cannot_hold_are_refused_at_once() {
+        let string_value = |len: u64| {
+            let mut value = 8u32.to_le_bytes().to_vec();
+            value.extend(len.to_le_bytes());
+            value
+        };
+        let table: [(Vec<u8>, &str); 8] = [
+            (with_value(0, &array_head(0, u64::MAX)), "array of 18446744073709551615 elements"),
+            (with_value(0, &array_head(8, 1 << 24)), "needs more bytes than the file holds"),
+            (with_value(0, &array_head(9, 1 << 24)), "needs more bytes than the file holds"),
+            (with_value(0, &array_head(12, 1 << 20)), "needs more bytes than the file holds"),
+            (with_value(0, &array_head(77, 0)), "unknown metadata value type 77"),
+            (with_value(0, &string_value(1 << 40)), "string of 1099511627776 bytes"),
+            (with_value(0, &string_value(1 << 20)), "truncated"),
+            (with_value(1 << 19, &string_value(0)), "more than the file holds"),
+        ];
+        for (bytes, expected) in table {
+            let started = std::time::Instant::now();
+            let error = inspect_bytes(&bytes).unwrap_err();
+            assert!(error.contains(expected), "{error} should mention {expected}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(1), "{expected}: {:?}", started.elapsed());
+        }
+        let mut key = minimal();
+        key[24..32].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        assert!(inspect_bytes(&key).unwrap_err().contains("string of 1048576 bytes"));
+    }
+
+    #[test]
+    fn a_header_over_128_mib_is_refused() {
+        // An array of 2^24 u64 (128 MiB) in a sparse file big enough to hold it.
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&with_value(0, &array_head(10, 1 << 24))).unwrap();
+        file.as_file().set_len(200 << 20).unwrap();
+        let error = inspect(file.path()).unwrap_err();
+        assert!(error.contains("larger than 128 MiB"), "{error}");
+    }
+
+    #[test]
+    fn only_regular_files_are_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("x.gguf");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Opening a FIFO for reading blocks until a writer comes: read it on a thread and
+        // fail at a deadline rather than hang the test.
+        let (sender, answer) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = sender.send(inspect(&path));
+        });
+        let error = answer.recv_timeout(std::time::Duration::from_secs(10)).expect("inspect returned").unwrap_err();
+        assert!(error.contains("it is a FIFO, not a model file"), "{error}");
+        let error = inspect(dir.path()).unwrap_err();
+        assert!(error.contains("a directory"), "{error}");
+        let error = inspect(Path::new("/dev/null")).unwrap_err();
+        assert!(error.contains("a character device"), "{error}");
+        // A symlink to a model is a model.
+        let model = dir.path().join("model.gguf");
+        fs::write(&model, minimal()).unwrap();
+        let link = dir.path().join("link.gguf");
+        std::os::unix::fs::symlink(&model, &link).unwrap();
+        assert_eq!(inspect(&link).unwrap().architecture, "llama");
+        // A descriptor that turns out not to be a regular file is refused after the open too.
+        let error = refuse_unless_regular(&fs::metadata(&fifo).unwrap()).unwrap_err();
+        assert!(error.contains("FIFO"), "{error}");
+    }
+
+    /// `minimal()` with its one tensor of 64 elements stored as `ggml_type`, and room for
+    /// its data.
+    fn one_tensor_of(ggml_type: u32) -> Vec<u8> {
+        let mut bytes = minimal_with(ggml_type, 64);
+        bytes.extend([0u8; 256]);
+        bytes
+    }
+
+    #[test]
+    fn mxfp4_and_the_newest_types_have_their_sizes() {
+        // 64 elements: two MXFP4 blocks of 32 elements in 17 bytes each.
+        let info = inspect_bytes(&one_tensor_of(39)).unwrap();
+        assert_eq!(info.tensor_bytes, 34);
+        assert_eq!(info.quantization(), "MXFP4");
+        for (ggml_type, bytes) in [(40, 36), (41, 18), (42, 18), (12, 144), (2, 36)] {
+            assert_eq!(inspect_bytes(&one_tensor_of(ggml_type)).unwrap().tensor_bytes, bytes, "type {ggml_type}");
+        }
+        // A type newer than the table counts as the bytes on disk after the header.
+        let unknown = one_tensor_of(99);
+        let info = inspect_bytes(&unknown).unwrap();
+        assert!(info.tensor_bytes >= 256, "{}", info.tensor_bytes);
+    }
+
+    #[test]
+    fn every_named_ggml_type_has_a_size() {
+        // ggml.h of b11434 numbers its types 0 to 42 (GGML_TYPE_COUNT = 43); these ids are
+        // types it removed.
+        let removed = [4, 5, 31, 32, 33, 36, 37, 38];
+        for ggml_type in 0..43 {
+            let named = type_name(ggml_type).is_some();
+            assert_eq!(named, !removed.contains(&ggml_type), "type {ggml_type}");
+            assert_eq!(block_layout(ggml_type).is_some(), named, "type {ggml_type}");
+        }
+        assert_eq!(type_name(43), None);
+    }
+
+    /// A small deterministic generator (xorshift64*), so a failing case replays exactly.
+    struct Random(u64);
+
+    impl Random {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn thousands_of_mutated_headers_never_panic() {
+        let original = crate::tiny_model::bytes();
+        let header_len = inspect_bytes(&original).map(|info| (info.file_size - info.tensor_bytes) as usize).unwrap();
+        // Values that hit the bounds: zero, one, the limits and just past them, all ones.
+        let boundaries: [u64; 9] =
+            [0, 1, 8, 9, MAX_NESTING as u64 + 1, MAX_ARRAY_LEN + 1, u32::MAX as u64, 1 << 40, u64::MAX];
+        let mut random = Random(0x5eed_1234_abcd_9876);
+        let mut bytes = original.clone();
+        let mut parsed = 0;
+        for _ in 0..20_000 {
+            let mut changed = Vec::new();
+            for _ in 0..1 + random.below(4) {
+                let at = random.below(header_len - 8);
+                changed.push((at, bytes[at..at + 8].to_vec()));
+                match random.below(3) {
+                    0 => bytes[at] ^= 1 << random.below(8),
+                    1 => bytes[at] = random.next() as u8,
+                    _ => {
+                        let value = boundaries[random.below(boundaries.len())];
+                        bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+                    }
+                }
+            }
+            let end = if random.below(4) == 0 { random.below(bytes.len()) } else { bytes.len() };
+            if let Ok(info) = inspect_bytes(&bytes[..end]) {
+                assert!(info.tensor_bytes <= info.file_size, "{info:?}");
+                parsed += 1;
+            }
+            for (at, old) in changed.into_iter().rev() {
+                bytes[at..at + 8].copy_from_slice(&old);
+            }
+        }
+        assert_eq!(bytes, original);
+        assert!(parsed > 100, "the mutations should leave some headers readable: {parsed}");
     }
 
     #[test]

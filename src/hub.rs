@@ -11,6 +11,7 @@
 use std::fs::{self, File};
 use std::io::{self, IsTerminal, Read, Seek, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::library::DEFAULT_TAG;
+use crate::percent;
 use crate::sha256::Sha256;
 
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -76,8 +78,8 @@ impl Hub {
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .timeout_per_read(Some(READ_TIMEOUT))
             .http_status_as_error(false)
-            // The Hub redirects downloads to its CDN; the token must not follow to another host.
-            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
+            // Redirects are followed by `Hub::get`, which decides where the token goes.
+            .max_redirects(0)
             .user_agent(concat!("llmctl/", env!("CARGO_PKG_VERSION")))
             .build();
         Hub {
@@ -87,12 +89,31 @@ impl Hub {
         }
     }
 
-    fn get(&self, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
-        let request = self.agent.get(url);
-        match &self.token {
-            Some(token) => request.header("Authorization", format!("Bearer {token}")),
-            None => request,
+    /// GETs `url`, with `range` on every hop, following redirects here rather than in ureq:
+    /// the token goes only to the endpoint's own origin (scheme, host and port), never to
+    /// the CDN the Hub redirects downloads to, nor to another port of the same host (ureq's
+    /// `SameHost` compares host names alone). The error is a reason for the user.
+    fn get(&self, url: &str, range: Option<&str>) -> std::result::Result<ureq::http::Response<ureq::Body>, String> {
+        let endpoint_origin = origin(&self.endpoint);
+        let mut url = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut request = self.agent.get(&url);
+            if let Some(range) = range {
+                request = request.header("Range", range);
+            }
+            if let Some(token) =
+                self.token.as_ref().filter(|_| endpoint_origin.is_some() && origin(&url) == endpoint_origin)
+            {
+                request = request.header("Authorization", format!("Bearer {token}"));
+            }
+            let response = request.call().map_err(|e| format!("cannot reach {}: {e}", self.endpoint))?;
+            let location = response.headers().get("location").and_then(|value| value.to_str().ok());
+            match (response.status().as_u16(), location) {
+                (301 | 302 | 303 | 307 | 308, Some(location)) => url = resolve(&url, location)?,
+                _ => return Ok(response),
+            }
         }
+        Err(format!("{} redirected more than {MAX_REDIRECTS} times", self.endpoint))
     }
 
     fn denied_or_missing(&self, repo: &str, status: u16, what: &str) -> Option<Error> {
@@ -110,8 +131,7 @@ impl Hub {
     pub fn list(&self, repo: &str) -> Result<Vec<RemoteFile>> {
         let url = format!("{}/api/models/{repo}?blobs=true", self.endpoint);
         let unreachable = |reason: String| Error::Download { file: format!("the file list of {repo}"), reason };
-        let response =
-            self.get(&url).call().map_err(|e| unreachable(format!("cannot reach {}: {e}", self.endpoint)))?;
+        let response = self.get(&url, None).map_err(unreachable)?;
         let status = response.status().as_u16();
         if let Some(error) = self.denied_or_missing(repo, status, "the repository") {
             return Err(error);
@@ -140,30 +160,41 @@ impl Hub {
 
     /// Downloads `file` of `repo` into `dir`, resuming a `.part` left by an earlier try.
     /// Returns the final path; it exists only once size and digest were checked.
+    ///
+    /// The part is written only when it is a regular file of this user's with no other
+    /// name (never through a symlink or a hard link, so no other file is ever changed), and
+    /// never past the size the Hub lists. When the download fails, the part stays only as a
+    /// start to resume from: something in it, no more than the file's size, not known bad.
     pub fn download(&self, repo: &str, file: &RemoteFile, dir: &Path) -> Result<PathBuf> {
+        let final_path = dir.join(file.local_name());
+        if let (Ok(metadata), Some(size)) = (fs::symlink_metadata(&final_path), file.size) {
+            // Only a checked file ever gets its final name, so a complete one is done.
+            if metadata.is_file() && metadata.len() == size {
+                return Ok(final_path);
+            }
+        }
         let part_path = dir.join(format!("{}.part", file.local_name()));
-        let result = self.fetch(repo, file, dir, &part_path);
-        // A part with nothing in it is no start to resume from.
-        if result.is_err() && fs::metadata(&part_path).is_ok_and(|metadata| metadata.len() == 0) {
-            let _ = fs::remove_file(part_path);
+        // A part this pull cannot own (another pull's, or not a file of ours) is never removed.
+        let mut part = open_part(&part_path, &file.name)?;
+        let result = self.fetch(repo, file, &mut part, &part_path, &final_path);
+        if result.is_err() {
+            let left = part.metadata().map(|metadata| metadata.len()).unwrap_or(0);
+            if left == 0 || file.size.is_some_and(|size| left > size) {
+                let _ = fs::remove_file(&part_path);
+            }
         }
         result
     }
 
-    fn fetch(&self, repo: &str, file: &RemoteFile, dir: &Path, part_path: &Path) -> Result<PathBuf> {
-        let final_path = dir.join(file.local_name());
-        if let (Ok(metadata), Some(size)) = (fs::metadata(&final_path), file.size) {
-            // Only a checked file ever gets its final name, so a complete one is done.
-            if metadata.len() == size {
-                return Ok(final_path);
-            }
-        }
+    fn fetch(
+        &self,
+        repo: &str,
+        file: &RemoteFile,
+        part: &mut File,
+        part_path: &Path,
+        final_path: &Path,
+    ) -> Result<PathBuf> {
         let write_error = |e: io::Error| write_failure(part_path, e);
-        let mut part = File::options().create(true).append(true).read(true).open(part_path).map_err(write_error)?;
-        lock(&part).map_err(|_| Error::Download {
-            file: file.name.clone(),
-            reason: format!("another llmctl pull is downloading it into {} now", part_path.display()),
-        })?;
         let mut have = part.metadata().map_err(write_error)?.len();
         if file.size.is_some_and(|size| have > size) {
             part.set_len(0).map_err(write_error)?;
@@ -172,18 +203,15 @@ impl Hub {
         // The digest covers the whole file: hash what an earlier try left first.
         let mut hasher = Sha256::new();
         if have > 0 {
-            hash_prefix(&mut part, have, &mut hasher).map_err(write_error)?;
+            hash_prefix(part, have, &mut hasher).map_err(write_error)?;
         }
 
-        let url = format!("{}/{repo}/resolve/main/{}", self.endpoint, encode_path(&file.name));
+        let url = format!("{}/{repo}/resolve/main/{}", self.endpoint, percent::encode_path(&file.name));
         let broken = |reason: String| Error::Download { file: file.name.clone(), reason };
         let complete = file.size.is_some_and(|size| have == size);
         if !complete {
-            let mut request = self.get(&url);
-            if have > 0 {
-                request = request.header("Range", format!("bytes={have}-"));
-            }
-            let response = request.call().map_err(|e| broken(format!("cannot reach {}: {e}", self.endpoint)))?;
+            let range = (have > 0).then(|| format!("bytes={have}-"));
+            let response = self.get(&url, range.as_deref()).map_err(broken)?;
             let status = response.status().as_u16();
             if let Some(error) = self.denied_or_missing(repo, status, &format!("the file {}", file.name)) {
                 return Err(error);
@@ -201,8 +229,26 @@ impl Hub {
                 _ => return Err(broken(format!("{url} answered HTTP {status}"))),
             }
             if status != 416 {
+                let mut body = response.into_body();
+                // The most the file may have: the size the Hub lists, else what this answer
+                // announces. Nothing past it is ever written, so a server that sends more
+                // cannot fill the disk.
+                let announced = body.content_length().map(|length| have.saturating_add(length));
+                let limit = file.size.or(announced);
+                let too_long = |limit: u64| {
+                    let _ = fs::remove_file(part_path);
+                    broken(format!(
+                        "the server sent more than the {limit} bytes the Hub lists for it (the partial file was \
+                         deleted)"
+                    ))
+                };
+                if let (Some(limit), Some(announced)) = (limit, announced) {
+                    if announced > limit {
+                        return Err(too_long(limit));
+                    }
+                }
                 let mut progress = Progress::new(file.local_name(), have, file.size);
-                let mut body = response.into_body().into_reader();
+                let mut body = body.as_reader();
                 let mut buffer = vec![0u8; BUFFER];
                 loop {
                     let n = match body.read(&mut buffer) {
@@ -216,6 +262,10 @@ impl Hub {
                             )));
                         }
                     };
+                    if let Some(limit) = limit.filter(|&limit| have.saturating_add(n as u64) > limit) {
+                        progress.finish(have);
+                        return Err(too_long(limit));
+                    }
                     part.write_all(&buffer[..n]).map_err(write_error)?;
                     hasher.update(&buffer[..n]);
                     have += n as u64;
@@ -227,10 +277,7 @@ impl Hub {
         part.sync_all().map_err(write_error)?;
         if let Some(size) = file.size {
             if have != size {
-                // Short: kept, the next pull resumes it. Longer than the file: useless.
-                if have > size {
-                    let _ = fs::remove_file(part_path);
-                }
+                // Short: kept, the next pull resumes it.
                 return Err(broken(format!(
                     "it has {have} bytes where the Hub lists {size}; run the same command again"
                 )));
@@ -243,26 +290,93 @@ impl Hub {
                 return Err(Error::ChecksumMismatch { file: file.name.clone(), expected: expected.clone(), actual });
             }
         }
-        fs::rename(part_path, &final_path).map_err(write_error)?;
-        if let Ok(dir) = File::open(dir) {
+        fs::rename(part_path, final_path).map_err(write_error)?;
+        if let Some(dir) = final_path.parent().and_then(|dir| File::open(dir).ok()) {
             let _ = dir.sync_all();
         }
-        Ok(final_path)
+        Ok(final_path.to_path_buf())
     }
 }
 
-/// Percent-encodes a file path of the repository for a URL, keeping its slashes: Hub file
-/// names may hold spaces and other characters a URL cannot carry as they are.
-fn encode_path(path: &str) -> String {
-    let mut encoded = String::with_capacity(path.len());
-    for byte in path.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
-            encoded.push(byte as char);
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
+/// The most redirects one request follows (the Hub uses one, to its CDN).
+const MAX_REDIRECTS: usize = 10;
+
+/// Scheme, host and port of `url`, the port filled in from the scheme; none for a URL that
+/// is not http or https.
+fn origin(url: &str) -> Option<(String, String, u16)> {
+    let uri: ureq::http::Uri = url.parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    let host = uri.host()?.to_ascii_lowercase();
+    Some((scheme, host, uri.port_u16().unwrap_or(default_port)))
+}
+
+/// The URL a `Location` header names, from the URL that answered with it (RFC 9110
+/// §10.2.2: absolute, scheme-relative, absolute-path or relative reference).
+fn resolve(base: &str, location: &str) -> std::result::Result<String, String> {
+    let bad = || format!("the server redirected to `{location}`, which is not a URL llmctl follows");
+    // A reference with a scheme is absolute; only http and https are followed.
+    let scheme_end = location.find(|c: char| !(c.is_ascii_alphanumeric() || "+-.".contains(c)));
+    let starts_with_letter = location.starts_with(|c: char| c.is_ascii_alphabetic());
+    if starts_with_letter && scheme_end.is_some_and(|end| location[end..].starts_with(':')) {
+        return origin(location).map(|_| location.to_string()).ok_or_else(bad);
     }
-    encoded
+    let uri: ureq::http::Uri = base.parse().map_err(|_| bad())?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(bad());
+    };
+    let resolved = if let Some(rest) = location.strip_prefix("//") {
+        format!("{scheme}://{rest}")
+    } else if location.starts_with('/') {
+        format!("{scheme}://{authority}{location}")
+    } else {
+        let directory = uri.path().rsplit_once('/').map(|(directory, _)| directory).unwrap_or("");
+        format!("{scheme}://{authority}{directory}/{location}")
+    };
+    origin(&resolved).map(|_| resolved.clone()).ok_or_else(bad)
+}
+
+/// Opens (or creates) the part file for appending, and locks it, so two pulls never append
+/// to one file. `O_NOFOLLOW` refuses a symlink in its place; the checks on the open
+/// descriptor refuse a FIFO, a device, a hard link (a second name of another file) and a
+/// file of another user's.
+fn open_part(path: &Path, name: &str) -> Result<File> {
+    let refused = |what: &str| Error::Download {
+        file: name.to_string(),
+        reason: format!(
+            "{} is {what}; llmctl writes a download only into a file of its own: remove it and pull again",
+            path.display()
+        ),
+    };
+    let part = File::options()
+        .create(true)
+        .append(true)
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refused("a symbolic link"),
+            _ => write_failure(path, e),
+        })?;
+    let metadata = part.metadata().map_err(|e| write_failure(path, e))?;
+    if !metadata.is_file() {
+        return Err(refused("not a regular file"));
+    }
+    if metadata.nlink() != 1 {
+        return Err(refused("a hard link to another file"));
+    }
+    if metadata.uid() != crate::sys::current_uid() {
+        return Err(refused("another user's file"));
+    }
+    lock(&part).map_err(|_| Error::Download {
+        file: name.to_string(),
+        reason: format!("another llmctl pull is downloading it into {} now", path.display()),
+    })?;
+    Ok(part)
 }
 
 fn is_sha256(digest: &str) -> bool {
@@ -383,7 +497,8 @@ struct Progress {
 impl Progress {
     fn new(name: &str, have: u64, total: Option<u64>) -> Progress {
         Progress {
-            name: name.to_string(),
+            // The name comes from the Hub's listing: escaped, so it cannot drive the terminal.
+            name: crate::term::escape(name).into_owned(),
             total,
             started: Instant::now(),
             start_bytes: have,
@@ -462,10 +577,33 @@ mod tests {
     }
 
     #[test]
-    fn file_paths_are_encoded_for_urls() {
-        assert_eq!(encode_path("Q4_K_M/m-00001-of-00002.gguf"), "Q4_K_M/m-00001-of-00002.gguf");
-        assert_eq!(encode_path("my model #1?.gguf"), "my%20model%20%231%3F.gguf");
-        assert_eq!(encode_path("ü.gguf"), "%C3%BC.gguf");
+    fn origins_are_scheme_host_and_port() {
+        let hub = origin("https://huggingface.co");
+        assert_eq!(hub, Some(("https".into(), "huggingface.co".into(), 443)));
+        assert_eq!(origin("HTTPS://HuggingFace.co:443/a/b?c"), hub, "case and the default port aside");
+        for other in ["http://huggingface.co", "https://huggingface.co:8443", "https://cdn.huggingface.co"] {
+            assert_ne!(origin(other), hub, "{other}");
+        }
+        assert_eq!(origin("http://127.0.0.1:8000/x"), Some(("http".into(), "127.0.0.1".into(), 8000)));
+        assert_eq!(origin("ftp://example.com/"), None);
+        assert_eq!(origin("not a url"), None);
+    }
+
+    #[test]
+    fn redirects_resolve_like_a_browser() {
+        let base = "http://127.0.0.1:8000/o/r/resolve/main/m.gguf?x=1";
+        let table = [
+            ("https://cdn.example/f?sig=1", "https://cdn.example/f?sig=1"),
+            ("//cdn.example/f", "http://cdn.example/f"),
+            ("/cdn/o/r/m.gguf", "http://127.0.0.1:8000/cdn/o/r/m.gguf"),
+            ("other.gguf", "http://127.0.0.1:8000/o/r/resolve/main/other.gguf"),
+            ("1:2.gguf", "http://127.0.0.1:8000/o/r/resolve/main/1:2.gguf"),
+        ];
+        for (location, expected) in table {
+            assert_eq!(resolve(base, location).unwrap(), expected, "{location}");
+        }
+        assert!(resolve(base, "file:///etc/passwd").is_err());
+        assert!(resolve(base, "javascript:alert(1)").is_err());
     }
 
     #[test]

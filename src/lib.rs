@@ -25,7 +25,10 @@
 //!   settings, locations and the exit-status table.
 //! - `catalog`: every model llmctl can run (`ls`, completion, "did you mean"), with a cache
 //!   of headers; `library`: the models `pull` downloaded and their manifests; `hub`: the
-//!   Hugging Face Hub client of `pull`; `sha256`: the digest that checks a download.
+//!   Hugging Face Hub client of `pull`; `sha256`: the digest that checks a download;
+//!   `percent`: URL percent-encoding.
+//! - `term`: untrusted text (file names, header strings, a child's output) escaped for the
+//!   terminal.
 //!
 //! # Threads of the daemon and what each owns
 //! - `listener` accepts; `conn` threads (reused, one request each at a time) send jobs and
@@ -67,12 +70,14 @@ pub mod llama_server;
 pub mod memory;
 pub mod model;
 pub mod paths;
+pub mod percent;
 pub mod process;
 pub mod protocol;
 pub mod settings;
 pub mod setup;
 pub mod sha256;
 pub mod sys;
+pub mod term;
 pub mod tiny_model;
 
 use std::ffi::OsString;
@@ -155,7 +160,10 @@ pub fn report(error: &Error) -> i32 {
         Error::Usage { message } if message.is_empty() => {}
         Error::Interrupted => {}
         _ => {
-            let _ = writeln!(std::io::stderr().lock(), "llmctl: {error}");
+            // Messages name files and quote what servers wrote: escaped, lines kept, so no
+            // such text can drive the terminal.
+            let message = error.to_string();
+            let _ = writeln!(std::io::stderr().lock(), "llmctl: {}", term::escape_lines(&message));
         }
     }
     if code == exit::OK {

@@ -240,14 +240,18 @@ pub fn remove(paths: &Paths, pulled: &Pulled) -> std::io::Result<Vec<PathBuf>> {
     Ok(deleted)
 }
 
-/// The `*.gguf` files directly in the models directory, in name order.
+/// The `*.gguf` entries directly in the models directory, in name order: every one that is
+/// not a directory, so that one which is no file at all (a FIFO, a device) is listed with
+/// its error rather than hidden. Reading them is the GGUF reader's job, which opens regular
+/// files only.
 pub fn loose_files(paths: &Paths) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = fs::read_dir(paths.models_dir())
         .map(|entries| {
             entries
                 .flatten()
                 .map(|entry| entry.path())
-                .filter(|path| path.is_file() && path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("gguf")))
+                .filter(|path| path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("gguf")))
+                .filter(|path| fs::metadata(path).is_ok_and(|metadata| !metadata.is_dir()))
                 .collect()
         })
         .unwrap_or_default();

@@ -187,7 +187,10 @@ fn in_models_dir(name: &str, paths: &Paths) -> Option<(String, PathBuf)> {
     }
     let bare = !name.is_empty() && !name.contains('/') && name != "." && name != "..";
     let path = paths.models_dir().join(name);
-    (bare && path.is_file()).then(|| (name.to_string(), path))
+    // Anything there but a directory: the header check then says what is wrong with a FIFO
+    // or a device of that name, instead of "not found".
+    let exists = std::fs::metadata(&path).is_ok_and(|metadata| !metadata.is_dir());
+    (bare && exists).then(|| (name.to_string(), path))
 }
 
 fn expand_home(path: &Path) -> PathBuf {

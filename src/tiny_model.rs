@@ -150,7 +150,29 @@ pub fn write_quantized(path: &Path) -> std::io::Result<()> {
     write_model(path, "llama", WORDS, true)
 }
 
+/// The bytes of the tiny model, as [`write`] writes them: the fuzz target's seed and the
+/// header the GGUF reader's mutation test starts from.
+pub fn bytes() -> Vec<u8> {
+    model_bytes("llama", WORDS, false)
+}
+
+/// Writes the tiny model with these string keys set (replacing its own of the same name,
+/// such as `general.name`): for tests of what llmctl shows of a header.
+pub fn write_with_strings(path: &Path, strings: &[(&str, &str)]) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(&model_bytes_with("llama", WORDS, false, strings))
+}
+
 fn write_model(path: &Path, architecture: &str, words: &[&str], quantized: bool) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(&model_bytes(architecture, words, quantized))
+}
+
+fn model_bytes(architecture: &str, words: &[&str], quantized: bool) -> Vec<u8> {
+    model_bytes_with(architecture, words, quantized, &[])
+}
+
+fn model_bytes_with(architecture: &str, words: &[&str], quantized: bool, strings: &[(&str, &str)]) -> Vec<u8> {
     let mut tokens = vec!["<unk>".to_string(), "<s>".to_string(), "</s>".to_string()];
     let mut types = vec![2, 3, 3];
     for byte in 0..=255u8 {
@@ -197,7 +219,7 @@ fn write_model(path: &Path, architecture: &str, words: &[&str], quantized: bool)
     }
 
     let arch = architecture.to_string();
-    let metadata: Vec<(String, Value)> = vec![
+    let mut metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::Str(arch.clone())),
         ("general.name".into(), Value::Str("llmctl-tiny".into())),
         (format!("{arch}.context_length"), Value::U32(2048)),
@@ -217,6 +239,10 @@ fn write_model(path: &Path, architecture: &str, words: &[&str], quantized: bool)
         ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
     ];
+    for (key, text) in strings {
+        metadata.retain(|(own, _)| own != key);
+        metadata.push((key.to_string(), Value::Str(text.to_string())));
+    }
 
     let mut w = Writer { out: Vec::new() };
     w.out.extend(b"GGUF");
@@ -252,6 +278,5 @@ fn write_model(path: &Path, architecture: &str, words: &[&str], quantized: bool)
             w.out.push(0);
         }
     }
-    let mut file = std::fs::File::create(path)?;
-    file.write_all(&w.out)
+    w.out
 }

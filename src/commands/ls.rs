@@ -14,6 +14,7 @@ use crate::client;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::protocol::{Request, Response, StatusReport};
+use crate::term;
 
 /// One row of `ls`, and one object of `ls --json`.
 #[derive(Debug, Serialize)]
@@ -35,7 +36,7 @@ pub fn run(context: &Context, args: LsArgs) -> Result<()> {
     let config = context.config()?;
     let known = catalog::known(&config, &context.paths);
     if args.names {
-        let text: String = known.iter().map(|model| format!("{}\n", model.name)).collect();
+        let text: String = known.iter().map(|model| format!("{}\n", term::escape(&model.name))).collect();
         return write_stdout(&text);
     }
     let loaded = loaded_paths(context);
@@ -102,16 +103,18 @@ fn render(listed: &[Listed]) -> String {
     let mut rows = vec![["NAME", "SIZE", "ARCH", "PARAMS", "QUANT", "CONTEXT", "LOADED"].map(String::from)];
     for model in listed {
         let dash = || "-".to_string();
+        // Names, architectures and quantizations come from file names and headers anyone
+        // may have written: escaped, so none can drive the terminal.
         rows.push([
-            model.name.clone(),
+            term::escape(&model.name).into_owned(),
             model.size_bytes.map(crate::budget::human).unwrap_or_else(dash),
             match (model.source, &model.architecture) {
                 (Source::Remote, _) => "remote".into(),
-                (_, Some(architecture)) => architecture.clone(),
+                (_, Some(architecture)) => term::escape(architecture).into_owned(),
                 (_, None) => "?".into(),
             },
             model.parameters.map(catalog::human_count).unwrap_or_else(dash),
-            model.quantization.clone().unwrap_or_else(dash),
+            model.quantization.as_deref().map(|q| term::escape(q).into_owned()).unwrap_or_else(dash),
             model.context_length.map(|n| n.to_string()).unwrap_or_else(dash),
             if model.loaded { "yes" } else { "no" }.into(),
         ]);
@@ -119,7 +122,7 @@ fn render(listed: &[Listed]) -> String {
     let mut out = table(&rows);
     for model in listed {
         if let Some(error) = &model.error {
-            out.push_str(&format!("{}: {error}\n", model.name));
+            out.push_str(&format!("{}: {}\n", term::escape(&model.name), term::escape(error)));
         }
     }
     out

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 #[cfg(test)]
 use crate::protocol::InstanceState;
 use crate::protocol::{InstanceStatus, Request, Response};
+use crate::term;
 
 pub fn run(context: &Context, args: PsArgs) -> Result<()> {
     let report = match client::try_connect(context)? {
@@ -40,8 +41,9 @@ fn now_ms() -> u64 {
 fn render(loaded: &[&InstanceStatus], now_ms: u64) -> String {
     let mut rows = vec![["NAME", "STATE", "PID", "MEMORY", "CONTEXT", "SLOTS", "LAST USE"].map(String::from)];
     for instance in loaded {
+        // The name is a file name or an alias: escaped, so none can drive the terminal.
         rows.push([
-            instance.name.clone(),
+            term::escape(&instance.name).into_owned(),
             if instance.pinned { format!("{} (pinned)", instance.state) } else { instance.state.to_string() },
             instance.pid.map(|pid| pid.to_string()).unwrap_or_else(|| "-".into()),
             crate::budget::human(instance.rss_bytes.unwrap_or(instance.estimate_bytes)),

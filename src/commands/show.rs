@@ -11,6 +11,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::gguf;
 use crate::library;
+use crate::term;
 
 #[derive(Debug, Serialize)]
 struct Shown {
@@ -60,7 +61,9 @@ pub fn run(context: &Context, args: ShowArgs) -> Result<()> {
                 reason: "it has no chat template; run it with `llmctl run --raw`".into(),
             });
         };
-        let mut text = template.clone();
+        // A template is text from the file: its lines are kept, anything a terminal would act
+        // on is escaped.
+        let mut text = term::escape_lines(template).into_owned();
         if !text.ends_with('\n') {
             text.push('\n');
         }
@@ -100,6 +103,8 @@ pub fn run(context: &Context, args: ShowArgs) -> Result<()> {
     write_stdout(&text)
 }
 
+/// The lines of `show`. Every value that comes from the file, its name or the Hub is
+/// escaped, so no header can drive the terminal.
 fn render(shown: &Shown) -> String {
     let human = crate::budget::human;
     let mut lines: Vec<(&str, String)> = vec![("name", shown.name.clone()), ("path", shown.path.clone())];
@@ -147,5 +152,5 @@ fn render(shown: &Shown) -> String {
         ),
     ));
     let width = lines.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
-    lines.iter().map(|(label, value)| format!("{label:<width$}  {value}\n")).collect()
+    lines.iter().map(|(label, value)| format!("{label:<width$}  {}\n", term::escape(value))).collect()
 }

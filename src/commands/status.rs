@@ -13,6 +13,7 @@ use crate::client;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::protocol::{InstanceState, InstanceStatus, Request, Response, StatusReport};
+use crate::term::escape;
 
 /// Stopped and failed instances last used longer ago than this are left out of the table.
 const FORGET_AFTER_MS: u64 = 24 * 3600 * 1000;
@@ -99,8 +100,8 @@ pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Op
         daemon.pid,
         duration(daemon.uptime_ms),
         daemon.rss_bytes.map(bytes).unwrap_or_else(|| "-".into()),
-        daemon.socket,
-        if daemon.llama_server.is_empty() { "-" } else { &daemon.llama_server },
+        escape(&daemon.socket),
+        if daemon.llama_server.is_empty() { "-".into() } else { escape(&daemon.llama_server) },
         report.queue.waiting,
         report.queue.depth,
         report.queue.rejected,
@@ -134,8 +135,10 @@ pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Op
     .map(String::from)];
     for instance in &instances {
         let options = instance.pid.and_then(&cmdline_of).map(|argv| load_options(&argv)).unwrap_or_default();
+        // Names, options and failures hold file names, arguments and a child's output:
+        // escaped, so none can drive the terminal.
         rows.push([
-            instance.name.clone(),
+            escape(&instance.name).into_owned(),
             match (instance.pinned, &instance.remote, instance.pinned_until_ms) {
                 (_, Some(_), _) => format!("{} (remote)", instance.state),
                 (true, None, Some(until)) if until > now_ms => {
@@ -157,7 +160,7 @@ pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Op
                 .unwrap_or_else(|| "never".into()),
             instance.requests.to_string(),
             format!("{}/{}", instance.usage.prompt_tokens, instance.usage.completion_tokens),
-            if options.is_empty() { "-".into() } else { options },
+            if options.is_empty() { "-".into() } else { escape(&options).into_owned() },
         ]);
     }
     let widths: Vec<usize> =
@@ -172,7 +175,7 @@ pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Op
     for instance in &instances {
         if let Some(failure) = &instance.failure {
             let first_line = failure.lines().next().unwrap_or_default();
-            out.push_str(&format!("{}: {first_line}\n", instance.name));
+            out.push_str(&format!("{}: {}\n", escape(&instance.name), escape(first_line)));
         }
     }
     out

@@ -4,8 +4,9 @@
 //! The fake Hub is a small HTTP/1.1 server on a loopback port, run by a thread of the test.
 //! It plays the two endpoints `llmctl pull` uses (`/api/models/OWNER/REPO` and
 //! `/OWNER/REPO/resolve/main/FILE`), honours Range requests, answers 401 or 404 on demand,
-//! and can break a connection in the middle of a file. It does not do redirects, chunked
-//! bodies or keep-alive: every answer closes its connection.
+//! redirects downloads to a "CDN" (another host name, or a second listener on another
+//! port), can break a connection in the middle of a file, and can send more bytes than it
+//! lists. It does not do chunked bodies or keep-alive: every answer closes its connection.
 
 use std::collections::HashMap;
 use std::fs;
@@ -20,7 +21,7 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 #[derive(Default)]
-struct HubState {
+pub struct HubState {
     /// `OWNER/REPO` → file path in the repository → contents.
     repos: HashMap<String, Vec<(String, Vec<u8>)>>,
     /// Digests the listing claims instead of the real ones.
@@ -31,24 +32,35 @@ struct HubState {
     redirect: bool,
     /// Downloads answer 404 although the listing names the files.
     files_gone: bool,
+    /// Downloads are redirected to this base URL instead (`http://127.0.0.1:PORT`).
+    pub redirect_to: Option<String>,
     /// Break the next download after this many bytes.
     break_after: Option<usize>,
+    /// Send this many zero bytes after each file; with `extra_announced` the Content-Length
+    /// counts them, else the answer has none and ends when the connection closes.
+    pub extra_bytes: usize,
+    pub extra_announced: bool,
     /// Each request: path and Range and Authorization headers.
     requests: Vec<(String, Option<String>, Option<String>)>,
 }
 
-struct FakeHub {
-    url: String,
-    state: Arc<Mutex<HubState>>,
+pub struct FakeHub {
+    pub url: String,
+    pub state: Arc<Mutex<HubState>>,
     address: std::net::SocketAddr,
     thread: Option<JoinHandle<()>>,
 }
 
 impl FakeHub {
-    fn start() -> FakeHub {
+    pub fn start() -> FakeHub {
+        FakeHub::sharing(Arc::new(Mutex::new(HubState::default())))
+    }
+
+    /// A second listener (another port) serving the same repositories and recording into
+    /// the same request list.
+    pub fn sharing(state: Arc<Mutex<HubState>>) -> FakeHub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
-        let state = Arc::new(Mutex::new(HubState::default()));
         let shared = Arc::clone(&state);
         let thread = std::thread::Builder::new()
             .name("fake-hub".into())
@@ -64,12 +76,12 @@ impl FakeHub {
         FakeHub { url: format!("http://{address}"), state, address, thread: Some(thread) }
     }
 
-    fn add(&self, repo: &str, files: Vec<(&str, Vec<u8>)>) {
+    pub fn add(&self, repo: &str, files: Vec<(&str, Vec<u8>)>) {
         let files = files.into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect();
         self.state.lock().unwrap().repos.insert(repo.to_string(), files);
     }
 
-    fn requests(&self) -> Vec<(String, Option<String>, Option<String>)> {
+    pub fn requests(&self) -> Vec<(String, Option<String>, Option<String>)> {
         self.state.lock().unwrap().requests.clone()
     }
 }
@@ -136,8 +148,12 @@ fn serve(stream: TcpStream, state: &Mutex<HubState>) -> bool {
         answer(200, "Content-Type: application/json\r\n", json!({ "siblings": siblings }).to_string().as_bytes());
         return true;
     }
-    if state.redirect && !path.starts_with("/cdn/") && path.contains("/resolve/main/") {
-        let location = format!("Location: http://localhost:{port}/cdn{path}\r\n");
+    let redirect_base = match &state.redirect_to {
+        Some(base) => Some(base.clone()),
+        None => state.redirect.then(|| format!("http://localhost:{port}")),
+    };
+    if let Some(base) = redirect_base.filter(|_| !path.starts_with("/cdn/") && path.contains("/resolve/main/")) {
+        let location = format!("Location: {base}/cdn{path}\r\n");
         answer(302, &location, b"");
         return true;
     }
@@ -167,6 +183,27 @@ fn serve(stream: TcpStream, state: &Mutex<HubState>) -> bool {
             let _ = stream.write_all(head.as_bytes());
             let _ = stream.write_all(&bytes[start..start + cut]);
         }
+        None if state.extra_bytes > 0 => {
+            // The file, then more than it lists: a broken or hostile server.
+            let length = match state.extra_announced {
+                true => format!("Content-Length: {}\r\n", bytes.len() - start + state.extra_bytes),
+                false => String::new(),
+            };
+            let head = format!("HTTP/1.1 {status} X\r\n{length}Connection: close\r\n{extra}\r\n");
+            let extra_bytes = state.extra_bytes;
+            drop(state);
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&bytes[start..]);
+            let zeros = vec![0u8; 1 << 16];
+            let mut sent = 0;
+            while sent < extra_bytes {
+                let n = zeros.len().min(extra_bytes - sent);
+                if stream.write_all(&zeros[..n]).is_err() {
+                    break;
+                }
+                sent += n;
+            }
+        }
         None => answer(status, &extra, &bytes[start..]),
     }
     true
@@ -178,22 +215,22 @@ fn sha256(bytes: &[u8]) -> String {
     hasher.hex()
 }
 
-fn tiny_bytes(env: &Env) -> Vec<u8> {
+pub fn tiny_bytes(env: &Env) -> Vec<u8> {
     fs::read(env.tiny_model("source.gguf")).unwrap()
 }
 
-fn env_with_hub() -> (Env, FakeHub) {
+pub fn env_with_hub() -> (Env, FakeHub) {
     let mut env = Env::fake();
     let hub = FakeHub::start();
     env.set("HF_ENDPOINT", &hub.url);
     (env, hub)
 }
 
-fn pulled_dir(env: &Env, repo: &str) -> PathBuf {
+pub fn pulled_dir(env: &Env, repo: &str) -> PathBuf {
     env.path("data/models").join(repo)
 }
 
-fn ls_json(env: &Env) -> Vec<Value> {
+pub fn ls_json(env: &Env) -> Vec<Value> {
     let output = env.run(&["ls", "--json"]);
     assert_success(&output);
     serde_json::from_slice::<Value>(&output.stdout).unwrap().as_array().unwrap().clone()

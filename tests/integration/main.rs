@@ -19,3 +19,4 @@ mod setup;
 mod supervision;
 mod support;
 mod tiny_model;
+mod untrusted;

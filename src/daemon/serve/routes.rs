@@ -55,8 +55,8 @@ pub(crate) fn handle(shared: &Arc<Shared>, listener: &Listener, request: Request
     let (method, target) = (request.method.to_ascii_uppercase(), request.target.clone());
     route(shared, listener, request, exchange);
     let status = if exchange.started() { exchange.status() } else { 0 };
-    // The target is the client's: no control character of it reaches a terminal.
-    let target: String = target.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+    // The method and target are the client's: they reach the terminal of `serve` escaped.
+    let (method, target) = (crate::term::escape(&method), crate::term::escape(&target));
     listener.note(format!("{method} {target} {status} {} ms", started.elapsed().as_millis()));
 }
 
@@ -133,7 +133,7 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
             exchange.respond(200, "text/plain; version=0.0.4", text.as_bytes(), &[])
         }
         ("GET", "/props" | "/v1/props") => {
-            let name = request.query("model").map(models::percent_decode);
+            let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
             forward(shared, &config, request, exchange, Purpose::Generate, name);
         }
         ("POST", _) => match ROUTES.iter().find(|(route, _)| *route == path) {
