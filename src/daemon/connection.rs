@@ -103,6 +103,22 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
         }
     };
     drop(reader);
+    // Beyond the connections long requests may hold, only control requests get in, so no
+    // number of streams or followers locks out `status`, `stop` or `shutdown`.
+    let long = matches!(
+        request,
+        Request::Run(_) | Request::Events | Request::Listen(_) | Request::Warm { .. } | Request::Switch { .. }
+    );
+    let cap = super::listener::long_connection_cap(shared);
+    if long && shared.connections.load(Ordering::SeqCst) > cap {
+        let error = Error::Busy {
+            message: format!("the daemon has {cap} connections open, its limit"),
+            retry_after_ms: 1000,
+            per_model: false,
+        };
+        let _ = peer.send(&Response::error(&error));
+        return;
+    }
     // Large prompts are held at most twice (the request, the body sent on), and only
     // LARGE_REQUEST_POOL bytes of them at once: beyond that a client is told busy.
     let reservation = match LargeRequest::reserve(shared, size) {

@@ -19,6 +19,15 @@ use crate::protocol::{self, Response};
 /// Connections beyond the queue depth: enough for every stream in flight and control
 /// commands next to a full queue.
 const CONNECTION_HEADROOM: usize = 256;
+/// Connections beyond that which only control requests (`status`, `stop`, `shutdown`...)
+/// may use: however many streams and `events` followers are open, those always get in.
+pub(crate) const CONTROL_HEADROOM: usize = 64;
+
+/// The connections that requests which hold one for long (generations, `events`,
+/// `serve`) may take together.
+pub(crate) fn long_connection_cap(shared: &Shared) -> usize {
+    shared.settings.queue_depth.saturating_add(CONNECTION_HEADROOM)
+}
 /// How long an idle connection thread waits for another connection before it exits.
 const IDLE_CONNECTION_THREAD: Duration = Duration::from_secs(30);
 
@@ -54,7 +63,7 @@ pub(crate) fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
         };
         // Each connection holds a thread: beyond the cap, a client is told busy at once
         // instead of growing the daemon without bound.
-        let cap = shared.settings.queue_depth.saturating_add(CONNECTION_HEADROOM);
+        let cap = long_connection_cap(shared) + CONTROL_HEADROOM;
         if shared.connections.load(Ordering::SeqCst) >= cap {
             refuse_connection(&stream, cap);
             continue;

@@ -580,6 +580,8 @@ impl Worker {
         let listen = self.listen(generation)?;
         let mut command = local::command(&binary, &self.spec, &self.info, &listen);
         command.env(process::MARK_VARIABLE, format!("{}-{}-{generation}", self.services.mark_prefix, self.id));
+        // The directory may have been removed under a running daemon: make it again.
+        let _ = std::fs::create_dir_all(&self.services.log_dir);
         let log_path = self.services.log_dir.join(crate::paths::log_file_name(&self.spec));
         let (inbox, listening_inbox) = (self.home.inbox.clone(), self.home.inbox.clone());
         let on_listening = move || {

@@ -19,4 +19,5 @@ mod setup;
 mod supervision;
 mod support;
 mod tiny_model;
+mod trust;
 mod untrusted;

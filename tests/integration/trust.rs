@@ -1,0 +1,280 @@
+//! One daemon per user and state directory, files that are not llmctl's left alone, and
+//! children that cannot wedge or outlive their instance.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::support::*;
+
+/// A model whose child is the fake server started with `args`.
+fn config_with(env: &Env, extra: &str, args: &[&str]) -> String {
+    let model = env.tiny_model("m.gguf");
+    let args: Vec<String> = args.iter().map(|arg| format!("\"{arg}\"")).collect();
+    format!("{extra}[models.m]\npath = \"{}\"\nargs = [{}]\n", model.display(), args.join(", "))
+}
+
+#[test]
+fn a_socket_path_that_names_someone_elses_file_never_harms_it() {
+    let env = Env::fake();
+    let notes = env.path("notes.txt");
+    std::fs::write(&notes, "my notes\n").unwrap();
+    let output = env.command(&["--socket", "./notes.txt", "status"]).current_dir(env.dir.path()).output().unwrap();
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("not a socket"), "{}", stderr(&output));
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n", "notes.txt was touched");
+
+    // A socket named like a file next to another: its lock file is SOCKET.lock, never the
+    // neighbour with the same stem.
+    let cargo_lock = env.path("Cargo.lock");
+    std::fs::write(&cargo_lock, "# This file is automatically @generated\n").unwrap();
+    let with_socket = |args: &[&str]| {
+        let mut all = vec!["--socket", "./Cargo.sock"];
+        all.extend_from_slice(args);
+        env.command(&all).current_dir(env.dir.path()).output().unwrap()
+    };
+    assert_success(&with_socket(&["status"]));
+    assert!(env.path("Cargo.sock.lock").exists());
+    assert_success(&with_socket(&["shutdown"]));
+    assert_eq!(std::fs::read_to_string(&cargo_lock).unwrap(), "# This file is automatically @generated\n");
+    assert!(!env.path("Cargo.sock.lock").exists(), "the lock file goes with the daemon");
+    assert!(!env.path("Cargo.sock").exists(), "the socket goes with the daemon");
+
+    // A lock file path held by something else is refused, not truncated.
+    std::fs::write(env.path("other.sock.lock"), "[package]\nname = \"mine\"\n").unwrap();
+    let output = env.command(&["--socket", "./other.sock", "status"]).current_dir(env.dir.path()).output().unwrap();
+    assert_exit(&output, 69);
+    assert_eq!(std::fs::read_to_string(env.path("other.sock.lock")).unwrap(), "[package]\nname = \"mine\"\n");
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn one_daemon_serves_a_state_directory_whatever_socket_a_command_names() {
+    let env = Env::fake();
+    env.write_config(&config_with(&env, "", &[]));
+    assert_success(&env.run(&["warm", "m"]));
+    let daemon = env.daemon_pid().unwrap();
+    let child = env.status_json()["instances"][0]["pid"].as_u64().unwrap() as u32;
+    let other_socket = env.path("run/elsewhere.sock");
+    let other = other_socket.to_str().unwrap();
+
+    // A command with another socket (cron's environment) reaches the running daemon.
+    let output = env.command(&["--socket", other, "run", "m", "from elsewhere"]).output().unwrap();
+    assert_success(&output);
+    assert_eq!(stdout(&output), "from elsewhere");
+    let status = env.command(&["--socket", other, "status", "--json"]).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["daemon"]["pid"], daemon);
+    assert!(!other_socket.exists(), "no second daemon started");
+
+    // A second daemon of the same state directory refuses, naming the first, and kills
+    // nothing of it.
+    let output = env.command(&["daemon", "--socket", other]).output().unwrap();
+    assert_exit(&output, 69);
+    let message = stderr(&output);
+    assert!(message.contains(&daemon.to_string()) && message.contains("llmctl.sock"), "{message}");
+    assert!(alive(child), "the first daemon's child was killed");
+    assert_eq!(env.status_json()["instances"][0]["pid"], child);
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn the_readme_cron_recipe_reaches_the_shells_daemon_under_env_i() {
+    // The shell and cron share HOME (and so the state directory); the shell's socket is
+    // its own, and cron's environment names none.
+    let env = Env::fake();
+    let home = env.path("home");
+    let model = env.tiny_model("m.gguf");
+    let config_dir = home.join(".config/llmctl");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::write(
+        config_dir.join("config.toml"),
+        format!("llama_server = \"{FAKE_SERVER}\"\n[models.demo]\npath = \"{}\"\n", model.display()),
+    )
+    .unwrap();
+    let shell_socket = env.path("run/shell.sock");
+    let shell = |args: &[&str]| {
+        Command::new(LLMCTL)
+            .args(args)
+            .env_clear()
+            .env("HOME", &home)
+            .env("PATH", "/usr/bin:/bin")
+            .env("LLMCTL_SOCKET", &shell_socket)
+            .env("LLMCTL_NO_SETUP", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert_success(&shell(&["warm", "demo"]));
+    let status: serde_json::Value = serde_json::from_slice(&shell(&["status", "--json"]).stdout).unwrap();
+    let daemon = status["daemon"]["pid"].as_u64().unwrap();
+    let child = status["instances"][0]["pid"].clone();
+    // The README's line: `env -i HOME=... PATH=/usr/bin:/bin llmctl warm demo`.
+    let cron = Command::new("env")
+        .args(["-i", &format!("HOME={}", home.display()), "PATH=/usr/bin:/bin", LLMCTL, "warm", "--ttl", "10h", "demo"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_success(&cron);
+    assert_eq!(stderr(&cron), "", "warm is quiet");
+    let status: serde_json::Value = serde_json::from_slice(&shell(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["daemon"]["pid"], daemon, "cron reached the shell's daemon");
+    assert_eq!(status["instances"].as_array().unwrap().len(), 1, "no second copy of the model: {status}");
+    assert_eq!(status["instances"][0]["pid"], child);
+    assert!(status["instances"][0]["pinned_until_ms"].is_u64(), "cron's --ttl reached the instance");
+    assert_success(&shell(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+/// Opens a raw connection that follows `events`.
+fn follow_events(socket: &Path) -> Option<UnixStream> {
+    let mut stream = UnixStream::connect(socket).ok()?;
+    let version = llmctl::protocol::VERSION;
+    stream
+        .write_all(format!("{{\"type\":\"hello\",\"version\":{version}}}\n{{\"type\":\"events\"}}\n").as_bytes())
+        .ok()?;
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    line.clear();
+    reader.read_line(&mut line).ok()?;
+    line.contains("\"ok\"").then_some(stream)
+}
+
+#[test]
+fn no_number_of_followers_locks_out_status_stop_or_shutdown() {
+    let env = Env::fake();
+    env.write_config(&config_with(&env, "queue_depth = 1\n", &[]));
+    assert_success(&env.run(&["warm", "m"]));
+    // The cap for long connections is the queue depth plus 256: go past it.
+    let followers: Vec<UnixStream> = (0..320).filter_map(|_| follow_events(&env.socket())).collect();
+    assert!(followers.len() >= 250, "only {} followers got in", followers.len());
+    assert!(followers.len() < 320, "followers beyond the cap were refused");
+    assert_success(&env.run(&["status"]));
+    assert_success(&env.run(&["stop", "m"]));
+    assert_success(&env.run(&["metrics"]));
+    assert_success(&env.run(&["shutdown"]));
+    drop(followers);
+    env.assert_nothing_survives();
+}
+
+/// The pid the fake server's setsid helper printed into its log.
+fn helper_pid(env: &Env) -> Option<u32> {
+    let logs = std::fs::read_dir(env.path("state/logs")).ok()?;
+    for entry in logs.flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if let Some(line) = text.lines().find(|line| line.starts_with("fake setsid helper pid ")) {
+            return line.rsplit(' ').next()?.parse().ok();
+        }
+    }
+    None
+}
+
+#[test]
+fn a_helper_that_leaves_the_group_holding_the_output_neither_wedges_stop_nor_survives() {
+    let env = Env::fake();
+    env.write_config(&config_with(&env, "", &["--fake-setsid-helper"]));
+    assert_success(&env.run(&["warm", "m"]));
+    let helper = helper_pid(&env).expect("the helper started");
+    assert!(alive(helper));
+    let started = std::time::Instant::now();
+    assert_success(&env.run(&["stop", "m"]));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "stop took {:?}", started.elapsed());
+    wait_until("the helper is gone", || !alive(helper));
+
+    // A child that exits while loading, its helper holding the pipe: the request fails
+    // with the exit status, and the helper goes too.
+    let _ = std::fs::remove_dir_all(env.path("state/logs"));
+    env.write_config(&config_with(&env, "", &["--fake-setsid-helper", "--fake-crash-at-start"]));
+    let started = std::time::Instant::now();
+    let output = env.run(&["run", "m", "x"]);
+    assert_exit(&output, 70);
+    assert!(stderr(&output).contains("exited with status 3"), "{}", stderr(&output));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "the failure took {:?}", started.elapsed());
+    let helper = helper_pid(&env).expect("the helper started");
+    wait_until("the helper is gone", || !alive(helper));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn a_child_that_never_answers_fails_its_load_in_load_timeout_and_stop_is_prompt() {
+    let env = Env::fake();
+    env.write_config(&config_with(&env, "load_timeout = 2\n", &["--fake-deaf"]));
+    let started = std::time::Instant::now();
+    let output = env.run(&["run", "m", "x"]);
+    assert_exit(&output, 124);
+    assert!(stderr(&output).contains("load_timeout"), "{}", stderr(&output));
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}", started.elapsed());
+    // While it loads (for as long as it likes now), `stop` answers promptly.
+    // (load_timeout applies from a daemon's start.)
+    assert_success(&env.run(&["shutdown"]));
+    env.write_config(&config_with(&env, "load_timeout = 600\n", &["--fake-deaf"]));
+    let mut waiting = env.spawn(&["run", "m", "x"]);
+    wait_until("the load runs", || env.status_json()["instances"][0]["state"] == "starting");
+    let started = std::time::Instant::now();
+    assert_success(&env.run(&["stop", "m"]));
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "stop took {:?}", started.elapsed());
+    assert_eq!(waiting.wait().unwrap().code(), Some(69));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn sigterm_stops_the_daemon_even_when_its_socket_file_is_gone() {
+    let env = Env::fake();
+    env.write_config(&config_with(&env, "", &[]));
+    assert_success(&env.run(&["warm", "m"]));
+    let daemon = env.daemon_pid().unwrap();
+    std::fs::remove_file(env.socket()).unwrap();
+    let _ = Command::new("kill").args(["-TERM", &daemon.to_string()]).status();
+    wait_until("the daemon exits", || !alive(daemon));
+    // A new daemon starts as if nothing happened.
+    assert_success(&env.run(&["status"]));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn a_child_whose_socket_vanished_is_a_crash_and_is_restarted() {
+    let env = Env::fake();
+    env.write_config(&config_with(&env, "", &[]));
+    assert_success(&env.run(&["warm", "m"]));
+    let first = env.status_json()["instances"][0].clone();
+    std::fs::remove_file(first["socket"].as_str().unwrap()).unwrap();
+    wait_until("the crash is noticed", || env.status_json()["instances"][0]["pid"] != first["pid"]);
+    let output = env.run(&["run", "m", "answers again"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "answers again");
+    let now = env.status_json()["instances"][0].clone();
+    assert_ne!(now["pid"], first["pid"]);
+    assert_eq!(now["restarts"], 1);
+    assert!(!alive(first["pid"].as_u64().unwrap() as u32), "the old child is gone");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn an_endless_output_line_from_a_child_does_not_grow_the_daemon() {
+    let env = Env::fake();
+    env.write_config(&config_with(&env, "", &["--fake-endless-line", "200"]));
+    assert_success(&env.run(&["status"]));
+    let daemon = env.daemon_pid().unwrap();
+    let before = rss_bytes(daemon);
+    assert_success(&env.run(&["warm", "m"]));
+    let grown = rss_bytes(daemon).saturating_sub(before);
+    assert!(grown < 32 << 20, "the daemon grew {} MiB on a 200 MiB line", grown >> 20);
+    let log = std::fs::read_dir(env.path("state/logs")).unwrap().flatten().next().unwrap().path();
+    let logged = std::fs::metadata(&log).unwrap().len();
+    assert!(logged < 1 << 20, "the log holds {logged} bytes of one line");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
