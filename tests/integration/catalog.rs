@@ -549,6 +549,15 @@ fn bash_completes_model_names_through_ls() {
     assert_eq!(complete("llmctl show co", 2), "coder\n");
     assert!(!complete("llmctl pull co", 2).contains("coder"), "pull takes Hub names");
     assert!(!complete("llmctl run coder co", 3).contains("coder"), "only the first argument is MODEL");
+    // After options, and their values, MODEL is still offered.
+    assert_eq!(complete("llmctl run -n 64 co", 4), "coder\n");
+    assert_eq!(complete("llmctl run --temperature 0.5 --raw --stop END co", 7), "coder\n");
+    assert_eq!(complete("llmctl --socket /tmp/x.sock warm --ttl 8h co", 6), "coder\n");
+    assert_eq!(complete("llmctl chat --system 'be brief' -n 8 co", 6), "coder\n");
+    assert_eq!(complete("llmctl run --max-tokens = 64 co", 5), "coder\n");
+    // The value of an option is not MODEL, nor is what follows MODEL.
+    assert!(!complete("llmctl run -n co", 3).contains("coder"), "a value of -n");
+    assert!(!complete("llmctl run -n 64 coder co", 5).contains("coder"), "MODEL given");
 }
 
 #[test]
