@@ -125,7 +125,6 @@ fn with_model_names(
     let list = subcommands.join(" ");
     match shell {
         clap_complete::Shell::Bash => {
-            let cases = subcommands.join("|");
             let global = value_options(command, None).join(" ");
             let per_subcommand: String = subcommands
                 .iter()
