@@ -215,8 +215,12 @@ fn pull_downloads_checks_and_the_name_works_as_model() {
     );
     let output = env.run(&["pull", "test/tiny-GGUF"]);
     assert_success(&output);
-    assert_eq!(stderr(&output), "", "nothing on stderr when it is not a terminal");
     let dir = pulled_dir(&env, "test/tiny-GGUF");
+    let said = stderr(&output);
+    let size = crate::support::human_kib(model.len());
+    assert!(said.starts_with(&format!("pulled test/tiny-GGUF (F32, {size}) to /")), "{said}");
+    assert!(said.ends_with("/test/tiny-GGUF/tiny-Q4_K_M.gguf\n") && said.lines().count() == 1, "{said}");
+    assert_eq!(stdout(&output), "");
     assert_eq!(fs::read(dir.join("tiny-Q4_K_M.gguf")).unwrap(), model, "Q4_K_M is the default");
     assert!(!dir.join("tiny-Q4_K_M.gguf.part").exists());
     assert!(!dir.join("tiny-Q8_0.gguf").exists());
@@ -254,6 +258,27 @@ fn pull_downloads_checks_and_the_name_works_as_model() {
     assert_success(&env.run(&["pull", "test/tiny-GGUF"]));
     assert_eq!(hub.requests().len(), before + 1, "only the listing: {:?}", &hub.requests()[before..]);
 
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn pull_takes_the_hub_host_in_front_of_the_name_as_ollama_does() {
+    let (env, hub) = env_with_hub();
+    hub.add("test/tiny-GGUF", vec![("tiny-Q8_0.gguf", tiny_bytes(&env)), ("tiny-Q4_K_M.gguf", tiny_bytes(&env))]);
+    for name in ["hf.co/test/tiny-GGUF:Q8_0", "huggingface.co/test/tiny-GGUF"] {
+        let output = env.run(&["pull", name]);
+        assert_success(&output);
+        assert!(stderr(&output).starts_with("pulled test/tiny-GGUF"), "{name}: {}", stderr(&output));
+    }
+    let names: Vec<Value> = ls_json(&env).iter().map(|m| m["name"].clone()).collect();
+    assert_eq!(names, [json!("test/tiny-GGUF"), json!("test/tiny-GGUF:Q8_0")]);
+    // The prefixed name works as MODEL too.
+    let output = env.run(&["run", "hf.co/test/tiny-GGUF:Q8_0", "via", "the", "host"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "via the host");
+    assert_success(&env.run(&["rm", "hf.co/test/tiny-GGUF:Q8_0"]));
+    assert_exit(&env.run(&["pull", "example.com/test/tiny-GGUF"]), 2);
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
@@ -364,6 +389,7 @@ fn rm_removes_pulled_models_only_and_stops_them_first() {
 
     let output = env.run(&["rm", "test/tiny-GGUF"]);
     assert_success(&output);
+    assert_eq!(stderr(&output), "removed test/tiny-GGUF (1 file)\n", "one line, also off a terminal");
     wait_until("the instance of the removed model is gone", || !alive(pid));
     assert!(!pulled_dir(&env, "test/tiny-GGUF").exists());
     assert!(!env.path("data/models/test").exists());
