@@ -18,4 +18,5 @@ mod serve;
 mod setup;
 mod supervision;
 mod support;
+mod test_command;
 mod tiny_model;
