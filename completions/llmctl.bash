@@ -1303,23 +1303,63 @@ else
     complete -F _llmctl -o bashdefault -o default llmctl
 fi
 
+# Moves `i` past the option at COMP_WORDS[i]: with its value when it is in the list $1, or
+# written `--option=value` (which bash splits into three words at the `=`).
+_llmctl_skip_option() {
+    if [[ ${COMP_WORDS[i+1]} == "=" ]]; then
+        (( i += 3 ))
+    elif [[ $1 == *" ${COMP_WORDS[i]} "* ]]; then
+        (( i += 2 ))
+    else
+        (( i += 1 ))
+    fi
+}
+
 # MODEL, the first argument of run warm pin unpin switch stop logs show rm chat: the names `llmctl ls --names` prints, and files.
+# MODEL is the first word after the subcommand that is neither an option nor the value of
+# an option that takes one (`llmctl run -n 64 de<TAB>` offers demo).
 _llmctl_with_models() {
     _llmctl "$@"
     local cur="${COMP_WORDS[COMP_CWORD]}"
     if declare -F _get_comp_words_by_ref >/dev/null; then
         _get_comp_words_by_ref -n : cur
     fi
-    if [[ ${COMP_CWORD} -eq 2 && ${cur} != -* ]]; then
-        case "${COMP_WORDS[1]}" in
-            run|warm|pin|unpin|switch|stop|logs|show|rm|chat)
-                local IFS=$'\n'
-                COMPREPLY=( $(compgen -W "$(llmctl ls --names 2>/dev/null)" -- "${cur}") $(compgen -f -- "${cur}") )
-                if declare -F __ltrim_colon_completions >/dev/null; then
-                    __ltrim_colon_completions "${cur}"
-                fi
-                ;;
-        esac
+    [[ ${cur} == -* ]] && return
+    local global_takes_value=" --socket --config --llama-server " takes_value word i=1
+    # The subcommand: the first word that is not a global option or its value.
+    while (( i < COMP_CWORD )); do
+        word="${COMP_WORDS[i]}"
+        [[ ${word} == -* ]] || break
+        _llmctl_skip_option "${global_takes_value}"
+    done
+    (( i >= COMP_CWORD )) && return
+    case "${COMP_WORDS[i]}" in
+            run) takes_value=" --system -n --max-tokens --temperature --top-p --top-k --min-p --repeat-penalty --seed --stop -s --json-schema --grammar --ctx-size --parallel --gpu-layers " ;;
+            warm) takes_value=" --ttl --ctx-size --parallel --gpu-layers " ;;
+            pin) takes_value=" --ctx-size --parallel --gpu-layers " ;;
+            unpin) takes_value=" --ctx-size --parallel --gpu-layers " ;;
+            switch) takes_value=" --ctx-size --parallel --gpu-layers " ;;
+            stop) takes_value="  " ;;
+            logs) takes_value=" -n --lines --ctx-size --parallel --gpu-layers " ;;
+            show) takes_value=" --ctx-size --parallel --gpu-layers " ;;
+            rm) takes_value="  " ;;
+            chat) takes_value=" --system --temperature -n --max-tokens --ctx-size --parallel --gpu-layers " ;;
+            *) return ;;
+    esac
+    takes_value+="${global_takes_value}"
+    (( i++ ))
+    while (( i < COMP_CWORD )); do
+        word="${COMP_WORDS[i]}"
+        # A word that is no option is MODEL, given already.
+        [[ ${word} == -* ]] || return
+        _llmctl_skip_option "${takes_value}"
+    done
+    # Past the current word: it is the value of the option before it.
+    (( i > COMP_CWORD )) && return
+    local IFS=$'\n'
+    COMPREPLY=( $(compgen -W "$(llmctl ls --names 2>/dev/null)" -- "${cur}") $(compgen -f -- "${cur}") )
+    if declare -F __ltrim_colon_completions >/dev/null; then
+        __ltrim_colon_completions "${cur}"
     fi
 }
 complete -F _llmctl_with_models -o bashdefault -o default llmctl

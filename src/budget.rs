@@ -143,14 +143,16 @@ fn no_capacity_message(budget: &Budget, residents: &[Resident], need: Need) -> S
     message
 }
 
-/// Bytes as a person reads them: "1.5 GiB", "94 MiB".
+/// Bytes as a person reads them: "1.5 GiB", "94 MiB", "620 KiB" (never "0 MiB").
 pub fn human(bytes: u64) -> String {
     const MIB: f64 = 1024.0 * 1024.0;
     let mib = bytes as f64 / MIB;
     if mib >= 1024.0 {
         format!("{:.1} GiB", mib / 1024.0)
-    } else {
+    } else if mib >= 1.0 || bytes == 0 {
         format!("{mib:.0} MiB")
+    } else {
+        format!("{} KiB", bytes.div_ceil(1024))
     }
 }
 

@@ -400,7 +400,8 @@ pub struct ShowArgs {
 #[derive(Debug, Args)]
 pub struct PullArgs {
     /// OWNER/REPO on the Hub, with an optional quantization: `OWNER/REPO:Q8_0`. Without one,
-    /// Q4_K_M, else the first GGUF file. HF_ENDPOINT and HF_TOKEN are honoured
+    /// Q4_K_M, else the first GGUF file. `hf.co/` or `huggingface.co/` in front is taken, as
+    /// Ollama takes it. HF_ENDPOINT and HF_TOKEN are honoured
     pub model: String,
 }
 

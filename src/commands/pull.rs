@@ -29,12 +29,16 @@ pub fn run(context: &Context, args: PullArgs) -> Result<()> {
     let pulled_files = result?;
     // A file that is not a model is refused now, not when it is first run.
     let first = dir.join(&pulled_files[0].name);
-    if let Err(reason) = crate::gguf::inspect(&first) {
-        for file in &pulled_files {
-            let _ = std::fs::remove_file(dir.join(&file.name));
+    let info = match crate::gguf::inspect(&first) {
+        Ok(info) => info,
+        Err(reason) => {
+            for file in &pulled_files {
+                let _ = std::fs::remove_file(dir.join(&file.name));
+            }
+            return Err(Error::BadModel { path: first, reason: format!("{reason} (the download was deleted)") });
         }
-        return Err(Error::BadModel { path: first, reason: format!("{reason} (the download was deleted)") });
-    }
+    };
+    let size: u64 = pulled_files.iter().map(|file| file.size).sum();
     let pull = Pull {
         tag: wanted.tag.clone(),
         endpoint: hub.endpoint.clone(),
@@ -43,9 +47,18 @@ pub fn run(context: &Context, args: PullArgs) -> Result<()> {
     };
     library::record(&dir, &wanted.repo, pull)
         .map_err(|e| Error::io(format!("cannot write the manifest in {}", dir.display()), e))?;
-    if std::io::stderr().is_terminal() {
-        eprintln!("pulled {} ({}); run it with `llmctl run {} PROMPT`", args.model, first.display(), args.model);
-    }
+    // One line on success, to stderr even off a terminal: a script's log says what arrived
+    // and where; stdout stays empty. The name is the one it now answers to as MODEL.
+    let name = match &wanted.tag {
+        Some(tag) => format!("{}:{tag}", wanted.repo),
+        None => wanted.repo.clone(),
+    };
+    let hint = if std::io::stderr().is_terminal() {
+        format!("; run it with `llmctl run {name} PROMPT`")
+    } else {
+        String::new()
+    };
+    eprintln!("pulled {name} ({}, {}) to {}{hint}", info.quantization(), crate::budget::human(size), first.display());
     Ok(())
 }
 

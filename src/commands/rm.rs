@@ -2,8 +2,6 @@
 //! llmctl deletes only files its manifest says it downloaded. A running daemon is asked to
 //! stop the model's instances first, so no llama-server keeps a deleted file mapped.
 
-use std::io::IsTerminal;
-
 use crate::cli::RmArgs;
 use crate::client;
 use crate::context::Context;
@@ -23,9 +21,8 @@ pub fn run(context: &Context, args: RmArgs) -> Result<()> {
     stop_instances_of(context, &pulled.path())?;
     let deleted = library::remove(&context.paths, &pulled)
         .map_err(|e| Error::io(format!("cannot remove {} from {}", pulled.name(), pulled.dir.display()), e))?;
-    if std::io::stderr().is_terminal() {
-        eprintln!("removed {} ({} file{})", pulled.name(), deleted.len(), if deleted.len() == 1 { "" } else { "s" });
-    }
+    // One line on success, to stderr even off a terminal, as `pull` does.
+    eprintln!("removed {} ({} file{})", pulled.name(), deleted.len(), if deleted.len() == 1 { "" } else { "s" });
     Ok(())
 }
 

@@ -252,8 +252,12 @@ fn pull_downloads_checks_and_the_name_works_as_model() {
     );
     let output = env.run(&["pull", "test/tiny-GGUF"]);
     assert_success(&output);
-    assert_eq!(stderr(&output), "", "nothing on stderr when it is not a terminal");
     let dir = pulled_dir(&env, "test/tiny-GGUF");
+    let said = stderr(&output);
+    let size = crate::support::human_kib(model.len());
+    assert!(said.starts_with(&format!("pulled test/tiny-GGUF (F32, {size}) to /")), "{said}");
+    assert!(said.ends_with("/test/tiny-GGUF/tiny-Q4_K_M.gguf\n") && said.lines().count() == 1, "{said}");
+    assert_eq!(stdout(&output), "");
     assert_eq!(fs::read(dir.join("tiny-Q4_K_M.gguf")).unwrap(), model, "Q4_K_M is the default");
     assert!(!dir.join("tiny-Q4_K_M.gguf.part").exists());
     assert!(!dir.join("tiny-Q8_0.gguf").exists());
@@ -291,6 +295,27 @@ fn pull_downloads_checks_and_the_name_works_as_model() {
     assert_success(&env.run(&["pull", "test/tiny-GGUF"]));
     assert_eq!(hub.requests().len(), before + 1, "only the listing: {:?}", &hub.requests()[before..]);
 
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn pull_takes_the_hub_host_in_front_of_the_name_as_ollama_does() {
+    let (env, hub) = env_with_hub();
+    hub.add("test/tiny-GGUF", vec![("tiny-Q8_0.gguf", tiny_bytes(&env)), ("tiny-Q4_K_M.gguf", tiny_bytes(&env))]);
+    for name in ["hf.co/test/tiny-GGUF:Q8_0", "huggingface.co/test/tiny-GGUF"] {
+        let output = env.run(&["pull", name]);
+        assert_success(&output);
+        assert!(stderr(&output).starts_with("pulled test/tiny-GGUF"), "{name}: {}", stderr(&output));
+    }
+    let names: Vec<Value> = ls_json(&env).iter().map(|m| m["name"].clone()).collect();
+    assert_eq!(names, [json!("test/tiny-GGUF"), json!("test/tiny-GGUF:Q8_0")]);
+    // The prefixed name works as MODEL too.
+    let output = env.run(&["run", "hf.co/test/tiny-GGUF:Q8_0", "via", "the", "host"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "via the host");
+    assert_success(&env.run(&["rm", "hf.co/test/tiny-GGUF:Q8_0"]));
+    assert_exit(&env.run(&["pull", "example.com/test/tiny-GGUF"]), 2);
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
@@ -401,6 +426,7 @@ fn rm_removes_pulled_models_only_and_stops_them_first() {
 
     let output = env.run(&["rm", "test/tiny-GGUF"]);
     assert_success(&output);
+    assert_eq!(stderr(&output), "removed test/tiny-GGUF (1 file)\n", "one line, also off a terminal");
     wait_until("the instance of the removed model is gone", || !alive(pid));
     assert!(!pulled_dir(&env, "test/tiny-GGUF").exists());
     assert!(!env.path("data/models/test").exists());
@@ -586,6 +612,15 @@ fn bash_completes_model_names_through_ls() {
     assert_eq!(complete("llmctl show co", 2), "coder\n");
     assert!(!complete("llmctl pull co", 2).contains("coder"), "pull takes Hub names");
     assert!(!complete("llmctl run coder co", 3).contains("coder"), "only the first argument is MODEL");
+    // After options, and their values, MODEL is still offered.
+    assert_eq!(complete("llmctl run -n 64 co", 4), "coder\n");
+    assert_eq!(complete("llmctl run --temperature 0.5 --raw --stop END co", 7), "coder\n");
+    assert_eq!(complete("llmctl --socket /tmp/x.sock warm --ttl 8h co", 6), "coder\n");
+    assert_eq!(complete("llmctl chat --system 'be brief' -n 8 co", 6), "coder\n");
+    assert_eq!(complete("llmctl run --max-tokens = 64 co", 5), "coder\n");
+    // The value of an option is not MODEL, nor is what follows MODEL.
+    assert!(!complete("llmctl run -n co", 3).contains("coder"), "a value of -n");
+    assert!(!complete("llmctl run -n 64 coder co", 5).contains("coder"), "MODEL given");
 }
 
 #[test]

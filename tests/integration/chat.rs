@@ -233,3 +233,70 @@ fn ctrl_c_during_run_on_a_terminal_leaves_a_fresh_line() {
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
+
+#[test]
+fn chat_takes_ollamas_commands_quoted_messages_and_lines_typed_ahead() {
+    let mut env = Env::fake();
+    let record = env.path("requests.jsonl");
+    env.set("FAKE_LLAMA_RECORD", &record.display().to_string());
+    let model = env.tiny_model("tiny.gguf");
+    env.write_config(&format!(
+        "[models.slow]\npath = \"{}\"\nargs = [\"--fake-token-ms\", \"150\"]\n",
+        model.display()
+    ));
+    let steps = [
+        ("expect", ">>> "),
+        ("send", "/set parameter top_k 7\r"),
+        ("expect", "(top_k 7)"),
+        ("send", "/set parameter stop END\r"),
+        ("expect", "(stop END)"),
+        ("send", "/set parameter num_predict 6\r"),
+        ("expect", "(num_predict 6)"),
+        ("send", "/set parameter seed 42\r"),
+        ("expect", "(seed 42)"),
+        ("send", "/system be brief\r"),
+        ("expect", "(system message set)"),
+        ("send", "/show parameters\r"),
+        ("expect", "top_k           7"),
+        ("send", "/show system\r"),
+        ("expect", "be brief"),
+        ("send", "/show info\r"),
+        ("expect", "architecture    llama"),
+        ("expect", ">>> "),
+        // A message of several lines, one of them starting with `/`.
+        ("send", "\"\"\"\rline one\r/line two\r\"\"\"\r"),
+        ("expect", "/line two"),
+        ("expect", ">>> "),
+        // A line typed while the answer streams is the next question.
+        ("send", "alpha beta gamma delta\r"),
+        ("expect", "delta"),
+        ("expect", "alpha"),
+        ("send", "typed ahead\r"),
+        // The terminal's echo, the line editor's, then the answer.
+        ("expect", "typed ahead"),
+        ("expect", "typed ahead"),
+        ("expect", "typed ahead"),
+        ("expect", ">>> "),
+        // Lines pasted in one burst are each a question.
+        ("send", "first burst\rsecond burst\r"),
+        ("expect", "second burst"),
+        ("expect", "second burst"),
+        ("expect", ">>> "),
+        ("send", "/bye\r"),
+    ];
+    let (code, transcript) = on_pty(&env, &["chat", "slow"], &steps);
+    assert_eq!(code, 0, "{transcript}");
+
+    let requests: Vec<Value> = recorded(&record).iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let asked: Vec<&str> = requests
+        .iter()
+        .map(|request| request["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(asked, ["line one\n/line two", "alpha beta gamma delta", "typed ahead", "first burst", "second burst"]);
+    let first = &requests[0];
+    assert_eq!(first["messages"][0], json!({"role": "system", "content": "be brief"}));
+    assert_eq!((first["top_k"].clone(), first["seed"].clone()), (json!(7), json!(42)));
+    assert_eq!((first["max_tokens"].clone(), first["stop"].clone()), (json!(6), json!(["END"])));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}

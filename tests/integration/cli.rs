@@ -284,6 +284,7 @@ fn closing_stdout_cancels_upstream_and_exits_zero() {
     let model = fake_model(&env);
     assert_success(&env.run(&["warm", &model]));
 
+    // `-n 0`: no token limit, so the generation is still going when the reader leaves.
     let mut child = env.spawn(&["run", "-n", "0", &model, "go"]);
     let mut first = [0u8; 20];
     child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();

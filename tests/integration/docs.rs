@@ -21,7 +21,8 @@ fn generated() -> Vec<(String, Vec<u8>)> {
     ] {
         let mut script = Vec::new();
         clap_complete::generate(shell, &mut command.clone(), "llmctl", &mut script);
-        let script = with_model_names(shell, String::from_utf8(script).unwrap(), &model_subcommands(&command));
+        let script =
+            with_model_names(shell, String::from_utf8(script).unwrap(), &command, &model_subcommands(&command));
         files.push((file.to_string(), script.into_bytes()));
     }
     files
@@ -91,33 +92,94 @@ fn model_subcommands(command: &clap::Command) -> Vec<String> {
         .collect()
 }
 
+/// The options that take a value (`-n`, `--max-tokens`, ...), of `subcommand` or, with
+/// none, the global ones: bash must skip their values to find MODEL.
+fn value_options(command: &clap::Command, subcommand: Option<&str>) -> Vec<String> {
+    let mut built = command.clone();
+    built.build();
+    let target = match subcommand {
+        Some(name) => built.find_subcommand(name).expect("a subcommand of llmctl").clone(),
+        None => built.clone(),
+    };
+    let mut names = Vec::new();
+    for arg in target.get_arguments() {
+        let global = arg.is_global_set();
+        let wanted = if subcommand.is_some() { !global } else { global };
+        if arg.is_positional() || !wanted || !arg.get_action().takes_values() {
+            continue;
+        }
+        names.extend(arg.get_short_and_visible_aliases().into_iter().flatten().map(|c| format!("-{c}")));
+        names.extend(arg.get_long_and_visible_aliases().into_iter().flatten().map(|l| format!("--{l}")));
+    }
+    names
+}
+
 /// clap_complete completes MODEL as a file only; this teaches each shell to offer the names
 /// `llmctl ls --names` prints (aliases, pulled models, files of the models directory) too.
-fn with_model_names(shell: clap_complete::Shell, script: String, subcommands: &[String]) -> String {
+fn with_model_names(
+    shell: clap_complete::Shell,
+    script: String,
+    command: &clap::Command,
+    subcommands: &[String],
+) -> String {
     let list = subcommands.join(" ");
     match shell {
         clap_complete::Shell::Bash => {
-            let cases = subcommands.join("|");
+            let global = value_options(command, None).join(" ");
+            let per_subcommand: String = subcommands
+                .iter()
+                .map(|sub| format!("            {sub}) takes_value=\" {} \" ;;\n", value_options(command, Some(sub)).join(" ")))
+                .collect();
             script
                 + &format!(
                     r#"
+# Moves `i` past the option at COMP_WORDS[i]: with its value when it is in the list $1, or
+# written `--option=value` (which bash splits into three words at the `=`).
+_llmctl_skip_option() {{
+    if [[ ${{COMP_WORDS[i+1]}} == "=" ]]; then
+        (( i += 3 ))
+    elif [[ $1 == *" ${{COMP_WORDS[i]}} "* ]]; then
+        (( i += 2 ))
+    else
+        (( i += 1 ))
+    fi
+}}
+
 # MODEL, the first argument of {list}: the names `llmctl ls --names` prints, and files.
+# MODEL is the first word after the subcommand that is neither an option nor the value of
+# an option that takes one (`llmctl run -n 64 de<TAB>` offers demo).
 _llmctl_with_models() {{
     _llmctl "$@"
     local cur="${{COMP_WORDS[COMP_CWORD]}}"
     if declare -F _get_comp_words_by_ref >/dev/null; then
         _get_comp_words_by_ref -n : cur
     fi
-    if [[ ${{COMP_CWORD}} -eq 2 && ${{cur}} != -* ]]; then
-        case "${{COMP_WORDS[1]}}" in
-            {cases})
-                local IFS=$'\n'
-                COMPREPLY=( $(compgen -W "$(llmctl ls --names 2>/dev/null)" -- "${{cur}}") $(compgen -f -- "${{cur}}") )
-                if declare -F __ltrim_colon_completions >/dev/null; then
-                    __ltrim_colon_completions "${{cur}}"
-                fi
-                ;;
-        esac
+    [[ ${{cur}} == -* ]] && return
+    local global_takes_value=" {global} " takes_value word i=1
+    # The subcommand: the first word that is not a global option or its value.
+    while (( i < COMP_CWORD )); do
+        word="${{COMP_WORDS[i]}}"
+        [[ ${{word}} == -* ]] || break
+        _llmctl_skip_option "${{global_takes_value}}"
+    done
+    (( i >= COMP_CWORD )) && return
+    case "${{COMP_WORDS[i]}}" in
+{per_subcommand}            *) return ;;
+    esac
+    takes_value+="${{global_takes_value}}"
+    (( i++ ))
+    while (( i < COMP_CWORD )); do
+        word="${{COMP_WORDS[i]}}"
+        # A word that is no option is MODEL, given already.
+        [[ ${{word}} == -* ]] || return
+        _llmctl_skip_option "${{takes_value}}"
+    done
+    # Past the current word: it is the value of the option before it.
+    (( i > COMP_CWORD )) && return
+    local IFS=$'\n'
+    COMPREPLY=( $(compgen -W "$(llmctl ls --names 2>/dev/null)" -- "${{cur}}") $(compgen -f -- "${{cur}}") )
+    if declare -F __ltrim_colon_completions >/dev/null; then
+        __ltrim_colon_completions "${{cur}}"
     fi
 }}
 complete -F _llmctl_with_models -o bashdefault -o default llmctl

@@ -18,6 +18,7 @@ mod serve;
 mod setup;
 mod supervision;
 mod support;
+mod test_command;
 mod tiny_model;
 mod trust;
 mod untrusted;

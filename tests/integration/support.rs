@@ -357,3 +357,8 @@ pub fn tools_without_a_compiler(env: &Env) -> std::path::PathBuf {
     let leave_out: Vec<&str> = leave_out.iter().map(String::as_str).collect();
     tools_without(env, &leave_out)
 }
+
+/// A size under 1 MiB as llmctl prints it: "620 KiB".
+pub fn human_kib(bytes: usize) -> String {
+    format!("{} KiB", bytes.div_ceil(1024))
+}
