@@ -1,10 +1,6 @@
-//! The memory budget and the eviction policy, as a pure function over a snapshot.
-//!
-//! Before a model loads, the daemon describes every instance that holds memory as a
-//! [`Resident`] and asks [`plan`] what to do: it fits; evict these idle instances (least
-//! recently used first, never a pinned one); wait for these busy ones to drain; or it cannot
-//! fit even with every idle, unpinned instance gone. The function does no I/O, so the
-//! policy is tested with tables of cases and no processes.
+//! The memory budget: what fits beside what (RAM, GPU memory, the number of instances),
+//! and why a model can never fit. Pure functions; the scheduler's plan
+//! (`daemon::scheduler::plan`) decides with them who holds memory.
 
 use std::fmt::Write;
 
@@ -16,20 +12,13 @@ pub struct Budget {
     pub max_instances: Option<usize>,
 }
 
-/// An instance that holds memory now, as the policy sees it.
+/// Memory an instance holds (or will hold), as the budget sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resident {
-    pub id: usize,
-    pub name: String,
+pub struct Held {
     pub ram: u64,
     pub vram: u64,
-    /// Milliseconds since the epoch of the last request; 0 if never used.
-    pub last_used_ms: u64,
+    pub name: String,
     pub pinned: bool,
-    /// Requests in flight or waiting, or a load in progress: never stopped, only drained.
-    pub busy: bool,
-    /// Already asked to unload: its memory comes back once it has drained and stopped.
-    pub releasing: bool,
 }
 
 /// What a new instance needs.
@@ -39,38 +28,21 @@ pub struct Need {
     pub vram: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Plan {
-    /// Start it now.
-    Fits,
-    /// Unload these instances (idle ones stop at once, busy ones drain first), least
-    /// recently used first; it fits once they are gone.
-    Release(Vec<usize>),
-    /// It fits once the instances already releasing are gone: wait for them.
-    Wait,
-    /// It cannot fit; the message says how much is needed and what holds the memory.
-    NoCapacity(String),
-}
-
-fn fits(budget: &Budget, kept: &[&Resident], need: Need) -> bool {
-    let ram: u64 = kept.iter().map(|r| r.ram).fold(0, u64::saturating_add);
-    let vram: u64 = kept.iter().map(|r| r.vram).fold(0, u64::saturating_add);
+/// True when `need` fits beside `held`, with `extra` more instances promised room.
+pub fn fits(budget: &Budget, held: &[Held], need: Need, extra: usize) -> bool {
+    let ram: u64 = held.iter().map(|r| r.ram).fold(0, u64::saturating_add);
+    let vram: u64 = held.iter().map(|r| r.vram).fold(0, u64::saturating_add);
     let ram_ok = ram.saturating_add(need.ram) <= budget.ram;
     let vram_ok = budget.vram.is_none_or(|limit| vram.saturating_add(need.vram) <= limit);
-    let count_ok = budget.max_instances.is_none_or(|max| kept.len() < max);
+    let count_ok = budget.max_instances.is_none_or(|max| held.len() + extra < max);
     ram_ok && vram_ok && count_ok
 }
 
-/// Decides what a load needs: start now, release some instances first, wait for releases
-/// under way, or refuse because even every unpinned instance gone would not make room.
-/// Memory is counted until an instance is really gone, so it is never booked twice.
-pub fn plan(budget: &Budget, residents: &[Resident], need: Need) -> Plan {
-    let all: Vec<&Resident> = residents.iter().collect();
-    if fits(budget, &all, need) {
-        return Plan::Fits;
-    }
+/// Why `need` can never fit, even with every unpinned instance gone (`pinned` are the
+/// pinned ones): the message says how much is needed and what holds the memory.
+pub fn never_fits(budget: &Budget, pinned: &[Held], need: Need) -> Option<String> {
     if need.ram > budget.ram {
-        return Plan::NoCapacity(format!(
+        return Some(format!(
             "the model needs {} of memory but the whole memory budget is {}; raise memory_budget in the config, \
              then `llmctl reload`",
             human(need.ram),
@@ -78,33 +50,20 @@ pub fn plan(budget: &Budget, residents: &[Resident], need: Need) -> Plan {
         ));
     }
     if let Some(limit) = budget.vram.filter(|&limit| need.vram > limit) {
-        return Plan::NoCapacity(format!(
+        return Some(format!(
             "the model needs {} of GPU memory (its offloaded layers plus the CUDA context) but the whole GPU budget \
              is {}; lower gpu_layers, or raise vram_budget in the config, then `llmctl reload`",
             human(need.vram),
             human(limit),
         ));
     }
-    let mut kept: Vec<&Resident> = residents.iter().filter(|r| !r.releasing).collect();
-    if fits(budget, &kept, need) {
-        return Plan::Wait;
+    if fits(budget, pinned, need, 0) {
+        return None;
     }
-    let mut candidates: Vec<&Resident> = kept.iter().copied().filter(|r| !r.pinned).collect();
-    // Idle before busy, then least recently used first.
-    candidates.sort_by_key(|r| (r.busy, r.last_used_ms, r.id));
-    let mut release = Vec::new();
-    for victim in candidates {
-        kept.retain(|r| r.id != victim.id);
-        release.push(victim.id);
-        if fits(budget, &kept, need) {
-            return Plan::Release(release);
-        }
-    }
-    Plan::NoCapacity(no_capacity_message(budget, residents, need))
+    Some(no_capacity_message(budget, pinned, need))
 }
 
-fn no_capacity_message(budget: &Budget, residents: &[Resident], need: Need) -> String {
-    let pinned: Vec<&Resident> = residents.iter().filter(|r| r.pinned).collect();
+fn no_capacity_message(budget: &Budget, pinned: &[Held], need: Need) -> String {
     let pinned_ram: u64 = pinned.iter().map(|r| r.ram).sum();
     let pinned_vram: u64 = pinned.iter().map(|r| r.vram).sum();
     let vram_short = budget.vram.is_some_and(|limit| pinned_vram.saturating_add(need.vram) > limit);
@@ -188,17 +147,8 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
-    fn resident(id: usize, ram_gib: u64, last_used_ms: u64, pinned: bool, busy: bool) -> Resident {
-        Resident {
-            id,
-            name: format!("m{id}"),
-            ram: ram_gib * GIB,
-            vram: 0,
-            last_used_ms,
-            pinned,
-            busy,
-            releasing: false,
-        }
+    fn held(name: &str, ram_gib: u64, pinned: bool) -> Held {
+        Held { ram: ram_gib * GIB, vram: 0, name: name.into(), pinned }
     }
 
     fn budget(ram_gib: u64) -> Budget {
@@ -210,103 +160,36 @@ mod tests {
     }
 
     #[test]
-    fn eviction_table() {
-        let cases: Vec<(&str, Budget, Vec<Resident>, Need, Plan)> = vec![
-            ("empty machine", budget(8), vec![], need(4), Plan::Fits),
-            ("room left", budget(8), vec![resident(1, 3, 10, false, false)], need(4), Plan::Fits),
-            (
-                "least recently used goes first",
-                budget(8),
-                vec![resident(1, 3, 30, false, false), resident(2, 3, 10, false, false)],
-                need(4),
-                Plan::Release(vec![2]),
-            ),
-            (
-                "as many as needed, oldest first",
-                budget(8),
-                vec![
-                    resident(1, 3, 30, false, false),
-                    resident(2, 3, 10, false, false),
-                    resident(3, 2, 20, false, false),
-                ],
-                need(7),
-                Plan::Release(vec![2, 3, 1]),
-            ),
-            (
-                "pinned instances stay",
-                budget(8),
-                vec![resident(1, 3, 10, true, false), resident(2, 3, 30, false, false)],
-                need(4),
-                Plan::Release(vec![2]),
-            ),
-            (
-                "busy instances are released after the idle ones (they drain)",
-                budget(8),
-                vec![resident(1, 6, 10, false, true), resident(2, 1, 30, false, false)],
-                need(4),
-                Plan::Release(vec![2, 1]),
-            ),
-            (
-                "idle before busy even when the busy one is older",
-                budget(8),
-                vec![resident(1, 4, 10, false, true), resident(2, 4, 30, false, false)],
-                need(4),
-                Plan::Release(vec![2]),
-            ),
-            (
-                "instance count limit",
-                Budget { ram: 100 * GIB, vram: None, max_instances: Some(1) },
-                vec![resident(1, 1, 10, false, false)],
-                need(1),
-                Plan::Release(vec![1]),
-            ),
-        ];
-        for (name, budget, residents, need, expected) in cases {
-            assert_eq!(plan(&budget, &residents, need), expected, "{name}");
-        }
+    fn fitting_counts_bytes_gpu_memory_and_instances() {
+        assert!(fits(&budget(8), &[held("a", 3, false)], need(4), 0));
+        assert!(!fits(&budget(8), &[held("a", 5, false)], need(4), 0));
+        let one = Budget { ram: 100 * GIB, vram: None, max_instances: Some(2) };
+        assert!(fits(&one, &[held("a", 1, false)], need(1), 0));
+        assert!(!fits(&one, &[held("a", 1, false)], need(1), 1), "a promised instance counts");
+        let gpu = Budget { ram: 64 * GIB, vram: Some(8 * GIB), max_instances: None };
+        let mut on_gpu = held("g", 1, false);
+        on_gpu.vram = 6 * GIB;
+        assert!(!fits(&gpu, &[on_gpu], Need { ram: GIB, vram: 4 * GIB }, 0));
     }
 
     #[test]
     fn no_capacity_explains_itself() {
-        let residents = vec![resident(1, 6, 10, true, false)];
-        let Plan::NoCapacity(message) = plan(&budget(8), &residents, need(4)) else { panic!("expected no capacity") };
+        let message = never_fits(&budget(8), &[held("m1", 6, true)], need(4)).expect("no capacity");
         assert!(message.contains("4.0 GiB") && message.contains("pinned: m1"), "{message}");
-        let Plan::NoCapacity(message) = plan(&budget(8), &[], need(9)) else { panic!("expected no capacity") };
+        let message = never_fits(&budget(8), &[], need(9)).expect("no capacity");
         assert!(message.contains("whole memory budget"), "{message}");
-    }
-
-    #[test]
-    fn releases_under_way_are_waited_for_not_repeated() {
-        let mut releasing = resident(1, 6, 10, false, true);
-        releasing.releasing = true;
-        let idle = resident(2, 1, 5, false, false);
-        assert_eq!(plan(&budget(8), &[releasing.clone(), idle.clone()], need(4)), Plan::Wait);
-        // Not enough even when the release is done: one more goes, the idle one.
-        assert_eq!(plan(&budget(8), &[releasing, idle], need(8)), Plan::Release(vec![2]));
+        assert_eq!(never_fits(&budget(8), &[held("m1", 2, true)], need(4)), None);
     }
 
     #[test]
     fn a_gpu_shortage_names_the_gpu_budget() {
         let budget = Budget { ram: 64 * GIB, vram: Some(GIB), max_instances: None };
-        let Plan::NoCapacity(message) = plan(&budget, &[], Need { ram: GIB, vram: 2 * GIB }) else {
-            panic!("expected no capacity")
-        };
+        let message = never_fits(&budget, &[], Need { ram: GIB, vram: 2 * GIB }).expect("no capacity");
         assert!(message.contains("vram_budget") && !message.contains("memory_budget"), "{message}");
-        let mut pinned = resident(1, 1, 10, true, false);
+        let mut pinned = held("m1", 1, true);
         pinned.vram = GIB / 2;
-        let Plan::NoCapacity(message) = plan(&budget, &[pinned], Need { ram: GIB, vram: GIB * 3 / 4 }) else {
-            panic!("expected no capacity")
-        };
+        let message = never_fits(&budget, &[pinned], Need { ram: GIB, vram: GIB * 3 / 4 }).expect("no capacity");
         assert!(message.contains("vram_budget") && message.contains("pinned: m1"), "{message}");
-    }
-
-    #[test]
-    fn vram_is_budgeted_separately() {
-        let budget = Budget { ram: 64 * GIB, vram: Some(8 * GIB), max_instances: None };
-        let mut on_gpu = resident(1, 1, 10, false, false);
-        on_gpu.vram = 6 * GIB;
-        let plan = plan(&budget, &[on_gpu], Need { ram: GIB, vram: 4 * GIB });
-        assert_eq!(plan, Plan::Release(vec![1]));
     }
 
     #[test]

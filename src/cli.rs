@@ -28,6 +28,9 @@ Top-level keys:
     vram_budget      GPU memory of all instances together, where nvidia-smi exists (\"90%\")
     max_instances    the most instances loaded at once, 1..=1024
     default_ttl      unload an instance idle this long: \"30m\", \"2h\", \"never\" (the default)
+    max_wait         the longest a load waits for busy models before they drain for it:
+                     a duration, \"0\" (strict arrival order) or \"auto\" (the default)
+    min_residency    how long a busy model stays before it may be drained (\"auto\")
     load_timeout     seconds a load may go without any llama-server output (120)
     token_timeout    seconds without a token before a generation fails with 124 (300)
     crash_limit      failures within crash_window seconds after which a model is not

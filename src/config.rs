@@ -72,6 +72,12 @@ pub struct Config {
     /// Unload an instance after this long without a request, unless its model says
     /// otherwise: "30m", "2h", "never" (the default).
     pub default_ttl: Option<String>,
+    /// The longest a load waits while the models it would replace stay busy: a duration
+    /// ("20s"), "0" for strict arrival order, or "auto" (the default, from measured load times).
+    pub max_wait: Option<String>,
+    /// How long a busy instance stays before it may be drained for a waiting model:
+    /// a duration or "auto" (the default).
+    pub min_residency: Option<String>,
     /// The most tokens `run` and `chat` generate unless `-n` says otherwise; 0 for no limit.
     pub max_tokens: Option<u32>,
     /// The model `serve` answers with when a request names none, or one llmctl does not
@@ -211,7 +217,7 @@ struct ParseError {
 }
 
 /// Keys whose values are durations or sizes in strings: what a fix for an unquoted value says.
-const DURATION_KEYS: [&str; 2] = ["default_ttl", "ttl"];
+const DURATION_KEYS: [&str; 4] = ["default_ttl", "ttl", "max_wait", "min_residency"];
 const SIZE_KEYS: [&str; 2] = ["memory_budget", "vram_budget"];
 
 fn parse_once(text: &str) -> Result<Config, ParseError> {
@@ -285,6 +291,11 @@ fn parse_once(text: &str) -> Result<Config, ParseError> {
     }
     if let Some(ttl) = &config.default_ttl {
         parse_ttl(ttl).map_err(|problem| at_key("default_ttl", problem))?;
+    }
+    for (key, value) in [("max_wait", &config.max_wait), ("min_residency", &config.min_residency)] {
+        if let Some(value) = value {
+            parse_wait(value).map_err(|problem| at_key(key, problem))?;
+        }
     }
     for origin in config.cors_origins.iter().flatten() {
         let well_formed = origin == "*"
@@ -429,6 +440,19 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> ParseError {
 pub enum Ttl {
     Never,
     Seconds(u64),
+}
+
+/// A scheduler wait: "auto" (none: derived from measured load times) or a duration
+/// ("20s", "2m", "0"), in milliseconds.
+pub fn parse_wait(text: &str) -> Result<Option<u64>, String> {
+    let text = text.trim();
+    if text == "auto" {
+        return Ok(None);
+    }
+    match parse_ttl(text) {
+        Ok(Ttl::Seconds(seconds)) => Ok(Some(seconds * 1000)),
+        _ => Err(format!("`{text}` is not \"auto\" nor a duration (use 20s, 2m or 0)")),
+    }
 }
 
 /// "90s", "30m", "2h", "1d", "45" (seconds) or "never".

@@ -26,6 +26,8 @@ pub enum EventKind {
     Evicted,
     Expired,
     Reloading,
+    /// A load waits for room: its place in line and estimated wait.
+    Waiting,
 }
 
 impl EventKind {
@@ -40,6 +42,7 @@ impl EventKind {
             EventKind::Evicted => "evicted",
             EventKind::Expired => "expired",
             EventKind::Reloading => "reloading",
+            EventKind::Waiting => "waiting",
         }
     }
 }

@@ -125,9 +125,14 @@ pub enum Response {
         version: u32,
         pid: u32,
     },
-    /// The model is being loaded; sent once before the first token of a cold start.
+    /// The model is being loaded; sent once before the first token of a cold start, and
+    /// again while its load waits for room, with its place in line and estimated wait.
     Loading {
         model: String,
+        #[serde(default)]
+        position: Option<usize>,
+        #[serde(default)]
+        eta_ms: Option<u64>,
     },
     /// The request waits for a slot at this position.
     Queued {
@@ -219,6 +224,11 @@ pub struct DaemonStatus {
     /// The HTTP addresses the daemon serves `serve`'s API on.
     #[serde(default)]
     pub listening: Vec<String>,
+    /// Instances evicted to make room for another model, and that per finished request.
+    #[serde(default)]
+    pub swaps: u64,
+    #[serde(default)]
+    pub swaps_per_request: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -328,6 +338,16 @@ pub struct InstanceStatus {
     pub first_token_p99_ms: Option<f64>,
     /// Requests by outcome: "ok", "cancelled" or an error kind.
     pub outcomes: std::collections::BTreeMap<String, u64>,
+    /// While its load waits for room: its place in the scheduler's line (1 = next) and the
+    /// estimated wait.
+    #[serde(default)]
+    pub waiting_position: Option<usize>,
+    #[serde(default)]
+    pub eta_ms: Option<u64>,
+    /// What tells this instance apart from another of the same model (its file and load
+    /// options), for metrics labels.
+    #[serde(default)]
+    pub instance: String,
 }
 
 /// A state change of an instance, as `llmctl events` prints it.

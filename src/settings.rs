@@ -65,11 +65,31 @@ pub const TABLE: &[Entry] = &[
     Entry { key: "vram_budget", default: DEFAULT_VRAM_BUDGET, env: None, applies: Applies::Live },
     Entry { key: "max_instances", default: "none", env: None, applies: Applies::Live },
     Entry { key: "default_ttl", default: "never", env: None, applies: Applies::Live },
+    Entry { key: "max_wait", default: "auto", env: None, applies: Applies::Live },
+    Entry { key: "min_residency", default: "auto", env: None, applies: Applies::Live },
     Entry { key: "load_timeout", default: "120s", env: None, applies: Applies::AtStart },
     Entry { key: "token_timeout", default: "300s", env: None, applies: Applies::AtStart },
     Entry { key: "crash_limit", default: "3", env: None, applies: Applies::AtStart },
     Entry { key: "crash_window", default: "60s", env: None, applies: Applies::AtStart },
 ];
+
+/// Whether the config file sets `key` of [`TABLE`].
+pub fn configured(config: &Config, key: &str) -> bool {
+    match key {
+        "queue_depth" => config.queue_depth.is_some(),
+        "memory_budget" => config.memory_budget.is_some(),
+        "vram_budget" => config.vram_budget.is_some(),
+        "max_instances" => config.max_instances.is_some(),
+        "default_ttl" => config.default_ttl.is_some(),
+        "max_wait" => config.max_wait.is_some(),
+        "min_residency" => config.min_residency.is_some(),
+        "load_timeout" => config.load_timeout.is_some(),
+        "token_timeout" => config.token_timeout.is_some(),
+        "crash_limit" => config.crash_limit.is_some(),
+        "crash_window" => config.crash_window.is_some(),
+        _ => false,
+    }
+}
 
 /// The table's entry for `key`.
 pub fn entry(key: &str) -> Option<&'static Entry> {
@@ -79,6 +99,8 @@ pub fn entry(key: &str) -> Option<&'static Entry> {
 /// Daemon settings after flags, environment and config are applied.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    pub max_wait_ms: Option<u64>,
+    pub min_residency_ms: Option<u64>,
     pub queue_depth: usize,
     pub load_timeout: Duration,
     pub token_timeout: Duration,
@@ -103,6 +125,9 @@ pub struct StartFlags {
 /// The settings a reload changes while the daemon runs; the others need a new daemon.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveSettings {
+    /// The bound on a load's wait; none: derived from measured load times.
+    pub max_wait_ms: Option<u64>,
+    pub min_residency_ms: Option<u64>,
     pub memory_budget: String,
     pub vram_budget: String,
     pub max_instances: Option<usize>,
@@ -111,7 +136,11 @@ pub struct LiveSettings {
 
 impl Settings {
     pub fn from_config(config: &Config, flags: &StartFlags) -> Settings {
+        let wait =
+            |value: &Option<String>| value.as_deref().and_then(|text| crate::config::parse_wait(text).ok()).flatten();
         Settings {
+            max_wait_ms: wait(&config.max_wait),
+            min_residency_ms: wait(&config.min_residency),
             queue_depth: flags.queue_depth.or(config.queue_depth).unwrap_or(DEFAULT_QUEUE_DEPTH),
             load_timeout: Duration::from_secs(config.load_timeout.unwrap_or(DEFAULT_LOAD_TIMEOUT_S)),
             token_timeout: Duration::from_secs(config.token_timeout.unwrap_or(DEFAULT_TOKEN_TIMEOUT_S)),
@@ -135,6 +164,8 @@ impl Settings {
 
     pub fn live(&self) -> LiveSettings {
         LiveSettings {
+            max_wait_ms: self.max_wait_ms,
+            min_residency_ms: self.min_residency_ms,
             memory_budget: self.memory_budget.clone(),
             vram_budget: self.vram_budget.clone(),
             max_instances: self.max_instances,
@@ -149,6 +180,7 @@ impl Settings {
             Ttl::Never => "never".to_string(),
             Ttl::Seconds(seconds) => format!("{seconds}s"),
         };
+        let wait = |ms: Option<u64>| ms.map_or("auto".to_string(), |ms| format!("{}s", ms / 1000));
         let value = |key: &str| -> String {
             match key {
                 "queue_depth" => self.queue_depth.to_string(),
@@ -156,6 +188,8 @@ impl Settings {
                 "vram_budget" => live.vram_budget.clone(),
                 "max_instances" => live.max_instances.map_or("none".into(), |max| max.to_string()),
                 "default_ttl" => ttl(live.default_ttl),
+                "max_wait" => wait(live.max_wait_ms),
+                "min_residency" => wait(live.min_residency_ms),
                 "load_timeout" => format!("{}s", self.load_timeout.as_secs()),
                 "token_timeout" => format!("{}s", self.token_timeout.as_secs()),
                 "crash_limit" => self.crash_loop.limit.to_string(),

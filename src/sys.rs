@@ -100,6 +100,24 @@ pub fn shutdown_socket(fd: RawFd) {
     }
 }
 
+/// Asks the kernel to read the file at `path` into the page cache in the background
+/// (`posix_fadvise(WILLNEED)`), so a load that follows reads from memory. Only a regular
+/// file is opened, without blocking on a FIFO.
+pub fn read_ahead(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    // SAFETY: posix_fadvise only gives the kernel advice about a descriptor we own; offset
+    // 0 and length 0 mean the whole file.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
 /// `bytes` random bytes from the kernel, as lowercase hex: for secrets such as a child's key.
 pub fn random_hex(bytes: usize) -> io::Result<String> {
     use std::io::Read;

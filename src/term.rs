@@ -21,6 +21,18 @@ pub fn escape_lines(text: &str) -> Cow<'_, str> {
     escape_with(text, true)
 }
 
+/// "1st", "2nd", "3rd", "4th", "11th", "21st"...: a place in line.
+pub fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
 fn escape_with(text: &str, keep_lines: bool) -> Cow<'_, str> {
     let kept = |c: char| keep_lines && (c == '\n' || c == '\t');
     if !text.chars().any(|c| is_unsafe(c) && !kept(c)) {
@@ -53,6 +65,15 @@ fn is_unsafe(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn places_in_line() {
+        let table =
+            [(1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th"), (11, "11th"), (12, "12th"), (21, "21st"), (102, "102nd")];
+        for (n, text) in table {
+            assert_eq!(ordinal(n), text);
+        }
+    }
 
     #[test]
     fn control_characters_become_visible_escapes() {

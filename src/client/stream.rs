@@ -13,8 +13,16 @@ use crate::protocol::{Done, Request, Response};
 /// What a waiting request hears before its first token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
-    Loading { model: String },
-    Queued { position: usize },
+    /// The model loads for this request; while its load waits for room, its place in line
+    /// and the estimated wait.
+    Loading {
+        model: String,
+        position: Option<usize>,
+        eta_ms: Option<u64>,
+    },
+    Queued {
+        position: usize,
+    },
 }
 
 /// Where a generation goes.
@@ -38,7 +46,9 @@ pub fn generate(connection: &mut Connection, request: &Request, sink: &mut dyn S
     loop {
         let response = connection.recv()?;
         match response {
-            Response::Loading { model } => sink.progress(Progress::Loading { model }),
+            Response::Loading { model, position, eta_ms } => {
+                sink.progress(Progress::Loading { model, position, eta_ms })
+            }
             Response::Queued { position } => sink.progress(Progress::Queued { position }),
             Response::Token { text } => {
                 if let Err(error) = sink.token(&text, connection.has_buffered()) {

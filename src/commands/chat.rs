@@ -8,22 +8,17 @@
 //! lives in this process only.
 
 use std::io::{self, IsTerminal, Write};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use rustyline::error::ReadlineError;
 use serde_json::json;
 
 use crate::cli::ChatArgs;
+use crate::client::interrupt;
+use crate::client::stream::{self, Ended, Progress, Sink};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
-use crate::protocol::{Mode, Request, Response, RunRequest, Sampling};
-use crate::sys;
-
-/// Set by the Ctrl-C handler while an answer streams.
-static STOPPED: AtomicBool = AtomicBool::new(false);
-/// The socket of the answer streaming now; -1 when none.
-static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
+use crate::protocol::{Mode, Request, RunRequest, Sampling};
 
 const PROMPT: &str = ">>> ";
 const HELP: &str = "\
@@ -270,7 +265,6 @@ pub fn session(context: &Context, model: ModelSpec, system: Option<String>, mut 
     let mut editor = rustyline::DefaultEditor::new().map_err(|e| Error::internal(format!("line editor: {e}")))?;
     let history = context.paths.state_dir.join("chat_history");
     let _ = editor.load_history(&history);
-    install_interrupt_handler()?;
     let mut conversation = Conversation { system, turns: Vec::new() };
     eprintln!("chatting with {}; /help for commands, /bye or Ctrl-D to leave", model.name);
     loop {
@@ -407,62 +401,52 @@ fn answer(
     };
     let mut connection = crate::client::connect_for(context, model)?;
     connection.set_reply_timeout(Some(context.generation_timeout()))?;
-    STOPPED.store(false, Ordering::SeqCst);
-    SOCKET_FD.store(connection.raw_fd(), Ordering::SeqCst);
-    let result = stream(&mut connection, &Request::Run(request));
-    SOCKET_FD.store(-1, Ordering::SeqCst);
-    let stopped = STOPPED.swap(false, Ordering::SeqCst);
+    // Ctrl-C while it streams stops this answer (cancelled upstream), not the chat.
+    let watch = interrupt::Watch::socket(connection.raw_fd())?;
+    let mut answer = Answer { stdout: io::stdout().lock(), progress: io::stderr().is_terminal(), reply: String::new() };
+    let result = stream::generate(&mut connection, &Request::Run(request), &mut answer);
+    drop(watch);
+    let _ = writeln!(answer.stdout);
+    let _ = answer.stdout.flush();
     match result {
-        _ if stopped => {
-            println!();
-            Ok(None)
-        }
-        other => other.map(Some),
+        _ if interrupt::interrupted() => Ok(None),
+        Ok(Ended::Done(_)) | Ok(Ended::SinkClosed(_)) => Ok(Some(answer.reply)),
+        Err(error) => Err(error),
     }
 }
 
-fn stream(connection: &mut crate::client::Connection, request: &Request) -> Result<String> {
-    connection.send(request)?;
-    let mut stdout = io::stdout().lock();
-    // Progress only on a terminal; a piped conversation gets no control codes.
-    let progress = io::stderr().is_terminal();
-    let mut reply = String::new();
-    loop {
-        match connection.recv()? {
-            Response::Loading { model } if progress => eprint!("\rloading {model}...\r"),
-            Response::Queued { position } if progress => eprint!("\rwaiting for a slot: position {position}...\r"),
-            Response::Loading { .. } | Response::Queued { .. } => {}
-            Response::Token { text } => {
-                if reply.is_empty() && progress {
-                    eprint!("\x1b[K");
-                }
-                reply.push_str(&text);
-                let _ = stdout.write_all(text.as_bytes());
-                let _ = stdout.flush();
-            }
-            Response::Done(_) => {
-                let _ = writeln!(stdout);
-                let _ = stdout.flush();
-                return Ok(reply);
-            }
-            Response::Error { kind, message, .. } => return Err(Error::Remote { kind, message }),
-            other => return Err(Error::internal(format!("unexpected message from the daemon: {other:?}"))),
-        }
-    }
+/// An answer as the conversation takes it: written to stdout as it comes, kept whole for
+/// the next turn, with progress only on a terminal (a piped chat gets no control codes).
+struct Answer {
+    stdout: io::StdoutLock<'static>,
+    progress: bool,
+    reply: String,
 }
 
-fn install_interrupt_handler() -> Result<()> {
-    let installed = ctrlc::set_handler(|| {
-        let fd = SOCKET_FD.load(Ordering::SeqCst);
-        if fd >= 0 {
-            STOPPED.store(true, Ordering::SeqCst);
-            // Wakes the blocked read; the daemon sees the hang-up and cancels upstream.
-            sys::shutdown_socket(fd);
+impl Sink for Answer {
+    fn progress(&mut self, progress: Progress) {
+        if !self.progress {
+            return;
         }
-    });
-    match installed {
-        Ok(()) | Err(ctrlc::Error::MultipleHandlers) => Ok(()),
-        Err(error) => Err(Error::internal(format!("cannot install the Ctrl-C handler: {error}"))),
+        match progress {
+            Progress::Loading { model, position: Some(position), eta_ms } => eprint!(
+                "\r\x1b[Kwaiting for {}: {} in line, about {} s\r",
+                crate::term::escape(&model),
+                crate::term::ordinal(position),
+                eta_ms.unwrap_or(0).div_ceil(1000)
+            ),
+            Progress::Loading { model, .. } => eprint!("\r\x1b[Kloading {}...\r", crate::term::escape(&model)),
+            Progress::Queued { position } => eprint!("\r\x1b[Kwaiting for a slot: position {position}...\r"),
+        }
+    }
+
+    fn token(&mut self, text: &str, _more: bool) -> io::Result<()> {
+        if self.reply.is_empty() && self.progress {
+            eprint!("\x1b[K");
+        }
+        self.reply.push_str(text);
+        self.stdout.write_all(text.as_bytes())?;
+        self.stdout.flush()
     }
 }
 

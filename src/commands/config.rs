@@ -7,14 +7,13 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::cli::ConfigArgs;
-use crate::config::DEFAULT_QUEUE_DEPTH;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::settings::{DEFAULT_MEMORY_BUDGET, DEFAULT_VRAM_BUDGET};
+use crate::settings::{self, Applies, Settings, StartFlags};
 
 #[derive(Serialize)]
 struct Setting {
-    name: &'static str,
+    name: String,
     value: String,
     source: String,
     /// What the running daemon uses, when it differs from `value`.
@@ -60,31 +59,31 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
     };
     let mut settings = vec![
         Setting {
-            name: "socket",
+            name: "socket".into(),
             value: paths.socket.display().to_string(),
             source: flag_or(context.global.socket.is_some(), "LLMCTL_SOCKET", "--socket", Some("XDG_RUNTIME_DIR")),
             daemon: None,
         },
         Setting {
-            name: "config",
+            name: "config".into(),
             value: format!("{}{}", paths.config.display(), if config_exists { "" } else { " (absent)" }),
             source: flag_or(context.global.config.is_some(), "LLMCTL_CONFIG", "--config", Some("XDG_CONFIG_HOME")),
             daemon: None,
         },
         Setting {
-            name: "state_dir",
+            name: "state_dir".into(),
             value: paths.state_dir.display().to_string(),
             source: path_source("LLMCTL_STATE_DIR", Some("XDG_STATE_HOME")),
             daemon: None,
         },
         Setting {
-            name: "data_dir",
+            name: "data_dir".into(),
             value: paths.data_dir.display().to_string(),
             source: path_source("LLMCTL_DATA_DIR", Some("XDG_DATA_HOME")),
             daemon: None,
         },
         Setting {
-            name: "cache_dir",
+            name: "cache_dir".into(),
             value: paths.cache_dir.display().to_string(),
             source: path_source("LLMCTL_CACHE_DIR", Some("XDG_CACHE_HOME")),
             daemon: None,
@@ -104,75 +103,27 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             Err(_) => ("(none found; run llmctl setup)".into(), "-".into()),
         },
     };
-    settings.push(Setting { name: "llama_server", value: llama_server, source, daemon: None });
+    settings.push(Setting { name: "llama_server".into(), value: llama_server, source, daemon: None });
     let or_default = |value: Option<String>, default: &str| value.unwrap_or_else(|| default.to_string());
-    let budget_from_env = env_set("LLMCTL_MEMORY_BUDGET");
+    // The daemon's settings, from the one table that gives their defaults and the daemon
+    // applies them from.
+    let flags = StartFlags { queue_depth: None, llama_server: context.global.llama_server.clone() };
+    let described = {
+        let applied = Settings::from_config(&config, &flags);
+        applied.describe(&applied.live())
+    };
+    for entry in settings::TABLE {
+        let source = match entry.env {
+            Some(name) if env_set(name) => format!("environment {name}"),
+            _ => from_config(settings::configured(&config, entry.key), "default"),
+        };
+        let value = described.get(entry.key).cloned().unwrap_or_else(|| entry.default.to_string());
+        settings.push(Setting { name: entry.key.to_string(), value, source, daemon: None });
+    }
     settings.extend([
-        Setting {
-            name: "queue_depth",
-            value: or_default(config.queue_depth.map(|v| v.to_string()), &DEFAULT_QUEUE_DEPTH.to_string()),
-            source: from_config(config.queue_depth.is_some(), "default"),
-            daemon: None,
-        },
-        Setting {
-            name: "memory_budget",
-            value: if budget_from_env {
-                std::env::var("LLMCTL_MEMORY_BUDGET").unwrap_or_default()
-            } else {
-                or_default(config.memory_budget.clone(), DEFAULT_MEMORY_BUDGET)
-            },
-            source: if budget_from_env {
-                "environment LLMCTL_MEMORY_BUDGET".into()
-            } else {
-                from_config(config.memory_budget.is_some(), "default")
-            },
-            daemon: None,
-        },
-        Setting {
-            name: "vram_budget",
-            value: or_default(config.vram_budget.clone(), DEFAULT_VRAM_BUDGET),
-            source: from_config(config.vram_budget.is_some(), "default"),
-            daemon: None,
-        },
-        Setting {
-            name: "max_instances",
-            value: or_default(config.max_instances.map(|v| v.to_string()), "none"),
-            source: from_config(config.max_instances.is_some(), "default"),
-            daemon: None,
-        },
-        Setting {
-            name: "default_ttl",
-            value: or_default(config.default_ttl.clone(), "never"),
-            source: from_config(config.default_ttl.is_some(), "default"),
-            daemon: None,
-        },
-        Setting {
-            name: "load_timeout",
-            value: format!("{}s", config.load_timeout.unwrap_or(120)),
-            source: from_config(config.load_timeout.is_some(), "default"),
-            daemon: None,
-        },
-        Setting {
-            name: "token_timeout",
-            value: format!("{}s", config.token_timeout.unwrap_or(300)),
-            source: from_config(config.token_timeout.is_some(), "default"),
-            daemon: None,
-        },
-        Setting {
-            name: "crash_limit",
-            value: config.crash_limit.unwrap_or(3).to_string(),
-            source: from_config(config.crash_limit.is_some(), "default"),
-            daemon: None,
-        },
-        Setting {
-            name: "crash_window",
-            value: format!("{}s", config.crash_window.unwrap_or(60)),
-            source: from_config(config.crash_window.is_some(), "default"),
-            daemon: None,
-        },
         // Read by `run` and `chat` themselves, so a change applies to the next one.
         Setting {
-            name: "max_tokens",
+            name: "max_tokens".into(),
             value: match crate::config::max_tokens(None, &config) {
                 Some(limit) => limit.to_string(),
                 None => "0 (no limit)".into(),
@@ -182,13 +133,13 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
         },
         // Read by `serve` at each request, so a change applies at once.
         Setting {
-            name: "default_model",
+            name: "default_model".into(),
             value: or_default(config.default_model.clone(), "none (the only model, if there is one)"),
             source: from_config(config.default_model.is_some(), "default"),
             daemon: None,
         },
         Setting {
-            name: "cors_origins",
+            name: "cors_origins".into(),
             value: match &config.cors_origins {
                 Some(origins) => origins.join(" "),
                 None => "this machine's pages (localhost, 127.0.0.1, [::1])".into(),
@@ -226,8 +177,7 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
         if !model.args.is_empty() {
             value += &format!(" args={:?}", model.args);
         }
-        let name: &'static str = Box::leak(format!("models.{alias}").into_boxed_str());
-        settings.push(Setting { name, value, source: from_config(true, ""), daemon: None });
+        settings.push(Setting { name: format!("models.{alias}"), value, source: from_config(true, ""), daemon: None });
     }
 
     // A running daemon keeps what it read at start (or at the last reload): say where it
@@ -235,7 +185,7 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
     if let Ok(Some(mut connection)) = crate::client::try_connect(context) {
         if let Ok(crate::protocol::Response::Status(status)) = connection.call(&crate::protocol::Request::Status) {
             for setting in &mut settings {
-                if let Some(in_force) = status.daemon.settings.get(setting.name) {
+                if let Some(in_force) = status.daemon.settings.get(&setting.name) {
                     // "5m" in the file is "300s" in the daemon: compare durations as such.
                     let same_duration = matches!(
                         (crate::config::parse_ttl(in_force), crate::config::parse_ttl(&setting.value)),
@@ -248,7 +198,7 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             }
         }
     }
-    let live = ["memory_budget", "vram_budget", "max_instances", "default_ttl"];
+    let live = |name: &str| settings::entry(name).is_some_and(|entry| entry.applies == Applies::Live);
     let text = if args.json {
         serde_json::to_string_pretty(&settings).map_err(|e| Error::internal(e.to_string()))? + "\n"
     } else {
@@ -257,7 +207,7 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             .iter()
             .map(|s| {
                 let note = match &s.daemon {
-                    Some(in_force) if live.contains(&s.name) => {
+                    Some(in_force) if live(&s.name) => {
                         format!("  [the daemon uses {in_force}: `llmctl reload`]")
                     }
                     Some(in_force) => format!("  [the daemon uses {in_force}: `llmctl shutdown` to change]"),

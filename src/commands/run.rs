@@ -142,7 +142,13 @@ impl Sink for Output {
             return;
         }
         match progress {
-            Progress::Loading { model } => eprint!("\rloading {model}..."),
+            Progress::Loading { model, position: Some(position), eta_ms } => eprint!(
+                "\r\x1b[Kwaiting for {}: {} in line, about {} s",
+                crate::term::escape(&model),
+                crate::term::ordinal(position),
+                eta_ms.unwrap_or(0).div_ceil(1000)
+            ),
+            Progress::Loading { model, .. } => eprint!("\r\x1b[Kloading {}...", crate::term::escape(&model)),
             Progress::Queued { position } => eprint!("\rwaiting for a slot: position {position}..."),
         }
         self.progress_shown = true;

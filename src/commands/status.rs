@@ -96,7 +96,7 @@ fn is_forgotten(instance: &InstanceStatus, now_ms: u64) -> bool {
 pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Option<Vec<String>>) -> String {
     let daemon = &report.daemon;
     let mut out = format!(
-        "daemon  pid {}, up {}, memory {}, socket {}\nserver  {}\nqueue   {} waiting of {}, {} rejected\n",
+        "daemon  pid {}, up {}, memory {}, socket {}\nserver  {}\nqueue   {} waiting of {}, {} rejected; {} swaps{}\n",
         daemon.pid,
         duration(daemon.uptime_ms),
         daemon.rss_bytes.map(bytes).unwrap_or_else(|| "-".into()),
@@ -105,7 +105,13 @@ pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Op
         report.queue.waiting,
         report.queue.depth,
         report.queue.rejected,
+        daemon.swaps,
+        if daemon.swaps > 0 { format!(" ({:.2} per request)", daemon.swaps_per_request) } else { String::new() },
     );
+    if !daemon.listening.is_empty() {
+        let urls: Vec<String> = daemon.listening.iter().map(|address| format!("http://{address}")).collect();
+        out.push_str(&format!("serving {}\n", urls.join(", ")));
+    }
     let instances: Vec<&InstanceStatus> =
         report.instances.iter().filter(|instance| !is_forgotten(instance, now_ms)).collect();
     let forgotten = report.instances.len() - instances.len();
@@ -146,7 +152,16 @@ pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Op
                     format!("{} (pinned {})", instance.state, duration((until - now_ms).div_ceil(1000) * 1000))
                 }
                 (true, None, _) => format!("{} (pinned)", instance.state),
-                (false, None, _) => instance.state.to_string(),
+                (false, None, _) => match (instance.waiting_position, instance.eta_ms) {
+                    // A load waiting for room: its place in line and estimated wait.
+                    (Some(position), Some(eta_ms)) => format!(
+                        "{} ({} in line, ~{})",
+                        instance.state,
+                        crate::term::ordinal(position),
+                        duration(eta_ms.div_ceil(1000) * 1000)
+                    ),
+                    _ => instance.state.to_string(),
+                },
             },
             instance.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             instance.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),

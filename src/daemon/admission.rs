@@ -91,6 +91,8 @@ pub(crate) trait Waiter {
     fn loading(&mut self, model: &str);
     /// The request waits for a slot at this place (1 = next).
     fn queued(&mut self, position: usize);
+    /// The load it waits for is at this place in line, with this estimated wait.
+    fn waiting(&mut self, _model: &str, _position: usize, _eta_ms: u64) {}
     /// True once the client has gone away.
     fn gone(&self) -> bool;
 }
@@ -154,7 +156,20 @@ pub(crate) fn lease(
             return Ok(lease);
         }
     }
-    let _place = shared.admission.enter().inspect_err(|_| instance.note_rejected())?;
+    let _place = shared.admission.enter().map_err(|error| {
+        instance.note_rejected();
+        // The wait it is told: what the requests ahead take on this model, as measured.
+        match error {
+            Error::Busy { message, per_model, .. } => {
+                let snapshot = instance.snapshot();
+                let slots = snapshot.view.slots.max(1) as usize;
+                let retry_after_ms =
+                    crate::instance::policy::retry_after_ms(snapshot.stats.service_ms, shared.admission.depth(), slots);
+                Error::Busy { message, retry_after_ms, per_model }
+            }
+            other => other,
+        }
+    })?;
     acquire(shared, instance, spec, file, waiter)
 }
 
@@ -181,6 +196,7 @@ fn acquire(
             Ok(JobEvent::Failed(error)) => return Err(error),
             Ok(JobEvent::Loading) => waiter.loading(&spec.name),
             Ok(JobEvent::Queued(position)) => waiter.queued(position),
+            Ok(JobEvent::Waiting { position, eta_ms }) => waiter.waiting(&spec.name, position, eta_ms),
             Err(RecvTimeoutError::Timeout) => {
                 let error = if waiter.gone() {
                     Error::Interrupted

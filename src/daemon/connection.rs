@@ -59,7 +59,12 @@ impl Peer {
 
 impl Waiter for Peer {
     fn loading(&mut self, model: &str) {
-        let _ = self.send(&Response::Loading { model: model.to_string() });
+        let _ = self.send(&Response::Loading { model: model.to_string(), position: None, eta_ms: None });
+    }
+
+    fn waiting(&mut self, model: &str, position: usize, eta_ms: u64) {
+        let _ =
+            self.send(&Response::Loading { model: model.to_string(), position: Some(position), eta_ms: Some(eta_ms) });
     }
 
     fn queued(&mut self, position: usize) {

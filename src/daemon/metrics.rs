@@ -33,6 +33,18 @@ pub fn render(report: &StatusReport) -> String {
         "Instances evicted for memory or unloaded by a TTL.",
         report.daemon.evictions.to_string(),
     );
+    scalar(
+        "llmctl_swaps_total",
+        "counter",
+        "Instances evicted to make room for another model.",
+        report.daemon.swaps.to_string(),
+    );
+    scalar(
+        "llmctl_swaps_per_request",
+        "gauge",
+        "Swaps per finished request since the daemon started.",
+        format!("{:.4}", report.daemon.swaps_per_request),
+    );
     scalar("llmctl_memory_budget_bytes", "gauge", "The memory budget.", report.daemon.budget_bytes.to_string());
     if let Some(rss) = report.daemon.rss_bytes {
         scalar("llmctl_daemon_resident_bytes", "gauge", "Resident memory of the daemon.", rss.to_string());
@@ -45,7 +57,9 @@ pub fn render(report: &StatusReport) -> String {
          value: &dyn Fn(&crate::protocol::InstanceStatus) -> Vec<(String, String)>| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for instance in &report.instances {
-                let model = format!("model=\"{}\"", escape(&instance.name));
+                // Two instances of one model (another context size, an embeddings instance)
+                // are two series: the instance label tells them apart.
+                let model = format!("model=\"{}\",instance=\"{}\"", escape(&instance.name), escape(&instance.instance));
                 for (extra, number) in value(instance) {
                     let labels = if extra.is_empty() { model.clone() } else { format!("{model},{extra}") };
                     let _ = writeln!(out, "{name}{{{labels}}} {number}");
@@ -114,22 +128,92 @@ mod tests {
     use crate::protocol::InstanceState;
     use crate::protocol::InstanceStatus;
 
+    /// Checks `text` the way a Prometheus scrape would: every sample is
+    /// `name{labels} value` under a `# TYPE` of its family, with well-formed labels, and
+    /// no two samples have the same name and labels. Returns the samples.
+    fn parse_exposition(text: &str) -> Vec<(String, String, f64)> {
+        let mut typed = std::collections::HashSet::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split(' ');
+                typed.insert(parts.next().unwrap().to_string());
+                assert!(matches!(parts.next(), Some("gauge" | "counter" | "summary")), "{line}");
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
+            let (name, labels) = match series.split_once('{') {
+                Some((name, labels)) => (name, labels.strip_suffix('}').unwrap_or_else(|| panic!("{line}"))),
+                None => (series, ""),
+            };
+            assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad name: {line}");
+            let family = name.trim_end_matches("_sum").trim_end_matches("_count");
+            assert!(typed.contains(name) || typed.contains(family), "no TYPE before {line}");
+            // Labels: name="value" pairs, values with \\, \" and \n escaped.
+            let mut rest = labels;
+            while !rest.is_empty() {
+                let (label, after) = rest.split_once("=\"").unwrap_or_else(|| panic!("bad labels: {line}"));
+                assert!(label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad label: {line}");
+                let mut chars = after.char_indices();
+                let end = loop {
+                    match chars.next() {
+                        Some((_, '\\')) => {
+                            chars.next();
+                        }
+                        Some((i, '"')) => break i,
+                        Some(_) => {}
+                        None => panic!("unterminated label: {line}"),
+                    }
+                };
+                rest = after[end + 1..].strip_prefix(',').unwrap_or(&after[end + 1..]);
+            }
+            assert!(seen.insert(series.to_string()), "a duplicate series: {line}");
+            samples.push((name.to_string(), labels.to_string(), value));
+        }
+        samples
+    }
+
     #[test]
     fn renders_prometheus_text() {
         let mut report = StatusReport::default();
         report.queue.depth = 64;
-        let mut instance = InstanceStatus { name: "co\"der".into(), state: InstanceState::Ready, ..Default::default() };
+        let mut instance = InstanceStatus {
+            name: "co\"der".into(),
+            state: InstanceState::Ready,
+            instance: "coder-1a2b3c4d".into(),
+            ..Default::default()
+        };
         instance.outcomes.insert("ok".into(), 3);
         instance.wait_p50_ms = Some(1.5);
         report.instances.push(instance);
         let text = render(&report);
         assert!(text.contains("# TYPE llmctl_queue_depth gauge\nllmctl_queue_depth 64\n"), "{text}");
-        assert!(text.contains("llmctl_requests_total{model=\"co\\\"der\",outcome=\"ok\"} 3"), "{text}");
-        assert!(text.contains("llmctl_queue_wait_seconds{model=\"co\\\"der\",quantile=\"0.5\"} 0.001500"), "{text}");
-        assert!(text.contains("llmctl_instance_up{model=\"co\\\"der\"} 1"), "{text}");
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let value = line.rsplit(' ').next().unwrap();
-            assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
+        let model = "model=\"co\\\"der\",instance=\"coder-1a2b3c4d\"";
+        assert!(text.contains(&format!("llmctl_requests_total{{{model},outcome=\"ok\"}} 3")), "{text}");
+        assert!(text.contains(&format!("llmctl_queue_wait_seconds{{{model},quantile=\"0.5\"}} 0.001500")), "{text}");
+        assert!(text.contains(&format!("llmctl_instance_up{{{model}}} 1")), "{text}");
+        parse_exposition(&text);
+    }
+
+    #[test]
+    fn two_instances_of_one_model_are_two_series() {
+        let mut report = StatusReport::default();
+        for (instance, ctx) in [("m-00000001", 512), ("m-00000002", 4096)] {
+            report.instances.push(InstanceStatus {
+                name: "m".into(),
+                instance: instance.into(),
+                ctx_size: Some(ctx),
+                state: InstanceState::Busy,
+                ..Default::default()
+            });
         }
+        let samples = parse_exposition(&render(&report));
+        let up: Vec<_> = samples.iter().filter(|(name, _, _)| name == "llmctl_instance_up").collect();
+        assert_eq!(up.len(), 2, "{up:?}");
     }
 }

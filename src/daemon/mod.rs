@@ -123,6 +123,7 @@ pub fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
         events: EventBus::default(),
         gpu: Gpu::default(),
         llama_server: Box::new(move || crate::llama_server::find_binary(configured.as_deref(), None, &installed)),
+        room_wanted: Default::default(),
         mark_prefix: format!(
             "{}-{}",
             std::process::id(),

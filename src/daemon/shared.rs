@@ -59,6 +59,10 @@ pub(crate) struct Shared {
     pub(crate) config: ConfigCache,
     /// The HTTP listeners of `llmctl serve` and of the config's `listen`.
     pub(crate) listeners: Listeners,
+    /// Instances evicted to make room for another model, since the start.
+    pub(crate) swaps: AtomicU64,
+    /// Each waiting load's place and estimated wait, as the scheduler last planned.
+    pub(crate) etas: Mutex<std::collections::HashMap<usize, super::scheduler::plan::Eta>>,
 }
 
 impl Shared {
@@ -90,6 +94,8 @@ impl Shared {
             exclusive_epoch: Mutex::new(0),
             large_requests: AtomicUsize::new(0),
             listeners: Listeners::default(),
+            swaps: AtomicU64::new(0),
+            etas: Mutex::new(Default::default()),
         }
     }
 

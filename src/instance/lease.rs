@@ -180,6 +180,8 @@ pub(crate) struct Reclaimed {
 #[derive(Clone)]
 pub(crate) struct Home {
     pub(crate) inbox: Sender<Message>,
+    /// The scheduler, told when a lent slot comes back while loads wait for room.
+    pub(crate) scheduler: Option<(Sender<super::RoomRequest>, Arc<AtomicBool>)>,
     pub(crate) lending: Arc<Mutex<Lending>>,
     pub(crate) stats: Arc<Mutex<Stats>>,
 }
@@ -195,12 +197,22 @@ pub struct Lease {
     /// Taken from the lending rather than granted by the worker.
     lent: bool,
     released: bool,
+    granted_at: std::time::Instant,
 }
 
 impl Lease {
     /// A slot the worker granted.
     pub(crate) fn granted(generation: Arc<Generation>, client: Client, replica: Option<usize>, home: Home) -> Lease {
-        Lease { generation, client, replica, report: Report::default(), home, lent: false, released: false }
+        Lease {
+            generation,
+            client,
+            replica,
+            report: Report::default(),
+            home,
+            lent: false,
+            released: false,
+            granted_at: std::time::Instant::now(),
+        }
     }
 
     /// A lent slot, if one is free for a request that brings `policy`; counted as a request
@@ -216,6 +228,7 @@ impl Lease {
             home: home.clone(),
             lent: true,
             released: false,
+            granted_at: std::time::Instant::now(),
         })
     }
 
@@ -237,8 +250,14 @@ impl Lease {
         }
         self.released = true;
         let report = std::mem::take(&mut self.report);
-        self.home.stats.lock().finished(&report, SystemTime::now());
+        self.home.stats.lock().finished(&report, SystemTime::now(), self.granted_at.elapsed());
         if self.lent && !report.needs_worker() && self.home.lending.lock().give_back(self.generation.number) {
+            // The worker hears nothing of it; the scheduler may want the idle instance.
+            if let Some((scheduler, wanted)) = &self.home.scheduler {
+                if wanted.load(Ordering::SeqCst) {
+                    let _ = scheduler.send(super::RoomRequest::Replan);
+                }
+            }
             return false;
         }
         // A worker that is gone has nothing left to account.
@@ -274,7 +293,7 @@ mod tests {
 
     fn home() -> (Home, crossbeam_channel::Receiver<Message>) {
         let (inbox, messages) = crossbeam_channel::unbounded();
-        (Home { inbox, lending: Arc::default(), stats: Arc::default() }, messages)
+        (Home { inbox, scheduler: None, lending: Arc::default(), stats: Arc::default() }, messages)
     }
 
     #[test]

@@ -82,6 +82,11 @@ pub(crate) enum JobEvent {
     Loading,
     /// The request waits for a slot at this place (1 = next).
     Queued(usize),
+    /// The load it waits for is at this place in the scheduler's line, with this estimate.
+    Waiting {
+        position: usize,
+        eta_ms: u64,
+    },
     Granted(Box<Lease>),
     Failed(Error),
 }
@@ -131,6 +136,11 @@ pub(crate) enum Message {
     Suspect {
         generation: u64,
     },
+    /// The scheduler's estimate for a load that waits for room: its place and wait.
+    Waiting {
+        position: usize,
+        eta_ms: u64,
+    },
     /// The child says it listens: check readiness now.
     Listening {
         generation: u64,
@@ -150,7 +160,7 @@ pub(crate) enum Message {
 pub(crate) enum RoomRequest {
     /// Instance `id` needs memory to load; the answer is [`Message::RoomGranted`] or
     /// [`Message::RoomRefused`].
-    Want { id: usize, need: Need },
+    Want { id: usize, need: Need, path: std::path::PathBuf },
     /// It no longer needs the room it asked for.
     Withdraw { id: usize },
     /// It gave back the room it was granted: its child is gone.

@@ -92,6 +92,15 @@ pub(crate) fn refuse_queued(would_wait: bool, queued: usize, max_queued: Option<
     would_wait && max_queued.is_some_and(|max| queued >= max as usize)
 }
 
+/// How long a refused client should wait before it tries again: the time the requests
+/// ahead of it take on `slots` slots, each holding one for `service_ms` on average, from
+/// 1 s to a minute (1 s before anything was measured).
+pub(crate) fn retry_after_ms(service_ms: Option<f64>, ahead: usize, slots: usize) -> u64 {
+    let Some(service_ms) = service_ms else { return 1000 };
+    let wait = service_ms * ahead as f64 / slots.max(1) as f64;
+    (wait as u64).clamp(1000, 60_000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +141,14 @@ mod tests {
         assert_eq!(choose_replica(&replicas, now), None, "every one down");
         let down = ReplicaHealth::checked(false, now);
         assert_eq!(choose_replica(&[down], now + REPLICA_BACKOFF), Some(0));
+    }
+
+    #[test]
+    fn retry_after_follows_the_measured_service_time() {
+        assert_eq!(retry_after_ms(None, 10, 1), 1000, "nothing measured yet");
+        assert_eq!(retry_after_ms(Some(2000.0), 4, 2), 4000);
+        assert_eq!(retry_after_ms(Some(10.0), 4, 2), 1000, "at least a second");
+        assert_eq!(retry_after_ms(Some(60_000.0), 64, 1), 60_000, "at most a minute");
     }
 
     #[test]

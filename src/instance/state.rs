@@ -495,7 +495,7 @@ impl Machine {
 const QUEUE_UPDATES: usize = 16;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use Action::*;
     use Event::{Arrived, ChildExited, ChildStopped, Left, LoadFailed, Loaded, RoomGranted, RoomRefused, SlotFreed};

@@ -56,6 +56,11 @@ impl InstanceTable {
         self.inner.lock().by_id.get(&id).cloned()
     }
 
+    /// Every instance with the number the scheduler knows it by.
+    pub(crate) fn all_with_ids(&self) -> Vec<(usize, Arc<Handle>)> {
+        self.inner.lock().by_id.iter().map(|(&id, handle)| (id, Arc::clone(handle))).collect()
+    }
+
     pub fn all(&self) -> Vec<Arc<Handle>> {
         self.inner.lock().by_id.values().cloned().collect()
     }

@@ -30,6 +30,9 @@ pub(crate) struct Stats {
     pub(crate) last_load: Option<Duration>,
     /// When a request last ended (the LRU order).
     pub(crate) last_used: Option<SystemTime>,
+    /// How long a request holds a slot, on average (an exponentially weighted mean), for
+    /// the wait a refused client is told.
+    pub(crate) service_ms: Option<f64>,
 }
 
 impl Stats {
@@ -46,9 +49,13 @@ impl Stats {
         Stats::sample(&mut self.waits, waited);
     }
 
-    /// A request ended at `now` with `report`.
-    pub(crate) fn finished(&mut self, report: &Report, now: SystemTime) {
+    /// A request ended at `now` with `report`, after holding its slot for `held`.
+    pub(crate) fn finished(&mut self, report: &Report, now: SystemTime, held: Duration) {
         self.last_used = Some(now);
+        if report.outcome.is_some() {
+            let ms = held.as_secs_f64() * 1000.0;
+            self.service_ms = Some(self.service_ms.map_or(ms, |mean| mean * 0.8 + ms * 0.2));
+        }
         self.usage.prompt_tokens += report.usage.prompt_tokens;
         self.usage.completion_tokens += report.usage.completion_tokens;
         if let Some(outcome) = report.outcome {
@@ -184,6 +191,9 @@ impl Snapshot {
             first_token_p50_ms: percentile_ms(&stats.first_tokens, 0.50),
             first_token_p99_ms: percentile_ms(&stats.first_tokens, 0.99),
             outcomes: stats.outcomes.clone(),
+            waiting_position: None,
+            eta_ms: None,
+            instance: crate::paths::log_file_name(&view.spec).trim_end_matches(".log").to_string(),
         }
     }
 }

@@ -71,6 +71,9 @@ pub(crate) struct Services {
     pub(crate) llama_server: Box<dyn Fn() -> Result<PathBuf, String> + Send + Sync>,
     /// Marks this daemon's children (see `process::MARK_VARIABLE`).
     pub(crate) mark_prefix: String,
+    /// Set by the scheduler while loads wait for room: an instance that becomes idle then
+    /// tells it, since it may now be evicted for one.
+    pub(crate) room_wanted: Arc<AtomicBool>,
 }
 
 impl Services {
@@ -95,6 +98,7 @@ pub(crate) fn start(
     let view = Arc::new(Mutex::new(View::new(spec.clone(), info.clone(), stamp)));
     let home = Home {
         inbox: inbox_tx,
+        scheduler: Some((services.scheduler.clone(), Arc::clone(&services.room_wanted))),
         lending: Arc::new(Mutex::new(Lending::default())),
         stats: Arc::new(Mutex::new(Stats::default())),
     };
@@ -247,6 +251,7 @@ impl Worker {
                 self.lend();
             }
             self.publish_view();
+            self.tell_scheduler_if_idle();
             if shutdown {
                 break;
             }
@@ -256,6 +261,15 @@ impl Worker {
         self.finish_child(Duration::ZERO);
         self.notify_stop_waiters();
         self.publish_view();
+    }
+
+    /// While loads wait for room, an instance that became idle may be evicted for one.
+    fn tell_scheduler_if_idle(&self) {
+        let in_use = self.machine.in_flight() - self.lent + self.home.lending.lock().taken();
+        let idle = self.machine.phase() == Phase::Ready && self.machine.queued() == 0 && in_use == 0;
+        if idle && self.services.room_wanted.load(Ordering::SeqCst) && self.spec.remote.is_none() {
+            let _ = self.services.scheduler.send(RoomRequest::Replan);
+        }
     }
 
     /// Calls the lent slots back: the free ones return to the machine, the taken ones are
@@ -336,6 +350,16 @@ impl Worker {
                     self.check_alive();
                 }
             }
+            Message::Waiting { position, eta_ms } => {
+                if self.machine.phase() == Phase::WaitingRoom {
+                    for job in self.jobs.values() {
+                        let _ = job.events.send(JobEvent::Waiting { position, eta_ms });
+                    }
+                    let place = crate::term::ordinal(position);
+                    let seconds = eta_ms.div_ceil(1000);
+                    self.publish(EventKind::Waiting, None, Some(format!("{place} in line, about {seconds} s")));
+                }
+            }
             Message::Listening { generation } => {
                 if self.generation.as_ref().is_some_and(|g| g.number == generation) {
                     self.poll_load();
@@ -370,14 +394,20 @@ impl Worker {
         }
         let max_queued = self.spec.policy.max_queued;
         if policy::refuse_queued(self.machine.would_wait(), self.machine.queued(), max_queued) {
-            self.home.stats.lock().rejected += 1;
+            let service_ms = {
+                let mut stats = self.home.stats.lock();
+                stats.rejected += 1;
+                stats.service_ms
+            };
+            let slots = self.spec.load.parallel.max(1) as usize;
+            let retry_after_ms = policy::retry_after_ms(service_ms, self.machine.queued(), slots);
             let error = Error::Busy {
                 message: format!(
                     "{} already has {} requests waiting (max_queued)",
                     self.spec.name,
                     max_queued.unwrap_or_default()
                 ),
-                retry_after_ms: 1000,
+                retry_after_ms,
                 per_model: true,
             };
             let _ = job.events.send(JobEvent::Failed(error));
@@ -537,7 +567,7 @@ impl Worker {
         }
         let gpu_present = self.services.gpu.latest().is_some();
         let need = crate::estimate::need(&self.spec, &self.info, gpu_present);
-        let _ = self.services.scheduler.send(RoomRequest::Want { id: self.id, need });
+        let _ = self.services.scheduler.send(RoomRequest::Want { id: self.id, need, path: self.spec.path.clone() });
         None
     }
 

@@ -24,25 +24,33 @@ fn state_of(env: &Env, name: &str) -> String {
 }
 
 #[test]
-fn the_least_recently_used_idle_model_is_evicted() {
+fn the_idle_model_cheapest_to_load_again_is_evicted_not_merely_the_least_recently_used() {
     let env = Env::fake();
     env.write_config("memory_budget = \"160MiB\"\n");
-    let a = add_model(&env, "a", 60, "");
+    // b takes 3 s to load; a loads at once.
     let b = add_model(&env, "b", 60, "");
+    let a = add_model(&env, "a", 60, "");
     let c = add_model(&env, "c", 60, "");
-    assert_success(&env.run(&["warm", &a]));
+    let config = std::fs::read_to_string(env.path("config.toml")).unwrap();
+    env.write_config(&config.replacen(
+        "\"--fake-rss-mb\", \"60\"]",
+        "\"--fake-rss-mb\", \"60\", \"--fake-start-ms\", \"3000\"]",
+        1,
+    ));
     assert_success(&env.run(&["warm", &b]));
+    assert_success(&env.run(&["warm", &a]));
     assert_success(&env.run(&["run", &a, "a is used again"]));
-    // a was used last, so b is the least recently used when c needs room.
+    // b is the least recently used, but a, used after it, is much cheaper to load again.
     assert_success(&env.run(&["warm", &c]));
     let status = env.status_json();
-    assert_eq!(instance(&status, "b")["state"], "stopped", "{status}");
-    assert_eq!(instance(&status, "b")["evictions"], 1);
-    assert_eq!(instance(&status, "a")["state"], "ready");
+    assert_eq!(instance(&status, "a")["state"], "stopped", "{status}");
+    assert_eq!(instance(&status, "a")["evictions"], 1);
+    assert_eq!(instance(&status, "b")["state"], "ready");
     assert_eq!(instance(&status, "c")["state"], "ready");
     assert_eq!(status["daemon"]["evictions"], 1);
+    assert_eq!(status["daemon"]["swaps"], 1);
     assert_eq!(status["daemon"]["budget_bytes"], 160 << 20);
-    assert!(instance(&status, "a")["rss_bytes"].as_u64().unwrap() > 60 << 20, "RSS is measured");
+    assert!(instance(&status, "b")["rss_bytes"].as_u64().unwrap() > 60 << 20, "RSS is measured");
 }
 
 #[test]

@@ -14,6 +14,7 @@ mod private;
 mod readme;
 mod real;
 mod remote;
+mod scheduler;
 mod serve;
 mod setup;
 mod supervision;

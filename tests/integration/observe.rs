@@ -53,14 +53,18 @@ fn metrics_are_prometheus_text() {
     let output = env.run(&["metrics"]);
     assert_success(&output);
     let text = stdout(&output);
+    assert!(text.contains("# TYPE llmctl_queue_waiting gauge"), "{text}");
+    // Each instance's series carry its model and the instance that tells two apart.
+    let instance = env.status_json()["instances"][0]["instance"].as_str().unwrap().to_string();
+    let labels = format!("model=\"m.gguf\",instance=\"{instance}\"");
     for expected in [
-        "# TYPE llmctl_queue_waiting gauge",
-        "llmctl_requests_total{model=\"m.gguf\",outcome=\"ok\"} 1",
-        "llmctl_tokens_total{model=\"m.gguf\",direction=\"out\"} 2",
-        "llmctl_instance_memory_bytes{model=\"m.gguf\",kind=\"rss\"}",
-        "llmctl_first_token_seconds{model=\"m.gguf\",quantile=\"0.5\"}",
-        "llmctl_load_seconds{model=\"m.gguf\"}",
+        format!("llmctl_requests_total{{{labels},outcome=\"ok\"}} 1"),
+        format!("llmctl_tokens_total{{{labels},direction=\"out\"}} 2"),
+        format!("llmctl_instance_memory_bytes{{{labels},kind=\"rss\"}}"),
+        format!("llmctl_first_token_seconds{{{labels},quantile=\"0.5\"}}"),
+        format!("llmctl_load_seconds{{{labels}}}"),
+        "llmctl_swaps_total 0".to_string(),
     ] {
-        assert!(text.contains(expected), "missing {expected}:\n{text}");
+        assert!(text.contains(&expected), "missing {expected}:\n{text}");
     }
 }

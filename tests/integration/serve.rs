@@ -130,7 +130,8 @@ fn chat_and_completions_match_the_openai_shapes_on_a_real_server() {
     let health = agent().get(format!("{}/health", server.base)).call().unwrap().status();
     assert_eq!(health, 200);
     let metrics = agent().get(format!("{}/metrics", server.base)).call().unwrap().body_mut().read_to_string().unwrap();
-    assert!(metrics.contains("llmctl_requests_total{model=\"tiny\",outcome=\"ok\"} 3"), "{metrics}");
+    let ok = metrics.lines().find(|line| line.starts_with("llmctl_requests_total{model=\"tiny\",instance=\""));
+    assert!(ok.is_some_and(|line| line.ends_with(",outcome=\"ok\"} 3")), "{metrics}");
 }
 
 #[test]

@@ -51,6 +51,10 @@ impl Waiter for WaiterOf<'_, '_> {
         self.0.borrow_mut().queued(position);
     }
 
+    fn waiting(&mut self, model: &str, position: usize, eta_ms: u64) {
+        self.0.borrow_mut().waiting(model, position, eta_ms);
+    }
+
     fn gone(&self) -> bool {
         self.0.borrow().gone()
     }

@@ -47,19 +47,28 @@ pub(crate) fn report(shared: &Shared) -> StatusReport {
     let gpu = shared.services.gpu.latest();
     let live = shared.live.read().clone();
     let budget = crate::daemon::scheduler::budget(&live, gpu.as_ref());
+    let etas = shared.etas.lock().clone();
     let instances: Vec<_> = shared
         .table
-        .all()
+        .all_with_ids()
         .iter()
-        .map(|instance| {
+        .map(|(id, instance)| {
             let mut status = instance.snapshot().status();
+            if let Some(eta) = etas.get(id) {
+                status.waiting_position = Some(eta.position);
+                status.eta_ms = Some(eta.eta_ms);
+            }
             status.rss_bytes = status.pid.and_then(crate::process::rss_bytes);
             status.vram_bytes = status.pid.and_then(|pid| gpu.as_ref()?.used_by_pid.get(&pid).copied());
             status
         })
         .collect();
+    let swaps = shared.swaps.load(std::sync::atomic::Ordering::Relaxed);
+    let finished: u64 = instances.iter().map(|i| i.outcomes.values().sum::<u64>()).sum();
     StatusReport {
         daemon: DaemonStatus {
+            swaps,
+            swaps_per_request: if finished == 0 { 0.0 } else { swaps as f64 / finished as f64 },
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: shared.started.elapsed().as_millis() as u64,

@@ -1,0 +1,517 @@
+//! Who gets memory next, as a pure function: the loads waiting for room, the instances
+//! holding it, the budget, what loads and waits have cost so far, and the time, in; the
+//! orders (grant, evict, refuse, read ahead), each waiting load's place and estimated wait,
+//! and when to look again, out. No I/O and no clocks of its own, so every case is a table
+//! row and every ordering a seeded random schedule (see the tests).
+//!
+//! The rules, in the order they apply:
+//! - **What is loaded is served first.** A request for a ready instance never comes here
+//!   (it takes a slot at once); a load waits while the instances it would replace are
+//!   busy, and only idle ones are evicted for it. This is what every peer does; serving
+//!   models round-robin multiplies the swaps.
+//! - **The wait is bounded.** A load whose oldest request has waited `max_wait` is
+//!   *overdue*: it goes first, and the busy instances it needs stop taking requests and
+//!   drain (never killed), so it is served within `max_wait`, one drain and its load.
+//!   `max_wait = 0` serves loads in strict arrival order.
+//! - **No ping-pong.** A busy instance loaded less than `min_residency` ago is not drained
+//!   for anyone; an idle one may be evicted.
+//! - **Victims by cost.** Among the instances that may go, the cheapest to lose go first:
+//!   least recently used, with the time each took to load (per GiB it frees) counted as
+//!   extra recency. Those not needed in the end are kept.
+//! - **Loads that fit together start together**, in priority order: overdue loads by age,
+//!   then the loads with the most requests waiting (one swap serves them all), then by age.
+//!   A load that must wait keeps its room reserved, so those behind it never take it.
+
+use crate::budget::{self, Budget, Need};
+
+/// A waiting load, as the plan sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Waiting {
+    pub(crate) id: usize,
+    pub(crate) name: String,
+    pub(crate) need: Need,
+    /// Requests waiting for it.
+    pub(crate) requests: usize,
+    /// When its oldest request began to wait, in ms of the plan's clock.
+    pub(crate) since_ms: u64,
+    /// How long its last load took, if it ever loaded.
+    pub(crate) load_ms: Option<u64>,
+}
+
+/// An instance holding memory, as the plan sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Resident {
+    pub(crate) id: usize,
+    pub(crate) name: String,
+    pub(crate) ram: u64,
+    pub(crate) vram: u64,
+    /// When a request last used it (or it became ready), in ms of the plan's clock.
+    pub(crate) last_used_ms: u64,
+    /// When it became ready; none while it loads.
+    pub(crate) ready_ms: Option<u64>,
+    pub(crate) load_ms: Option<u64>,
+    pub(crate) pinned: bool,
+    /// Requests in flight or waiting for it, or a load under way.
+    pub(crate) busy: bool,
+    /// Already asked to unload: its memory comes back once it has stopped.
+    pub(crate) releasing: bool,
+}
+
+/// How long a load may wait, and how long an instance stays before it may be drained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rules {
+    /// None: derived from the waiting model's measured load time (see [`max_wait_ms`]).
+    pub(crate) max_wait_ms: Option<u64>,
+    /// None: derived from the instance's measured load time (see [`min_residency_ms`]).
+    pub(crate) min_residency_ms: Option<u64>,
+}
+
+/// What a load is charged until it has loaded once: about a small model's load here.
+const UNMEASURED_LOAD_MS: u64 = 1000;
+
+/// The bound on a wait, the same for every model: configured, or ten of the longest load
+/// measured among the models the plan sees, from 5 s to 2 min. A wait that long is a
+/// small share of the time a busy model keeps serving, and models that load in a second
+/// are never held up for more than a few.
+pub(crate) fn max_wait_ms(rules: &Rules, load_ms: Option<u64>) -> u64 {
+    rules.max_wait_ms.unwrap_or_else(|| (10 * load_ms.unwrap_or(UNMEASURED_LOAD_MS)).clamp(5_000, 120_000))
+}
+
+/// The default residency: four of the instance's own loads, from 1 s to 30 s, so a swap
+/// is not undone before it has paid for itself.
+pub(crate) fn min_residency_ms(rules: &Rules, load_ms: Option<u64>) -> u64 {
+    rules.min_residency_ms.unwrap_or_else(|| (4 * load_ms.unwrap_or(UNMEASURED_LOAD_MS)).clamp(1_000, 30_000))
+}
+
+/// One thing to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// Start this load now.
+    Grant(usize),
+    /// Unload `victim` for the load of `for_id`: at once if idle, else after its requests
+    /// in flight (it takes no new ones).
+    Evict { victim: usize, for_id: usize },
+    /// This load cannot fit even with every unpinned instance gone.
+    Refuse(usize, String),
+    /// Read this load's model file into the page cache while the room is freed.
+    ReadAhead(usize),
+}
+
+/// A waiting load's place and estimated wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Eta {
+    pub(crate) id: usize,
+    /// 1 = next.
+    pub(crate) position: usize,
+    pub(crate) eta_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub(crate) orders: Vec<Order>,
+    pub(crate) etas: Vec<Eta>,
+    /// When the plan changes by itself (a load becomes overdue, a resident old enough to
+    /// drain), in ms of the plan's clock.
+    pub(crate) next_ms: Option<u64>,
+}
+
+/// The plan for `now_ms`.
+pub(crate) fn plan(
+    budget: &Budget,
+    waiting: &[Waiting],
+    residents: &[Resident],
+    rules: &Rules,
+    now_ms: u64,
+) -> Outcome {
+    let mut outcome = Outcome::default();
+    let longest_load = waiting.iter().filter_map(|w| w.load_ms).chain(residents.iter().filter_map(|r| r.load_ms)).max();
+    let max_wait = max_wait_ms(rules, longest_load);
+    let overdue = |w: &Waiting| now_ms.saturating_sub(w.since_ms) >= max_wait;
+    let mut order: Vec<&Waiting> = waiting.iter().collect();
+    order.sort_by_key(|w| {
+        let late = overdue(w);
+        // Overdue first, oldest first; then the most requests per swap; then arrival.
+        (!late, if late { 0 } else { usize::MAX - w.requests }, w.since_ms, w.id)
+    });
+    // Room held now: by every resident (those releasing too, until they are gone) and by
+    // the loads granted in this plan.
+    let mut holding: Vec<Resident> = residents.to_vec();
+    // Room promised to loads that wait, so those behind them never take it.
+    let mut reserved = Need { ram: 0, vram: 0 };
+    let mut reserved_count = 0;
+    let mut eta_ms = 0u64;
+    let mut position = 0;
+    for load in order {
+        let with_reserved = Need { ram: load.need.ram + reserved.ram, vram: load.need.vram + reserved.vram };
+        if budget::fits(budget, &held(&holding), with_reserved, reserved_count) {
+            outcome.orders.push(Order::Grant(load.id));
+            holding.push(Resident::loading(load, now_ms));
+            continue;
+        }
+        if let Some(reason) = budget::never_fits(budget, &pinned(residents), load.need) {
+            outcome.orders.push(Order::Refuse(load.id, reason));
+            continue;
+        }
+        position += 1;
+        // What may be asked to go for this load: idle instances; busy ones only for an
+        // overdue load, and only once they have been loaded for their residency.
+        let late = overdue(load);
+        let kept: Vec<Resident> = holding.iter().filter(|r| !r.releasing).cloned().collect();
+        let mut candidates: Vec<&Resident> = kept
+            .iter()
+            .filter(|r| !r.pinned && r.ready_ms.is_some())
+            .filter(|r| !r.busy || (late && resident_for(r, now_ms) >= min_residency_ms(rules, r.load_ms)))
+            .collect();
+        candidates.sort_by(|a, b| keep_score(a).total_cmp(&keep_score(b)).then(a.id.cmp(&b.id)));
+        let fits_without = |gone: &[usize]| {
+            let after: Vec<Resident> = kept.iter().filter(|r| !gone.contains(&r.id)).cloned().collect();
+            budget::fits(budget, &held(&after), with_reserved, reserved_count)
+        };
+        let mut chosen: Vec<usize> = Vec::new();
+        let mut fits = fits_without(&chosen);
+        for victim in &candidates {
+            if fits {
+                break;
+            }
+            chosen.push(victim.id);
+            fits = fits_without(&chosen);
+        }
+        if fits {
+            // Keep any victim the others made unnecessary (a small one taken before a
+            // large one that alone was enough).
+            for id in chosen.clone() {
+                let without: Vec<usize> = chosen.iter().copied().filter(|&c| c != id).collect();
+                if fits_without(&without) {
+                    chosen = without;
+                }
+            }
+        } else {
+            // Not yet: nothing is evicted for it now. It waits for instances to become
+            // idle, or old enough, or for its own wait to run out.
+            chosen.clear();
+        }
+        for &victim in &chosen {
+            outcome.orders.push(Order::Evict { victim, for_id: load.id });
+            if let Some(resident) = holding.iter_mut().find(|r| r.id == victim) {
+                resident.releasing = true;
+            }
+        }
+        if !chosen.is_empty() || (fits && holding.iter().any(|r| r.releasing)) {
+            outcome.orders.push(Order::ReadAhead(load.id));
+        }
+        reserved.ram += load.need.ram;
+        reserved.vram += load.need.vram;
+        reserved_count += 1;
+        // Its wait: the loads before it, and, while it waits for busy instances, what is
+        // left of its bound.
+        let left = if fits { 0 } else { max_wait.saturating_sub(now_ms.saturating_sub(load.since_ms)) };
+        eta_ms += left + load.load_ms.unwrap_or(UNMEASURED_LOAD_MS);
+        outcome.etas.push(Eta { id: load.id, position, eta_ms });
+        // Look again when it becomes overdue, or when a busy instance it waits for becomes
+        // old enough to drain.
+        let mut next = (!late).then(|| load.since_ms + max_wait);
+        if late && !fits {
+            for resident in kept.iter().filter(|r| r.busy && !r.pinned) {
+                if let Some(ready) = resident.ready_ms {
+                    let old_enough = ready + min_residency_ms(rules, resident.load_ms);
+                    if old_enough > now_ms {
+                        next = Some(next.map_or(old_enough, |n| n.min(old_enough)));
+                    }
+                }
+            }
+        }
+        if let Some(next) = next {
+            outcome.next_ms = Some(outcome.next_ms.map_or(next, |n| n.min(next)));
+        }
+    }
+    outcome
+}
+
+fn resident_for(resident: &Resident, now_ms: u64) -> u64 {
+    now_ms.saturating_sub(resident.ready_ms.unwrap_or(now_ms))
+}
+
+fn held(residents: &[Resident]) -> Vec<budget::Held> {
+    residents
+        .iter()
+        .map(|r| budget::Held { ram: r.ram, vram: r.vram, name: r.name.clone(), pinned: r.pinned })
+        .collect()
+}
+
+fn pinned(residents: &[Resident]) -> Vec<budget::Held> {
+    held(residents).into_iter().filter(|r| r.pinned).collect()
+}
+
+/// How much `resident` is worth keeping, in milliseconds of recency: when it was last used,
+/// plus the time it took to load per GiB it holds (at least a quarter GiB), the way
+/// GreedyDual-Size weighs cost by size. The lowest goes first: among models used about as
+/// recently, the one quickest to load again per byte freed; a model slow to load counts as
+/// if it had been used that much later. Busy ones only after every idle one.
+fn keep_score(resident: &Resident) -> f64 {
+    let gib = ((resident.ram + resident.vram) as f64 / (1u64 << 30) as f64).max(0.25);
+    let credit = resident.load_ms.unwrap_or(UNMEASURED_LOAD_MS) as f64 / gib;
+    let busy = if resident.busy { 1e15 } else { 0.0 };
+    busy + resident.last_used_ms as f64 + credit
+}
+
+impl Resident {
+    /// A load granted in this plan, holding its room from now.
+    fn loading(load: &Waiting, now_ms: u64) -> Resident {
+        Resident {
+            id: load.id,
+            name: load.name.clone(),
+            ram: load.need.ram,
+            vram: load.need.vram,
+            last_used_ms: now_ms,
+            ready_ms: None,
+            load_ms: load.load_ms,
+            pinned: false,
+            busy: true,
+            releasing: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn budget(ram_gib: u64, max_instances: Option<usize>) -> Budget {
+        Budget { ram: ram_gib * GIB, vram: None, max_instances }
+    }
+
+    fn waiting(id: usize, ram_gib: u64, requests: usize, since_ms: u64) -> Waiting {
+        Waiting {
+            id,
+            name: format!("w{id}"),
+            need: Need { ram: ram_gib * GIB, vram: 0 },
+            requests,
+            since_ms,
+            load_ms: Some(500),
+        }
+    }
+
+    fn resident(id: usize, ram_gib: u64, busy: bool, ready_ms: u64) -> Resident {
+        Resident {
+            id,
+            name: format!("r{id}"),
+            ram: ram_gib * GIB,
+            vram: 0,
+            last_used_ms: ready_ms,
+            ready_ms: Some(ready_ms),
+            load_ms: Some(500),
+            pinned: false,
+            busy,
+            releasing: false,
+        }
+    }
+
+    /// max_wait 10 s, min_residency 2 s unless a case says otherwise.
+    const RULES: Rules = Rules { max_wait_ms: Some(10_000), min_residency_ms: Some(2_000) };
+
+    fn orders(outcome: &Outcome) -> Vec<Order> {
+        outcome.orders.clone()
+    }
+
+    #[test]
+    fn plan_table() {
+        use Order::*;
+        let now = 100_000;
+        let mut pinned = resident(1, 6, false, 0);
+        pinned.pinned = true;
+        let mut releasing = resident(1, 6, true, 0);
+        releasing.releasing = true;
+        let mut slow_to_load = resident(1, 2, false, now - 1000);
+        slow_to_load.load_ms = Some(5000);
+        let mut quick_to_load = resident(2, 2, false, now - 1000);
+        quick_to_load.load_ms = Some(300);
+        let mut small_cheap = resident(1, 1, false, now - 1000);
+        small_cheap.load_ms = Some(10);
+        let mut large = resident(2, 6, false, now - 1000);
+        large.load_ms = Some(1000);
+        let one = Some(1);
+        // (name, budget, waiting, residents, rules, expected orders)
+        type Case = (&'static str, Budget, Vec<Waiting>, Vec<Resident>, Rules, Vec<Order>);
+        let cases: Vec<Case> = vec![
+            (
+                "an empty machine loads at once",
+                budget(8, None),
+                vec![waiting(5, 4, 1, now)],
+                vec![],
+                RULES,
+                vec![Grant(5)],
+            ),
+            (
+                "room left: loads at once",
+                budget(8, None),
+                vec![waiting(5, 4, 1, now)],
+                vec![resident(1, 3, true, 0)],
+                RULES,
+                vec![Grant(5)],
+            ),
+            (
+                "an idle instance is evicted, and the file read ahead",
+                budget(8, one),
+                vec![waiting(5, 4, 1, now)],
+                vec![resident(1, 3, false, 0)],
+                RULES,
+                vec![Evict { victim: 1, for_id: 5 }, ReadAhead(5)],
+            ),
+            (
+                "a busy instance is served first: the load waits",
+                budget(8, one),
+                vec![waiting(5, 4, 1, now - 1000)],
+                vec![resident(1, 3, true, 0)],
+                RULES,
+                vec![],
+            ),
+            (
+                "an overdue load drains a busy instance that has stayed its residency",
+                budget(8, one),
+                vec![waiting(5, 4, 1, now - 10_000)],
+                vec![resident(1, 3, true, now - 5000)],
+                RULES,
+                vec![Evict { victim: 1, for_id: 5 }, ReadAhead(5)],
+            ),
+            (
+                "not one loaded less than min_residency ago",
+                budget(8, one),
+                vec![waiting(5, 4, 1, now - 10_000)],
+                vec![resident(1, 3, true, now - 1000)],
+                RULES,
+                vec![],
+            ),
+            (
+                "pinned instances stay: a load that can never fit is refused",
+                budget(8, None),
+                vec![waiting(5, 4, 1, now)],
+                vec![pinned.clone()],
+                RULES,
+                vec![Refuse(5, never_fits_message(&budget(8, None), &pinned, 4))],
+            ),
+            (
+                "more requests per swap first, when none is overdue",
+                budget(8, one),
+                vec![waiting(5, 4, 1, now - 3000), waiting(6, 4, 5, now - 1000)],
+                vec![],
+                RULES,
+                vec![Grant(6)],
+            ),
+            (
+                "max_wait 0 is strict arrival order",
+                budget(8, one),
+                vec![waiting(5, 4, 1, now - 3000), waiting(6, 4, 5, now - 1000)],
+                vec![],
+                Rules { max_wait_ms: Some(0), min_residency_ms: Some(0) },
+                vec![Grant(5)],
+            ),
+            (
+                "an overdue load goes before one with more requests",
+                budget(8, one),
+                vec![waiting(5, 4, 1, now - 20_000), waiting(6, 4, 5, now - 1000)],
+                vec![],
+                RULES,
+                vec![Grant(5)],
+            ),
+            (
+                "loads that fit together start together",
+                budget(8, None),
+                vec![waiting(5, 3, 1, now), waiting(6, 3, 1, now)],
+                vec![],
+                RULES,
+                vec![Grant(5), Grant(6)],
+            ),
+            (
+                "the victim is the one cheapest to load again",
+                budget(8, Some(2)),
+                vec![waiting(5, 2, 1, now)],
+                vec![slow_to_load, quick_to_load],
+                RULES,
+                vec![Evict { victim: 2, for_id: 5 }, ReadAhead(5)],
+            ),
+            (
+                "one large instance evicted admits two small loads, which wait together",
+                budget(8, None),
+                vec![waiting(5, 3, 2, now), waiting(6, 3, 1, now)],
+                vec![resident(1, 6, false, now - 5000)],
+                RULES,
+                vec![Evict { victim: 1, for_id: 5 }, ReadAhead(5), ReadAhead(6)],
+            ),
+            (
+                "a waiting load keeps its room: a smaller one behind it does not take it",
+                budget(8, None),
+                vec![waiting(5, 4, 2, now), waiting(6, 2, 1, now)],
+                vec![resident(1, 5, true, now - 100)],
+                RULES,
+                vec![],
+            ),
+            (
+                "room being released is waited for, not released again",
+                budget(8, one),
+                vec![waiting(5, 4, 1, now)],
+                vec![releasing, resident(2, 1, false, 0)],
+                Rules { max_wait_ms: Some(10_000), min_residency_ms: Some(0) },
+                vec![Evict { victim: 2, for_id: 5 }, ReadAhead(5)],
+            ),
+            (
+                "a victim the others made unnecessary stays",
+                budget(8, None),
+                vec![waiting(5, 6, 1, now)],
+                vec![small_cheap, large],
+                RULES,
+                vec![Evict { victim: 2, for_id: 5 }, ReadAhead(5)],
+            ),
+        ];
+        for (name, budget, waiting, residents, rules, expected) in cases {
+            let outcome = plan(&budget, &waiting, &residents, &rules, now);
+            assert_eq!(orders(&outcome), expected, "{name}");
+        }
+    }
+
+    fn never_fits_message(budget: &Budget, pinned: &Resident, need_gib: u64) -> String {
+        let held = budget::Held { ram: pinned.ram, vram: 0, name: pinned.name.clone(), pinned: true };
+        budget::never_fits(budget, &[held], Need { ram: need_gib * GIB, vram: 0 }).unwrap()
+    }
+
+    #[test]
+    fn waiting_loads_know_their_place_their_wait_and_when_to_look_again() {
+        let now = 50_000;
+        let outcome = plan(
+            &budget(8, Some(1)),
+            &[waiting(5, 4, 3, now - 1000), waiting(6, 4, 1, now - 2000)],
+            &[resident(1, 3, true, now - 4000)],
+            &RULES,
+            now,
+        );
+        assert!(outcome.orders.is_empty(), "both wait for the busy instance");
+        assert_eq!(outcome.etas.iter().map(|e| (e.id, e.position)).collect::<Vec<_>>(), vec![(5, 1), (6, 2)]);
+        // The first waits out what is left of its bound, then loads; the second after it.
+        assert_eq!(outcome.etas[0].eta_ms, 9000 + 500);
+        assert!(outcome.etas[1].eta_ms > outcome.etas[0].eta_ms);
+        // Look again when the older becomes overdue.
+        assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000));
+        // Overdue, but the busy instance is too young: look again when it is old enough.
+        let outcome = plan(
+            &budget(8, Some(1)),
+            &[waiting(5, 4, 1, now - 20_000)],
+            &[resident(1, 3, true, now - 500)],
+            &RULES,
+            now,
+        );
+        assert!(outcome.orders.is_empty());
+        assert_eq!(outcome.next_ms, Some(now - 500 + 2000));
+    }
+
+    #[test]
+    fn defaults_follow_measured_load_times() {
+        let auto = Rules { max_wait_ms: None, min_residency_ms: None };
+        assert_eq!(max_wait_ms(&auto, Some(300)), 5_000, "a quick model waits at least 5 s");
+        assert_eq!(max_wait_ms(&auto, Some(2_000)), 20_000);
+        assert_eq!(max_wait_ms(&auto, Some(60_000)), 120_000, "at most 2 min");
+        assert_eq!(min_residency_ms(&auto, Some(300)), 1_200);
+        assert_eq!(min_residency_ms(&auto, None), 4_000);
+        assert_eq!(max_wait_ms(&RULES, Some(60_000)), 10_000, "a configured value is used as is");
+    }
+}
