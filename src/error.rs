@@ -54,6 +54,8 @@ pub enum ErrorKind {
     Busy,
     Timeout,
     Interrupted,
+    /// Unavailable because no llama-server binary was found: the case first use sets up.
+    NoLlamaServer,
 }
 
 impl ErrorKind {
@@ -70,6 +72,7 @@ impl ErrorKind {
             ErrorKind::Busy => "busy",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Interrupted => "interrupted",
+            ErrorKind::NoLlamaServer => "no_llama_server",
         }
     }
 
@@ -79,7 +82,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Usage | ErrorKind::Data => 400,
             ErrorKind::NotFound => 404,
-            ErrorKind::Unavailable | ErrorKind::Busy => 503,
+            ErrorKind::Unavailable | ErrorKind::Busy | ErrorKind::NoLlamaServer => 503,
             ErrorKind::Backend => 502,
             ErrorKind::NoCapacity => 507,
             ErrorKind::Timeout => 504,
@@ -99,6 +102,7 @@ impl ErrorKind {
             ErrorKind::Busy => exit::BUSY,
             ErrorKind::Timeout => exit::TIMEOUT,
             ErrorKind::Interrupted => exit::INTERRUPTED,
+            ErrorKind::NoLlamaServer => exit::UNAVAILABLE,
         }
     }
 }
@@ -196,8 +200,8 @@ impl Error {
                 ErrorKind::NotFound
             }
             Error::BadModel { .. } | Error::BadConfig { .. } | Error::InvalidParameter { .. } => ErrorKind::Data,
-            Error::NoLlamaServer { .. }
-            | Error::DaemonUnavailable { .. }
+            Error::NoLlamaServer { .. } => ErrorKind::NoLlamaServer,
+            Error::DaemonUnavailable { .. }
             | Error::DaemonRunning { .. }
             | Error::ForeignDaemon { .. }
             | Error::ProtocolMismatch { .. }

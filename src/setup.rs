@@ -545,12 +545,13 @@ pub fn on_first_use(context: &Context, model: Option<&str>) -> Result<()> {
     set_up_first_use(context, missing_server, missing_demo)
 }
 
-/// MODEL resolved for `run`, `warm`, `switch` and `chat`, with what it needs set up on first
-/// use. What the user typed is checked first: an unknown name (with its "did you mean"), a
-/// missing file and a file that is not a GGUF model are refused in milliseconds, never after
-/// a build of several minutes. Only then is llama-server built (when none is found) and the
-/// demo model installed (when it is the model asked for). A model on a remote server needs
-/// no llama-server here, so it never starts a build.
+/// MODEL resolved for `run`, `warm`, `switch` and `chat`, with the demo model installed on
+/// first use when it is the model asked for. What the user typed is checked first: an
+/// unknown name (with its "did you mean"), a missing file and a file that is not a GGUF
+/// model are refused in milliseconds, never after a build of several minutes. llama-server
+/// itself is not looked for here (that costs a look through PATH per command): the request
+/// goes to the daemon, and only when it answers that it has none does
+/// [`retry_after_setup`] build one.
 pub fn resolve_on_first_use(context: &Context, name: &str, load: &crate::model::LoadOverrides) -> Result<ModelSpec> {
     if !setup_on_first_use_enabled() {
         return context.resolve_model(name, load);
@@ -563,12 +564,28 @@ pub fn resolve_on_first_use(context: &Context, name: &str, load: &crate::model::
         }
         Err(error) => Err(error),
         Ok(model) => {
-            if model.remote.is_none() && llama_server_missing(context, &*context.config()?) {
+            if model.remote.is_none() {
                 gguf::inspect(&model.path).map_err(|reason| Error::BadModel { path: model.path.clone(), reason })?;
-                set_up_first_use(context, true, false)?;
             }
             Ok(model)
         }
+    }
+}
+
+/// Runs `attempt` (a request to the daemon); when the daemon answers that it has no
+/// llama-server, and the user named none and first use may set up, builds one (once, under
+/// the set-up lock) and runs `attempt` again.
+pub fn retry_after_setup<T>(context: &Context, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+    match attempt() {
+        Err(error) if error.kind() == crate::error::ErrorKind::NoLlamaServer && setup_on_first_use_enabled() => {
+            let config = context.config()?;
+            if !llama_server_missing(context, &config) {
+                return Err(error);
+            }
+            set_up_first_use(context, true, false)?;
+            attempt()
+        }
+        other => other,
     }
 }
 

@@ -399,13 +399,15 @@ fn answer(
         messages: Some(conversation.messages(text)),
         sampling: sampling.clone(),
     };
-    let mut connection = crate::client::connect_for(context, model)?;
-    connection.set_reply_timeout(Some(context.generation_timeout()))?;
-    // Ctrl-C while it streams stops this answer (cancelled upstream), not the chat.
-    let watch = interrupt::Watch::socket(connection.raw_fd())?;
     let mut answer = Answer { stdout: io::stdout().lock(), progress: io::stderr().is_terminal(), reply: String::new() };
-    let result = stream::generate(&mut connection, &Request::Run(request), &mut answer);
-    drop(watch);
+    let request = Request::Run(request);
+    let result = crate::setup::retry_after_setup(context, || {
+        let mut connection = crate::client::connect_for(context, model)?;
+        connection.set_reply_timeout(Some(context.generation_timeout()))?;
+        // Ctrl-C while it streams stops this answer (cancelled upstream), not the chat.
+        let _watch = interrupt::Watch::socket(connection.raw_fd())?;
+        stream::generate(&mut connection, &request, &mut answer)
+    });
     let _ = writeln!(answer.stdout);
     let _ = answer.stdout.flush();
     match result {

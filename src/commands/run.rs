@@ -51,11 +51,15 @@ pub fn run(context: &Context, args: RunArgs) -> Result<()> {
         sampling,
     };
 
-    let mut connection = client::connect_for(context, &request.model)?;
-    connection.set_reply_timeout(Some(context.generation_timeout()))?;
-    let _watch = interrupt::Watch::socket(connection.raw_fd())?;
     let mut output = Output::new(args.json);
-    let result = stream::generate(&mut connection, &Request::Run(request), &mut output);
+    let model = request.model.clone();
+    let request = Request::Run(request);
+    let result = crate::setup::retry_after_setup(context, || {
+        let mut connection = client::connect_for(context, &model)?;
+        connection.set_reply_timeout(Some(context.generation_timeout()))?;
+        let _watch = interrupt::Watch::socket(connection.raw_fd())?;
+        stream::generate(&mut connection, &request, &mut output)
+    });
     match result {
         Ok(Ended::Done(done)) => {
             let written = output.done(&done);

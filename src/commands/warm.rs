@@ -8,8 +8,11 @@ use crate::protocol::Request;
 
 pub fn run(context: &Context, args: WarmArgs) -> Result<()> {
     let model = crate::setup::resolve_on_first_use(context, &args.model, &args.load.overrides())?;
-    let mut connection = crate::client::connect_for(context, &model)?;
-    connection.set_reply_timeout(Some(context.generation_timeout()))?;
-    connection.call(&Request::Warm { model, ttl_s: args.ttl })?;
+    let request = Request::Warm { model: model.clone(), ttl_s: args.ttl };
+    crate::setup::retry_after_setup(context, || {
+        let mut connection = crate::client::connect_for(context, &model)?;
+        connection.set_reply_timeout(Some(context.generation_timeout()))?;
+        connection.call(&request)
+    })?;
     Ok(())
 }

@@ -98,13 +98,15 @@ fn what_the_user_typed_is_checked_before_any_set_up() {
     assert!(!env.path("data/llama.cpp").exists() && !env.path("data/models").exists(), "nothing was installed");
     assert!(!env.socket().exists(), "no daemon was started");
 
-    // A good model file in the same environment does start the set-up, which fails at once
-    // here for want of a compiler: the checks above are what kept it from starting.
+    // A good model file in the same environment does start the set-up (once the daemon
+    // answers that it has no llama-server), which fails at once here for want of a
+    // compiler: the checks above are what kept it from starting.
     let model = env.tiny_model("tiny.gguf");
     let output = first_use_command(&env, &["run", model.to_str().unwrap(), "hi"]).output().unwrap();
     assert_exit(&output, 69);
     let err = stderr(&output);
     assert!(err.contains("first use: setting up") && err.contains("no C++ compiler"), "{err}");
+    assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
 
