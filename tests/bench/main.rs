@@ -49,10 +49,22 @@ fn main() {
         native_vs_portable(reps, &demo, gemma_model().as_ref());
         return;
     }
-    // `BENCH_ONLY=serve` runs only the comparison of `llmctl serve` with llama-server.
+    // `BENCH_ONLY=serve` runs only the comparison of `llmctl serve` and `llmctl run` with
+    // llama-server and its router mode.
     if std::env::var("BENCH_ONLY").as_deref() == Ok("serve") {
         println!("machine: {}, {} CPUs; {} repetitions, medians\n", cpu_model(), cpus(), reps);
-        serve_vs_direct_and_router(&Bench::new(&server), &server, &demo, reps);
+        let env = Bench::new(&server);
+        serve_vs_direct_and_router(&env, &server, &demo, reps);
+        short_requests_and_first_tokens(&env, &server, &demo, reps);
+        return;
+    }
+    // `BENCH_ONLY=thrash` runs only the scheduler's traces against router mode.
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("thrash") {
+        println!("machine: {}, {} CPUs; medians\n", cpu_model(), cpus());
+        match gemma_model() {
+            Some(gemma) => thrash_and_starvation(&server, &demo, &gemma),
+            None => println!("(Gemma 270M is not installed: run tests/fetch-test-models)"),
+        }
         return;
     }
     println!("## llmctl benchmark\n");
@@ -886,4 +898,282 @@ fn serve_vs_direct_and_router(env: &Bench, server: &Path, demo: &Path, reps: usi
         added(&via_serve),
         added(&via_router)
     );
+}
+
+/// A `llmctl serve` of `env` on a free loopback port, stopped on drop.
+struct Serving {
+    child: Child,
+    port: u16,
+}
+
+impl Serving {
+    fn start(env: &Bench) -> Serving {
+        let port = free_port();
+        let child = env
+            .command(&["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Serving { child, port }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A whole `n`-token streamed completion of `model` at `port`, read to its end; the time
+/// to its first event.
+fn http_complete(agent: &ureq::Agent, port: u16, model: &str, n: usize) -> Duration {
+    let body = serde_json::json!({"model": model, "prompt": "Hello", "n_predict": n, "stream": true});
+    stream_with(agent, &format!("http://127.0.0.1:{port}/completion"), &body).0
+}
+
+/// Sections for issue "one hop": 1-token requests through HTTP at 1, 8 and 64 clients
+/// (serve against router mode), `llmctl run`'s first token against `curl -N` to router mode
+/// and an in-process client, and the daemon's footprint while it listens.
+fn short_requests_and_first_tokens(env: &Bench, server: &Path, demo: &Path, reps: usize) {
+    let router_dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(demo, router_dir.path().join("smol.gguf")).unwrap();
+    env.llmctl(&["warm", demo.to_str().unwrap()]);
+    let serving = Serving::start(env);
+    let router = Router::start(server, router_dir.path(), 1);
+    router.first_token("smol");
+    let demo_name = demo.to_str().unwrap();
+    println!("### Short requests through HTTP, SmolLM2, 1 token each, warm, one slot\n");
+    println!("| clients | serve req/s | router req/s | ratio serve/router | serve p99 | router p99 |");
+    println!("|---|---|---|---|---|---|");
+    for clients in [1usize, 8, 64] {
+        let per_client = (256 / clients).max(4);
+        let agent: ureq::Agent = ureq::Agent::config_builder().max_idle_connections(128).build().into();
+        let (serve_rate, serve_p99) = load(clients, per_client, || {
+            http_complete(&agent, serving.port, demo_name, 1);
+        });
+        let (router_rate, router_p99) = load(clients, per_client, || {
+            http_complete(&agent, router.port, "smol", 1);
+        });
+        println!(
+            "| {clients} | {serve_rate:.1} | {router_rate:.1} | **{:.2}** | {} | {} |",
+            serve_rate / router_rate,
+            ms(serve_p99),
+            ms(router_p99)
+        );
+    }
+    println!();
+
+    // `llmctl run` as a whole process, against `curl -N` to router mode (also a process),
+    // and against a client in this process straight to the child.
+    let target = env.instance_target();
+    let prompt = "1, 2, 3, 4, 5, 6,";
+    let curl_body =
+        serde_json::json!({"model": "smol", "prompt": prompt, "n_predict": 8, "temperature": 0, "stream": true})
+            .to_string();
+    let router_url = format!("http://127.0.0.1:{}/completion", router.port);
+    let (mut via_run, mut via_curl, mut in_process) = (Vec::new(), Vec::new(), Vec::new());
+    let args = ["run", "--raw", "--temperature", "0", "-n", "8", demo_name, prompt];
+    for _ in 0..reps * 2 {
+        via_run.push(env.timed_run(&args).0);
+        via_curl.push(timed_first_byte(Command::new("curl").args(["-sN", &router_url, "-d", &curl_body])));
+        in_process.push(direct_stream(&target, prompt, 8).0);
+    }
+    let (run_ttft, curl_ttft, direct_ttft) = (median(&via_run), median(&via_curl), median(&in_process));
+    println!("### First token of a whole command, SmolLM2, warm\n");
+    println!("| path | time to first token |\n|---|---|");
+    println!("| a client in the bench process, straight to the child | {} |", ms(direct_ttft));
+    println!("| `curl -N` to router mode (a process) | {} |", ms(curl_ttft));
+    println!("| `llmctl run` (a process) | {} |", ms(run_ttft));
+    println!(
+        "\n`llmctl run` vs curl to router mode: **{:+.2} ms**; vs the in-process client: **{:+.2} ms**\n",
+        (run_ttft.as_secs_f64() - curl_ttft.as_secs_f64()) * 1000.0,
+        (run_ttft.as_secs_f64() - direct_ttft.as_secs_f64()) * 1000.0
+    );
+    drop(router);
+
+    // The control plane and the footprint while the daemon listens for HTTP.
+    let status: Vec<Duration> = (0..reps * 5).map(|_| env.timed(&["status"])).collect();
+    let idle = Bench::new(server);
+    idle.llmctl(&["status"]);
+    let listening = Serving::start(&idle);
+    let rss = idle.daemon_rss();
+    drop(listening);
+    println!("### Control plane and footprint\n");
+    println!("| what | figure |\n|---|---|");
+    println!("| `llmctl status`, whole process, median | {} |", ms(median(&status)));
+    println!("| daemon RSS, idle, serving HTTP | {:.1} MiB |\n", mib(rss));
+    drop(serving);
+}
+
+/// The time from spawning `command` to the first byte on its stdout, read to its end.
+fn timed_first_byte(command: &mut Command) -> Duration {
+    let start = Instant::now();
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).unwrap();
+    let ttft = start.elapsed();
+    let mut sink = Vec::new();
+    let _ = stdout.read_to_end(&mut sink);
+    let _ = child.wait();
+    ttft
+}
+
+/// Requests of a seeded trace: each client's list of models, in order.
+fn thrash_trace(seed: u64, clients: usize, per_client: usize, models: &[&'static str]) -> Vec<Vec<&'static str>> {
+    // xorshift64*: the same trace for the same seed, on every machine.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    (0..clients).map(|_| (0..per_client).map(|_| models[(next() % models.len() as u64) as usize]).collect()).collect()
+}
+
+/// Runs `trace` against the HTTP API at `port` (serve or the router), every client in a
+/// thread of its own: requests/s.
+fn run_trace(port: u16, trace: &[Vec<&'static str>], n: usize) -> f64 {
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for requests in trace {
+            scope.spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(600)))
+                    .build()
+                    .into();
+                for model in requests {
+                    http_complete(&agent, port, model, n);
+                }
+            });
+        }
+    });
+    let total: usize = trace.iter().map(Vec::len).sum();
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A router over `dir` with `--models-max 1` whose log is kept, to count its loads.
+fn router_with_log(server: &Path, dir: &Path, log: &Path) -> Router {
+    let port = free_port();
+    let log_file = std::fs::File::create(log).unwrap();
+    let child = Command::new(server)
+        .args(["--models-dir", dir.to_str().unwrap(), "--models-max", "1"])
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--no-webui", "-c", "4096", "-np", "1"])
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    while agent.get(format!("http://127.0.0.1:{port}/health")).call().map(|r| r.status() != 200).unwrap_or(true) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Router { child, port }
+}
+
+/// Loads the router's log counts (it prints a line for each instance it spawns).
+fn router_loads(log: &Path) -> usize {
+    std::fs::read_to_string(log).unwrap_or_default().matches("spawning server instance with name=").count()
+}
+
+/// Sections for issue "scheduler": the same seeded trace over three models with room for
+/// one through `serve` and through router mode, at 3, 12 and 48 clients, with swaps per
+/// request for both; then the starvation trace: four clients keep one model busy for 20 s
+/// and a request for another arrives at 2 s.
+fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
+    let seed: u64 = std::env::var("BENCH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(11434);
+    let router_dir = tempfile::tempdir().unwrap();
+    for (name, file) in [("smol", demo), ("smol2", demo), ("gemma", gemma)] {
+        std::os::unix::fs::symlink(file, router_dir.path().join(format!("{name}.gguf"))).unwrap();
+    }
+    let config = format!(
+        "max_instances = 1\n[models.smol]\npath = \"{demo}\"\nctx_size = 4096\n\
+         [models.smol2]\npath = \"{demo}\"\nctx_size = 2048\n\
+         [models.gemma]\npath = \"{gemma}\"\nctx_size = 4096\n",
+        demo = demo.display(),
+        gemma = gemma.display()
+    );
+    let models = ["smol", "smol2", "gemma"];
+    println!("### Thrash: the same seeded trace over three models with room for one, 4-token completions over HTTP\n");
+    println!("trace seed {seed} (`BENCH_SEED` replays it)\n");
+    println!("| clients | requests | llmctl req/s | router req/s | ratio llmctl/router | llmctl swaps/request | router swaps/request |");
+    println!("|---|---|---|---|---|---|---|");
+    for clients in [3usize, 12, 48] {
+        let per_client = (96 / clients).max(2);
+        let trace = thrash_trace(seed + clients as u64, clients, per_client, &models);
+        let total = clients * per_client;
+        let env = Bench::new(server);
+        std::fs::write(env.dir.path().join("config.toml"), &config).unwrap();
+        env.llmctl(&["status"]);
+        let serving = Serving::start(&env);
+        let llmctl_rate = run_trace(serving.port, &trace, 4);
+        let llmctl_swaps = env.status()["daemon"]["swaps"].as_u64().unwrap_or(0);
+        drop(serving);
+        drop(env);
+        let log = router_dir.path().join("router.log");
+        let router = router_with_log(server, router_dir.path(), &log);
+        let router_rate = run_trace(router.port, &trace, 4);
+        drop(router);
+        let router_swaps = router_loads(&log).saturating_sub(1);
+        println!(
+            "| {clients} | {total} | {llmctl_rate:.2} | {router_rate:.2} | **{:.2}** | {:.2} | {:.2} |",
+            llmctl_rate / router_rate,
+            llmctl_swaps as f64 / total as f64,
+            router_swaps as f64 / total as f64
+        );
+    }
+    println!();
+
+    // Starvation: four clients keep smol busy for 20 s; one request for gemma at 2 s.
+    println!("### Starvation: four clients keep one model busy for 20 s, a request for another arrives at 2 s\n");
+    println!("| path | the other model's first token after its request |\n|---|---|");
+    let busy_for = Duration::from_secs(20);
+    let starve = |port: u16| -> Duration {
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                    while start.elapsed() < busy_for {
+                        http_complete(&agent, port, "smol", 32);
+                    }
+                });
+            }
+            let other = scope.spawn(|| {
+                std::thread::sleep(Duration::from_secs(2));
+                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                http_complete(&agent, port, "gemma", 4)
+            });
+            other.join().unwrap()
+        })
+    };
+    let env = Bench::new(server);
+    std::fs::write(env.dir.path().join("config.toml"), &config).unwrap();
+    env.llmctl(&["warm", "smol"]);
+    let serving = Serving::start(&env);
+    let llmctl_wait = starve(serving.port);
+    let status = env.status();
+    let gemma_load = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "gemma")
+        .and_then(|i| i["load_ms"].as_u64())
+        .unwrap_or(0);
+    let max_wait = status["daemon"]["settings"]["max_wait"].as_str().unwrap_or("auto").to_string();
+    drop(serving);
+    drop(env);
+    let router = Router::start(server, router_dir.path(), 1);
+    router.first_token("smol");
+    let router_wait = starve(router.port);
+    drop(router);
+    println!("| llmctl (max_wait {max_wait}; gemma loads in {gemma_load} ms) | {} |", ms(llmctl_wait));
+    println!("| llama-server router mode | {} |\n", ms(router_wait));
 }
