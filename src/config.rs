@@ -398,7 +398,7 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> ParseError {
     if let Some(field) = message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()) {
         let known = message.split("expected one of ").nth(1).unwrap_or_default();
         let known: Vec<&str> = known.split(", ").map(|name| name.trim_matches('`')).collect();
-        let suggestion = match crate::catalog::closest(field, known.iter().copied()).first() {
+        let suggestion = match crate::similar::closest(field, known.iter().copied()).first() {
             Some(name) => format!("; did you mean `{name}`?"),
             None => "; `llmctl --help` lists the keys".into(),
         };

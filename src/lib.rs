@@ -76,6 +76,7 @@ pub mod protocol;
 pub mod settings;
 pub mod setup;
 pub mod sha256;
+pub mod similar;
 pub mod sys;
 pub mod term;
 pub mod tiny_model;

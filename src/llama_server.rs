@@ -15,7 +15,52 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::paths::{Paths, LLAMA_CPP_BUILD};
-use crate::setup::Backend;
+
+/// What a llama-server is built for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The CPU: for this one (`GGML_NATIVE=ON`), or `portable` to any x86-64 of its class.
+    Cpu {
+        portable: bool,
+    },
+    /// This CPU but for its AMX units, for machines (often VMs) that report AMX a process
+    /// cannot use: measured here, a native build died with SIGSEGV on its first quantized
+    /// matrix product, and the same build without AMX ran.
+    CpuWithoutAmx,
+    /// NVIDIA GPUs of these compute capabilities (`90` for an H100 or H200), `;`-separated.
+    Cuda {
+        architectures: String,
+    },
+    Vulkan,
+}
+
+impl Backend {
+    /// The directory name of its build and install: each backend has its own, so switching
+    /// is a build, never a broken install.
+    pub fn dir_name(&self) -> String {
+        match self {
+            Backend::Cpu { portable: false } => "cpu".into(),
+            Backend::Cpu { portable: true } => "cpu-portable".into(),
+            Backend::CpuWithoutAmx => "cpu-noamx".into(),
+            Backend::Cuda { architectures } => format!("cuda-sm{}", architectures.replace(';', "-")),
+            Backend::Vulkan => "vulkan".into(),
+        }
+    }
+
+    pub fn from_dir_name(name: &str) -> Option<Backend> {
+        Some(match name {
+            "cpu" => Backend::Cpu { portable: false },
+            "cpu-portable" => Backend::Cpu { portable: true },
+            "cpu-noamx" => Backend::CpuWithoutAmx,
+            "vulkan" => Backend::Vulkan,
+            other => Backend::Cuda { architectures: other.strip_prefix("cuda-sm")?.replace('-', ";") },
+        })
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        !matches!(self, Backend::Cpu { .. } | Backend::CpuWithoutAmx)
+    }
+}
 
 /// The longest `llama-server --version` may take. A real one answers in about 10 ms (it
 /// prints and exits before loading anything); 5 s leaves room for a slow disk or a loaded

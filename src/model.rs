@@ -62,6 +62,25 @@ pub struct ModelSpec {
     pub remote: Option<Remote>,
 }
 
+impl ModelSpec {
+    /// A log file name that is readable and unique per model file and load options, the same
+    /// whichever alias named them (the instance is the same), and stable across llmctl versions
+    /// (FNV-1a over the path and options, not std's hasher), so `llmctl logs` finds what a
+    /// daemon wrote.
+    pub fn log_file_name(&self) -> String {
+        let key = format!("{}\0{:?}", self.path.display(), self.load);
+        let hash = key
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
+        let file_stem = self.path.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem: String = file_stem
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+            .collect();
+        format!("{stem}-{:08x}.log", hash as u32)
+    }
+}
+
 /// Servers llmctl fronts but does not run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Remote {

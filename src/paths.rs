@@ -252,21 +252,6 @@ pub fn describe_file_type(file_type: &fs::FileType) -> &'static str {
     }
 }
 
-/// A log file name that is readable and unique per model file and load options, the same
-/// whichever alias named them (the instance is the same), and stable across llmctl versions
-/// (FNV-1a over the path and options, not std's hasher), so `llmctl logs` finds what a
-/// daemon wrote.
-pub fn log_file_name(spec: &crate::model::ModelSpec) -> String {
-    let key = format!("{}\0{:?}", spec.path.display(), spec.load);
-    let hash = key
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
-    let file_stem = spec.path.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
-    let stem: String =
-        file_stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
-    format!("{stem}-{:08x}.log", hash as u32)
-}
-
 /// Writes `contents` to `path` so that readers see either the old file or the whole new
 /// one: a temporary file in the same directory, fsync, rename, then fsync of the directory.
 pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {

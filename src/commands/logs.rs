@@ -9,7 +9,6 @@ use std::time::Duration;
 use crate::cli::LogsArgs;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::paths::log_file_name;
 
 /// How often `--follow` looks for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
@@ -20,7 +19,7 @@ pub fn run(context: &Context, args: LogsArgs) -> Result<()> {
     let path = match &args.model {
         Some(name) => {
             let spec = context.resolve_model(name, &args.load.overrides())?;
-            context.paths.instance_logs_dir.join(log_file_name(&spec))
+            context.paths.instance_logs_dir.join(spec.log_file_name())
         }
         None => context.paths.daemon_log(),
     };

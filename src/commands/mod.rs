@@ -41,7 +41,7 @@ pub fn suggest_names(context: &Context, error: Error) -> Error {
     if !names.contains(&crate::model::DEMO_ALIAS) {
         names.push(crate::model::DEMO_ALIAS);
     }
-    let suggestions = crate::catalog::closest(&name, names);
+    let suggestions = crate::similar::closest(&name, names);
     if suggestions.is_empty() && !pullable {
         return error;
     }

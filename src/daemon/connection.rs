@@ -7,15 +7,15 @@
 //! caught here: it is logged with its backtrace, the client gets an internal error, and any
 //! lease's `Drop` gives its slot back.
 
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::admission::Waiter;
 use super::handlers;
+use super::peer::Peer;
 use super::shared::Shared;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Request, Response, VERSION};
@@ -31,50 +31,6 @@ const LARGE_REQUEST: usize = 1 << 20;
 /// Bytes of large requests the daemon holds at once (each counted twice: the request and
 /// the body it becomes).
 const LARGE_REQUEST_POOL: usize = 512 << 20;
-
-/// The client end as a handler sees it: where to write, and how to tell it left.
-pub(crate) struct Peer {
-    pub(crate) writer: BufWriter<UnixStream>,
-    /// A second handle on the socket, to look for a hang-up without reading.
-    socket: UnixStream,
-}
-
-impl Peer {
-    /// Writes one message and flushes it.
-    pub(crate) fn send(&mut self, response: &Response) -> std::io::Result<()> {
-        protocol::write_message(&mut self.writer, response)?;
-        self.writer.flush()
-    }
-
-    /// Writes the final answer; a client that left cannot hear it, which is no error.
-    pub(crate) fn reply(&mut self, response: &Response) -> Result<()> {
-        self.send(response).map_err(|e| Error::io("cannot reply to the client", e))
-    }
-
-    /// True once the client has closed its end.
-    pub(crate) fn gone(&self) -> bool {
-        sys::peer_closed(&self.socket)
-    }
-}
-
-impl Waiter for Peer {
-    fn loading(&mut self, model: &str) {
-        let _ = self.send(&Response::Loading { model: model.to_string(), position: None, eta_ms: None });
-    }
-
-    fn waiting(&mut self, model: &str, position: usize, eta_ms: u64) {
-        let _ =
-            self.send(&Response::Loading { model: model.to_string(), position: Some(position), eta_ms: Some(eta_ms) });
-    }
-
-    fn queued(&mut self, position: usize) {
-        let _ = self.send(&Response::Queued { position });
-    }
-
-    fn gone(&self) -> bool {
-        Peer::gone(self)
-    }
-}
 
 /// Serves one connection to its end.
 pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
@@ -98,7 +54,7 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
         return;
     };
     let mut reader = BufReader::new(read_half);
-    let mut peer = Peer { writer: BufWriter::with_capacity(1 << 16, stream), socket: watch };
+    let mut peer = Peer::new(BufWriter::with_capacity(1 << 16, stream), watch);
     let (request, size) = match read_request(&mut reader, &mut peer) {
         Ok(Some(request)) => request,
         Ok(None) => return,

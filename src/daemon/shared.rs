@@ -9,7 +9,7 @@ use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
 
 use super::admission::Admission;
-use super::serve::Listeners;
+use super::listeners::Listeners;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::instance::table::InstanceTable;
@@ -61,8 +61,9 @@ pub(crate) struct Shared {
     pub(crate) listeners: Listeners,
     /// Instances evicted to make room for another model, since the start.
     pub(crate) swaps: AtomicU64,
-    /// Each waiting load's place and estimated wait, as the scheduler last planned.
-    pub(crate) etas: Mutex<std::collections::HashMap<usize, super::scheduler::plan::Eta>>,
+    /// Each waiting load's place in line and estimated wait in ms, by instance, as the
+    /// scheduler last planned.
+    pub(crate) etas: Mutex<std::collections::HashMap<usize, (usize, u64)>>,
 }
 
 impl Shared {

@@ -193,7 +193,7 @@ impl Snapshot {
             outcomes: stats.outcomes.clone(),
             waiting_position: None,
             eta_ms: None,
-            instance: crate::paths::log_file_name(&view.spec).trim_end_matches(".log").to_string(),
+            instance: view.spec.log_file_name().trim_end_matches(".log").to_string(),
         }
     }
 }

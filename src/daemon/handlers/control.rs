@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::daemon::admission::{self, Detached};
-use crate::daemon::connection::Peer;
+use crate::daemon::peer::Peer;
 use crate::daemon::shared::{Shared, ShutdownRequest};
 use crate::daemon::work;
 use crate::error::Result;
@@ -139,7 +139,7 @@ pub(crate) fn listen(shared: &Arc<Shared>, request: ListenRequest, peer: &mut Pe
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         }
     }
-    listener.close();
+    shared.listeners.close(&listener);
     Ok(())
 }
 

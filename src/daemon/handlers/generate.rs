@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::daemon::admission::Waiter;
-use crate::daemon::connection::Peer;
+use crate::daemon::peer::Peer;
 use crate::daemon::shared::Shared;
 use crate::daemon::work::{self, Attempt};
 use crate::error::Result;

@@ -248,7 +248,7 @@ impl Scheduler<'_> {
             }
         }
         self.etas = fresh;
-        *self.shared.etas.lock() = self.etas.clone();
+        *self.shared.etas.lock() = self.etas.iter().map(|(&id, eta)| (id, (eta.position, eta.eta_ms))).collect();
     }
 
     /// The waiting loads, as the plan sees them.

@@ -15,85 +15,13 @@ pub(crate) mod routes;
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use parking_lot::Mutex;
-
+use super::listeners::{Listener, LOG_BACKLOG};
 use super::shared::Shared;
 use crate::error::{Error, Result};
 use crate::http;
-
-/// Access-log lines a `serve` client may fall behind by before lines are dropped.
-const LOG_BACKLOG: usize = 1024;
-
-/// The HTTP listeners open now.
-#[derive(Default)]
-pub(crate) struct Listeners {
-    open: Mutex<Vec<Arc<Listener>>>,
-}
-
-impl Listeners {
-    /// The addresses listened on, for `status`.
-    pub(crate) fn addresses(&self) -> Vec<String> {
-        self.open.lock().iter().map(|listener| listener.address.to_string()).collect()
-    }
-
-    /// Closes every listener (the daemon is shutting down).
-    pub(crate) fn close_all(&self) {
-        let open: Vec<Arc<Listener>> = self.open.lock().drain(..).collect();
-        for listener in open {
-            listener.stop();
-        }
-    }
-}
-
-/// One HTTP listener of the daemon.
-pub(crate) struct Listener {
-    address: SocketAddr,
-    /// The key clients must send; none on loopback without one.
-    pub(crate) api_key: Option<String>,
-    stopping: Arc<AtomicBool>,
-    fd: std::os::fd::RawFd,
-    log: Sender<String>,
-    log_rx: Receiver<String>,
-    shared: std::sync::Weak<Shared>,
-}
-
-impl Listener {
-    pub(crate) fn address(&self) -> SocketAddr {
-        self.address
-    }
-
-    /// The access log: one line per answered request.
-    pub(crate) fn log(&self) -> Receiver<String> {
-        self.log_rx.clone()
-    }
-
-    /// Records one answered request; a reader that falls behind loses lines, never slows
-    /// a request.
-    pub(crate) fn note(&self, line: String) {
-        if let Err(TrySendError::Full(_)) = self.log.try_send(line) {
-            log::debug!("the access log of {} is not being read fast enough", self.address);
-        }
-    }
-
-    /// Closes this listener: no new connection is accepted; requests in flight finish.
-    pub(crate) fn close(self: &Arc<Self>) {
-        if let Some(shared) = self.shared.upgrade() {
-            shared.listeners.open.lock().retain(|open| !Arc::ptr_eq(open, self));
-        }
-        self.stop();
-    }
-
-    fn stop(&self) {
-        if !self.stopping.swap(true, Ordering::SeqCst) {
-            http::wake(self.fd);
-            log::info!("stopped listening on http://{}", self.address);
-        }
-    }
-}
 
 /// Opens an HTTP listener on `address` (`HOST:PORT`). Beyond loopback an API key is
 /// required. An address the daemon already listens on, or one another program holds, is
@@ -141,7 +69,6 @@ pub(crate) fn open(shared: &Arc<Shared>, address: &str, api_key: Option<String>)
         fd: listener.as_raw_fd(),
         log,
         log_rx,
-        shared: Arc::downgrade(shared),
     });
     let handler_shared = Arc::downgrade(shared);
     let handler_listener = Arc::downgrade(&entry);

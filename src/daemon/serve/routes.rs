@@ -13,11 +13,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::models::{self, Purpose};
-use super::Listener;
 use crate::backend::forward::{Outgoing, Part};
 use crate::backend::unix::Cancel;
 use crate::config::Config;
 use crate::daemon::admission::Waiter;
+use crate::daemon::listeners::Listener;
 use crate::daemon::shared::Shared;
 use crate::daemon::work::{self, Attempt};
 use crate::error::{Error, ErrorKind};
@@ -129,7 +129,7 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
             exchange.respond(200, "application/json", list.to_string().as_bytes(), &[])
         }
         ("GET", "/metrics") => {
-            let text = crate::daemon::metrics::render(&crate::daemon::handlers::observe::report(shared));
+            let text = crate::daemon::metrics::render(&crate::daemon::report::report(shared));
             exchange.respond(200, "text/plain; version=0.0.4", text.as_bytes(), &[])
         }
         ("GET", "/props" | "/v1/props") => {
