@@ -34,6 +34,7 @@ Top-level keys:
     crash_window     restarted until `llmctl stop MODEL` (3 within 60)
     max_tokens       the most tokens `run` and `chat` generate without -n (1024; 0: no limit)
     default_model    the model `serve` answers with when a request names none it knows
+                     (and no model's answers_to matches)
     cors_origins     web origins allowed to call `serve`, or [\"*\"]; default: this machine
     listen           addresses the daemon serves `serve`'s API on from its start
     api_key_file     the API key file for `listen` (required beyond loopback)
@@ -50,6 +51,7 @@ Per-model keys, in a [models.NAME] table (NAME is then an alias for MODEL):
     max_queued       requests that may wait for this model; more get exit 75
     embeddings       start llama-server with --embeddings (answers /v1/embeddings)
     reranking        start llama-server with --reranking (answers /v1/rerank)
+    answers_to       name patterns `serve` answers with this model: [\"claude-*\", \"gpt-4o*\"]
     url, urls        a server that already runs, fronted but never started or stopped
     api_key_env      the variable holding the bearer token for url/urls
     ca_file          a CA to trust for https url/urls instead of Mozilla's roots";
