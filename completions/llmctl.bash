@@ -25,6 +25,9 @@ _llmctl() {
             llmctl,daemon)
                 cmd="llmctl__subcmd__daemon"
                 ;;
+            llmctl,embed)
+                cmd="llmctl__subcmd__embed"
+                ;;
             llmctl,events)
                 cmd="llmctl__subcmd__events"
                 ;;
@@ -94,6 +97,9 @@ _llmctl() {
             llmctl__subcmd__help,daemon)
                 cmd="llmctl__subcmd__help__subcmd__daemon"
                 ;;
+            llmctl__subcmd__help,embed)
+                cmd="llmctl__subcmd__help__subcmd__embed"
+                ;;
             llmctl__subcmd__help,events)
                 cmd="llmctl__subcmd__help__subcmd__events"
                 ;;
@@ -161,7 +167,7 @@ _llmctl() {
 
     case "${cmd}" in
         llmctl)
-            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
+            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run embed status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -296,6 +302,44 @@ _llmctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        llmctl__subcmd__embed)
+            opts="-v -h --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         llmctl__subcmd__events)
             opts="-v -h --socket --config --llama-server --no-autostart --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -323,7 +367,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__help)
-            opts="run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
+            opts="run embed status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -365,6 +409,20 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__help__subcmd__daemon)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__help__subcmd__embed)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1303,7 +1361,7 @@ else
     complete -F _llmctl -o bashdefault -o default llmctl
 fi
 
-# MODEL, the first argument of run warm pin unpin switch stop logs show rm chat: the names `llmctl ls --names` prints, and files.
+# MODEL, the first argument of run embed warm pin unpin switch stop logs show rm chat: the names `llmctl ls --names` prints, and files.
 _llmctl_with_models() {
     _llmctl "$@"
     local cur="${COMP_WORDS[COMP_CWORD]}"
@@ -1312,7 +1370,7 @@ _llmctl_with_models() {
     fi
     if [[ ${COMP_CWORD} -eq 2 && ${cur} != -* ]]; then
         case "${COMP_WORDS[1]}" in
-            run|warm|pin|unpin|switch|stop|logs|show|rm|chat)
+            run|embed|warm|pin|unpin|switch|stop|logs|show|rm|chat)
                 local IFS=$'\n'
                 COMPREPLY=( $(compgen -W "$(llmctl ls --names 2>/dev/null)" -- "${cur}") $(compgen -f -- "${cur}") )
                 if declare -F __ltrim_colon_completions >/dev/null; then

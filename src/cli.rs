@@ -152,6 +152,9 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Generate text; tokens go to stdout as they arrive
     Run(RunArgs),
+    /// Print the embedding of each TEXT (or of each line of stdin) as a JSON line:
+    /// {"index":N,"embedding":[...]}
+    Embed(EmbedArgs),
     /// Show the daemon, its queue and every model instance
     Status(StatusArgs),
     /// Load MODEL and return once it answers; quiet and idempotent, for cron
@@ -282,6 +285,17 @@ pub struct RunArgs {
     /// Make the output follow this GBNF grammar file (llama.cpp's grammar format)
     #[arg(long, value_name = "FILE")]
     pub grammar: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Path to a .gguf file, an alias, or OWNER/REPO[:QUANT] of a pulled model; it runs on an
+    /// instance of its own, started with --embeddings
+    pub model: String,
+    /// The texts, one vector each, in order; without any, each line of stdin is one text
+    pub text: Vec<String>,
     #[command(flatten)]
     pub load: LoadArgs,
 }
