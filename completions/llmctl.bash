@@ -25,6 +25,9 @@ _llmctl() {
             llmctl,daemon)
                 cmd="llmctl__subcmd__daemon"
                 ;;
+            llmctl,embed)
+                cmd="llmctl__subcmd__embed"
+                ;;
             llmctl,events)
                 cmd="llmctl__subcmd__events"
                 ;;
@@ -94,6 +97,9 @@ _llmctl() {
             llmctl__subcmd__help,daemon)
                 cmd="llmctl__subcmd__help__subcmd__daemon"
                 ;;
+            llmctl__subcmd__help,embed)
+                cmd="llmctl__subcmd__help__subcmd__embed"
+                ;;
             llmctl__subcmd__help,events)
                 cmd="llmctl__subcmd__help__subcmd__events"
                 ;;
@@ -161,7 +167,7 @@ _llmctl() {
 
     case "${cmd}" in
         llmctl)
-            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
+            opts="-v -h -V --socket --config --llama-server --no-autostart --verbose --help --version run embed status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -296,6 +302,44 @@ _llmctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        llmctl__subcmd__embed)
+            opts="-v -h --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         llmctl__subcmd__events)
             opts="-v -h --socket --config --llama-server --no-autostart --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -323,7 +367,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__help)
-            opts="run status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
+            opts="run embed status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -365,6 +409,20 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__help__subcmd__daemon)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__help__subcmd__embed)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1315,7 +1373,7 @@ _llmctl_skip_option() {
     fi
 }
 
-# MODEL, the first argument of run warm pin unpin switch stop logs show rm chat: the names `llmctl ls --names` prints, and files.
+# MODEL, the first argument of run embed warm pin unpin switch stop logs show rm chat: the names `llmctl ls --names` prints, and files.
 # MODEL is the first word after the subcommand that is neither an option nor the value of
 # an option that takes one (`llmctl run -n 64 de<TAB>` offers demo).
 _llmctl_with_models() {
@@ -1335,6 +1393,7 @@ _llmctl_with_models() {
     (( i >= COMP_CWORD )) && return
     case "${COMP_WORDS[i]}" in
             run) takes_value=" --system -n --max-tokens --temperature --top-p --top-k --min-p --repeat-penalty --seed --stop -s --json-schema --grammar --ctx-size --parallel --gpu-layers " ;;
+            embed) takes_value=" --ctx-size --parallel --gpu-layers " ;;
             warm) takes_value=" --ttl --ctx-size --parallel --gpu-layers " ;;
             pin) takes_value=" --ctx-size --parallel --gpu-layers " ;;
             unpin) takes_value=" --ctx-size --parallel --gpu-layers " ;;

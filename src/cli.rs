@@ -37,6 +37,7 @@ Top-level keys:
     crash_window     restarted until `llmctl stop MODEL` (3 within 60)
     max_tokens       the most tokens `run` and `chat` generate without -n (1024; 0: no limit)
     default_model    the model `serve` answers with when a request names none it knows
+                     (and no model's answers_to matches)
     cors_origins     web origins allowed to call `serve`, or [\"*\"]; default: this machine
     listen           addresses the daemon serves `serve`'s API on from its start
     api_key_file     the API key file for `listen` (required beyond loopback)
@@ -53,6 +54,7 @@ Per-model keys, in a [models.NAME] table (NAME is then an alias for MODEL):
     max_queued       requests that may wait for this model; more get exit 75
     embeddings       start llama-server with --embeddings (answers /v1/embeddings)
     reranking        start llama-server with --reranking (answers /v1/rerank)
+    answers_to       name patterns `serve` answers with this model: [\"claude-*\", \"gpt-4o*\"]
     url, urls        a server that already runs, fronted but never started or stopped
     api_key_env      the variable holding the bearer token for url/urls
     ca_file          a CA to trust for https url/urls instead of Mozilla's roots";
@@ -153,6 +155,9 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Generate text; tokens go to stdout as they arrive
     Run(RunArgs),
+    /// Print the embedding of each TEXT (or of each line of stdin) as a JSON line:
+    /// {"index":N,"embedding":[...]}
+    Embed(EmbedArgs),
     /// Show the daemon, its queue and every model instance
     Status(StatusArgs),
     /// Load MODEL and return once it answers; quiet and idempotent, for cron
@@ -283,6 +288,17 @@ pub struct RunArgs {
     /// Make the output follow this GBNF grammar file (llama.cpp's grammar format)
     #[arg(long, value_name = "FILE")]
     pub grammar: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Path to a .gguf file, an alias, or OWNER/REPO[:QUANT] of a pulled model; it runs on an
+    /// instance of its own, started with --embeddings
+    pub model: String,
+    /// The texts, one vector each, in order; without any, each line of stdin is one text
+    pub text: Vec<String>,
     #[command(flatten)]
     pub load: LoadArgs,
 }

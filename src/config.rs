@@ -136,6 +136,11 @@ pub struct ModelConfig {
     /// A reranking model: started with `--reranking`; answers `/v1/rerank`.
     #[serde(default)]
     pub reranking: bool,
+    /// Glob patterns (`*` any text, `?` one character) of the names `serve` answers with
+    /// this model, for clients that send a fixed name: `["claude-*", "gpt-4o*"]`. A name
+    /// llmctl knows as it is comes first; two models' patterns may not overlap.
+    #[serde(default)]
+    pub answers_to: Vec<String>,
 }
 
 impl Config {
@@ -288,6 +293,29 @@ fn parse_once(text: &str) -> Result<Config, ParseError> {
         if let Some(ttl) = &model.ttl {
             parse_ttl(ttl).map_err(|problem| at_key(&key("ttl"), problem))?;
         }
+        for pattern in &model.answers_to {
+            check_pattern(pattern).map_err(|problem| at_key(&key("answers_to"), problem))?;
+        }
+    }
+    // Two models answering to one name would make the answer depend on the order of the
+    // file: any name both match is an error, with one such name as the example.
+    let answering: Vec<(&String, &String)> =
+        config.models.iter().flat_map(|(name, model)| model.answers_to.iter().map(move |p| (name, p))).collect();
+    for (i, (first_model, first)) in answering.iter().enumerate() {
+        for (second_model, second) in &answering[i + 1..] {
+            if first_model == second_model {
+                continue;
+            }
+            if let Some(example) = glob_overlap(first, second) {
+                return Err(at_key(
+                    &format!("models.{second_model}.answers_to"),
+                    format!(
+                        "`{second}` overlaps `{first}` of models.{first_model}: both answer to `{example}`; make the \
+                         patterns of the two models disjoint"
+                    ),
+                ));
+            }
+        }
     }
     if let Some(ttl) = &config.default_ttl {
         parse_ttl(ttl).map_err(|problem| at_key("default_ttl", problem))?;
@@ -311,6 +339,81 @@ fn parse_once(text: &str) -> Result<Config, ParseError> {
         }
     }
     Ok(config)
+}
+
+/// A name pattern of `answers_to`: not empty, printable, and not a lone `*` (which would
+/// take every name, as `default_model` does).
+fn check_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() || pattern.chars().any(char::is_control) {
+        return Err(format!("{pattern:?} is not a name pattern such as \"claude-*\""));
+    }
+    if pattern.chars().all(|c| c == '*') {
+        return Err(format!("`{pattern}` matches every name; use default_model for that"));
+    }
+    Ok(())
+}
+
+/// Whether `name` matches the glob `pattern`: `*` is any text (empty too), `?` any one
+/// character, anything else itself (case-sensitive, as model names are).
+pub fn glob_matches(pattern: &str, name: &str) -> bool {
+    let (pattern, name): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // The classic two-pointer match with one backtrack point: the last `*` seen.
+    let (mut p, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        if p < pattern.len() && (pattern[p] == '?' || (pattern[p] != '*' && pattern[p] == name[n])) {
+            p += 1;
+            n += 1;
+        } else if p < pattern.len() && pattern[p] == '*' {
+            star = Some((p, n));
+            p += 1;
+        } else if let Some((star_p, star_n)) = star {
+            p = star_p + 1;
+            n = star_n + 1;
+            star = Some((star_p, star_n + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '*')
+}
+
+/// A name both globs match, if there is one. Each glob is a small automaton (a position
+/// in the pattern); the search walks their product, one character at a time, and a state
+/// where both patterns are used up is a common name.
+pub fn glob_overlap(a: &str, b: &str) -> Option<String> {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut seen = std::collections::HashSet::new();
+    let mut queue = std::collections::VecDeque::from([((0usize, 0usize), String::new())]);
+    while let Some(((i, j), name)) = queue.pop_front() {
+        if !seen.insert((i, j)) {
+            continue;
+        }
+        if i == a.len() && j == b.len() {
+            return Some(name);
+        }
+        // A `*` may match nothing.
+        if a.get(i) == Some(&'*') {
+            queue.push_back(((i + 1, j), name.clone()));
+        }
+        if b.get(j) == Some(&'*') {
+            queue.push_back(((i, j + 1), name.clone()));
+        }
+        let (Some(&x), Some(&y)) = (a.get(i), b.get(j)) else { continue };
+        // One character both accept: a literal of either side, else any (`x` stands for it).
+        let character = match (x, y) {
+            ('*' | '?', '*' | '?') => 'x',
+            ('*' | '?', literal) | (literal, '*' | '?') => literal,
+            (left, right) if left == right => left,
+            _ => continue,
+        };
+        let next_i = if x == '*' { i } else { i + 1 };
+        let next_j = if y == '*' { j } else { j + 1 };
+        let mut longer = name.clone();
+        longer.push(character);
+        queue.push_back(((next_i, next_j), longer));
+    }
+    None
 }
 
 fn check_url(url: &str) -> Result<(), String> {
@@ -492,6 +595,65 @@ mod tests {
         assert_eq!(coder.path, Some(PathBuf::from("/m/coder.gguf")));
         assert_eq!(coder.ctx_size, Some(4096));
         assert_eq!(coder.args, ["--flash-attn", "on"]);
+    }
+
+    #[test]
+    fn globs_match_names() {
+        let table = [
+            ("claude-*", "claude-sonnet-4-5-20250929", true),
+            ("claude-*", "claude-", true),
+            ("claude-*", "claud", false),
+            ("gpt-4o*", "gpt-4o-mini", true),
+            ("gpt-4o*", "gpt-4", false),
+            ("*-mini", "gpt-4o-mini", true),
+            ("a?c", "abc", true),
+            ("a?c", "ac", false),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("exact", "exact", true),
+            ("exact", "Exact", false),
+        ];
+        for (pattern, name, expected) in table {
+            assert_eq!(glob_matches(pattern, name), expected, "{pattern} ~ {name}");
+        }
+    }
+
+    #[test]
+    fn overlapping_globs_are_found_with_a_name_both_match() {
+        let table = [
+            ("claude-*", "gpt-4o*", false),
+            ("claude-*", "claude-3*", true),
+            ("*-mini", "gpt-*", true),
+            ("a?c", "ab?", true),
+            ("a?c", "ab", false),
+            ("x*y", "*z", false),
+            ("gpt-4o", "gpt-4o", true),
+            ("claude-opus-*", "claude-sonnet-*", false),
+        ];
+        for (a, b, expected) in table {
+            let found = glob_overlap(a, b);
+            assert_eq!(found.is_some(), expected, "{a} & {b}: {found:?}");
+            if let Some(name) = found {
+                assert!(glob_matches(a, &name) && glob_matches(b, &name), "{name} matches {a} and {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn answers_to_is_checked_and_two_models_may_not_overlap() {
+        let ok = "[models.a]\npath = \"/a\"\nanswers_to = [\"claude-*\", \"gpt-4o*\"]\n\
+                  [models.b]\npath = \"/b\"\nanswers_to = [\"gemini-*\"]\n";
+        assert_eq!(Config::parse(ok).unwrap().models["a"].answers_to, ["claude-*", "gpt-4o*"]);
+        let overlapping = "[models.a]\npath = \"/a\"\nanswers_to = [\"claude-*\"]\n\
+                           [models.b]\npath = \"/b\"\nanswers_to = [\"claude-3*\"]\n";
+        let error = Config::parse(overlapping).unwrap_err();
+        assert!(error.contains("line 6: models.b.answers_to"), "{error}");
+        assert!(error.contains("`claude-3*` overlaps `claude-*` of models.a"), "{error}");
+        assert!(error.contains("both answer to `claude-3`"), "{error}");
+        for bad in ["\"\"", "\"*\""] {
+            let text = format!("[models.a]\npath = \"/a\"\nanswers_to = [{bad}]\n");
+            assert!(Config::parse(&text).unwrap_err().contains("line 3: models.a.answers_to"), "{bad}");
+        }
     }
 
     #[test]

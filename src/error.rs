@@ -294,7 +294,7 @@ impl fmt::Display for Error {
                     Some(name) => write!(f, "no model `{name}`")?,
                     None => write!(f, "no `model` given")?,
                 }
-                write!(f, " and no default_model in the config; known models: ")?;
+                write!(f, " and no default_model or answers_to in the config; known models: ")?;
                 if known.is_empty() {
                     write!(f, "none is configured")
                 } else {

@@ -7,6 +7,8 @@
 //! `FILE.part`, resumes from there with a Range request, is checked for size and SHA-256,
 //! and only then is renamed. The endpoint comes from `HF_ENDPOINT`, a token from
 //! `HF_TOKEN`. This module does the network and file work; the manifest is `library`'s.
+//! [`Hub::plan`] and [`Hub::pull`] are the whole of a pull, for `llmctl pull` and for
+//! `serve`'s `POST /api/pull`, which follows its progress.
 
 use std::fs::{self, File};
 use std::io::{self, IsTerminal, Read, Seek, Write};
@@ -166,6 +168,18 @@ impl Hub {
     /// never past the size the Hub lists. When the download fails, the part stays only as a
     /// start to resume from: something in it, no more than the file's size, not known bad.
     pub fn download(&self, repo: &str, file: &RemoteFile, dir: &Path) -> Result<PathBuf> {
+        self.download_with(repo, file, dir, &mut |_| Ok(()))
+    }
+
+    /// [`Hub::download`], telling `on_progress` the bytes there are after each read; when it
+    /// fails (its reader went away), the download stops where it is, resumable.
+    pub fn download_with(
+        &self,
+        repo: &str,
+        file: &RemoteFile,
+        dir: &Path,
+        on_progress: &mut dyn FnMut(u64) -> io::Result<()>,
+    ) -> Result<PathBuf> {
         let final_path = dir.join(file.local_name());
         if let (Ok(metadata), Some(size)) = (fs::symlink_metadata(&final_path), file.size) {
             // Only a checked file ever gets its final name, so a complete one is done.
@@ -176,7 +190,7 @@ impl Hub {
         let part_path = dir.join(format!("{}.part", file.local_name()));
         // A part this pull cannot own (another pull's, or not a file of ours) is never removed.
         let mut part = open_part(&part_path, &file.name)?;
-        let result = self.fetch(repo, file, &mut part, &part_path, &final_path);
+        let result = self.fetch(repo, file, &mut part, &part_path, &final_path, on_progress);
         if result.is_err() {
             let left = part.metadata().map(|metadata| metadata.len()).unwrap_or(0);
             if left == 0 || file.size.is_some_and(|size| left > size) {
@@ -193,6 +207,7 @@ impl Hub {
         part: &mut File,
         part_path: &Path,
         final_path: &Path,
+        on_progress: &mut dyn FnMut(u64) -> io::Result<()>,
     ) -> Result<PathBuf> {
         let write_error = |e: io::Error| write_failure(part_path, e);
         let mut have = part.metadata().map_err(write_error)?.len();
@@ -270,6 +285,10 @@ impl Hub {
                     hasher.update(&buffer[..n]);
                     have += n as u64;
                     progress.update(have);
+                    if on_progress(have).is_err() {
+                        progress.finish(have);
+                        return Err(Error::Interrupted);
+                    }
                 }
                 progress.finish(have);
             }
@@ -295,6 +314,83 @@ impl Hub {
             let _ = dir.sync_all();
         }
         Ok(final_path.to_path_buf())
+    }
+}
+
+/// What one pull fetches: the model named, and its files in the repository.
+pub struct PullPlan {
+    pub wanted: crate::library::RepoName,
+    pub files: Vec<RemoteFile>,
+}
+
+impl Hub {
+    /// The files a pull of `wanted` downloads, from the repository's listing: a name the
+    /// Hub does not have fails here, before anything is written.
+    pub fn plan(&self, wanted: crate::library::RepoName) -> Result<PullPlan> {
+        let listing = self.list(&wanted.repo)?;
+        let files = choose(&wanted.repo, &listing, wanted.tag.as_deref())?;
+        Ok(PullPlan { wanted, files })
+    }
+
+    /// Downloads the files of `plan` into the models directory and records them, so that the
+    /// name works as MODEL everywhere; returns the file llama-server loads. `on_progress`
+    /// hears each file and the bytes there are of it, and stops the pull by failing.
+    pub fn pull(
+        &self,
+        paths: &crate::paths::Paths,
+        plan: &PullPlan,
+        on_progress: &mut dyn FnMut(&RemoteFile, u64) -> io::Result<()>,
+    ) -> Result<PathBuf> {
+        use crate::library::{self, Pull, PulledFile};
+        let dir = library::repo_dir(paths, &plan.wanted.repo);
+        fs::create_dir_all(&dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        let mut pulled_files = Vec::new();
+        let mut result = Ok(());
+        for file in &plan.files {
+            let downloaded = self.download_with(&plan.wanted.repo, file, &dir, &mut |have| on_progress(file, have));
+            match downloaded.and_then(|path| {
+                fs::metadata(&path).map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))
+            }) {
+                Ok(metadata) => pulled_files.push(PulledFile {
+                    name: file.local_name().to_string(),
+                    remote_name: file.name.clone(),
+                    size: metadata.len(),
+                    sha256: file.sha256.clone(),
+                }),
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
+            }
+        }
+        if let Err(error) = result {
+            // Directories this pull created and left empty go; a `.part` to resume from stays.
+            let _ = fs::remove_dir(&dir);
+            if let Some(owner_dir) = dir.parent() {
+                let _ = fs::remove_dir(owner_dir);
+            }
+            return Err(error);
+        }
+        // A file that is not a model is refused now, not when it is first run.
+        let first = dir.join(&pulled_files[0].name);
+        if let Err(reason) = crate::gguf::inspect(&first) {
+            for file in &pulled_files {
+                let _ = fs::remove_file(dir.join(&file.name));
+            }
+            return Err(Error::BadModel { path: first, reason: format!("{reason} (the download was deleted)") });
+        }
+        let pull = Pull {
+            tag: plan.wanted.tag.clone(),
+            endpoint: self.endpoint.clone(),
+            files: pulled_files,
+            pulled_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        library::record(&dir, &plan.wanted.repo, pull)
+            .map_err(|e| Error::io(format!("cannot write the manifest in {}", dir.display()), e))?;
+        Ok(first)
     }
 }
 

@@ -107,6 +107,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     let context = context::Context::new(cli.global.to_global());
     match cli.command {
         Command::Run(args) => commands::run::run(&context, args),
+        Command::Embed(args) => commands::embed::run(&context, args),
         Command::Status(args) => commands::status::run(&context, args),
         Command::Warm(args) => commands::warm::run(&context, args),
         Command::Switch(args) => commands::switch::run(&context, args),

@@ -17,7 +17,7 @@ use crate::error::{Error, ErrorKind};
 use crate::model::ModelSpec;
 
 /// Bumped whenever a message changes shape.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The longest line either side accepts; prompts piped from stdin fit comfortably.
 pub const MAX_LINE: usize = 16 << 20;
 /// The largest HTTP request body `serve` takes.
@@ -32,6 +32,12 @@ pub enum Request {
         version: u32,
     },
     Run(RunRequest),
+    /// `llmctl embed`: the vectors of `inputs` from the model's embeddings instance; the
+    /// answer is one `Embedding` per input, in their order, then `Done`.
+    Embed {
+        model: ModelSpec,
+        inputs: Vec<String>,
+    },
     Status,
     /// Load the model and return once it answers a one-token request; with `ttl_s`, keep
     /// it loaded at least that long.
@@ -140,6 +146,11 @@ pub enum Response {
     },
     Token {
         text: String,
+    },
+    /// The vector of input `index` of an `Embed` request.
+    Embedding {
+        index: usize,
+        embedding: Vec<f64>,
     },
     /// The daemon serves HTTP on this address (the port it bound, when 0 was asked).
     Listening {

@@ -174,6 +174,9 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
         if let Some(ttl) = &model.ttl {
             value += &format!(" ttl={ttl}");
         }
+        if !model.answers_to.is_empty() {
+            value += &format!(" answers_to={:?}", model.answers_to);
+        }
         if !model.args.is_empty() {
             value += &format!(" args={:?}", model.args);
         }

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod config;
 pub mod daemon;
+pub mod embed;
 pub mod events;
 pub mod logs;
 pub mod ls;

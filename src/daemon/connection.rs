@@ -116,6 +116,7 @@ fn dispatch(shared: &Arc<Shared>, request: Request, peer: &mut Peer) -> Result<(
     match request {
         Request::Hello { .. } => Err(Error::internal("a hello after the handshake")),
         Request::Run(run) => handlers::generate::run(shared, run, peer),
+        Request::Embed { model, inputs } => handlers::generate::embed(shared, &model, &inputs, peer),
         Request::Status => handlers::observe::status(shared, peer),
         Request::Events => handlers::observe::events(shared, peer),
         Request::Metrics => handlers::observe::metrics(shared, peer),

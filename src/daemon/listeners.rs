@@ -68,8 +68,6 @@ impl Listener {
         }
     }
 
-
-
     fn stop(&self) {
         if !self.stopping.swap(true, Ordering::SeqCst) {
             crate::http::wake(self.fd);

@@ -25,6 +25,8 @@
 //!
 //! Thrash (after 4): concurrent clients over three models with room for one, llmctl vs the
 //! router with `--models-max 1`.
+//! 11. Ollama's `/api/chat` vs `/v1/chat/completions`, both streamed through `llmctl serve` to
+//!     the same SmolLM2 instance: time to first token and tokens/s (`BENCH_ONLY=ollama`).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -65,6 +67,12 @@ fn main() {
             Some(gemma) => thrash_and_starvation(&server, &demo, &gemma),
             None => println!("(Gemma 270M is not installed: run tests/fetch-test-models)"),
         }
+        return;
+    }
+    // `BENCH_ONLY=ollama` runs only the comparison of Ollama's API with the OpenAI one.
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("ollama") {
+        println!("machine: {}, {} CPUs; {} repetitions, medians\n", cpu_model(), cpus(), reps);
+        ollama_vs_openai_through_serve(&Bench::new(&server), &demo, reps);
         return;
     }
     println!("## llmctl benchmark\n");
@@ -1176,4 +1184,95 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
     drop(router);
     println!("| llmctl (max_wait {max_wait}; gemma loads in {gemma_load} ms) | {} |", ms(llmctl_wait));
     println!("| llama-server router mode | {} |\n", ms(router_wait));
+}
+
+/// (time to first text, whole request, tokens generated) of one streamed chat through
+/// `serve`: Ollama's NDJSON lines (`/api/chat`) or OpenAI's events (`/v1/chat/completions`).
+fn chat_stream(base: &str, ollama: bool, model: &str, prompt: &str, tokens: usize) -> (Duration, Duration, u64) {
+    let messages = serde_json::json!([{"role": "user", "content": prompt}]);
+    let (url, body) = if ollama {
+        (
+            format!("{base}/api/chat"),
+            serde_json::json!({"model": model, "messages": messages, "stream": true,
+                "options": {"num_predict": tokens, "temperature": 0}}),
+        )
+    } else {
+        (
+            format!("{base}/v1/chat/completions"),
+            serde_json::json!({"model": model, "messages": messages, "stream": true, "max_tokens": tokens,
+                "temperature": 0, "stream_options": {"include_usage": true}}),
+        )
+    };
+    let start = Instant::now();
+    let mut response = ureq::Agent::new_with_defaults().post(&url).send(body.to_string()).unwrap();
+    let mut reader = BufReader::new(response.body_mut().as_reader());
+    let (mut line, mut first, mut generated) = (String::new(), None, 0);
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let json = if ollama { line.trim() } else { line.trim().strip_prefix("data: ").unwrap_or("") };
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(json) else { continue };
+        let text = if ollama { &event["message"]["content"] } else { &event["choices"][0]["delta"]["content"] };
+        if text.as_str().is_some_and(|text| !text.is_empty()) {
+            first.get_or_insert_with(|| start.elapsed());
+        }
+        let count = if ollama { &event["eval_count"] } else { &event["usage"]["completion_tokens"] };
+        if let Some(count) = count.as_u64() {
+            generated = count;
+        }
+    }
+    (first.unwrap_or_else(|| start.elapsed()), start.elapsed(), generated)
+}
+
+/// Section 11: the same chat, streamed through `serve` over Ollama's API and over OpenAI's,
+/// turn about, to one warm SmolLM2 instance: the translation's cost in time to first token
+/// and tokens/s (the target: within 1 ms and 2 %).
+fn ollama_vs_openai_through_serve(env: &Bench, demo: &Path, reps: usize) {
+    let tokens = 128;
+    // Counting goes on until the token limit, so both sides generate the same number.
+    let prompt = "Count from 1 to 500, one number after another, separated by commas.";
+    env.llmctl(&["warm", demo.to_str().unwrap()]);
+    let port = free_port();
+    let mut serve = env
+        .command(&["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let base = format!("http://127.0.0.1:{port}");
+    let model = demo.to_str().unwrap();
+    chat_stream(&base, true, model, prompt, 8);
+    let (mut ollama, mut openai) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        ollama.push(chat_stream(&base, true, model, prompt, tokens));
+        openai.push(chat_stream(&base, false, model, prompt, tokens));
+    }
+    let _ = Command::new("kill").args(["-INT", &serve.id().to_string()]).status();
+    let _ = serve.wait();
+    let summary = |samples: &[(Duration, Duration, u64)]| {
+        let pairs: Vec<(Duration, Duration)> = samples.iter().map(|(first, total, _)| (*first, *total)).collect();
+        let (first, total) = medians(&pairs);
+        let mut generated: Vec<u64> = samples.iter().map(|(_, _, n)| *n).collect();
+        generated.sort_unstable();
+        let generated = generated[generated.len() / 2];
+        (first, generated as f64 / (total - first).as_secs_f64(), generated)
+    };
+    let (ollama_first, ollama_rate, ollama_tokens) = summary(&ollama);
+    let (openai_first, openai_rate, openai_tokens) = summary(&openai);
+    println!("### Ollama's API vs the OpenAI API through `llmctl serve`, SmolLM2, {tokens} tokens, warm\n");
+    println!("| route | time to first token | generation tokens/s | tokens generated |");
+    println!("|---|---|---|---|");
+    println!("| `POST /v1/chat/completions` (forwarded) | {} | {openai_rate:.1} | {openai_tokens} |", ms(openai_first));
+    println!("| `POST /api/chat` (translated) | {} | {ollama_rate:.1} | {ollama_tokens} |", ms(ollama_first));
+    println!(
+        "\ntokens/s ratio Ollama/OpenAI: **{:.3}**; added time to first token: **{:+.2} ms** (target: within 2 % and \
+         1 ms)\n",
+        ollama_rate / openai_rate,
+        (ollama_first.as_secs_f64() - openai_first.as_secs_f64()) * 1000.0
+    );
 }

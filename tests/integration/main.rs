@@ -10,6 +10,7 @@ mod core;
 mod docs;
 mod hardening;
 mod observe;
+mod ollama;
 mod private;
 mod readme;
 mod real;

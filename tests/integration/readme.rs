@@ -148,6 +148,20 @@ fn checks() -> Vec<(&'static str, Check)> {
             Ok(())
         }),
         (".choices[0].message.content", |out| words(out, 1)),
+        ("jq -r .message.content", |out| words(out, 1)),
+        ("embed demo", |out| {
+            let lines: Vec<&str> = out.lines().collect();
+            if lines.len() != 2 {
+                return Err(format!("{} lines for two texts", lines.len()));
+            }
+            for (index, line) in lines.iter().enumerate() {
+                let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
+                if value["index"] != index || value["embedding"].as_array().is_none_or(|v| v.len() != 576) {
+                    return Err(format!("line {index} is not {{\"index\":{index},\"embedding\":[576 numbers]}}"));
+                }
+            }
+            Ok(())
+        }),
     ]
 }
 

@@ -9,13 +9,13 @@ use crate::support::*;
 use crate::tiny_model;
 
 /// A running `llmctl serve`, stopped with SIGINT when dropped.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    base: String,
+    pub(crate) base: String,
 }
 
 impl Server {
-    fn start(env: &Env, extra: &[&str]) -> Server {
+    pub(crate) fn start(env: &Env, extra: &[&str]) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["serve", "--listen", &listen];
@@ -34,7 +34,7 @@ impl Drop for Server {
     }
 }
 
-fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder().http_status_as_error(false).build().into()
 }
 
@@ -315,7 +315,7 @@ print(done.choices[0].text)
 }
 
 /// The Python with the `openai` package that tests/run installs.
-fn test_python() -> String {
+pub(crate) fn test_python() -> String {
     if let Ok(python) = std::env::var("LLMCTL_TEST_PYTHON") {
         return python;
     }
@@ -340,7 +340,7 @@ fn a_models_own_queue_limit_is_429_and_exit_75() {
 }
 
 /// A chat template from the llama.cpp sources, copied by tests/fetch-test-models.
-fn template(name: &str) -> std::path::PathBuf {
+pub(crate) fn template(name: &str) -> std::path::PathBuf {
     let path = gemma_model().with_file_name(name);
     assert!(path.exists(), "{} is missing: run tests/fetch-test-models (tests/run does)", path.display());
     path
@@ -432,7 +432,7 @@ fn exchange_with(base: &str, path: &str, body: &serde_json::Value) -> (u16, Stri
 }
 
 /// A tiny model that answers with a tool call in the markup of Qwen 2.5's template.
-fn tool_calling_model(env: &Env) -> std::path::PathBuf {
+pub(crate) fn tool_calling_model(env: &Env) -> std::path::PathBuf {
     let path = env.path("models/caller.gguf");
     tiny_model::write_words(
         &path,
@@ -450,7 +450,7 @@ fn tool_calling_model(env: &Env) -> std::path::PathBuf {
     path
 }
 
-const WEATHER_TOOL: &str = r#"[{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+pub(crate) const WEATHER_TOOL: &str = r#"[{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]"#;
 
 #[test]
@@ -578,7 +578,7 @@ fn every_endpoint_answers_byte_for_byte_as_llama_server_with_the_same_argv() {
 }
 
 /// Runs a Python script with the test virtual environment's packages; returns stdout.
-fn python(script: &str) -> String {
+pub(crate) fn python(script: &str) -> String {
     let mut child = Command::new(test_python())
         .arg("-")
         .stdin(Stdio::piped())

@@ -145,7 +145,12 @@ pub(crate) fn listen(shared: &Arc<Shared>, request: ListenRequest, peer: &mut Pe
 
 /// Asks each instance to unload for `why` and waits until every one has stopped. Returns how
 /// many had something loaded or loading.
-fn unload_and_wait(shared: &Shared, instances: &[Arc<Handle>], why: Unload, message: impl Fn(&str) -> String) -> usize {
+pub(crate) fn unload_and_wait(
+    shared: &Shared,
+    instances: &[Arc<Handle>],
+    why: Unload,
+    message: impl Fn(&str) -> String,
+) -> usize {
     let active = instances
         .iter()
         .filter(|instance| instance.with_view(|view| view.phase.holds_room() || view.phase == Phase::WaitingRoom))

@@ -1,4 +1,5 @@
-//! `llmctl run` and `chat`: one generation streamed to the client as token messages.
+//! `llmctl run` and `chat`: one generation streamed to the client as token messages; and
+//! `llmctl embed`: the vectors of its inputs, one message each.
 
 use std::sync::Arc;
 
@@ -7,6 +8,7 @@ use crate::daemon::peer::Peer;
 use crate::daemon::shared::Shared;
 use crate::daemon::work::{self, Attempt};
 use crate::error::Result;
+use crate::model::ModelSpec;
 use crate::protocol::{self, Response, RunRequest};
 
 pub(crate) fn run(shared: &Arc<Shared>, request: RunRequest, peer: &mut Peer) -> Result<()> {
@@ -37,6 +39,18 @@ pub(crate) fn run(shared: &Arc<Shared>, request: RunRequest, peer: &mut Peer) ->
     })?;
     let mut peer = peer_cell.borrow_mut();
     peer.reply(&Response::Done(done))
+}
+
+/// `llmctl embed`: the inputs go to the model's embeddings instance (a load option, as for
+/// `serve`'s embedding routes, so a chat instance of the same file is left alone), and each
+/// vector comes back as a message of its own, so that no one line holds them all.
+pub(crate) fn embed(shared: &Arc<Shared>, spec: &ModelSpec, inputs: &[String], peer: &mut Peer) -> Result<()> {
+    let embedded = crate::daemon::serve::embeddings::embed(shared, spec, inputs, true, peer, None)?;
+    for (index, embedding) in embedded.vectors.into_iter().enumerate() {
+        peer.send(&Response::Embedding { index, embedding })
+            .map_err(|e| crate::error::Error::io("cannot reply to the client", e))?;
+    }
+    peer.reply(&Response::Done(embedded.done))
 }
 
 /// The client as the admission layer's waiter, shared with the stream that follows.

@@ -7,10 +7,14 @@
 //! (its limits, its threads started as connections need them) whose handler is
 //! [`routes::handle`]. It forwards, it does not translate: a request goes to the model's
 //! llama-server (or remote server) under the same admission, budget and accounting as
-//! `run`, and the answer comes back as it is produced. Listening beyond loopback needs an
-//! API key, compared in constant time.
+//! `run`, and the answer comes back as it is produced. The one exception is Ollama's API
+//! ([`ollama`]), which llama-server does not speak: those requests become llama-server's
+//! OpenAI requests, and the answers become Ollama's, on the same path through admission.
+//! Listening beyond loopback needs an API key, compared in constant time.
 
+pub(crate) mod embeddings;
 pub(crate) mod models;
+pub(crate) mod ollama;
 pub(crate) mod routes;
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};

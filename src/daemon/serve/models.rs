@@ -1,9 +1,10 @@
 //! Which model a request means, and the models `serve` lists.
 //!
 //! A request names a model by alias, by the name of a pulled model, by a file name in the
-//! models directory, or by the path or file stem of one of those; a request that names
-//! none, or one llmctl does not know, goes to the default for its purpose. A path that no
-//! known model has is never loaded: a client cannot make llmctl load a file by naming it.
+//! models directory, or by the path or file stem of one of those; a name llmctl does not
+//! know goes to the model whose `answers_to` patterns match it; a request that names none,
+//! or one nothing matches, goes to the default for its purpose. A path that no known model
+//! has is never loaded: a client cannot make llmctl load a file by naming it.
 
 use serde_json::{json, Value};
 
@@ -40,14 +41,20 @@ fn known_names(shared: &Shared, config: &Config) -> Vec<String> {
     names
 }
 
-/// The model a request goes to: the one it names (an alias, a path, or a file stem), or
-/// else the default for its purpose: an embeddings or reranking model for those endpoints,
-/// `default_model`, or the only model there is.
+/// The model a request goes to: the one it names (an alias, a path, or a file stem), the
+/// one whose `answers_to` matches the name, or else the default for its purpose: an
+/// embeddings or reranking model for those endpoints, `default_model`, or the only model
+/// there is.
 pub(crate) fn choose(shared: &Shared, config: &Config, name: Option<&str>, purpose: Purpose) -> Result<ModelSpec> {
     if let Some(name) = name.filter(|name| !name.is_empty()) {
         match resolve(shared, config, name) {
             Err(Error::UnknownModel { .. }) | Err(Error::ModelNotFound { .. }) => {}
             other => return other,
+        }
+        // The config refuses patterns of two models that overlap, so one model at most
+        // answers to the name.
+        if let Some(alias) = answering(config, name) {
+            return resolve_known(shared, config, alias);
         }
     }
     let for_purpose = config.models.iter().find(|(_, model)| match purpose {
@@ -63,6 +70,13 @@ pub(crate) fn choose(shared: &Shared, config: &Config, name: Option<&str>, purpo
         [only] => resolve_known(shared, config, only),
         _ => Err(Error::NoDefaultModel { asked: name.map(str::to_string), known: names }),
     }
+}
+
+/// The model of the config whose `answers_to` matches `name`.
+pub(crate) fn answering<'a>(config: &'a Config, name: &str) -> Option<&'a str> {
+    config.models.iter().find_map(|(alias, model)| {
+        model.answers_to.iter().any(|pattern| crate::config::glob_matches(pattern, name)).then_some(alias.as_str())
+    })
 }
 
 /// Resolves a name among the models llmctl knows: by name, or by the path or file stem of
@@ -87,6 +101,16 @@ fn resolve(shared: &Shared, config: &Config, name: &str) -> Result<ModelSpec> {
         }
     }
     Err(Error::UnknownModel { name: name.to_string() })
+}
+
+/// Whether `name` is a model llmctl knows as it is (not by `answers_to` or a default).
+pub(crate) fn knows(shared: &Shared, config: &Config, name: &str) -> bool {
+    resolve(shared, config, name).is_ok()
+}
+
+/// Every model a client can name, resolved, in the order of [`known_names`].
+pub(crate) fn known_models(shared: &Shared, config: &Config) -> Vec<ModelSpec> {
+    known_names(shared, config).iter().filter_map(|name| resolve(shared, config, name).ok()).collect()
 }
 
 /// Resolves a name with the config already read.

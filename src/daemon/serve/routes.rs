@@ -1,7 +1,9 @@
 //! The routes of `serve`: who may ask (Host, origin, key), what each path does, and the
 //! forwarding of a request to its model's server with the answer relayed as it comes.
 //!
-//! `serve` reads only `model` from a body, to pick the instance. When the HTTP client goes
+//! `serve` reads only `model` from a body, to pick the instance; Ollama's routes (`/` and
+//! `/api/*`) are translated instead, by [`super::ollama`], and refused in Ollama's error
+//! shape. When the HTTP client goes
 //! away the request is cancelled wherever it is: queued or loading (the waiter sees the
 //! hang-up), generating (the next write fails, or for an answer not streamed, the read from
 //! the child asks the same check every 100 ms and gives up).
@@ -67,12 +69,15 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
     };
     let method = request.method.to_ascii_uppercase();
     let path = request.path().to_string();
+    let ollama = super::ollama::is_ollama_path(&path);
     // A page elsewhere that rebinds its name to this address (DNS rebinding) sends its own
     // name as Host: without a key, only the names of this address are answered.
     if listener.api_key.is_none()
         && !host_allowed(request.header("host"), listener.address(), config.allowed_hosts.as_deref())
     {
-        return exchange.error(
+        return refuse(
+            exchange,
+            ollama,
             403,
             &format!(
                 "Host `{}` is not this server's; add it to allowed_hosts in the config if it is",
@@ -89,7 +94,10 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
     }
     if method == "OPTIONS" {
         // A preflight: answered for allowed origins, without the key (browsers send none).
-        let mut extra = vec![("Access-Control-Allow-Methods", "GET, POST, OPTIONS"), ("Access-Control-Max-Age", "600")];
+        let mut extra = vec![
+            ("Access-Control-Allow-Methods", "GET, HEAD, POST, DELETE, OPTIONS"),
+            ("Access-Control-Max-Age", "600"),
+        ];
         let asked = request.header("access-control-request-headers").filter(|value| token_list(value));
         if allowed_origin.is_some() {
             extra.push(("Access-Control-Allow-Headers", asked.unwrap_or("Authorization, Content-Type")));
@@ -100,13 +108,15 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
         Some(key) => {
             let public = method == "GET" && path == "/health";
             if !public && !same_secret(given_key(&request).as_bytes(), key.as_bytes()) {
-                return exchange.error(401, "invalid API key", &[("WWW-Authenticate", "Bearer")]);
+                return refuse(exchange, ollama, 401, "invalid API key", &[("WWW-Authenticate", "Bearer")]);
             }
         }
         // Without a key, a page on another site must not make this server work for it: a
         // browser's "simple" cross-site request needs no preflight, so it is refused here.
         None if cross_site(&request, allowed_origin.is_some()) => {
-            return exchange.error(
+            return refuse(
+                exchange,
+                ollama,
                 403,
                 "cross-site requests from a web page are refused without an API key; allow the page's origin with \
                  cors_origins in the config",
@@ -119,6 +129,9 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
     #[cfg(feature = "testing")]
     if path == "/__llmctl_test_panic" {
         panic!("fault injected by the test suite");
+    }
+    if ollama {
+        return super::ollama::handle(shared, &config, request, exchange);
     }
     match (method.as_str(), path.as_str()) {
         ("GET", "/health" | "/v1/health") => {
@@ -158,9 +171,19 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
     }
 }
 
+/// A refusal before any route runs, in the shape the route's clients read: Ollama's
+/// `{"error": "..."}` on its routes, OpenAI's elsewhere.
+fn refuse(exchange: &mut Exchange, ollama: bool, status: u16, message: &str, extra: &[(&str, &str)]) {
+    if ollama {
+        super::ollama::refuse(exchange, status, message, extra);
+    } else {
+        exchange.error(status, message, extra);
+    }
+}
+
 /// The HTTP client as the admission layer's waiter: it hears nothing while waiting, and has
 /// left once its connection closed.
-struct HttpWaiter<'a>(&'a std::net::TcpStream);
+pub(crate) struct HttpWaiter<'a>(pub(crate) &'a std::net::TcpStream);
 
 impl Waiter for HttpWaiter<'_> {
     fn loading(&mut self, _model: &str) {}
