@@ -17,7 +17,7 @@ use crate::error::{Error, ErrorKind};
 use crate::model::ModelSpec;
 
 /// Bumped whenever a message changes shape.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The longest line either side accepts; prompts piped from stdin fit comfortably.
 pub const MAX_LINE: usize = 16 << 20;
 /// The largest HTTP request body `serve` takes.
@@ -56,9 +56,12 @@ pub enum Request {
         wait: bool,
         exclusive: bool,
     },
-    /// Unload one model, or every model when `model` is none.
+    /// Unload one model, or every model when `model` is none; with `forget`, also drop its
+    /// saved prompt caches (every one when `model` is none) instead of saving them.
     Stop {
         model: Option<ModelSpec>,
+        #[serde(default)]
+        forget: bool,
     },
     Shutdown,
     /// Serve llama-server's HTTP API on an address while this connection stays open.
@@ -191,6 +194,58 @@ pub struct StatusReport {
     pub daemon: DaemonStatus,
     pub queue: QueueStatus,
     pub instances: Vec<InstanceStatus>,
+    /// The prompt caches saved on unload, to be restored when the same model loads again
+    /// (boxed: every streamed token is a `Response`, which is as large as its largest kind).
+    #[serde(default)]
+    pub caches: Box<CacheStatus>,
+}
+
+/// The saved prompt caches: where, how much of the budget they use, each one kept, and
+/// what happened to them since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub dir: String,
+    /// False when `cache_budget` is 0 or the directory cannot be used.
+    pub enabled: bool,
+    pub budget_bytes: u64,
+    pub used_bytes: u64,
+    pub entries: Vec<CacheEntryStatus>,
+    pub counters: CacheCounters,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheEntryStatus {
+    /// The model's name when it was saved, and its file.
+    pub model: String,
+    pub path: String,
+    pub ctx_size: Option<u32>,
+    pub slot: u32,
+    pub tokens: u64,
+    pub bytes: u64,
+    /// Milliseconds since the Unix epoch: when it was saved, and last saved or restored.
+    pub saved_ms: u64,
+    pub used_ms: u64,
+}
+
+/// Counts since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheCounters {
+    pub saves: u64,
+    pub saved_tokens: u64,
+    /// Saves that did not complete: no answer in time, an error, a file that did not check.
+    pub save_failures: u64,
+    pub restores: u64,
+    pub restored_tokens: u64,
+    /// Restores llama-server refused or that gave back no token.
+    pub restore_failures: u64,
+    /// Files that were truncated, altered or not what their manifest says.
+    pub ignored: u64,
+    /// Caches of a model file or llama-server build that changed since, dropped.
+    pub discarded: u64,
+    /// Caches dropped to stay within `cache_budget`.
+    pub dropped: u64,
+    /// Caches dropped by `llmctl stop --forget`.
+    pub forgotten: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -335,12 +390,22 @@ pub struct InstanceStatus {
 pub struct Event {
     /// Milliseconds since the Unix epoch.
     pub time_ms: u64,
-    /// loading, ready, failed, refused, crashed, stopped, evicted, expired or reloading.
+    /// loading, ready, failed, refused, crashed, stopped, evicted, expired, reloading, saved
+    /// or restored.
     pub event: String,
     pub model: String,
     pub path: String,
     pub pid: Option<u32>,
     pub detail: Option<String>,
+    /// For `saved` and `restored`: the slot, its tokens, the file's size and how long it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms: Option<u64>,
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes, without the newline. `Ok(None)` at a clean

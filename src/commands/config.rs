@@ -170,6 +170,12 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             source: from_config(config.crash_window.is_some(), "default"),
             daemon: None,
         },
+        Setting {
+            name: "cache_budget",
+            value: or_default(config.cache_budget.clone(), crate::settings::DEFAULT_CACHE_BUDGET),
+            source: from_config(config.cache_budget.is_some(), "default"),
+            daemon: None,
+        },
         // Read by `run` and `chat` themselves, so a change applies to the next one.
         Setting {
             name: "max_tokens",
@@ -248,7 +254,7 @@ pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             }
         }
     }
-    let live = ["memory_budget", "vram_budget", "max_instances", "default_ttl"];
+    let live = ["memory_budget", "vram_budget", "max_instances", "default_ttl", "cache_budget"];
     let text = if args.json {
         serde_json::to_string_pretty(&settings).map_err(|e| Error::internal(e.to_string()))? + "\n"
     } else {
