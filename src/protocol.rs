@@ -507,6 +507,17 @@ mod tests {
     }
 
     #[test]
+    fn stop_forgets_only_when_asked_and_events_carry_measures_only_when_they_have_them() {
+        let stop: Request = decode(br#"{"type":"stop","model":null}"#).unwrap();
+        assert_eq!(stop, Request::Stop { model: None, forget: false });
+        let plain = serde_json::to_value(Event { event: "ready".into(), ..Event::default() }).unwrap();
+        assert!(plain.get("tokens").is_none() && plain.get("ms").is_none(), "{plain}");
+        let saved = Event { event: "saved".into(), tokens: Some(300), ms: Some(5), ..Event::default() };
+        let saved = serde_json::to_value(saved).unwrap();
+        assert_eq!((saved["tokens"].as_u64(), saved["ms"].as_u64()), (Some(300), Some(5)));
+    }
+
+    #[test]
     fn wrong_shapes_are_errors() {
         for bad in ["{}", "[1]", "{\"type\":\"run\"}", "\u{0}"] {
             assert!(decode::<Request>(bad.as_bytes()).is_err(), "{bad}");

@@ -106,7 +106,8 @@ pub(crate) struct Candidate {
 pub(crate) struct Written {
     slot: u32,
     answer: SlotFile,
-    started: Instant,
+    /// How long the child took to answer the save.
+    took: Duration,
 }
 
 /// A cache kept or restored, for its event.
@@ -250,7 +251,7 @@ impl CacheStore {
                 continue;
             }
             match client.save_slot(id, &partial, remaining()) {
-                Ok(answer) => written.push(Written { slot: id, answer, started }),
+                Ok(answer) => written.push(Written { slot: id, answer, took: started.elapsed() }),
                 Err(error) => {
                     log::warn!("slot {id} of {} ({tokens} tokens) was not saved: {error}", spec.name);
                     self.index.lock().counters.save_failures += 1;
@@ -266,14 +267,17 @@ impl CacheStore {
     /// budget. Called once the child is gone.
     pub(crate) fn keep(&self, identity: &Identity, spec: &ModelSpec, written: Vec<Written>) -> Vec<Done> {
         let mut kept = Vec::new();
-        for Written { slot, answer, started } in written {
+        for Written { slot, answer, took } in written {
             let stem = stem_of(identity, slot);
+            let started = Instant::now();
             match self.keep_one(identity, spec, &stem, slot, answer) {
+                // The save's own time: the child's write and llmctl's check, not the stop
+                // between them.
                 Ok(manifest) => kept.push(Done {
                     slot,
                     tokens: manifest.tokens,
                     bytes: manifest.bytes,
-                    ms: started.elapsed().as_millis() as u64,
+                    ms: (took + started.elapsed()).as_millis() as u64,
                 }),
                 Err(error) => {
                     log::warn!("the prompt cache of slot {slot} of {} was not kept: {error}", spec.name);
@@ -561,10 +565,9 @@ impl CacheStore {
         for name in &names {
             match parse_name(name) {
                 None => log::info!("{} is not a prompt cache of llmctl's; left alone", self.dir.join(name).display()),
-                Some((stem, _, FileKind::Partial | FileKind::ManifestTemp)) => {
+                Some((_, _, FileKind::Partial | FileKind::ManifestTemp)) => {
                     log::info!("removed {}, left half written by an earlier daemon", self.dir.join(name).display());
                     let _ = fs::remove_file(self.dir.join(name));
-                    let _ = stem;
                 }
                 Some((stem, slot, FileKind::Manifest)) => match self.read_manifest(stem, slot) {
                     Ok(manifest) => {
@@ -706,7 +709,7 @@ mod tests {
     fn save(store: &CacheStore, identity: &Identity, spec: &ModelSpec, slot: u32, bytes: &[u8]) -> Vec<Done> {
         fs::write(store.dir().join(format!("{}.partial", stem_of(identity, slot))), bytes).unwrap();
         let answer = SlotFile { tokens: 300 + u64::from(slot), bytes: bytes.len() as u64, ms: 1.0 };
-        store.keep(identity, spec, vec![Written { slot, answer, started: Instant::now() }])
+        store.keep(identity, spec, vec![Written { slot, answer, took: Duration::from_millis(1) }])
     }
 
     fn names(dir: &Path) -> Vec<String> {

@@ -421,3 +421,59 @@ fn a_restore_llama_server_refuses_is_logged_and_the_request_runs_without_it() {
         assert!(entries(&env).is_empty() && cache_files(&env).is_empty(), "{refusal}: {:?}", cache_files(&env));
     }
 }
+
+#[test]
+fn every_unload_but_a_crash_or_a_restart_saves() {
+    let env = Env::fake();
+    env.write_config("token_timeout = 1\n");
+    let evicted = fake_model(&env, "evicted", 300, &[]);
+    let expired = fake_model(&env, "expired", 300, &[]);
+    std::fs::write(
+        env.path("config.toml"),
+        std::fs::read_to_string(env.path("config.toml")).unwrap() + "ttl = \"1s\"\n",
+    )
+    .unwrap();
+    let excluded = fake_model(&env, "excluded", 300, &[]);
+    let exclusive = fake_model(&env, "exclusive", 300, &[]);
+    let stopped = fake_model(&env, "stopped", 300, &[]);
+    let shut_down = fake_model(&env, "shut-down", 300, &[]);
+    let crashed = fake_model(&env, "crashed", 300, &["--fake-crash-after", "1"]);
+    let stalled = fake_model(&env, "stalled", 300, &["--fake-stall"]);
+    let saved = |env: &Env| -> Vec<String> {
+        let mut names: Vec<String> = entries(env).iter().map(|e| e["model"].as_str().unwrap().to_string()).collect();
+        names.sort();
+        names
+    };
+
+    assert_success(&env.run(&["warm", &expired]));
+    wait_until("the TTL expires", || saved(&env).contains(&expired));
+    assert_success(&env.run(&["warm", &excluded]));
+    assert_success(&env.run(&["switch", "--wait", "--exclusive", &exclusive]));
+    assert!(saved(&env).contains(&excluded), "{:?}", saved(&env));
+    assert_success(&env.run(&["warm", &stopped]));
+    assert_success(&env.run(&["stop", &stopped]));
+    assert_exit(&env.run(&["run", &crashed, "one two three"]), 70);
+    assert_exit(&env.run(&["run", &stalled, "hi"]), 124);
+    wait_until("the stalled child is restarted or stopped", || {
+        env.status_json()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == stalled.as_str() && i["state"] != "ready")
+    });
+    // Evictions: room for one model, and another loads.
+    assert_success(&env.run(&["warm", &evicted]));
+    env.write_config(&format!("max_instances = 1\n{}", std::fs::read_to_string(env.path("config.toml")).unwrap()));
+    assert_success(&env.run(&["reload"]));
+    assert_success(&env.run(&["warm", &shut_down]));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+
+    let kept = saved(&env);
+    for name in [&evicted, &expired, &excluded, &exclusive, &stopped, &shut_down] {
+        assert!(kept.contains(name), "{name} was not saved: {kept:?}");
+    }
+    for name in [&crashed, &stalled] {
+        assert!(!kept.contains(name), "{name} was saved: {kept:?}");
+    }
+}
