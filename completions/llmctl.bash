@@ -1209,7 +1209,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__stop)
-            opts="-v -h --all --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --all --forget --socket --config --llama-server --no-autostart --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -137,6 +137,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l socket -d 'Unix s
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l all -d 'Unload every model'
+complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l forget -d 'Also drop the model\'s saved prompt caches (with --all: every saved cache), and save none'
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -s h -l help -d 'Print help'

@@ -36,6 +36,7 @@ Top-level keys:
     crash_limit      failures within crash_window seconds after which a model is not
     crash_window     restarted until `llmctl stop MODEL` (3 within 60)
     max_tokens       the most tokens `run` and `chat` generate without -n (1024; 0: no limit)
+    cache_budget     disk for prompt caches saved when a model is unloaded (\"4GiB\"; \"0\": off)
     default_model    the model `serve` answers with when a request names none it knows
                      (and no model's answers_to matches)
     cors_origins     web origins allowed to call `serve`, or [\"*\"]; default: this machine
@@ -70,6 +71,8 @@ pub const ENVIRONMENT_HELP: &str = "    LLMCTL_SOCKET           the daemon's Uni
     LLMCTL_CHILDREN_ON_TCP  1: llama-server children listen on loopback TCP, each with a
                             random key, instead of a private Unix socket
     LLMCTL_STOP_GRACE_MS    milliseconds a child gets after SIGTERM before SIGKILL (5000)
+    LLMCTL_CACHE_TIMEOUT_MS milliseconds saving prompt caches may delay a stop, and restoring
+                            them a load (10000)
     LLMCTL_STATE_DIR        state directory (logs, state.json)
     LLMCTL_DATA_DIR         data directory (llama-server, demo and pulled models)
     LLMCTL_CACHE_DIR        cache directory (setup downloads and builds, header cache)
@@ -86,7 +89,8 @@ pub const FILES_HELP: &str = "    $XDG_RUNTIME_DIR/llmctl/llmctl.sock, else /run
     $XDG_CONFIG_HOME/llmctl/config.toml, else ~/.config/llmctl/config.toml
         the config file (optional)
     $XDG_STATE_HOME/llmctl, else ~/.local/state/llmctl
-        the daemon log, per-model llama-server logs (logs/) and state.json
+        the daemon log, per-model llama-server logs (logs/), state.json and the saved
+        prompt caches (prompt-caches/, 0700)
     $XDG_DATA_HOME/llmctl, else ~/.local/share/llmctl
         the installed llama-server, the demo model and pulled models (models/)
     $XDG_CACHE_HOME/llmctl, else ~/.cache/llmctl
@@ -352,6 +356,9 @@ pub struct StopArgs {
     /// Unload every model
     #[arg(long, group = "target")]
     pub all: bool,
+    /// Also drop the model's saved prompt caches (with --all: every saved cache), and save none
+    #[arg(long)]
+    pub forget: bool,
 }
 
 #[derive(Debug, Args)]

@@ -69,6 +69,8 @@ pub struct Config {
     pub vram_budget: Option<String>,
     /// The most instances loaded at once.
     pub max_instances: Option<usize>,
+    /// Disk the prompt caches saved on unload may use: bytes or "4GiB"; "0" saves none.
+    pub cache_budget: Option<String>,
     /// Unload an instance after this long without a request, unless its model says
     /// otherwise: "30m", "2h", "never" (the default).
     pub default_ttl: Option<String>,
@@ -223,7 +225,7 @@ struct ParseError {
 
 /// Keys whose values are durations or sizes in strings: what a fix for an unquoted value says.
 const DURATION_KEYS: [&str; 4] = ["default_ttl", "ttl", "max_wait", "min_residency"];
-const SIZE_KEYS: [&str; 2] = ["memory_budget", "vram_budget"];
+const SIZE_KEYS: [&str; 3] = ["memory_budget", "vram_budget", "cache_budget"];
 
 fn parse_once(text: &str) -> Result<Config, ParseError> {
     let config: Config = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
@@ -337,6 +339,16 @@ fn parse_once(text: &str) -> Result<Config, ParseError> {
         if let Some(value) = value {
             crate::budget::parse_size(value, 100).map_err(|problem| at_key(key, problem))?;
         }
+    }
+    if let Some(value) = &config.cache_budget {
+        // A share of what? The disk is not llmctl's to measure: a size it is.
+        if value.trim().ends_with('%') {
+            return Err(at_key(
+                "cache_budget",
+                format!("`{value}` is a share; write a size such as \"4GiB\", or \"0\""),
+            ));
+        }
+        crate::budget::parse_size(value, 0).map_err(|problem| at_key("cache_budget", problem))?;
     }
     Ok(config)
 }
@@ -737,6 +749,9 @@ mod tests {
                 "line 3: [models.a] needs exactly one of `path`",
             ),
             ("max_tokens = 99999999999\n", "line 1: max_tokens = 99999999999"),
+            ("cache_budget = \"lots\"\n", "line 1: cache_budget = \"lots\": `lots` is not a size"),
+            ("cache_budget = \"10%\"\n", "line 1: cache_budget = \"10%\": `10%` is a share"),
+            ("cache_budget = 4GiB\n", "sizes are strings, write cache_budget = \"4GiB\""),
         ];
         for (text, expected) in table {
             let error = Config::parse(text).unwrap_err();

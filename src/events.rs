@@ -1,5 +1,6 @@
 //! The daemon's event bus: state changes (loading, ready, failed, crashed, stopped,
-//! evicted, expired, reloading) fanned out to `llmctl events` subscribers.
+//! evicted, expired, reloading) and prompt caches saved and restored, fanned out to
+//! `llmctl events` subscribers.
 //!
 //! Publishing never blocks: each subscriber has a bounded channel, and one that falls
 //! behind by more than its capacity is dropped rather than slowing the daemon.
@@ -28,6 +29,19 @@ pub enum EventKind {
     Reloading,
     /// A load waits for room: its place in line and estimated wait.
     Waiting,
+    /// A slot's prompt cache was saved before its child stopped.
+    Saved,
+    /// A saved prompt cache was read back into a slot of a new child.
+    Restored,
+}
+
+/// What a `saved` or `restored` event measures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Measure {
+    pub slot: u32,
+    pub tokens: u64,
+    pub bytes: u64,
+    pub ms: u64,
 }
 
 impl EventKind {
@@ -43,6 +57,8 @@ impl EventKind {
             EventKind::Expired => "expired",
             EventKind::Reloading => "reloading",
             EventKind::Waiting => "waiting",
+            EventKind::Saved => "saved",
+            EventKind::Restored => "restored",
         }
     }
 }
@@ -63,15 +79,41 @@ impl EventBus {
     /// Sends a state change of the instance `model` (at `path`, child `pid`) to every
     /// subscriber.
     pub fn publish(&self, kind: EventKind, model: &str, path: &str, pid: Option<u32>, detail: Option<String>) {
-        let event = Event {
+        self.send(Event {
             time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             event: kind.name().to_string(),
             model: model.to_string(),
             path: path.to_string(),
             pid,
             detail,
-        };
-        log::info!("event {} {model}", kind.name());
+            ..Event::default()
+        });
+    }
+
+    /// Like [`EventBus::publish`], with what a `saved` or `restored` event measures.
+    pub fn publish_measured(&self, kind: EventKind, model: &str, path: &str, pid: Option<u32>, measure: Measure) {
+        self.send(Event {
+            time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            event: kind.name().to_string(),
+            model: model.to_string(),
+            path: path.to_string(),
+            pid,
+            detail: Some(format!(
+                "slot {}: {} tokens, {} in {} ms",
+                measure.slot,
+                measure.tokens,
+                crate::budget::human(measure.bytes),
+                measure.ms
+            )),
+            slot: Some(measure.slot),
+            tokens: Some(measure.tokens),
+            bytes: Some(measure.bytes),
+            ms: Some(measure.ms),
+        });
+    }
+
+    fn send(&self, event: Event) {
+        log::info!("event {} {}", event.event, event.model);
         self.subscribers.lock().retain(|subscriber| match subscriber.try_send(event.clone()) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,

@@ -10,7 +10,8 @@
 //!   the state file; `daemon/metrics` renders Prometheus text.
 //! - `admission`: the daemon-wide bounded queue that answers Busy instead of blocking.
 //! - `instance`: handles, jobs, leases and views; `instance/worker` is the thread that owns
-//!   one child; `instance/state` its pure state machine; `instance/table` the lookup.
+//!   one child; `instance/state` its pure state machine; `instance/table` the lookup;
+//!   `instance/cache` and `instance/cache_store` the prompt caches kept across unloads.
 //! - `budget`: the memory policy, a pure function; `memory` measures RAM and GPUs.
 //! - `backend/llama`: llama-server's command line, output capture, readiness, streaming;
 //!   `backend/forward` passes `serve`'s requests through unchanged; `backend/unix` is HTTP

@@ -63,6 +63,11 @@ impl Paths {
         self.state_dir.join("state.json")
     }
 
+    /// Where prompt caches saved on unload are kept: private to the user (0700).
+    pub fn prompt_cache_dir(&self) -> PathBuf {
+        self.state_dir.join("prompt-caches")
+    }
+
     /// Where `llmctl setup` installs the llama-server it builds.
     pub fn installed_llama_server(&self) -> PathBuf {
         self.data_dir.join("llama.cpp").join(format!("b{LLAMA_CPP_BUILD}")).join("llama-server")

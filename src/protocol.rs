@@ -62,9 +62,12 @@ pub enum Request {
         wait: bool,
         exclusive: bool,
     },
-    /// Unload one model, or every model when `model` is none.
+    /// Unload one model, or every model when `model` is none; with `forget`, also drop its
+    /// saved prompt caches (every one when `model` is none) instead of saving them.
     Stop {
         model: Option<ModelSpec>,
+        #[serde(default)]
+        forget: bool,
     },
     Shutdown,
     /// Serve llama-server's HTTP API on an address while this connection stays open.
@@ -207,6 +210,58 @@ pub struct StatusReport {
     pub daemon: DaemonStatus,
     pub queue: QueueStatus,
     pub instances: Vec<InstanceStatus>,
+    /// The prompt caches saved on unload, to be restored when the same model loads again
+    /// (boxed: every streamed token is a `Response`, which is as large as its largest kind).
+    #[serde(default)]
+    pub caches: Box<CacheStatus>,
+}
+
+/// The saved prompt caches: where, how much of the budget they use, each one kept, and
+/// what happened to them since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub dir: String,
+    /// False when `cache_budget` is 0 or the directory cannot be used.
+    pub enabled: bool,
+    pub budget_bytes: u64,
+    pub used_bytes: u64,
+    pub entries: Vec<CacheEntryStatus>,
+    pub counters: CacheCounters,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheEntryStatus {
+    /// The model's name when it was saved, and its file.
+    pub model: String,
+    pub path: String,
+    pub ctx_size: Option<u32>,
+    pub slot: u32,
+    pub tokens: u64,
+    pub bytes: u64,
+    /// Milliseconds since the Unix epoch: when it was saved, and last saved or restored.
+    pub saved_ms: u64,
+    pub used_ms: u64,
+}
+
+/// Counts since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheCounters {
+    pub saves: u64,
+    pub saved_tokens: u64,
+    /// Saves that did not complete: no answer in time, an error, a file that did not check.
+    pub save_failures: u64,
+    pub restores: u64,
+    pub restored_tokens: u64,
+    /// Restores llama-server refused or that gave back no token.
+    pub restore_failures: u64,
+    /// Files that were truncated, altered or not what their manifest says.
+    pub ignored: u64,
+    /// Caches of a model file or llama-server build that changed since, dropped.
+    pub discarded: u64,
+    /// Caches dropped to stay within `cache_budget`.
+    pub dropped: u64,
+    /// Caches dropped by `llmctl stop --forget`.
+    pub forgotten: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -366,12 +421,22 @@ pub struct InstanceStatus {
 pub struct Event {
     /// Milliseconds since the Unix epoch.
     pub time_ms: u64,
-    /// loading, ready, failed, refused, crashed, stopped, evicted, expired or reloading.
+    /// loading, ready, failed, refused, crashed, stopped, evicted, expired, reloading, saved
+    /// or restored.
     pub event: String,
     pub model: String,
     pub path: String,
     pub pid: Option<u32>,
     pub detail: Option<String>,
+    /// For `saved` and `restored`: the slot, its tokens, the file's size and how long it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms: Option<u64>,
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes, without the newline. `Ok(None)` at a clean
@@ -470,6 +535,17 @@ mod tests {
         assert!(InstanceState::Busy.is_loaded() && InstanceState::Ready.is_loaded());
         assert!(!InstanceState::Starting.is_loaded() && InstanceState::Starting.is_up());
         assert!(!InstanceState::Failed.is_up() && !InstanceState::Waiting.is_up());
+    }
+
+    #[test]
+    fn stop_forgets_only_when_asked_and_events_carry_measures_only_when_they_have_them() {
+        let stop: Request = decode(br#"{"type":"stop","model":null}"#).unwrap();
+        assert_eq!(stop, Request::Stop { model: None, forget: false });
+        let plain = serde_json::to_value(Event { event: "ready".into(), ..Event::default() }).unwrap();
+        assert!(plain.get("tokens").is_none() && plain.get("ms").is_none(), "{plain}");
+        let saved = Event { event: "saved".into(), tokens: Some(300), ms: Some(5), ..Event::default() };
+        let saved = serde_json::to_value(saved).unwrap();
+        assert_eq!((saved["tokens"].as_u64(), saved["ms"].as_u64()), (Some(300), Some(5)));
     }
 
     #[test]

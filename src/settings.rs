@@ -26,6 +26,9 @@ pub const DEFAULT_CRASH_WINDOW_S: u64 = 60;
 pub const QUEUE_TIMEOUT_S: u64 = 600;
 /// Time a child gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Disk the saved prompt caches may use unless configured: a few conversations of a large
+/// model (a 30,000-token context of an 8B model is about 4 GiB), hundreds of a small one.
+pub const DEFAULT_CACHE_BUDGET: &str = "4GiB";
 
 /// The crash-loop breaker's settings: after `limit` crashes within `window`, an instance is
 /// not restarted until `llmctl stop` clears it or the window has passed since the last one.
@@ -71,6 +74,7 @@ pub const TABLE: &[Entry] = &[
     Entry { key: "token_timeout", default: "300s", env: None, applies: Applies::AtStart },
     Entry { key: "crash_limit", default: "3", env: None, applies: Applies::AtStart },
     Entry { key: "crash_window", default: "60s", env: None, applies: Applies::AtStart },
+    Entry { key: "cache_budget", default: DEFAULT_CACHE_BUDGET, env: None, applies: Applies::Live },
 ];
 
 /// Whether the config file sets `key` of [`TABLE`].
@@ -113,6 +117,10 @@ pub struct Settings {
     pub vram_budget: String,
     pub max_instances: Option<usize>,
     pub default_ttl: Ttl,
+    /// Disk for saved prompt caches, as written; "0" turns them off.
+    pub cache_budget: String,
+    /// The longest saving may delay a stop, and restoring a load.
+    pub cache_timeout: Duration,
 }
 
 /// The daemon's flags, kept so a reload applies the config under them again.
@@ -132,6 +140,14 @@ pub struct LiveSettings {
     pub vram_budget: String,
     pub max_instances: Option<usize>,
     pub default_ttl: Ttl,
+    pub cache_budget: String,
+}
+
+impl LiveSettings {
+    /// `cache_budget` in bytes (the config was checked when it was read).
+    pub fn cache_budget_bytes(&self) -> u64 {
+        crate::budget::parse_size(&self.cache_budget, 0).unwrap_or(0)
+    }
 }
 
 impl Settings {
@@ -159,6 +175,9 @@ impl Settings {
             vram_budget: config.vram_budget.clone().unwrap_or_else(|| DEFAULT_VRAM_BUDGET.to_string()),
             max_instances: config.max_instances,
             default_ttl: config.default_ttl.as_deref().and_then(|ttl| parse_ttl(ttl).ok()).unwrap_or(Ttl::Never),
+            cache_budget: config.cache_budget.clone().unwrap_or_else(|| DEFAULT_CACHE_BUDGET.to_string()),
+            cache_timeout: env_duration_ms("LLMCTL_CACHE_TIMEOUT_MS")
+                .unwrap_or(crate::instance::cache::DEFAULT_CACHE_TIMEOUT),
         }
     }
 
@@ -170,6 +189,7 @@ impl Settings {
             vram_budget: self.vram_budget.clone(),
             max_instances: self.max_instances,
             default_ttl: self.default_ttl,
+            cache_budget: self.cache_budget.clone(),
         }
     }
 
@@ -194,6 +214,7 @@ impl Settings {
                 "token_timeout" => format!("{}s", self.token_timeout.as_secs()),
                 "crash_limit" => self.crash_loop.limit.to_string(),
                 "crash_window" => format!("{}s", self.crash_loop.window.as_secs()),
+                "cache_budget" => live.cache_budget.clone(),
                 _ => String::new(),
             }
         };

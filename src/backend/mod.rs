@@ -9,7 +9,8 @@
 //! - [`generate`]: a generation streamed token by token, for `run` and `chat`;
 //! - [`forward`]: an HTTP request passed on unchanged and its answer relayed as it comes,
 //!   for `serve`;
-//! - [`sse`]: the one reader of server-sent events, with a cap on line length, under both.
+//! - [`sse`]: the one reader of server-sent events, with a cap on line length, under both;
+//! - [`slots`]: llama-server's slot API, to save a slot's prompt cache and restore it.
 //!
 //! This layer does HTTP and parsing; it never sends signals (see `process`).
 
@@ -18,6 +19,7 @@ pub(crate) mod client;
 pub(crate) mod forward;
 pub(crate) mod generate;
 pub(crate) mod local;
+pub(crate) mod slots;
 pub(crate) mod sse;
 pub mod unix;
 

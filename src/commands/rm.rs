@@ -1,6 +1,7 @@
 //! `llmctl rm MODEL`: remove a model `llmctl pull` downloaded. Anything else is refused:
 //! llmctl deletes only files its manifest says it downloaded. A running daemon is asked to
-//! stop the model's instances first, so no llama-server keeps a deleted file mapped.
+//! stop the model's instances first, so no llama-server keeps a deleted file mapped, and to
+//! drop the prompt caches saved for it, which no other file could use.
 
 use crate::cli::RmArgs;
 use crate::client;
@@ -26,8 +27,8 @@ pub fn run(context: &Context, args: RmArgs) -> Result<()> {
     Ok(())
 }
 
-/// Stops every instance of the file, whatever name it was loaded under; nothing to do when
-/// no daemon runs.
+/// Stops every instance of the file, whatever name it was loaded under, and drops its saved
+/// prompt caches; nothing to do when no daemon runs.
 fn stop_instances_of(context: &Context, path: &std::path::Path) -> Result<()> {
     let Some(mut connection) = client::try_connect(context)? else {
         return Ok(());
@@ -36,13 +37,23 @@ fn stop_instances_of(context: &Context, path: &std::path::Path) -> Result<()> {
         return Err(Error::internal("the daemon answered status with something else"));
     };
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let mut names: Vec<String> = report
+        .instances
+        .iter()
+        .filter(|instance| std::path::Path::new(&instance.path) == canonical)
+        .map(|instance| instance.name.clone())
+        .collect();
+    let has_caches = report.caches.entries.iter().any(|entry| std::path::Path::new(&entry.path) == canonical);
+    if names.is_empty() && has_caches {
+        names.push(canonical.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default());
+    }
     let mut seen = std::collections::HashSet::new();
-    for instance in report.instances.iter().filter(|instance| std::path::Path::new(&instance.path) == canonical) {
-        if !seen.insert(instance.name.clone()) {
+    for name in names {
+        if !seen.insert(name.clone()) {
             continue;
         }
         let spec = ModelSpec {
-            name: instance.name.clone(),
+            name,
             path: canonical.clone(),
             load: Default::default(),
             policy: Default::default(),
@@ -50,7 +61,7 @@ fn stop_instances_of(context: &Context, path: &std::path::Path) -> Result<()> {
         };
         // The daemon answers one request per connection.
         if let Some(mut connection) = client::try_connect(context)? {
-            connection.call(&Request::Stop { model: Some(spec) })?;
+            connection.call(&Request::Stop { model: Some(spec), forget: true })?;
         }
     }
     Ok(())

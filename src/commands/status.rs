@@ -12,7 +12,7 @@ use crate::cli::StatusArgs;
 use crate::client;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::protocol::{InstanceState, InstanceStatus, Request, Response, StatusReport};
+use crate::protocol::{CacheStatus, InstanceState, InstanceStatus, Request, Response, StatusReport};
 use crate::term::escape;
 
 /// Stopped and failed instances last used longer ago than this are left out of the table.
@@ -58,8 +58,17 @@ fn cmdline_of(pid: u32) -> Option<Vec<String>> {
 /// arguments every child gets (see `backend::llama::command`) are left out.
 fn load_options(argv: &[String]) -> String {
     // Flags llmctl passes with a value that the table shows elsewhere or that never differ.
-    const WITH_VALUE: [&str; 8] =
-        ["--model", "--alias", "--host", "--port", "--cors-origins", "--log-colors", "--parallel", "--ctx-size"];
+    const WITH_VALUE: [&str; 9] = [
+        "--model",
+        "--alias",
+        "--host",
+        "--port",
+        "--cors-origins",
+        "--log-colors",
+        "--parallel",
+        "--ctx-size",
+        "--slot-save-path",
+    ];
     let mut options = Vec::new();
     let mut args = argv.iter().skip(1).peekable();
     while let Some(arg) = args.next() {
@@ -122,6 +131,7 @@ pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Op
     if instances.is_empty() {
         out.push_str("no models loaded\n");
         out.push_str(&forgotten_note);
+        out.push_str(&render_caches(&report.caches, now_ms));
         return out;
     }
     let mut rows = vec![[
@@ -192,6 +202,36 @@ pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Op
             let first_line = failure.lines().next().unwrap_or_default();
             out.push_str(&format!("{}: {}\n", escape(&instance.name), escape(first_line)));
         }
+    }
+    out.push_str(&render_caches(&report.caches, now_ms));
+    out
+}
+
+/// The saved prompt caches: how much of the budget they take, then one line each.
+fn render_caches(caches: &CacheStatus, now_ms: u64) -> String {
+    if !caches.enabled {
+        return if caches.dir.is_empty() {
+            String::new()
+        } else {
+            "\nprompt caches  not saved (cache_budget = 0, or the directory is unusable)\n".to_string()
+        };
+    }
+    let mut out = format!(
+        "\nprompt caches  {} saved, {} of {} in {}\n",
+        caches.entries.len(),
+        bytes(caches.used_bytes),
+        bytes(caches.budget_bytes),
+        escape(&caches.dir)
+    );
+    for entry in &caches.entries {
+        out.push_str(&format!(
+            "  {}  slot {}  {} tokens  {}  used {} ago\n",
+            escape(&entry.model),
+            entry.slot,
+            entry.tokens,
+            bytes(entry.bytes),
+            duration(now_ms.saturating_sub(entry.used_ms))
+        ));
     }
     out
 }
@@ -267,7 +307,7 @@ mod tests {
         }
         let common =
             "llama-server --model /m/smol.gguf --alias smol --host /run/s --cors-origins http://llmctl.invalid \
-                      --no-webui --log-colors off --parallel 1";
+                      --no-webui --log-colors off --parallel 1 --slot-save-path /state/prompt-caches";
         let text = render(&report, 0, |pid| match pid {
             7 => Some(argv(&format!("{common} --ctx-size 4096"))),
             8 => Some(argv(&format!("{common} --embeddings --pooling mean"))),
@@ -310,6 +350,33 @@ mod tests {
         report.instances.retain(|instance| instance.name.starts_with("old"));
         let text = render(&report, now, no_cmdline);
         assert!(text.contains("no models loaded\n2 stopped or failed more than a day ago not shown"), "{text}");
+    }
+
+    #[test]
+    fn saved_caches_are_listed_under_the_table() {
+        let mut report = StatusReport {
+            caches: Box::new(CacheStatus {
+                dir: "/state/prompt-caches".into(),
+                enabled: true,
+                budget_bytes: 4 << 30,
+                used_bytes: 64 << 20,
+                entries: vec![crate::protocol::CacheEntryStatus {
+                    model: "demo".into(),
+                    slot: 0,
+                    tokens: 2905,
+                    bytes: 64 << 20,
+                    used_ms: 1_000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..StatusReport::default()
+        };
+        let text = render(&report, 61_000, no_cmdline);
+        assert!(text.contains("prompt caches  1 saved, 64 MiB of 4.0 GiB in /state/prompt-caches\n"), "{text}");
+        assert!(text.contains("  demo  slot 0  2905 tokens  64 MiB  used 1m00s ago\n"), "{text}");
+        report.caches.enabled = false;
+        assert!(render(&report, 0, no_cmdline).contains("prompt caches  not saved"));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `llmctl stop MODEL` / `llmctl stop --all`: unload gracefully.
+//! `llmctl stop MODEL` / `llmctl stop --all`: unload gracefully; with `--forget`, drop the
+//! saved prompt caches too.
 
 use std::io::IsTerminal;
 
@@ -26,11 +27,17 @@ pub fn run(context: &Context, args: StopArgs) -> Result<()> {
         }
         _ => None,
     };
-    // Nothing is loaded when no daemon runs, so there is nothing to start one for.
-    let Some(mut connection) = client::try_connect(context)? else {
-        return Ok(());
+    // Nothing is loaded when no daemon runs, so there is nothing to start one for; but saved
+    // caches stay on disk, and only a daemon touches them.
+    let mut connection = if args.forget {
+        client::connect(context)?
+    } else {
+        let Some(connection) = client::try_connect(context)? else {
+            return Ok(());
+        };
+        connection
     };
-    if let Response::Ok { message: Some(message) } = connection.call(&Request::Stop { model })? {
+    if let Response::Ok { message: Some(message) } = connection.call(&Request::Stop { model, forget: args.forget })? {
         if std::io::stderr().is_terminal() {
             eprintln!("{message}");
         }

@@ -122,7 +122,7 @@ fn dispatch(shared: &Arc<Shared>, request: Request, peer: &mut Peer) -> Result<(
         Request::Metrics => handlers::observe::metrics(shared, peer),
         Request::Warm { model, ttl_s } => handlers::control::warm(shared, &model, ttl_s, peer),
         Request::Switch { model, wait, exclusive } => handlers::control::switch(shared, &model, wait, exclusive, peer),
-        Request::Stop { model } => handlers::control::stop(shared, model.as_ref(), peer),
+        Request::Stop { model, forget } => handlers::control::stop(shared, model.as_ref(), forget, peer),
         Request::Pin { model, pinned } => handlers::control::pin(shared, &model, pinned, peer),
         Request::Reload => handlers::control::reload(shared, peer),
         Request::Shutdown => handlers::control::shutdown(shared, peer),

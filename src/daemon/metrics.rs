@@ -49,6 +49,39 @@ pub fn render(report: &StatusReport) -> String {
     if let Some(rss) = report.daemon.rss_bytes {
         scalar("llmctl_daemon_resident_bytes", "gauge", "Resident memory of the daemon.", rss.to_string());
     }
+    let caches = &report.caches;
+    let counters = &caches.counters;
+    for (name, kind, help, value) in [
+        ("llmctl_prompt_cache_bytes", "gauge", "Disk used by saved prompt caches.", caches.used_bytes),
+        ("llmctl_prompt_cache_budget_bytes", "gauge", "The disk budget for saved prompt caches.", caches.budget_bytes),
+        ("llmctl_prompt_cache_entries", "gauge", "Saved prompt caches kept.", caches.entries.len() as u64),
+        ("llmctl_prompt_cache_saves_total", "counter", "Slots saved on unload.", counters.saves),
+        ("llmctl_prompt_cache_saved_tokens_total", "counter", "Tokens in the slots saved.", counters.saved_tokens),
+        ("llmctl_prompt_cache_save_failures_total", "counter", "Saves that did not complete.", counters.save_failures),
+        ("llmctl_prompt_cache_restores_total", "counter", "Slots restored on load.", counters.restores),
+        ("llmctl_prompt_cache_restored_tokens_total", "counter", "Tokens restored.", counters.restored_tokens),
+        (
+            "llmctl_prompt_cache_restore_failures_total",
+            "counter",
+            "Restores refused by llama-server.",
+            counters.restore_failures,
+        ),
+    ] {
+        scalar(name, kind, help, value.to_string());
+    }
+    let _ = writeln!(
+        out,
+        "# HELP llmctl_prompt_cache_dropped_total Saved prompt caches dropped, by reason.\n\
+         # TYPE llmctl_prompt_cache_dropped_total counter"
+    );
+    for (reason, count) in [
+        ("budget", counters.dropped),
+        ("stale", counters.discarded),
+        ("corrupt", counters.ignored),
+        ("forgotten", counters.forgotten),
+    ] {
+        let _ = writeln!(out, "llmctl_prompt_cache_dropped_total{{reason=\"{reason}\"}} {count}");
+    }
 
     let mut per_instance =
         |name: &str,
@@ -197,6 +230,13 @@ mod tests {
         assert!(text.contains(&format!("llmctl_requests_total{{{model},outcome=\"ok\"}} 3")), "{text}");
         assert!(text.contains(&format!("llmctl_queue_wait_seconds{{{model},quantile=\"0.5\"}} 0.001500")), "{text}");
         assert!(text.contains(&format!("llmctl_instance_up{{{model}}} 1")), "{text}");
+        parse_exposition(&text);
+        report.caches.counters.restores = 2;
+        let text = render(&report);
+        assert!(
+            text.contains("# TYPE llmctl_prompt_cache_restores_total counter\nllmctl_prompt_cache_restores_total 2\n")
+        );
+        assert!(text.contains("llmctl_prompt_cache_dropped_total{reason=\"budget\"} 0\n"), "{text}");
         parse_exposition(&text);
     }
 

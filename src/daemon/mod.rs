@@ -53,6 +53,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use crate::backend::client::Timeouts;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
+use crate::instance::cache_store::CacheStore;
 use crate::instance::worker::{self, Services};
 use crate::instance::Message;
 use crate::memory::Gpu;
@@ -131,6 +132,11 @@ pub fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
             "{}-{}",
             std::process::id(),
             crate::process::start_time(std::process::id()).unwrap_or_default()
+        ),
+        caches: CacheStore::open(
+            paths.prompt_cache_dir(),
+            settings.live().cache_budget_bytes(),
+            settings.cache_timeout,
         ),
     };
     // The first GPU reading before any request, so the first load is planned with it.

@@ -52,5 +52,6 @@ pub(crate) fn report(shared: &Shared) -> StatusReport {
             rejected: shared.admission.rejected(),
         },
         instances,
+        caches: Box::new(shared.services.caches.report()),
     }
 }

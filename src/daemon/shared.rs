@@ -154,6 +154,7 @@ impl Shared {
         if fresh.llama_server != self.settings.llama_server {
             pending.push("llama_server".to_string());
         }
+        self.services.caches.set_budget(fresh_live.cache_budget_bytes());
         *self.live.write() = fresh_live;
         self.describe_llama_server();
         // A bigger budget may let a waiting load in.

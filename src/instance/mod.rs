@@ -11,8 +11,10 @@
 //!
 //! The worker mirrors what others may read into a [`View`] behind a lock that guards that
 //! data only; counters live beside it in [`Stats`]. [`outcome`] classifies how a request on
-//! a lease ended.
+//! a lease ended. [`cache`] and [`cache_store`] keep slots' prompt caches across unloads.
 
+pub(crate) mod cache;
+pub(crate) mod cache_store;
 pub(crate) mod lease;
 pub(crate) mod outcome;
 pub(crate) mod policy;

@@ -14,6 +14,11 @@
 //!
 //! The child handle lives in [`Running`] together with the [`Generation`] it belongs to: a
 //! stop, a crash or a reload ends that generation and nothing else.
+//!
+//! Prompt caches (see [`super::cache`]): a stop for a reason that saves asks the child to
+//! write its slots before it is stopped, and keeps the files once it is gone; a new child
+//! gets back what was kept for its identity after it answers and before any request gets
+//! a slot.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -25,6 +30,9 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
+use super::cache::{self, Identity};
+use super::cache_store;
+use super::cache_store::CacheStore;
 use super::lease::{Ended, Generation, Home, Lease, Lending};
 use super::policy::{self, Breaker, CrashLoop, ReplicaHealth};
 use super::state::{Action, Cause, Event, Machine, Phase, Unload};
@@ -32,7 +40,7 @@ use super::{FileStamp, Handle, Job, JobEvent, JobId, Message, Pin, RoomRequest, 
 use crate::backend::client::{Client, Timeouts};
 use crate::backend::local::{self, Listen, OutputTail};
 use crate::error::Error;
-use crate::events::{EventBus, EventKind};
+use crate::events::{EventBus, EventKind, Measure};
 use crate::gguf::ModelInfo;
 use crate::memory::Gpu;
 use crate::model::{ModelSpec, Remote};
@@ -74,6 +82,8 @@ pub(crate) struct Services {
     /// Set by the scheduler while loads wait for room: an instance that becomes idle then
     /// tells it, since it may now be evicted for one.
     pub(crate) room_wanted: Arc<AtomicBool>,
+    /// The prompt caches saved on unload and restored on load.
+    pub(crate) caches: CacheStore,
 }
 
 impl Services {
@@ -129,6 +139,7 @@ pub(crate) fn start(
         ready_since: None,
         pinned_by_command: false,
         pinned_until: None,
+        cache_identity: None,
     };
     let thread = thread::Builder::new().name(format!("instance-{id}")).spawn(move || worker.run(inbox))?;
     Ok(Handle { home, view, rejected: Default::default(), thread: Mutex::new(Some(thread)) })
@@ -215,6 +226,8 @@ struct Worker {
     ready_since: Option<SystemTime>,
     pinned_by_command: bool,
     pinned_until: Option<SystemTime>,
+    /// What the running child's prompt caches are saved under; none when they are not.
+    cache_identity: Option<Identity>,
 }
 
 impl Worker {
@@ -609,6 +622,10 @@ impl Worker {
         let binary = (self.services.llama_server)().map_err(|searched| Error::NoLlamaServer { searched })?;
         let listen = self.listen(generation)?;
         let mut command = local::command(&binary, &self.spec, &self.info, &listen);
+        self.cache_identity = self.services.caches.identity_for(&self.spec, self.stamp, &binary);
+        if self.cache_identity.is_some() {
+            command.arg("--slot-save-path").arg(self.services.caches.dir());
+        }
         command.env(process::MARK_VARIABLE, format!("{}-{}-{generation}", self.services.mark_prefix, self.id));
         // The directory may have been removed under a running daemon: make it again.
         let _ = std::fs::create_dir_all(&self.services.log_dir);
@@ -685,7 +702,9 @@ impl Worker {
                 self.client = loading.client.take();
                 self.loading = None;
                 self.became_ready(started);
-                self.feed(Event::Loaded);
+                if self.restore_caches() {
+                    self.feed(Event::Loaded);
+                }
                 return;
             }
         }
@@ -772,12 +791,14 @@ impl Worker {
         }
         let pid = self.pid();
         self.loading = None;
+        let written = self.write_caches(why);
         self.client = None;
         // An evicted child is idle and holds nothing worth a graceful exit, and a load
         // waits for its memory: SIGKILL ends it in about 1 ms, where llama-server's own
         // teardown after SIGTERM takes 21-25 ms (measured with SmolLM2).
         let grace = if why == Unload::Evict { Duration::ZERO } else { self.services.grace() };
         self.finish_child(grace);
+        self.keep_caches(written, pid);
         let (kind, detail) = match why {
             Unload::Evict => {
                 self.home.stats.lock().evictions += 1;
@@ -797,6 +818,61 @@ impl Worker {
         }
         self.replicas.clear();
         Event::ChildStopped
+    }
+
+    /// Before a stop for `why`: the child writes the slots worth keeping, within the cache
+    /// timeout. Nothing for a stop that must be immediate (a second SIGINT, `Restart`), a
+    /// child that never became ready, or an instance whose caches are not kept.
+    fn write_caches(&mut self, why: Unload) -> Vec<cache_store::Written> {
+        let (Some(identity), Some(client)) = (&self.cache_identity, &self.client) else { return Vec::new() };
+        if !cache::saves_on(why) || self.services.kill_now.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let deadline = Instant::now() + self.services.caches.timeout();
+        self.services.caches.write_slots(client, identity, &self.spec, deadline)
+    }
+
+    /// After the stop: what the child wrote is checked and kept, and announced.
+    fn keep_caches(&mut self, written: Vec<cache_store::Written>, pid: Option<u32>) {
+        let Some(identity) = self.cache_identity.take() else { return };
+        if written.is_empty() {
+            return;
+        }
+        for done in self.services.caches.keep(&identity, &self.spec, written) {
+            self.publish_cache(EventKind::Saved, pid, done);
+        }
+    }
+
+    /// After a new child answers and before any request gets a slot: the caches kept for
+    /// its identity are read back. False when a restore broke the child (its load failed).
+    fn restore_caches(&mut self) -> bool {
+        let (Some(identity), Some(client)) = (&self.cache_identity, &self.client) else { return true };
+        let deadline = Instant::now() + self.services.caches.timeout();
+        let report = self.services.caches.restore(client, identity, &self.spec, deadline);
+        for done in report.restored {
+            self.publish_cache(EventKind::Restored, self.pid(), done);
+        }
+        // A refused restore leaves the slot empty and the child serving; one that brought
+        // the child down fails this load, and the next load goes without that file.
+        if report.failed && !self.client.as_ref().is_some_and(Client::healthy) {
+            let error = self.exit_error(EXIT_PATIENCE).unwrap_or_else(|| {
+                let tail = self.running.as_ref().map(|running| running.tail.quote()).unwrap_or_default();
+                self.finish_child(Duration::ZERO);
+                Error::LlamaExited {
+                    model: self.spec.name.clone(),
+                    status: "stopped answering while it restored a saved prompt cache".into(),
+                    stderr_tail: tail,
+                }
+            });
+            self.child_died(error);
+            return false;
+        }
+        true
+    }
+
+    fn publish_cache(&self, kind: EventKind, pid: Option<u32>, done: cache_store::Done) {
+        let measure = Measure { slot: done.slot, tokens: done.tokens, bytes: done.bytes, ms: done.ms };
+        self.services.events.publish_measured(kind, &self.spec.name, &self.path(), pid, measure);
     }
 
     /// Stops the child (if any) with `grace` and waits for its output to be drained.

@@ -22,11 +22,15 @@
 //!    token.
 //! 10. llama-server built for this CPU (`GGML_NATIVE=ON`) vs a portable build, SmolLM2 and
 //!     Gemma 270M: generation and prompt tokens/s.
+//! 11. Prompt caches kept across a swap (`BENCH_ONLY=caches`): a 2,000-token SmolLM2
+//!     conversation, a swap to another model and back, then a follow-up; time to first token
+//!     with saved caches and without (`cache_budget = "0"`), the reload subtracted, the
+//!     save and restore times, the slot file's size and what saving adds to the eviction.
+//! 12. Ollama's `/api/chat` vs `/v1/chat/completions`, both streamed through `llmctl serve` to
+//!     the same SmolLM2 instance: time to first token and tokens/s (`BENCH_ONLY=ollama`).
 //!
 //! Thrash (after 4): concurrent clients over three models with room for one, llmctl vs the
 //! router with `--models-max 1`.
-//! 11. Ollama's `/api/chat` vs `/v1/chat/completions`, both streamed through `llmctl serve` to
-//!     the same SmolLM2 instance: time to first token and tokens/s (`BENCH_ONLY=ollama`).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -73,6 +77,12 @@ fn main() {
     if std::env::var("BENCH_ONLY").as_deref() == Ok("ollama") {
         println!("machine: {}, {} CPUs; {} repetitions, medians\n", cpu_model(), cpus(), reps);
         ollama_vs_openai_through_serve(&Bench::new(&server), &demo, reps);
+        return;
+    }
+    // `BENCH_ONLY=caches` runs only the prompt caches across a swap.
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("caches") {
+        println!("machine: {}, {} CPUs; {} repetitions, medians\n", cpu_model(), cpus(), reps);
+        prompt_caches_across_a_swap(&server, &demo, reps);
         return;
     }
     println!("## llmctl benchmark\n");
@@ -937,6 +947,48 @@ impl Drop for Serving {
     }
 }
 
+/// `llmctl events` of one bench daemon, collected on a thread of its own.
+struct EventLog {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    child: Child,
+}
+
+impl EventLog {
+    fn follow(env: &Bench) -> EventLog {
+        env.llmctl(&["status"]);
+        let mut child = env.command(&["events"]).stdout(Stdio::piped()).spawn().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(event) = serde_json::from_str(&line) {
+                    sink.lock().unwrap().push(event);
+                }
+            }
+        });
+        while env.status()["daemon"]["event_subscribers"] != 1 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        EventLog { seen, child }
+    }
+
+    /// The events of `kind` so far, taken out of the log.
+    fn take(&self, kind: &str) -> Vec<serde_json::Value> {
+        let mut seen = self.seen.lock().unwrap();
+        let (taken, kept): (Vec<_>, Vec<_>) = seen.drain(..).partition(|event| event["event"] == kind);
+        *seen = kept;
+        taken
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A whole `n`-token streamed completion of `model` at `port`, read to its end; the time
 /// to its first event.
 fn http_complete(agent: &ureq::Agent, port: u16, model: &str, n: usize) -> Duration {
@@ -1274,5 +1326,105 @@ fn ollama_vs_openai_through_serve(env: &Bench, demo: &Path, reps: usize) {
          1 ms)\n",
         ollama_rate / openai_rate,
         (ollama_first.as_secs_f64() - openai_first.as_secs_f64()) * 1000.0
+    );
+}
+
+/// (time to first byte on stdout, the final `done` line) of `llmctl run --json`.
+fn timed_json_run(env: &Bench, args: &[&str]) -> (Duration, serde_json::Value) {
+    let start = Instant::now();
+    let mut child = env.command(args).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let ttft = start.elapsed();
+    let mut last = line.clone();
+    loop {
+        line.clear();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        last = line.clone();
+    }
+    assert!(child.wait().unwrap().success(), "llmctl {args:?}");
+    (ttft, serde_json::from_str(&last).unwrap())
+}
+
+/// Section 11: a conversation of about 2,000 SmolLM2 tokens, a swap to another model with
+/// room for one, and a follow-up sharing the conversation: with saved caches and without,
+/// side by side in the same run. The second model is the same file with another context
+/// size (an instance of its own), so both loads cost the same.
+fn prompt_caches_across_a_swap(server: &Path, demo: &Path, reps: usize) {
+    let with_caches = Bench::new(server);
+    std::fs::write(with_caches.dir.path().join("config.toml"), "max_instances = 1\n").unwrap();
+    let without = Bench::new(server);
+    std::fs::write(without.dir.path().join("config.toml"), "max_instances = 1\ncache_budget = \"0\"\n").unwrap();
+    let demo = demo.to_str().unwrap();
+    let events = [EventLog::follow(&with_caches), EventLog::follow(&without)];
+    // (time to first token, the reload in it, prompt tokens computed) of each follow-up,
+    // the whole eviction run, and for the side with caches the save and restore events.
+    let mut follow_ups: [Vec<(Duration, Duration, u64)>; 2] = [Vec::new(), Vec::new()];
+    let mut evictions: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let (mut saves, mut restores, mut slot_bytes, mut prefix_tokens) = (Vec::new(), Vec::new(), 0, 0);
+    for round in 0..reps {
+        // 225 sentences are about 2,000 tokens; each round's own first words keep any cache
+        // of an earlier round from helping.
+        let conversation: String = std::iter::once(format!("Conversation {round}."))
+            .chain((0..225).map(|i| format!("Item {i} is a {} ball.", ["red", "blue", "green"][i % 3])))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let follow_up = format!("{conversation} Item 225 is a");
+        for (side, env) in [&with_caches, &without].into_iter().enumerate() {
+            let (_, done) = timed_json_run(env, &["run", "--raw", "--json", "-n", "1", demo, &conversation]);
+            prefix_tokens = done["timings"]["prompt_n"].as_u64().unwrap_or(0);
+            let started = Instant::now();
+            env.llmctl(&["run", "--raw", "-n", "1", "--ctx-size", "2048", demo, "x"]);
+            evictions[side].push(started.elapsed());
+            let (ttft, done) = timed_json_run(env, &["run", "--raw", "--json", "-n", "1", demo, &follow_up]);
+            let status = env.status();
+            let instance = status["instances"].as_array().unwrap().iter().find(|i| i["ctx_size"].is_null()).cloned();
+            let reload = Duration::from_millis(instance.and_then(|i| i["load_ms"].as_u64()).unwrap_or(0));
+            follow_ups[side].push((ttft, reload, done["timings"]["prompt_n"].as_u64().unwrap_or(0)));
+        }
+        for saved in events[0].take("saved").iter().filter(|e| e["path"] == demo) {
+            saves.push(Duration::from_millis(saved["ms"].as_u64().unwrap_or(0)));
+            slot_bytes = saved["bytes"].as_u64().unwrap_or(0);
+        }
+        for restored in events[0].take("restored") {
+            restores.push(Duration::from_millis(restored["ms"].as_u64().unwrap_or(0)));
+        }
+    }
+    let summary = |samples: &[(Duration, Duration, u64)]| {
+        let ttft = median(&samples.iter().map(|s| s.0).collect::<Vec<_>>());
+        let reload = median(&samples.iter().map(|s| s.1).collect::<Vec<_>>());
+        let rest = median(&samples.iter().map(|s| s.0.saturating_sub(s.1)).collect::<Vec<_>>());
+        let mut computed: Vec<u64> = samples.iter().map(|s| s.2).collect();
+        computed.sort();
+        (ttft, reload, rest, computed[computed.len() / 2])
+    };
+    let on = summary(&follow_ups[0]);
+    let off = summary(&follow_ups[1]);
+    println!("### Prompt caches across a swap, SmolLM2, a {prefix_tokens}-token conversation, room for one model\n");
+    println!(
+        "| follow-up after the swap | time to first token | the reload in it | the rest | prompt tokens computed |"
+    );
+    println!("|---|---|---|---|---|");
+    for (name, (ttft, reload, rest, computed)) in [("caches saved and restored", on), ("`cache_budget = \"0\"`", off)] {
+        println!("| {name} | {} | {} | {} | {computed} |", ms(ttft), ms(reload), ms(rest));
+    }
+    println!(
+        "\nthe rest, with caches / without: **{:.3}**",
+        on.2.as_secs_f64() / off.2.as_secs_f64().max(f64::EPSILON)
+    );
+    let (eviction_on, eviction_off) = (median(&evictions[0]), median(&evictions[1]));
+    println!("\n| the swap (`run` on the other model, whole process) | median |\n|---|---|");
+    println!("| saving the evicted slot first | {} |", ms(eviction_on));
+    println!("| `cache_budget = \"0\"` | {} |", ms(eviction_off));
+    println!(
+        "\nsaving adds **{:+.1} ms** to the eviction; save {} and restore {} (medians, llmctl's own timing: the \
+         child's write or read, and the SHA-256); slot file {:.1} MiB\n",
+        (eviction_on.as_secs_f64() - eviction_off.as_secs_f64()) * 1000.0,
+        if saves.is_empty() { "-".to_string() } else { ms(median(&saves)) },
+        if restores.is_empty() { "-".to_string() } else { ms(median(&restores)) },
+        mib(slot_bytes)
     );
 }

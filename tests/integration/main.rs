@@ -3,6 +3,7 @@
 
 mod admission;
 mod budget;
+mod caches;
 mod catalog;
 mod chat;
 mod cli;

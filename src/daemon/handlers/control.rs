@@ -75,8 +75,12 @@ pub(crate) fn switch(
 
 /// Stops the instances of `model` (its alias's own instance, or every instance of a file
 /// named by path), or every instance. Requests in flight and waiting are told who stopped
-/// them.
-pub(crate) fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>, peer: &mut Peer) -> Result<()> {
+/// them. With `forget`, the saved prompt caches of the file (or all of them) are dropped,
+/// and the stop saves none.
+pub(crate) fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>, forget: bool, peer: &mut Peer) -> Result<()> {
+    let caches = &shared.services.caches;
+    let forgotten_path = model.map(|spec| spec.path.as_path());
+    let suppressed = forget.then(|| caches.suppress(forgotten_path));
     let targets: Vec<Arc<Handle>> = match model {
         Some(spec) => {
             let key = key_of(spec);
@@ -95,7 +99,16 @@ pub(crate) fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>, peer: &mut P
     };
     let stopped =
         unload_and_wait(shared, &targets, Unload::Stop, |name| format!("{name} was stopped by `llmctl stop`"));
-    let message = format!("stopped {stopped} instance{}", if stopped == 1 { "" } else { "s" });
+    let mut message = format!("stopped {stopped} instance{}", if stopped == 1 { "" } else { "s" });
+    if forget {
+        let (count, bytes) = caches.forget(forgotten_path);
+        drop(suppressed);
+        message += &format!(
+            ", dropped {count} saved prompt cache{} ({})",
+            if count == 1 { "" } else { "s" },
+            crate::budget::human(bytes)
+        );
+    }
     peer.reply(&Response::Ok { message: Some(message) })
 }
 
