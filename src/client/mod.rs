@@ -5,7 +5,9 @@
 //! One daemon serves a user and state directory. When none answers at this command's
 //! socket but the state directory's lock names a running daemon at another socket (cron's
 //! environment picks another socket than a login shell), the command uses that daemon
-//! rather than starting a second one.
+//! rather than starting a second one. When the lock names this very socket but nothing
+//! answers there (the socket was removed under the daemon), the command waits for that
+//! daemon to notice and exit, then goes on as if none ran.
 
 pub mod interrupt;
 pub mod stream;
@@ -30,6 +32,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a control request (status, stop, shutdown, pin) may go without an answer.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_POLL: Duration = Duration::from_millis(2);
+/// How long a client waits for a daemon whose socket is gone to exit. It notices within
+/// half a second and stops its instances, which takes their stop grace at most.
+const ORPHANED_DAEMON_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct Connection {
     reader: BufReader<UnixStream>,
@@ -159,7 +164,7 @@ pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
     }
     let Some((pid, socket)) = daemon_of_state_dir(&context.paths) else { return Ok(None) };
     if socket == context.paths.socket {
-        return Ok(None);
+        return wait_for_orphaned_daemon(context, pid);
     }
     match connect_at(&socket)? {
         Some(connection) => {
@@ -168,6 +173,36 @@ pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
         }
         None => Err(Error::DaemonRunning { socket, pid: Some(pid) }),
     }
+}
+
+/// Waits for the daemon `pid`, which holds the state directory but whose socket (this
+/// command's) is gone, to exit; `Ok(None)` once it has, so a fresh daemon can start.
+fn wait_for_orphaned_daemon(context: &Context, pid: u32) -> Result<Option<Connection>> {
+    log::info!(
+        "the llmctl daemon (pid {pid}) holds this state directory but no longer answers at {}; waiting for it to exit",
+        context.paths.socket.display()
+    );
+    let deadline = Instant::now() + ORPHANED_DAEMON_TIMEOUT;
+    while Instant::now() < deadline {
+        match daemon_of_state_dir(&context.paths) {
+            None => return Ok(None),
+            // A daemon bound the socket again meanwhile (another command started one).
+            Some(_) => {
+                if let Some(connection) = connect_at(&context.paths.socket)? {
+                    return Ok(Some(connection));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(Error::DaemonUnavailable {
+        socket: context.paths.socket.clone(),
+        reason: format!(
+            "its socket is gone but the daemon (pid {pid}) still holds the state directory {} and has not exited; \
+             stop it with `kill {pid}`",
+            context.paths.state_dir.display()
+        ),
+    })
 }
 
 /// The daemon that holds the state directory's lock now, and its socket.

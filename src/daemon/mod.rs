@@ -108,6 +108,8 @@ pub fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
     fs::set_permissions(&paths.socket, fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io(format!("cannot make {} private", paths.socket.display()), e))?;
     let listener_fd = listener.as_raw_fd();
+    let socket_watch = supervisor::SocketWatch::new(&paths.socket)
+        .map_err(|e| Error::io(format!("cannot read {}", paths.socket.display()), e))?;
 
     let (shutdown_tx, shutdown_rx) = unbounded();
     let (room_tx, room_rx) = unbounded();
@@ -188,7 +190,7 @@ pub fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
     let (supervisor_stop, supervisor_stopped) = bounded::<()>(0);
     let supervisor_thread = {
         let shared = Arc::clone(&shared);
-        spawn_named("supervisor", move || supervisor::run(&shared, supervisor_stopped))?
+        spawn_named("supervisor", move || supervisor::run(&shared, supervisor_stopped, socket_watch))?
     };
     let (scheduler_stop, scheduler_stopped) = bounded::<()>(0);
     let scheduler_thread = {
@@ -297,8 +299,15 @@ fn wait_for_shutdown(shared: &Arc<Shared>, requests: &Receiver<ShutdownRequest>)
     waiters
 }
 
-/// Recreates, stopped, the instances an earlier daemon knew, with their LRU order and pins.
-fn restore_instances(shared: &Shared, remembered: Vec<state::InstanceRecord>) {
+/// Recreates, stopped, the instances an earlier daemon knew, with their LRU order and pins:
+/// the pinned ones and the most recently used of the rest, as many as are kept stopped.
+fn restore_instances(shared: &Shared, mut remembered: Vec<state::InstanceRecord>) {
+    let now_ms = crate::instance::view::millis_since_epoch(std::time::SystemTime::now());
+    let pinned =
+        |record: &state::InstanceRecord| record.pinned || record.pinned_until_ms.is_some_and(|until| until > now_ms);
+    remembered.sort_by_key(|record| (!pinned(record), std::cmp::Reverse(record.last_used_ms)));
+    let kept = remembered.iter().filter(|record| pinned(record)).count() + crate::instance::table::KEPT_STOPPED;
+    remembered.truncate(kept);
     for record in remembered {
         let Ok(metadata) = fs::metadata(&record.model.path) else { continue };
         let Ok(info) = crate::gguf::inspect(&record.model.path) else { continue };

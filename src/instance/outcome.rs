@@ -76,7 +76,7 @@ pub(crate) fn classify(
             let error = Error::Timeout {
                 what: format!(
                     "waiting for a token from {}: none came for {} s (token_timeout in the config); the instance \
-                     was restarted",
+                     was stopped, and the next request loads it again",
                     facts.model, facts.token_timeout_s
                 ),
             };

@@ -2,6 +2,10 @@
 //! and by the number the scheduler knows it by. The lock guards the two maps only: callers
 //! clone the `Arc<Handle>` out and drop the guard before sending anything. A new instance's
 //! worker thread is started under the lock, so one key never gets two workers.
+//!
+//! Stopped instances are kept, for `status` and the next request, up to
+//! [`KEPT_STOPPED`]; the supervisor retires the least recently used beyond that, so a
+//! client asking for ever new load options cannot grow the daemon a thread at a time.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,6 +16,9 @@ use super::worker::{self, Services};
 use super::{key_of, FileStamp, Handle, Key};
 use crate::gguf::ModelInfo;
 use crate::model::ModelSpec;
+
+/// Stopped instances kept beyond the ones loaded or pinned.
+pub(crate) const KEPT_STOPPED: usize = 16;
 
 #[derive(Default)]
 pub struct InstanceTable {
@@ -59,6 +66,22 @@ impl InstanceTable {
     /// Every instance with the number the scheduler knows it by.
     pub(crate) fn all_with_ids(&self) -> Vec<(usize, Arc<Handle>)> {
         self.inner.lock().by_id.iter().map(|(&id, handle)| (id, Arc::clone(handle))).collect()
+    }
+
+    /// Takes instance `id` out of the table when it is stopped (or failed), unpinned and
+    /// held by nothing but the table, so that no request can reach it any more; the caller
+    /// then ends its worker. Under the table's lock nobody can take a new reference, and a
+    /// request holds its reference from lookup to its end, so none is on its way in.
+    pub(crate) fn remove_unused(&self, id: usize) -> Option<Arc<Handle>> {
+        let mut maps = self.inner.lock();
+        let handle = maps.by_id.get(&id)?;
+        // One reference in each map; any other is a request, a report or a plan using it.
+        if Arc::strong_count(handle) != 2 {
+            return None;
+        }
+        let key = handle.with_view(|view| view.retirable().then(|| key_of(&view.spec)))?;
+        maps.by_key.remove(&key);
+        maps.by_id.remove(&id)
     }
 
     pub fn all(&self) -> Vec<Arc<Handle>> {

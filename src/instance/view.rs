@@ -121,9 +121,19 @@ impl View {
             || self.pinned_until.is_some_and(|until| until > SystemTime::now())
     }
 
-    /// The state as the protocol carries it: a ready instance with requests is busy.
+    /// Whether the instance may leave the table: no child, no request and no pin.
+    pub(crate) fn retirable(&self) -> bool {
+        matches!(self.phase, Phase::Stopped | Phase::Failed)
+            && self.in_flight == 0
+            && self.queued == 0
+            && !self.pinned()
+    }
+
+    /// The state as the protocol carries it: a ready instance with requests is busy, and
+    /// one in a crash loop has failed whatever its last failure left it in.
     pub(crate) fn state(&self) -> InstanceState {
         match self.phase {
+            Phase::Stopped if self.crash_loop => InstanceState::Failed,
             Phase::Stopped => InstanceState::Stopped,
             Phase::Failed => InstanceState::Failed,
             Phase::WaitingRoom => InstanceState::Waiting,

@@ -450,7 +450,8 @@ impl Worker {
             // Restart before the slot is free, so no waiting request is handed the same
             // stalled child.
             log::warn!("{} produced no token within the token timeout; restarting it", self.spec.name);
-            self.stop_message = format!("{} was restarted after a request stalled", self.spec.name);
+            self.stop_message =
+                format!("{} was stopped after a request stalled; the next request loads it again", self.spec.name);
             self.feed(Event::Unload { why: Unload::Restart, cutoff: 0, room: None });
         }
         self.feed(Event::SlotFreed(generation));
@@ -809,7 +810,10 @@ impl Worker {
                 (EventKind::Expired, Some("idle for longer than its TTL".to_string()))
             }
             Unload::Reload => (EventKind::Stopped, Some("the model file was replaced".to_string())),
-            Unload::Restart => (EventKind::Stopped, Some("restarted after a stalled request".to_string())),
+            Unload::Restart => (
+                EventKind::Stopped,
+                Some("stopped after a stalled request; the next request loads it again".to_string()),
+            ),
             Unload::Exclusive | Unload::Stop => (EventKind::Stopped, Some(self.stop_message.clone())),
         };
         self.publish(kind, pid, detail);
@@ -987,8 +991,10 @@ impl Worker {
 
     /// Mirrors what others read into the view.
     fn publish_view(&mut self) {
-        let crash_loop =
-            matches!(self.machine.phase(), Phase::Failed) && self.breaker.tripped(Instant::now()).is_some();
+        // However the last failure left it (failed at start, stopped after a crash mid-stream),
+        // an instance without a child whose breaker tripped is in a crash loop.
+        let crash_loop = matches!(self.machine.phase(), Phase::Failed | Phase::Stopped)
+            && self.breaker.tripped(Instant::now()).is_some();
         let (pid, start_time) = match &self.running {
             Some(running) => (Some(running.child.pid()), running.child.start_time()),
             None => (None, None),

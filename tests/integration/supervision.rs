@@ -107,6 +107,7 @@ fn a_stalled_child_times_out_with_124_and_is_restarted() {
     let output = env.run(&["run", &model, "hi"]);
     assert_exit(&output, 124);
     assert!(stderr(&output).contains("token_timeout"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("the next request loads it again"), "{}", stderr(&output));
     wait_until("the stalled child is stopped", || env.status_json()["instances"][0]["state"] == "stopped");
 }
 

@@ -237,6 +237,63 @@ fn sigterm_stops_the_daemon_even_when_its_socket_file_is_gone() {
     env.assert_nothing_survives();
 }
 
+/// A logout clearing `XDG_RUNTIME_DIR`, or a cleaner ageing `/tmp`, removes the socket
+/// under a running daemon: it exits by itself, with its child, and the next command that
+/// finds it still holding the state directory waits for that and starts a fresh daemon.
+#[test]
+fn a_daemon_whose_socket_directory_is_removed_exits_and_the_next_command_starts_afresh() {
+    let env = Env::fake();
+    env.write_config(&config_with(&env, "", &[]));
+    assert_success(&env.run(&["warm", "m"]));
+    let daemon = env.daemon_pid().unwrap();
+    let child = env.status_json()["instances"][0]["pid"].as_u64().unwrap() as u32;
+    std::fs::remove_dir_all(env.path("run")).unwrap();
+    // At once, before the daemon noticed: the command waits for it instead of failing.
+    let output = env.run(&["run", "m", "a fresh daemon answers"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "a fresh daemon answers");
+    assert!(!alive(daemon), "the daemon without a socket exited");
+    assert!(!alive(child), "its child went with it");
+    assert_ne!(env.daemon_pid(), Some(daemon));
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+fn threads_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|line| line.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
+}
+
+/// Each context size is an instance of its own; a client asking for ever new ones leaves
+/// at most the kept number of stopped instances (and their threads), in the daemon and in
+/// what the next daemon restores.
+#[test]
+fn ever_new_load_options_leave_a_bounded_number_of_stopped_instances() {
+    const KEPT_STOPPED: usize = 16;
+    let env = Env::fake();
+    env.write_config(&config_with(&env, "max_instances = 1\n", &[]));
+    assert_success(&env.run(&["run", "--ctx-size", "256", "m", "first"]));
+    let daemon = env.daemon_pid().unwrap();
+    let threads_at_first = threads_of(daemon);
+    for ctx in 1..=40 {
+        assert_success(&env.run(&["run", "--ctx-size", &(256 + ctx).to_string(), "m", "x"]));
+    }
+    wait_until("the surplus is retired", || {
+        env.status_json()["instances"].as_array().unwrap().len() <= KEPT_STOPPED + 1
+    });
+    let instances = env.status_json()["instances"].as_array().unwrap().clone();
+    // The most recently used are the ones kept: the last run's among them, loaded.
+    assert!(instances.iter().any(|i| i["ctx_size"] == 296 && i["state"] == "ready"), "{instances:?}");
+    assert!(!instances.iter().any(|i| i["ctx_size"] == 256), "the oldest went first");
+    wait_until("their threads end", || threads_of(daemon) <= threads_at_first + KEPT_STOPPED + 2);
+    assert_success(&env.run(&["shutdown"]));
+    wait_until("the daemon exits", || !alive(daemon));
+    assert_success(&env.run(&["status"]));
+    assert!(env.status_json()["instances"].as_array().unwrap().len() <= KEPT_STOPPED + 1);
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
 #[test]
 fn a_child_whose_socket_vanished_is_a_crash_and_is_restarted() {
     let env = Env::fake();
