@@ -29,6 +29,10 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Disk the saved prompt caches may use unless configured: a few conversations of a large
 /// model (a 30,000-token context of an 8B model is about 4 GiB), hundreds of a small one.
 pub const DEFAULT_CACHE_BUDGET: &str = "4GiB";
+/// The longest saving prompt caches may delay a stop, all slots together, and the longest a
+/// restore may delay a load. A child that has not answered by then is stopped (or served)
+/// anyway.
+pub const DEFAULT_CACHE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The crash-loop breaker's settings: after `limit` crashes within `window`, an instance is
 /// not restarted until `llmctl stop` clears it or the window has passed since the last one.
@@ -176,8 +180,7 @@ impl Settings {
             max_instances: config.max_instances,
             default_ttl: config.default_ttl.as_deref().and_then(|ttl| parse_ttl(ttl).ok()).unwrap_or(Ttl::Never),
             cache_budget: config.cache_budget.clone().unwrap_or_else(|| DEFAULT_CACHE_BUDGET.to_string()),
-            cache_timeout: env_duration_ms("LLMCTL_CACHE_TIMEOUT_MS")
-                .unwrap_or(crate::instance::cache::DEFAULT_CACHE_TIMEOUT),
+            cache_timeout: env_duration_ms("LLMCTL_CACHE_TIMEOUT_MS").unwrap_or(DEFAULT_CACHE_TIMEOUT),
         }
     }
 

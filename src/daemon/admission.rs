@@ -3,16 +3,14 @@
 //!
 //! A request for a ready instance with a free slot takes a lent slot from the instance's
 //! handle at once: no queue place, no message to the worker (see `instance::lease`).
-//! Otherwise it takes a place in the daemon-wide queue, a bounded crossbeam channel used as
-//! a counting semaphore (a full queue is an answer, Busy with a retry hint, never a blocked
-//! thread), sends the worker a job and waits for its slot on a channel, checking every
-//! [`CLIENT_CHECK`] that its client is still there.
+//! Otherwise it takes a place in the daemon-wide queue (`daemon::queue`), sends the worker
+//! a job and waits for its slot on a channel, checking every [`CLIENT_CHECK`] that its
+//! client is still there.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::RecvTimeoutError;
 
 use super::shared::Shared;
 use crate::error::{Error, Result};
@@ -20,8 +18,6 @@ use crate::gguf::{self, ModelInfo};
 use crate::instance::{FileStamp, Handle, Job, JobEvent, Lease, Message};
 use crate::model::ModelSpec;
 
-/// How long a refused client is told to wait before trying again.
-const RETRY_AFTER_MS: u64 = 1000;
 /// How often a request waiting for its slot checks that its client is still there. The slot
 /// itself arrives on a channel the moment it is free; this only bounds how long a client
 /// that left keeps its place.
@@ -29,61 +25,6 @@ pub(crate) const CLIENT_CHECK: Duration = Duration::from_millis(100);
 
 /// A model file that changed since its instance loaded it: its header and stamp.
 pub(crate) type NewFile = (ModelInfo, FileStamp);
-
-#[derive(Debug, Clone)]
-pub(crate) struct Admission {
-    places: Sender<()>,
-    returned: Receiver<()>,
-    depth: usize,
-    rejected: Arc<AtomicU64>,
-}
-
-/// One place in the queue; dropping it gives the place back.
-#[derive(Debug)]
-pub(crate) struct QueuePlace {
-    returned: Receiver<()>,
-}
-
-impl Drop for QueuePlace {
-    fn drop(&mut self) {
-        // Every live place holds one message in the channel, so this never finds it empty.
-        let _ = self.returned.try_recv();
-    }
-}
-
-impl Admission {
-    pub(crate) fn new(depth: usize) -> Admission {
-        let (places, returned) = bounded(depth);
-        Admission { places, returned, depth, rejected: Arc::new(AtomicU64::new(0)) }
-    }
-
-    /// Takes a place in the queue, or refuses at once when it is full.
-    pub(crate) fn enter(&self) -> Result<QueuePlace> {
-        match self.places.try_send(()) {
-            Ok(()) => Ok(QueuePlace { returned: self.returned.clone() }),
-            Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {
-                self.rejected.fetch_add(1, Ordering::Relaxed);
-                Err(Error::Busy {
-                    message: format!("the daemon's queue is full ({} requests waiting)", self.depth),
-                    retry_after_ms: RETRY_AFTER_MS,
-                    per_model: false,
-                })
-            }
-        }
-    }
-
-    pub(crate) fn depth(&self) -> usize {
-        self.depth
-    }
-
-    pub(crate) fn waiting(&self) -> usize {
-        self.places.len()
-    }
-
-    pub(crate) fn rejected(&self) -> u64 {
-        self.rejected.load(Ordering::Relaxed)
-    }
-}
 
 /// What a waiting request tells its client, and how it knows the client left.
 pub(crate) trait Waiter {
@@ -219,23 +160,5 @@ fn acquire(
                 return Err(Error::Stopped { message: format!("{} was stopped", spec.name) })
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn full_queue_answers_busy_and_places_come_back() {
-        let admission = Admission::new(2);
-        let first = admission.enter().unwrap();
-        let _second = admission.enter().unwrap();
-        let error = admission.enter().unwrap_err();
-        assert_eq!(error.exit_code(), 75);
-        assert_eq!(admission.rejected(), 1);
-        drop(first);
-        assert_eq!(admission.waiting(), 1);
-        assert!(admission.enter().is_ok());
     }
 }

@@ -29,6 +29,7 @@ pub(crate) mod listener;
 pub(crate) mod listeners;
 pub(crate) mod metrics;
 pub(crate) mod peer;
+pub(crate) mod queue;
 pub(crate) mod report;
 pub(crate) mod scheduler;
 pub(crate) mod serve;

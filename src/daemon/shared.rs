@@ -8,8 +8,8 @@ use std::time::{Instant, SystemTime};
 use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
 
-use super::admission::Admission;
 use super::listeners::Listeners;
+use super::queue::Admission;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::instance::table::InstanceTable;

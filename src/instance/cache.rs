@@ -11,19 +11,16 @@
 //! hands it a file it has not matched to the instance and checked byte for byte.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{FileStamp, Unload};
+use super::state::Unload;
+use super::view::FileStamp;
 use crate::model::{LoadOptions, ModelSpec};
 
 /// A slot is saved when it holds at least this many tokens: below it, recomputing the
 /// prompt takes about as long as reading the file back (SmolLM2 reads 256 tokens in under
 /// a second on two cores, and its file for them is 6 MiB).
 pub(crate) const MIN_SAVED_TOKENS: u64 = 256;
-
-/// The longest saving may delay a stop, all slots together, and the longest a restore may
-/// delay a load. A child that has not answered by then is stopped (or served) anyway.
-pub(crate) const DEFAULT_CACHE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bumped when the meaning of an identity changes, so older saved caches are never taken
 /// for current ones.
@@ -186,7 +183,7 @@ mod tests {
     use super::*;
 
     fn stamp(ino: u64, len: u64, modified_s: u64) -> FileStamp {
-        FileStamp { dev: 1, ino, len, modified: Some(UNIX_EPOCH + Duration::from_secs(modified_s)) }
+        FileStamp { dev: 1, ino, len, modified: Some(UNIX_EPOCH + std::time::Duration::from_secs(modified_s)) }
     }
 
     fn server(version: &str, ino: u64) -> ServerBuild {

@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::cache::{self, Identity, Kept, ServerBuild, SlotState, KEY_LEN};
-use super::FileStamp;
+use super::view::FileStamp;
 use crate::backend::client::Client;
 use crate::backend::slots::SlotFile;
 use crate::model::{LoadOptions, ModelSpec};

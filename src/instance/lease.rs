@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 
+use super::inbox::{Message, RoomRequest};
 use super::view::Stats;
-use super::Message;
 use crate::backend::client::Client;
 use crate::model::Policy;
 use crate::protocol::Usage;
@@ -181,7 +181,7 @@ pub(crate) struct Reclaimed {
 pub(crate) struct Home {
     pub(crate) inbox: Sender<Message>,
     /// The scheduler, told when a lent slot comes back while loads wait for room.
-    pub(crate) scheduler: Option<(Sender<super::RoomRequest>, Arc<AtomicBool>)>,
+    pub(crate) scheduler: Option<(Sender<RoomRequest>, Arc<AtomicBool>)>,
     pub(crate) lending: Arc<Mutex<Lending>>,
     pub(crate) stats: Arc<Mutex<Stats>>,
 }
@@ -255,7 +255,7 @@ impl Lease {
             // The worker hears nothing of it; the scheduler may want the idle instance.
             if let Some((scheduler, wanted)) = &self.home.scheduler {
                 if wanted.load(Ordering::SeqCst) {
-                    let _ = scheduler.send(super::RoomRequest::Replan);
+                    let _ = scheduler.send(RoomRequest::Replan);
                 }
             }
             return false;

@@ -15,6 +15,7 @@
 
 pub(crate) mod cache;
 pub(crate) mod cache_store;
+pub(crate) mod inbox;
 pub(crate) mod lease;
 pub(crate) mod outcome;
 pub(crate) mod policy;
@@ -28,147 +29,19 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
-use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
-use crate::budget::Need;
-use crate::error::Error;
-use crate::gguf::ModelInfo;
 use crate::model::{ModelSpec, Policy};
+pub(crate) use inbox::{Job, JobEvent, Message, Pin, RoomRequest};
 pub(crate) use lease::Lease;
 pub(crate) use state::{JobId, Phase, RoomToken, Unload};
-pub(crate) use view::{Snapshot, Stats, View};
+pub(crate) use view::{FileStamp, Snapshot, Stats, View};
 
 /// The instance table's key: a model (file, or remote name) and its load options.
 pub(crate) type Key = (std::path::PathBuf, crate::model::LoadOptions);
 
 pub(crate) fn key_of(spec: &ModelSpec) -> Key {
     (spec.path.clone(), spec.load.clone())
-}
-
-/// What identifies the content of a model file: a replaced file (new inode, size or
-/// modification time) is a new model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct FileStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    modified: Option<SystemTime>,
-}
-
-impl FileStamp {
-    /// For a model that is not a file.
-    pub(crate) fn none() -> FileStamp {
-        FileStamp::default()
-    }
-
-    pub(crate) fn of(metadata: &std::fs::Metadata) -> FileStamp {
-        use std::os::unix::fs::MetadataExt;
-        FileStamp { dev: metadata.dev(), ino: metadata.ino(), len: metadata.len(), modified: metadata.modified().ok() }
-    }
-}
-
-/// A request for a slot, sent to the instance's worker.
-pub(crate) struct Job {
-    pub(crate) id: JobId,
-    /// Where the worker answers: progress, then a lease or an error.
-    pub(crate) events: Sender<JobEvent>,
-    /// The model's latest policy from the config, applied without a reload.
-    pub(crate) policy: Policy,
-    /// The model file as the request found it, when it differs from what the instance has.
-    pub(crate) file: Option<(ModelInfo, FileStamp)>,
-}
-
-pub(crate) enum JobEvent {
-    /// The model is being loaded for this request (sent once).
-    Loading,
-    /// The request waits for a slot at this place (1 = next).
-    Queued(usize),
-    /// The load it waits for is at this place in the scheduler's line, with this estimate.
-    Waiting {
-        position: usize,
-        eta_ms: u64,
-    },
-    Granted(Box<Lease>),
-    Failed(Error),
-}
-
-/// Pins set by commands.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Pin {
-    Set(bool),
-    Until(SystemTime),
-}
-
-/// What a worker hears.
-pub(crate) enum Message {
-    Arrive(Job),
-    /// The job's client went away before it got a slot.
-    Leave(JobId),
-    /// A lease granted on `generation` ended; `ack` hears when the slot is back.
-    Finished {
-        replica: Option<usize>,
-        generation: u64,
-        /// No token came within the token timeout: restart the child.
-        stalled: bool,
-        /// The remote replica failed: leave it out for a while.
-        replica_failed: bool,
-        ack: Option<Sender<()>>,
-    },
-    RoomGranted(RoomToken),
-    RoomRefused(Error),
-    /// The load an eviction was for no longer needs the room: stay loaded if not yet gone.
-    Keep(RoomToken),
-    /// Unload for `why`. `cutoff` is the last job sent before the decision; `room` names
-    /// the grant an eviction is for; `message` is what refused and cut-off requests are
-    /// told; `done` hears when the instance has stopped (or at once if nothing runs).
-    Unload {
-        why: Unload,
-        cutoff: JobId,
-        room: Option<RoomToken>,
-        message: String,
-        done: Option<Sender<()>>,
-    },
-    Pin(Pin),
-    /// The child's output closed: it is exiting.
-    OutputClosed {
-        generation: u64,
-    },
-    /// A request on this generation's child broke: check that the child is alive now.
-    Suspect {
-        generation: u64,
-    },
-    /// The scheduler's estimate for a load that waits for room: its place and wait.
-    Waiting {
-        position: usize,
-        eta_ms: u64,
-    },
-    /// The child says it listens: check readiness now.
-    Listening {
-        generation: u64,
-    },
-    /// When it was last used, as a daemon before this one remembered.
-    Restore {
-        last_used: SystemTime,
-    },
-    /// Stop the child and end the worker.
-    Shutdown {
-        message: String,
-    },
-}
-
-/// What the scheduler hears from workers.
-#[derive(Debug)]
-pub(crate) enum RoomRequest {
-    /// Instance `id` needs memory to load; the answer is [`Message::RoomGranted`] or
-    /// [`Message::RoomRefused`].
-    Want { id: usize, need: Need, path: std::path::PathBuf },
-    /// It no longer needs the room it asked for.
-    Withdraw { id: usize },
-    /// It gave back the room it was granted: its child is gone.
-    Return { id: usize },
-    /// The budget changed (a reload): plan the waiting loads again.
-    Replan,
 }
 
 /// An instance as the rest of the daemon holds it: the worker's inbox, its view, its

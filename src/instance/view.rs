@@ -6,11 +6,32 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::lease::Report;
 use super::state::Phase;
-use super::FileStamp;
 use crate::config::Ttl;
 use crate::gguf::ModelInfo;
 use crate::model::ModelSpec;
 use crate::protocol::{InstanceState, InstanceStatus, Usage};
+
+/// What identifies the content of a model file: a replaced file (new inode, size or
+/// modification time) is a new model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct FileStamp {
+    pub(super) dev: u64,
+    pub(super) ino: u64,
+    pub(super) len: u64,
+    pub(super) modified: Option<SystemTime>,
+}
+
+impl FileStamp {
+    /// For a model that is not a file.
+    pub(crate) fn none() -> FileStamp {
+        FileStamp::default()
+    }
+
+    pub(crate) fn of(metadata: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp { dev: metadata.dev(), ino: metadata.ino(), len: metadata.len(), modified: metadata.modified().ok() }
+    }
+}
 
 /// Samples kept for the percentiles in `status`.
 const SAMPLES: usize = 1024;
