@@ -7,12 +7,14 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// The sections after the options in `llmctl --help` and in the man page, as (heading,
 /// body): both are generated from here so they cannot disagree.
-pub const HELP_SECTIONS: [(&str, &str); 4] = [
-    ("CONFIGURATION", CONFIGURATION_HELP),
-    ("ENVIRONMENT", ENVIRONMENT_HELP),
-    ("FILES", FILES_HELP),
-    ("EXIT STATUS", EXIT_STATUS_HELP),
-];
+pub fn help_sections() -> [(&'static str, String); 4] {
+    [
+        ("CONFIGURATION", CONFIGURATION_HELP.to_string()),
+        ("ENVIRONMENT", ENVIRONMENT_HELP.to_string()),
+        ("FILES", FILES_HELP.to_string()),
+        ("EXIT STATUS", exit_status_help()),
+    ]
+}
 
 pub const CONFIGURATION_HELP: &str = "\
 The config file is TOML; every key is optional. An unknown key, a wrong type or a bad
@@ -97,25 +99,33 @@ pub const FILES_HELP: &str = "    $XDG_RUNTIME_DIR/llmctl/llmctl.sock, else /run
         setup downloads and build tree, the set-up lock (setup.lock), the GGUF header
         cache of `ls`";
 
-pub const EXIT_STATUS_HELP: &str = "    0    success; also when the reader of stdout went away
-    1    unexpected internal error (a bug)
-    2    bad command line
-    65   bad input data: not a GGUF file, truncated file, invalid parameter, bad config,
-         a download whose SHA-256 does not match
-    66   model not found: no such file, unknown alias, demo not installed, no such
-         Hub repository or no GGUF file in it for `pull`
-    69   unavailable: daemon cannot be reached or started, no llama-server binary,
-         stopped by `llmctl stop`, an environment failure (disk, permissions), the Hub
-         refused access (set HF_TOKEN) or a download broke off
-    70   the backend failed: llama-server exited or crashed while loading or generating
-    73   no capacity: the model cannot fit the memory budget
-    75   busy, try later: admission queue full or per-model limit reached
-    124  timed out: load, queue wait or generation deadline
-    130  interrupted (SIGINT)";
+/// The EXIT STATUS section, from the table in `error.rs`: each meaning wrapped to the
+/// width of the other sections, under its status.
+pub fn exit_status_help() -> String {
+    const WIDTH: usize = 88;
+    let mut text = String::new();
+    for (code, meaning) in crate::error::EXIT_STATUSES {
+        let mut line = format!("    {code:<5}");
+        for word in meaning.split(' ') {
+            if line.len() + 1 + word.len() > WIDTH && line.trim_start().len() > 5 {
+                text.push_str(&line);
+                text.push('\n');
+                line = " ".repeat(9);
+            } else if !line.ends_with(' ') {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text.pop();
+    text
+}
 
-/// `llmctl --help` after the options: every section of [`HELP_SECTIONS`] under its heading.
+/// `llmctl --help` after the options: every section of [`help_sections`] under its heading.
 fn after_long_help() -> String {
-    HELP_SECTIONS.iter().map(|(heading, body)| format!("{heading}:\n{body}")).collect::<Vec<_>>().join("\n\n")
+    help_sections().iter().map(|(heading, body)| format!("{heading}:\n{body}")).collect::<Vec<_>>().join("\n\n")
 }
 
 #[derive(Debug, Parser)]

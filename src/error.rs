@@ -10,35 +10,49 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Exit statuses, documented once here and mirrored in the README and the man page.
+/// Exit statuses. What each means is said once, in [`EXIT_STATUSES`]; `--help`, the man
+/// page and the README's table are made from (or checked against) it.
 pub mod exit {
-    /// Success; also when the reader of stdout went away.
     pub const OK: i32 = 0;
-    /// Unexpected internal error (a bug).
     pub const INTERNAL: i32 = 1;
-    /// Bad command line.
     pub const USAGE: i32 = 2;
-    /// Bad input data: not a GGUF file, truncated file, invalid parameter, bad config, a
-    /// download whose SHA-256 does not match.
     pub const DATA: i32 = 65;
-    /// Model not found: no such file, unknown alias, demo not installed, no such Hub
-    /// repository or GGUF file for `pull`.
     pub const NOT_FOUND: i32 = 66;
-    /// Unavailable: daemon unreachable, no llama-server binary, remote server down, stopped
-    /// by `llmctl stop`, an environment failure (disk, permissions), the Hub refused access,
-    /// a download broke off.
     pub const UNAVAILABLE: i32 = 69;
-    /// The backend failed: llama-server exited or crashed while loading or generating.
     pub const BACKEND: i32 = 70;
-    /// No capacity: the model cannot fit the memory budget.
     pub const NO_CAPACITY: i32 = 73;
-    /// Busy, try later: admission queue full or per-model limit reached.
     pub const BUSY: i32 = 75;
-    /// Timed out: load, queue wait or generation deadline.
     pub const TIMEOUT: i32 = 124;
-    /// Interrupted by SIGINT.
     pub const INTERRUPTED: i32 = 130;
 }
+
+/// Every exit status and what it means.
+pub const EXIT_STATUSES: &[(i32, &str)] = &[
+    (exit::OK, "success; also when the reader of stdout went away"),
+    (exit::INTERNAL, "unexpected internal error (a bug)"),
+    (exit::USAGE, "bad command line"),
+    (
+        exit::DATA,
+        "bad input data: not a GGUF file, truncated file, invalid parameter, bad config, a download whose \
+         SHA-256 does not match",
+    ),
+    (
+        exit::NOT_FOUND,
+        "model not found: no such file, unknown alias, demo not installed, no such Hub repository or no GGUF \
+         file in it for `pull`",
+    ),
+    (
+        exit::UNAVAILABLE,
+        "unavailable: daemon cannot be reached or started, no llama-server binary, stopped by `llmctl stop`, \
+         an environment failure (disk, permissions), the Hub refused access (set `HF_TOKEN`) or a download broke \
+         off",
+    ),
+    (exit::BACKEND, "the backend failed: llama-server exited or crashed while loading or generating"),
+    (exit::NO_CAPACITY, "no capacity: the model cannot fit the memory budget"),
+    (exit::BUSY, "busy, try later: admission queue full or per-model limit reached"),
+    (exit::TIMEOUT, "timed out: load, queue wait or generation deadline"),
+    (exit::INTERRUPTED, "interrupted (SIGINT)"),
+];
 
 /// The class of a failure, as carried over the socket. Each kind has one exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

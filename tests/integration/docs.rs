@@ -29,7 +29,7 @@ fn generated() -> Vec<(String, Vec<u8>)> {
 }
 
 /// llmctl(1): clap_mangen's sections, except that what follows the options in `--help`
-/// becomes one man page section per heading of `cli::HELP_SECTIONS` (CONFIGURATION,
+/// becomes one man page section per heading of `cli::help_sections()` (CONFIGURATION,
 /// ENVIRONMENT, FILES, EXIT STATUS) instead of a single EXTRA section.
 fn main_page(command: &clap::Command) -> Vec<u8> {
     let man = clap_mangen::Man::new(command.clone());
@@ -50,7 +50,7 @@ fn main_page(command: &clap::Command) -> Vec<u8> {
             if page.is_empty() { &section[..] } else { section.strip_prefix(ROFF_PREAMBLE).unwrap_or(&section) };
         page.extend_from_slice(section);
     }
-    for (heading, body) in llmctl::cli::HELP_SECTIONS {
+    for (heading, body) in llmctl::cli::help_sections() {
         page.extend_from_slice(format!(".SH \"{heading}\"\n.nf\n").as_bytes());
         for line in body.lines() {
             page.extend_from_slice(roff_line(line).as_bytes());
@@ -253,6 +253,21 @@ fn the_man_page_has_the_exit_status_table() {
     }
 }
 
+/// The README's exit status table is the table in `error.rs`, row for row.
+#[test]
+fn the_readme_exit_status_table_is_the_one_in_error_rs() {
+    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme.split("## Exit status\n").nth(1).unwrap().split("\n## ").next().unwrap();
+    let rows: Vec<String> = section
+        .lines()
+        .filter(|line| line.starts_with("| ") && !line.starts_with("| code"))
+        .map(String::from)
+        .collect();
+    let table: Vec<String> =
+        llmctl::error::EXIT_STATUSES.iter().map(|(code, meaning)| format!("| {code} | {meaning} |")).collect();
+    assert_eq!(rows, table, "README.md's exit status table differs from error::EXIT_STATUSES");
+}
+
 #[test]
 fn the_man_page_has_configuration_environment_files_and_exit_status_sections() {
     let page = String::from_utf8(generated().remove(0).1).unwrap();
@@ -268,7 +283,7 @@ fn the_man_page_has_configuration_environment_files_and_exit_status_sections() {
 #[test]
 fn long_help_has_the_same_sections_as_the_man_page() {
     let help = llmctl::cli::command().term_width(1000).render_long_help().to_string();
-    for (heading, body) in llmctl::cli::HELP_SECTIONS {
+    for (heading, body) in llmctl::cli::help_sections() {
         assert!(help.contains(&format!("{heading}:\n{body}")), "{heading} missing from --help:\n{help}");
     }
 }
