@@ -6,15 +6,7 @@ use std::io::{BufRead, BufReader};
 use crate::support::*;
 
 fn slow_model(env: &Env, name: &str) -> String {
-    let path = env.tiny_model(&format!("{name}.gguf"));
-    let config_path = env.path("config.toml");
-    let mut config = std::fs::read_to_string(&config_path).unwrap_or_default();
-    config += &format!(
-        "[models.{name}]\npath = \"{}\"\nparallel = 1\nargs = [\"--fake-tokens\", \"40\", \"--fake-token-ms\", \"10\"]\n",
-        path.display()
-    );
-    std::fs::write(config_path, config).unwrap();
-    name.to_string()
+    env.add_model(name, &["--fake-tokens", "40", "--fake-token-ms", "10"], "parallel = 1\n")
 }
 
 #[test]

@@ -6,13 +6,7 @@ use crate::support::*;
 
 /// Adds `[models.NAME]` whose fake server holds `rss_mb` MiB, plus `extra` config lines.
 fn add_model(env: &Env, name: &str, rss_mb: u32, extra: &str) -> String {
-    let path = env.tiny_model(&format!("{name}.gguf"));
-    let config_path = env.path("config.toml");
-    let mut config = std::fs::read_to_string(&config_path).unwrap_or_default();
-    config +=
-        &format!("[models.{name}]\npath = \"{}\"\nargs = [\"--fake-rss-mb\", \"{rss_mb}\"]\n{extra}", path.display());
-    std::fs::write(config_path, config).unwrap();
-    name.to_string()
+    env.add_model(name, &["--fake-rss-mb", &rss_mb.to_string()], extra)
 }
 
 fn instance(status: &serde_json::Value, name: &str) -> serde_json::Value {

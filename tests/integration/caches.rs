@@ -306,14 +306,9 @@ fn remote_models_are_left_alone() {
 
 /// A `[models.m]` of the fake server whose slot 0 holds `tokens` tokens, with more args.
 fn fake_model(env: &Env, name: &str, tokens: u32, args: &[&str]) -> String {
-    let path = env.tiny_model(&format!("{name}.gguf"));
-    let mut all = vec![format!("\"--fake-slot-tokens\""), format!("\"{tokens}\"")];
-    all.extend(args.iter().map(|arg| format!("\"{arg}\"")));
-    let config_path = env.path("config.toml");
-    let mut config = std::fs::read_to_string(&config_path).unwrap_or_default();
-    config += &format!("[models.{name}]\npath = \"{}\"\nargs = [{}]\n", path.display(), all.join(", "));
-    std::fs::write(config_path, config).unwrap();
-    name.to_string()
+    let tokens = tokens.to_string();
+    let all: Vec<&str> = ["--fake-slot-tokens", &tokens].into_iter().chain(args.iter().copied()).collect();
+    env.add_model(name, &all, "")
 }
 
 fn recorded(path: &Path) -> String {

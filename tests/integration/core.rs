@@ -57,13 +57,11 @@ fn finish_all(clients: Vec<(String, Child)>) -> Vec<(String, Output)> {
         .collect()
 }
 
-fn add_models(env: &Env, names: &[&str], args: &str, head: &str) {
-    let mut config = head.to_string();
+fn add_models(env: &Env, names: &[&str], args: &[&str], head: &str) {
+    env.write_config(head);
     for name in names {
-        let path = env.tiny_model(&format!("{name}.gguf"));
-        config += &format!("[models.{name}]\npath = \"{}\"\nargs = [{args}]\n", path.display());
+        env.add_model(name, args, "");
     }
-    env.write_config(&config);
 }
 
 fn shut_down(env: &Env) {
@@ -75,7 +73,7 @@ fn shut_down(env: &Env) {
 fn sixty_clients_over_three_models_with_room_for_one_all_finish() {
     let env = Env::fake();
     let models = ["m0", "m1", "m2"];
-    add_models(&env, &models, "\"--fake-token-ms\", \"1\"", "max_instances = 1\n");
+    add_models(&env, &models, &["--fake-token-ms", "1"], "max_instances = 1\n");
     assert_success(&env.run(&["status"]));
     let mut outputs = Vec::new();
     let most = most_children_during(&env, || {
@@ -125,7 +123,7 @@ fn a_budget_for_one_model_holds_under_stops_switches_ttls_and_replaced_files() {
     add_models(
         &env,
         &models,
-        "\"--fake-rss-mb\", \"40\", \"--fake-token-ms\", \"2\"",
+        &["--fake-rss-mb", "40", "--fake-token-ms", "2"],
         "memory_budget = \"80MiB\"\ndefault_ttl = \"1s\"\n",
     );
     assert_success(&env.run(&["status"]));
@@ -241,12 +239,7 @@ fn stop_tells_a_streaming_client_who_stopped_it_at_once() {
 #[test]
 fn a_waiting_load_whose_client_left_is_dropped() {
     let env = Env::fake();
-    add_models(
-        &env,
-        &["long", "never"],
-        "\"--fake-tokens\", \"30\", \"--fake-token-ms\", \"50\"",
-        "max_instances = 1\n",
-    );
+    add_models(&env, &["long", "never"], &["--fake-tokens", "30", "--fake-token-ms", "50"], "max_instances = 1\n");
     let streaming = env.spawn(&["run", "long", "go"]);
     wait_until("long streams", || env.status_json()["instances"][0]["state"] == "busy");
     let mut impatient = env.spawn(&["run", "never", "hi"]);
@@ -324,7 +317,7 @@ fn a_replaced_model_file_is_served_from_the_new_file() {
 #[test]
 fn of_two_exclusive_switches_at_once_one_model_stays_loaded() {
     let env = Env::fake();
-    add_models(&env, &["a", "b", "c", "d"], "\"--fake-start-ms\", \"100\"", "");
+    add_models(&env, &["a", "b", "c", "d"], &["--fake-start-ms", "100"], "");
     assert_success(&env.run(&["warm", "a"]));
     assert_success(&env.run(&["warm", "b"]));
     let to_c = env.spawn(&["switch", "--wait", "--exclusive", "c"]);

@@ -10,14 +10,9 @@ use crate::support::*;
 
 /// Models `a` (each request about 1 s) and `b` (quick), with room for one, and `extra`.
 fn two_models(env: &Env, extra: &str) {
-    let a = env.tiny_model("a.gguf");
-    let b = env.tiny_model("b.gguf");
-    env.write_config(&format!(
-        "max_instances = 1\n{extra}[models.a]\npath = \"{}\"\nargs = [\"--fake-tokens\", \"40\", \"--fake-token-ms\", \"25\"]\n\
-         [models.b]\npath = \"{}\"\n",
-        a.display(),
-        b.display()
-    ));
+    env.write_config(&format!("max_instances = 1\n{extra}"));
+    env.add_model("a", &["--fake-tokens", "40", "--fake-token-ms", "25"], "");
+    env.add_model("b", &[], "");
 }
 
 /// Two clients that keep `a` busy (one generating, one waiting) until `stop` is set;

@@ -10,13 +10,7 @@ use std::process::Command;
 use crate::support::*;
 
 fn model_with_args(env: &Env, name: &str, args: &[&str]) -> String {
-    let path = env.tiny_model(&format!("{name}.gguf"));
-    let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
-    let config_path = env.path("config.toml");
-    let mut config = std::fs::read_to_string(&config_path).unwrap_or_default();
-    config += &format!("[models.{name}]\npath = \"{}\"\nargs = [{}]\n", path.display(), args.join(", "));
-    std::fs::write(config_path, config).unwrap();
-    name.to_string()
+    env.add_model(name, args, "")
 }
 
 #[test]

@@ -66,6 +66,19 @@ impl Env {
         fs::write(self.path("config.toml"), text).unwrap();
     }
 
+    /// Adds `[models.NAME]` to the config: a tiny model file of its own, whose server is
+    /// started with `args`, and any more `keys` (whole lines). Returns the alias. Every test
+    /// that configures a model of the fake server does it here.
+    pub fn add_model(&self, name: &str, args: &[&str], keys: &str) -> String {
+        let path = self.tiny_model(&format!("{name}.gguf"));
+        let args: Vec<String> = args.iter().map(|arg| format!("{arg:?}")).collect();
+        let config_path = self.path("config.toml");
+        let mut config = fs::read_to_string(&config_path).unwrap_or_default();
+        config += &format!("[models.{name}]\npath = \"{}\"\nargs = [{}]\n{keys}", path.display(), args.join(", "));
+        fs::write(config_path, config).unwrap();
+        name.to_string()
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(LLMCTL);
         command.args(args);

@@ -8,11 +8,11 @@ use std::process::{Command, Stdio};
 
 use crate::support::*;
 
-/// A model whose child is the fake server started with `args`.
-fn config_with(env: &Env, extra: &str, args: &[&str]) -> String {
-    let model = env.tiny_model("m.gguf");
-    let args: Vec<String> = args.iter().map(|arg| format!("\"{arg}\"")).collect();
-    format!("{extra}[models.m]\npath = \"{}\"\nargs = [{}]\n", model.display(), args.join(", "))
+/// Writes the config: `extra` lines, then model `m`, whose child is the fake server started
+/// with `args`.
+fn configure(env: &Env, extra: &str, args: &[&str]) {
+    env.write_config(extra);
+    env.add_model("m", args, "");
 }
 
 #[test]
@@ -52,7 +52,7 @@ fn a_socket_path_that_names_someone_elses_file_never_harms_it() {
 #[test]
 fn one_daemon_serves_a_state_directory_whatever_socket_a_command_names() {
     let env = Env::fake();
-    env.write_config(&config_with(&env, "", &[]));
+    configure(&env, "", &[]);
     assert_success(&env.run(&["warm", "m"]));
     let daemon = env.daemon_pid().unwrap();
     let child = env.status_json()["instances"][0]["pid"].as_u64().unwrap() as u32;
@@ -146,7 +146,7 @@ fn follow_events(socket: &Path) -> Option<UnixStream> {
 #[test]
 fn no_number_of_followers_locks_out_status_stop_or_shutdown() {
     let env = Env::fake();
-    env.write_config(&config_with(&env, "queue_depth = 1\n", &[]));
+    configure(&env, "queue_depth = 1\n", &[]);
     assert_success(&env.run(&["warm", "m"]));
     // The cap for long connections is the queue depth plus 256: go past it.
     let followers: Vec<UnixStream> = (0..320).filter_map(|_| follow_events(&env.socket())).collect();
@@ -175,7 +175,7 @@ fn helper_pid(env: &Env) -> Option<u32> {
 #[test]
 fn a_helper_that_leaves_the_group_holding_the_output_neither_wedges_stop_nor_survives() {
     let env = Env::fake();
-    env.write_config(&config_with(&env, "", &["--fake-setsid-helper"]));
+    configure(&env, "", &["--fake-setsid-helper"]);
     assert_success(&env.run(&["warm", "m"]));
     let helper = helper_pid(&env).expect("the helper started");
     assert!(alive(helper));
@@ -187,7 +187,7 @@ fn a_helper_that_leaves_the_group_holding_the_output_neither_wedges_stop_nor_sur
     // A child that exits while loading, its helper holding the pipe: the request fails
     // with the exit status, and the helper goes too.
     let _ = std::fs::remove_dir_all(env.path("state/logs"));
-    env.write_config(&config_with(&env, "", &["--fake-setsid-helper", "--fake-crash-at-start"]));
+    configure(&env, "", &["--fake-setsid-helper", "--fake-crash-at-start"]);
     let started = std::time::Instant::now();
     let output = env.run(&["run", "m", "x"]);
     assert_exit(&output, 70);
@@ -202,7 +202,7 @@ fn a_helper_that_leaves_the_group_holding_the_output_neither_wedges_stop_nor_sur
 #[test]
 fn a_child_that_never_answers_fails_its_load_in_load_timeout_and_stop_is_prompt() {
     let env = Env::fake();
-    env.write_config(&config_with(&env, "load_timeout = 2\n", &["--fake-deaf"]));
+    configure(&env, "load_timeout = 2\n", &["--fake-deaf"]);
     let started = std::time::Instant::now();
     let output = env.run(&["run", "m", "x"]);
     assert_exit(&output, 124);
@@ -211,7 +211,7 @@ fn a_child_that_never_answers_fails_its_load_in_load_timeout_and_stop_is_prompt(
     // While it loads (for as long as it likes now), `stop` answers promptly.
     // (load_timeout applies from a daemon's start.)
     assert_success(&env.run(&["shutdown"]));
-    env.write_config(&config_with(&env, "load_timeout = 600\n", &["--fake-deaf"]));
+    configure(&env, "load_timeout = 600\n", &["--fake-deaf"]);
     let mut waiting = env.spawn(&["run", "m", "x"]);
     wait_until("the load runs", || env.status_json()["instances"][0]["state"] == "starting");
     let started = std::time::Instant::now();
@@ -225,7 +225,7 @@ fn a_child_that_never_answers_fails_its_load_in_load_timeout_and_stop_is_prompt(
 #[test]
 fn sigterm_stops_the_daemon_even_when_its_socket_file_is_gone() {
     let env = Env::fake();
-    env.write_config(&config_with(&env, "", &[]));
+    configure(&env, "", &[]);
     assert_success(&env.run(&["warm", "m"]));
     let daemon = env.daemon_pid().unwrap();
     std::fs::remove_file(env.socket()).unwrap();
@@ -243,7 +243,7 @@ fn sigterm_stops_the_daemon_even_when_its_socket_file_is_gone() {
 #[test]
 fn a_daemon_whose_socket_directory_is_removed_exits_and_the_next_command_starts_afresh() {
     let env = Env::fake();
-    env.write_config(&config_with(&env, "", &[]));
+    configure(&env, "", &[]);
     assert_success(&env.run(&["warm", "m"]));
     let daemon = env.daemon_pid().unwrap();
     let child = env.status_json()["instances"][0]["pid"].as_u64().unwrap() as u32;
@@ -271,7 +271,7 @@ fn threads_of(pid: u32) -> usize {
 fn ever_new_load_options_leave_a_bounded_number_of_stopped_instances() {
     const KEPT_STOPPED: usize = 16;
     let env = Env::fake();
-    env.write_config(&config_with(&env, "max_instances = 1\n", &[]));
+    configure(&env, "max_instances = 1\n", &[]);
     assert_success(&env.run(&["run", "--ctx-size", "256", "m", "first"]));
     let daemon = env.daemon_pid().unwrap();
     let threads_at_first = threads_of(daemon);
@@ -297,7 +297,7 @@ fn ever_new_load_options_leave_a_bounded_number_of_stopped_instances() {
 #[test]
 fn a_child_whose_socket_vanished_is_a_crash_and_is_restarted() {
     let env = Env::fake();
-    env.write_config(&config_with(&env, "", &[]));
+    configure(&env, "", &[]);
     assert_success(&env.run(&["warm", "m"]));
     let first = env.status_json()["instances"][0].clone();
     std::fs::remove_file(first["socket"].as_str().unwrap()).unwrap();
@@ -316,7 +316,7 @@ fn a_child_whose_socket_vanished_is_a_crash_and_is_restarted() {
 #[test]
 fn an_endless_output_line_from_a_child_does_not_grow_the_daemon() {
     let env = Env::fake();
-    env.write_config(&config_with(&env, "", &["--fake-endless-line", "200"]));
+    configure(&env, "", &["--fake-endless-line", "200"]);
     assert_success(&env.run(&["status"]));
     let daemon = env.daemon_pid().unwrap();
     let before = rss_bytes(daemon);
