@@ -1,35 +1,48 @@
 //! llmctl runs local GGUF models through llama.cpp's `llama-server` from the shell.
 //!
-//! # Code map, in the order a request travels
-//! - `cli`: the clap definition; man page and completions are generated from it.
-//! - `commands/*`: one file per subcommand; the client side of each.
-//! - `client`: connects to the daemon (starting it when needed) and speaks the protocol.
-//! - `protocol`: the NDJSON messages and the line codec.
-//! - `daemon`: the threads and what they share; `daemon/connection` reads one request and
-//!   relays it to an instance worker; `daemon/scheduler` grants memory; `daemon/state` is
-//!   the state file; `daemon/metrics` renders Prometheus text.
-//! - `admission`: the daemon-wide bounded queue that answers Busy instead of blocking.
-//! - `instance`: handles, jobs, leases and views; `instance/worker` is the thread that owns
-//!   one child; `instance/state` its pure state machine; `instance/table` the lookup;
-//!   `instance/cache` and `instance/cache_store` the prompt caches kept across unloads.
-//! - `budget`: the memory policy, a pure function; `memory` measures RAM and GPUs.
-//! - `backend/llama`: llama-server's command line, output capture, readiness, streaming;
-//!   `backend/forward` passes `serve`'s requests through unchanged; `backend/unix` is HTTP
-//!   over a child's Unix socket.
-//! - `http`: the HTTP/1.1 server under `commands/serve`, with its limits.
-//! - `process`: the one owner of child processes and signals; `process/launcher` the thread
-//!   that forks them.
-//! - `events`: state changes for `llmctl events`.
-//! - `setup`: llama-server built for this machine's accelerator, and the demo model;
-//!   `llama_server`: finding the binary and asking its version, with a deadline.
-//! - `model`, `gguf`, `config`, `paths`, `error`: resolution of names, file checks,
-//!   settings, locations and the exit-status table.
-//! - `catalog`: every model llmctl can run (`ls`, completion, "did you mean"), with a cache
-//!   of headers; `library`: the models `pull` downloaded and their manifests; `hub`: the
-//!   Hugging Face Hub client of `pull`; `sha256`: the digest that checks a download;
-//!   `percent`: URL percent-encoding.
-//! - `term`: untrusted text (file names, header strings, a child's output) escaped for the
-//!   terminal.
+//! # Code map, by layer, from the top down
+//! Each layer uses only its own and the ones below; `tests/integration/layers.rs` holds the
+//! same table and fails on a `use` that goes up.
+//! - `main` and this file: parse the command line, run the command, decide the exit code.
+//! - `commands/*`: one file per subcommand, the client side of each.
+//! - `cli`: the clap definition; `--help`, the man pages and completions come from it.
+//! - `setup`: llama-server built for this machine's accelerator, and the demo model, on
+//!   first use (`setup/machine`, `setup/build`, `setup/demo`).
+//! - `client`: connects to the daemon (starting it when none answers), shakes hands and
+//!   speaks the protocol; `client/stream` reads a generation as it comes, for `run` and
+//!   `chat`; `client/interrupt` is the one Ctrl-C handler.
+//! - `daemon`: its start, locks and threads, and the Unix socket's `listener`;
+//!   `daemon/connection` reads one request and dispatches it to `daemon/handlers` (by
+//!   family: generate, control, observe) or to `daemon/serve` (the HTTP API: llama-server's
+//!   routes forwarded, Ollama's translated, `/v1/models`, embeddings); `daemon/work` is a
+//!   request's life on a slot; `daemon/admission` how it gets one and `daemon/peer` how it
+//!   notices its client left; `daemon/scheduler` grants memory (its `plan` is a pure
+//!   function), `daemon/supervisor` is the timer, `daemon/report` the status; below them
+//!   `daemon/shared` (what the threads share), `daemon/queue`, `daemon/listeners`,
+//!   `daemon/state` (the state file) and `daemon/metrics` (Prometheus text).
+//! - `instance`: the handle others hold; `instance/table` the lookup; `instance/worker`
+//!   the thread that owns one child; what it uses: `instance/outcome` (how a request on a
+//!   lease ended, a pure function), `instance/policy` (the crash-loop breaker, replica
+//!   choice, queue limits), `instance/cache_store` (saved prompt caches on disk); what an
+//!   instance is made of: `instance/inbox` (what a worker hears and answers),
+//!   `instance/lease`, `instance/view`, `instance/state` (the pure state machine) and
+//!   `instance/cache` (which caches may be saved and restored).
+//! - `backend`: talking to llama-server: a child's command line and output (`local`), HTTP
+//!   over its Unix socket or to a remote server (`client`, `unix`), request bodies, one SSE
+//!   reader, generation for `run`, forwarding for `serve`, the slot API.
+//! - `llama_server`: finding the binary and asking its version, with a deadline.
+//! - `process`: the one owner of child processes and signals; `process/launcher` the
+//!   thread that forks them.
+//! - The foundation, which knows nothing above it: `protocol` (the NDJSON messages and
+//!   their codec; only it knows the wire format), `http` (the HTTP/1.1 server with its
+//!   limits), `error` (the one error type, exit statuses and HTTP statuses), `config` and
+//!   `settings` (the file, and the one table of settings with defaults), `context` (what a
+//!   command loads once), `paths`, `model` (names to files), `gguf` (the bounded header
+//!   reader), `catalog`, `library`, `hub` (what `ls` lists, what `pull` downloaded, the Hub
+//!   client), `budget`, `estimate` and `memory` (the memory policy, a model's need, RAM and
+//!   GPU readings), `events`, `term` (untrusted text escaped for the terminal), `similar`
+//!   ("did you mean"), `sha256`, `percent`, `sys` (the few system calls std lacks) and
+//!   `tiny_model` (the deterministic model tests use).
 //!
 //! # Threads of the daemon and what each owns
 //! - `listener` accepts; `conn` threads (reused, one request each at a time) send jobs and
