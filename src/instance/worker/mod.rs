@@ -19,42 +19,47 @@
 //! write its slots before it is stopped, and keeps the files once it is gone; a new child
 //! gets back what was kept for its identity after it answers and before any request gets
 //! a slot.
+//!
+//! The worker's rooms: this file is the thread, its inbox and the machine's actions;
+//! [`child`] spawns, polls, notices the death of and stops the child; [`caches`] saves and
+//! restores prompt caches; [`remote`] checks the servers of a remote model.
+
+mod caches;
+mod child;
+mod remote;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::{self};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
-use super::cache::{self, Identity};
-use super::cache_store;
+use super::cache::Identity;
 use super::cache_store::CacheStore;
-use super::lease::{Ended, Generation, Home, Lease, Lending};
+use super::lease::{Generation, Home, Lease, Lending};
 use super::policy::{self, Breaker, CrashLoop, ReplicaHealth};
 use super::state::{Action, Cause, Event, Machine, Phase, Unload};
 use super::{FileStamp, Handle, Job, JobEvent, JobId, Message, Pin, RoomRequest, Stats, View};
 use crate::backend::client::{Client, Timeouts};
-use crate::backend::local::{self, Listen, OutputTail};
+use crate::backend::local;
 use crate::error::Error;
-use crate::events::{EventBus, EventKind, Measure};
+use crate::events::{EventBus, EventKind};
 use crate::gguf::ModelInfo;
 use crate::memory::Gpu;
-use crate::model::{ModelSpec, Remote};
+use crate::model::ModelSpec;
 use crate::process::launcher::Launcher;
-use crate::process::{self, ChildGroup};
+use child::{Loading, Running};
+use remote::Replica;
 
 /// How long a worker waits for a child whose output closed to be reported as exited.
 const EXIT_PATIENCE: Duration = Duration::from_secs(2);
 /// How often a ready child is checked for having died unnoticed (a helper it started may
 /// hold its output open, so the pipe never says so) or lost its socket.
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
-/// The longest a stop waits for a child's output to be drained once the child is gone.
-const DRAIN_PATIENCE: Duration = Duration::from_secs(2);
-
 /// What every worker needs from the daemon.
 pub(crate) struct Services {
     pub(crate) launcher: Launcher,
@@ -143,52 +148,6 @@ pub(crate) fn start(
     };
     let thread = thread::Builder::new().name(format!("instance-{id}")).spawn(move || worker.run(inbox))?;
     Ok(Handle { home, view, rejected: Default::default(), thread: Mutex::new(Some(thread)) })
-}
-
-/// A running child and the thread draining its output.
-struct Running {
-    child: ChildGroup,
-    drain: Option<JoinHandle<()>>,
-    /// Closed when the drain thread ends.
-    drained: Receiver<()>,
-    tail: Arc<OutputTail>,
-    /// The Unix socket it listens on, removed once it is gone.
-    socket: Option<PathBuf>,
-}
-
-impl Running {
-    /// After the child is reaped: its output drained (for a moment at most: a helper it left
-    /// could hold the pipe), its socket file gone.
-    fn cleanup(&mut self) {
-        if let Some(drain) = self.drain.take() {
-            match self.drained.recv_timeout(DRAIN_PATIENCE) {
-                Err(RecvTimeoutError::Timeout) => {
-                    log::warn!("llama-server pid {}'s output is still held open; not waiting for it", self.child.pid())
-                }
-                _ => {
-                    let _ = drain.join();
-                }
-            }
-        }
-        if let Some(socket) = self.socket.take() {
-            let _ = std::fs::remove_file(socket);
-        }
-    }
-}
-
-/// A load in progress: waiting for the port in the child's log (TCP), then for `/health`.
-struct Loading {
-    started: Instant,
-    port: Receiver<u16>,
-    /// The key a TCP child wants.
-    api_key: Option<String>,
-    client: Option<Client>,
-}
-
-/// One server of a remote model.
-struct Replica {
-    client: Client,
-    health: ReplicaHealth,
 }
 
 struct Worker {
@@ -457,61 +416,6 @@ impl Worker {
         self.feed(Event::SlotFreed(generation));
     }
 
-    /// The child's output closed: it is exiting. Reap it and fail the load or the instance.
-    fn output_closed(&mut self, generation: u64) {
-        let current = self.generation.as_ref().is_some_and(|g| g.number == generation);
-        if !current || self.running.is_none() || !matches!(self.machine.phase(), Phase::Starting | Phase::Ready) {
-            return;
-        }
-        // A child that closed its output but lives on is unusual, and harmless until it exits.
-        if let Some(error) = self.exit_error(EXIT_PATIENCE) {
-            self.child_died(error);
-        }
-    }
-
-    /// A ready child that died without its output closing (a helper holds it), or whose
-    /// socket is gone, is a crash: restarted for the next request, under the breaker.
-    fn check_alive(&mut self) {
-        if !matches!(self.machine.phase(), Phase::Starting | Phase::Ready) || self.running.is_none() {
-            return;
-        }
-        if let Some(error) = self.exit_error(Duration::ZERO) {
-            return self.child_died(error);
-        }
-        let socket = self.running.as_ref().and_then(|running| running.socket.clone());
-        if socket.is_some_and(|socket| !socket.exists()) {
-            let pid = self.pid().unwrap_or_default();
-            let tail = self.running.as_ref().map(|running| running.tail.quote()).unwrap_or_default();
-            self.finish_child(Duration::ZERO);
-            let error = Error::LlamaExited {
-                model: self.spec.name.clone(),
-                status: format!("(pid {pid}) lost its socket and was restarted"),
-                stderr_tail: tail,
-            };
-            if let Some(generation) = &self.generation {
-                generation.end(Ended::Exited { status: "lost its socket".into(), stderr_tail: String::new() });
-            }
-            self.child_died(error);
-        }
-    }
-
-    /// Fails the load, or marks the instance crashed (waiting requests load it again).
-    fn child_died(&mut self, error: Error) {
-        self.reclaim();
-        log::warn!("{error}");
-        if self.machine.phase() == Phase::Starting {
-            self.loading = None;
-            self.load_failed(error);
-            self.feed(Event::LoadFailed);
-        } else {
-            self.breaker.record(Instant::now());
-            self.failure = Some(error.to_string());
-            self.client = None;
-            self.publish(EventKind::Crashed, None, Some(error.to_string()));
-            self.feed(Event::ChildExited);
-        }
-    }
-
     /// Feeds one event to the machine and carries out its actions, and those of any event
     /// the actions cause in turn.
     fn feed(&mut self, event: Event) {
@@ -585,164 +489,6 @@ impl Worker {
         None
     }
 
-    fn spawn(&mut self) -> Option<Event> {
-        // The machine counts spawns; the child's generation is that count.
-        let generation = Arc::new(Generation::new(self.machine.generation()));
-        self.generation = Some(Arc::clone(&generation));
-        if self.failure.is_some() {
-            self.home.stats.lock().restarts += 1;
-        }
-        self.failure = None;
-        self.publish(EventKind::Loading, None, None);
-        if let Some(remote) = self.spec.remote.clone() {
-            let started = Instant::now();
-            return Some(match self.connect_remote(&remote) {
-                Ok(()) => {
-                    self.became_ready(started);
-                    Event::Loaded
-                }
-                Err(error) => {
-                    self.load_failed(error);
-                    Event::LoadFailed
-                }
-            });
-        }
-        match self.spawn_child(generation.number) {
-            Ok(loading) => {
-                self.loading = Some(loading);
-                None
-            }
-            Err(error) => {
-                self.load_failed(error);
-                Some(Event::LoadFailed)
-            }
-        }
-    }
-
-    fn spawn_child(&mut self, generation: u64) -> Result<Loading, Error> {
-        let binary = (self.services.llama_server)().map_err(|searched| Error::NoLlamaServer { searched })?;
-        let listen = self.listen(generation)?;
-        let mut command = local::command(&binary, &self.spec, &self.info, &listen);
-        self.cache_identity = self.services.caches.identity_for(&self.spec, self.stamp, &binary);
-        if self.cache_identity.is_some() {
-            command.arg("--slot-save-path").arg(self.services.caches.dir());
-        }
-        command.env(process::MARK_VARIABLE, format!("{}-{}-{generation}", self.services.mark_prefix, self.id));
-        // The directory may have been removed under a running daemon: make it again.
-        let _ = std::fs::create_dir_all(&self.services.log_dir);
-        let log_path = self.services.log_dir.join(self.spec.log_file_name());
-        let (inbox, listening_inbox) = (self.home.inbox.clone(), self.home.inbox.clone());
-        let on_listening = move || {
-            let _ = listening_inbox.send(Message::Listening { generation });
-        };
-        let (drained_tx, drained) = crossbeam_channel::bounded::<()>(0);
-        let on_close = move || {
-            drop(drained_tx);
-            let _ = inbox.send(Message::OutputClosed { generation });
-        };
-        let capture = local::capture_output(&mut command, &log_path, on_listening, on_close).map_err(|e| {
-            Error::io(format!("cannot capture the output of llama-server in {}", log_path.display()), e)
-        })?;
-        // `command` (and the pipe's write ends in it) goes with the spawn; only the child
-        // holds them afterwards.
-        let child = match self.services.launcher.spawn(command) {
-            Ok(child) => child,
-            Err(error) => {
-                let _ = capture.drain.join();
-                return Err(Error::NoLlamaServer {
-                    searched: format!("{} could not be started: {error}", binary.display()),
-                });
-            }
-        };
-        log::info!("spawned llama-server pid {} for {}", child.pid(), self.path());
-        let (socket, api_key, client) = match listen {
-            Listen::Socket(path) => {
-                let client = Client::for_socket(&path, self.services.http);
-                (Some(path), None, Some(client))
-            }
-            Listen::Tcp { api_key } => (None, Some(api_key), None),
-        };
-        self.running = Some(Running { child, drain: Some(capture.drain), drained, tail: capture.tail, socket });
-        Ok(Loading { started: Instant::now(), port: capture.port, api_key, client })
-    }
-
-    /// Where the child of `generation` listens: a Unix socket in the private children
-    /// directory, or loopback TCP with a fresh key when sockets are off or the path would
-    /// not fit a socket address.
-    fn listen(&self, generation: u64) -> Result<Listen, Error> {
-        let path = self.services.children_dir.join(format!("{}-{generation}.sock", self.id));
-        if !self.services.children_on_tcp && path.as_os_str().len() <= crate::paths::MAX_SOCKET_PATH {
-            // A leftover of an earlier daemon would make the bind fail; only a socket is
-            // ever removed, in a directory only this user can enter.
-            let _ = crate::paths::remove_stale_socket(&path);
-            return Ok(Listen::Socket(path));
-        }
-        let api_key =
-            crate::sys::random_hex(16).map_err(|e| Error::io("cannot read random bytes for a child's key", e))?;
-        Ok(Listen::Tcp { api_key })
-    }
-
-    /// Between messages while a child starts: the port, then `/health`, then ready. A
-    /// child that exits while loading fails the load at once, even when a helper it left
-    /// keeps its output open.
-    fn poll_load(&mut self) {
-        if let Some(error) = self.exit_error(Duration::ZERO) {
-            return self.child_died(error);
-        }
-        let Some(loading) = self.loading.as_mut() else { return };
-        if loading.client.is_none() {
-            if let Ok(port) = loading.port.try_recv() {
-                let api_key = loading.api_key.as_deref().unwrap_or_default();
-                loading.client = Some(Client::new(port, api_key, self.services.http));
-                self.view.lock().port = Some(port);
-            }
-        }
-        if let Some(client) = &loading.client {
-            if client.healthy() {
-                let started = loading.started;
-                self.client = loading.client.take();
-                self.loading = None;
-                self.became_ready(started);
-                if self.restore_caches() {
-                    self.feed(Event::Loaded);
-                }
-                return;
-            }
-        }
-        let last_progress =
-            self.running.as_ref().map_or(loading.started, |r| r.tail.last_output().max(loading.started));
-        if last_progress.elapsed() > self.services.load_timeout {
-            let error = Error::Timeout {
-                what: format!(
-                    "loading {}: llama-server printed nothing for {} s (raise load_timeout in the config for very \
-                     large models)",
-                    self.spec.name,
-                    self.services.load_timeout.as_secs()
-                ),
-            };
-            self.loading = None;
-            self.finish_child(Duration::ZERO);
-            self.load_failed(error);
-            self.feed(Event::LoadFailed);
-        }
-    }
-
-    fn became_ready(&mut self, started: Instant) {
-        self.home.stats.lock().last_load = Some(started.elapsed());
-        self.ready_since = Some(SystemTime::now());
-        self.publish(EventKind::Ready, self.pid(), Some(format!("loaded in {} ms", started.elapsed().as_millis())));
-        self.services.gpu.refresh_soon();
-    }
-
-    fn load_failed(&mut self, error: Error) {
-        self.breaker.record(Instant::now());
-        self.failure = Some(error.to_string());
-        self.publish(EventKind::Failed, None, Some(error.to_string()));
-        self.load_error = Some(error);
-        // Whatever was spawned for the failed load does not outlive it.
-        self.finish_child(Duration::ZERO);
-    }
-
     fn grant(&mut self, job_id: JobId) -> Option<Event> {
         let waited = self.arrivals.remove(&job_id).map(|at| at.elapsed()).unwrap_or_default();
         let (Some(job), Some(generation)) = (self.jobs.remove(&job_id), self.generation.clone()) else {
@@ -782,177 +528,12 @@ impl Worker {
         None
     }
 
-    fn stop_child(&mut self, why: Unload) -> Event {
-        let message = match why {
-            Unload::Evict | Unload::Expire | Unload::Reload => format!("{} was unloaded", self.spec.name),
-            _ => self.stop_message.clone(),
-        };
-        if let Some(generation) = &self.generation {
-            generation.end(Ended::Stopped(message));
-        }
-        let pid = self.pid();
-        self.loading = None;
-        let written = self.write_caches(why);
-        self.client = None;
-        // An evicted child is idle and holds nothing worth a graceful exit, and a load
-        // waits for its memory: SIGKILL ends it in about 1 ms, where llama-server's own
-        // teardown after SIGTERM takes 21-25 ms (measured with SmolLM2).
-        let grace = if why == Unload::Evict { Duration::ZERO } else { self.services.grace() };
-        self.finish_child(grace);
-        self.keep_caches(written, pid);
-        let (kind, detail) = match why {
-            Unload::Evict => {
-                self.home.stats.lock().evictions += 1;
-                (EventKind::Evicted, Some("evicted to make room for another model".to_string()))
-            }
-            Unload::Expire => {
-                self.home.stats.lock().evictions += 1;
-                (EventKind::Expired, Some("idle for longer than its TTL".to_string()))
-            }
-            Unload::Reload => (EventKind::Stopped, Some("the model file was replaced".to_string())),
-            Unload::Restart => (
-                EventKind::Stopped,
-                Some("stopped after a stalled request; the next request loads it again".to_string()),
-            ),
-            Unload::Exclusive | Unload::Stop => (EventKind::Stopped, Some(self.stop_message.clone())),
-        };
-        self.publish(kind, pid, detail);
-        if let Some((info, stamp)) = self.pending_file.take() {
-            self.adopt_file(info, stamp);
-        }
-        self.replicas.clear();
-        Event::ChildStopped
-    }
-
-    /// Before a stop for `why`: the child writes the slots worth keeping, within the cache
-    /// timeout. Nothing for a stop that must be immediate (a second SIGINT, `Restart`), a
-    /// child that never became ready, or an instance whose caches are not kept.
-    fn write_caches(&mut self, why: Unload) -> Vec<cache_store::Written> {
-        let (Some(identity), Some(client)) = (&self.cache_identity, &self.client) else { return Vec::new() };
-        if !cache::saves_on(why) || self.services.kill_now.load(Ordering::Relaxed) {
-            return Vec::new();
-        }
-        let deadline = Instant::now() + self.services.caches.timeout();
-        self.services.caches.write_slots(client, identity, &self.spec, deadline)
-    }
-
-    /// After the stop: what the child wrote is checked and kept, and announced.
-    fn keep_caches(&mut self, written: Vec<cache_store::Written>, pid: Option<u32>) {
-        let Some(identity) = self.cache_identity.take() else { return };
-        if written.is_empty() {
-            return;
-        }
-        for done in self.services.caches.keep(&identity, &self.spec, written) {
-            self.publish_cache(EventKind::Saved, pid, done);
-        }
-    }
-
-    /// After a new child answers and before any request gets a slot: the caches kept for
-    /// its identity are read back. False when a restore broke the child (its load failed).
-    fn restore_caches(&mut self) -> bool {
-        let (Some(identity), Some(client)) = (&self.cache_identity, &self.client) else { return true };
-        let deadline = Instant::now() + self.services.caches.timeout();
-        let report = self.services.caches.restore(client, identity, &self.spec, deadline);
-        for done in report.restored {
-            self.publish_cache(EventKind::Restored, self.pid(), done);
-        }
-        // A refused restore leaves the slot empty and the child serving; one that brought
-        // the child down fails this load, and the next load goes without that file.
-        if report.failed && !self.client.as_ref().is_some_and(Client::healthy) {
-            let error = self.exit_error(EXIT_PATIENCE).unwrap_or_else(|| {
-                let tail = self.running.as_ref().map(|running| running.tail.quote()).unwrap_or_default();
-                self.finish_child(Duration::ZERO);
-                Error::LlamaExited {
-                    model: self.spec.name.clone(),
-                    status: "stopped answering while it restored a saved prompt cache".into(),
-                    stderr_tail: tail,
-                }
-            });
-            self.child_died(error);
-            return false;
-        }
-        true
-    }
-
-    fn publish_cache(&self, kind: EventKind, pid: Option<u32>, done: cache_store::Done) {
-        let measure = Measure { slot: done.slot, tokens: done.tokens, bytes: done.bytes, ms: done.ms };
-        self.services.events.publish_measured(kind, &self.spec.name, &self.path(), pid, measure);
-    }
-
-    /// Stops the child (if any) with `grace` and waits for its output to be drained.
-    fn finish_child(&mut self, grace: Duration) {
-        let Some(mut running) = self.running.take() else { return };
-        let pid = running.child.pid();
-        let stopped =
-            if grace.is_zero() { running.child.kill() } else { running.child.stop(grace, &self.services.kill_now) };
-        match stopped {
-            Ok(status) => log::info!("llama-server pid {pid} {}", process::describe_status(status)),
-            Err(error) => log::warn!("cannot reap llama-server pid {pid}: {error}"),
-        }
-        running.cleanup();
-    }
-
-    /// If the child has exited (waiting up to `patience`), reaps it and describes the exit.
-    fn exit_error(&mut self, patience: Duration) -> Option<Error> {
-        let deadline = Instant::now() + patience;
-        let running = self.running.as_mut()?;
-        loop {
-            if let Ok(Some(_)) = running.child.try_wait() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        let mut running = self.running.take()?;
-        let status = running.child.try_wait().ok().flatten()?;
-        // Join the drain so the tail holds the child's last words.
-        running.cleanup();
-        let status = process::describe_status(status);
-        let stderr_tail = running.tail.quote();
-        if let Some(generation) = &self.generation {
-            generation.end(Ended::Exited { status: status.clone(), stderr_tail: stderr_tail.clone() });
-        }
-        Some(Error::LlamaExited { model: self.spec.name.clone(), status, stderr_tail })
-    }
-
     fn adopt_file(&mut self, info: ModelInfo, stamp: FileStamp) {
         self.info = info;
         self.stamp = stamp;
         let mut view = self.view.lock();
         view.info = self.info.clone();
         view.stamp = stamp;
-    }
-
-    /// For a remote model: checks every replica, keeps them all, and is ready when one answers.
-    fn connect_remote(&mut self, remote: &Remote) -> Result<(), Error> {
-        let token = remote.api_key_env.as_deref().and_then(|name| std::env::var(name).ok());
-        let roots = match &remote.ca_file {
-            Some(path) => Some(Client::load_ca_file(path).map_err(|reason| Error::BadConfig {
-                path: path.clone(),
-                reason: format!("ca_file of {}: {reason}", self.spec.name),
-            })?),
-            None => None,
-        };
-        let mut replicas = Vec::new();
-        let mut problems = Vec::new();
-        for url in &remote.urls {
-            let client = Client::for_url(url, token.as_deref(), roots.as_ref(), self.services.http);
-            let health = client.remote_healthy();
-            if let Err(problem) = &health {
-                problems.push(format!("{url}: {problem}"));
-            }
-            replicas.push(Replica { health: ReplicaHealth::checked(health.is_ok(), Instant::now()), client });
-        }
-        if replicas.iter().all(|r| r.health.down_until.is_some()) {
-            return Err(Error::RemoteDown {
-                message: format!("no server for {} answers: {}", self.spec.name, problems.join("; ")),
-            });
-        }
-        self.machine.set_slots(self.spec.load.parallel * replicas.len() as u32);
-        self.replicas = replicas;
-        Ok(())
     }
 
     /// The error to give instead of a restart while the instance is in a crash loop.
