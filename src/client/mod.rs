@@ -220,12 +220,42 @@ fn daemon_of_state_dir(paths: &crate::paths::Paths) -> Option<(u32, std::path::P
     Some((pid, socket))
 }
 
+/// How long a client keeps trying a daemon that hangs up during the handshake without a
+/// word: one that is dying (SIGKILLed, its listener not yet closed) or starting to shut
+/// down. Once its socket refuses connections, the caller starts a fresh daemon.
+const HUNG_UP_RETRY: Duration = Duration::from_secs(2);
+
+/// What one handshake came to.
+enum Handshake {
+    Done(Option<Connection>),
+    /// The daemon closed the connection (or reset it) before it answered.
+    HungUp(io::Error),
+}
+
 fn connect_at(socket_path: &std::path::Path) -> Result<Option<Connection>> {
+    let deadline = Instant::now() + HUNG_UP_RETRY;
+    loop {
+        match handshake(socket_path)? {
+            Handshake::Done(connection) => return Ok(connection),
+            Handshake::HungUp(error) if Instant::now() >= deadline => {
+                return Err(Error::DaemonUnavailable {
+                    socket: socket_path.to_path_buf(),
+                    reason: format!("it closed every connection before answering ({error})"),
+                })
+            }
+            Handshake::HungUp(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn handshake(socket_path: &std::path::Path) -> Result<Handshake> {
     let socket_path = &socket_path.to_path_buf();
     crate::paths::check_socket_path(socket_path)?;
     let stream = match UnixStream::connect(socket_path) {
         Ok(stream) => stream,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+            return Ok(Handshake::Done(None))
+        }
         Err(e) => return Err(Error::DaemonUnavailable { socket: socket_path.clone(), reason: e.to_string() }),
     };
     let reader_stream = stream
@@ -241,21 +271,36 @@ fn connect_at(socket_path: &std::path::Path) -> Result<Option<Connection>> {
     };
     connection.set_reply_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let _ = connection.writer.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-    // A daemon that refuses us (another user's, another protocol) answers and hangs up
-    // without reading, so our hello may meet a closed socket: its answer still explains.
-    let sent = connection.send(&Request::Hello { version: VERSION });
-    match (connection.recv(), sent) {
-        (Ok(Response::Error { kind, message, .. }), _) => Err(Error::Remote { kind, message }),
-        (_, Err(error)) => Err(error),
-        (Ok(Response::Hello { pid, .. }), Ok(())) => {
+    // A daemon that refuses us (another user's, another protocol, its connection cap)
+    // answers and hangs up without reading, so our hello may meet a closed socket: its
+    // answer still explains.
+    let sent = protocol::write_message(&mut connection.writer, &Request::Hello { version: VERSION });
+    let hung_up = |error: &io::Error| {
+        matches!(
+            error.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
+        )
+    };
+    let answer = match protocol::read_message::<Response>(&mut connection.reader, &mut connection.line) {
+        Ok(Some(answer)) => answer,
+        Ok(None) => {
+            return Ok(Handshake::HungUp(io::Error::new(io::ErrorKind::UnexpectedEof, "closed without an answer")))
+        }
+        Err(error) if hung_up(&error) => return Ok(Handshake::HungUp(error)),
+        Err(error) => return Err(connection.lost(error)),
+    };
+    match (answer, sent) {
+        (Response::Error { kind, message, .. }, _) => Err(Error::Remote { kind, message }),
+        (_, Err(error)) if hung_up(&error) => Ok(Handshake::HungUp(error)),
+        (_, Err(error)) => Err(connection.lost(error)),
+        (Response::Hello { pid, .. }, Ok(())) => {
             connection.daemon_pid = pid;
             // Commands that wait longer (run, warm, switch, events) say so themselves.
             connection.set_reply_timeout(Some(CONTROL_TIMEOUT))?;
             let _ = connection.writer.set_write_timeout(Some(CONTROL_TIMEOUT));
-            Ok(Some(connection))
+            Ok(Handshake::Done(Some(connection)))
         }
-        (Ok(other), Ok(())) => Err(Error::internal(format!("unexpected handshake answer {other:?}"))),
-        (Err(error), Ok(())) => Err(error),
+        (other, Ok(())) => Err(Error::internal(format!("unexpected handshake answer {other:?}"))),
     }
 }
 

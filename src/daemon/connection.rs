@@ -70,13 +70,14 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
         request,
         Request::Run(_) | Request::Events | Request::Listen(_) | Request::Warm { .. } | Request::Switch { .. }
     );
-    let cap = super::listener::long_connection_cap(shared);
+    let cap = shared.long_connection_cap();
     if long && shared.connections.load(Ordering::SeqCst) > cap {
         let error = Error::Busy {
             message: format!("the daemon has {cap} connections open, its limit"),
             retry_after_ms: 1000,
             per_model: false,
         };
+        shared.admission.note_rejected();
         let _ = peer.send(&Response::error(&error));
         return;
     }
@@ -85,6 +86,7 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
     let reservation = match LargeRequest::reserve(shared, size) {
         Ok(reservation) => reservation,
         Err(error) => {
+            shared.admission.note_rejected();
             let _ = peer.send(&Response::error(&error));
             return;
         }

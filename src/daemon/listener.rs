@@ -3,49 +3,68 @@
 //! behind. Reusing threads saves a thread creation (and its fresh stack's page faults) per
 //! request.
 
+use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{bounded, Sender};
 
 use super::connection;
 use super::shared::Shared;
 use crate::error::Error;
 use crate::protocol::{self, Response};
 
-/// Connections beyond the queue depth: enough for every stream in flight and control
-/// commands next to a full queue.
-const CONNECTION_HEADROOM: usize = 256;
-/// Connections beyond that which only control requests (`status`, `stop`, `shutdown`...)
-/// may use: however many streams and `events` followers are open, those always get in.
-pub(crate) const CONTROL_HEADROOM: usize = 64;
-
-/// The connections that requests which hold one for long (generations, `events`,
-/// `serve`) may take together.
-pub(crate) fn long_connection_cap(shared: &Shared) -> usize {
-    shared.settings.queue_depth.saturating_add(CONNECTION_HEADROOM)
-}
 /// How long an idle connection thread waits for another connection before it exits.
 const IDLE_CONNECTION_THREAD: Duration = Duration::from_secs(30);
 
-/// Tells a client over the connection cap that the daemon is busy, without waiting on it.
-fn refuse_connection(stream: &UnixStream, cap: usize) {
-    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-    let error = Error::Busy {
-        message: format!("the daemon has {cap} connections open, its limit"),
-        retry_after_ms: 1000,
-        per_model: false,
-    };
-    let _ = protocol::write_message(&mut &*stream, &Response::error(&error));
+/// Refused connections waiting for the refuser thread. When they are all taken, the accept
+/// loop waits up to [`REFUSAL_PATIENCE`] for a place, then closes the connection at once.
+const REFUSALS_PENDING: usize = 256;
+/// How long the refuser waits for a refused client to read its answer and hang up.
+const REFUSAL_PATIENCE: Duration = Duration::from_millis(200);
+
+/// Tells clients over the connection cap that the daemon is busy, on a thread of its own so
+/// the accept loop never waits on one. What a client sent is read and dropped before the
+/// socket closes: a Unix socket closed with unread data resets the connection, and the
+/// client would never see its answer.
+fn start_refuser(cap: impl Fn() -> usize + Send + 'static) -> std::io::Result<Sender<UnixStream>> {
+    let (refusals, pending) = bounded::<UnixStream>(REFUSALS_PENDING);
+    thread::Builder::new().name("refuser".into()).spawn(move || {
+        for stream in pending {
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let error = Error::Busy {
+                message: format!("the daemon has {} connections open, its limit", cap()),
+                retry_after_ms: 1000,
+                per_model: false,
+            };
+            let _ = protocol::write_message(&mut &stream, &Response::error(&error));
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            let deadline = std::time::Instant::now() + REFUSAL_PATIENCE;
+            let mut discard = [0u8; 4096];
+            while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+                let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+                match (&stream).read(&mut discard) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+    })?;
+    Ok(refusals)
 }
 
 /// Accepts until the daemon shuts down (woken by a connection to itself).
 pub(crate) fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
     // A rendezvous channel: a send succeeds only when a thread is waiting for work.
     let (work_tx, work_rx) = bounded::<UnixStream>(0);
+    let cap_shared = Arc::clone(shared);
+    let refuser = start_refuser(move || cap_shared.connection_cap());
+    if let Err(error) = &refuser {
+        log::warn!("cannot start the refuser thread ({error}); connections over the cap are closed at once");
+    }
     for stream in listener.incoming() {
         if shared.is_shutting_down() {
             break;
@@ -63,9 +82,13 @@ pub(crate) fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
         };
         // Each connection holds a thread: beyond the cap, a client is told busy at once
         // instead of growing the daemon without bound.
-        let cap = long_connection_cap(shared) + CONTROL_HEADROOM;
+        let cap = shared.connection_cap();
         if shared.connections.load(Ordering::SeqCst) >= cap {
-            refuse_connection(&stream, cap);
+            shared.admission.note_rejected();
+            if let Ok(refuser) = &refuser {
+                // When the refuser is far behind, the stream is dropped here: closed at once.
+                let _ = refuser.send_timeout(stream, REFUSAL_PATIENCE);
+            }
             continue;
         }
         shared.connections.fetch_add(1, Ordering::SeqCst);

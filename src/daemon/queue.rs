@@ -62,6 +62,11 @@ impl Admission {
         self.places.len()
     }
 
+    /// A request refused busy before it could ask for a place (the connection cap).
+    pub(crate) fn note_rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
     }

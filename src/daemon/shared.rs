@@ -27,6 +27,13 @@ pub(crate) enum ShutdownRequest {
     Client(Sender<()>),
 }
 
+/// Connections beyond the queue depth: enough for every stream in flight and control
+/// commands next to a full queue.
+const CONNECTION_HEADROOM: usize = 256;
+/// Connections beyond that which only control requests (`status`, `stop`, `shutdown`...)
+/// may use: however many streams and `events` followers are open, those always get in.
+const CONTROL_HEADROOM: usize = 64;
+
 pub(crate) struct Shared {
     pub(crate) paths: Paths,
     pub(crate) settings: Settings,
@@ -98,6 +105,17 @@ impl Shared {
             swaps: AtomicU64::new(0),
             etas: Mutex::new(Default::default()),
         }
+    }
+
+    /// The connections that requests which hold one for long (generations, `events`,
+    /// `serve`) may take together.
+    pub(crate) fn long_connection_cap(&self) -> usize {
+        self.settings.queue_depth.saturating_add(CONNECTION_HEADROOM)
+    }
+
+    /// The connections the listener accepts at once; beyond these it answers busy.
+    pub(crate) fn connection_cap(&self) -> usize {
+        self.long_connection_cap() + CONTROL_HEADROOM
     }
 
     /// Numbers a new request; later requests get larger numbers.

@@ -10,6 +10,7 @@ mod cli;
 mod core;
 mod docs;
 mod hardening;
+mod layers;
 mod observe;
 mod ollama;
 mod private;

@@ -24,9 +24,9 @@ fn child_dying_while_loading_fails_at_once_with_its_output() {
     let err = stderr(&output);
     assert!(err.contains("exited with status 3"), "{err}");
     assert!(err.contains("failed to load the model on purpose"), "{err}");
-    let status = env.status_json();
-    assert_eq!(status["instances"][0]["state"], "failed");
-    assert!(status["instances"][0]["pid"].is_null());
+    // The worker publishes what it saw right after it told the client.
+    wait_until("status shows the failure", || env.status_json()["instances"][0]["state"] == "failed");
+    assert!(env.status_json()["instances"][0]["pid"].is_null());
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
@@ -41,7 +41,7 @@ fn crash_mid_stream_reports_the_signal_and_the_next_request_restarts() {
     let err = stderr(&output);
     assert!(err.contains("SIGABRT"), "{err}");
     assert!(err.contains("crashing mid-stream on purpose"), "{err}");
-    assert_eq!(env.status_json()["instances"][0]["state"], "failed");
+    wait_until("status shows the crash", || env.status_json()["instances"][0]["state"] == "failed");
 
     let output = env.run(&["run", &model, "short"]);
     assert_success(&output);
@@ -125,7 +125,8 @@ fn sigkilled_daemon_takes_its_children_along() {
     // The socket left behind is stale; the next command recovers it.
     assert!(env.socket().exists());
     let output = env.run(&["run", &first, "recovered"]);
-    assert_eq!(stdout(&output), "recovered");
+    let log = std::fs::read_to_string(env.path("state/daemon.log")).unwrap_or_default();
+    assert_eq!(stdout(&output), "recovered", "{}\nthe daemon's log:\n{log}", stderr(&output));
 }
 
 #[test]
