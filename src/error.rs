@@ -180,7 +180,7 @@ pub enum Error {
     /// An I/O failure with what was being done: exit 69, the environment is at fault.
     Io { context: String, source: std::sync::Arc<std::io::Error> },
     /// An error reported by the daemon, already classified.
-    Remote { kind: ErrorKind, message: String },
+    FromDaemon { kind: ErrorKind, message: String },
     /// A name that is neither a file nor an alias, with the known names closest to it;
     /// `pullable` when it reads as a Hugging Face repository `llmctl pull` could fetch.
     UnknownModelNear { name: String, suggestions: Vec<String>, pullable: bool },
@@ -232,7 +232,7 @@ impl Error {
             // directory, a permission), not llmctl: unavailable, with what was being done.
             Error::Io { .. } => ErrorKind::Unavailable,
             Error::Internal { .. } => ErrorKind::Internal,
-            Error::Remote { kind, .. } => *kind,
+            Error::FromDaemon { kind, .. } => *kind,
             Error::UnknownModelNear { .. } | Error::HubNotFound { .. } => ErrorKind::NotFound,
             Error::HubDenied { .. } | Error::Download { .. } => ErrorKind::Unavailable,
             Error::ChecksumMismatch { .. } => ErrorKind::Data,
@@ -334,7 +334,7 @@ impl fmt::Display for Error {
             Error::Interrupted => write!(f, "interrupted"),
             Error::Setup { message } => write!(f, "setup failed: {message}"),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
-            Error::Remote { message, .. } => write!(f, "{message}"),
+            Error::FromDaemon { message, .. } => write!(f, "{message}"),
             Error::Internal { message } => write!(f, "internal error (a bug in llmctl): {message}"),
             Error::UnknownModelNear { name, suggestions, pullable } => {
                 write!(f, "unknown model `{name}`: ")?;
@@ -434,7 +434,7 @@ mod tests {
 
     #[test]
     fn remote_errors_keep_their_kind() {
-        let error = Error::Remote { kind: ErrorKind::Busy, message: "queue full".into() };
+        let error = Error::FromDaemon { kind: ErrorKind::Busy, message: "queue full".into() };
         assert_eq!(error.exit_code(), 75);
     }
 }

@@ -116,7 +116,7 @@ impl Connection {
         self.send(request)?;
         loop {
             match self.recv()? {
-                Response::Error { kind, message, .. } => return Err(Error::Remote { kind, message }),
+                Response::Error { kind, message, .. } => return Err(Error::FromDaemon { kind, message }),
                 Response::Loading { .. } | Response::Queued { .. } | Response::Log { .. } => continue,
                 response => return Ok(response),
             }
@@ -290,7 +290,7 @@ fn handshake(socket_path: &std::path::Path) -> Result<Handshake> {
         Err(error) => return Err(connection.lost(error)),
     };
     match (answer, sent) {
-        (Response::Error { kind, message, .. }, _) => Err(Error::Remote { kind, message }),
+        (Response::Error { kind, message, .. }, _) => Err(Error::FromDaemon { kind, message }),
         (_, Err(error)) if hung_up(&error) => Ok(Handshake::HungUp(error)),
         (_, Err(error)) => Err(connection.lost(error)),
         (Response::Hello { pid, .. }, Ok(())) => {

@@ -56,7 +56,7 @@ pub fn generate(connection: &mut Connection, request: &Request, sink: &mut dyn S
                 }
             }
             Response::Done(done) => return Ok(Ended::Done(done)),
-            Response::Error { kind, message, .. } => return Err(Error::Remote { kind, message }),
+            Response::Error { kind, message, .. } => return Err(Error::FromDaemon { kind, message }),
             other => return Err(Error::internal(format!("unexpected message from the daemon: {other:?}"))),
         }
     }

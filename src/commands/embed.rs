@@ -96,7 +96,7 @@ fn print_vectors(connection: &mut Connection, request: &Request) -> Result<()> {
                     Ok(()) => Ok(()),
                 };
             }
-            Response::Error { kind, message, .. } => return Err(Error::Remote { kind, message }),
+            Response::Error { kind, message, .. } => return Err(Error::FromDaemon { kind, message }),
             other => return Err(Error::internal(format!("unexpected message from the daemon: {other:?}"))),
         };
         match written {

@@ -17,7 +17,7 @@ pub fn events(context: &Context) -> Result<()> {
     loop {
         let event = match connection.recv() {
             Ok(Response::Event(event)) => event,
-            Ok(Response::Error { kind, message, .. }) => return Err(Error::Remote { kind, message }),
+            Ok(Response::Error { kind, message, .. }) => return Err(Error::FromDaemon { kind, message }),
             Ok(other) => return Err(Error::internal(format!("unexpected message from the daemon: {other:?}"))),
             // The daemon shut down: the stream is over.
             Err(_) => return Ok(()),

@@ -35,7 +35,7 @@ pub fn run(context: &Context, args: ServeArgs) -> Result<()> {
     connection.send(&Request::Listen(ListenRequest { address: args.listen.clone(), api_key }))?;
     let address = match connection.recv() {
         Ok(Response::Listening { address }) => address,
-        Ok(Response::Error { kind, message, .. }) => return Err(Error::Remote { kind, message }),
+        Ok(Response::Error { kind, message, .. }) => return Err(Error::FromDaemon { kind, message }),
         Ok(other) => return Err(Error::internal(format!("the daemon answered serve with {other:?}"))),
         Err(_) if interrupt::interrupted() => return Ok(()),
         Err(error) => return Err(error),

@@ -2,9 +2,11 @@
 //! instance workers, every llama-server child.
 //!
 //! Reading in order: [`shared`] (what the threads share), [`listener`] and [`connection`]
-//! (the Unix socket), [`handlers`] (its requests by family), [`serve`] (the HTTP API),
-//! [`work`] and [`admission`] (how any request gets a slot), [`scheduler`] (who holds
-//! memory), [`supervisor`] (TTLs, GPU readings, the state file), [`state`], [`metrics`].
+//! (the Unix socket), [`handlers`] (its requests by family), [`serve`] (the HTTP API) and
+//! [`listeners`] (its open addresses), [`work`] and [`admission`] (how any request gets a
+//! slot) with [`queue`] (the bounded admission queue) and [`peer`] (the client's end of a
+//! connection), [`scheduler`] (who holds memory), [`supervisor`] (TTLs, GPU readings, the
+//! state file), [`state`], [`report`] (the status snapshot) and [`metrics`].
 //!
 //! Threads, each named; [`run`] joins all but the connection threads, which it waits for:
 //! - `signals`: SIGINT/SIGTERM → the shutdown channel (a second SIGINT kills at once);
