@@ -138,15 +138,14 @@ pub fn serve(listener: TcpListener, limits: Limits, handler: Handler, stopping: 
         }
         if let Err(crossbeam_channel::TrySendError::Full(mut stream)) = queue.try_send(stream) {
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let body =
-                br#"{"error":{"message":"every worker is busy; retry shortly","type":"server_error","code":"busy"}}"#;
+            let body = error_body(503, "every worker is busy; retry shortly", Some("busy"));
             let _ = write!(
                 stream,
                 "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\
                  Content-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             )
-            .and_then(|()| stream.write_all(body));
+            .and_then(|()| stream.write_all(body.as_bytes()));
         }
     }
     Ok(())
@@ -579,15 +578,9 @@ impl<'a> Exchange<'a> {
         };
     }
 
-    /// An error in the OpenAI shape.
+    /// An error of `serve`'s own, in the one shape of [`error_body`].
     pub fn error(&mut self, status: u16, message: &str, extra: &[(&str, &str)]) {
-        let kind = match status {
-            401 => "authentication_error",
-            400..=499 => "invalid_request_error",
-            _ => "server_error",
-        };
-        let body = serde_json::json!({"error": {"message": message, "type": kind, "code": status}});
-        self.respond(status, "application/json", body.to_string().as_bytes(), extra);
+        self.respond(status, "application/json; charset=utf-8", error_body(status, message, None).as_bytes(), extra);
     }
 
     /// Starts an answer whose body follows in [`Exchange::write`]s, with the headers given
@@ -675,6 +668,28 @@ fn write_all_vectored(mut stream: &TcpStream, mut slices: &mut [IoSlice<'_>]) ->
 }
 
 use State::Streaming;
+
+/// The body of every error `serve` answers itself, llama-server's shape with one field
+/// more: `{"error": {"code": STATUS, "message": TEXT, "type": TYPE, "kind": KIND}}`. `code`
+/// is the HTTP status and `type` llama-server's name for it, as OpenAI's clients read them;
+/// `kind`, where the error is one of llmctl's kinds, is its name in the exit-status table.
+pub fn error_body(status: u16, message: &str, kind: Option<&str>) -> String {
+    let kind_of_error = match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        501 => "not_supported_error",
+        503 => "unavailable_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    };
+    let mut error = serde_json::json!({"code": status, "message": message, "type": kind_of_error});
+    if let Some(kind) = kind {
+        error["kind"] = kind.into();
+    }
+    serde_json::json!({ "error": error }).to_string()
+}
 
 fn reason(status: u16) -> &'static str {
     match status {

@@ -156,7 +156,8 @@ fn errors_are_openai_shaped_with_the_table_statuses() {
         let (got, text) = post(&server, "/v1/completions", body.clone());
         assert_eq!(got, status, "{body}: {text}");
         let error: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(error["error"]["code"], code, "{text}");
+        assert_eq!(error["error"]["kind"], code, "{text}");
+        assert_eq!(error["error"]["code"], status, "the code is the status, as llama-server gives it: {text}");
         assert!(error["error"]["message"].as_str().unwrap().len() > 10);
     }
     // A 404 for an unknown model names the models there are.
@@ -167,7 +168,7 @@ fn errors_are_openai_shaped_with_the_table_statuses() {
     let (status, _) = post(&server, "/v1/nothing", serde_json::json!({}));
     assert_eq!(status, 404);
     let status = agent().get(format!("{}/v1/chat/completions", server.base)).call().unwrap().status();
-    assert_eq!(status, 405);
+    assert_eq!(status, 404, "llama-server answers another method on a POST route with 404");
 }
 
 #[test]
@@ -869,7 +870,10 @@ fn nothing_a_client_sends_stops_or_bloats_serve_with_or_without_a_key() {
     let keyed = Server { child, base: format!("http://127.0.0.1:{port}") };
     attack(&env, &keyed, Some("s3cret"));
     // The scheme is matched in any case, and Anthropic's header works too.
-    for header in ["Authorization: bearer s3cret", "Authorization: BEARER s3cret", "x-api-key: s3cret"] {
+    // The scheme may be left out, as llama-server allows.
+    for header in
+        ["Authorization: bearer s3cret", "Authorization: BEARER s3cret", "x-api-key: s3cret", "Authorization: s3cret"]
+    {
         let answer = raw(
             keyed.base.trim_start_matches("http://"),
             format!("GET /v1/models HTTP/1.1\r\n{header}\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -878,6 +882,19 @@ fn nothing_a_client_sends_stops_or_bloats_serve_with_or_without_a_key() {
     }
     let answer = raw(keyed.base.trim_start_matches("http://"), b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let answer = raw(
+        keyed.base.trim_start_matches("http://"),
+        b"GET /v1/models HTTP/1.1\r\nAuthorization: Basic s3cret\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 401"), "another scheme is not a bearer key: {answer}");
+    // Health probes need no key, on both of llama-server's paths.
+    for path in ["/health", "/v1/health"] {
+        let answer = raw(
+            keyed.base.trim_start_matches("http://"),
+            format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+    }
     drop((open, keyed));
     drop(env);
 }
@@ -899,8 +916,8 @@ fn cors_allows_local_pages_by_default_and_the_configured_origins_otherwise() {
         let allowed = response.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string());
         (response.status().as_u16(), allowed)
     };
-    assert_eq!(preflight("http://localhost:5173"), (204, Some("http://localhost:5173".into())));
-    assert_eq!(preflight("http://evil.example"), (204, None));
+    assert_eq!(preflight("http://localhost:5173"), (200, Some("http://localhost:5173".into())));
+    assert_eq!(preflight("http://evil.example"), (200, None));
     let response =
         agent().get(format!("{}/v1/models", server.base)).header("Origin", "http://127.0.0.1:3000").call().unwrap();
     assert_eq!(response.headers().get("access-control-allow-origin").unwrap(), "http://127.0.0.1:3000");
@@ -909,8 +926,8 @@ fn cors_allows_local_pages_by_default_and_the_configured_origins_otherwise() {
         "cors_origins = [\"https://chat.example\"]\n[models.m]\npath = \"{}\"\n",
         model.display()
     ));
-    assert_eq!(preflight("https://chat.example"), (204, Some("https://chat.example".into())));
-    assert_eq!(preflight("http://localhost:5173"), (204, None));
+    assert_eq!(preflight("https://chat.example"), (200, Some("https://chat.example".into())));
+    assert_eq!(preflight("http://localhost:5173"), (200, None));
     env.write_config("cors_origins = [\"chat.example/x\"]\n");
     let status = agent().get(format!("{}/v1/models", server.base)).call().unwrap().status();
     assert_eq!(status, 400, "a bad cors_origins is a config error");
@@ -1154,4 +1171,107 @@ fn a_panic_while_answering_is_a_500_and_the_daemon_serves_on() {
     assert_eq!(status, 200, "{text}");
     assert_eq!(env.daemon_pid(), Some(pid));
     assert!(alive(pid));
+}
+
+/// `/health` for the model a probe names (or the default), without loading it: 200 before
+/// the first load, 503 "Loading model" while its child starts, 200 when ready, 500 with the
+/// reason when its load failed.
+#[test]
+fn health_tells_loading_ready_and_failed_apart_and_never_loads() {
+    let env = Env::fake();
+    env.add_model("slow", &["--fake-start-ms", "3000"], "");
+    env.add_model("broken", &["--fake-crash-at-start"], "");
+    let server = Server::start(&env, &[]);
+    let health = |query: &str| {
+        let mut response = agent().get(format!("{}/health{query}", server.base)).call().unwrap();
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap())
+    };
+    assert_eq!(health("?model=slow").0, 200, "nothing loaded: requests will load it");
+    assert!(env.status_json()["instances"].as_array().unwrap().is_empty(), "a probe loads nothing");
+    let loading = env.spawn(&["warm", "slow"]);
+    wait_until("the child starts", || env.status_json()["instances"][0]["state"] == "starting");
+    let (status, body) = health("?model=slow");
+    assert_eq!(status, 503, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["message"], "Loading model");
+    assert_eq!(body["error"]["code"], 503);
+    assert_eq!(body["error"]["type"], "unavailable_error");
+    assert_success(&loading.wait_with_output().unwrap());
+    assert_eq!(health("?model=slow"), (200, r#"{"status":"ok"}"#.to_string()));
+    assert_exit(&env.run(&["warm", "broken"]), 70);
+    wait_until("the load failed", || {
+        env.status_json()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "broken" && i["state"] == "failed")
+    });
+    let (status, body) = health("?model=broken");
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("\"kind\":\"backend\""), "{body}");
+    drop(server);
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+/// What llama-server serves beyond generation is reachable through `serve`: its model
+/// fields, one model by id, its slot routes (saving to a client-named file refused), and its
+/// answers to a duplicate key, a preflight and the CORS proxy.
+#[test]
+fn serve_answers_llama_servers_other_routes_as_it_does() {
+    let env = Env::real();
+    let model = env.tiny_model("tiny.gguf");
+    env.write_config(&format!("[models.tiny]\npath = \"{}\"\n", model.display()));
+    let server = Server::start(&env, &[]);
+    let get = |path: &str| {
+        let mut response = agent().get(format!("{}{path}", server.base)).call().unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        (status, text)
+    };
+    let (status, text) = get("/v1/models");
+    assert_eq!(status, 200);
+    let list: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let entry = &list["data"][0];
+    for key in ["id", "aliases", "tags", "object", "architecture", "created", "owned_by", "meta"] {
+        assert!(!entry[key].is_null(), "{key} in {entry}");
+    }
+    assert!(entry["created"].as_u64().unwrap() > 1_600_000_000, "the file's time: {entry}");
+    assert_eq!(entry["meta"]["architecture"], "llama", "{entry}");
+    let (status, text) = get("/v1/models/tiny");
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), *entry);
+    assert_eq!(get("/v1/models/nope").0, 404);
+    assert!(env.status_json()["instances"].as_array().unwrap().is_empty(), "listing loads nothing");
+
+    // A key given twice takes its last value, as llama-server reads it.
+    let (status, text) = post_raw(&server, "/tokenize", br#"{"model":"nope","model":"tiny","content":"hi"}"#);
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("tokens"), "{text}");
+    let (status, text) = post(
+        &server,
+        "/chat/completions/input_tokens",
+        serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = get("/slots?model=tiny");
+    assert_eq!(status, 200, "{text}");
+    assert!(serde_json::from_str::<serde_json::Value>(&text).unwrap().is_array(), "{text}");
+    let (status, text) = post(&server, "/slots/0?action=erase&model=tiny", serde_json::json!({}));
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = post(&server, "/slots/0?action=save", serde_json::json!({"filename": "../../x.bin"}));
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("disabled"), "{text}");
+    assert_eq!(post(&server, "/cors-proxy", serde_json::json!({})).0, 403);
+    let preflight = agent()
+        .options(format!("{}/v1/chat/completions", server.base))
+        .header("Origin", "http://localhost:3000")
+        .header("Access-Control-Request-Method", "POST")
+        .call()
+        .unwrap();
+    assert_eq!(preflight.status(), 200, "as llama-server answers a preflight");
+    drop(server);
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
 }

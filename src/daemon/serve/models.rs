@@ -118,6 +118,32 @@ fn resolve_known(shared: &Shared, config: &Config, name: &str) -> Result<ModelSp
     crate::model::resolve(name, config, &shared.paths, &crate::model::LoadOverrides::default())
 }
 
+/// A model's entry with llama-server's fields (`id`, `aliases`, `tags`, `object`,
+/// `architecture`, `created`, `owned_by`, `meta`), read from the GGUF header rather than a
+/// loaded model, so listing loads nothing.
+fn described(name: &str, info: Option<&crate::gguf::ModelInfo>, created: u64) -> Value {
+    json!({
+        "id": name, "aliases": [], "tags": [], "object": "model",
+        "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
+        "created": created, "owned_by": "llmctl",
+        "meta": {
+            "n_ctx_train": info.and_then(|info| info.context_length),
+            "n_embd": info.and_then(|info| info.embedding_length),
+            "size": info.map(|info| info.tensor_bytes),
+            "architecture": info.map(|info| info.architecture.as_str()),
+        },
+    })
+}
+
+/// When a model file was last changed, in seconds since the epoch (0 when it cannot say).
+fn created(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path)
+        .and_then(|metadata| metadata.modified())
+        .ok()
+        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |since| since.as_secs())
+}
+
 /// Every model a client can name, with what it can use: context length, kind, whether it
 /// is loaded, which one answers requests that name none.
 pub(crate) fn list(shared: &Shared, config: &Config) -> Value {
@@ -130,23 +156,25 @@ pub(crate) fn list(shared: &Shared, config: &Config) -> Value {
             continue;
         };
         let loaded = instances.iter().any(|i| i.name == name && i.state.is_loaded());
-        let context_length = spec.load.ctx_size.map(u64::from).or_else(|| {
-            if spec.remote.is_some() {
-                return None;
-            }
-            crate::gguf::inspect(&spec.path).ok().and_then(|info| info.context_length)
-        });
+        let info = if spec.remote.is_some() { None } else { crate::gguf::inspect(&spec.path).ok() };
+        let context_length = spec.load.ctx_size.map(u64::from).or(info.as_ref().and_then(|info| info.context_length));
         let kind = match (spec.remote.is_some(), spec.load.embeddings, spec.load.reranking) {
             (true, _, _) => "remote",
             (_, true, _) => "embeddings",
             (_, _, true) => "reranking",
             _ => "chat",
         };
-        data.push(json!({
-            "id": name, "object": "model", "created": 0, "owned_by": "llmctl",
-            "context_length": context_length, "kind": kind, "loaded": loaded,
-            "default": default.as_deref() == Some(name.as_str()),
-        }));
+        let mut entry = described(&name, info.as_ref(), created(&spec.path));
+        for (key, value) in [
+            ("context_length", json!(context_length)),
+            ("kind", json!(kind)),
+            ("loaded", json!(loaded)),
+            ("default", json!(default.as_deref() == Some(name.as_str()))),
+        ] {
+            entry[key] = value;
+        }
+        entry["meta"]["n_ctx"] = json!(context_length);
+        data.push(entry);
         listed.push(name);
     }
     // Models loaded by path rather than by a name above, while their file is there.
@@ -154,11 +182,19 @@ pub(crate) fn list(shared: &Shared, config: &Config) -> Value {
         let present = instance.remote.is_some() || std::path::Path::new(&instance.path).exists();
         if !listed.contains(&instance.name) && present && instance.state.is_up() {
             listed.push(instance.name.clone());
-            data.push(json!({
-                "id": instance.name, "object": "model", "created": 0, "owned_by": "llmctl",
-                "context_length": instance.ctx_size, "kind": "chat", "loaded": instance.state.is_loaded(),
-                "default": false,
-            }));
+            let path = std::path::Path::new(&instance.path);
+            let info = if instance.remote.is_some() { None } else { crate::gguf::inspect(path).ok() };
+            let mut entry = described(&instance.name, info.as_ref(), created(path));
+            for (key, value) in [
+                ("context_length", json!(instance.ctx_size)),
+                ("kind", json!("chat")),
+                ("loaded", json!(instance.state.is_loaded())),
+                ("default", json!(false)),
+            ] {
+                entry[key] = value;
+            }
+            entry["meta"]["n_ctx"] = json!(instance.ctx_size);
+            data.push(entry);
         }
     }
     json!({"object": "list", "data": data})

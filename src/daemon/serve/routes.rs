@@ -11,8 +11,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::models::{self, Purpose};
 use crate::backend::forward::{Outgoing, Part};
@@ -25,8 +24,19 @@ use crate::daemon::work::{self, Attempt};
 use crate::error::{Error, ErrorKind};
 use crate::http::{Exchange, Request};
 
-/// llama-server's POST endpoints that `serve` forwards, and what each needs.
+/// llama-server's POST endpoints that `serve` forwards, and what each needs. A body's
+/// `model` picks the instance.
 const ROUTES: &[(&str, Purpose)] = &[
+    ("/props", Purpose::Generate),
+    ("/chat/completions/input_tokens", Purpose::Generate),
+    ("/responses/input_tokens", Purpose::Generate),
+    ("/v1/chat/completions/control", Purpose::Generate),
+    ("/v1/audio/transcriptions", Purpose::Generate),
+    ("/audio/transcriptions", Purpose::Generate),
+    ("/v1/systemone", Purpose::Generate),
+    ("/lora-adapters", Purpose::Generate),
+    ("/v1/streams/lookup", Purpose::Generate),
+    ("/tools", Purpose::Generate),
     ("/v1/chat/completions", Purpose::Generate),
     ("/chat/completions", Purpose::Generate),
     ("/v1/completions", Purpose::Generate),
@@ -102,11 +112,13 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
         if allowed_origin.is_some() {
             extra.push(("Access-Control-Allow-Headers", asked.unwrap_or("Authorization, Content-Type")));
         }
-        return exchange.respond(204, "text/plain", b"", &extra);
+        // 200 with an empty body, as llama-server answers a preflight.
+        return exchange.respond(200, "text/plain", b"", &extra);
     }
     match &listener.api_key {
         Some(key) => {
-            let public = method == "GET" && path == "/health";
+            // Health probes come from load balancers and supervisors, which hold no key.
+            let public = method == "GET" && matches!(path.as_str(), "/health" | "/v1/health");
             if !public && !same_secret(given_key(&request).as_bytes(), key.as_bytes()) {
                 return refuse(exchange, ollama, 401, "invalid API key", &[("WWW-Authenticate", "Bearer")]);
             }
@@ -134,40 +146,105 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
         return super::ollama::handle(shared, &config, request, exchange);
     }
     match (method.as_str(), path.as_str()) {
-        ("GET", "/health" | "/v1/health") => {
-            exchange.respond(200, "application/json", br#"{"status":"ok"}"#, &[]);
-        }
+        ("GET", "/health" | "/v1/health") => health(shared, &config, &request, exchange),
         ("GET", "/v1/models" | "/models") => {
             let list = models::list(shared, &config);
-            exchange.respond(200, "application/json", list.to_string().as_bytes(), &[])
+            exchange.respond(200, JSON, list.to_string().as_bytes(), &[])
+        }
+        ("GET", _) if path.starts_with("/v1/models/") || path.starts_with("/models/") => {
+            let id = crate::percent::decode_query(path.split_once("/models/").map_or("", |(_, id)| id)).into_owned();
+            match models::list(shared, &config)["data"].as_array().and_then(|data| data.iter().find(|m| m["id"] == id))
+            {
+                Some(model) => exchange.respond(200, JSON, model.to_string().as_bytes(), &[]),
+                None => exchange.error(404, &format!("no model `{}` here", crate::term::escape(&id)), &[]),
+            }
         }
         ("GET", "/metrics") => {
             let text = crate::daemon::metrics::render(&crate::daemon::report::report(shared));
             exchange.respond(200, "text/plain; version=0.0.4", text.as_bytes(), &[])
         }
-        ("GET", "/props" | "/v1/props") => {
+        // Routes that read or act on one instance without a body: `?model=` picks it, as
+        // llama-server's router reads it.
+        ("GET", "/props" | "/v1/props" | "/slots" | "/lora-adapters" | "/tools" | "/v1/stream")
+        | ("DELETE", "/v1/stream") => {
             let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
             forward(shared, &config, request, exchange, Purpose::Generate, name);
         }
+        ("GET" | "POST", "/cors-proxy") => {
+            // It fetches any URL a client names, from this machine: never forwarded.
+            exchange.error(403, "this feature is disabled: serve does not fetch URLs for clients", &[])
+        }
+        ("POST", _) if path.starts_with("/slots/") => slot_action(shared, &config, request, exchange),
         ("POST", _) => match ROUTES.iter().find(|(route, _)| *route == path) {
             Some((_, purpose)) => {
-                #[derive(Deserialize)]
-                struct Peek {
-                    model: Option<Value>,
-                }
-                let peek: Peek = match serde_json::from_slice(&request.body) {
-                    Ok(peek) => peek,
+                // Read as llama-server reads it: a key given twice takes its last value.
+                let body: serde_json::Map<String, Value> = match serde_json::from_slice(&request.body) {
+                    Ok(body) => body,
                     Err(error) => return exchange.error(400, &format!("the body is not a JSON object: {error}"), &[]),
                 };
-                let name = peek.model.as_ref().and_then(Value::as_str).map(str::to_string);
+                let name = body.get("model").and_then(Value::as_str).map(str::to_string);
                 forward(shared, &config, request, exchange, *purpose, name);
             }
             None => exchange.error(404, &format!("no route for POST {path}"), &[]),
         },
+        // llama-server answers another method on a POST route with 404, and so does serve.
         (_, _) if ROUTES.iter().any(|(route, _)| *route == path) => {
-            exchange.error(405, &format!("{path} takes POST"), &[("Allow", "POST")]);
+            exchange.error(404, &format!("no route for {method} {path}: it takes POST"), &[]);
         }
         _ => exchange.error(404, &format!("no route for {method} {path}"), &[]),
+    }
+}
+
+/// `POST /slots/ID?action=erase|save|restore`. Erasing a slot's cache is forwarded to the
+/// instance (`?model=` picks it); saving and restoring are refused, because the file name is
+/// the client's and the directory is the one llmctl keeps its own prompt caches in, which
+/// it saves and restores across swaps itself.
+fn slot_action(shared: &Arc<Shared>, config: &Config, request: Request, exchange: &mut Exchange) {
+    match request.query("action") {
+        Some("erase") => {
+            let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
+            forward(shared, config, request, exchange, Purpose::Generate, name);
+        }
+        Some("save" | "restore") => exchange.error(
+            403,
+            "saving and restoring slots to files a client names is disabled: llmctl saves and restores prompt \
+             caches across swaps itself (see cache_budget)",
+            &[],
+        ),
+        _ => exchange.error(400, "action must be erase, save or restore", &[]),
+    }
+}
+
+/// The content type of every JSON answer of `serve`'s own, as llama-server labels its own.
+const JSON: &str = "application/json; charset=utf-8";
+
+/// `/health` as llama-server answers it, for the model a request would go to (`?model=`,
+/// or the default), without loading or waking anything: 503 "Loading model" while its
+/// instance starts or waits for memory, 500 with the reason when its last load failed, and
+/// 200 otherwise: loaded, or not loaded yet and loaded by the first request. With no model
+/// to go to it answers for the daemon, which is up.
+fn health(shared: &Shared, config: &Config, request: &Request, exchange: &mut Exchange) {
+    let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
+    let chosen = models::choose(shared, config, name.as_deref(), Purpose::Generate).ok();
+    let instances: Vec<_> = shared.table.all().iter().map(|instance| instance.snapshot().status()).collect();
+    let of_model: Vec<_> = match &chosen {
+        Some(spec) => instances.iter().filter(|status| status.name == spec.name).collect(),
+        None => Vec::new(),
+    };
+    use crate::protocol::InstanceState;
+    if of_model.iter().any(|status| status.state.is_loaded()) || of_model.is_empty() {
+        return exchange.respond(200, JSON, br#"{"status":"ok"}"#, &[]);
+    }
+    if of_model.iter().any(|status| matches!(status.state, InstanceState::Starting | InstanceState::Waiting)) {
+        return exchange.respond(503, JSON, crate::http::error_body(503, "Loading model", None).as_bytes(), &[]);
+    }
+    match of_model.iter().find(|status| status.state == InstanceState::Failed) {
+        Some(failed) => {
+            let reason = failed.failure.as_deref().unwrap_or("the last load failed");
+            let body = crate::http::error_body(500, reason, Some("backend"));
+            exchange.respond(500, JSON, body.as_bytes(), &[])
+        }
+        None => exchange.respond(200, JSON, br#"{"status":"ok"}"#, &[]),
     }
 }
 
@@ -265,13 +342,8 @@ pub(crate) fn fail(exchange: &mut Exchange, error: &Error) {
     let status = if kind == ErrorKind::Busy && per_model { 429 } else { kind.http_status() };
     let retry = retry.map(|ms| ms.div_ceil(1000).max(1).to_string());
     let extra: Vec<(&str, &str)> = retry.as_deref().map(|value| vec![("Retry-After", value)]).unwrap_or_default();
-    let kind_name = match kind {
-        ErrorKind::Usage | ErrorKind::Data | ErrorKind::NotFound => "invalid_request_error",
-        ErrorKind::Busy => "rate_limit_error",
-        _ => "server_error",
-    };
-    let body = json!({"error": {"message": error.to_string(), "type": kind_name, "code": kind.name()}});
-    exchange.respond(status, "application/json", body.to_string().as_bytes(), &extra);
+    let body = crate::http::error_body(status, &error.to_string(), Some(kind.name()));
+    exchange.respond(status, "application/json; charset=utf-8", body.as_bytes(), &extra);
 }
 
 /// Compares without stopping at the first difference, so timing reveals nothing of the key.
@@ -283,15 +355,16 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     difference == 0
 }
 
-/// The key a client sent: `Authorization: Bearer KEY` (any case of the scheme), or
+/// The key a client sent: `Authorization: Bearer KEY` (any case of the scheme, or none), or
 /// `x-api-key: KEY` as Anthropic's clients send it.
 fn given_key(request: &Request) -> &str {
     if let Some(value) = request.header("authorization") {
-        if let Some((scheme, key)) = value.trim().split_once(' ') {
-            if scheme.eq_ignore_ascii_case("bearer") {
-                return key.trim();
-            }
-        }
+        return match value.trim().split_once(' ') {
+            Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => key.trim(),
+            Some(_) => "",
+            // A key without a scheme, as llama-server accepts it.
+            None => value.trim(),
+        };
     }
     request.header("x-api-key").map(str::trim).unwrap_or("")
 }
