@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 /// Limits the daemon keeps to. `vram` is none on a machine without a GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
+pub(crate) struct Budget {
     pub ram: u64,
     pub vram: Option<u64>,
     pub max_instances: Option<usize>,
@@ -14,7 +14,7 @@ pub struct Budget {
 
 /// Memory an instance holds (or will hold), as the budget sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Held {
+pub(crate) struct Held {
     pub ram: u64,
     pub vram: u64,
     pub name: String,
@@ -23,13 +23,13 @@ pub struct Held {
 
 /// What a new instance needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Need {
+pub(crate) struct Need {
     pub ram: u64,
     pub vram: u64,
 }
 
 /// True when `need` fits beside `held`, with `extra` more instances promised room.
-pub fn fits(budget: &Budget, held: &[Held], need: Need, extra: usize) -> bool {
+pub(crate) fn fits(budget: &Budget, held: &[Held], need: Need, extra: usize) -> bool {
     let ram: u64 = held.iter().map(|r| r.ram).fold(0, u64::saturating_add);
     let vram: u64 = held.iter().map(|r| r.vram).fold(0, u64::saturating_add);
     let ram_ok = ram.saturating_add(need.ram) <= budget.ram;
@@ -40,7 +40,7 @@ pub fn fits(budget: &Budget, held: &[Held], need: Need, extra: usize) -> bool {
 
 /// Why `need` can never fit, even with every unpinned instance gone (`pinned` are the
 /// pinned ones): the message says how much is needed and what holds the memory.
-pub fn never_fits(budget: &Budget, pinned: &[Held], need: Need) -> Option<String> {
+pub(crate) fn never_fits(budget: &Budget, pinned: &[Held], need: Need) -> Option<String> {
     if need.ram > budget.ram {
         return Some(format!(
             "the model needs {} of memory but the whole memory budget is {}; raise memory_budget in the config, \
@@ -103,7 +103,7 @@ fn no_capacity_message(budget: &Budget, pinned: &[Held], need: Need) -> String {
 }
 
 /// Bytes as a person reads them: "1.5 GiB", "94 MiB", "620 KiB" (never "0 MiB").
-pub fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const MIB: f64 = 1024.0 * 1024.0;
     let mib = bytes as f64 / MIB;
     if mib >= 1024.0 {
@@ -117,7 +117,7 @@ pub fn human(bytes: u64) -> String {
 
 /// Parses a budget: bytes ("8000000000"), a size ("12GiB", "512 MiB", "8G") or a share of
 /// `total` ("75%").
-pub fn parse_size(text: &str, total: u64) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str, total: u64) -> Result<u64, String> {
     let text = text.trim();
     if let Some(percent) = text.strip_suffix('%') {
         let percent: f64 = percent.trim().parse().map_err(|_| format!("`{text}` is not a percentage"))?;

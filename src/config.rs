@@ -12,31 +12,31 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Parallel slots of a llama-server child unless configured.
-pub const DEFAULT_PARALLEL: u32 = 1;
+pub(crate) const DEFAULT_PARALLEL: u32 = 1;
 /// Admission queue depth unless configured.
-pub const DEFAULT_QUEUE_DEPTH: usize = 64;
+pub(crate) const DEFAULT_QUEUE_DEPTH: usize = 64;
 /// The most slots llama-server takes (its `--parallel`; more aborts it at start).
-pub const MAX_PARALLEL: u32 = 256;
+pub(crate) const MAX_PARALLEL: u32 = 256;
 /// The largest context asked for: 16 Mi tokens, far beyond any GGUF model's training context.
-pub const MAX_CTX_SIZE: u32 = 1 << 24;
+pub(crate) const MAX_CTX_SIZE: u32 = 1 << 24;
 /// More layers than any model has; llama-server offloads all of them at any larger value.
-pub const MAX_GPU_LAYERS: u32 = 1000;
+pub(crate) const MAX_GPU_LAYERS: u32 = 1000;
 /// The deepest queue the daemon keeps.
-pub const MAX_QUEUE_DEPTH: usize = 1 << 20;
+pub(crate) const MAX_QUEUE_DEPTH: usize = 1 << 20;
 /// Ten years: the longest timeout or TTL, so seconds never overflow a clock.
-pub const MAX_SECONDS: u64 = 10 * 365 * 86400;
+pub(crate) const MAX_SECONDS: u64 = 10 * 365 * 86400;
 /// The most tokens `run` and `chat` generate unless told otherwise. Without a limit
 /// llama-server generates until the model stops or the context is full, and a small model
 /// may never stop (the demo model was still writing a commit message after 120 s). 1024
 /// tokens is a long answer (about 750 English words, or a page of code) and takes about 10 s
 /// at the demo model's 100 tokens/s on two cores. `-n 0` or `max_tokens = 0` lifts it.
-pub const DEFAULT_MAX_TOKENS: u32 = 1024;
+pub(crate) const DEFAULT_MAX_TOKENS: u32 = 1024;
 /// The largest token limit taken: as many tokens as the largest context.
-pub const MAX_TOKENS: u32 = MAX_CTX_SIZE;
+pub(crate) const MAX_TOKENS: u32 = MAX_CTX_SIZE;
 
 /// The token limit of a generation: `-n` if given, else `max_tokens` from the config,
 /// else [`DEFAULT_MAX_TOKENS`]; 0 means none.
-pub fn max_tokens(flag: Option<u32>, config: &Config) -> Option<u32> {
+pub(crate) fn max_tokens(flag: Option<u32>, config: &Config) -> Option<u32> {
     let limit = flag.or(config.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
     (limit > 0).then_some(limit)
 }
@@ -367,7 +367,7 @@ fn check_pattern(pattern: &str) -> Result<(), String> {
 
 /// Whether `name` matches the glob `pattern`: `*` is any text (empty too), `?` any one
 /// character, anything else itself (case-sensitive, as model names are).
-pub fn glob_matches(pattern: &str, name: &str) -> bool {
+pub(crate) fn glob_matches(pattern: &str, name: &str) -> bool {
     let (pattern, name): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
     // The classic two-pointer match with one backtrack point: the last `*` seen.
     let (mut p, mut n) = (0, 0);
@@ -393,7 +393,7 @@ pub fn glob_matches(pattern: &str, name: &str) -> bool {
 /// A name both globs match, if there is one. Each glob is a small automaton (a position
 /// in the pattern); the search walks their product, one character at a time, and a state
 /// where both patterns are used up is a common name.
-pub fn glob_overlap(a: &str, b: &str) -> Option<String> {
+pub(crate) fn glob_overlap(a: &str, b: &str) -> Option<String> {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     let mut seen = std::collections::HashSet::new();
     let mut queue = std::collections::VecDeque::from([((0usize, 0usize), String::new())]);
@@ -559,7 +559,7 @@ pub enum Ttl {
 
 /// A scheduler wait: "auto" (none: derived from measured load times) or a duration
 /// ("20s", "2m", "0"), in milliseconds.
-pub fn parse_wait(text: &str) -> Result<Option<u64>, String> {
+pub(crate) fn parse_wait(text: &str) -> Result<Option<u64>, String> {
     let text = text.trim();
     if text == "auto" {
         return Ok(None);
@@ -571,7 +571,7 @@ pub fn parse_wait(text: &str) -> Result<Option<u64>, String> {
 }
 
 /// "90s", "30m", "2h", "1d", "45" (seconds) or "never".
-pub fn parse_ttl(text: &str) -> Result<Ttl, String> {
+pub(crate) fn parse_ttl(text: &str) -> Result<Ttl, String> {
     let text = text.trim();
     if text == "never" {
         return Ok(Ttl::Never);

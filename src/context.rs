@@ -22,14 +22,14 @@ pub struct Global {
 }
 
 #[derive(Clone)]
-pub struct Context {
+pub(crate) struct Context {
     pub global: Global,
     pub paths: Paths,
     config: Arc<OnceLock<Result<Arc<Config>>>>,
 }
 
 impl Context {
-    pub fn new(global: Global) -> Context {
+    pub(crate) fn new(global: Global) -> Context {
         Context {
             paths: Paths::resolve(global.socket.as_deref(), global.config.as_deref()),
             global,
@@ -38,14 +38,14 @@ impl Context {
     }
 
     /// The config file, read and parsed the first time it is asked for.
-    pub fn config(&self) -> Result<Arc<Config>> {
+    pub(crate) fn config(&self) -> Result<Arc<Config>> {
         self.config.get_or_init(|| Config::load(&self.paths.config).map(Arc::new)).clone()
     }
 
     /// The longest a request that loads and generates may wait for the daemon's next
     /// message: the longest silence the daemon itself allows (queue wait, a load without
     /// output, a token) plus a margin, so a wedged daemon cannot hold a client for good.
-    pub fn generation_timeout(&self) -> Duration {
+    pub(crate) fn generation_timeout(&self) -> Duration {
         let config = self.config().unwrap_or_default();
         let longest = [
             settings::QUEUE_TIMEOUT_S,
@@ -59,7 +59,7 @@ impl Context {
     }
 
     /// Resolves MODEL to a file and load options.
-    pub fn resolve_model(&self, name: &str, overrides: &LoadOverrides) -> Result<ModelSpec> {
+    pub(crate) fn resolve_model(&self, name: &str, overrides: &LoadOverrides) -> Result<ModelSpec> {
         let config = self.config()?;
         model::resolve(name, &config, &self.paths, overrides)
     }

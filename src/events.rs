@@ -17,7 +17,7 @@ const SUBSCRIBER_BACKLOG: usize = 1024;
 
 /// The state changes `llmctl events` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
+pub(crate) enum EventKind {
     Loading,
     Ready,
     Failed,
@@ -37,7 +37,7 @@ pub enum EventKind {
 
 /// What a `saved` or `restored` event measures.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Measure {
+pub(crate) struct Measure {
     pub slot: u32,
     pub tokens: u64,
     pub bytes: u64,
@@ -45,7 +45,7 @@ pub struct Measure {
 }
 
 impl EventKind {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             EventKind::Loading => "loading",
             EventKind::Ready => "ready",
@@ -64,13 +64,13 @@ impl EventKind {
 }
 
 #[derive(Default)]
-pub struct EventBus {
+pub(crate) struct EventBus {
     /// Guards the subscriber list only; sending is `try_send`, which never blocks.
     subscribers: Mutex<Vec<Sender<Event>>>,
 }
 
 impl EventBus {
-    pub fn subscribe(&self) -> Receiver<Event> {
+    pub(crate) fn subscribe(&self) -> Receiver<Event> {
         let (sender, receiver) = bounded(SUBSCRIBER_BACKLOG);
         self.subscribers.lock().push(sender);
         receiver
@@ -78,7 +78,7 @@ impl EventBus {
 
     /// Sends a state change of the instance `model` (at `path`, child `pid`) to every
     /// subscriber.
-    pub fn publish(&self, kind: EventKind, model: &str, path: &str, pid: Option<u32>, detail: Option<String>) {
+    pub(crate) fn publish(&self, kind: EventKind, model: &str, path: &str, pid: Option<u32>, detail: Option<String>) {
         self.send(Event {
             time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             event: kind.name().to_string(),
@@ -91,7 +91,14 @@ impl EventBus {
     }
 
     /// Like [`EventBus::publish`], with what a `saved` or `restored` event measures.
-    pub fn publish_measured(&self, kind: EventKind, model: &str, path: &str, pid: Option<u32>, measure: Measure) {
+    pub(crate) fn publish_measured(
+        &self,
+        kind: EventKind,
+        model: &str,
+        path: &str,
+        pid: Option<u32>,
+        measure: Measure,
+    ) {
         self.send(Event {
             time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             event: kind.name().to_string(),
@@ -121,12 +128,12 @@ impl EventBus {
     }
 
     /// Clients following `llmctl events` now.
-    pub fn subscribers(&self) -> usize {
+    pub(crate) fn subscribers(&self) -> usize {
         self.subscribers.lock().len()
     }
 
     /// Ends every subscription, at shutdown.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.subscribers.lock().clear();
     }
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 /// The limits a server enforces.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_head: usize,
     pub max_headers: usize,
     pub max_body: usize,
@@ -57,7 +57,7 @@ impl Default for Limits {
 
 /// One parsed request with its whole body.
 #[derive(Debug)]
-pub struct Request {
+pub(crate) struct Request {
     pub method: String,
     /// The path and query as sent.
     pub target: String,
@@ -67,24 +67,24 @@ pub struct Request {
 
 impl Request {
     /// The first header of this name (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
     }
 
     /// The path without the query.
-    pub fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         self.target.split('?').next().unwrap_or("")
     }
 
     /// A query parameter's raw value.
-    pub fn query(&self, name: &str) -> Option<&str> {
+    pub(crate) fn query(&self, name: &str) -> Option<&str> {
         let query = self.target.split_once('?')?.1;
         query.split('&').find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
     }
 }
 
 /// What answers each request.
-pub type Handler = Arc<dyn Fn(Request, &mut Exchange) + Send + Sync>;
+pub(crate) type Handler = Arc<dyn Fn(Request, &mut Exchange) + Send + Sync>;
 
 /// How long an idle worker thread waits for another connection before it exits.
 const IDLE_WORKER: Duration = Duration::from_secs(30);
@@ -94,7 +94,12 @@ const IDLE_WORKER: Duration = Duration::from_secs(30);
 /// to [`Limits::workers`], and exit after a while without work, so a server that waits for
 /// clients holds no threads; beyond the workers, [`Limits::backlog`] connections wait, and
 /// any more get 503 at once.
-pub fn serve(listener: TcpListener, limits: Limits, handler: Handler, stopping: Arc<AtomicBool>) -> io::Result<()> {
+pub(crate) fn serve(
+    listener: TcpListener,
+    limits: Limits,
+    handler: Handler,
+    stopping: Arc<AtomicBool>,
+) -> io::Result<()> {
     let limits = Arc::new(limits);
     let held = Arc::new(AtomicUsize::new(0));
     let alive = Arc::new(AtomicUsize::new(0));
@@ -153,7 +158,7 @@ pub fn serve(listener: TcpListener, limits: Limits, handler: Handler, stopping: 
 
 /// Wakes a [`serve`] blocked in `accept` on the listener with descriptor `fd`, after its
 /// `stopping` flag was set.
-pub fn wake(fd: std::os::fd::RawFd) {
+pub(crate) fn wake(fd: std::os::fd::RawFd) {
     crate::sys::shutdown_socket(fd);
 }
 
@@ -500,7 +505,7 @@ fn find_crlf(bytes: &[u8]) -> Option<usize> {
 }
 
 /// The answer to one request: written whole, or streamed in chunks.
-pub struct Exchange<'a> {
+pub(crate) struct Exchange<'a> {
     stream: &'a TcpStream,
     keep_alive: bool,
     /// Headers every answer carries (CORS).
@@ -530,12 +535,12 @@ impl<'a> Exchange<'a> {
     }
 
     /// True once the HTTP client has closed its end.
-    pub fn client_gone(&self) -> bool {
+    pub(crate) fn client_gone(&self) -> bool {
         crate::sys::peer_closed(self.stream)
     }
 
     /// The connection, for a check that the client is still there.
-    pub fn stream(&self) -> &TcpStream {
+    pub(crate) fn stream(&self) -> &TcpStream {
         self.stream
     }
 
@@ -543,12 +548,12 @@ impl<'a> Exchange<'a> {
         self.state == State::Finished
     }
 
-    pub fn started(&self) -> bool {
+    pub(crate) fn started(&self) -> bool {
         self.state != State::Fresh
     }
 
     /// The status answered, once an answer started; 0 before.
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         self.status
     }
 
@@ -566,7 +571,7 @@ impl<'a> Exchange<'a> {
     }
 
     /// Writes a whole answer.
-    pub fn respond(&mut self, status: u16, content_type: &str, body: &[u8], extra: &[(&str, &str)]) {
+    pub(crate) fn respond(&mut self, status: u16, content_type: &str, body: &[u8], extra: &[(&str, &str)]) {
         if self.state != State::Fresh {
             return;
         }
@@ -579,14 +584,14 @@ impl<'a> Exchange<'a> {
     }
 
     /// An error of `serve`'s own, in the one shape of [`error_body`].
-    pub fn error(&mut self, status: u16, message: &str, extra: &[(&str, &str)]) {
+    pub(crate) fn error(&mut self, status: u16, message: &str, extra: &[(&str, &str)]) {
         self.respond(status, "application/json; charset=utf-8", error_body(status, message, None).as_bytes(), extra);
     }
 
     /// Starts an answer whose body follows in [`Exchange::write`]s, with the headers given
     /// (end-to-end headers of an answer being relayed); with a known length it is sent as
     /// is, else chunked (or, for an HTTP/1.0 client, until the connection closes).
-    pub fn start(&mut self, status: u16, headers: &[(String, String)], length: Option<u64>) -> io::Result<()> {
+    pub(crate) fn start(&mut self, status: u16, headers: &[(String, String)], length: Option<u64>) -> io::Result<()> {
         let (framing, chunked) = match length {
             Some(length) => (format!("Content-Length: {length}\r\n"), false),
             None if self.http11 => ("Transfer-Encoding: chunked\r\n".to_string(), true),
@@ -604,7 +609,7 @@ impl<'a> Exchange<'a> {
 
     /// Writes part of a started body, and flushes it: one write for the chunk and its
     /// framing, without copying it.
-    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
@@ -631,7 +636,7 @@ impl<'a> Exchange<'a> {
     }
 
     /// Ends a started body; the connection may then serve the next request.
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         let head = self.pending_head.take().unwrap_or_default();
         self.state = match self.state {
             Streaming { chunked } => {
@@ -648,7 +653,7 @@ impl<'a> Exchange<'a> {
 
     /// Gives up a started answer: the connection is closed without ending the body, so the
     /// client sees that the answer is incomplete.
-    pub fn abort(&mut self) {
+    pub(crate) fn abort(&mut self) {
         self.state = State::Broken;
     }
 }
@@ -673,7 +678,7 @@ use State::Streaming;
 /// more: `{"error": {"code": STATUS, "message": TEXT, "type": TYPE, "kind": KIND}}`. `code`
 /// is the HTTP status and `type` llama-server's name for it, as OpenAI's clients read them;
 /// `kind`, where the error is one of llmctl's kinds, is its name in the exit-status table.
-pub fn error_body(status: u16, message: &str, kind: Option<&str>) -> String {
+pub(crate) fn error_body(status: u16, message: &str, kind: Option<&str>) -> String {
     let kind_of_error = match status {
         401 => "authentication_error",
         403 => "permission_error",

@@ -24,7 +24,7 @@ use crate::library::DEFAULT_TAG;
 use crate::percent;
 use crate::sha256::Sha256;
 
-pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+pub(crate) const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// How long a connection may take, and how long the Hub may go silent mid-download.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -32,7 +32,7 @@ const BUFFER: usize = 1 << 20;
 
 /// A file of a Hub repository, from its listing.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RemoteFile {
+pub(crate) struct RemoteFile {
     /// Its path in the repository.
     pub name: String,
     pub size: Option<u64>,
@@ -41,7 +41,7 @@ pub struct RemoteFile {
 
 impl RemoteFile {
     /// The name it gets in the local repository directory.
-    pub fn local_name(&self) -> &str {
+    pub(crate) fn local_name(&self) -> &str {
         self.name.rsplit('/').next().unwrap_or(&self.name)
     }
 }
@@ -65,7 +65,7 @@ struct Lfs {
     size: Option<u64>,
 }
 
-pub struct Hub {
+pub(crate) struct Hub {
     pub endpoint: String,
     token: Option<String>,
     agent: ureq::Agent,
@@ -73,7 +73,7 @@ pub struct Hub {
 
 impl Hub {
     /// The Hub named by `HF_ENDPOINT` (default huggingface.co), with `HF_TOKEN` if set.
-    pub fn from_env() -> Hub {
+    pub(crate) fn from_env() -> Hub {
         let non_empty = |name: &str| std::env::var(name).ok().filter(|value| !value.trim().is_empty());
         let endpoint = non_empty("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
         let config = ureq::Agent::config_builder()
@@ -130,7 +130,7 @@ impl Hub {
     }
 
     /// The files of `repo`.
-    pub fn list(&self, repo: &str) -> Result<Vec<RemoteFile>> {
+    pub(crate) fn list(&self, repo: &str) -> Result<Vec<RemoteFile>> {
         let url = format!("{}/api/models/{repo}?blobs=true", self.endpoint);
         let unreachable = |reason: String| Error::Download { file: format!("the file list of {repo}"), reason };
         let response = self.get(&url, None).map_err(unreachable)?;
@@ -167,13 +167,10 @@ impl Hub {
     /// name (never through a symlink or a hard link, so no other file is ever changed), and
     /// never past the size the Hub lists. When the download fails, the part stays only as a
     /// start to resume from: something in it, no more than the file's size, not known bad.
-    pub fn download(&self, repo: &str, file: &RemoteFile, dir: &Path) -> Result<PathBuf> {
-        self.download_with(repo, file, dir, &mut |_| Ok(()))
-    }
-
-    /// [`Hub::download`], telling `on_progress` the bytes there are after each read; when it
-    /// fails (its reader went away), the download stops where it is, resumable.
-    pub fn download_with(
+    ///
+    /// `on_progress` is told the bytes there are after each read; when it fails (its reader
+    /// went away), the download stops where it is, resumable.
+    pub(crate) fn download_with(
         &self,
         repo: &str,
         file: &RemoteFile,
@@ -318,7 +315,7 @@ impl Hub {
 }
 
 /// What one pull fetches: the model named, and its files in the repository.
-pub struct PullPlan {
+pub(crate) struct PullPlan {
     pub wanted: crate::library::RepoName,
     pub files: Vec<RemoteFile>,
 }
@@ -326,7 +323,7 @@ pub struct PullPlan {
 impl Hub {
     /// The files a pull of `wanted` downloads, from the repository's listing: a name the
     /// Hub does not have fails here, before anything is written.
-    pub fn plan(&self, wanted: crate::library::RepoName) -> Result<PullPlan> {
+    pub(crate) fn plan(&self, wanted: crate::library::RepoName) -> Result<PullPlan> {
         let listing = self.list(&wanted.repo)?;
         let files = choose(&wanted.repo, &listing, wanted.tag.as_deref())?;
         Ok(PullPlan { wanted, files })
@@ -335,7 +332,7 @@ impl Hub {
     /// Downloads the files of `plan` into the models directory and records them, so that the
     /// name works as MODEL everywhere; returns the file llama-server loads. `on_progress`
     /// hears each file and the bytes there are of it, and stops the pull by failing.
-    pub fn pull(
+    pub(crate) fn pull(
         &self,
         paths: &crate::paths::Paths,
         plan: &PullPlan,
@@ -520,7 +517,7 @@ fn hash_prefix(file: &mut File, len: u64, hasher: &mut Sha256) -> io::Result<()>
 /// contains the tag (case aside); without a tag Q4_K_M, else the first GGUF. Multimodal
 /// projectors (`mmproj`) are never the model. A split model comes whole: every part, first
 /// part first.
-pub fn choose(repo: &str, files: &[RemoteFile], tag: Option<&str>) -> Result<Vec<RemoteFile>> {
+pub(crate) fn choose(repo: &str, files: &[RemoteFile], tag: Option<&str>) -> Result<Vec<RemoteFile>> {
     let mut ggufs: Vec<&RemoteFile> = files
         .iter()
         .filter(|file| file.name.to_ascii_lowercase().ends_with(".gguf"))

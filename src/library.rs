@@ -14,12 +14,12 @@ use serde::{Deserialize, Serialize};
 use crate::paths::{write_atomically, Paths};
 
 /// The manifest file in each repository directory.
-pub const MANIFEST: &str = "llmctl-pull.json";
+pub(crate) const MANIFEST: &str = "llmctl-pull.json";
 /// The quantization a repository name without a tag means, as llama.cpp's `-hf` does.
-pub const DEFAULT_TAG: &str = "Q4_K_M";
+pub(crate) const DEFAULT_TAG: &str = "Q4_K_M";
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     /// `OWNER/REPO` on the Hub.
     pub repo: String,
     pub pulls: Vec<Pull>,
@@ -27,7 +27,7 @@ pub struct Manifest {
 
 /// One `llmctl pull`: the files of one model (several for a split model, first part first).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Pull {
+pub(crate) struct Pull {
     /// The quantization asked for (`OWNER/REPO:TAG`); none when the default was taken.
     pub tag: Option<String>,
     /// The Hub endpoint it came from.
@@ -38,7 +38,7 @@ pub struct Pull {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PulledFile {
+pub(crate) struct PulledFile {
     /// The file name in the repository directory.
     pub name: String,
     /// Its path in the Hub repository (`rfilename`).
@@ -49,7 +49,7 @@ pub struct PulledFile {
 
 /// A pulled model found on disk.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Pulled {
+pub(crate) struct Pulled {
     pub repo: String,
     pub dir: PathBuf,
     pub pull: Pull,
@@ -57,7 +57,7 @@ pub struct Pulled {
 
 impl Pulled {
     /// The name it answers to as MODEL: `OWNER/REPO` or `OWNER/REPO:TAG`.
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         match &self.pull.tag {
             Some(tag) => format!("{}:{tag}", self.repo),
             None => self.repo.clone(),
@@ -65,23 +65,23 @@ impl Pulled {
     }
 
     /// The file llama-server loads: the only one, or the first part of a split model.
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.join(&self.pull.files[0].name)
     }
 
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.pull.files.iter().map(|file| file.size).sum()
     }
 
     /// The Hub page it came from.
-    pub fn source(&self) -> String {
+    pub(crate) fn source(&self) -> String {
         format!("{}/{}", self.pull.endpoint.trim_end_matches('/'), self.repo)
     }
 }
 
 /// A MODEL name in the form `OWNER/REPO[:TAG]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepoName {
+pub(crate) struct RepoName {
     pub repo: String,
     pub tag: Option<String>,
 }
@@ -90,7 +90,7 @@ impl RepoName {
     /// Parses `OWNER/REPO[:TAG]`, also written `hf.co/OWNER/REPO[:TAG]` or
     /// `huggingface.co/OWNER/REPO[:TAG]` as Ollama takes them (with or without
     /// `https://`); the error says what is wrong with it.
-    pub fn parse(text: &str) -> Result<RepoName, String> {
+    pub(crate) fn parse(text: &str) -> Result<RepoName, String> {
         let original = text;
         let without_scheme = text.strip_prefix("https://").unwrap_or(text);
         let text =
@@ -134,18 +134,18 @@ fn is_hub_name(part: &str) -> bool {
 }
 
 /// Where the files of `repo` live.
-pub fn repo_dir(paths: &Paths, repo: &str) -> PathBuf {
+pub(crate) fn repo_dir(paths: &Paths, repo: &str) -> PathBuf {
     paths.models_dir().join(repo)
 }
 
-pub fn read_manifest(dir: &Path) -> Option<Manifest> {
+pub(crate) fn read_manifest(dir: &Path) -> Option<Manifest> {
     let text = fs::read_to_string(dir.join(MANIFEST)).ok()?;
     serde_json::from_str(&text).ok()
 }
 
 /// Every pulled model, in name order. Unreadable manifests are skipped: `ls` shows what
 /// it can.
-pub fn list(paths: &Paths) -> Vec<Pulled> {
+pub(crate) fn list(paths: &Paths) -> Vec<Pulled> {
     let mut found = Vec::new();
     let models_dir = paths.models_dir();
     let Ok(owners) = fs::read_dir(&models_dir) else {
@@ -179,7 +179,7 @@ pub fn list(paths: &Paths) -> Vec<Pulled> {
 /// The pulled model `name` means: `OWNER/REPO:TAG` is the pull made with that tag, else one
 /// whose file name contains it (case aside); `OWNER/REPO` is the pull made without a tag,
 /// else the default quantization, else the repository's only pull.
-pub fn find(paths: &Paths, name: &str) -> Option<Pulled> {
+pub(crate) fn find(paths: &Paths, name: &str) -> Option<Pulled> {
     let wanted = RepoName::parse(name).ok()?;
     let dir = repo_dir(paths, &wanted.repo);
     let manifest = read_manifest(&dir).filter(|manifest| manifest.repo == wanted.repo)?;
@@ -201,7 +201,7 @@ pub fn find(paths: &Paths, name: &str) -> Option<Pulled> {
 
 /// Records `pull` in the manifest of its repository, replacing an earlier pull of the same
 /// file. Written atomically, so a crash leaves the old manifest or the new one.
-pub fn record(dir: &Path, repo: &str, pull: Pull) -> std::io::Result<()> {
+pub(crate) fn record(dir: &Path, repo: &str, pull: Pull) -> std::io::Result<()> {
     let mut manifest = read_manifest(dir)
         .filter(|manifest| manifest.repo == repo)
         .unwrap_or_else(|| Manifest { repo: repo.to_string(), pulls: Vec::new() });
@@ -220,7 +220,7 @@ fn write_manifest(dir: &Path, manifest: &Manifest) -> std::io::Result<()> {
 /// Deletes the files of `pulled` that no other pull of its repository uses, then its entry
 /// in the manifest; the directories go when nothing is left in them. Returns the files
 /// deleted.
-pub fn remove(paths: &Paths, pulled: &Pulled) -> std::io::Result<Vec<PathBuf>> {
+pub(crate) fn remove(paths: &Paths, pulled: &Pulled) -> std::io::Result<Vec<PathBuf>> {
     let mut manifest = read_manifest(&pulled.dir).unwrap_or_default();
     manifest.pulls.retain(|pull| pull.files.first() != pulled.pull.files.first());
     let still_used = |name: &str| manifest.pulls.iter().any(|pull| pull.files.iter().any(|file| file.name == name));
@@ -254,7 +254,7 @@ pub fn remove(paths: &Paths, pulled: &Pulled) -> std::io::Result<Vec<PathBuf>> {
 /// not a directory, so that one which is no file at all (a FIFO, a device) is listed with
 /// its error rather than hidden. Reading them is the GGUF reader's job, which opens regular
 /// files only.
-pub fn loose_files(paths: &Paths) -> Vec<PathBuf> {
+pub(crate) fn loose_files(paths: &Paths) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = fs::read_dir(paths.models_dir())
         .map(|entries| {
             entries

@@ -18,7 +18,7 @@ use crate::paths::{Paths, LLAMA_CPP_BUILD};
 
 /// What a llama-server is built for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
+pub(crate) enum Backend {
     /// The CPU: for this one (`GGML_NATIVE=ON`), or `portable` to any x86-64 of its class.
     Cpu {
         portable: bool,
@@ -37,7 +37,7 @@ pub enum Backend {
 impl Backend {
     /// The directory name of its build and install: each backend has its own, so switching
     /// is a build, never a broken install.
-    pub fn dir_name(&self) -> String {
+    pub(crate) fn dir_name(&self) -> String {
         match self {
             Backend::Cpu { portable: false } => "cpu".into(),
             Backend::Cpu { portable: true } => "cpu-portable".into(),
@@ -47,7 +47,7 @@ impl Backend {
         }
     }
 
-    pub fn from_dir_name(name: &str) -> Option<Backend> {
+    pub(crate) fn from_dir_name(name: &str) -> Option<Backend> {
         Some(match name {
             "cpu" => Backend::Cpu { portable: false },
             "cpu-portable" => Backend::Cpu { portable: true },
@@ -57,7 +57,7 @@ impl Backend {
         })
     }
 
-    pub fn is_gpu(&self) -> bool {
+    pub(crate) fn is_gpu(&self) -> bool {
         !matches!(self, Backend::Cpu { .. } | Backend::CpuWithoutAmx)
     }
 }
@@ -65,7 +65,7 @@ impl Backend {
 /// The longest `llama-server --version` may take. A real one answers in about 10 ms (it
 /// prints and exits before loading anything); 5 s leaves room for a slow disk or a loaded
 /// machine while keeping a hanging binary from blocking anyone for long.
-pub const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The most output of `--version` that is read: a real answer is a few lines.
 const VERSION_OUTPUT_LIMIT: u64 = 64 * 1024;
@@ -73,7 +73,11 @@ const VERSION_OUTPUT_LIMIT: u64 = 64 * 1024;
 /// The llama-server to run: a path the user named (flag or environment, then the config),
 /// else `llama-server` on PATH, else the one `llmctl setup` installed at `installed`. The
 /// error lists where it looked, for the message when it is nowhere.
-pub fn find_binary(explicit: Option<&Path>, configured: Option<&Path>, installed: &Path) -> Result<PathBuf, String> {
+pub(crate) fn find_binary(
+    explicit: Option<&Path>,
+    configured: Option<&Path>,
+    installed: &Path,
+) -> Result<PathBuf, String> {
     let mut searched = Vec::new();
     // A path the user named is the one they mean: say what is wrong with it rather than
     // quietly running another llama-server.
@@ -103,21 +107,21 @@ pub fn find_binary(explicit: Option<&Path>, configured: Option<&Path>, installed
 }
 
 /// A regular file with an execute bit (following links).
-pub fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// The backend of the llama-server `llmctl setup` installed, if it knows it: the current
 /// install is a link into its backend's directory.
-pub fn installed_backend(paths: &Paths) -> Option<Backend> {
+pub(crate) fn installed_backend(paths: &Paths) -> Option<Backend> {
     let target = fs::read_link(paths.installed_llama_server()).ok()?;
     let dir = target.parent()?.file_name()?.to_str()?;
     Backend::from_dir_name(dir.strip_prefix(&format!("b{LLAMA_CPP_BUILD}-"))?)
 }
 
 /// The llama-server llmctl would use, and a line describing it (path, build, backend).
-pub fn describe_llama_server(paths: &Paths, explicit: Option<&Path>, configured: Option<&Path>) -> String {
+pub(crate) fn describe_llama_server(paths: &Paths, explicit: Option<&Path>, configured: Option<&Path>) -> String {
     let installed = paths.installed_llama_server();
     match find_binary(explicit, configured, &installed) {
         Ok(binary) if binary == installed => {
@@ -131,7 +135,7 @@ pub fn describe_llama_server(paths: &Paths, explicit: Option<&Path>, configured:
 
 /// What `binary --version` answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VersionAnswer {
+pub(crate) enum VersionAnswer {
     /// The line that names the version, e.g. `version: 11434 (abcdef0)`.
     Version(String),
     /// It ran, but said nothing that names a version (or could not be started).
@@ -142,7 +146,7 @@ pub enum VersionAnswer {
 
 /// The version line of `binary`, for messages: "version unknown" when it names none, and
 /// "did not answer --version within 5 s" when it hangs.
-pub fn version_of(binary: &Path) -> String {
+pub(crate) fn version_of(binary: &Path) -> String {
     match ask_version(binary, VERSION_TIMEOUT) {
         VersionAnswer::Version(line) => line,
         VersionAnswer::Unknown => "version unknown".into(),
@@ -153,7 +157,7 @@ pub fn version_of(binary: &Path) -> String {
 }
 
 /// The llama.cpp build number a binary reports, e.g. 11434 for `(build 11434, ...)`.
-pub fn build_of(binary: &Path) -> Option<u32> {
+pub(crate) fn build_of(binary: &Path) -> Option<u32> {
     if !is_executable(binary) {
         return None;
     }
@@ -167,7 +171,7 @@ pub fn build_of(binary: &Path) -> Option<u32> {
 /// Runs `binary --version` for at most `timeout`. The child runs in a process group of its
 /// own, so at the deadline the kill reaches whatever it started too (a wrapper script's
 /// `sleep`), and it is always reaped.
-pub fn ask_version(binary: &Path, timeout: Duration) -> VersionAnswer {
+pub(crate) fn ask_version(binary: &Path, timeout: Duration) -> VersionAnswer {
     let Ok((reader, writer)) = io::pipe() else {
         return VersionAnswer::Unknown;
     };

@@ -14,14 +14,14 @@ use parking_lot::Mutex;
 const NVIDIA_SMI_TIMEOUT: Duration = Duration::from_secs(3);
 /// What a process pays on a GPU before any weights: the CUDA context. Measured: 546 MiB
 /// for a model under 1 MB on an H100 (see tests/fixtures/nvidia-smi), 608 MiB on an H200.
-pub const CUDA_CONTEXT_BYTES: u64 = 512 << 20;
+pub(crate) const CUDA_CONTEXT_BYTES: u64 = 512 << 20;
 /// Host memory the CUDA runtime takes in a process that uses the GPU, beyond what a CPU-only
 /// llama-server holds (measured on an H200: a tiny model's child is 334 MiB resident with
 /// `-ngl 99` against about 40 MiB on CPU).
-pub const CUDA_HOST_BYTES: u64 = 300 << 20;
+pub(crate) const CUDA_HOST_BYTES: u64 = 300 << 20;
 
 /// Total memory of the machine in bytes.
-pub fn mem_total() -> u64 {
+pub(crate) fn mem_total() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
@@ -34,7 +34,7 @@ pub fn mem_total() -> u64 {
 
 /// A snapshot of GPU memory: the total over every GPU and what each process uses.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct GpuReading {
+pub(crate) struct GpuReading {
     pub total_bytes: u64,
     /// How many GPUs the total covers.
     pub gpus: usize,
@@ -44,7 +44,7 @@ pub struct GpuReading {
 /// GPU memory as last read by the daemon's supervisor thread. Readers never wait for
 /// `nvidia-smi` (23 ms a call on an H200): they get the latest reading, and a load asks for
 /// a new one with [`Gpu::refresh_soon`].
-pub struct Gpu {
+pub(crate) struct Gpu {
     latest: Mutex<Option<GpuReading>>,
     pokes: (crossbeam_channel::Sender<()>, crossbeam_channel::Receiver<()>),
 }
@@ -57,23 +57,23 @@ impl Default for Gpu {
 
 impl Gpu {
     /// The latest reading; none on a machine without `nvidia-smi`.
-    pub fn latest(&self) -> Option<GpuReading> {
+    pub(crate) fn latest(&self) -> Option<GpuReading> {
         self.latest.lock().clone()
     }
 
     /// Reads the GPUs now (runs `nvidia-smi`); called by the supervisor thread only.
-    pub fn sample(&self) {
+    pub(crate) fn sample(&self) {
         let reading = read_gpu();
         *self.latest.lock() = reading;
     }
 
     /// Asks the supervisor for a new reading soon (after a load); never blocks.
-    pub fn refresh_soon(&self) {
+    pub(crate) fn refresh_soon(&self) {
         let _ = self.pokes.0.try_send(());
     }
 
     /// Where the supervisor hears [`Gpu::refresh_soon`].
-    pub fn pokes(&self) -> &crossbeam_channel::Receiver<()> {
+    pub(crate) fn pokes(&self) -> &crossbeam_channel::Receiver<()> {
         &self.pokes.1
     }
 }
@@ -131,7 +131,7 @@ fn mib_cell(cell: &str) -> Option<u64> {
 
 /// Each GPU's total memory from `--query-gpu=...,memory.total,...` output, with or without
 /// the header and units.
-pub fn parse_gpu_totals(csv: &str) -> Vec<u64> {
+pub(crate) fn parse_gpu_totals(csv: &str) -> Vec<u64> {
     let mut lines = csv.lines().filter(|l| !l.trim().is_empty()).peekable();
     let column = match lines.peek() {
         Some(first) if first.contains("memory.total") => {
@@ -149,7 +149,7 @@ pub fn parse_gpu_totals(csv: &str) -> Vec<u64> {
 }
 
 /// pid → bytes from `--query-compute-apps=pid,process_name,used_memory` output.
-pub fn parse_compute_apps(csv: &str) -> HashMap<u32, u64> {
+pub(crate) fn parse_compute_apps(csv: &str) -> HashMap<u32, u64> {
     let mut used = HashMap::new();
     for line in csv.lines() {
         let cells: Vec<&str> = line.split(',').collect();

@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::paths::Paths;
 
 /// The demo model `llmctl setup` installs, and its alias.
-pub const DEMO_ALIAS: &str = "demo";
-pub const DEMO_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const DEMO_ALIAS: &str = "demo";
+pub(crate) const DEMO_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Options that change how llama-server loads a model. Two requests that differ here run
 /// on two instances; sampling options never appear here.
@@ -112,7 +112,7 @@ pub struct LoadOverrides {
     pub gpu_layers: Option<u32>,
 }
 
-pub fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverrides) -> Result<ModelSpec> {
+pub(crate) fn resolve(name: &str, config: &Config, paths: &Paths, overrides: &LoadOverrides) -> Result<ModelSpec> {
     let mut policy = Policy::default();
     let (display, path, mut load) = if let Some(model) = config.models.get(name) {
         let load = LoadOptions {

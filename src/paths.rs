@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// The llama.cpp build `llmctl setup` installs and the tests run against.
-pub const LLAMA_CPP_BUILD: u32 = 11434;
+pub(crate) const LLAMA_CPP_BUILD: u32 = 11434;
 
 /// Paths one process works with, resolved once at start.
 #[derive(Debug, Clone)]
@@ -123,7 +123,7 @@ fn default_socket() -> PathBuf {
 /// when it exists and is the user's (what systemd sets XDG_RUNTIME_DIR to, so a cron job,
 /// which has no XDG_RUNTIME_DIR, finds the same daemon as the user's shell); else in
 /// `/tmp/llmctl-$UID`.
-pub fn socket_location(
+pub(crate) fn socket_location(
     explicit: Option<PathBuf>,
     xdg_runtime: Option<PathBuf>,
     run_user: Option<PathBuf>,
@@ -146,10 +146,10 @@ fn default_config() -> PathBuf {
 }
 
 /// The longest path a Unix socket can have (`sun_path` holds 108 bytes with the NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
+pub(crate) const MAX_SOCKET_PATH: usize = 107;
 
 /// Refuses a socket path the kernel cannot bind, naming its length and the way out.
-pub fn check_socket_path(socket: &Path) -> Result<()> {
+pub(crate) fn check_socket_path(socket: &Path) -> Result<()> {
     let len = socket.as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(Error::DaemonUnavailable {
@@ -167,7 +167,7 @@ pub fn check_socket_path(socket: &Path) -> Result<()> {
 /// made private (0700). An existing one is never changed (it may be `/tmp` or `$HOME`), only
 /// checked: it must belong to this user and must not be writable by others unless sticky, or
 /// another user could swap the socket; otherwise it is refused (exit 69).
-pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+pub(crate) fn ensure_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let unusable = |reason: String| Error::DaemonUnavailable { socket: dir.to_path_buf(), reason };
     if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty() && !parent.exists()) {
@@ -206,7 +206,7 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
 
 /// Makes sure `dir` is a directory only this user can enter, creating it (0700) if needed:
 /// for the children's sockets. An existing one that others can enter is refused.
-pub fn ensure_own_private_dir(dir: &Path) -> Result<()> {
+pub(crate) fn ensure_own_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let unusable = |reason: String| Error::DaemonUnavailable { socket: dir.to_path_buf(), reason };
     match fs::DirBuilder::new().mode(0o700).create(dir) {
@@ -223,7 +223,7 @@ pub fn ensure_own_private_dir(dir: &Path) -> Result<()> {
 
 /// Removes `path` if it is a socket (left by a process that died); anything else there is
 /// not llmctl's and stays. Returns an error naming what is there when it is not a socket.
-pub fn remove_stale_socket(path: &Path) -> std::result::Result<(), String> {
+pub(crate) fn remove_stale_socket(path: &Path) -> std::result::Result<(), String> {
     use std::os::unix::fs::FileTypeExt;
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -240,7 +240,7 @@ pub fn remove_stale_socket(path: &Path) -> std::result::Result<(), String> {
 }
 
 /// "a regular file", "a directory", ... for messages about what sits at a path.
-pub fn describe_file_type(file_type: &fs::FileType) -> &'static str {
+pub(crate) fn describe_file_type(file_type: &fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if file_type.is_dir() {
         "a directory"
@@ -259,7 +259,7 @@ pub fn describe_file_type(file_type: &fs::FileType) -> &'static str {
 
 /// Writes `contents` to `path` so that readers see either the old file or the whole new
 /// one: a temporary file in the same directory, fsync, rename, then fsync of the directory.
-pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path.file_name().and_then(|name| name.to_str()).unwrap_or("file");

@@ -12,14 +12,14 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 const PATH: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b'/');
 
 /// Percent-encodes `path` for a URL, keeping its slashes.
-pub fn encode_path(path: &str) -> String {
+pub(crate) fn encode_path(path: &str) -> String {
     utf8_percent_encode(path, PATH).to_string()
 }
 
 /// Decodes one value of a query string (`application/x-www-form-urlencoded`, as HTML forms
 /// and most clients send it): `+` is a space and `%XX` a byte. Bytes that are not UTF-8
 /// become U+FFFD; a `%` without two hex digits stays as it is.
-pub fn decode_query(value: &str) -> Cow<'_, str> {
+pub(crate) fn decode_query(value: &str) -> Cow<'_, str> {
     if !value.contains(['+', '%']) {
         return Cow::Borrowed(value);
     }

@@ -12,39 +12,39 @@ use crate::config::{parse_ttl, Config, Ttl, DEFAULT_QUEUE_DEPTH};
 
 /// The memory budget unless configured: three quarters of MemTotal leaves room for the
 /// rest of the machine.
-pub const DEFAULT_MEMORY_BUDGET: &str = "75%";
+pub(crate) const DEFAULT_MEMORY_BUDGET: &str = "75%";
 /// The GPU memory budget unless configured.
-pub const DEFAULT_VRAM_BUDGET: &str = "90%";
+pub(crate) const DEFAULT_VRAM_BUDGET: &str = "90%";
 /// Seconds a load may go without output from the child before it fails.
-pub const DEFAULT_LOAD_TIMEOUT_S: u64 = 120;
+pub(crate) const DEFAULT_LOAD_TIMEOUT_S: u64 = 120;
 /// Seconds without a token before a generation is declared stalled.
-pub const DEFAULT_TOKEN_TIMEOUT_S: u64 = 300;
+pub(crate) const DEFAULT_TOKEN_TIMEOUT_S: u64 = 300;
 /// Failures within the crash window after which an instance is not restarted.
-pub const DEFAULT_CRASH_LIMIT: usize = 3;
-pub const DEFAULT_CRASH_WINDOW_S: u64 = 60;
+pub(crate) const DEFAULT_CRASH_LIMIT: usize = 3;
+pub(crate) const DEFAULT_CRASH_WINDOW_S: u64 = 60;
 /// How long a request may wait for a slot, in seconds.
-pub const QUEUE_TIMEOUT_S: u64 = 600;
+pub(crate) const QUEUE_TIMEOUT_S: u64 = 600;
 /// Time a child gets between SIGTERM and SIGKILL.
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Disk the saved prompt caches may use unless configured: a few conversations of a large
 /// model (a 30,000-token context of an 8B model is about 4 GiB), hundreds of a small one.
-pub const DEFAULT_CACHE_BUDGET: &str = "4GiB";
+pub(crate) const DEFAULT_CACHE_BUDGET: &str = "4GiB";
 /// The longest saving prompt caches may delay a stop, all slots together, and the longest a
 /// restore may delay a load. A child that has not answered by then is stopped (or served)
 /// anyway.
-pub const DEFAULT_CACHE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_CACHE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The crash-loop breaker's settings: after `limit` crashes within `window`, an instance is
 /// not restarted until `llmctl stop` clears it or the window has passed since the last one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CrashLoop {
+pub(crate) struct CrashLoop {
     pub limit: usize,
     pub window: Duration,
 }
 
 /// When a change to a setting takes effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applies {
+pub(crate) enum Applies {
     /// `llmctl reload` (or SIGHUP) changes it while the daemon runs.
     Live,
     /// Only a new daemon uses a new value.
@@ -53,7 +53,7 @@ pub enum Applies {
 
 /// One setting as the table describes it.
 #[derive(Debug, Clone, Copy)]
-pub struct Entry {
+pub(crate) struct Entry {
     pub key: &'static str,
     pub default: &'static str,
     pub env: Option<&'static str>,
@@ -61,7 +61,7 @@ pub struct Entry {
 }
 
 /// Every daemon setting, in the order `llmctl config` and `status` show them.
-pub const TABLE: &[Entry] = &[
+pub(crate) const TABLE: &[Entry] = &[
     Entry { key: "queue_depth", default: "64", env: None, applies: Applies::AtStart },
     Entry {
         key: "memory_budget",
@@ -82,7 +82,7 @@ pub const TABLE: &[Entry] = &[
 ];
 
 /// Whether the config file sets `key` of [`TABLE`].
-pub fn configured(config: &Config, key: &str) -> bool {
+pub(crate) fn configured(config: &Config, key: &str) -> bool {
     match key {
         "queue_depth" => config.queue_depth.is_some(),
         "memory_budget" => config.memory_budget.is_some(),
@@ -100,13 +100,13 @@ pub fn configured(config: &Config, key: &str) -> bool {
 }
 
 /// The table's entry for `key`.
-pub fn entry(key: &str) -> Option<&'static Entry> {
+pub(crate) fn entry(key: &str) -> Option<&'static Entry> {
     TABLE.iter().find(|entry| entry.key == key)
 }
 
 /// Daemon settings after flags, environment and config are applied.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub max_wait_ms: Option<u64>,
     pub min_residency_ms: Option<u64>,
     pub queue_depth: usize,
@@ -129,14 +129,14 @@ pub struct Settings {
 
 /// The daemon's flags, kept so a reload applies the config under them again.
 #[derive(Debug, Clone, Default)]
-pub struct StartFlags {
+pub(crate) struct StartFlags {
     pub queue_depth: Option<usize>,
     pub llama_server: Option<PathBuf>,
 }
 
 /// The settings a reload changes while the daemon runs; the others need a new daemon.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LiveSettings {
+pub(crate) struct LiveSettings {
     /// The bound on a load's wait; none: derived from measured load times.
     pub max_wait_ms: Option<u64>,
     pub min_residency_ms: Option<u64>,
@@ -149,13 +149,13 @@ pub struct LiveSettings {
 
 impl LiveSettings {
     /// `cache_budget` in bytes (the config was checked when it was read).
-    pub fn cache_budget_bytes(&self) -> u64 {
+    pub(crate) fn cache_budget_bytes(&self) -> u64 {
         crate::budget::parse_size(&self.cache_budget, 0).unwrap_or(0)
     }
 }
 
 impl Settings {
-    pub fn from_config(config: &Config, flags: &StartFlags) -> Settings {
+    pub(crate) fn from_config(config: &Config, flags: &StartFlags) -> Settings {
         let wait =
             |value: &Option<String>| value.as_deref().and_then(|text| crate::config::parse_wait(text).ok()).flatten();
         Settings {
@@ -184,7 +184,7 @@ impl Settings {
         }
     }
 
-    pub fn live(&self) -> LiveSettings {
+    pub(crate) fn live(&self) -> LiveSettings {
         LiveSettings {
             max_wait_ms: self.max_wait_ms,
             min_residency_ms: self.min_residency_ms,
@@ -198,7 +198,7 @@ impl Settings {
 
     /// Each setting of [`TABLE`] as `llmctl config` writes it, with the live ones from
     /// `live`: for `status`, and to tell what the daemon uses from what the config says now.
-    pub fn describe(&self, live: &LiveSettings) -> BTreeMap<String, String> {
+    pub(crate) fn describe(&self, live: &LiveSettings) -> BTreeMap<String, String> {
         let ttl = |ttl: Ttl| match ttl {
             Ttl::Never => "never".to_string(),
             Ttl::Seconds(seconds) => format!("{seconds}s"),

@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 /// The uid of the process at the other end of a Unix socket (SO_PEERCRED).
-pub fn peer_uid(socket: &impl AsRawFd) -> io::Result<u32> {
+pub(crate) fn peer_uid(socket: &impl AsRawFd) -> io::Result<u32> {
     // SAFETY: ucred is plain data; getsockopt writes at most `len` bytes into it.
     let mut credentials: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
@@ -27,13 +27,13 @@ pub fn peer_uid(socket: &impl AsRawFd) -> io::Result<u32> {
     Ok(credentials.uid)
 }
 
-pub fn current_uid() -> u32 {
+pub(crate) fn current_uid() -> u32 {
     // SAFETY: getuid has no preconditions and cannot fail.
     unsafe { libc::getuid() }
 }
 
 /// True when the peer of `socket` has closed or shut down its side, without reading.
-pub fn peer_closed(socket: &impl AsRawFd) -> bool {
+pub(crate) fn peer_closed(socket: &impl AsRawFd) -> bool {
     let mut poll = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
     // SAFETY: one valid pollfd, zero timeout; poll only writes `revents`.
     let rc = unsafe { libc::poll(&mut poll, 1, 0) };
@@ -42,7 +42,7 @@ pub fn peer_closed(socket: &impl AsRawFd) -> bool {
 
 /// Takes an exclusive advisory lock on `file` without waiting; false if another process
 /// holds it. The lock lasts as long as the file stays open.
-pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     // SAFETY: flock on a descriptor we own for the duration of the call.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
@@ -59,7 +59,7 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
 /// Takes a shared advisory lock on `file` without waiting, to learn whether another
 /// process holds it exclusively: false if one does. The lock lasts as long as the file
 /// stays open.
-pub fn try_lock_shared(file: &File) -> io::Result<bool> {
+pub(crate) fn try_lock_shared(file: &File) -> io::Result<bool> {
     // SAFETY: flock on a descriptor we own for the duration of the call.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
     if rc == 0 {
@@ -76,7 +76,7 @@ pub fn try_lock_shared(file: &File) -> io::Result<bool> {
 /// Takes an exclusive advisory lock on `file`, waiting as long as another process holds
 /// it. The lock lasts as long as the file stays open, and the kernel drops it when its
 /// holder dies, however it dies.
-pub fn lock_exclusive(file: &File) -> io::Result<()> {
+pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
     loop {
         // SAFETY: flock on a descriptor we own for the duration of the call.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
@@ -93,7 +93,7 @@ pub fn lock_exclusive(file: &File) -> io::Result<()> {
 
 /// Shuts down both directions of a socket by raw descriptor, from a signal handler or
 /// another thread, so a blocked read returns at once.
-pub fn shutdown_socket(fd: RawFd) {
+pub(crate) fn shutdown_socket(fd: RawFd) {
     // SAFETY: shutdown takes any descriptor and fails harmlessly on a stale one.
     unsafe {
         libc::shutdown(fd, libc::SHUT_RDWR);
@@ -103,7 +103,7 @@ pub fn shutdown_socket(fd: RawFd) {
 /// Asks the kernel to read the file at `path` into the page cache in the background
 /// (`posix_fadvise(WILLNEED)`), so a load that follows reads from memory. Only a regular
 /// file is opened, without blocking on a FIFO.
-pub fn read_ahead(path: &std::path::Path) -> io::Result<()> {
+pub(crate) fn read_ahead(path: &std::path::Path) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
     if !file.metadata()?.is_file() {
@@ -119,7 +119,7 @@ pub fn read_ahead(path: &std::path::Path) -> io::Result<()> {
 }
 
 /// `bytes` random bytes from the kernel, as lowercase hex: for secrets such as a child's key.
-pub fn random_hex(bytes: usize) -> io::Result<String> {
+pub(crate) fn random_hex(bytes: usize) -> io::Result<String> {
     use std::io::Read;
     let mut buffer = vec![0u8; bytes];
     File::open("/dev/urandom")?.read_exact(&mut buffer)?;

@@ -11,18 +11,18 @@ use std::fmt::Write;
 /// C1 range) and the Unicode characters that reorder or break lines (bidirectional
 /// overrides and isolates, line and paragraph separators) are shown as `\x1b`-style or
 /// `\u{202e}`-style escapes. Everything else, backslashes included, is shown as it is.
-pub fn escape(text: &str) -> Cow<'_, str> {
+pub(crate) fn escape(text: &str) -> Cow<'_, str> {
     escape_with(text, false)
 }
 
 /// The same as [`escape`], but line breaks and tabs stay: for text shown as lines of its
 /// own (a chat template, the last lines a crashed server wrote).
-pub fn escape_lines(text: &str) -> Cow<'_, str> {
+pub(crate) fn escape_lines(text: &str) -> Cow<'_, str> {
     escape_with(text, true)
 }
 
 /// "1st", "2nd", "3rd", "4th", "11th", "21st"...: a place in line.
-pub fn ordinal(n: usize) -> String {
+pub(crate) fn ordinal(n: usize) -> String {
     let suffix = match (n % 10, n % 100) {
         (_, 11..=13) => "th",
         (1, _) => "st",

@@ -35,7 +35,7 @@ impl Default for Timeouts {
 
 /// HTTP to one server.
 #[derive(Debug, Clone)]
-pub struct Client {
+pub(crate) struct Client {
     /// Keeps idle connections for reuse: a request then skips the handshake.
     pub(super) agent: ureq::Agent,
     /// Opens a fresh connection for every request: the retry when a pooled connection turns

@@ -15,12 +15,12 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// While alive, Ctrl-C (or SIGTERM) shuts down the socket `fd` names.
-pub struct Watch(());
+pub(crate) struct Watch(());
 
 impl Watch {
     /// Installs the handler (once per process) and watches `fd`; the interrupted mark is
     /// cleared, so a conversation can be interrupted answer after answer.
-    pub fn socket(fd: RawFd) -> Result<Watch> {
+    pub(crate) fn socket(fd: RawFd) -> Result<Watch> {
         install()?;
         INTERRUPTED.store(false, Ordering::SeqCst);
         SOCKET_FD.store(fd, Ordering::SeqCst);
@@ -35,7 +35,7 @@ impl Drop for Watch {
 }
 
 /// True once Ctrl-C (or SIGTERM) came while a socket was watched.
-pub fn interrupted() -> bool {
+pub(crate) fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 

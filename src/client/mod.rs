@@ -9,8 +9,8 @@
 //! answers there (the socket was removed under the daemon), the command waits for that
 //! daemon to notice and exit, then goes on as if none ran.
 
-pub mod interrupt;
-pub mod stream;
+pub(crate) mod interrupt;
+pub(crate) mod stream;
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
@@ -30,13 +30,13 @@ const AUTOSTART_TIMEOUT: Duration = Duration::from_secs(10);
 /// stopped (SIGSTOP) or wedged.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a control request (status, stop, shutdown, pin) may go without an answer.
-pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_POLL: Duration = Duration::from_millis(2);
 /// How long a client waits for a daemon whose socket is gone to exit. It notices within
 /// half a second and stops its instances, which takes their stop grace at most.
 const ORPHANED_DAEMON_TIMEOUT: Duration = Duration::from_secs(20);
 
-pub struct Connection {
+pub(crate) struct Connection {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     line: Vec<u8>,
@@ -49,13 +49,13 @@ pub struct Connection {
 
 impl Connection {
     /// Bounds every wait for the daemon's next message (none: wait for good, as `events`).
-    pub fn set_reply_timeout(&mut self, timeout: Option<Duration>) -> Result<()> {
+    pub(crate) fn set_reply_timeout(&mut self, timeout: Option<Duration>) -> Result<()> {
         self.reader.get_ref().set_read_timeout(timeout).map_err(|e| self.lost(e))?;
         self.reply_timeout = timeout;
         Ok(())
     }
 
-    pub fn send(&mut self, request: &Request) -> Result<()> {
+    pub(crate) fn send(&mut self, request: &Request) -> Result<()> {
         let mut buffer = Vec::with_capacity(256);
         protocol::write_message(&mut buffer, request).map_err(|e| Error::internal(e.to_string()))?;
         // The daemon refuses longer lines; say so here, naming the size, instead of meeting
@@ -74,7 +74,7 @@ impl Connection {
 
     /// The next response; the end of the stream is an error, since every request ends with
     /// a final response.
-    pub fn recv(&mut self) -> Result<Response> {
+    pub(crate) fn recv(&mut self) -> Result<Response> {
         match protocol::read_message(&mut self.reader, &mut self.line) {
             Ok(Some(response)) => Ok(response),
             Ok(None) => {
@@ -85,16 +85,11 @@ impl Connection {
     }
 
     /// True when a complete response may already be buffered, so an output flush can wait.
-    pub fn has_buffered(&self) -> bool {
+    pub(crate) fn has_buffered(&self) -> bool {
         !self.reader.buffer().is_empty()
     }
 
-    /// A second handle on the socket, so another thread can shut it down.
-    pub fn socket(&self) -> io::Result<UnixStream> {
-        self.writer.try_clone()
-    }
-
-    pub fn raw_fd(&self) -> RawFd {
+    pub(crate) fn raw_fd(&self) -> RawFd {
         self.writer.as_raw_fd()
     }
 
@@ -112,7 +107,7 @@ impl Connection {
     }
 
     /// Sends `request` and reads until its final response; a daemon error becomes `Err`.
-    pub fn call(&mut self, request: &Request) -> Result<Response> {
+    pub(crate) fn call(&mut self, request: &Request) -> Result<Response> {
         self.send(request)?;
         loop {
             match self.recv()? {
@@ -134,7 +129,7 @@ fn lock_file(socket: &std::path::Path) -> std::path::PathBuf {
 /// Connects for a request about `model`. A running daemon checks the model's header
 /// itself (and remembers it); when none runs, the header is checked here first, so a
 /// wrong or truncated file is refused without starting anything.
-pub fn connect_for(context: &Context, model: &crate::model::ModelSpec) -> Result<Connection> {
+pub(crate) fn connect_for(context: &Context, model: &crate::model::ModelSpec) -> Result<Connection> {
     if let Some(connection) = try_connect(context)? {
         return Ok(connection);
     }
@@ -145,7 +140,7 @@ pub fn connect_for(context: &Context, model: &crate::model::ModelSpec) -> Result
 }
 
 /// Connects to the daemon, starting it first unless autostart is off.
-pub fn connect(context: &Context) -> Result<Connection> {
+pub(crate) fn connect(context: &Context) -> Result<Connection> {
     match try_connect(context)? {
         Some(connection) => Ok(connection),
         None if context.global.no_autostart => Err(Error::DaemonUnavailable {
@@ -158,7 +153,7 @@ pub fn connect(context: &Context) -> Result<Connection> {
 
 /// Connects to a running daemon; `Ok(None)` when none answers. When none answers at this
 /// command's socket, a daemon that holds the state directory at another socket is used.
-pub fn try_connect(context: &Context) -> Result<Option<Connection>> {
+pub(crate) fn try_connect(context: &Context) -> Result<Option<Connection>> {
     if let Some(connection) = connect_at(&context.paths.socket)? {
         return Ok(Some(connection));
     }

@@ -12,7 +12,7 @@ use crate::protocol::{Done, Request, Response};
 
 /// What a waiting request hears before its first token.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Progress {
+pub(crate) enum Progress {
     /// The model loads for this request; while its load waits for room, its place in line
     /// and the estimated wait.
     Loading {
@@ -26,7 +26,7 @@ pub enum Progress {
 }
 
 /// Where a generation goes.
-pub trait Sink {
+pub(crate) trait Sink {
     fn progress(&mut self, progress: Progress);
     /// A piece of text; `more` is true when more is already buffered.
     fn token(&mut self, text: &str, more: bool) -> io::Result<()>;
@@ -34,14 +34,14 @@ pub trait Sink {
 
 /// How a generation ended on the client's side.
 #[derive(Debug)]
-pub enum Ended {
+pub(crate) enum Ended {
     Done(Done),
     /// The sink could not write (its reader went away): not a failure.
     SinkClosed(io::Error),
 }
 
 /// Sends `request` and feeds what comes back to `sink` until the generation ends.
-pub fn generate(connection: &mut Connection, request: &Request, sink: &mut dyn Sink) -> Result<Ended> {
+pub(crate) fn generate(connection: &mut Connection, request: &Request, sink: &mut dyn Sink) -> Result<Ended> {
     connection.send(request)?;
     loop {
         let response = connection.recv()?;

@@ -253,7 +253,7 @@ fn describe_model(model: &ModelSpec) -> String {
     lines.join("\n")
 }
 
-pub fn run(context: &Context, args: ChatArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: ChatArgs) -> Result<()> {
     let model = crate::setup::resolve_on_first_use(context, &args.model, &args.load.overrides())?;
     let max_tokens = crate::config::max_tokens(args.max_tokens, &*context.config()?);
     let sampling = Sampling { max_tokens, temperature: args.temperature, ..Sampling::default() };
@@ -261,7 +261,12 @@ pub fn run(context: &Context, args: ChatArgs) -> Result<()> {
 }
 
 /// The chat loop, for `chat` and for `run` at a terminal without a prompt.
-pub fn session(context: &Context, model: ModelSpec, system: Option<String>, mut sampling: Sampling) -> Result<()> {
+pub(crate) fn session(
+    context: &Context,
+    model: ModelSpec,
+    system: Option<String>,
+    mut sampling: Sampling,
+) -> Result<()> {
     let mut editor = rustyline::DefaultEditor::new().map_err(|e| Error::internal(format!("line editor: {e}")))?;
     let history = context.paths.state_dir.join("chat_history");
     let _ = editor.load_history(&history);

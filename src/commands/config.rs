@@ -45,7 +45,7 @@ fn flag_or(given: bool, own_env: &str, flag: &str, xdg: Option<&str>) -> String 
     }
 }
 
-pub fn run(context: &Context, args: ConfigArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: ConfigArgs) -> Result<()> {
     // A config with a mistake still shows what it sets right; the error comes after it.
     let (config, config_error) = crate::config::Config::load_what_it_can(&context.paths.config);
     let paths = &context.paths;

@@ -6,7 +6,7 @@ use crate::daemon;
 use crate::error::Result;
 use crate::settings::{Settings, StartFlags};
 
-pub fn run(context: &Context, args: DaemonArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: DaemonArgs) -> Result<()> {
     let config = context.config()?;
     let queue_depth = args.queue_depth.map(|depth| depth as usize);
     let flags = StartFlags { queue_depth, llama_server: context.global.llama_server.clone() };

@@ -17,7 +17,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
 
-pub fn run(context: &Context, args: EmbedArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: EmbedArgs) -> Result<()> {
     // What the user typed is checked before a first use sets anything up.
     let mut model = crate::setup::resolve_on_first_use(context, &args.model, &args.load.overrides())?;
     model.load.embeddings = true;

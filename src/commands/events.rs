@@ -8,7 +8,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::protocol::{Request, Response};
 
-pub fn events(context: &Context) -> Result<()> {
+pub(crate) fn events(context: &Context) -> Result<()> {
     let mut connection = client::connect(context)?;
     connection.call(&Request::Events)?;
     // Subscribed: events come when they come.
@@ -32,7 +32,7 @@ pub fn events(context: &Context) -> Result<()> {
     }
 }
 
-pub fn metrics(context: &Context) -> Result<()> {
+pub(crate) fn metrics(context: &Context) -> Result<()> {
     let mut connection = client::connect(context)?;
     let Response::Metrics { text } = connection.call(&Request::Metrics)? else {
         return Err(Error::internal("the daemon answered metrics with something else"));

@@ -15,7 +15,7 @@ const FOLLOW_POLL: Duration = Duration::from_millis(100);
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-pub fn run(context: &Context, args: LogsArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: LogsArgs) -> Result<()> {
     let path = match &args.model {
         Some(name) => {
             let spec = context.resolve_model(name, &args.load.overrides())?;

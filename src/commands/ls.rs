@@ -18,7 +18,7 @@ use crate::term;
 
 /// One row of `ls`, and one object of `ls --json`.
 #[derive(Debug, Serialize)]
-pub struct Listed {
+pub(crate) struct Listed {
     pub name: String,
     pub source: Source,
     pub path: Option<PathBuf>,
@@ -32,7 +32,7 @@ pub struct Listed {
     pub error: Option<String>,
 }
 
-pub fn run(context: &Context, args: LsArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: LsArgs) -> Result<()> {
     let config = context.config()?;
     let known = catalog::known(&config, &context.paths);
     if args.names {
@@ -95,7 +95,7 @@ fn loaded_paths(context: &Context) -> HashSet<PathBuf> {
 }
 
 /// Instances that hold a model in memory, or are loading one.
-pub fn loaded_instances(report: &StatusReport) -> impl Iterator<Item = &crate::protocol::InstanceStatus> {
+pub(crate) fn loaded_instances(report: &StatusReport) -> impl Iterator<Item = &crate::protocol::InstanceStatus> {
     report.instances.iter().filter(|instance| instance.state.is_up())
 }
 
@@ -129,7 +129,7 @@ fn render(listed: &[Listed]) -> String {
 }
 
 /// Left-aligned columns two spaces apart.
-pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let widths: Vec<usize> = (0..N).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for row in rows {
@@ -141,7 +141,7 @@ pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not a failure.
-pub fn write_stdout(text: &str) -> Result<()> {
+pub(crate) fn write_stdout(text: &str) -> Result<()> {
     match std::io::stdout().lock().write_all(text.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("cannot write to stdout", e)),
         _ => Ok(()),

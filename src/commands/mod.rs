@@ -1,34 +1,34 @@
 //! One file per subcommand: the client side of each. They share a [`Context`] with the
 //! resolved paths, the global flags and the config, read once.
 
-pub mod chat;
-pub mod config;
-pub mod daemon;
-pub mod embed;
-pub mod events;
-pub mod logs;
-pub mod ls;
-pub mod pin;
-pub mod ps;
-pub mod pull;
-pub mod reload;
-pub mod rm;
-pub mod run;
-pub mod serve;
-pub mod setup;
-pub mod show;
-pub mod shutdown;
-pub mod status;
-pub mod stop;
-pub mod switch;
-pub mod warm;
+pub(crate) mod chat;
+pub(crate) mod config;
+pub(crate) mod daemon;
+pub(crate) mod embed;
+pub(crate) mod events;
+pub(crate) mod logs;
+pub(crate) mod ls;
+pub(crate) mod pin;
+pub(crate) mod ps;
+pub(crate) mod pull;
+pub(crate) mod reload;
+pub(crate) mod rm;
+pub(crate) mod run;
+pub(crate) mod serve;
+pub(crate) mod setup;
+pub(crate) mod show;
+pub(crate) mod shutdown;
+pub(crate) mod status;
+pub(crate) mod stop;
+pub(crate) mod switch;
+pub(crate) mod warm;
 
-pub use crate::context::Context;
+pub(crate) use crate::context::Context;
 use crate::error::Error;
 
 /// Adds "did you mean" to an unknown model: the known names closest to it (aliases, pulled
 /// models, files in the models directory). Any other error passes unchanged.
-pub fn suggest_names(context: &Context, error: Error) -> Error {
+pub(crate) fn suggest_names(context: &Context, error: Error) -> Error {
     let name = match &error {
         Error::UnknownModel { name } => name.clone(),
         Error::ModelNotFound { path } if path.is_relative() => path.to_string_lossy().into_owned(),

@@ -7,7 +7,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::protocol::Request;
 
-pub fn run(context: &Context, args: PinArgs, pinned: bool) -> Result<()> {
+pub(crate) fn run(context: &Context, args: PinArgs, pinned: bool) -> Result<()> {
     let model = context.resolve_model(&args.model, &args.load.overrides())?;
     if !pinned && model.policy.pinned {
         // The config's pin holds whatever a command says; changing it is an edit.

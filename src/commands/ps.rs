@@ -14,7 +14,7 @@ use crate::protocol::InstanceState;
 use crate::protocol::{InstanceStatus, Request, Response};
 use crate::term;
 
-pub fn run(context: &Context, args: PsArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: PsArgs) -> Result<()> {
     let report = match client::try_connect(context)? {
         Some(mut connection) => match connection.call(&Request::Status)? {
             Response::Status(report) => Some(report),

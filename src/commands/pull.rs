@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::library::RepoName;
 
-pub fn run(context: &Context, args: PullArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: PullArgs) -> Result<()> {
     let wanted = RepoName::parse(&args.model).map_err(|message| Error::Usage { message })?;
     let hub = Hub::from_env();
     let plan = hub.plan(wanted.clone())?;

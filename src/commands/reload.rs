@@ -6,7 +6,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::protocol::{Request, Response};
 
-pub fn run(context: &Context) -> Result<()> {
+pub(crate) fn run(context: &Context) -> Result<()> {
     let Some(mut connection) = client::try_connect(context)? else {
         println!("no daemon runs; the next one reads the config as it is");
         return Ok(());

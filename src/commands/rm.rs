@@ -11,7 +11,7 @@ use crate::library;
 use crate::model::ModelSpec;
 use crate::protocol::{Request, Response};
 
-pub fn run(context: &Context, args: RmArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: RmArgs) -> Result<()> {
     let Some(pulled) = library::find(&context.paths, &args.model) else {
         let no_overrides = crate::model::LoadOverrides::default();
         // Say what the name is, if it is anything: a file or an alias llmctl did not pull.

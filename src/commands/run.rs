@@ -20,7 +20,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::protocol::{Done, Mode, Request, RunRequest, Sampling, Usage};
 
-pub fn run(context: &Context, args: RunArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: RunArgs) -> Result<()> {
     let sampling = Sampling {
         max_tokens: crate::config::max_tokens(args.max_tokens, &*context.config()?),
         temperature: args.temperature,
@@ -226,7 +226,7 @@ fn read_stdin(stdin: io::Stdin) -> Result<String> {
 
 /// The prompt: the words, then a blank line, then piped stdin; either alone when the other
 /// is empty.
-pub fn compose_prompt(words: &[String], piped: Option<&str>) -> Result<String> {
+pub(crate) fn compose_prompt(words: &[String], piped: Option<&str>) -> Result<String> {
     let typed = words.join(" ");
     let piped = piped.unwrap_or("");
     let prompt = match (typed.is_empty(), piped.is_empty()) {

@@ -12,7 +12,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::protocol::{ListenRequest, Request, Response};
 
-pub fn run(context: &Context, args: ServeArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: ServeArgs) -> Result<()> {
     let api_key = match &args.api_key_file {
         Some(path) => Some(
             std::fs::read_to_string(path)

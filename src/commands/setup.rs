@@ -6,7 +6,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::setup::{self, BackendChoice, Options, Reporter};
 
-pub fn run(context: &Context, args: SetupArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: SetupArgs) -> Result<()> {
     let options = Options {
         jobs: args.jobs,
         backend: args.backend.map(|backend| match backend {

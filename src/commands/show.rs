@@ -46,7 +46,7 @@ struct Shown {
 /// daemon's estimate uses the same fallback.
 const FALLBACK_CTX: u64 = 4096;
 
-pub fn run(context: &Context, args: ShowArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: ShowArgs) -> Result<()> {
     let spec = context.resolve_model(&args.model, &args.load.overrides())?;
     if spec.remote.is_some() {
         return Err(Error::Usage {

@@ -11,7 +11,7 @@ use crate::protocol::Request;
 /// How long to wait for the daemon process to be gone after it acknowledged.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn run(context: &Context) -> Result<()> {
+pub(crate) fn run(context: &Context) -> Result<()> {
     let Some(mut connection) = client::try_connect(context)? else {
         return Ok(());
     };

@@ -18,7 +18,7 @@ use crate::term::escape;
 /// Stopped and failed instances last used longer ago than this are left out of the table.
 const FORGET_AFTER_MS: u64 = 24 * 3600 * 1000;
 
-pub fn run(context: &Context, args: StatusArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: StatusArgs) -> Result<()> {
     let mut connection = client::connect(context)?;
     let Response::Status(report) = connection.call(&Request::Status)? else {
         return Err(Error::internal("the daemon answered status with something else"));
@@ -102,7 +102,7 @@ fn is_forgotten(instance: &InstanceStatus, now_ms: u64) -> bool {
 }
 
 /// The human-readable table; `cmdline_of` gives a child's command line by pid.
-pub fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Option<Vec<String>>) -> String {
+pub(crate) fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32) -> Option<Vec<String>>) -> String {
     let daemon = &report.daemon;
     let mut out = format!(
         "daemon  pid {}, up {}, memory {}, socket {}\nserver  {}\nqueue   {} waiting of {}, {} rejected; {} swaps{}\n",

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::protocol::{Request, Response};
 
-pub fn run(context: &Context, args: StopArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: StopArgs) -> Result<()> {
     let model = match &args.model {
         Some(name) if !args.all => {
             let no_overrides = crate::model::LoadOverrides::default();

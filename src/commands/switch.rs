@@ -6,7 +6,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::protocol::Request;
 
-pub fn run(context: &Context, args: SwitchArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: SwitchArgs) -> Result<()> {
     let model = crate::setup::resolve_on_first_use(context, &args.model, &args.load.overrides())?;
     // In the background the daemon's answer comes before the load: set up first.
     if !args.wait && model.remote.is_none() {

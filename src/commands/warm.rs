@@ -6,7 +6,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::protocol::Request;
 
-pub fn run(context: &Context, args: WarmArgs) -> Result<()> {
+pub(crate) fn run(context: &Context, args: WarmArgs) -> Result<()> {
     let model = crate::setup::resolve_on_first_use(context, &args.model, &args.load.overrides())?;
     let request = Request::Warm { model: model.clone(), ttl_s: args.ttl };
     crate::setup::retry_after_setup(context, || {

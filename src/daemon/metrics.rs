@@ -9,7 +9,7 @@ fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-pub fn render(report: &StatusReport) -> String {
+pub(crate) fn render(report: &StatusReport) -> String {
     let mut out = String::new();
     let mut scalar = |name: &str, kind: &str, help: &str, value: String| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");

@@ -70,7 +70,7 @@ use shared::{Shared, ShutdownRequest};
 const LARGE_BUFFER: usize = 1 << 20;
 
 /// Runs the daemon until a signal or `llmctl shutdown`.
-pub fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
+pub(crate) fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
     // Buffers of a megabyte or more (large prompts) are mapped on their own and unmapped
     // when freed. glibc otherwise raises this threshold after the first large free and
     // serves later large buffers from its heap, which it keeps: measured, the daemon stayed

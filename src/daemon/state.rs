@@ -21,7 +21,7 @@ use crate::paths;
 use crate::process;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChildRecord {
+pub(crate) struct ChildRecord {
     pub pid: u32,
     pub start_time: u64,
     pub model: String,
@@ -29,7 +29,7 @@ pub struct ChildRecord {
 
 /// An instance as it is remembered across restarts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceRecord {
+pub(crate) struct InstanceRecord {
     pub model: ModelSpec,
     pub last_used_ms: Option<u64>,
     pub pinned: bool,
@@ -48,7 +48,7 @@ struct StateFile {
 }
 
 /// Everything the state file holds, to tell when it must be written again.
-pub fn snapshot(table: &InstanceTable) -> (Vec<ChildRecord>, Vec<InstanceRecord>) {
+pub(crate) fn snapshot(table: &InstanceTable) -> (Vec<ChildRecord>, Vec<InstanceRecord>) {
     (children(table), instances(table))
 }
 
@@ -71,7 +71,7 @@ fn instances(table: &InstanceTable) -> Vec<InstanceRecord> {
 /// What an earlier daemon left: the state file, read once at start. A file that cannot be
 /// read as a state (not UTF-8, not JSON, a wrong shape) is kept aside as `state.json.corrupt`
 /// for a person to look at, and logged; the daemon starts without it.
-pub fn load(path: &Path) -> Remembered {
+pub(crate) fn load(path: &Path) -> Remembered {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Remembered::default(),
@@ -101,7 +101,7 @@ pub fn load(path: &Path) -> Remembered {
 
 /// What the state file said.
 #[derive(Debug, Default)]
-pub struct Remembered {
+pub(crate) struct Remembered {
     /// The daemon that wrote it: pid and start time.
     pub owner: Option<(u32, u64)>,
     pub children: Vec<ChildRecord>,
@@ -128,7 +128,7 @@ fn children(table: &InstanceTable) -> Vec<ChildRecord> {
 }
 
 /// Writes the state file; on failure logs it and returns the reason for `status`.
-pub fn write(path: &Path, table: &InstanceTable) -> Result<(), String> {
+pub(crate) fn write(path: &Path, table: &InstanceTable) -> Result<(), String> {
     let state = StateFile {
         daemon_pid: std::process::id(),
         daemon_start_time: process::start_time(std::process::id()),
@@ -146,7 +146,7 @@ pub fn write(path: &Path, table: &InstanceTable) -> Result<(), String> {
 
 /// Kills the children recorded by a daemon that did not shut down cleanly. A daemon that
 /// still runs is never "earlier": its children are left alone.
-pub fn kill_leftovers(remembered: &Remembered) {
+pub(crate) fn kill_leftovers(remembered: &Remembered) {
     if let Some((pid, start_time)) = remembered.owner {
         let alive = pid != std::process::id() && process::start_time(pid) == Some(start_time);
         if alive {

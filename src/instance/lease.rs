@@ -26,7 +26,7 @@ use crate::protocol::Usage;
 
 /// How one load of the child ended, for the requests that ran on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ended {
+pub(crate) enum Ended {
     /// The child exited on its own: its exit status and last output.
     Exited { status: String, stderr_tail: String },
     /// llmctl stopped it; the message says who and why.
@@ -36,7 +36,7 @@ pub enum Ended {
 /// One load of an instance: the child it started (or the remote servers it checked), and
 /// how it ended. A lease holds the generation it was granted on, so a request classifies a
 /// broken stream by what happened to *its* child, never a newer one.
-pub struct Generation {
+pub(crate) struct Generation {
     pub(crate) number: u64,
     ended: Mutex<Option<Ended>>,
     changed: Condvar,
@@ -187,7 +187,7 @@ pub(crate) struct Home {
 }
 
 /// A slot on a ready instance. Dropping it gives the slot back, even on panic.
-pub struct Lease {
+pub(crate) struct Lease {
     pub(crate) generation: Arc<Generation>,
     pub(crate) client: Client,
     /// The remote replica serving this request, if the model is remote.

@@ -17,12 +17,12 @@
 use std::collections::VecDeque;
 
 /// A request's number, given when it is sent: later requests have larger numbers.
-pub type JobId = u64;
+pub(crate) type JobId = u64;
 /// The scheduler's number for one grant of memory; a release names the grant it is for.
-pub type RoomToken = u64;
+pub(crate) type RoomToken = u64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// No child and no memory.
     Stopped,
     /// No child; the last load or the child failed.
@@ -38,14 +38,14 @@ pub enum Phase {
 
 impl Phase {
     /// True while the instance holds memory the scheduler granted.
-    pub fn holds_room(self) -> bool {
+    pub(crate) fn holds_room(self) -> bool {
         matches!(self, Phase::Starting | Phase::Ready | Phase::Stopping)
     }
 }
 
 /// Why an instance is unloaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unload {
+pub(crate) enum Unload {
     /// The scheduler needs its memory: drain, then stop; later requests load it again.
     Evict,
     /// Its TTL ran out; only while it is idle.
@@ -76,7 +76,7 @@ impl Unload {
 
 /// Why a job is failed; the worker holds the details (the error of the refusal or load).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
+pub(crate) enum Cause {
     /// The scheduler refused the memory, or the worker refused to ask (no binary, crash loop).
     Refused,
     /// The load it waited for failed.
@@ -86,7 +86,7 @@ pub enum Cause {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     Arrived(JobId),
     /// The job's client went away before it got a slot.
     Left(JobId),
@@ -119,7 +119,7 @@ pub enum Event {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Ask the scheduler for memory.
     AskRoom,
     /// Tell the scheduler the memory is no longer wanted.
@@ -146,7 +146,7 @@ struct Draining {
 }
 
 #[derive(Debug, Clone)]
-pub struct Machine {
+pub(crate) struct Machine {
     phase: Phase,
     slots: u32,
     in_flight: u32,
@@ -169,7 +169,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn new(slots: u32) -> Machine {
+    pub(crate) fn new(slots: u32) -> Machine {
         Machine {
             phase: Phase::Stopped,
             slots: slots.max(1),
@@ -187,35 +187,35 @@ impl Machine {
     }
 
     /// The generation a slot granted now belongs to.
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
 
-    pub fn phase(&self) -> Phase {
+    pub(crate) fn phase(&self) -> Phase {
         self.phase
     }
 
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight
     }
 
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.queue.len()
     }
 
     /// True when a job arriving now would wait in the queue rather than start.
-    pub fn would_wait(&self) -> bool {
+    pub(crate) fn would_wait(&self) -> bool {
         !(self.phase == Phase::Ready && self.draining.is_none() && self.in_flight < self.slots && self.queue.is_empty())
     }
 
     /// Idle: ready, nothing in flight, nothing waiting, not draining.
-    pub fn idle(&self) -> bool {
+    pub(crate) fn idle(&self) -> bool {
         self.phase == Phase::Ready && self.in_flight == 0 && self.queue.is_empty() && self.draining.is_none()
     }
 
     /// Free slots the worker may lend out: only while ready, not draining and with nobody
     /// waiting, so a lent slot never jumps the queue or delays a drain.
-    pub fn lendable(&self) -> u32 {
+    pub(crate) fn lendable(&self) -> u32 {
         if self.phase == Phase::Ready && self.draining.is_none() && self.queue.is_empty() {
             self.slots.saturating_sub(self.in_flight)
         } else {
@@ -224,11 +224,11 @@ impl Machine {
     }
 
     /// Changes the number of slots (remote models: one per replica and parallel slot).
-    pub fn set_slots(&mut self, slots: u32) {
+    pub(crate) fn set_slots(&mut self, slots: u32) {
         self.slots = slots.max(1);
     }
 
-    pub fn step(&mut self, event: Event) -> Vec<Action> {
+    pub(crate) fn step(&mut self, event: Event) -> Vec<Action> {
         let mut actions = Vec::new();
         match event {
             Event::Arrived(job) => self.arrived(job, &mut actions),
@@ -715,14 +715,14 @@ pub(crate) mod tests {
     }
 
     /// A small deterministic generator, so a failing schedule can be replayed from its seed.
-    pub struct Rng(u64);
+    pub(crate) struct Rng(u64);
 
     impl Rng {
-        pub fn new(seed: u64) -> Rng {
+        pub(crate) fn new(seed: u64) -> Rng {
             Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
         }
 
-        pub fn below(&mut self, n: u64) -> u64 {
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
             // xorshift64*
             self.0 ^= self.0 >> 12;
             self.0 ^= self.0 << 25;

@@ -21,7 +21,7 @@ use crate::model::ModelSpec;
 pub(crate) const KEPT_STOPPED: usize = 16;
 
 #[derive(Default)]
-pub struct InstanceTable {
+pub(crate) struct InstanceTable {
     inner: Mutex<Maps>,
 }
 
@@ -34,12 +34,12 @@ struct Maps {
 
 impl InstanceTable {
     /// The instance for `spec`, if there is one.
-    pub fn get(&self, spec: &ModelSpec) -> Option<Arc<Handle>> {
+    pub(crate) fn get(&self, spec: &ModelSpec) -> Option<Arc<Handle>> {
         self.inner.lock().by_key.get(&key_of(spec)).cloned()
     }
 
     /// The instance for `spec`, started (stopped, with its worker waiting) if it is new.
-    pub fn get_or_start(
+    pub(crate) fn get_or_start(
         &self,
         spec: &ModelSpec,
         info: ModelInfo,
@@ -59,7 +59,7 @@ impl InstanceTable {
         Ok(handle)
     }
 
-    pub fn by_id(&self, id: usize) -> Option<Arc<Handle>> {
+    pub(crate) fn by_id(&self, id: usize) -> Option<Arc<Handle>> {
         self.inner.lock().by_id.get(&id).cloned()
     }
 
@@ -84,7 +84,7 @@ impl InstanceTable {
         maps.by_id.remove(&id)
     }
 
-    pub fn all(&self) -> Vec<Arc<Handle>> {
+    pub(crate) fn all(&self) -> Vec<Arc<Handle>> {
         self.inner.lock().by_id.values().cloned().collect()
     }
 }

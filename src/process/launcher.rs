@@ -15,13 +15,13 @@ use super::ChildGroup;
 
 type SpawnReply = Sender<io::Result<ChildGroup>>;
 
-pub struct Launcher {
+pub(crate) struct Launcher {
     requests: Option<Sender<(Command, SpawnReply)>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Launcher {
-    pub fn start() -> io::Result<Launcher> {
+    pub(crate) fn start() -> io::Result<Launcher> {
         let (requests, incoming) = bounded::<(Command, SpawnReply)>(0);
         let thread = thread::Builder::new().name("launcher".into()).spawn(move || {
             for (command, reply) in incoming {
@@ -32,7 +32,7 @@ impl Launcher {
     }
 
     /// Spawns `command` from the launcher thread and hands the child back.
-    pub fn spawn(&self, command: Command) -> io::Result<ChildGroup> {
+    pub(crate) fn spawn(&self, command: Command) -> io::Result<ChildGroup> {
         let (reply, response) = bounded(1);
         let gone = || io::Error::other("the launcher thread has stopped");
         self.requests.as_ref().ok_or_else(gone)?.send((command, reply)).map_err(|_| gone())?;

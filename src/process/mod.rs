@@ -14,7 +14,7 @@
 //! stopped or found dead, every process of this user that still carries its mark is killed
 //! too ([`kill_marked`]).
 
-pub mod launcher;
+pub(crate) mod launcher;
 
 use std::fs;
 use std::io;
@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 const POLL: Duration = Duration::from_millis(5);
 
 /// The environment variable that marks a child and everything it starts.
-pub const MARK_VARIABLE: &str = "LLMCTL_CHILD";
+pub(crate) const MARK_VARIABLE: &str = "LLMCTL_CHILD";
 
 #[derive(Debug)]
-pub struct ChildGroup {
+pub(crate) struct ChildGroup {
     child: Child,
     pid: u32,
     start_time: Option<u64>,
@@ -41,7 +41,7 @@ pub struct ChildGroup {
 
 impl ChildGroup {
     /// Spawns `command` as the leader of a new process group that dies with this thread.
-    pub fn spawn(mut command: Command) -> io::Result<ChildGroup> {
+    pub(crate) fn spawn(mut command: Command) -> io::Result<ChildGroup> {
         // SAFETY: getpid is async-signal-safe and has no preconditions.
         let parent_pid = unsafe { libc::getpid() };
         command.process_group(0);
@@ -68,19 +68,19 @@ impl ChildGroup {
         Ok(ChildGroup { child, pid, start_time: start_time(pid), status: None, mark })
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.pid
     }
 
     /// The kernel's start time of the child (clock ticks since boot), to tell it apart from a
     /// later process that reuses its pid.
-    pub fn start_time(&self) -> Option<u64> {
+    pub(crate) fn start_time(&self) -> Option<u64> {
         self.start_time
     }
 
     /// The exit status if the leader has exited; the process is reaped then, and whatever
     /// it left in its group is killed.
-    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+    pub(crate) fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         if let Some(status) = self.status {
             return Ok(Some(status));
         }
@@ -113,7 +113,7 @@ impl ChildGroup {
 
     /// TERM to the group, up to `grace` for the leader to exit (cut short when `abort` is
     /// set), then KILL; always reaps.
-    pub fn stop(&mut self, grace: Duration, abort: &AtomicBool) -> io::Result<ExitStatus> {
+    pub(crate) fn stop(&mut self, grace: Duration, abort: &AtomicBool) -> io::Result<ExitStatus> {
         if let Some(status) = self.try_wait()? {
             return Ok(status);
         }
@@ -130,7 +130,7 @@ impl ChildGroup {
     }
 
     /// KILL to the group at once, then reap.
-    pub fn kill(&mut self) -> io::Result<ExitStatus> {
+    pub(crate) fn kill(&mut self) -> io::Result<ExitStatus> {
         if let Some(status) = self.status {
             return Ok(status);
         }
@@ -170,7 +170,7 @@ impl Drop for ChildGroup {
 
 /// Spawns `command` in a new session, detached from the caller's terminal and process
 /// group, for the daemon that a client starts. The caller does not wait for it.
-pub fn spawn_detached(mut command: Command) -> io::Result<Child> {
+pub(crate) fn spawn_detached(mut command: Command) -> io::Result<Child> {
     // SAFETY: setsid is async-signal-safe and only changes the child's own session.
     unsafe {
         command.pre_exec(|| {
@@ -184,7 +184,7 @@ pub fn spawn_detached(mut command: Command) -> io::Result<Child> {
 }
 
 /// "exited with status 1", "was killed by signal 9 (SIGKILL)".
-pub fn describe_status(status: ExitStatus) -> String {
+pub(crate) fn describe_status(status: ExitStatus) -> String {
     if let Some(code) = status.code() {
         return format!("exited with status {code}");
     }
@@ -213,7 +213,7 @@ fn signal_name(signal: i32) -> &'static str {
 
 /// Kills every process of this user whose environment holds `MARK_VARIABLE=mark`, except
 /// `spare` (the leader, reaped by its owner). Returns how many it killed.
-pub fn kill_marked(mark: &str, spare: u32) -> usize {
+pub(crate) fn kill_marked(mark: &str, spare: u32) -> usize {
     let wanted = format!("{MARK_VARIABLE}={mark}");
     let Ok(entries) = fs::read_dir("/proc") else { return 0 };
     let own = std::process::id();
@@ -238,7 +238,7 @@ pub fn kill_marked(mark: &str, spare: u32) -> usize {
 }
 
 /// Start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat).
-pub fn start_time(pid: u32) -> Option<u64> {
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses; fields after it are plain.
     let after_name = &stat[stat.rfind(')')? + 2..];
@@ -246,7 +246,7 @@ pub fn start_time(pid: u32) -> Option<u64> {
 }
 
 /// Resident memory of `pid` in bytes, from /proc/PID/status.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -255,7 +255,7 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 
 /// Kills a process left behind by an earlier daemon, but only if `pid` still names the same
 /// process (same start time), so a reused pid is never hit. Returns whether it killed.
-pub fn kill_leftover(pid: u32, recorded_start_time: u64) -> bool {
+pub(crate) fn kill_leftover(pid: u32, recorded_start_time: u64) -> bool {
     if start_time(pid) != Some(recorded_start_time) {
         return false;
     }

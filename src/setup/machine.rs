@@ -9,7 +9,7 @@ use crate::llama_server::Backend;
 
 /// What kind of llama-server to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendChoice {
+pub(crate) enum BackendChoice {
     Cpu,
     Cuda,
     Vulkan,
@@ -17,7 +17,7 @@ pub enum BackendChoice {
 
 /// What this machine has for a GPU build.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Probes {
+pub(crate) struct Probes {
     /// The CUDA compiler, on PATH or in /usr/local/cuda.
     pub nvcc: Option<PathBuf>,
     /// Compute capabilities of the NVIDIA GPUs, as `nvidia-smi` reports them ("9.0").
@@ -27,7 +27,7 @@ pub struct Probes {
 }
 
 impl Probes {
-    pub fn of_this_machine() -> Probes {
+    pub(crate) fn of_this_machine() -> Probes {
         let nvcc = find_on_path("nvcc").or_else(|| {
             let default = PathBuf::from("/usr/local/cuda/bin/nvcc");
             llama_server::is_executable(&default).then_some(default)
@@ -54,14 +54,14 @@ impl Probes {
         Probes { nvcc, compute_caps, vulkan_sdk }
     }
 
-    pub fn has_nvidia_gpu(&self) -> bool {
+    pub(crate) fn has_nvidia_gpu(&self) -> bool {
         !self.compute_caps.is_empty()
     }
 }
 
 /// The backend to build: what was asked for, else the best this machine has. A GPU
 /// backend asked for without what it needs is an error that names what is missing.
-pub fn choose_backend(probes: &Probes, requested: Option<BackendChoice>, portable: bool) -> Result<Backend> {
+pub(crate) fn choose_backend(probes: &Probes, requested: Option<BackendChoice>, portable: bool) -> Result<Backend> {
     let cuda = || -> Result<Backend> {
         if probes.nvcc.is_none() {
             return Err(Error::Setup {
@@ -94,7 +94,7 @@ pub fn choose_backend(probes: &Probes, requested: Option<BackendChoice>, portabl
 
 impl Backend {
     /// The CMake options for this backend, beyond [`CMAKE_OPTIONS`].
-    pub fn cmake_options(&self) -> Vec<String> {
+    pub(crate) fn cmake_options(&self) -> Vec<String> {
         match self {
             Backend::Cpu { portable } => vec![format!("-DGGML_NATIVE={}", if *portable { "OFF" } else { "ON" })],
             Backend::CpuWithoutAmx => {

@@ -27,9 +27,9 @@ use std::io::{self, BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-pub mod build;
-pub mod demo;
-pub mod machine;
+pub(crate) mod build;
+pub(crate) mod demo;
+pub(crate) mod machine;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -59,13 +59,13 @@ const CMAKE_OPTIONS: &[&str] = &[
 
 /// Where setup says what it does: one line per step on stderr (a terminal also sees build
 /// progress), nothing but errors when quiet. stdout is never touched.
-pub struct Reporter {
+pub(crate) struct Reporter {
     pub quiet: bool,
     pub terminal: bool,
 }
 
 impl Reporter {
-    pub fn new(quiet: bool) -> Reporter {
+    pub(crate) fn new(quiet: bool) -> Reporter {
         Reporter { quiet, terminal: io::stderr().is_terminal() }
     }
 
@@ -92,7 +92,7 @@ impl Reporter {
 
 /// How to set up.
 #[derive(Debug, Clone, Default)]
-pub struct Options {
+pub(crate) struct Options {
     pub jobs: Option<u32>,
     pub backend: Option<BackendChoice>,
     pub portable: bool,
@@ -101,7 +101,7 @@ pub struct Options {
 }
 
 /// Where the llama-server of `backend` is installed.
-pub fn backend_binary(paths: &Paths, backend: &Backend) -> PathBuf {
+pub(crate) fn backend_binary(paths: &Paths, backend: &Backend) -> PathBuf {
     paths.data_dir.join("llama.cpp").join(format!("b{LLAMA_CPP_BUILD}-{}", backend.dir_name())).join("llama-server")
 }
 
@@ -109,7 +109,7 @@ pub fn backend_binary(paths: &Paths, backend: &Backend) -> PathBuf {
 /// A llama-server the user named (flag, environment, config) or put on PATH is used as it
 /// is; one llmctl installed is rebuilt when it was built for another backend than the one
 /// asked for (or detected).
-pub fn ensure_llama_server(context: &Context, options: &Options, reporter: &Reporter) -> Result<PathBuf> {
+pub(crate) fn ensure_llama_server(context: &Context, options: &Options, reporter: &Reporter) -> Result<PathBuf> {
     let config = context.config()?;
     let paths = &context.paths;
     let installed = paths.installed_llama_server();
@@ -355,7 +355,7 @@ fn remove_stale_temporaries(dir: &Path, prefixes: &[&str]) {
 }
 
 /// `llmctl setup`: llama-server, then (unless told not to) the demo model.
-pub fn setup(context: &Context, options: &Options, with_model: bool, reporter: &Reporter) -> Result<()> {
+pub(crate) fn setup(context: &Context, options: &Options, with_model: bool, reporter: &Reporter) -> Result<()> {
     // A dry run changes nothing, so it needs no lock (and creates no lock file).
     let _lock = if options.dry_run { None } else { Some(SetupLock::take(&context.paths, reporter)?) };
     let binary = ensure_llama_server(context, options, reporter)?;
@@ -386,7 +386,7 @@ fn llama_server_missing(context: &Context, config: &crate::config::Config) -> bo
 
 /// Before `serve`: build llama-server when none is found and the user named none, and
 /// install the demo model when it is asked for and missing. Off with `LLMCTL_NO_SETUP=1`.
-pub fn on_first_use(context: &Context, model: Option<&str>) -> Result<()> {
+pub(crate) fn on_first_use(context: &Context, model: Option<&str>) -> Result<()> {
     if !setup_on_first_use_enabled() {
         return Ok(());
     }
@@ -406,7 +406,11 @@ pub fn on_first_use(context: &Context, model: Option<&str>) -> Result<()> {
 /// itself is not looked for here (that costs a look through PATH per command): the request
 /// goes to the daemon, and only when it answers that it has none does
 /// [`retry_after_setup`] build one.
-pub fn resolve_on_first_use(context: &Context, name: &str, load: &crate::model::LoadOverrides) -> Result<ModelSpec> {
+pub(crate) fn resolve_on_first_use(
+    context: &Context,
+    name: &str,
+    load: &crate::model::LoadOverrides,
+) -> Result<ModelSpec> {
     if !setup_on_first_use_enabled() {
         return context.resolve_model(name, load);
     }
@@ -429,7 +433,7 @@ pub fn resolve_on_first_use(context: &Context, name: &str, load: &crate::model::
 /// Runs `attempt` (a request to the daemon); when the daemon answers that it has no
 /// llama-server, and the user named none and first use may set up, builds one (once, under
 /// the set-up lock) and runs `attempt` again.
-pub fn retry_after_setup<T>(context: &Context, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+pub(crate) fn retry_after_setup<T>(context: &Context, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
     match attempt() {
         Err(error) if error.kind() == crate::error::ErrorKind::NoLlamaServer && setup_on_first_use_enabled() => {
             let config = context.config()?;
@@ -513,6 +517,6 @@ fn run_logged(
 }
 
 use build::{build_llama_server, exact_duration};
-pub use demo::install_demo_model;
+pub(crate) use demo::install_demo_model;
 use machine::cpu_reports_amx;
-pub use machine::{choose_backend, BackendChoice, Probes};
+pub(crate) use machine::{choose_backend, BackendChoice, Probes};

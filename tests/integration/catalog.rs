@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 #[derive(Default)]
-pub struct HubState {
+pub(crate) struct HubState {
     /// `OWNER/REPO` → file path in the repository → contents.
     repos: HashMap<String, Vec<(String, Vec<u8>)>>,
     /// Digests the listing claims instead of the real ones.
@@ -44,7 +44,7 @@ pub struct HubState {
     requests: Vec<(String, Option<String>, Option<String>)>,
 }
 
-pub struct FakeHub {
+pub(crate) struct FakeHub {
     pub url: String,
     pub state: Arc<Mutex<HubState>>,
     address: std::net::SocketAddr,
@@ -52,13 +52,13 @@ pub struct FakeHub {
 }
 
 impl FakeHub {
-    pub fn start() -> FakeHub {
+    pub(crate) fn start() -> FakeHub {
         FakeHub::sharing(Arc::new(Mutex::new(HubState::default())))
     }
 
     /// A second listener (another port) serving the same repositories and recording into
     /// the same request list.
-    pub fn sharing(state: Arc<Mutex<HubState>>) -> FakeHub {
+    pub(crate) fn sharing(state: Arc<Mutex<HubState>>) -> FakeHub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         let shared = Arc::clone(&state);
@@ -76,12 +76,12 @@ impl FakeHub {
         FakeHub { url: format!("http://{address}"), state, address, thread: Some(thread) }
     }
 
-    pub fn add(&self, repo: &str, files: Vec<(&str, Vec<u8>)>) {
+    pub(crate) fn add(&self, repo: &str, files: Vec<(&str, Vec<u8>)>) {
         let files = files.into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect();
         self.state.lock().unwrap().repos.insert(repo.to_string(), files);
     }
 
-    pub fn requests(&self) -> Vec<(String, Option<String>, Option<String>)> {
+    pub(crate) fn requests(&self) -> Vec<(String, Option<String>, Option<String>)> {
         self.state.lock().unwrap().requests.clone()
     }
 }
@@ -215,22 +215,22 @@ fn sha256(bytes: &[u8]) -> String {
     hasher.hex()
 }
 
-pub fn tiny_bytes(env: &Env) -> Vec<u8> {
+pub(crate) fn tiny_bytes(env: &Env) -> Vec<u8> {
     fs::read(env.tiny_model("source.gguf")).unwrap()
 }
 
-pub fn env_with_hub() -> (Env, FakeHub) {
+pub(crate) fn env_with_hub() -> (Env, FakeHub) {
     let mut env = Env::fake();
     let hub = FakeHub::start();
     env.set("HF_ENDPOINT", &hub.url);
     (env, hub)
 }
 
-pub fn pulled_dir(env: &Env, repo: &str) -> PathBuf {
+pub(crate) fn pulled_dir(env: &Env, repo: &str) -> PathBuf {
     env.path("data/models").join(repo)
 }
 
-pub fn ls_json(env: &Env) -> Vec<Value> {
+pub(crate) fn ls_json(env: &Env) -> Vec<Value> {
     let output = env.run(&["ls", "--json"]);
     assert_success(&output);
     serde_json::from_slice::<Value>(&output.stdout).unwrap().as_array().unwrap().clone()

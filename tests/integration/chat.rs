@@ -58,7 +58,7 @@ sys.stdout.write(buf.decode(errors="replace"))
 sys.exit(os.waitstatus_to_exitcode(status))
 "#;
 
-pub fn on_pty(env: &Env, args: &[&str], steps: &[(&str, &str)]) -> (i32, String) {
+pub(crate) fn on_pty(env: &Env, args: &[&str], steps: &[(&str, &str)]) -> (i32, String) {
     let template = env.command(&[]);
     let mut command = Command::new("python3");
     for (name, value) in template.get_envs() {

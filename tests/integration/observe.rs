@@ -67,4 +67,22 @@ fn metrics_are_prometheus_text() {
     ] {
         assert!(text.contains(&expected), "missing {expected}:\n{text}");
     }
+    // A second instance of the same model (another context size): Prometheus's own parser
+    // reads the scrape, and no two samples share a name and labels (a scrape with such a
+    // duplicate is refused whole).
+    assert_success(&env.run(&["run", "--ctx-size", "1024", &model, "three"]));
+    let text = stdout(&env.run(&["metrics"]));
+    std::fs::write(env.path("metrics.txt"), &text).unwrap();
+    let parsed = crate::serve::python(&format!(
+        "from prometheus_client.parser import text_string_to_metric_families\n\
+         seen = set()\n\
+         for family in text_string_to_metric_families(open({:?}).read()):\n\
+         \x20   for sample in family.samples:\n\
+         \x20       key = (sample.name, tuple(sorted(sample.labels.items())))\n\
+         \x20       assert key not in seen, key\n\
+         \x20       seen.add(key)\n\
+         print(len({{labels for name, labels in seen if name == 'llmctl_instance_up'}}))\n",
+        env.path("metrics.txt").display().to_string()
+    ));
+    assert_eq!(parsed.trim(), "2", "two instances, two series:\n{text}");
 }

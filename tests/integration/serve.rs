@@ -421,15 +421,26 @@ fn comparable(content_type: &str, body: &str) -> String {
     }
 }
 
-/// Status, content type and comparable body of one request.
-fn exchange_with(base: &str, path: &str, body: &serde_json::Value) -> (u16, String, String) {
+/// Status, content type, comparable body and end-to-end headers of one request.
+fn exchange_with(base: &str, path: &str, body: &serde_json::Value) -> (u16, String, String, Vec<(String, String)>) {
     let mut response = agent().post(format!("{base}{path}")).send(body.to_string()).unwrap();
     let status = response.status().as_u16();
     let content_type =
         response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    // The child's headers pass through `serve`; what frames one connection (and the clock)
+    // is each server's own.
+    let mut headers: Vec<(String, String)> = response
+        .headers()
+        .iter()
+        .filter(|(name, _)| {
+            !["date", "content-length", "transfer-encoding", "connection", "keep-alive"].contains(&name.as_str())
+        })
+        .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("").to_string()))
+        .collect();
+    headers.sort();
     let text = response.body_mut().with_config().limit(64 << 20).read_to_string().unwrap();
     let comparable = comparable(&content_type, &text);
-    (status, content_type, comparable)
+    (status, content_type, comparable, headers)
 }
 
 /// A tiny model that answers with a tool call in the markup of Qwen 2.5's template.

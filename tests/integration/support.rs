@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const LLMCTL: &str = env!("CARGO_BIN_EXE_llmctl");
-pub const FAKE_SERVER: &str = env!("CARGO_BIN_EXE_fake-llama-server");
+pub(crate) const LLMCTL: &str = env!("CARGO_BIN_EXE_llmctl");
+pub(crate) const FAKE_SERVER: &str = env!("CARGO_BIN_EXE_fake-llama-server");
 
 /// How long any polled condition may take before the test fails.
-pub const DEADLINE: Duration = Duration::from_secs(30);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
 
-pub struct Env {
+pub(crate) struct Env {
     pub dir: tempfile::TempDir,
     pub llama_server: PathBuf,
     vars: Vec<(String, String)>,
@@ -27,16 +27,16 @@ pub struct Env {
 
 impl Env {
     /// An environment whose daemon runs the fake llama-server.
-    pub fn fake() -> Env {
+    pub(crate) fn fake() -> Env {
         Env::with_server(Path::new(FAKE_SERVER))
     }
 
     /// An environment whose daemon runs the real llama-server built by `llmctl setup`.
-    pub fn real() -> Env {
+    pub(crate) fn real() -> Env {
         Env::with_server(&real_llama_server())
     }
 
-    pub fn with_server(server: &Path) -> Env {
+    pub(crate) fn with_server(server: &Path) -> Env {
         let dir = tempfile::Builder::new().prefix("llmctl-test-").tempdir().expect("temp dir");
         for sub in ["home", "models", "run"] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
@@ -44,32 +44,32 @@ impl Env {
         Env { dir, llama_server: server.to_path_buf(), vars: Vec::new(), removed: Vec::new() }
     }
 
-    pub fn path(&self, relative: &str) -> PathBuf {
+    pub(crate) fn path(&self, relative: &str) -> PathBuf {
         self.dir.path().join(relative)
     }
 
-    pub fn socket(&self) -> PathBuf {
+    pub(crate) fn socket(&self) -> PathBuf {
         self.path("run/llmctl.sock")
     }
 
     /// Sets an environment variable for every command (and so for an autostarted daemon).
-    pub fn set(&mut self, name: &str, value: &str) {
+    pub(crate) fn set(&mut self, name: &str, value: &str) {
         self.vars.push((name.to_string(), value.to_string()));
     }
 
     /// Leaves an environment variable out of every command, even one this builder sets.
-    pub fn unset(&mut self, name: &str) {
+    pub(crate) fn unset(&mut self, name: &str) {
         self.removed.push(name.to_string());
     }
 
-    pub fn write_config(&self, text: &str) {
+    pub(crate) fn write_config(&self, text: &str) {
         fs::write(self.path("config.toml"), text).unwrap();
     }
 
     /// Adds `[models.NAME]` to the config: a tiny model file of its own, whose server is
     /// started with `args`, and any more `keys` (whole lines). Returns the alias. Every test
     /// that configures a model of the fake server does it here.
-    pub fn add_model(&self, name: &str, args: &[&str], keys: &str) -> String {
+    pub(crate) fn add_model(&self, name: &str, args: &[&str], keys: &str) -> String {
         let path = self.tiny_model(&format!("{name}.gguf"));
         let args: Vec<String> = args.iter().map(|arg| format!("{arg:?}")).collect();
         let config_path = self.path("config.toml");
@@ -79,7 +79,7 @@ impl Env {
         name.to_string()
     }
 
-    pub fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(LLMCTL);
         command.args(args);
         self.configure(&mut command);
@@ -87,7 +87,7 @@ impl Env {
     }
 
     /// The command run as another user (through `setpriv`), with the same environment.
-    pub fn command_as_user(&self, uid: u32, args: &[&str]) -> Command {
+    pub(crate) fn command_as_user(&self, uid: u32, args: &[&str]) -> Command {
         let mut command = Command::new("setpriv");
         command
             .arg(format!("--reuid={uid}"))
@@ -127,45 +127,45 @@ impl Env {
         }
     }
 
-    pub fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         self.command(args).output().expect("run llmctl")
     }
 
-    pub fn run_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
+    pub(crate) fn run_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
         let mut child =
             self.command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
         child.wait_with_output().unwrap()
     }
 
-    pub fn spawn(&self, args: &[&str]) -> Child {
+    pub(crate) fn spawn(&self, args: &[&str]) -> Child {
         self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn llmctl")
     }
 
     /// A copy of the tiny deterministic model in this environment.
-    pub fn tiny_model(&self, name: &str) -> PathBuf {
+    pub(crate) fn tiny_model(&self, name: &str) -> PathBuf {
         let path = self.path(&format!("models/{name}"));
         crate::tiny_model::write(&path, "llama");
         path
     }
 
-    pub fn status_json(&self) -> serde_json::Value {
+    pub(crate) fn status_json(&self) -> serde_json::Value {
         let output = self.run(&["status", "--json"]);
         assert_success(&output);
         serde_json::from_slice(&output.stdout).expect("status --json is JSON")
     }
 
-    pub fn daemon_pid(&self) -> Option<u32> {
+    pub(crate) fn daemon_pid(&self) -> Option<u32> {
         fs::read_to_string(self.path("run/llmctl.sock.lock")).ok()?.lines().next()?.trim().parse().ok()
     }
 
     /// Processes whose command line mentions this environment's directory.
-    pub fn processes(&self) -> Vec<(u32, String)> {
+    pub(crate) fn processes(&self) -> Vec<(u32, String)> {
         processes_mentioning(&self.dir.path().to_string_lossy())
     }
 
     /// Fails unless every process of this environment is gone before the deadline.
-    pub fn assert_nothing_survives(&self) {
+    pub(crate) fn assert_nothing_survives(&self) {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let left = self.processes();
@@ -177,7 +177,7 @@ impl Env {
         }
     }
 
-    pub fn instance_log(&self) -> String {
+    pub(crate) fn instance_log(&self) -> String {
         let mut text = String::new();
         if let Ok(entries) = fs::read_dir(self.path("state/logs")) {
             for entry in entries.flatten() {
@@ -198,7 +198,7 @@ impl Drop for Env {
     }
 }
 
-pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+pub(crate) fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     let mut found = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else {
         return found;
@@ -221,18 +221,18 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     found
 }
 
-pub fn is_zombie(pid: u32) -> bool {
+pub(crate) fn is_zombie(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|stat| stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
         .unwrap_or(true)
 }
 
-pub fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid)
 }
 
 /// Polls `condition` until it holds; fails the test with `what` at the deadline.
-pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
@@ -240,16 +240,16 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-pub fn stdout(output: &Output) -> String {
+pub(crate) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-pub fn stderr(output: &Output) -> String {
+pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[track_caller]
-pub fn assert_success(output: &Output) {
+pub(crate) fn assert_success(output: &Output) {
     assert!(
         output.status.success(),
         "exit {:?}\nstdout: {}\nstderr: {}",
@@ -260,12 +260,12 @@ pub fn assert_success(output: &Output) {
 }
 
 #[track_caller]
-pub fn assert_exit(output: &Output, code: i32) {
+pub(crate) fn assert_exit(output: &Output, code: i32) {
     assert_eq!(output.status.code(), Some(code), "stdout: {}\nstderr: {}", stdout(output), stderr(output));
 }
 
 /// The llama-server `llmctl setup` installed (or `LLMCTL_TEST_LLAMA_SERVER`).
-pub fn real_llama_server() -> PathBuf {
+pub(crate) fn real_llama_server() -> PathBuf {
     if let Some(path) = std::env::var_os("LLMCTL_TEST_LLAMA_SERVER") {
         return PathBuf::from(path);
     }
@@ -275,7 +275,7 @@ pub fn real_llama_server() -> PathBuf {
 }
 
 /// The demo model `llmctl setup` installed (or `LLMCTL_TEST_DEMO_MODEL`).
-pub fn demo_model() -> PathBuf {
+pub(crate) fn demo_model() -> PathBuf {
     if let Some(path) = std::env::var_os("LLMCTL_TEST_DEMO_MODEL") {
         return PathBuf::from(path);
     }
@@ -285,7 +285,7 @@ pub fn demo_model() -> PathBuf {
 }
 
 /// Gemma 3 270M, installed by `tests/fetch-test-models` (or `LLMCTL_TEST_GEMMA`).
-pub fn gemma_model() -> PathBuf {
+pub(crate) fn gemma_model() -> PathBuf {
     if let Some(path) = std::env::var_os("LLMCTL_TEST_GEMMA") {
         return PathBuf::from(path);
     }
@@ -309,7 +309,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// The TCP ports `pid` listens on, from /proc/net/tcp{,6} and its socket descriptors.
-pub fn tcp_listeners_of(pid: u32) -> Vec<String> {
+pub(crate) fn tcp_listeners_of(pid: u32) -> Vec<String> {
     let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|entries| {
             entries
@@ -336,7 +336,7 @@ pub fn tcp_listeners_of(pid: u32) -> Vec<String> {
 
 /// A directory standing for PATH: a link to every program on it (the first of each name),
 /// but those in `leave_out`.
-pub fn tools_without(env: &Env, leave_out: &[&str]) -> std::path::PathBuf {
+pub(crate) fn tools_without(env: &Env, leave_out: &[&str]) -> std::path::PathBuf {
     let bin = env.path("bin");
     std::fs::create_dir_all(&bin).unwrap();
     for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
@@ -356,7 +356,7 @@ pub fn tools_without(env: &Env, leave_out: &[&str]) -> std::path::PathBuf {
 /// PATH as [`tools_without`] makes it, without any C++ or C compiler (versioned names such
 /// as g++-12 included) and without llama-server: a build of llama-server started there
 /// fails at once, before it downloads or creates anything.
-pub fn tools_without_a_compiler(env: &Env) -> std::path::PathBuf {
+pub(crate) fn tools_without_a_compiler(env: &Env) -> std::path::PathBuf {
     let mut leave_out: Vec<String> =
         ["c++", "g++", "clang++", "cc", "gcc", "clang", "llama-server"].iter().map(|c| c.to_string()).collect();
     for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
@@ -372,6 +372,6 @@ pub fn tools_without_a_compiler(env: &Env) -> std::path::PathBuf {
 }
 
 /// A size under 1 MiB as llmctl prints it: "620 KiB".
-pub fn human_kib(bytes: usize) -> String {
+pub(crate) fn human_kib(bytes: usize) -> String {
     format!("{} KiB", bytes.div_ceil(1024))
 }

@@ -3,12 +3,12 @@
 
 use std::path::Path;
 
-pub use llmctl::tiny_model::{expected_text, WORDS};
+pub(crate) use llmctl::tiny_model::{expected_text, WORDS};
 
-pub fn write(path: &Path, architecture: &str) {
+pub(crate) fn write(path: &Path, architecture: &str) {
     llmctl::tiny_model::write(path, architecture).expect("write the tiny model");
 }
 
-pub fn write_words(path: &Path, architecture: &str, words: &[&str]) {
+pub(crate) fn write_words(path: &Path, architecture: &str, words: &[&str]) {
     llmctl::tiny_model::write_words(path, architecture, words).expect("write the tiny model");
 }
