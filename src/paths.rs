@@ -260,12 +260,38 @@ pub(crate) fn describe_file_type(file_type: &fs::FileType) -> &'static str {
 /// Writes `contents` to `path` so that readers see either the old file or the whole new
 /// one: a temporary file in the same directory, fsync, rename, then fsync of the directory.
 pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    write_atomically_counting(path, contents, &WRITES)
+}
+
+/// [`write_atomically`], numbering its temporary files with `writes`.
+fn write_atomically_counting(
+    path: &Path,
+    contents: &[u8],
+    writes: &std::sync::atomic::AtomicU64,
+) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path.file_name().and_then(|name| name.to_str()).unwrap_or("file");
-    let temp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    // The temporary file is always a new one (O_EXCL, which never follows a symbolic
+    // link): whatever else sits at a name it tries, another name is taken, and that thing
+    // is neither written nor removed.
+    let (temp, mut file) = {
+        let mut tries = 0;
+        loop {
+            let temp = dir.join(format!(
+                ".{file_name}.{}.{}.tmp",
+                std::process::id(),
+                writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            match fs::File::options().write(true).create_new(true).open(&temp) {
+                Ok(file) => break (temp, file),
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists && tries < 16 => tries += 1,
+                Err(error) => return Err(error),
+            }
+        }
+    };
     let result = (|| {
-        let mut file = fs::File::create(&temp)?;
         file.write_all(contents)?;
         file.sync_all()?;
         fs::rename(&temp, path)?;
@@ -277,9 +303,125 @@ pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<
     result
 }
 
+/// Opens a log for appending: a regular file at that very name, created if need be. A
+/// symbolic link, a FIFO or a device in its place is refused before anything is written,
+/// so no file but llmctl's own log is ever changed.
+pub(crate) fn open_log(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::File::options()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|error| match error.raw_os_error() {
+            Some(libc::ELOOP) => std::io::Error::other(format!(
+                "{} is a symbolic link; llmctl writes its logs only into files of its own",
+                path.display()
+            )),
+            _ => error,
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!("{} is not a regular file; it is left alone", path.display())));
+    }
+    Ok(file)
+}
+
+/// A log written afresh: [`open_log`], emptied.
+pub(crate) fn create_log(path: &Path) -> std::io::Result<fs::File> {
+    let file = open_log(path)?;
+    file.set_len(0)?;
+    Ok(file)
+}
+
+/// The longest API key file read: a key is one line.
+const MAX_KEY_FILE: u64 = 64 << 10;
+
+/// Reads a small secret such as an API key file: a regular file (through a symbolic link
+/// too) of at most 64 KiB. A FIFO, a device or a larger file is refused before anything is
+/// read, so no file can make a reader wait or fill its memory.
+pub(crate) fn read_key_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::File::options().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(std::io::Error::other("it is not a regular file"));
+    }
+    if metadata.len() > MAX_KEY_FILE {
+        return Err(std::io::Error::other(format!("it is over {} KiB; a key is one line", MAX_KEY_FILE >> 10)));
+    }
+    let mut text = String::new();
+    (&file).take(MAX_KEY_FILE).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Creates a directory and its missing parents, those it creates private to this user
+/// (0700); directories already there are left as they are.
+pub(crate) fn create_private_dirs(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Whether the file system holding `dir` has no space left for this user.
+pub(crate) fn disk_is_full(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `stats` a buffer of the type statvfs
+    // fills; it is read only when the call succeeded.
+    let filled = unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } == 0;
+    // SAFETY: statvfs returned 0, so it initialised `stats`.
+    filled && unsafe { stats.assume_init() }.f_bavail == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_atomic_write_never_writes_through_what_sits_at_its_temporary_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        // Links at the first temporary names a write would try.
+        for n in 0..4 {
+            let name = format!(".state.json.{}.{n}.tmp", std::process::id());
+            std::os::unix::fs::symlink(&victim, dir.path().join(name)).unwrap();
+        }
+        let target = dir.path().join("state.json");
+        let writes = std::sync::atomic::AtomicU64::new(0);
+        write_atomically_counting(&target, b"{}", &writes).unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "{}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(writes.load(std::sync::atomic::Ordering::Relaxed), 5, "four names were taken");
+        // The links are not llmctl's: they are left where they are.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 6);
+    }
+
+    #[test]
+    fn logs_and_key_files_are_only_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let link = dir.path().join("linked.log");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(open_log(&link).unwrap_err().to_string().contains("symbolic link"));
+        assert!(create_log(&link).is_err());
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        let fifo = dir.path().join("key");
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path and a mode; mkfifo reads nothing else.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        assert!(read_key_file(&fifo).unwrap_err().to_string().contains("not a regular file"));
+        assert!(read_key_file(Path::new("/dev/zero")).unwrap_err().to_string().contains("not a regular file"));
+        let big = dir.path().join("big");
+        fs::write(&big, vec![b'k'; 100 << 10]).unwrap();
+        assert!(read_key_file(&big).unwrap_err().to_string().contains("KiB"));
+        fs::write(&big, "s3cret\n").unwrap();
+        assert_eq!(read_key_file(&big).unwrap(), "s3cret\n");
+        assert_eq!(read_key_file(&link).unwrap(), "precious", "through a link to a regular file too");
+    }
 
     #[test]
     fn cron_and_the_shell_find_the_same_socket() {

@@ -158,7 +158,7 @@ pub(crate) fn capture_output(
 ) -> io::Result<Capture> {
     let (reader, writer) = io::pipe()?;
     command.stdout(writer.try_clone()?).stderr(writer);
-    let mut log = File::options().create(true).append(true).open(log_path)?;
+    let mut log = crate::paths::open_log(log_path)?;
     let tail = Arc::new(OutputTail::empty());
     let (port_tx, port_rx) = crossbeam_channel::bounded(1);
     let drain_tail = Arc::clone(&tail);

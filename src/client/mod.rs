@@ -307,14 +307,11 @@ fn start_daemon(context: &Context) -> Result<Connection> {
     if let Some(dir) = paths.socket.parent() {
         crate::paths::ensure_private_dir(dir)?;
     }
-    fs::create_dir_all(&paths.state_dir)
+    crate::paths::create_private_dirs(&paths.state_dir)
         .map_err(|e| Error::io(format!("cannot create {}", paths.state_dir.display()), e))?;
     let log_path = paths.daemon_log();
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
+    let log =
+        crate::paths::open_log(&log_path).map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the llmctl executable", e))?;
     // Replaced while this process ran (an upgrade): start the binary that is there now.
     let exe = match exe.to_str().and_then(|path| path.strip_suffix(" (deleted)")) {
@@ -360,6 +357,20 @@ fn daemon_failed(context: &Context, log_path: &std::path::Path, exited: bool) ->
             lines[lines.len().saturating_sub(5)..].join("\n")
         })
         .unwrap_or_default();
+    // A daemon that cannot write its log cannot say why it stopped; a full disk is the
+    // usual reason, and it is checked here.
+    let state_dir = &context.paths.state_dir;
+    if tail.trim().is_empty() && crate::paths::disk_is_full(state_dir) {
+        return Error::DaemonUnavailable {
+            socket: context.paths.socket.clone(),
+            reason: format!(
+                "the daemon {} at start: the disk holding {} is full, so it can write neither its lock nor its \
+                 log; free some space",
+                if exited { "exited" } else { "did not answer" },
+                state_dir.display()
+            ),
+        };
+    }
     Error::DaemonUnavailable {
         socket: context.paths.socket.clone(),
         reason: if exited {

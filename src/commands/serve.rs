@@ -15,7 +15,7 @@ use crate::protocol::{ListenRequest, Request, Response};
 pub(crate) fn run(context: &Context, args: ServeArgs) -> Result<()> {
     let api_key = match &args.api_key_file {
         Some(path) => Some(
-            std::fs::read_to_string(path)
+            crate::paths::read_key_file(path)
                 .map_err(|e| Error::io(format!("cannot read the API key file {}", path.display()), e))?
                 .trim()
                 .to_string(),

@@ -114,7 +114,39 @@ pub(crate) fn panicked(payload: Box<dyn std::any::Any + Send>) -> Error {
     Error::internal(format!("the daemon hit a bug while serving the request: {message}"))
 }
 
+/// Checks the numbers a request carries against the same ranges the command line and the
+/// config enforce: a client on the socket (another program of this user) may send anything.
+fn check_ranges(request: &Request) -> Result<()> {
+    use crate::config::{MAX_CTX_SIZE, MAX_GPU_LAYERS, MAX_PARALLEL, MAX_SECONDS};
+    let spec = match request {
+        Request::Run(run) => Some(&run.model),
+        Request::Embed { model, .. }
+        | Request::Warm { model, .. }
+        | Request::Switch { model, .. }
+        | Request::Pin { model, .. } => Some(model),
+        Request::Stop { model, .. } => model.as_ref(),
+        _ => None,
+    };
+    let load = spec.map(|spec| &spec.load);
+    let ttl = match request {
+        Request::Warm { ttl_s, .. } => *ttl_s,
+        _ => None,
+    };
+    for (name, value, low, high) in [
+        ("parallel", load.map(|load| u64::from(load.parallel)), 1, u64::from(MAX_PARALLEL)),
+        ("ctx_size", load.and_then(|load| load.ctx_size).map(u64::from), 16, u64::from(MAX_CTX_SIZE)),
+        ("gpu_layers", load.and_then(|load| load.gpu_layers).map(u64::from), 0, u64::from(MAX_GPU_LAYERS)),
+        ("ttl_s", ttl, 0, MAX_SECONDS),
+    ] {
+        if let Some(value) = value.filter(|value| !(low..=high).contains(value)) {
+            return Err(Error::Usage { message: format!("bad request: {name} {value} is outside {low}..={high}") });
+        }
+    }
+    Ok(())
+}
+
 fn dispatch(shared: &Arc<Shared>, request: Request, peer: &mut Peer) -> Result<()> {
+    check_ranges(&request)?;
     match request {
         Request::Hello { .. } => Err(Error::internal("a hello after the handshake")),
         Request::Run(run) => handlers::generate::run(shared, run, peer),

@@ -82,7 +82,7 @@ pub(crate) fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result
     paths::check_socket_path(&paths.socket)?;
     let socket_dir = paths.socket.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     paths::ensure_private_dir(&socket_dir)?;
-    fs::create_dir_all(&paths.instance_logs_dir)
+    paths::create_private_dirs(&paths.instance_logs_dir)
         .map_err(|e| Error::io(format!("cannot create {}", paths.instance_logs_dir.display()), e))?;
 
     let _state_lock = OwnLock::take(&paths.daemon_lock(), &paths)?;
@@ -244,7 +244,7 @@ fn open_configured_listeners(shared: &Arc<Shared>) {
         return;
     }
     let api_key = match &config.api_key_file {
-        Some(path) => match fs::read_to_string(path) {
+        Some(path) => match paths::read_key_file(path) {
             Ok(key) => Some(key.trim().to_string()),
             Err(error) => {
                 log::error!("cannot read api_key_file {}: {error}; not listening", path.display());

@@ -138,7 +138,7 @@ pub(crate) fn write(path: &Path, table: &InstanceTable) -> Result<(), String> {
     let mut json = serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?;
     json.push(b'\n');
     if let Some(dir) = path.parent() {
-        let _ = fs::create_dir_all(dir);
+        let _ = crate::paths::create_private_dirs(dir);
     }
     paths::write_atomically(path, &json)
         .map_err(|error| format!("cannot write the state file {}: {error}", path.display()))

@@ -346,6 +346,7 @@ impl CacheStore {
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&temp)
             .and_then(|mut file| file.write_all(&text))
             .and_then(|()| fs::rename(&temp, self.dir.join(format!("{stem}.json"))));

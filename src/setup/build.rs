@@ -71,7 +71,8 @@ pub(super) fn build_llama_server(
     remove_stale_temporaries(&cache, &["download", "unpack"]);
     remove_stale_temporaries(&context.paths.cache_dir, &["smoke-test"]);
     let log_path = cache.join(format!("build-{}.log", backend.dir_name()));
-    let mut log = File::create(&log_path).map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
+    let mut log = crate::paths::create_log(&log_path)
+        .map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
     let tools = build_tools(context, reporter, &mut log, &log_path)?;
 
     let archive = cache.join(SOURCE_ARCHIVE);

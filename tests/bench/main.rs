@@ -656,6 +656,7 @@ impl Standalone {
     /// None when the server dies before it answers.
     fn start(binary: &Path, model: &Path) -> Option<Standalone> {
         let port = free_port();
+        // A build that is not installed is reported by the caller, like one that crashed.
         let child = Command::new(binary)
             .arg("-m")
             .arg(model)
@@ -664,7 +665,7 @@ impl Standalone {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap();
+            .ok()?;
         let mut server = Standalone { child, port };
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
         while agent.get(format!("http://127.0.0.1:{port}/health")).call().map(|r| r.status() != 200).unwrap_or(true) {

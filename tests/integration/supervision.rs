@@ -266,6 +266,26 @@ fn protocol_abuse_gets_an_error_and_harms_no_one() {
     reader.read_line(&mut error).unwrap();
     assert!(error.contains("\"error\""), "{error}");
 
+    // Numbers out of the ranges the command line and the config allow are bad requests,
+    // not a panic and not an instance of no slot.
+    let model = env.tiny_model("m.gguf");
+    for (parallel, ttl) in [(1u64, u64::MAX), (0, 60), (u64::from(u32::MAX), 60)] {
+        let warm = serde_json::json!({
+            "type": "warm", "ttl_s": ttl,
+            "model": {"name": "m.gguf", "path": model, "load": {"ctx_size": null, "parallel": parallel, "extra_args": []}},
+        });
+        let mut stream = connect();
+        stream
+            .write_all(format!("{{\"type\":\"hello\",\"version\":{}}}\n{warm}\n", llmctl::protocol::VERSION).as_bytes())
+            .unwrap();
+        let mut lines = BufReader::new(stream).lines();
+        let _hello = lines.next();
+        let reply: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(reply["kind"], "usage", "parallel {parallel}, ttl {ttl}: {reply}");
+        assert!(reply["message"].as_str().unwrap().contains("outside"), "{reply}");
+    }
+    assert!(env.status_json()["instances"].as_array().unwrap().is_empty(), "nothing was loaded");
+
     // A line over the cap: the daemon answers or hangs up, and never buffers it all.
     let mut huge = connect();
     let chunk = vec![b'x'; 1 << 20];

@@ -335,3 +335,56 @@ fn rss_bytes(pid: u32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
+
+/// An API key file that is a FIFO (or a device) is refused before a byte is read, so it can
+/// neither make the daemon wait nor fill its memory: the daemon logs it, serves, and shuts
+/// down when told; `serve` refuses it at once.
+#[test]
+fn a_key_file_that_is_a_fifo_or_a_device_is_refused_and_blocks_nothing() {
+    let env = Env::fake();
+    let fifo = env.path("key.fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    configure(&env, &format!("listen = [\"127.0.0.1:{port}\"]\napi_key_file = \"{}\"\n", fifo.display()), &[]);
+    assert_success(&env.run(&["run", "m", "serving"]));
+    wait_until("the daemon logs the refused key file", || {
+        std::fs::read_to_string(env.path("state/daemon.log")).unwrap_or_default().contains("not a regular file")
+    });
+    for key_file in [fifo.to_str().unwrap(), "/dev/zero"] {
+        let output = env.run(&["serve", "--listen", "127.0.0.1:0", "--api-key-file", key_file]);
+        assert_exit(&output, 69);
+        assert!(stderr(&output).contains("not a regular file"), "{key_file}: {}", stderr(&output));
+    }
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+/// The daemon's log and a child's log are written only as regular files of their own
+/// name: a symbolic link in their place is refused and the file it points to is untouched.
+#[test]
+fn logs_are_never_written_through_a_symbolic_link() {
+    let env = Env::fake();
+    configure(&env, "", &[]);
+    let victim = env.path("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    // A child's log: found after a first load, then replaced by a link.
+    assert_success(&env.run(&["run", "m", "first"]));
+    assert_success(&env.run(&["shutdown"]));
+    let logs: Vec<_> = std::fs::read_dir(env.path("state/logs")).unwrap().flatten().map(|entry| entry.path()).collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    std::fs::remove_file(&logs[0]).unwrap();
+    std::os::unix::fs::symlink(&victim, &logs[0]).unwrap();
+    let output = env.run(&["run", "m", "second"]);
+    assert!(!output.status.success(), "{}", stdout(&output));
+    assert!(stderr(&output).contains("symbolic link"), "{}", stderr(&output));
+    assert_success(&env.run(&["shutdown"]));
+    // The daemon's log.
+    let daemon_log = env.path("state/daemon.log");
+    std::fs::remove_file(&daemon_log).unwrap();
+    std::os::unix::fs::symlink(&victim, &daemon_log).unwrap();
+    let output = env.run(&["run", "m", "third"]);
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("symbolic link"), "{}", stderr(&output));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    env.assert_nothing_survives();
+}

@@ -4,6 +4,7 @@
 //! Each must get its documented exit code quickly and leave nothing behind.
 
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -265,6 +266,23 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
+}
+
+/// A daemon that cannot start because the disk of its state directory is full (it can
+/// write neither its lock nor its log, so its log cannot say why) is named as such.
+#[test]
+fn a_full_state_disk_is_named_when_the_daemon_cannot_start() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf").display().to_string();
+    let disk = Tmpfs::mount(&env.path("state"), "64k");
+    let mut filler = fs::File::create(env.path("state/filler")).unwrap();
+    while filler.write_all(&[0u8; 4096]).is_ok() {}
+    drop(filler);
+    let output = env.run(&["run", &model, "hi"]);
+    assert_exit(&output, 69);
+    assert!(stderr(&output).contains("is full"), "{}", stderr(&output));
+    env.assert_nothing_survives();
+    drop(disk);
 }
 
 /// The names in `dir`.

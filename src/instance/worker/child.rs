@@ -106,7 +106,7 @@ impl Worker {
         }
         command.env(process::MARK_VARIABLE, format!("{}-{}-{generation}", self.services.mark_prefix, self.id));
         // The directory may have been removed under a running daemon: make it again.
-        let _ = std::fs::create_dir_all(&self.services.log_dir);
+        let _ = crate::paths::create_private_dirs(&self.services.log_dir);
         let log_path = self.services.log_dir.join(self.spec.log_file_name());
         let (inbox, listening_inbox) = (self.home.inbox.clone(), self.home.inbox.clone());
         let on_listening = move || {
