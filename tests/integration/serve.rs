@@ -802,9 +802,17 @@ fn attack(env: &Env, server: &Server, key: Option<&str>) {
     let child = instance(env, "m")["pid"].as_u64().expect("the model is loaded") as u32;
     let auth = key.map(|key| format!("Authorization: Bearer {key}\r\n")).unwrap_or_default();
 
-    // A slow head, in the background: 408 once the head timeout passes.
-    let slow_address = address.clone();
-    let slow = std::thread::spawn(move || raw(&slow_address, b"POST /v1/chat/completions HTTP/1.1\r\nX-Slow: "));
+    // A slow head, in the background: 408 once the head timeout passes. It connects here,
+    // before the pool is filled below: connections are accepted in the order they came, so
+    // it holds a worker when the rest arrive, however late its thread runs.
+    let mut slow_stream = TcpStream::connect(&address).unwrap();
+    slow_stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    slow_stream.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nX-Slow: ").unwrap();
+    let slow = std::thread::spawn(move || {
+        let mut answer = Vec::new();
+        let _ = slow_stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    });
 
     let huge = raw(&address, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n");
     assert!(huge.starts_with("HTTP/1.1 413"), "{huge}");
