@@ -334,16 +334,22 @@ fn forward(
 
 /// Answers `error` with its status from the exit-status table, in OpenAI's shape.
 pub(crate) fn fail(exchange: &mut Exchange, error: &Error) {
+    let (status, retry_after) = error_status(error);
+    let extra: Vec<(&str, &str)> = retry_after.as_deref().map(|value| vec![("Retry-After", value)]).unwrap_or_default();
+    let body = crate::http::error_body(status, &error.to_string(), Some(error.kind().name()));
+    exchange.respond(status, "application/json; charset=utf-8", body.as_bytes(), &extra);
+}
+
+/// The HTTP status of `error` from the exit-status table, with the `Retry-After` seconds a
+/// busy answer carries: 429 when one model's queue is full, 503 when the daemon's is.
+pub(crate) fn error_status(error: &Error) -> (u16, Option<String>) {
     let (retry, per_model) = match error {
         Error::Busy { retry_after_ms, per_model, .. } => (Some(*retry_after_ms), *per_model),
         _ => (None, false),
     };
     let kind = error.kind();
     let status = if kind == ErrorKind::Busy && per_model { 429 } else { kind.http_status() };
-    let retry = retry.map(|ms| ms.div_ceil(1000).max(1).to_string());
-    let extra: Vec<(&str, &str)> = retry.as_deref().map(|value| vec![("Retry-After", value)]).unwrap_or_default();
-    let body = crate::http::error_body(status, &error.to_string(), Some(kind.name()));
-    exchange.respond(status, "application/json; charset=utf-8", body.as_bytes(), &extra);
+    (status, retry.map(|ms| ms.div_ceil(1000).max(1).to_string()))
 }
 
 /// Compares without stopping at the first difference, so timing reveals nothing of the key.

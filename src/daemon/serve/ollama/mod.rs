@@ -31,7 +31,7 @@ use crate::backend::unix::Cancel;
 use crate::config::Config;
 use crate::daemon::shared::Shared;
 use crate::daemon::work::{self, Attempt};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::http::{Exchange, Request};
 use crate::instance::{Message, Pin, Unload};
 use crate::model::ModelSpec;
@@ -152,14 +152,8 @@ fn fail(exchange: &mut Exchange, error: &Error) {
     if matches!(error, Error::Interrupted) {
         return exchange.abort();
     }
-    let (retry, per_model) = match error {
-        Error::Busy { retry_after_ms, per_model, .. } => (Some(*retry_after_ms), *per_model),
-        _ => (None, false),
-    };
-    let kind = error.kind();
-    let status = if kind == ErrorKind::Busy && per_model { 429 } else { kind.http_status() };
-    let retry = retry.map(|ms| ms.div_ceil(1000).max(1).to_string());
-    let extra: Vec<(&str, &str)> = retry.as_deref().map(|value| vec![("Retry-After", value)]).unwrap_or_default();
+    let (status, retry_after) = super::routes::error_status(error);
+    let extra: Vec<(&str, &str)> = retry_after.as_deref().map(|value| vec![("Retry-After", value)]).unwrap_or_default();
     refuse(exchange, status, &error.to_string(), &extra);
 }
 
