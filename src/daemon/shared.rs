@@ -71,6 +71,10 @@ pub(crate) struct Shared {
     /// Each waiting load's place in line and estimated wait in ms, by instance, as the
     /// scheduler last planned.
     pub(crate) etas: Mutex<std::collections::HashMap<usize, (usize, u64)>>,
+    /// Each model's `GET /props` as its llama-server last answered it, with that child's
+    /// pid, by name: what `serve` answers while that child runs, and, marked sleeping,
+    /// while the model is not loaded.
+    pub(crate) props: Mutex<std::collections::HashMap<String, (Option<u32>, serde_json::Value)>>,
 }
 
 impl Shared {
@@ -104,6 +108,7 @@ impl Shared {
             listeners: Listeners::default(),
             swaps: AtomicU64::new(0),
             etas: Mutex::new(Default::default()),
+            props: Mutex::new(Default::default()),
         }
     }
 

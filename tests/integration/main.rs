@@ -26,3 +26,4 @@ mod test_command;
 mod tiny_model;
 mod trust;
 mod untrusted;
+mod upstream;

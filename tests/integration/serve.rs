@@ -1294,3 +1294,42 @@ fn serve_answers_llama_servers_other_routes_as_it_does() {
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
+
+/// `GET /props` never loads a model, as llama-server's never wakes a sleeping one: a model
+/// not loaded yet gets its header's props with `is_sleeping`, a loaded one its child's own
+/// answer, and one unloaded since that answer again, marked sleeping.
+#[test]
+fn props_of_a_model_not_loaded_loads_nothing_and_says_it_sleeps() {
+    let env = Env::real();
+    let model = env.tiny_model("tiny.gguf");
+    env.write_config(&format!("[models.tiny]\npath = \"{}\"\nparallel = 2\n", model.display()));
+    let server = Server::start(&env, &[]);
+    let props = || {
+        let mut response = agent().get(format!("{}/props?model=tiny", server.base)).call().unwrap();
+        assert_eq!(response.status(), 200);
+        serde_json::from_str::<serde_json::Value>(&response.body_mut().read_to_string().unwrap()).unwrap()
+    };
+    let before = props();
+    assert_eq!(before["is_sleeping"], true, "{before}");
+    assert_eq!(before["total_slots"], 2, "{before}");
+    assert_eq!(before["model_alias"], "tiny", "{before}");
+    assert!(env.status_json()["instances"].as_array().unwrap().is_empty(), "a probe loads nothing");
+    assert_success(&env.run(&["warm", "tiny"]));
+    let awake = props();
+    assert_eq!(awake["is_sleeping"], false, "the child's own answer: {awake}");
+    assert!(awake["build_info"].is_string(), "{awake}");
+    // Asking again does not keep the model awake: its idle time is not reset.
+    let used = env.status_json()["instances"][0]["last_used_ms"].clone();
+    assert_eq!(props(), awake);
+    assert_eq!(env.status_json()["instances"][0]["last_used_ms"], used);
+    assert_success(&env.run(&["stop", "tiny"]));
+    let stopped = || env.status_json()["instances"].as_array().unwrap().iter().all(|i| i["state"] == "stopped");
+    wait_until("the model is unloaded", stopped);
+    let asleep = props();
+    assert_eq!(asleep["is_sleeping"], true, "{asleep}");
+    assert_eq!(asleep["build_info"], awake["build_info"], "the child's last answer: {asleep}");
+    assert!(stopped(), "a probe loads nothing: {}", env.status_json());
+    drop(server);
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}

@@ -135,6 +135,25 @@ fn described(name: &str, info: Option<&crate::gguf::ModelInfo>, created: u64) ->
     })
 }
 
+/// `GET /props` for a model not loaded since the daemon started, from its GGUF header and
+/// its settings: the fields llama-server gives that need no loaded model.
+pub(crate) fn props_unloaded(spec: &ModelSpec) -> Value {
+    let info = crate::gguf::inspect(&spec.path).ok();
+    let n_ctx = spec.load.ctx_size.map(u64::from).or(info.as_ref().and_then(|info| info.context_length));
+    json!({
+        "default_generation_settings": {"n_ctx": n_ctx},
+        "total_slots": spec.load.parallel,
+        "model_alias": spec.name,
+        "model_path": spec.path,
+        "modalities": {"vision": false, "video": false, "audio": false},
+        "endpoint_slots": true,
+        "endpoint_props": false,
+        "endpoint_metrics": true,
+        "ui": false,
+        "is_sleeping": true,
+    })
+}
+
 /// When a model file was last changed, in seconds since the epoch (0 when it cannot say).
 fn created(path: &std::path::Path) -> u64 {
     std::fs::metadata(path)

@@ -165,10 +165,10 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
         }
         // Routes that read or act on one instance without a body: `?model=` picks it, as
         // llama-server's router reads it.
-        ("GET", "/props" | "/v1/props" | "/slots" | "/lora-adapters" | "/tools" | "/v1/stream")
-        | ("DELETE", "/v1/stream") => {
+        ("GET", "/props" | "/v1/props") => props(shared, &config, request, exchange),
+        ("GET", "/slots" | "/lora-adapters" | "/tools" | "/v1/stream") | ("DELETE", "/v1/stream") => {
             let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
-            forward(shared, &config, request, exchange, Purpose::Generate, name);
+            forward(shared, &config, request, exchange, Purpose::Generate, name, None);
         }
         ("GET" | "POST", "/cors-proxy") => {
             // It fetches any URL a client names, from this machine: never forwarded.
@@ -183,7 +183,7 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
                     Err(error) => return exchange.error(400, &format!("the body is not a JSON object: {error}"), &[]),
                 };
                 let name = body.get("model").and_then(Value::as_str).map(str::to_string);
-                forward(shared, &config, request, exchange, *purpose, name);
+                forward(shared, &config, request, exchange, *purpose, name, None);
             }
             None => exchange.error(404, &format!("no route for POST {path}"), &[]),
         },
@@ -203,7 +203,7 @@ fn slot_action(shared: &Arc<Shared>, config: &Config, request: Request, exchange
     match request.query("action") {
         Some("erase") => {
             let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
-            forward(shared, config, request, exchange, Purpose::Generate, name);
+            forward(shared, config, request, exchange, Purpose::Generate, name, None);
         }
         Some("save" | "restore") => exchange.error(
             403,
@@ -217,6 +217,45 @@ fn slot_action(shared: &Arc<Shared>, config: &Config, request: Request, exchange
 
 /// The content type of every JSON answer of `serve`'s own, as llama-server labels its own.
 const JSON: &str = "application/json; charset=utf-8";
+
+/// `GET /props` as llama-server answers it, which neither wakes a sleeping model nor keeps
+/// one awake: a loaded instance's first request is forwarded and its answer kept, later
+/// ones get that answer without a lease (so polling does not reset the idle TTL), and a
+/// model that is not loaded is not loaded for it. That one gets the answer its
+/// llama-server last gave, or, for a model not loaded since the daemon started, what the
+/// GGUF header and the model's settings say, with `is_sleeping` true either way.
+fn props(shared: &Arc<Shared>, config: &Config, request: Request, exchange: &mut Exchange) {
+    let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
+    let spec = match models::choose(shared, config, name.as_deref(), Purpose::Generate) {
+        Ok(spec) => spec,
+        Err(error) => return fail(exchange, &error),
+    };
+    let loaded = shared
+        .table
+        .all()
+        .iter()
+        .map(|instance| instance.snapshot().status())
+        .find(|status| status.name == spec.name && status.state.is_loaded());
+    let kept = shared.props.lock().get(&spec.name).cloned();
+    let (mut answer, sleeping) = match (loaded, kept) {
+        (Some(status), Some((pid, props))) if status.pid.is_some() && status.pid == pid => (props, false),
+        (Some(status), _) => {
+            let mut body = Vec::new();
+            forward(shared, config, request, exchange, Purpose::Generate, name, Some(&mut body));
+            if let Ok(props @ Value::Object(_)) = serde_json::from_slice::<Value>(&body) {
+                shared.props.lock().insert(spec.name, (status.pid, props));
+            }
+            return;
+        }
+        (None, _) if spec.remote.is_some() => {
+            return forward(shared, config, request, exchange, Purpose::Generate, name, None);
+        }
+        (None, Some((_, props))) => (props, true),
+        (None, None) => (models::props_unloaded(&spec), true),
+    };
+    answer["is_sleeping"] = Value::Bool(sleeping);
+    exchange.respond(200, JSON, answer.to_string().as_bytes(), &[]);
+}
 
 /// `/health` as llama-server answers it, for the model a request would go to (`?model=`,
 /// or the default), without loading or waking anything: 503 "Loading model" while its
@@ -270,7 +309,8 @@ impl Waiter for HttpWaiter<'_> {
     }
 }
 
-/// Passes `request` to the model it names (or the default) and relays the answer.
+/// Passes `request` to the model it names (or the default) and relays the answer; a
+/// successful answer's body is also copied into `keep` (up to 1 MiB), when given.
 fn forward(
     shared: &Arc<Shared>,
     config: &Config,
@@ -278,6 +318,7 @@ fn forward(
     exchange: &mut Exchange,
     purpose: Purpose,
     name: Option<String>,
+    mut keep: Option<&mut Vec<u8>>,
 ) {
     let mut spec = match models::choose(shared, config, name.as_deref(), purpose) {
         Ok(spec) => spec,
@@ -315,6 +356,9 @@ fn forward(
                 }
                 Part::Bytes(bytes) => {
                     first_token.get_or_insert_with(|| started.elapsed());
+                    if let Some(keep) = keep.as_deref_mut().filter(|keep| status == 200 && keep.len() < 1 << 20) {
+                        keep.extend_from_slice(bytes);
+                    }
                     exchange.write(bytes)
                 }
             }
