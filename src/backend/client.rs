@@ -60,7 +60,7 @@ impl Client {
             ureq::Agent::with_parts(
                 agent_config(None, timeouts, idle),
                 super::unix::UnixConnector { path: path.to_path_buf() },
-                ureq::unversioned::resolver::DefaultResolver::default(),
+                super::unix::NoLookup,
             )
         };
         // The host only names the server in the Host header; the connector ignores it.

@@ -6,6 +6,9 @@
 //! transports from connectors (`Agent::with_parts`); this one stands where `TcpConnector`
 //! would, and the rest of ureq (HTTP/1.1, pooling, timeouts) is unchanged.
 //!
+//! The connector ignores the address, so [`NoLookup`] gives ureq one without asking the
+//! system resolver (which reads `/etc/hosts` and `nsswitch.conf` on every request).
+//!
 //! A request can be given up while it waits for an answer: [`with_cancel`] sets, for the
 //! calling thread, a check that reads ask in short steps. ureq runs a request on the calling
 //! thread, so this works on pooled connections too; a cancelled read fails with
@@ -19,6 +22,25 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, Transport};
+
+/// A resolver that looks nothing up: every name is 127.0.0.1 on the URL's port, which the
+/// Unix connector never uses.
+#[derive(Debug, Default)]
+pub(crate) struct NoLookup;
+
+impl ureq::unversioned::resolver::Resolver for NoLookup {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        _config: &ureq::config::Config,
+        _timeout: NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let mut addresses = self.empty();
+        let port = uri.port_u16().unwrap_or(80);
+        addresses.push(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        Ok(addresses)
+    }
+}
 
 /// Asked while a read waits: true when the request should be given up (its client left).
 pub(crate) type Cancel = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;

@@ -79,6 +79,15 @@ fn main() {
         ollama_vs_openai_through_serve(&Bench::new(&server), &demo, reps);
         return;
     }
+    // `BENCH_ONLY=admission` runs only section 5, the admission of short requests.
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("admission") {
+        println!("machine: {}, {} CPUs; medians\n", cpu_model(), cpus());
+        let dir = tempfile::tempdir().unwrap();
+        let fake_model = dir.path().join("fake.gguf");
+        std::fs::copy(&demo, &fake_model).unwrap();
+        admission(&fake_model);
+        return;
+    }
     // `BENCH_ONLY=caches` runs only the prompt caches across a swap.
     if std::env::var("BENCH_ONLY").as_deref() == Ok("caches") {
         println!("machine: {}, {} CPUs; {} repetitions, medians\n", cpu_model(), cpus(), reps);
@@ -273,31 +282,7 @@ fn main() {
     }
 
     // 5. Admission: many concurrent clients, fake server at full speed, short generations.
-    let admission_env = Bench::new(Path::new(FAKE));
-    admission_env.set_fake_tokens(16);
-    std::fs::write(admission_env.dir.path().join("config.toml"), "queue_depth = 256\n").unwrap();
-    admission_env.llmctl(&["warm", "--parallel", "64", fake_model.to_str().unwrap()]);
-    let admission_target = admission_env.instance_target();
-    let spec = serde_json::json!({"name": "fake.gguf", "path": fake_model, "load": {"ctx_size": null, "parallel": 64, "gpu_layers": null, "extra_args": []}});
-    println!("### Admission, fake server at full speed, 16-token requests\n");
-    println!("| clients | daemon req/s | direct req/s | ratio | daemon p99 | direct p99 | added p99 |");
-    println!("|---|---|---|---|---|---|---|");
-    for clients in [1usize, 8, 64] {
-        let per_client = (512 / clients).max(8);
-        let socket = admission_env.socket();
-        let (daemon_rate, daemon_p99) = load(clients, per_client, || daemon_request(&socket, &spec));
-        let (direct_rate, direct_p99) = load(clients, per_client, || {
-            direct_stream(&admission_target, "x", 16);
-        });
-        println!(
-            "| {clients} | {daemon_rate:.0} | {direct_rate:.0} | {:.2} | {} | {} | {:+.2} ms |",
-            daemon_rate / direct_rate,
-            ms(daemon_p99),
-            ms(direct_p99),
-            (daemon_p99.as_secs_f64() - direct_p99.as_secs_f64()) * 1000.0
-        );
-    }
-    println!();
+    admission(&fake_model);
 
     // 9. Children on a Unix socket (the default) against loopback TCP with a key.
     {
@@ -1237,6 +1222,36 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
     drop(router);
     println!("| llmctl (max_wait {max_wait}; gemma loads in {gemma_load} ms) | {} |", ms(llmctl_wait));
     println!("| llama-server router mode | {} |\n", ms(router_wait));
+}
+
+/// Section 5: requests/s and p99 through the daemon's socket and straight to the child, at
+/// 1, 8 and 64 concurrent clients, fake server at full speed, short generations.
+fn admission(fake_model: &Path) {
+    let admission_env = Bench::new(Path::new(FAKE));
+    admission_env.set_fake_tokens(16);
+    std::fs::write(admission_env.dir.path().join("config.toml"), "queue_depth = 256\n").unwrap();
+    admission_env.llmctl(&["warm", "--parallel", "64", fake_model.to_str().unwrap()]);
+    let admission_target = admission_env.instance_target();
+    let spec = serde_json::json!({"name": "fake.gguf", "path": fake_model, "load": {"ctx_size": null, "parallel": 64, "gpu_layers": null, "extra_args": []}});
+    println!("### Admission, fake server at full speed, 16-token requests\n");
+    println!("| clients | daemon req/s | direct req/s | ratio | daemon p99 | direct p99 | added p99 |");
+    println!("|---|---|---|---|---|---|---|");
+    for clients in [1usize, 8, 64] {
+        let per_client = (512 / clients).max(8);
+        let socket = admission_env.socket();
+        let (daemon_rate, daemon_p99) = load(clients, per_client, || daemon_request(&socket, &spec));
+        let (direct_rate, direct_p99) = load(clients, per_client, || {
+            direct_stream(&admission_target, "x", 16);
+        });
+        println!(
+            "| {clients} | {daemon_rate:.0} | {direct_rate:.0} | {:.2} | {} | {} | {:+.2} ms |",
+            daemon_rate / direct_rate,
+            ms(daemon_p99),
+            ms(direct_p99),
+            (daemon_p99.as_secs_f64() - direct_p99.as_secs_f64()) * 1000.0
+        );
+    }
+    println!();
 }
 
 /// (time to first text, whole request, tokens generated) of one streamed chat through
