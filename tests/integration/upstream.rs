@@ -72,14 +72,15 @@ fn server_tests() -> PathBuf {
     tests
 }
 
-/// The tests of `FILES` that passed, run with `tests/upstream/llama-server` started `via`.
-fn passing(env: &Env, tests: &Path, via: &str) -> BTreeSet<String> {
-    let root = env.path(via);
+/// Which of `selected` (test files under `unit/`, or test ids) passed, run with
+/// `tests/upstream/llama-server` started `via`; the output is kept as `{log}.log`.
+fn passing<S: AsRef<str>>(env: &Env, tests: &Path, via: &str, selected: &[S], log: &str) -> BTreeSet<String> {
+    let root = env.path(log);
     std::fs::create_dir_all(root.join("cache")).unwrap();
     let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/upstream/llama-server");
     let output = Command::new(test_python())
         .args(["-m", "pytest", "-p", "no:cacheprovider", "-rA", "-q", "--no-header", "-o", "addopts="])
-        .args(FILES.iter().map(|file| format!("unit/{file}")))
+        .args(selected.iter().map(|test| test.as_ref()))
         .current_dir(tests)
         .env("LLAMA_SERVER_BIN_PATH", &wrapper)
         .env("LLAMA_CACHE", root.join("cache"))
@@ -95,11 +96,11 @@ fn passing(env: &Env, tests: &Path, via: &str) -> BTreeSet<String> {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
-    std::fs::write(env.path(&format!("{via}.log")), text.as_bytes()).unwrap();
+    std::fs::write(env.path(&format!("{log}.log")), text.as_bytes()).unwrap();
     let passed: BTreeSet<String> =
         text.lines().filter_map(|line| line.strip_prefix("PASSED ")).map(|id| id.trim().to_string()).collect();
     let summary = text.lines().rev().find(|line| line.contains(" in ")).unwrap_or("");
-    eprintln!("llama.cpp's server tests {via}: {} passed ({summary})", passed.len());
+    eprintln!("llama.cpp's server tests {log}: {} passed ({summary})", passed.len());
     passed
 }
 
@@ -111,14 +112,32 @@ fn free_port() -> u16 {
 fn llama_cpps_server_tests_that_pass_against_llama_server_pass_through_serve() {
     let tests = server_tests();
     let env = Env::real();
-    let direct = passing(&env, &tests, "direct");
+    let files: Vec<String> = FILES.iter().map(|file| format!("unit/{file}")).collect();
+    let direct = passing(&env, &tests, "direct", &files, "direct");
     // With the stand-in models, most of the tests still pass directly; far fewer means the
     // run itself is broken, not serve.
     assert!(direct.len() >= 100, "only {} passed directly:\n{}", direct.len(), env.path("direct.log").display());
-    let through_serve = passing(&env, &tests, "serve");
+    let mut through_serve = passing(&env, &tests, "serve", &files, "serve");
     let deliberate: BTreeSet<&str> = DIFFERENCES.iter().map(|(test, _)| *test).collect();
-    let lost: Vec<&String> =
-        direct.iter().filter(|test| !through_serve.contains(*test) && !deliberate.contains(test.as_str())).collect();
+    let lost = |through_serve: &BTreeSet<String>| -> Vec<String> {
+        direct
+            .iter()
+            .filter(|test| !through_serve.contains(*test) && !deliberate.contains(test.as_str()))
+            .cloned()
+            .collect()
+    };
+    // Some of these tests time things (sleep after an idle period, a slot's progress) on a
+    // machine whose two cores also run the suite: a test lost through serve is run again,
+    // alone, up to twice more, and is lost only if it fails through serve every time.
+    for again in 1..=2 {
+        let retry = lost(&through_serve);
+        if retry.is_empty() {
+            break;
+        }
+        eprintln!("llama.cpp's server tests: running {} lost through serve again: {retry:?}", retry.len());
+        through_serve.extend(passing(&env, &tests, "serve", &retry, &format!("serve-again-{again}")));
+    }
+    let lost = lost(&through_serve);
     let serve_log = std::fs::read_to_string(env.path("serve.log")).unwrap_or_default();
     assert!(lost.is_empty(), "pass against llama-server, fail through serve: {lost:#?}\n{serve_log}");
     // A deliberate difference that passes now is no longer one: the list stays true.

@@ -438,6 +438,9 @@ impl Worker {
                 }
             }
             Action::ReturnRoom => {
+                // Whoever gets the memory may be answered before this loop publishes again,
+                // and must not then read this instance as still holding it.
+                self.publish_view();
                 if self.spec.remote.is_none() {
                     let _ = self.services.scheduler.send(RoomRequest::Return { id: self.id });
                 }
