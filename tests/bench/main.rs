@@ -1149,8 +1149,10 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
     let models = ["smol", "smol2", "gemma"];
     println!("### Thrash: the same seeded trace over three models with room for one, 4-token completions over HTTP\n");
     println!("trace seed {seed} (`BENCH_SEED` replays it)\n");
-    println!("| clients | requests | llmctl req/s | router req/s | ratio llmctl/router | llmctl swaps/request | router swaps/request |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| clients | requests | llmctl req/s | router req/s | ratio llmctl/router | llmctl swaps/request | router swaps/request | ceiling req/s | ceiling/router |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for clients in [3usize, 12, 48] {
         let per_client = (96 / clients).max(2);
         let trace = thrash_trace(seed + clients as u64, clients, per_client, &models);
@@ -1160,7 +1162,23 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
         env.llmctl(&["status"]);
         let serving = Serving::start(&env);
         let llmctl_rate = run_trace(serving.port, &trace, 4);
-        let llmctl_swaps = env.status()["daemon"]["swaps"].as_u64().unwrap_or(0);
+        let status = env.status();
+        let llmctl_swaps = status["daemon"]["swaps"].as_u64().unwrap_or(0);
+        // The ceiling of any scheduler on this trace: its requests all for one model (one
+        // load, no swap), plus the other two models' loads, the fewest the trace needs.
+        let load_s = |name: &str| {
+            status["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["name"] == name)
+                .and_then(|i| i["load_ms"].as_u64())
+                .unwrap_or(0) as f64
+                / 1000.0
+        };
+        let one_model: Vec<Vec<&'static str>> = trace.iter().map(|requests| vec!["smol"; requests.len()]).collect();
+        let one_model_s = total as f64 / run_trace(serving.port, &one_model, 4);
+        let ceiling = total as f64 / (one_model_s + load_s("smol2") + load_s("gemma"));
         drop(serving);
         drop(env);
         let log = router_dir.path().join("router.log");
@@ -1169,10 +1187,11 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
         drop(router);
         let router_swaps = router_loads(&log).saturating_sub(1);
         println!(
-            "| {clients} | {total} | {llmctl_rate:.2} | {router_rate:.2} | **{:.2}** | {:.2} | {:.2} |",
+            "| {clients} | {total} | {llmctl_rate:.2} | {router_rate:.2} | **{:.2}** | {:.2} | {:.2} | {ceiling:.2} | {:.2} |",
             llmctl_rate / router_rate,
             llmctl_swaps as f64 / total as f64,
-            router_swaps as f64 / total as f64
+            router_swaps as f64 / total as f64,
+            ceiling / router_rate
         );
     }
     println!();
