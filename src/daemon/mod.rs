@@ -388,9 +388,22 @@ impl OwnLock {
         if metadata.len() > 4096 || file.read_to_string(&mut contents).is_err() || !is_lock_text(&contents) {
             return Err(not_ours("holds something else".into()));
         }
-        let locked =
-            sys::try_lock_exclusive(&file).map_err(|e| Error::io(format!("cannot lock {}", path.display()), e))?;
+        // A client asking whether a daemon holds the lock takes it shared for a moment; a
+        // daemon starting just then must not read that as another daemon. A real one holds
+        // it for good, so a lock still held after a short while is one.
+        let deadline = Instant::now() + LOCK_PROBE_WAIT;
+        let locked = loop {
+            let locked =
+                sys::try_lock_exclusive(&file).map_err(|e| Error::io(format!("cannot lock {}", path.display()), e))?;
+            if locked || Instant::now() >= deadline {
+                break locked;
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
         if !locked {
+            // What the holder wrote after it took the lock, if it did.
+            contents.clear();
+            let _ = file.rewind().and_then(|()| file.read_to_string(&mut contents));
             let mut lines = contents.lines();
             let pid = lines.next().and_then(|line| line.trim().parse().ok());
             let socket = lines.next().map(PathBuf::from).unwrap_or_else(|| paths.socket.clone());
@@ -404,6 +417,9 @@ impl OwnLock {
         Ok(file)
     }
 }
+
+/// How long a starting daemon waits for a lock a client's probe may hold for a moment.
+const LOCK_PROBE_WAIT: Duration = Duration::from_millis(500);
 
 /// What a daemon writes in its lock files: its pid, then its socket; or nothing yet.
 fn is_lock_text(contents: &str) -> bool {

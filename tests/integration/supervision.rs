@@ -177,6 +177,37 @@ fn second_daemon_refuses_and_stale_sockets_are_replaced() {
 }
 
 #[test]
+fn a_daemon_starting_while_a_client_probes_its_lock_waits_for_the_probe() {
+    use std::os::fd::AsRawFd;
+    let env = Env::fake();
+    // A client asks whether a daemon holds the state directory by taking the daemon's lock
+    // shared for a moment. Here the moment lasts until the starting daemon has the lock
+    // file open; before, it exited at once saying another daemon served the socket.
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    let lock = env.path("state/daemon.lock");
+    let probe = std::fs::File::options().read(true).write(true).create(true).truncate(false).open(&lock).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) }, 0);
+    let mut daemon = env.command(&["daemon"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let holds_open = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == lock)))
+            .unwrap_or(false)
+    };
+    wait_until("the daemon opens its lock, or exits", || {
+        daemon.try_wait().unwrap().is_some() || holds_open(daemon.id())
+    });
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon took a client's probe for another daemon");
+    drop(probe);
+    wait_until("the daemon answers", || env.socket().exists() && UnixStream::connect(env.socket()).is_ok());
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon took a client's probe for another daemon");
+    assert_eq!(env.status_json()["daemon"]["pid"], daemon.id(), "the daemon started here answers");
+    assert_success(&env.run(&["shutdown"]));
+    assert!(daemon.wait().unwrap().success());
+    env.assert_nothing_survives();
+}
+
+#[test]
 fn the_socket_directory_is_created_private_and_an_existing_one_is_never_changed() {
     let env = Env::fake();
     let with_socket =
