@@ -58,6 +58,11 @@ const DIFFERENCES: &[(&str, &str)] = &[
     ("unit/test_security.py::test_cors_options[web.mydomain.fr-Access-Control-Allow-Origin-web.mydomain.fr]", "CORS default"),
 ];
 
+/// Tests whose result depends on when parallel requests reach the child, not on what is
+/// answered: four requests share one 256-token KV cache and one stops a token short or not
+/// as their slots overlap. They are left out of both checks.
+const TIMED: &[&str] = &["unit/test_completion.py::test_completion_unified[256-4-n_predict_vals3-expected_success3]"];
+
 fn server_tests() -> PathBuf {
     let dir = match std::env::var_os("LLMCTL_TEST_MODELS") {
         Some(dir) => PathBuf::from(dir),
@@ -122,7 +127,9 @@ fn llama_cpps_server_tests_that_pass_against_llama_server_pass_through_serve() {
     let lost = |through_serve: &BTreeSet<String>| -> Vec<String> {
         direct
             .iter()
-            .filter(|test| !through_serve.contains(*test) && !deliberate.contains(test.as_str()))
+            .filter(|test| {
+                !through_serve.contains(*test) && !deliberate.contains(test.as_str()) && !TIMED.contains(&test.as_str())
+            })
             .cloned()
             .collect()
     };
