@@ -28,8 +28,15 @@ pub(crate) fn peer_uid(socket: &impl AsRawFd) -> io::Result<u32> {
 }
 
 pub(crate) fn current_uid() -> u32 {
+    static UID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     // SAFETY: getuid has no preconditions and cannot fail.
-    unsafe { libc::getuid() }
+    *UID.get_or_init(|| unsafe { libc::getuid() })
+}
+
+/// This process's id, asked of the kernel once (glibc asks on every call).
+pub(crate) fn own_pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
 }
 
 /// True when the peer of `socket` has closed or shut down its side, without reading.

@@ -95,7 +95,9 @@ impl Client {
             return Err(GenerateError::Cancelled);
         }
         let mut scanner = Scanner::default();
-        let mut reader = BufReader::with_capacity(1 << 16, response.body_mut().as_reader());
+        // ureq's reader cannot read into uninitialised memory, so the buffer is zeroed once
+        // per request: no larger than the connection's own input buffer (see `client`).
+        let mut reader = BufReader::with_capacity(32 << 10, response.body_mut().as_reader());
         loop {
             let chunk = match reader.fill_buf() {
                 Ok([]) => break,

@@ -35,7 +35,9 @@ impl Client {
                 GenerateError::Broken(format!("HTTP {status}: {message}"))
             });
         }
-        let mut reader = BufReader::with_capacity(1 << 16, response.body_mut().as_reader());
+        // ureq's reader cannot read into uninitialised memory, so the buffer is zeroed once
+        // per request: no larger than the connection's own input buffer (see `client`).
+        let mut reader = BufReader::with_capacity(16 << 10, response.body_mut().as_reader());
         let mut lines = Lines::default();
         let mut done = Done::default();
         loop {

@@ -7,7 +7,7 @@
 //! caught here: it is logged with its backtrace, the client gets an internal error, and any
 //! lease's `Drop` gives its slot back.
 
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -50,12 +50,11 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
     // A client that stops reading must not hold its slot (or an events thread) for good:
     // a write that cannot proceed for this long fails, which cancels the generation.
     let _ = stream.set_write_timeout(Some(shared.settings.token_timeout.min(CLIENT_WRITE_TIMEOUT)));
-    let (Ok(read_half), Ok(watch)) = (stream.try_clone(), stream.try_clone()) else {
-        return;
-    };
-    let mut reader = BufReader::new(read_half);
-    let mut peer = Peer::new(BufWriter::with_capacity(1 << 16, stream), watch);
-    let (request, size) = match read_request(&mut reader, &mut peer) {
+    // The request is read through a borrow and everything after is written through the
+    // writer's own handle: no duplicated descriptors.
+    let read = read_request(BufReader::new(&stream), &stream);
+    let mut peer = Peer::new(BufWriter::with_capacity(1 << 16, stream));
+    let (request, size) = match read {
         Ok(Some(request)) => request,
         Ok(None) => return,
         Err(error) => {
@@ -63,7 +62,6 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
             return;
         }
     };
-    drop(reader);
     // Beyond the connections long requests may hold, only control requests get in, so no
     // number of streams or followers locks out `status`, `stop` or `shutdown`.
     let long = matches!(
@@ -166,11 +164,11 @@ fn dispatch(shared: &Arc<Shared>, request: Request, peer: &mut Peer) -> Result<(
 
 /// Reads the handshake and the request, answering the handshake; returns the request and
 /// the length of its line. `Ok(None)` when the client closed without a request.
-fn read_request(reader: &mut BufReader<UnixStream>, peer: &mut Peer) -> Result<Option<(Request, usize)>> {
+fn read_request(mut reader: BufReader<&UnixStream>, stream: &UnixStream) -> Result<Option<(Request, usize)>> {
     let bad = |what: String| Error::Usage { message: format!("bad request: {what}") };
     let _ = reader.get_ref().set_read_timeout(Some(REQUEST_TIMEOUT));
     let mut line = Vec::new();
-    let hello: Request = match protocol::read_message(reader, &mut line) {
+    let hello: Request = match protocol::read_message(&mut reader, &mut line) {
         Ok(Some(message)) => message,
         Ok(None) => return Ok(None),
         Err(error) => return Err(bad(error.to_string())),
@@ -180,9 +178,12 @@ fn read_request(reader: &mut BufReader<UnixStream>, peer: &mut Peer) -> Result<O
         Request::Hello { version } => return Err(Error::ProtocolMismatch { daemon: VERSION, client: version }),
         _ => return Err(bad("the first message must be a hello".into())),
     }
-    peer.send(&Response::Hello { version: VERSION, pid: std::process::id() })
-        .map_err(|e| Error::io("cannot answer the handshake", e))?;
-    let request = match protocol::read_message(reader, &mut line) {
+    // One write, before anything else is written to the client.
+    let mut hello = serde_json::to_vec(&Response::Hello { version: VERSION, pid: sys::own_pid() })
+        .map_err(|e| Error::internal(format!("cannot write the handshake: {e}")))?;
+    hello.push(b'\n');
+    (&mut &*stream).write_all(&hello).map_err(|e| Error::io("cannot answer the handshake", e))?;
+    let request = match protocol::read_message(&mut reader, &mut line) {
         Ok(Some(Request::Hello { .. })) => return Err(bad("a second hello".into())),
         Ok(Some(request)) => request,
         Ok(None) => return Ok(None),

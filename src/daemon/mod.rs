@@ -68,16 +68,22 @@ use shared::{Shared, ShutdownRequest};
 
 /// Allocations at least this large get their own mapping (see `run`).
 const LARGE_BUFFER: usize = 1 << 20;
+/// Free memory at the top of a heap that glibc keeps instead of giving back (see `run`).
+const KEPT_FREE_HEAP: usize = 1 << 20;
 
 /// Runs the daemon until a signal or `llmctl shutdown`.
 pub(crate) fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result<()> {
     // Buffers of a megabyte or more (large prompts) are mapped on their own and unmapped
     // when freed. glibc otherwise raises this threshold after the first large free and
     // serves later large buffers from its heap, which it keeps: measured, the daemon stayed
-    // 47 MB larger after two 15 MB prompts.
+    // 47 MB larger after two 15 MB prompts. Below that, glibc gives free memory at the top of
+    // a heap back as soon as it passes 128 KiB, and a request's buffers (the connection's,
+    // the child's) are about that much: every request then faulted its pages in again and
+    // zeroed them (perf: a third of a connection thread's time); up to a megabyte is kept.
     // SAFETY: mallopt only changes allocator tuning; called before the daemon's threads start.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE_BUFFER as libc::c_int);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, KEPT_FREE_HEAP as libc::c_int);
     }
     paths::check_socket_path(&paths.socket)?;
     let socket_dir = paths.socket.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));

@@ -12,13 +12,11 @@ use crate::sys;
 /// The client end as a handler sees it: where to write, and how to tell it left.
 pub(crate) struct Peer {
     pub(crate) writer: BufWriter<UnixStream>,
-    /// A second handle on the socket, to look for a hang-up without reading.
-    socket: UnixStream,
 }
 
 impl Peer {
-    pub(crate) fn new(writer: BufWriter<UnixStream>, socket: UnixStream) -> Peer {
-        Peer { writer, socket }
+    pub(crate) fn new(writer: BufWriter<UnixStream>) -> Peer {
+        Peer { writer }
     }
 
     /// Writes one message and flushes it.
@@ -34,7 +32,7 @@ impl Peer {
 
     /// True once the client has closed its end.
     pub(crate) fn gone(&self) -> bool {
-        sys::peer_closed(&self.socket)
+        sys::peer_closed(self.writer.get_ref())
     }
 }
 

@@ -1243,8 +1243,20 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
     println!("| llama-server router mode | {} |\n", ms(router_wait));
 }
 
+/// Rounds of each path in the admission section.
+const ADMISSION_ROUNDS: usize = 5;
+
+/// The median requests/s and the median p99 of several rounds.
+fn median_round(rounds: &[(f64, Duration)]) -> (f64, Duration) {
+    let mut rates: Vec<f64> = rounds.iter().map(|round| round.0).collect();
+    rates.sort_by(f64::total_cmp);
+    let p99s: Vec<Duration> = rounds.iter().map(|round| round.1).collect();
+    (rates[rates.len() / 2], median(&p99s))
+}
+
 /// Section 5: requests/s and p99 through the daemon's socket and straight to the child, at
-/// 1, 8 and 64 concurrent clients, fake server at full speed, short generations.
+/// 1, 8 and 64 concurrent clients, fake server at full speed, short generations, the two
+/// paths turn about.
 fn admission(fake_model: &Path) {
     let admission_env = Bench::new(Path::new(FAKE));
     admission_env.set_fake_tokens(16);
@@ -1252,16 +1264,23 @@ fn admission(fake_model: &Path) {
     admission_env.llmctl(&["warm", "--parallel", "64", fake_model.to_str().unwrap()]);
     let admission_target = admission_env.instance_target();
     let spec = serde_json::json!({"name": "fake.gguf", "path": fake_model, "load": {"ctx_size": null, "parallel": 64, "gpu_layers": null, "extra_args": []}});
-    println!("### Admission, fake server at full speed, 16-token requests\n");
+    println!("### Admission, fake server at full speed, 16-token requests (medians of {ADMISSION_ROUNDS} rounds each, turn about)\n");
     println!("| clients | daemon req/s | direct req/s | ratio | daemon p99 | direct p99 | added p99 |");
     println!("|---|---|---|---|---|---|---|");
     for clients in [1usize, 8, 64] {
         let per_client = (512 / clients).max(8);
         let socket = admission_env.socket();
-        let (daemon_rate, daemon_p99) = load(clients, per_client, || daemon_request(&socket, &spec));
-        let (direct_rate, direct_p99) = load(clients, per_client, || {
-            direct_stream(&admission_target, "x", 16);
-        });
+        // Turn about, ADMISSION_ROUNDS times each, medians: on two cores the rate of either
+        // path moves by a third from one moment to the next.
+        let (mut daemon, mut direct) = (Vec::new(), Vec::new());
+        for _ in 0..ADMISSION_ROUNDS {
+            daemon.push(load(clients, per_client, || daemon_request(&socket, &spec)));
+            direct.push(load(clients, per_client, || {
+                direct_stream(&admission_target, "x", 16);
+            }));
+        }
+        let (daemon_rate, daemon_p99) = median_round(&daemon);
+        let (direct_rate, direct_p99) = median_round(&direct);
         println!(
             "| {clients} | {daemon_rate:.0} | {direct_rate:.0} | {:.2} | {} | {} | {:+.2} ms |",
             daemon_rate / direct_rate,
