@@ -1083,6 +1083,48 @@ fn thrash_trace(seed: u64, clients: usize, per_client: usize, models: &[&'static
     (0..clients).map(|_| (0..per_client).map(|_| models[(next() % models.len() as u64) as usize]).collect()).collect()
 }
 
+/// The fewest loads, and the cheapest in load seconds, with which one instance at a time can
+/// serve `trace`: each load of a model serves every client whose next request is for it, as
+/// many in a row as it has (a client's requests go in its order). A shortest path over how
+/// far each client has got, weighted by `load_s` of the model loaded.
+fn cheapest_loads(trace: &[Vec<&'static str>], load_s: &dyn Fn(&str) -> f64) -> (usize, f64) {
+    use std::collections::{BinaryHeap, HashMap};
+    // Each client's requests with repeats merged: one load serves a run of them.
+    let runs: Vec<Vec<&str>> = trace
+        .iter()
+        .map(|requests| {
+            let mut runs: Vec<&str> = requests.clone();
+            runs.dedup();
+            runs
+        })
+        .collect();
+    let mut models: Vec<&str> = runs.iter().flatten().copied().collect();
+    models.sort_unstable();
+    models.dedup();
+    let micros = |model: &str| (load_s(model) * 1e6).round() as u64;
+    let goal: Vec<usize> = runs.iter().map(Vec::len).collect();
+    let mut best: HashMap<Vec<usize>, u64> = HashMap::from([(vec![0; runs.len()], 0)]);
+    let mut open = BinaryHeap::from([std::cmp::Reverse((0u64, 0usize, vec![0usize; runs.len()]))]);
+    while let Some(std::cmp::Reverse((cost, loads, at))) = open.pop() {
+        if at == goal {
+            return (loads, cost as f64 / 1e6);
+        }
+        if best.get(&at).is_some_and(|&known| known < cost) {
+            continue;
+        }
+        for &model in &models {
+            let next: Vec<usize> =
+                at.iter().zip(&runs).map(|(&p, runs)| p + usize::from(runs.get(p) == Some(&model))).collect();
+            let next_cost = cost + micros(model);
+            if next != at && best.get(&next).is_none_or(|&known| next_cost < known) {
+                best.insert(next.clone(), next_cost);
+                open.push(std::cmp::Reverse((next_cost, loads + 1, next)));
+            }
+        }
+    }
+    unreachable!("every trace can be served");
+}
+
 /// Runs `trace` against the HTTP API at `port` (serve or the router), every client in a
 /// thread of its own: requests/s.
 fn run_trace(port: u16, trace: &[Vec<&'static str>], n: usize) -> f64 {
@@ -1150,9 +1192,9 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
     println!("### Thrash: the same seeded trace over three models with room for one, 4-token completions over HTTP\n");
     println!("trace seed {seed} (`BENCH_SEED` replays it)\n");
     println!(
-        "| clients | requests | llmctl req/s | router req/s | ratio llmctl/router | llmctl swaps/request | router swaps/request | ceiling req/s | ceiling/router |"
+        "| clients | requests | llmctl req/s | router req/s | ratio llmctl/router | llmctl swaps/request | router swaps/request | ceiling req/s | ceiling/router | bound swaps | bound req/s | bound/router |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for clients in [3usize, 12, 48] {
         let per_client = (96 / clients).max(2);
         let trace = thrash_trace(seed + clients as u64, clients, per_client, &models);
@@ -1179,6 +1221,11 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
         let one_model: Vec<Vec<&'static str>> = trace.iter().map(|requests| vec!["smol"; requests.len()]).collect();
         let one_model_s = total as f64 / run_trace(serving.port, &one_model, 4);
         let ceiling = total as f64 / (one_model_s + load_s("smol2") + load_s("gemma"));
+        // The bound of any order of service, even one that knows every request to come: the
+        // same service time, and the loads of the cheapest sequence of loads that lets every
+        // client make its requests in its order (its measured load time each).
+        let (fewest_loads, load_seconds) = cheapest_loads(&trace, &|name| load_s(name));
+        let bound = total as f64 / (one_model_s + load_seconds - load_s("smol"));
         drop(serving);
         drop(env);
         let log = router_dir.path().join("router.log");
@@ -1187,11 +1234,13 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
         drop(router);
         let router_swaps = router_loads(&log).saturating_sub(1);
         println!(
-            "| {clients} | {total} | {llmctl_rate:.2} | {router_rate:.2} | **{:.2}** | {:.2} | {:.2} | {ceiling:.2} | {:.2} |",
+            "| {clients} | {total} | {llmctl_rate:.2} | {router_rate:.2} | **{:.2}** | {:.2} | {:.2} | {ceiling:.2} | {:.2} | {} | {bound:.2} | {:.2} |",
             llmctl_rate / router_rate,
             llmctl_swaps as f64 / total as f64,
             router_swaps as f64 / total as f64,
-            ceiling / router_rate
+            ceiling / router_rate,
+            fewest_loads - 1,
+            bound / router_rate
         );
     }
     println!();
