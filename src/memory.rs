@@ -61,10 +61,15 @@ impl Gpu {
         self.latest.lock().clone()
     }
 
-    /// Reads the GPUs now (runs `nvidia-smi`); called by the supervisor thread only.
-    pub(crate) fn sample(&self) {
-        let reading = read_gpu();
+    /// Reads the GPUs now (runs `nvidia-smi`); called by the supervisor thread only. False
+    /// when `nvidia-smi` is not installed, so the caller can ask much less often.
+    pub(crate) fn sample(&self) -> bool {
+        let (reading, installed) = match read_gpu() {
+            Ok(reading) => (reading, true),
+            Err(NotInstalled) => (None, false),
+        };
         *self.latest.lock() = reading;
+        installed
     }
 
     /// Asks the supervisor for a new reading soon (after a load); never blocks.
@@ -78,25 +83,39 @@ impl Gpu {
     }
 }
 
-fn read_gpu() -> Option<GpuReading> {
-    let gpus = nvidia_smi(&["--query-gpu=index,name,memory.total,memory.used,memory.free", "--format=csv"])?;
+/// `nvidia-smi` is not on PATH.
+struct NotInstalled;
+
+fn read_gpu() -> Result<Option<GpuReading>, NotInstalled> {
+    let Some(gpus) = nvidia_smi(&["--query-gpu=index,name,memory.total,memory.used,memory.free", "--format=csv"])?
+    else {
+        return Ok(None);
+    };
     let totals = parse_gpu_totals(&gpus);
     if totals.is_empty() {
-        return None;
+        return Ok(None);
     }
-    let apps = nvidia_smi(&["--query-compute-apps=pid,process_name,used_memory", "--format=csv"])?;
-    Some(GpuReading { total_bytes: totals.iter().sum(), gpus: totals.len(), used_by_pid: parse_compute_apps(&apps) })
+    let reading = nvidia_smi(&["--query-compute-apps=pid,process_name,used_memory", "--format=csv"])?.map(|apps| {
+        GpuReading { total_bytes: totals.iter().sum(), gpus: totals.len(), used_by_pid: parse_compute_apps(&apps) }
+    });
+    Ok(reading)
 }
 
-/// Runs `nvidia-smi` with a deadline; None if it is missing, fails or hangs.
-fn nvidia_smi(args: &[&str]) -> Option<String> {
-    let mut child = Command::new("nvidia-smi")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
+/// Runs `nvidia-smi` with a deadline; None if it fails or hangs.
+fn nvidia_smi(args: &[&str]) -> Result<Option<String>, NotInstalled> {
+    let spawned =
+        Command::new("nvidia-smi").args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Err(NotInstalled),
+        Err(_) => return Ok(None),
+    };
+    Ok(run_to_end(&mut child))
+}
+
+/// The output of `child` once it exits successfully within [`NVIDIA_SMI_TIMEOUT`]; it is
+/// killed when it takes longer.
+fn run_to_end(child: &mut std::process::Child) -> Option<String> {
     let mut stdout = child.stdout.take()?;
     let reader = std::thread::Builder::new()
         .name("nvidia-smi".into())

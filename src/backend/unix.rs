@@ -131,9 +131,25 @@ fn socket_timeout(timeout: &NextTimeout) -> Option<Duration> {
     if timeout.after.is_not_happening() {
         None
     } else {
-        Some((*timeout.after).max(Duration::from_millis(1)))
+        Some(settled(*timeout.after))
     }
 }
+
+/// A timeout as the socket is given it: never zero, and from [`WHOLE_SECONDS_FROM`] up
+/// rounded up to whole seconds. ureq's per-read deadline starts again at every read, so its
+/// exact value differs by microseconds each time; rounded, it stays the same, and the
+/// socket's timeout is set once rather than before every chunk of an answer.
+fn settled(timeout: Duration) -> Duration {
+    if timeout >= WHOLE_SECONDS_FROM {
+        Duration::from_secs(timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0))
+    } else {
+        timeout.max(Duration::from_millis(1))
+    }
+}
+
+/// Timeouts this long or longer are kept to whole seconds (a second late at most, on a
+/// timeout of minutes); shorter ones, the probes', are exact.
+const WHOLE_SECONDS_FROM: Duration = Duration::from_secs(2);
 
 fn timed_out(error: &io::Error) -> bool {
     matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
@@ -166,7 +182,7 @@ impl Transport for UnixTransport {
         let started = std::time::Instant::now();
         let amount = loop {
             // With a cancel check, wait in steps of CANCEL_CHECK up to the real timeout.
-            let left = wanted.map(|wanted| wanted.saturating_sub(started.elapsed()).max(Duration::from_millis(1)));
+            let left = wanted.map(|wanted| settled(wanted.saturating_sub(started.elapsed())));
             let step = match (&cancel, left) {
                 (Some(_), Some(left)) => Some(left.min(CANCEL_CHECK)),
                 (Some(_), None) => Some(CANCEL_CHECK),
@@ -209,6 +225,19 @@ impl Transport for UnixTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_timeouts_are_whole_seconds_so_the_socket_is_set_once() {
+        // A per-read deadline read a few microseconds apart gives the same socket timeout.
+        let first = settled(Duration::from_secs(300) - Duration::from_micros(3));
+        let later = settled(Duration::from_secs(300) - Duration::from_micros(250));
+        assert_eq!(first, Duration::from_secs(300));
+        assert_eq!(first, later);
+        assert_eq!(settled(Duration::from_secs(300)), Duration::from_secs(300), "never rounded past a whole second");
+        assert_eq!(settled(Duration::from_millis(2500)), Duration::from_secs(3));
+        assert_eq!(settled(Duration::from_millis(1500)), Duration::from_millis(1500), "short ones are exact");
+        assert_eq!(settled(Duration::ZERO), Duration::from_millis(1), "never zero, which means none");
+    }
 
     #[test]
     fn cancellation_is_a_type_found_through_ureq() {

@@ -21,6 +21,10 @@ const TICK: Duration = Duration::from_millis(100);
 const STATE_RETRY: Duration = Duration::from_secs(10);
 /// How often GPU memory is read in the background (and after every load).
 const GPU_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a machine without `nvidia-smi` is looked at again, for a driver installed
+/// while the daemon runs; in between, loads do not ask either. Starting a process every two
+/// seconds would take the CPU from the children for nothing.
+const NO_GPU_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the daemon's socket file is checked, and stopped instances counted.
 const SLOW_TICK: Duration = Duration::from_millis(500);
 
@@ -100,17 +104,15 @@ pub(crate) fn run(shared: &Arc<Shared>, stop: Receiver<()>, socket: SocketWatch)
     let mut failed_at = retry.then(Instant::now);
     let gpu = &shared.services.gpu;
     let mut gpu_read_at = Instant::now();
+    let mut gpu_interval = GPU_INTERVAL;
     loop {
-        select_biased! {
+        let poked = select_biased! {
             recv(stop) -> _ => return,
-            recv(gpu.pokes()) -> _ => {
-                gpu.sample();
-                gpu_read_at = Instant::now();
-            }
-            default(TICK) => {}
-        }
-        if gpu_read_at.elapsed() >= GPU_INTERVAL {
-            gpu.sample();
+            recv(gpu.pokes()) -> _ => gpu_interval == GPU_INTERVAL,
+            default(TICK) => false,
+        };
+        if poked || gpu_read_at.elapsed() >= gpu_interval {
+            gpu_interval = if gpu.sample() { GPU_INTERVAL } else { NO_GPU_INTERVAL };
             gpu_read_at = Instant::now();
         }
         if slow_tick_at.elapsed() >= SLOW_TICK {
