@@ -10,6 +10,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// How many known models an error names; a models directory of hundreds would make the
+/// message pages long.
+const NAMES_SHOWN: usize = 12;
+
 /// Exit statuses. What each means is said once, in [`EXIT_STATUSES`]; `--help`, the man
 /// page and the README's table are made from (or checked against) it.
 pub mod exit {
@@ -309,10 +313,15 @@ impl fmt::Display for Error {
                     None => write!(f, "no `model` given")?,
                 }
                 write!(f, " and no default_model or answers_to in the config; known models: ")?;
-                if known.is_empty() {
-                    write!(f, "none is configured")
-                } else {
-                    write!(f, "{}", known.join(", "))
+                match known.len() {
+                    0 => write!(f, "none is configured"),
+                    count if count <= NAMES_SHOWN => write!(f, "{}", known.join(", ")),
+                    count => write!(
+                        f,
+                        "{} and {} more (GET /v1/models lists them all)",
+                        known[..NAMES_SHOWN].join(", "),
+                        count - NAMES_SHOWN
+                    ),
                 }
             }
             Error::FileNotFound { what, path } => write!(f, "{what}: no file {}", path.display()),

@@ -172,6 +172,53 @@ fn errors_are_openai_shaped_with_the_table_statuses() {
 }
 
 #[test]
+fn a_model_loaded_by_path_answers_to_the_name_the_model_list_gives_it() {
+    let env = Env::fake();
+    // Two aliases, so a request that names nothing known has no default to fall back on.
+    let aliased = env.tiny_model("aliased.gguf");
+    env.write_config(&format!("[models.a]\npath = \"{0}\"\n[models.b]\npath = \"{0}\"\n", aliased.display()));
+    let elsewhere = env.tiny_model("elsewhere.gguf");
+    let server = Server::start(&env, &[]);
+    let request = serde_json::json!({"model": "elsewhere.gguf", "prompt": "x"});
+    let (status, text) = post(&server, "/completion", request.clone());
+    assert_eq!(status, 404, "not listed, not loaded: {text}");
+    assert_success(&env.run(&["warm", elsewhere.to_str().unwrap()]));
+    let models: serde_json::Value = serde_json::from_str(
+        &agent().get(format!("{}/v1/models", server.base)).call().unwrap().body_mut().read_to_string().unwrap(),
+    )
+    .unwrap();
+    assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == "elsewhere.gguf"), "{models}");
+    let requests = || {
+        let instances = env.status_json()["instances"].as_array().unwrap().clone();
+        assert_eq!(instances.len(), 1, "only the instance loaded by path: {instances:?}");
+        instances[0]["requests"].as_u64().unwrap()
+    };
+    let before = requests();
+    let (status, text) = post(&server, "/completion", request);
+    assert_eq!(status, 200, "every name the list gives is answered: {text}");
+    assert_eq!(requests(), before + 1, "the request went to the instance loaded by path");
+    // Its path stays refused: naming a file loads nothing a user did not load.
+    let (status, text) = post(&server, "/completion", serde_json::json!({"model": elsewhere, "prompt": "x"}));
+    assert_eq!(status, 404, "{text}");
+}
+
+#[test]
+fn an_unknown_model_error_names_a_dozen_models_and_counts_the_rest() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf");
+    let aliases: String = (0..30).map(|i| format!("[models.m{i:02}]\npath = \"{}\"\n", model.display())).collect();
+    env.write_config(&aliases);
+    let server = Server::start(&env, &[]);
+    let (status, text) = post(&server, "/v1/completions", serde_json::json!({"model": "nope", "prompt": "x"}));
+    assert_eq!(status, 404, "{text}");
+    let message =
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("known models: m00, m01,"), "{message}");
+    assert!(message.contains("m11 and 18 more (GET /v1/models lists them all)"), "{message}");
+    assert!(!message.contains("m12"), "{message}");
+}
+
+#[test]
 fn requests_without_a_known_model_go_to_the_default() {
     let env = Env::fake();
     let model = env.tiny_model("m.gguf");

@@ -80,10 +80,12 @@ pub(crate) fn answering<'a>(config: &'a Config, name: &str) -> Option<&'a str> {
 }
 
 /// Resolves a name among the models llmctl knows: by name, or by the path or file stem of
-/// one of them.
+/// one of them; else the name of a model loaded by path, which `/v1/models` lists too.
 fn resolve(shared: &Shared, config: &Config, name: &str) -> Result<ModelSpec> {
-    // Aliases first: the common case reads no directory.
-    if config.models.contains_key(name) || name == DEMO_ALIAS {
+    // An alias, a pulled model or a file in the models directory by its own name is found
+    // without listing the directory: every request names one, and a directory of hundreds
+    // of pulled models would take milliseconds to list.
+    if config.models.contains_key(name) || name == DEMO_ALIAS || named_in_models_dir(shared, name) {
         return resolve_known(shared, config, name);
     }
     let known = known_names(shared, config);
@@ -100,7 +102,34 @@ fn resolve(shared: &Shared, config: &Config, name: &str) -> Result<ModelSpec> {
             return Ok(spec);
         }
     }
-    Err(Error::UnknownModel { name: name.to_string() })
+    loaded_by_path(shared, name).ok_or_else(|| Error::UnknownModel { name: name.to_string() })
+}
+
+/// Whether `name` is one of [`known_names`] from the models directory, looked up directly:
+/// a pulled model's `OWNER/REPO[:TAG]` as its manifest names it, or a loose GGUF file's
+/// name.
+fn named_in_models_dir(shared: &Shared, name: &str) -> bool {
+    let paths = &shared.paths;
+    if name.contains('/') {
+        return crate::library::find(paths, name).is_some_and(|pulled| pulled.name() == name);
+    }
+    let is_gguf = std::path::Path::new(name).extension().is_some_and(|ext| ext.eq_ignore_ascii_case("gguf"));
+    is_gguf
+        && name != DEMO_FILE
+        && std::fs::metadata(paths.models_dir().join(name)).is_ok_and(|metadata| !metadata.is_dir())
+}
+
+/// The model of a running instance called `name`, loaded by path (`llmctl run FILE`) rather
+/// than by a name above, while its file is there: what [`list`] adds after the known ones.
+fn loaded_by_path(shared: &Shared, name: &str) -> Option<ModelSpec> {
+    shared.table.all().iter().find_map(|instance| {
+        instance.with_view(|view| {
+            let listed = view.spec.name == name
+                && view.state().is_up()
+                && (view.spec.remote.is_some() || view.spec.path.exists());
+            listed.then(|| view.spec.clone())
+        })
+    })
 }
 
 /// Whether `name` is a model llmctl knows as it is (not by `answers_to` or a default).
