@@ -12,9 +12,10 @@ use super::listeners::Listeners;
 use super::queue::Admission;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::gguf::ModelInfo;
 use crate::instance::table::InstanceTable;
 use crate::instance::worker::Services;
-use crate::instance::{JobId, RoomRequest};
+use crate::instance::{FileStamp, JobId, RoomRequest};
 use crate::paths::Paths;
 use crate::settings::{LiveSettings, Settings, StartFlags};
 
@@ -75,9 +76,35 @@ pub(crate) struct Shared {
     /// pid, by name: what `serve` answers while that child runs, and, marked sleeping,
     /// while the model is not loaded.
     pub(crate) props: Mutex<std::collections::HashMap<String, (Option<u32>, serde_json::Value)>>,
+    /// GGUF headers read for listings, by path, with the file's stamp when read (see
+    /// [`Shared::model_info`]).
+    headers: Mutex<std::collections::HashMap<std::path::PathBuf, (FileStamp, Arc<ModelInfo>)>>,
 }
 
+/// The most headers [`Shared::model_info`] keeps; past it the cache starts again.
+const HEADERS_KEPT: usize = 1024;
+
 impl Shared {
+    /// The header of the model file at `path`, read again only when the file changed. A
+    /// listing (`/v1/models`, `/api/tags`) describes every model from its header, and
+    /// reading one takes a millisecond or more (the vocabulary is megabytes); clients poll
+    /// those lists. None when the file cannot be read as a model.
+    pub(crate) fn model_info(&self, path: &Path) -> Option<Arc<ModelInfo>> {
+        let stamp = FileStamp::of(&std::fs::metadata(path).ok()?);
+        if let Some((known, info)) = self.headers.lock().get(path) {
+            if *known == stamp {
+                return Some(Arc::clone(info));
+            }
+        }
+        let info = Arc::new(crate::gguf::inspect(path).ok()?);
+        let mut headers = self.headers.lock();
+        if headers.len() >= HEADERS_KEPT {
+            headers.clear();
+        }
+        headers.insert(path.to_path_buf(), (stamp, Arc::clone(&info)));
+        Some(info)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         paths: Paths,
@@ -109,6 +136,7 @@ impl Shared {
             swaps: AtomicU64::new(0),
             etas: Mutex::new(Default::default()),
             props: Mutex::new(Default::default()),
+            headers: Mutex::new(Default::default()),
         }
     }
 

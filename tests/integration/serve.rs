@@ -203,6 +203,28 @@ fn a_model_loaded_by_path_answers_to_the_name_the_model_list_gives_it() {
 }
 
 #[test]
+fn the_model_list_reads_a_header_again_once_its_file_changed() {
+    let env = Env::fake();
+    std::fs::create_dir_all(env.path("data/models")).unwrap();
+    let file = env.path("data/models/loose.gguf");
+    tiny_model::write(&file, "llama");
+    let server = Server::start(&env, &[]);
+    let architecture = || {
+        let models: serde_json::Value = serde_json::from_str(
+            &agent().get(format!("{}/v1/models", server.base)).call().unwrap().body_mut().read_to_string().unwrap(),
+        )
+        .unwrap();
+        let entry = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "loose.gguf").cloned();
+        entry.unwrap_or_else(|| panic!("{models}"))["meta"]["architecture"].clone()
+    };
+    assert_eq!(architecture(), "llama");
+    assert_eq!(architecture(), "llama", "the same from the daemon's copy");
+    // Another size, so the change shows whatever the clock's granularity.
+    tiny_model::write(&file, "gemma3");
+    assert_eq!(architecture(), "gemma3");
+}
+
+#[test]
 fn an_unknown_model_error_names_a_dozen_models_and_counts_the_rest() {
     let env = Env::fake();
     let model = env.tiny_model("m.gguf");

@@ -166,8 +166,8 @@ fn described(name: &str, info: Option<&crate::gguf::ModelInfo>, created: u64) ->
 
 /// `GET /props` for a model not loaded since the daemon started, from its GGUF header and
 /// its settings: the fields llama-server gives that need no loaded model.
-pub(crate) fn props_unloaded(spec: &ModelSpec) -> Value {
-    let info = crate::gguf::inspect(&spec.path).ok();
+pub(crate) fn props_unloaded(shared: &Shared, spec: &ModelSpec) -> Value {
+    let info = shared.model_info(&spec.path);
     let n_ctx = spec.load.ctx_size.map(u64::from).or(info.as_ref().and_then(|info| info.context_length));
     json!({
         "default_generation_settings": {"n_ctx": n_ctx},
@@ -204,7 +204,7 @@ pub(crate) fn list(shared: &Shared, config: &Config) -> Value {
             continue;
         };
         let loaded = instances.iter().any(|i| i.name == name && i.state.is_loaded());
-        let info = if spec.remote.is_some() { None } else { crate::gguf::inspect(&spec.path).ok() };
+        let info = if spec.remote.is_some() { None } else { shared.model_info(&spec.path) };
         let context_length = spec.load.ctx_size.map(u64::from).or(info.as_ref().and_then(|info| info.context_length));
         let kind = match (spec.remote.is_some(), spec.load.embeddings, spec.load.reranking) {
             (true, _, _) => "remote",
@@ -212,7 +212,7 @@ pub(crate) fn list(shared: &Shared, config: &Config) -> Value {
             (_, _, true) => "reranking",
             _ => "chat",
         };
-        let mut entry = described(&name, info.as_ref(), created(&spec.path));
+        let mut entry = described(&name, info.as_deref(), created(&spec.path));
         for (key, value) in [
             ("context_length", json!(context_length)),
             ("kind", json!(kind)),
@@ -231,8 +231,8 @@ pub(crate) fn list(shared: &Shared, config: &Config) -> Value {
         if !listed.contains(&instance.name) && present && instance.state.is_up() {
             listed.push(instance.name.clone());
             let path = std::path::Path::new(&instance.path);
-            let info = if instance.remote.is_some() { None } else { crate::gguf::inspect(path).ok() };
-            let mut entry = described(&instance.name, info.as_ref(), created(path));
+            let info = if instance.remote.is_some() { None } else { shared.model_info(path) };
+            let mut entry = described(&instance.name, info.as_deref(), created(path));
             for (key, value) in [
                 ("context_length", json!(instance.ctx_size)),
                 ("kind", json!("chat")),

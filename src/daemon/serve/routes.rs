@@ -251,7 +251,7 @@ fn props(shared: &Arc<Shared>, config: &Config, request: Request, exchange: &mut
             return forward(shared, config, request, exchange, Purpose::Generate, name, None);
         }
         (None, Some((_, props))) => (props, true),
-        (None, None) => (models::props_unloaded(&spec), true),
+        (None, None) => (models::props_unloaded(shared, &spec), true),
     };
     answer["is_sleeping"] = Value::Bool(sleeping);
     exchange.respond(200, JSON, answer.to_string().as_bytes(), &[]);

@@ -124,13 +124,13 @@ pub(super) fn delete(shared: &Arc<Shared>, config: &Config, request: &Request, e
 
 /// What `/api/tags`, `/api/ps` and `/api/show` say of a model file.
 pub(super) struct Described {
-    pub(super) info: Option<crate::gguf::ModelInfo>,
+    pub(super) info: Option<Arc<crate::gguf::ModelInfo>>,
     pub(super) size: u64,
     pub(super) modified: SystemTime,
     pub(super) digest: String,
 }
 
-pub(super) fn describe(spec: &ModelSpec) -> Described {
+pub(super) fn describe(shared: &Shared, spec: &ModelSpec) -> Described {
     if spec.remote.is_some() {
         return Described { info: None, size: 0, modified: UNIX_EPOCH, digest: digest_of(&spec.name) };
     }
@@ -140,7 +140,7 @@ pub(super) fn describe(spec: &ModelSpec) -> Described {
     // An identity of the file's version (path, size, time), not a hash of its bytes: a
     // digest of gigabytes for every listing would take seconds.
     let digest = digest_of(&format!("{}\0{size}\0{:?}", spec.path.display(), modified));
-    Described { info: crate::gguf::inspect(&spec.path).ok(), size, modified, digest }
+    Described { info: shared.model_info(&spec.path), size, modified, digest }
 }
 
 pub(super) fn digest_of(text: &str) -> String {
@@ -166,7 +166,7 @@ pub(super) fn tags(shared: &Shared, config: &Config) -> Value {
     let models: Vec<Value> = models::known_models(shared, config)
         .iter()
         .map(|spec| {
-            let described = describe(spec);
+            let described = describe(shared, spec);
             json!({"name": spec.name, "model": spec.name, "modified_at": rfc3339(described.modified),
                 "size": described.size, "digest": described.digest, "details": details(&described)})
         })
@@ -184,7 +184,7 @@ pub(super) fn ps(shared: &Shared, config: &Config) -> Value {
         .filter(|instance| instance.state.is_loaded() || instance.state == crate::protocol::InstanceState::Starting)
         .map(|instance| {
             let spec = models::known_models(shared, config).into_iter().find(|spec| spec.name == instance.name);
-            let described = spec.as_ref().map(describe);
+            let described = spec.as_ref().map(|spec| describe(shared, spec));
             let context = instance
                 .ctx_size
                 .map(u64::from)
@@ -238,8 +238,8 @@ pub(super) fn show(shared: &Shared, config: &Config, request: &Request) -> Resul
     fields.refuse_set("options", "llmctl keeps no parameters with a model")?;
     fields.finish()?;
     let spec = choose(shared, config, &name, Purpose::Generate)?;
-    let described = describe(&spec);
-    let template = chat_template(&spec, described.info.as_ref());
+    let described = describe(shared, &spec);
+    let template = chat_template(&spec, described.info.as_deref());
     let mut model_info = Map::new();
     let mut parameters = String::new();
     let mut capabilities = Vec::new();
