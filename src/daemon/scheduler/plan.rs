@@ -15,6 +15,11 @@
 //!   `max_wait = 0` serves loads in strict arrival order.
 //! - **No ping-pong.** A busy instance loaded less than `min_residency` ago is not drained
 //!   for anyone; an idle one may be evicted.
+//! - **A moment for the next request.** An instance that has just gone idle is kept for
+//!   [`linger_ms`] before it is evicted for a load that is not overdue and that few
+//!   requests wait for: a client that was just answered often asks the same model again
+//!   at once, and a request served there costs a few milliseconds where one more swap
+//!   costs two loads.
 //! - **Victims by cost.** Among the instances that may go, the cheapest to lose go first:
 //!   least recently used, with the time each took to load (per GiB it frees) counted as
 //!   extra recency. Those not needed in the end are kept.
@@ -82,6 +87,19 @@ pub(crate) fn max_wait_ms(rules: &Rules, load_ms: Option<u64>) -> u64 {
 pub(crate) fn min_residency_ms(rules: &Rules, load_ms: Option<u64>) -> u64 {
     rules.min_residency_ms.unwrap_or_else(|| (4 * load_ms.unwrap_or(UNMEASURED_LOAD_MS)).clamp(1_000, 30_000))
 }
+
+/// How long an instance that has just gone idle is kept for a load that is not overdue: a
+/// tenth of its own load time, from 10 to 100 ms. Long enough for a client to send its
+/// next request on a busy machine, short enough that a load waiting for the room loses
+/// little when none comes.
+pub(crate) fn linger_ms(load_ms: Option<u64>) -> u64 {
+    (load_ms.unwrap_or(UNMEASURED_LOAD_MS) / 10).clamp(10, 100)
+}
+
+/// An instance lingers only for a load this few requests wait for. A swap pays for itself
+/// over the requests it serves; with many waiting, the next request of the model going out
+/// joins its next load's batch at little cost, and the linger would only delay them all.
+const LINGER_FOR: usize = 2;
 
 /// One thing to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +208,20 @@ pub(crate) fn plan(
             // idle, or old enough, or for its own wait to run out.
             chosen.clear();
         }
+        // A victim that has only just gone idle is not evicted yet, for a load that few
+        // requests wait for and that is not overdue: the same victims are chosen once it has
+        // lingered, unless a request came back for it meanwhile.
+        let lingering: Vec<u64> = if late || load.requests > LINGER_FOR {
+            Vec::new()
+        } else {
+            kept.iter()
+                .filter(|r| chosen.contains(&r.id) && !r.busy && now_ms < lingers_until(r))
+                .map(lingers_until)
+                .collect()
+        };
+        if !lingering.is_empty() {
+            chosen.clear();
+        }
         for &victim in &chosen {
             outcome.orders.push(Order::Evict { victim, for_id: load.id });
             if let Some(resident) = holding.iter_mut().find(|r| r.id == victim) {
@@ -207,9 +239,12 @@ pub(crate) fn plan(
         let left = if fits { 0 } else { max_wait.saturating_sub(now_ms.saturating_sub(load.since_ms)) };
         eta_ms += left + load.load_ms.unwrap_or(UNMEASURED_LOAD_MS);
         outcome.etas.push(Eta { id: load.id, position, eta_ms });
-        // Look again when it becomes overdue, or when a busy instance it waits for becomes
-        // old enough to drain.
+        // Look again when it becomes overdue, when an idle instance has lingered, or when
+        // a busy instance it waits for becomes old enough to drain.
         let mut next = (!late).then(|| load.since_ms + max_wait);
+        if let Some(&until) = lingering.iter().max() {
+            next = Some(next.map_or(until, |n| n.min(until)));
+        }
         if late && !fits {
             for resident in kept.iter().filter(|r| r.busy && !r.pinned) {
                 if let Some(ready) = resident.ready_ms {
@@ -225,6 +260,10 @@ pub(crate) fn plan(
         }
     }
     outcome
+}
+
+fn lingers_until(resident: &Resident) -> u64 {
+    resident.last_used_ms + linger_ms(resident.load_ms)
 }
 
 fn resident_for(resident: &Resident, now_ms: u64) -> u64 {
@@ -331,6 +370,13 @@ mod tests {
         small_cheap.load_ms = Some(10);
         let mut large = resident(2, 6, false, now - 1000);
         large.load_ms = Some(1000);
+        let mut just_idle = resident(1, 6, false, now - 5000);
+        just_idle.last_used_ms = now - 20;
+        let mut cheap_just_idle = resident(3, 2, false, now - 5000);
+        cheap_just_idle.last_used_ms = now - 20;
+        cheap_just_idle.load_ms = Some(300);
+        let mut dear_idle = resident(1, 2, false, now - 1000);
+        dear_idle.load_ms = Some(5000);
         let one = Some(1);
         // (name, budget, waiting, residents, rules, expected orders)
         type Case = (&'static str, Budget, Vec<Waiting>, Vec<Resident>, Rules, Vec<Order>);
@@ -456,6 +502,54 @@ mod tests {
                 vec![Evict { victim: 2, for_id: 5 }, ReadAhead(5)],
             ),
             (
+                "an instance idle for less than its linger is kept for a load not overdue",
+                budget(8, None),
+                vec![waiting(5, 4, 1, now - 1000)],
+                vec![just_idle.clone()],
+                RULES,
+                vec![],
+            ),
+            (
+                "the victim that lingers is waited for, not replaced by a dearer one",
+                budget(8, None),
+                vec![waiting(5, 5, 1, now - 1000)],
+                vec![cheap_just_idle.clone(), dear_idle.clone()],
+                RULES,
+                vec![],
+            ),
+            (
+                "and taken once it has lingered",
+                budget(8, None),
+                vec![waiting(5, 5, 1, now - 1000)],
+                vec![Resident { last_used_ms: now - 1000, ..cheap_just_idle.clone() }, dear_idle.clone()],
+                RULES,
+                vec![Evict { victim: 3, for_id: 5 }, ReadAhead(5)],
+            ),
+            (
+                "nor for a load many requests wait for",
+                budget(8, None),
+                vec![waiting(5, 4, 3, now - 1000)],
+                vec![just_idle.clone()],
+                RULES,
+                vec![Evict { victim: 1, for_id: 5 }, ReadAhead(5)],
+            ),
+            (
+                "nor for an overdue one",
+                budget(8, None),
+                vec![waiting(5, 4, 1, now - 10_000)],
+                vec![just_idle.clone()],
+                RULES,
+                vec![Evict { victim: 1, for_id: 5 }, ReadAhead(5)],
+            ),
+            (
+                "nor in strict arrival order",
+                budget(8, None),
+                vec![waiting(5, 4, 1, now)],
+                vec![just_idle.clone()],
+                Rules { max_wait_ms: Some(0), min_residency_ms: Some(0) },
+                vec![Evict { victim: 1, for_id: 5 }, ReadAhead(5)],
+            ),
+            (
                 "a victim the others made unnecessary stays",
                 budget(8, None),
                 vec![waiting(5, 6, 1, now)],
@@ -502,6 +596,13 @@ mod tests {
         );
         assert!(outcome.orders.is_empty());
         assert_eq!(outcome.next_ms, Some(now - 500 + 2000));
+        // An idle instance that lingers: look again when its linger ends (a tenth of its
+        // 500 ms load).
+        let mut just_idle = resident(1, 3, false, now - 4000);
+        just_idle.last_used_ms = now - 20;
+        let outcome = plan(&budget(8, Some(1)), &[waiting(5, 4, 1, now - 1000)], &[just_idle], &RULES, now);
+        assert!(outcome.orders.is_empty());
+        assert_eq!(outcome.next_ms, Some(now - 20 + 50));
     }
 
     #[test]
@@ -512,6 +613,9 @@ mod tests {
         assert_eq!(max_wait_ms(&auto, Some(60_000)), 120_000, "at most 2 min");
         assert_eq!(min_residency_ms(&auto, Some(300)), 1_200);
         assert_eq!(min_residency_ms(&auto, None), 4_000);
+        assert_eq!(linger_ms(Some(300)), 30);
+        assert_eq!(linger_ms(Some(20)), 10, "at least 10 ms");
+        assert_eq!(linger_ms(Some(60_000)), 100, "at most 100 ms");
         assert_eq!(max_wait_ms(&RULES, Some(60_000)), 10_000, "a configured value is used as is");
     }
 }
