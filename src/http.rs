@@ -849,10 +849,18 @@ mod tests {
     fn bodies_held_at_once_are_bounded() {
         let limits = Limits { max_bodies: 100, ..Limits::default() };
         let address = echo(limits);
-        // One connection sends half its 90-byte body and waits; a second 20-byte body
-        // would pass the budget.
+        // One connection holds the budget for its 90-byte body (the server says so with
+        // `100 Continue`, sent once it has taken it), sends half and waits; a second 20-byte
+        // body would pass the budget. Asked before the first is held, a second would take
+        // the budget first and the first would be the one refused.
         let mut first = TcpStream::connect(address).unwrap();
-        first.write_all(b"POST / HTTP/1.1\r\nContent-Length: 90\r\n\r\n0123456789").unwrap();
+        first.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        first.write_all(b"POST / HTTP/1.1\r\nContent-Length: 90\r\nExpect: 100-continue\r\n\r\n").unwrap();
+        let continued = b"HTTP/1.1 100 Continue\r\n\r\n";
+        let mut interim = vec![0u8; continued.len()];
+        first.read_exact(&mut interim).unwrap();
+        assert_eq!(interim, continued);
+        first.write_all(b"0123456789").unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let answer = exchange(address, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n01234567890123456789");
