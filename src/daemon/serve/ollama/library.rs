@@ -276,7 +276,7 @@ pub(super) fn show(shared: &Shared, config: &Config, request: &Request) -> Resul
             capabilities.push("thinking");
         }
     }
-    if let Some(context) = effective_context(&spec) {
+    if let Some(context) = context_with(&spec, || described.info.as_ref().and_then(|info| info.context_length)) {
         parameters = format!("{:<30} {context}", "num_ctx");
     }
     let modelfile = match &spec.remote {

@@ -309,12 +309,13 @@ pub(super) fn apply_options(
 }
 
 /// The context an instance of `spec` runs with: configured, else the model's training
-/// context (llama-server's default).
+/// context (llama-server's default), read from its header.
 pub(super) fn effective_context(spec: &ModelSpec) -> Option<u64> {
-    spec.load.ctx_size.map(u64::from).or_else(|| {
-        if spec.remote.is_some() {
-            return None;
-        }
-        crate::gguf::inspect(&spec.path).ok().and_then(|info| info.context_length)
-    })
+    context_with(spec, || crate::gguf::inspect(&spec.path).ok().and_then(|info| info.context_length))
+}
+
+/// [`effective_context`] with the training context from `trained`, asked only when no
+/// context is configured: for a caller that has the header already.
+pub(super) fn context_with(spec: &ModelSpec, trained: impl FnOnce() -> Option<u64>) -> Option<u64> {
+    spec.load.ctx_size.map(u64::from).or_else(|| if spec.remote.is_some() { None } else { trained() })
 }
