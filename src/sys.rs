@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
 
 /// The uid of the process at the other end of a Unix socket (SO_PEERCRED).
 pub(crate) fn peer_uid(socket: &impl AsRawFd) -> io::Result<u32> {
@@ -95,6 +96,30 @@ pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
         if error.kind() != io::ErrorKind::Interrupted {
             return Err(error);
         }
+    }
+}
+
+/// Sets `SO_RCVTIMEO` on a socket: on a listening one, `accept` then fails with
+/// `WouldBlock` after `timeout` without a connection.
+pub(crate) fn set_receive_timeout(socket: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
+    let value = libc::timeval {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: timeout.subsec_micros().into(),
+    };
+    // SAFETY: the option value is a timeval of the size passed, alive for the call.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::addr_of!(value).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -55,7 +55,13 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
     let read = read_request(BufReader::new(&stream), &stream);
     let mut peer = Peer::new(BufWriter::with_capacity(1 << 16, stream));
     let (request, size) = match read {
-        Ok(Some(request)) => request,
+        Ok(Some(received)) => {
+            if let Some(hello) = received.hello {
+                // Goes out with the first reply, which every request writes through `peer`.
+                let _ = peer.writer.write_all(&hello);
+            }
+            (received.request, received.size)
+        }
         Ok(None) => return,
         Err(error) => {
             let _ = peer.send(&Response::error(&error));
@@ -162,9 +168,18 @@ fn dispatch(shared: &Arc<Shared>, request: Request, peer: &mut Peer) -> Result<(
     }
 }
 
-/// Reads the handshake and the request, answering the handshake; returns the request and
-/// the length of its line. `Ok(None)` when the client closed without a request.
-fn read_request(mut reader: BufReader<&UnixStream>, stream: &UnixStream) -> Result<Option<(Request, usize)>> {
+/// A request read from a connection.
+struct Received {
+    request: Request,
+    /// The length of the request's line.
+    size: usize,
+    /// The handshake's answer, when it waits to go out with the first reply.
+    hello: Option<Vec<u8>>,
+}
+
+/// Reads the handshake and the request, answering the handshake. `Ok(None)` when the client
+/// closed without a request.
+fn read_request(mut reader: BufReader<&UnixStream>, stream: &UnixStream) -> Result<Option<Received>> {
     let bad = |what: String| Error::Usage { message: format!("bad request: {what}") };
     let _ = reader.get_ref().set_read_timeout(Some(REQUEST_TIMEOUT));
     let mut line = Vec::new();
@@ -178,19 +193,35 @@ fn read_request(mut reader: BufReader<&UnixStream>, stream: &UnixStream) -> Resu
         Request::Hello { version } => return Err(Error::ProtocolMismatch { daemon: VERSION, client: version }),
         _ => return Err(bad("the first message must be a hello".into())),
     }
-    // One write, before anything else is written to the client.
     let mut hello = serde_json::to_vec(&Response::Hello { version: VERSION, pid: sys::own_pid() })
         .map_err(|e| Error::internal(format!("cannot write the handshake: {e}")))?;
     hello.push(b'\n');
-    (&mut &*stream).write_all(&hello).map_err(|e| Error::io("cannot answer the handshake", e))?;
+    let answer =
+        |hello: &[u8]| (&mut &*stream).write_all(hello).map_err(|e| Error::io("cannot answer the handshake", e));
+    // A client that sent its request with its hello, without waiting for the answer, gets
+    // the answer in the same write as the first reply: the client wakes once, not twice.
+    // One that waits gets it now, in one write, before anything else is written to it.
+    let deferred = reader.buffer().contains(&b'\n');
+    if !deferred {
+        answer(&hello)?;
+    }
     let request = match protocol::read_message(&mut reader, &mut line) {
-        Ok(Some(Request::Hello { .. })) => return Err(bad("a second hello".into())),
-        Ok(Some(request)) => request,
+        Ok(Some(Request::Hello { .. })) => Err(bad("a second hello".into())),
+        Ok(Some(request)) => Ok(request),
         Ok(None) => return Ok(None),
-        Err(error) => return Err(bad(error.to_string())),
+        Err(error) => Err(bad(error.to_string())),
+    };
+    let request = match request {
+        Ok(request) => request,
+        Err(error) => {
+            if deferred {
+                answer(&hello)?;
+            }
+            return Err(error);
+        }
     };
     let _ = reader.get_ref().set_read_timeout(None);
-    Ok(Some((request, line.len())))
+    Ok(Some(Received { request, size: line.len(), hello: deferred.then_some(hello) }))
 }
 
 /// A share of the large-request pool; when the last large request ends, the memory it held

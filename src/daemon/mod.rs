@@ -192,10 +192,12 @@ pub(crate) fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result
         }
     })?;
 
-    let listener_thread = {
+    {
+        // Not joined: its threads serve connections, the shutdown request's among them;
+        // the count of open connections is what the shutdown waits for.
         let shared = Arc::clone(&shared);
-        spawn_named("listener", move || listener::accept_loop(&shared, listener))?
-    };
+        spawn_named("listener", move || listener::accept_loop(&shared, listener))?;
+    }
     let (supervisor_stop, supervisor_stopped) = bounded::<()>(0);
     let supervisor_thread = {
         let shared = Arc::clone(&shared);
@@ -215,11 +217,10 @@ pub(crate) fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result
 
     let waiters = wait_for_shutdown(&shared, &shutdown_rx);
 
-    // Wake the listener so it sees the flag (whatever happened to the socket's file), then
-    // let connections finish their replies.
+    // Wake every thread in `accept` so it sees the flag (whatever happened to the socket's
+    // file), then let connections finish their replies.
     shared.listeners.close_all();
     sys::shutdown_socket(listener_fd);
-    let _ = listener_thread.join();
     let deadline = Instant::now() + Duration::from_secs(3);
     for waiter in waiters {
         let _ = waiter.send(());

@@ -99,6 +99,31 @@ fn sixty_clients_over_three_models_with_room_for_one_all_finish() {
     shut_down(&env);
 }
 
+/// Connection threads wait in `accept` themselves: a burst of clients grows them, every
+/// client is answered, and after the burst the extra threads leave while the one that never
+/// does still answers; the daemon then shuts down with nothing left.
+#[test]
+fn a_burst_of_clients_is_answered_and_its_connection_threads_leave_after_it() {
+    let mut env = Env::fake();
+    env.set("LLMCTL_TEST_IDLE_THREAD_MS", "300");
+    add_models(&env, &["m"], &["--fake-token-ms", "100"], "");
+    assert_success(&env.run(&["warm", "m"]));
+    let daemon = env.daemon_pid().unwrap();
+    let at_rest = threads_of(daemon);
+    let clients: Vec<(String, Child)> =
+        (0..24).map(|i| (i.to_string(), env.spawn(&["run", "m", &format!("client {i}")]))).collect();
+    wait_until("the burst holds a thread a client", || threads_of(daemon) >= at_rest + 20);
+    for (i, output) in finish_all(clients) {
+        assert_success(&output);
+        assert_eq!(stdout(&output), format!("client {i}"));
+    }
+    wait_until("the burst's threads leave", || threads_of(daemon) <= at_rest + 1);
+    let output = env.run(&["run", "m", "still answered"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "still answered");
+    shut_down(&env);
+}
+
 /// A small deterministic generator: the schedule of a failing run is replayed from its seed.
 struct Rng(u64);
 

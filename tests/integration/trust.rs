@@ -259,11 +259,6 @@ fn a_daemon_whose_socket_directory_is_removed_exits_and_the_next_command_starts_
     env.assert_nothing_survives();
 }
 
-fn threads_of(pid: u32) -> usize {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|line| line.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
-}
-
 /// Each context size is an instance of its own; a client asking for ever new ones leaves
 /// at most the kept number of stopped instances (and their threads), in the daemon and in
 /// what the next daemon restores.
