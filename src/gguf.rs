@@ -290,6 +290,38 @@ impl<R: BufRead> Reader<R> {
         String::from_utf8(bytes).map_err(|_| ParseError::Bad("a header string is not UTF-8".into()))
     }
 
+    /// Skips `count` strings. The strings wholly in the reader's buffer are walked there,
+    /// with no call and no copy per string (a vocabulary of 262,144 took 2.5 ms one at a
+    /// time); one that crosses the buffer's end is skipped on its own.
+    fn skip_strings(&mut self, mut count: u64) -> Result<(), ParseError> {
+        while count > 0 {
+            let buffer = self.inner.fill_buf().map_err(|_| ParseError::OutOfData)?;
+            let mut walked = 0usize;
+            while count > 0 {
+                let Some(head) = buffer.get(walked..walked + 8) else { break };
+                let len = u64::from_le_bytes(head.try_into().expect("eight bytes"));
+                if len > MAX_STRING_LEN {
+                    return Err(ParseError::Bad(format!("string of {len} bytes in the header")));
+                }
+                match usize::try_from(len).ok().and_then(|len| (walked + 8).checked_add(len)) {
+                    Some(end) if end <= buffer.len() => walked = end,
+                    _ => break,
+                }
+                count -= 1;
+            }
+            if walked > 0 {
+                self.need(walked as u64)?;
+                self.inner.consume(walked);
+                self.offset += walked as u64;
+            } else {
+                let len = self.string_len(MAX_STRING_LEN)?;
+                self.take(len)?;
+                count -= 1;
+            }
+        }
+        Ok(())
+    }
+
     /// One metadata value; `depth` counts the arrays it is inside.
     fn value(&mut self, value_type: u32, depth: u32) -> Result<Value, ParseError> {
         Ok(match value_type {
@@ -334,12 +366,7 @@ impl<R: BufRead> Reader<R> {
                     }
                     // Vocabularies are arrays of tens of thousands of strings: skip them
                     // without decoding.
-                    (None, 8) => {
-                        for _ in 0..len {
-                            let string_len = self.string_len(MAX_STRING_LEN)?;
-                            self.take(string_len)?;
-                        }
-                    }
+                    (None, 8) => self.skip_strings(len)?,
                     (None, _) => {
                         for _ in 0..len {
                             self.value(element_type, depth + 1)?;
@@ -872,6 +899,66 @@ mod tests {
         }
         fn below(&mut self, n: usize) -> usize {
             (self.next() % n as u64) as usize
+        }
+    }
+
+    /// A minimal file with a vocabulary of `words` strings of 0 to 40 bytes before its
+    /// tensor.
+    fn with_vocabulary(words: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(b"GGUF");
+        out.extend(3u32.to_le_bytes());
+        out.extend(1u64.to_le_bytes());
+        out.extend(2u64.to_le_bytes());
+        put_string(&mut out, "general.architecture");
+        out.extend(8u32.to_le_bytes());
+        put_string(&mut out, "llama");
+        put_string(&mut out, "tokenizer.ggml.tokens");
+        out.extend(array_head(8, words as u64));
+        for word in 0..words {
+            put_string(&mut out, &"x".repeat(word * 7 % 41));
+        }
+        put_string(&mut out, "w");
+        out.extend(1u32.to_le_bytes());
+        out.extend(8u64.to_le_bytes());
+        out.extend(0u32.to_le_bytes());
+        out.extend(0u64.to_le_bytes());
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+        out.extend([0u8; 32]);
+        out
+    }
+
+    /// Parses `bytes` through a reader buffer of `capacity` bytes.
+    fn parse_buffered(bytes: &[u8], capacity: usize) -> Result<ModelInfo, String> {
+        let reader = Reader::new(std::io::BufReader::with_capacity(capacity, bytes), bytes.len() as u64);
+        describe(parse(reader), bytes.len() as u64)
+    }
+
+    #[test]
+    fn a_vocabulary_reads_the_same_whatever_the_buffer_and_its_faults_are_found() {
+        let file = with_vocabulary(1000);
+        let whole = inspect_bytes(&file).unwrap();
+        assert_eq!(whole.architecture, "llama");
+        assert_eq!(whole.tensor_count, 1);
+        // Buffers that end inside a length, inside a string and between strings.
+        for capacity in [8, 9, 13, 64, 100, 4096] {
+            let buffered = parse_buffered(&file, capacity).unwrap();
+            assert_eq!((buffered.tensor_count, buffered.tensor_bytes), (whole.tensor_count, whole.tensor_bytes));
+        }
+        // Cut inside the vocabulary: truncated, at any buffer size.
+        let cut = &file[..file.len() / 2];
+        for capacity in [8, 13, 4096] {
+            assert!(parse_buffered(cut, capacity).unwrap_err().contains("truncated"), "{capacity}");
+        }
+        // A word claiming more than a string may hold is refused, not skipped.
+        let mut huge = with_vocabulary(3);
+        let first_word = huge.windows(21).position(|w| w == b"tokenizer.ggml.tokens").unwrap() + 21 + 16;
+        huge[first_word..first_word + 8].copy_from_slice(&(MAX_STRING_LEN + 1).to_le_bytes());
+        for capacity in [8, 4096] {
+            let error = parse_buffered(&huge, capacity).unwrap_err();
+            assert!(error.contains("string of"), "{capacity}: {error}");
         }
     }
 
