@@ -653,6 +653,16 @@ mod tests {
 
     /// A minimal file whose one tensor has `elements` of `ggml_type`, with 32 bytes of data.
     fn minimal_with(ggml_type: u32, elements: u64) -> Vec<u8> {
+        let mut block_count = Vec::new();
+        put_string(&mut block_count, "llama.block_count");
+        block_count.extend(4u32.to_le_bytes());
+        block_count.extend(2u32.to_le_bytes());
+        with_second_key(&block_count, ggml_type, elements)
+    }
+
+    /// A minimal file: the architecture, then `key` (name, type and value as bytes), then
+    /// one tensor of `elements` of `ggml_type`, with 32 bytes of data.
+    fn with_second_key(key: &[u8], ggml_type: u32, elements: u64) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend(b"GGUF");
         out.extend(3u32.to_le_bytes());
@@ -661,9 +671,7 @@ mod tests {
         put_string(&mut out, "general.architecture");
         out.extend(8u32.to_le_bytes());
         put_string(&mut out, "llama");
-        put_string(&mut out, "llama.block_count");
-        out.extend(4u32.to_le_bytes());
-        out.extend(2u32.to_le_bytes());
+        out.extend(key);
         put_string(&mut out, "w");
         out.extend(1u32.to_le_bytes());
         out.extend(elements.to_le_bytes());
@@ -905,29 +913,13 @@ mod tests {
     /// A minimal file with a vocabulary of `words` strings of 0 to 40 bytes before its
     /// tensor.
     fn with_vocabulary(words: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend(b"GGUF");
-        out.extend(3u32.to_le_bytes());
-        out.extend(1u64.to_le_bytes());
-        out.extend(2u64.to_le_bytes());
-        put_string(&mut out, "general.architecture");
-        out.extend(8u32.to_le_bytes());
-        put_string(&mut out, "llama");
-        put_string(&mut out, "tokenizer.ggml.tokens");
-        out.extend(array_head(8, words as u64));
+        let mut vocabulary = Vec::new();
+        put_string(&mut vocabulary, "tokenizer.ggml.tokens");
+        vocabulary.extend(array_head(8, words as u64));
         for word in 0..words {
-            put_string(&mut out, &"x".repeat(word * 7 % 41));
+            put_string(&mut vocabulary, &"x".repeat(word * 7 % 41));
         }
-        put_string(&mut out, "w");
-        out.extend(1u32.to_le_bytes());
-        out.extend(8u64.to_le_bytes());
-        out.extend(0u32.to_le_bytes());
-        out.extend(0u64.to_le_bytes());
-        while out.len() % 32 != 0 {
-            out.push(0);
-        }
-        out.extend([0u8; 32]);
-        out
+        with_second_key(&vocabulary, 0, 8)
     }
 
     /// Parses `bytes` through a reader buffer of `capacity` bytes.
