@@ -874,12 +874,25 @@ fn serve_vs_direct_and_router(env: &Bench, server: &Path, demo: &Path, reps: usi
     };
     sse_stream(&format!("http://127.0.0.1:{}/completion", router.port), &body(Some("smol"), false));
     let (mut via_serve, mut direct, mut via_router) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..reps {
-        // The same request to all three: serve forwards it to the child unchanged.
-        via_serve.push(sse_stream(&format!("http://127.0.0.1:{serve_port}/completion"), &body(Some(demo_name), false)));
-        direct.push(target_stream(&target, "/completion", &body(None, false)));
-        via_router
-            .push(sse_stream(&format!("http://127.0.0.1:{}/completion", router.port), &body(Some("smol"), false)));
+    // The same request to all three: serve forwards it to the child unchanged. A request
+    // that follows another process's generation pays for that process's threads, still busy
+    // on the cores for a few milliseconds, so the order changes every repetition (all six
+    // orders in turn) and no path always follows the same other one.
+    const ORDERS: [[usize; 3]; 6] = [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1], [2, 1, 0], [1, 0, 2]];
+    for rep in 0..reps {
+        for path in ORDERS[rep % ORDERS.len()] {
+            match path {
+                0 => via_serve.push(sse_stream(
+                    &format!("http://127.0.0.1:{serve_port}/completion"),
+                    &body(Some(demo_name), false),
+                )),
+                1 => direct.push(target_stream(&target, "/completion", &body(None, false))),
+                _ => via_router.push(sse_stream(
+                    &format!("http://127.0.0.1:{}/completion", router.port),
+                    &body(Some("smol"), false),
+                )),
+            }
+        }
     }
     let _ = Command::new("kill").args(["-INT", &serve.id().to_string()]).status();
     let _ = serve.wait();
