@@ -47,8 +47,8 @@ struct StateFile {
     instances: Vec<InstanceRecord>,
 }
 
-/// Everything the state file holds, to tell when it must be written again.
-pub(crate) fn snapshot(table: &InstanceTable) -> (Vec<ChildRecord>, Vec<InstanceRecord>) {
+/// Everything the state file holds now.
+pub(crate) fn snapshot(table: &InstanceTable) -> Snapshot {
     (children(table), instances(table))
 }
 
@@ -66,6 +66,34 @@ fn instances(table: &InstanceTable) -> Vec<InstanceRecord> {
             })
         })
         .collect()
+}
+
+/// What the state file holds, to tell when it must be written again.
+pub(crate) type Snapshot = (Vec<ChildRecord>, Vec<InstanceRecord>);
+
+/// How much two snapshots differ: children, models or pins, which a restart after a crash
+/// needs at once, or only when models were last used, which moves with every request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Change {
+    None,
+    LastUse,
+    Shape,
+}
+
+pub(crate) fn change(written: &Snapshot, current: &Snapshot) -> Change {
+    if written == current {
+        return Change::None;
+    }
+    let same_but_last_use = written.0 == current.0
+        && written.1.len() == current.1.len()
+        && written.1.iter().zip(&current.1).all(|(old, new)| {
+            old.model == new.model && old.pinned == new.pinned && old.pinned_until_ms == new.pinned_until_ms
+        });
+    if same_but_last_use {
+        Change::LastUse
+    } else {
+        Change::Shape
+    }
 }
 
 /// What an earlier daemon left: the state file, read once at start. A file that cannot be
@@ -160,5 +188,43 @@ pub(crate) fn kill_leftovers(remembered: &Remembered) {
         } else {
             log::info!("pid {} from the state file is gone or reused; left alone", child.pid);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LoadOptions, Policy};
+
+    fn record(name: &str, last_used_ms: u64, pinned: bool) -> InstanceRecord {
+        InstanceRecord {
+            model: ModelSpec {
+                name: name.into(),
+                path: format!("/models/{name}.gguf").into(),
+                load: LoadOptions::default(),
+                policy: Policy::default(),
+                remote: None,
+            },
+            last_used_ms: Some(last_used_ms),
+            pinned,
+            pinned_until_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_new_last_use_alone_is_told_from_a_change_a_restart_needs() {
+        let child = ChildRecord { pid: 7, start_time: 100, model: "/models/a.gguf".into() };
+        let written: Snapshot = (vec![child.clone()], vec![record("a", 1_000, false), record("b", 900, false)]);
+        assert_eq!(change(&written, &written.clone()), Change::None);
+
+        let used = (vec![child.clone()], vec![record("a", 2_000, false), record("b", 900, false)]);
+        assert_eq!(change(&written, &used), Change::LastUse);
+
+        let pinned = (vec![child.clone()], vec![record("a", 2_000, true), record("b", 900, false)]);
+        assert_eq!(change(&written, &pinned), Change::Shape, "a pin, even with a new last use");
+        let stopped = (vec![], vec![record("a", 1_000, false), record("b", 900, false)]);
+        assert_eq!(change(&written, &stopped), Change::Shape, "a child gone");
+        let added = (vec![child], vec![record("a", 1_000, false), record("b", 900, false), record("c", 0, false)]);
+        assert_eq!(change(&written, &added), Change::Shape, "a model added");
     }
 }

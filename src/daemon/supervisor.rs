@@ -27,6 +27,10 @@ const GPU_INTERVAL: Duration = Duration::from_secs(2);
 const NO_GPU_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the daemon's socket file is checked, and stopped instances counted.
 const SLOW_TICK: Duration = Duration::from_millis(500);
+/// How often the state file is written when only the models' last use has changed: every
+/// request changes it, and the file is replaced with two fsyncs. A daemon that is killed
+/// loses at most this much of the LRU order; one that shuts down writes it all.
+const LAST_USE_WRITES: Duration = Duration::from_secs(30);
 
 /// The daemon's socket file as it was bound. A daemon whose socket was removed (a logout
 /// clearing `XDG_RUNTIME_DIR`, a cleaner ageing `/tmp`) or replaced can be reached by no
@@ -101,6 +105,7 @@ pub(crate) fn run(shared: &Arc<Shared>, stop: Receiver<()>, socket: SocketWatch)
         failed
     };
     let mut retry = write_state();
+    let mut written_at = Instant::now();
     let mut failed_at = retry.then(Instant::now);
     let gpu = &shared.services.gpu;
     let mut gpu_read_at = Instant::now();
@@ -141,10 +146,16 @@ pub(crate) fn run(shared: &Arc<Shared>, stop: Receiver<()>, socket: SocketWatch)
         }
         let current = state::snapshot(&shared.table);
         let retry_due = failed_at.is_none_or(|at| at.elapsed() >= STATE_RETRY);
-        if (current != written || retry) && retry_due {
+        let due = match state::change(&written, &current) {
+            state::Change::None => retry,
+            state::Change::LastUse => retry || written_at.elapsed() >= LAST_USE_WRITES,
+            state::Change::Shape => true,
+        };
+        if due && retry_due {
             retry = write_state();
             failed_at = retry.then(Instant::now);
             written = current;
+            written_at = Instant::now();
         }
     }
 }

@@ -74,7 +74,12 @@ pub(crate) enum Message {
         message: String,
         done: Option<Sender<()>>,
     },
-    Pin(Pin),
+    /// A pin set or cleared; `done` hears once the view shows it, so the command that
+    /// asked answers after every later decision can see it.
+    Pin {
+        pin: Pin,
+        done: Sender<()>,
+    },
     /// The child's output closed: it is exiting.
     OutputClosed {
         generation: u64,
@@ -92,9 +97,13 @@ pub(crate) enum Message {
     Listening {
         generation: u64,
     },
-    /// When it was last used, as a daemon before this one remembered.
+    /// When it was last used and how it was pinned, as a daemon before this one
+    /// remembered; `done` hears once the view shows it.
     Restore {
-        last_used: SystemTime,
+        last_used: Option<SystemTime>,
+        pinned: bool,
+        pinned_until: Option<SystemTime>,
+        done: Sender<()>,
     },
     /// Stop the child and end the worker.
     Shutdown {

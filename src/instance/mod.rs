@@ -60,6 +60,15 @@ impl Handle {
         self.home.inbox.send(message).is_ok()
     }
 
+    /// Sets or clears a pin and returns once the instance's view shows it.
+    pub(crate) fn pin(&self, pin: Pin) {
+        let (done, applied) = crossbeam_channel::bounded(1);
+        if self.send(Message::Pin { pin, done }) {
+            // The worker answers between two messages; the bound is for one that died.
+            let _ = applied.recv_timeout(std::time::Duration::from_secs(5));
+        }
+    }
+
     /// A lent slot, when the instance is ready with one free and the request's policy is
     /// the one the worker lent under: no message, no wait.
     pub(crate) fn take_lent(&self, policy: &Policy) -> Option<Lease> {

@@ -388,6 +388,35 @@ fn an_unwritable_state_file_is_reported_and_serving_goes_on() {
 }
 
 #[test]
+fn steady_requests_do_not_rewrite_the_state_file_each_time() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf").display().to_string();
+    assert_success(&env.run(&["run", &model, "load"]));
+    let state_file = env.path("state/state.json");
+    let read_state = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&state_file).unwrap_or_default()).unwrap_or_default()
+    };
+    let pid = env.status_json()["instances"][0]["pid"].clone();
+    wait_until("the child is in the state file", || read_state()["children"][0]["pid"] == pid);
+    let written = std::fs::metadata(&state_file).unwrap().ino();
+    // Requests for well over the supervisor's ten ticks a second, each a new last use.
+    let started = std::time::Instant::now();
+    let mut requests = 0;
+    while started.elapsed() < std::time::Duration::from_millis(1500) || requests < 10 {
+        assert_success(&env.run(&["run", &model, "again"]));
+        requests += 1;
+    }
+    assert_eq!(std::fs::metadata(&state_file).unwrap().ino(), written, "not replaced by {requests} requests");
+    let used = env.status_json()["instances"][0]["last_used_ms"].clone();
+    assert!(read_state()["instances"][0]["last_used_ms"].as_u64() < used.as_u64());
+    // A shutdown writes the last use all the same.
+    assert_success(&env.run(&["shutdown"]));
+    assert_eq!(read_state()["instances"][0]["last_used_ms"], used);
+    assert_eq!(read_state()["children"], serde_json::json!([]));
+}
+
+#[test]
 fn a_panicking_handler_is_an_internal_error_and_the_daemon_serves_on() {
     let env = Env::fake();
     let model = env.tiny_model("m.gguf").display().to_string();

@@ -17,7 +17,7 @@ pub(crate) fn warm(shared: &Arc<Shared>, spec: &ModelSpec, ttl_s: Option<u64>, p
     work::load(shared, spec, peer)?;
     if let Some(seconds) = ttl_s {
         let (instance, _) = admission::instance_for(shared, spec)?;
-        instance.send(Message::Pin(Pin::Until(SystemTime::now() + Duration::from_secs(seconds))));
+        instance.pin(Pin::Until(SystemTime::now() + Duration::from_secs(seconds)));
     }
     peer.reply(&Response::Ok { message: None })
 }
@@ -114,7 +114,7 @@ pub(crate) fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>, forget: bool
 
 pub(crate) fn pin(shared: &Arc<Shared>, spec: &ModelSpec, pinned: bool, peer: &mut Peer) -> Result<()> {
     let (instance, _) = admission::instance_for(shared, spec)?;
-    instance.send(Message::Pin(Pin::Set(pinned)));
+    instance.pin(Pin::Set(pinned));
     peer.reply(&Response::Ok { message: None })
 }
 

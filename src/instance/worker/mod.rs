@@ -307,14 +307,20 @@ impl Worker {
                 self.stop_waiters.extend(done);
                 self.feed(Event::Unload { why, cutoff, room });
             }
-            Message::Pin(Pin::Set(pinned)) => {
-                self.pinned_by_command = pinned;
-                if !pinned {
-                    self.pinned_until = None;
+            Message::Pin { pin, done } => {
+                match pin {
+                    Pin::Set(pinned) => {
+                        self.pinned_by_command = pinned;
+                        if !pinned {
+                            self.pinned_until = None;
+                        }
+                    }
+                    Pin::Until(until) => {
+                        self.pinned_until = Some(self.pinned_until.map_or(until, |current| current.max(until)));
+                    }
                 }
-            }
-            Message::Pin(Pin::Until(until)) => {
-                self.pinned_until = Some(self.pinned_until.map_or(until, |current| current.max(until)));
+                self.publish_view();
+                let _ = done.send(());
             }
             Message::OutputClosed { generation } => self.output_closed(generation),
             Message::Suspect { generation } => {
@@ -337,7 +343,13 @@ impl Worker {
                     self.poll_load();
                 }
             }
-            Message::Restore { last_used } => self.view.lock().restored_last_use = Some(last_used),
+            Message::Restore { last_used, pinned, pinned_until, done } => {
+                self.view.lock().restored_last_use = last_used;
+                self.pinned_by_command = pinned;
+                self.pinned_until = pinned_until;
+                self.publish_view();
+                let _ = done.send(());
+            }
             Message::Shutdown { message } => {
                 self.stop_message = message;
                 self.feed(Event::Unload { why: Unload::Stop, cutoff: JobId::MAX, room: None });
@@ -604,16 +616,17 @@ impl Worker {
     }
 }
 
-/// Remembered LRU order and pins, restored into a new worker's view before it starts.
+/// Remembered LRU order and pins, restored into a new worker's view before the daemon
+/// answers anyone: the first `status`, and the first eviction, see them.
 pub(crate) fn restore(handle: &Handle, last_used_ms: Option<u64>, pinned: bool, pinned_until_ms: Option<u64>) {
     let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
-    if pinned {
-        handle.send(Message::Pin(Pin::Set(true)));
-    }
-    if let Some(until) = pinned_until_ms.map(at) {
-        handle.send(Message::Pin(Pin::Until(until)));
-    }
-    if let Some(last_used) = last_used_ms.map(at) {
-        handle.send(Message::Restore { last_used });
-    }
+    let (done, restored) = crossbeam_channel::bounded(1);
+    handle.send(Message::Restore {
+        last_used: last_used_ms.map(at),
+        pinned,
+        pinned_until: pinned_until_ms.map(at),
+        done,
+    });
+    // A new worker with nothing else to do answers at once; the bound is for one that died.
+    let _ = restored.recv_timeout(Duration::from_secs(5));
 }

@@ -307,10 +307,10 @@ fn apply_keep_alive(shared: &Shared, spec: &ModelSpec, keep: Option<KeepAlive>) 
     let (Some(keep), Some(instance)) = (keep, shared.table.get(spec)) else { return };
     match keep {
         KeepAlive::Forever => {
-            instance.send(Message::Pin(Pin::Set(true)));
+            instance.pin(Pin::Set(true));
         }
         KeepAlive::For(duration) => {
-            instance.send(Message::Pin(Pin::Until(SystemTime::now() + duration)));
+            instance.pin(Pin::Until(SystemTime::now() + duration));
         }
         KeepAlive::Unload => {
             // A pin of the config or of `llmctl pin` is the operator's and stays; a pin for
