@@ -151,6 +151,28 @@ fn lru_order_and_pins_survive_a_restart() {
 }
 
 #[test]
+fn unpin_clears_a_pin_left_on_load_options_the_config_no_longer_gives() {
+    let env = Env::fake();
+    let a = add_model(&env, "a", 0, "");
+    assert_success(&env.run(&["warm", &a]));
+    assert_success(&env.run(&["pin", &a]));
+    // The same alias with other load options is another instance; the pinned one stays.
+    env.write_config("");
+    add_model(&env, "a", 1, "");
+    assert_success(&env.run(&["warm", &a]));
+    let pinned = |status: &serde_json::Value| {
+        status["instances"].as_array().unwrap().iter().filter(|i| i["name"] == "a" && i["pinned"] == true).count()
+    };
+    let status = env.status_json();
+    assert_eq!(status["instances"].as_array().unwrap().len(), 2, "{status}");
+    assert_eq!(pinned(&status), 1, "{status}");
+    assert_success(&env.run(&["unpin", &a]));
+    assert_eq!(pinned(&env.status_json()), 0, "no pin is left that no command could name");
+    assert_success(&env.run(&["shutdown"]));
+    assert_eq!(pinned(&env.status_json()), 0, "nor after a restart");
+}
+
+#[test]
 fn gpu_memory_is_read_from_nvidia_smi() {
     let mut env = Env::fake();
     // A stand-in nvidia-smi that prints the captured real output, with the fake servers'

@@ -1298,6 +1298,11 @@ fn health_tells_loading_ready_and_failed_apart_and_never_loads() {
     let (status, body) = health("?model=broken");
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("\"kind\":\"backend\""), "{body}");
+    for unknown in ["?model=zzz", "?model=/etc/passwd"] {
+        let (status, body) = health(unknown);
+        assert_eq!(status, 404, "a model that does not exist is not healthy: {body}");
+    }
+    assert_eq!(health("").0, 200, "no model named and no default: the daemon answers");
     drop(server);
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();

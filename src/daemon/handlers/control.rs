@@ -115,6 +115,18 @@ pub(crate) fn stop(shared: &Arc<Shared>, model: Option<&ModelSpec>, forget: bool
 pub(crate) fn pin(shared: &Arc<Shared>, spec: &ModelSpec, pinned: bool, peer: &mut Peer) -> Result<()> {
     let (instance, _) = admission::instance_for(shared, spec)?;
     instance.pin(Pin::Set(pinned));
+    if !pinned {
+        // A pin set under load options the config no longer gives stays on that instance,
+        // which no command names any more: unpinning the model clears it too.
+        for other in shared.table.all() {
+            let same_model = other.with_view(|view| {
+                view.pinned_by_command && (view.spec.name == spec.name || view.spec.path == spec.path)
+            });
+            if same_model && !Arc::ptr_eq(&other, &instance) {
+                other.pin(Pin::Set(false));
+            }
+        }
+    }
     peer.reply(&Response::Ok { message: None })
 }
 

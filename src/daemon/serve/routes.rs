@@ -264,7 +264,13 @@ fn props(shared: &Arc<Shared>, config: &Config, request: Request, exchange: &mut
 /// to go to it answers for the daemon, which is up.
 fn health(shared: &Shared, config: &Config, request: &Request, exchange: &mut Exchange) {
     let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
-    let chosen = models::choose(shared, config, name.as_deref(), Purpose::Generate).ok();
+    // A model the probe names must exist; with none named and no default, the daemon's
+    // own health is the answer.
+    let chosen = match models::choose(shared, config, name.as_deref(), Purpose::Generate) {
+        Ok(spec) => Some(spec),
+        Err(error) if name.is_some() => return fail(exchange, &error),
+        Err(_) => None,
+    };
     let instances: Vec<_> = shared.table.all().iter().map(|instance| instance.snapshot().status()).collect();
     let of_model: Vec<_> = match &chosen {
         Some(spec) => instances.iter().filter(|status| status.name == spec.name).collect(),
