@@ -718,10 +718,10 @@ reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": 
     response_format={{"type": "json_schema", "json_schema": {{"name": "c", "schema": schema}}}})
 value = json.loads(reply.choices[0].message.content)
 print("schema", sorted(value), type(value["n"]).__name__)
-reply = client.chat.completions.create(model="smol", messages=[{{"role": "user", "content": "hi"}}], max_tokens=3, logprobs=True, top_logprobs=2)
+reply = client.chat.completions.create(model="smol", messages=[{{"role": "user", "content": "hi"}}], max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
 print("logprobs", len(reply.choices[0].logprobs.content), len(reply.choices[0].logprobs.content[0].top_logprobs))
 thought = ""
-for chunk in client.chat.completions.create(model="thinker", messages=[{{"role": "user", "content": "hi"}}], max_tokens=8, stream=True):
+for chunk in client.chat.completions.create(model="thinker", messages=[{{"role": "user", "content": "hi"}}], max_tokens=8, temperature=0, stream=True):
     if chunk.choices: thought += (chunk.choices[0].delta.model_extra or {{}}).get("reasoning_content") or ""
 print("reasoning", len(thought) > 0)
 vectors = client.embeddings.create(model="embedder", input=["red", "blue"])
@@ -733,10 +733,10 @@ try:
 except openai.AuthenticationError as error:
     print("auth", error.status_code)
 claude = anthropic.Anthropic(base_url="{base}", api_key="k3y")
-message = claude.messages.create(model="smol", max_tokens=6, messages=[{{"role": "user", "content": "hi"}}])
+message = claude.messages.create(model="smol", max_tokens=6, temperature=0, messages=[{{"role": "user", "content": "hi"}}])
 print("anthropic", message.role, message.stop_reason, message.usage.output_tokens)
 text = ""
-with claude.messages.stream(model="smol", max_tokens=6, messages=[{{"role": "user", "content": "hi"}}]) as stream:
+with claude.messages.stream(model="smol", max_tokens=6, temperature=0, messages=[{{"role": "user", "content": "hi"}}]) as stream:
     for piece in stream.text_stream: text += piece
 print("anthropic stream", len(text) > 0)
 print("count", claude.messages.count_tokens(model="smol", messages=[{{"role": "user", "content": "hi"}}]).input_tokens > 0)
