@@ -74,6 +74,8 @@ pub enum ErrorKind {
     Interrupted,
     /// Unavailable because no llama-server binary was found: the case first use sets up.
     NoLlamaServer,
+    /// Unavailable because the daemon is shutting down: a client waits for it to exit.
+    ShuttingDown,
 }
 
 impl ErrorKind {
@@ -91,6 +93,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Interrupted => "interrupted",
             ErrorKind::NoLlamaServer => "no_llama_server",
+            ErrorKind::ShuttingDown => "shutting_down",
         }
     }
 
@@ -100,7 +103,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Usage | ErrorKind::Data => 400,
             ErrorKind::NotFound => 404,
-            ErrorKind::Unavailable | ErrorKind::Busy | ErrorKind::NoLlamaServer => 503,
+            ErrorKind::Unavailable | ErrorKind::Busy | ErrorKind::NoLlamaServer | ErrorKind::ShuttingDown => 503,
             ErrorKind::Backend => 502,
             ErrorKind::NoCapacity => 507,
             ErrorKind::Timeout => 504,
@@ -120,7 +123,7 @@ impl ErrorKind {
             ErrorKind::Busy => exit::BUSY,
             ErrorKind::Timeout => exit::TIMEOUT,
             ErrorKind::Interrupted => exit::INTERRUPTED,
-            ErrorKind::NoLlamaServer => exit::UNAVAILABLE,
+            ErrorKind::NoLlamaServer | ErrorKind::ShuttingDown => exit::UNAVAILABLE,
         }
     }
 }
@@ -149,6 +152,8 @@ pub enum Error {
     NoLlamaServer { searched: String },
     /// The daemon could not be reached or started.
     DaemonUnavailable { socket: PathBuf, reason: String },
+    /// The daemon is stopping its instances before it exits, and takes no new connection.
+    ShuttingDown { pid: u32 },
     /// Another daemon already owns the socket or the state directory; `socket` is where
     /// it listens.
     DaemonRunning { socket: PathBuf, pid: Option<u32> },
@@ -219,6 +224,7 @@ impl Error {
             }
             Error::BadModel { .. } | Error::BadConfig { .. } | Error::InvalidParameter { .. } => ErrorKind::Data,
             Error::NoLlamaServer { .. } => ErrorKind::NoLlamaServer,
+            Error::ShuttingDown { .. } => ErrorKind::ShuttingDown,
             Error::DaemonUnavailable { .. }
             | Error::DaemonRunning { .. }
             | Error::ForeignDaemon { .. }
@@ -280,6 +286,10 @@ impl fmt::Display for Error {
                  one, or name one with `llama_server = \"PATH\"` in the config or LLMCTL_LLAMA_SERVER \
                  and restart the daemon with `llmctl shutdown` (a running daemon keeps the one it \
                  started with)"
+            ),
+            Error::ShuttingDown { pid } => write!(
+                f,
+                "the llmctl daemon (pid {pid}) is shutting down: it is stopping its instances and takes no new requests"
             ),
             Error::DaemonUnavailable { socket, reason } => write!(
                 f,

@@ -6,8 +6,8 @@
 //! socket but the state directory's lock names a running daemon at another socket (cron's
 //! environment picks another socket than a login shell), the command uses that daemon
 //! rather than starting a second one. When the lock names this very socket but nothing
-//! answers there (the socket was removed under the daemon), the command waits for that
-//! daemon to notice and exit, then goes on as if none ran.
+//! answers there (the socket was removed under the daemon), or a daemon answers that it is
+//! shutting down, the command waits for that daemon to exit, then goes on as if none ran.
 
 pub(crate) mod interrupt;
 pub(crate) mod stream;
@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::context::Context;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::process;
 use crate::protocol::{self, Request, Response, VERSION};
 
@@ -32,9 +32,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a control request (status, stop, shutdown, pin) may go without an answer.
 pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_POLL: Duration = Duration::from_millis(2);
-/// How long a client waits for a daemon whose socket is gone to exit. It notices within
-/// half a second and stops its instances, which takes their stop grace at most.
-const ORPHANED_DAEMON_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a client waits for a daemon that is shutting down, or whose socket is gone, to
+/// exit. It notices a lost socket within half a second and stops its instances, which takes
+/// their stop grace at most.
+const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub(crate) struct Connection {
     reader: BufReader<UnixStream>,
@@ -153,51 +154,63 @@ pub(crate) fn connect(context: &Context) -> Result<Connection> {
 
 /// Connects to a running daemon; `Ok(None)` when none answers. When none answers at this
 /// command's socket, a daemon that holds the state directory at another socket is used.
+/// A daemon that is shutting down is waited for, and then counts as none.
 pub(crate) fn try_connect(context: &Context) -> Result<Option<Connection>> {
-    if let Some(connection) = connect_at(&context.paths.socket)? {
-        return Ok(Some(connection));
+    match connect_at(&context.paths.socket) {
+        Ok(Some(connection)) => return Ok(Some(connection)),
+        Ok(None) => {}
+        Err(error) if error.kind() == ErrorKind::ShuttingDown => {
+            return wait_for_exit(context, &context.paths.socket, &error.to_string())
+        }
+        Err(error) => return Err(error),
     }
     let Some((pid, socket)) = daemon_of_state_dir(&context.paths) else { return Ok(None) };
     if socket == context.paths.socket {
-        return wait_for_orphaned_daemon(context, pid);
+        let why = format!(
+            "the llmctl daemon (pid {pid}) holds this state directory but no longer answers at {}",
+            socket.display()
+        );
+        return wait_for_exit(context, &socket, &why);
     }
-    match connect_at(&socket)? {
-        Some(connection) => {
+    match connect_at(&socket) {
+        Ok(Some(connection)) => {
             log::info!("using the llmctl daemon (pid {pid}) of this state directory, at {}", socket.display());
             Ok(Some(connection))
         }
-        None => Err(Error::DaemonRunning { socket, pid: Some(pid) }),
+        Ok(None) => Err(Error::DaemonRunning { socket, pid: Some(pid) }),
+        Err(error) if error.kind() == ErrorKind::ShuttingDown => wait_for_exit(context, &socket, &error.to_string()),
+        Err(error) => Err(error),
     }
 }
 
-/// Waits for the daemon `pid`, which holds the state directory but whose socket (this
-/// command's) is gone, to exit; `Ok(None)` once it has, so a fresh daemon can start.
-fn wait_for_orphaned_daemon(context: &Context, pid: u32) -> Result<Option<Connection>> {
-    log::info!(
-        "the llmctl daemon (pid {pid}) holds this state directory but no longer answers at {}; waiting for it to exit",
-        context.paths.socket.display()
-    );
-    let deadline = Instant::now() + ORPHANED_DAEMON_TIMEOUT;
-    while Instant::now() < deadline {
-        match daemon_of_state_dir(&context.paths) {
-            None => return Ok(None),
-            // A daemon bound the socket again meanwhile (another command started one).
-            Some(_) => {
-                if let Some(connection) = connect_at(&context.paths.socket)? {
-                    return Ok(Some(connection));
-                }
-            }
+/// Waits for the daemon at `socket`, which is shutting down or whose socket file is gone
+/// (`why` says which), to release the state directory; `Ok(None)` once it has, so a fresh
+/// daemon can start, and the connection when a daemon answers there meanwhile.
+fn wait_for_exit(context: &Context, socket: &std::path::Path, why: &str) -> Result<Option<Connection>> {
+    log::info!("{why}; waiting for it to exit");
+    let deadline = Instant::now() + DAEMON_EXIT_TIMEOUT;
+    loop {
+        match connect_at(socket) {
+            // Another command started a daemon meanwhile.
+            Ok(Some(connection)) => return Ok(Some(connection)),
+            Ok(None) if daemon_of_state_dir(&context.paths).is_none() => return Ok(None),
+            Ok(None) => {}
+            Err(error) if error.kind() == ErrorKind::ShuttingDown => {}
+            Err(error) => return Err(error),
+        }
+        if Instant::now() >= deadline {
+            let holder = daemon_of_state_dir(&context.paths).map(|(pid, _)| pid);
+            return Err(Error::DaemonUnavailable {
+                socket: socket.to_path_buf(),
+                reason: format!(
+                    "{why}, and it has not exited within {} s{}",
+                    DAEMON_EXIT_TIMEOUT.as_secs(),
+                    holder.map(|pid| format!("; stop it with `kill {pid}`")).unwrap_or_default()
+                ),
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(Error::DaemonUnavailable {
-        socket: context.paths.socket.clone(),
-        reason: format!(
-            "its socket is gone but the daemon (pid {pid}) still holds the state directory {} and has not exited; \
-             stop it with `kill {pid}`",
-            context.paths.state_dir.display()
-        ),
-    })
 }
 
 /// The daemon that holds the state directory's lock now, and its socket.

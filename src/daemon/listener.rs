@@ -36,20 +36,15 @@ const REFUSALS_PENDING: usize = 256;
 /// How long the refuser waits for a refused client to read its answer and hang up.
 const REFUSAL_PATIENCE: Duration = Duration::from_millis(200);
 
-/// Tells clients over the connection cap that the daemon is busy, on a thread of its own so
-/// the accept loop never waits on one. What a client sent is read and dropped before the
-/// socket closes: a Unix socket closed with unread data resets the connection, and the
-/// client would never see its answer.
-fn start_refuser(cap: impl Fn() -> usize + Send + 'static) -> std::io::Result<Sender<UnixStream>> {
-    let (refusals, pending) = bounded::<UnixStream>(REFUSALS_PENDING);
+/// Tells a client it cannot be served (the daemon is at its connection cap, or shutting
+/// down), on a thread of its own so the accept loop never waits on one. What a client sent
+/// is read and dropped before the socket closes: a Unix socket closed with unread data
+/// resets the connection, and the client would never see its answer.
+fn start_refuser() -> std::io::Result<Sender<(UnixStream, Error)>> {
+    let (refusals, pending) = bounded::<(UnixStream, Error)>(REFUSALS_PENDING);
     thread::Builder::new().name("refuser".into()).spawn(move || {
-        for stream in pending {
+        for (stream, error) in pending {
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            let error = Error::Busy {
-                message: format!("the daemon has {} connections open, its limit", cap()),
-                retry_after_ms: 1000,
-                per_model: false,
-            };
             let _ = protocol::write_message(&mut &stream, &Response::error(&error));
             let _ = stream.shutdown(std::net::Shutdown::Write);
             let deadline = std::time::Instant::now() + REFUSAL_PATIENCE;
@@ -71,7 +66,7 @@ fn start_refuser(cap: impl Fn() -> usize + Send + 'static) -> std::io::Result<Se
 /// costs one wake-up less (measured on two cores: one context switch of five per request).
 struct Acceptors {
     listener: UnixListener,
-    refuser: std::io::Result<Sender<UnixStream>>,
+    refuser: std::io::Result<Sender<(UnixStream, Error)>>,
     /// Threads in `accept` now.
     idle: AtomicUsize,
 }
@@ -83,8 +78,7 @@ pub(crate) fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
     if let Err(error) = sys::set_receive_timeout(&listener, idle_connection_thread()) {
         log::warn!("cannot set the socket's accept timeout ({error}); idle connection threads stay");
     }
-    let cap_shared = Arc::clone(shared);
-    let refuser = start_refuser(move || cap_shared.connection_cap());
+    let refuser = start_refuser();
     if let Err(error) = &refuser {
         log::warn!("cannot start the refuser thread ({error}); connections over the cap are closed at once");
     }
@@ -100,9 +94,6 @@ fn accept_and_serve(shared: &Arc<Shared>, acceptors: &Arc<Acceptors>, first: boo
         acceptors.idle.fetch_add(1, Ordering::SeqCst);
         let accepted = acceptors.listener.accept();
         let others_accepting = acceptors.idle.fetch_sub(1, Ordering::SeqCst) > 1;
-        if shared.is_shutting_down() {
-            return;
-        }
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
@@ -111,6 +102,8 @@ fn accept_and_serve(shared: &Arc<Shared>, acceptors: &Arc<Acceptors>, first: boo
                 }
                 continue;
             }
+            // The socket was shut down: the daemon is done with connections.
+            Err(_) if shared.is_shutting_down() => return,
             Err(error) => {
                 log::warn!("accept failed: {error}");
                 // Out of descriptors or similar: back off instead of spinning.
@@ -118,23 +111,23 @@ fn accept_and_serve(shared: &Arc<Shared>, acceptors: &Arc<Acceptors>, first: boo
                 continue;
             }
         };
-        // Counted before the shutdown flag is looked at again: the daemon, which sets the
-        // flag and then waits for the count to fall to zero, either waits for this
-        // connection or this thread sees the flag and drops it.
+        // Counted before the shutdown flag is looked at: the daemon, which sets the flag and
+        // then waits for the count to fall to zero, either waits for this connection or
+        // this thread sees the flag. While the daemon stops its instances, a client is told
+        // so at once, and waits for the daemon to exit rather than for an answer.
         let open = shared.connections.fetch_add(1, Ordering::SeqCst);
         if shared.is_shutting_down() {
             shared.connections.fetch_sub(1, Ordering::SeqCst);
-            return;
+            refuse(acceptors, stream, Error::ShuttingDown { pid: std::process::id() });
+            continue;
         }
         // Each connection holds a thread: beyond the cap, a client is told busy at once
         // instead of growing the daemon without bound.
         if open >= shared.connection_cap() {
             shared.connections.fetch_sub(1, Ordering::SeqCst);
             shared.admission.note_rejected();
-            if let Ok(refuser) = &acceptors.refuser {
-                // When the refuser is far behind, the stream is dropped here: closed at once.
-                let _ = refuser.send_timeout(stream, REFUSAL_PATIENCE);
-            }
+            let message = format!("the daemon has {} connections open, its limit", shared.connection_cap());
+            refuse(acceptors, stream, Error::Busy { message, retry_after_ms: 1000, per_model: false });
             continue;
         }
         if !others_accepting {
@@ -142,6 +135,14 @@ fn accept_and_serve(shared: &Arc<Shared>, acceptors: &Arc<Acceptors>, first: boo
         }
         connection::serve(shared, stream);
         shared.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Hands a connection to the refuser, which answers `error`; when the refuser is far
+/// behind, the connection is closed at once.
+fn refuse(acceptors: &Acceptors, stream: UnixStream, error: Error) {
+    if let Ok(refuser) = &acceptors.refuser {
+        let _ = refuser.send_timeout((stream, error), REFUSAL_PATIENCE);
     }
 }
 

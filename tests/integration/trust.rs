@@ -383,3 +383,39 @@ fn logs_are_never_written_through_a_symbolic_link() {
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     env.assert_nothing_survives();
 }
+
+/// The daemon's first answer on a fresh connection, read for at most two seconds; none
+/// when it does not answer in that time or the connection fails.
+fn first_answer(socket: &Path) -> Option<String> {
+    let mut stream = UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(2))).ok()?;
+    let version = llmctl::protocol::VERSION;
+    stream.write_all(format!("{{\"type\":\"hello\",\"version\":{version}}}\n").as_bytes()).ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    Some(line)
+}
+
+#[test]
+fn a_command_during_a_slow_shutdown_is_told_at_once_and_runs_on_a_fresh_daemon() {
+    let mut env = Env::fake();
+    // A child that ignores SIGTERM holds the shutdown for its whole grace period.
+    env.set("LLMCTL_STOP_GRACE_MS", "3000");
+    configure(&env, "", &["--fake-ignore-term"]);
+    assert_success(&env.run(&["warm", "m"]));
+    let old = env.daemon_pid().expect("a daemon runs");
+    let shutdown = env.spawn(&["shutdown"]);
+    // While it waits on the child, a new connection is answered at once, not left waiting.
+    wait_until("a new connection is told the daemon is shutting down", || {
+        first_answer(&env.socket()).is_some_and(|answer| answer.contains("\"shutting_down\""))
+    });
+    let output = env.run(&["run", "m", "after", "the", "shutdown"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "after the shutdown");
+    assert!(!stderr(&output).contains("wedged"), "{}", stderr(&output));
+    assert!(!alive(old), "the run was served before the old daemon exited");
+    assert_ne!(env.daemon_pid(), Some(old), "the run started a fresh daemon");
+    assert_success(&shutdown.wait_with_output().unwrap());
+    assert_success(&env.command(&["shutdown"]).env("LLMCTL_NO_AUTOSTART", "1").output().unwrap());
+    env.assert_nothing_survives();
+}
