@@ -232,7 +232,7 @@ pub(crate) fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result
     let _ = supervisor_thread.join();
     drop(scheduler_stop);
     let _ = scheduler_thread.join();
-    let _ = state::write(&shared.paths.state_file(), &shared.table);
+    shared.write_state();
     signals_handle.close();
     let _ = signal_thread.join();
     let _ = paths::remove_stale_socket(&shared.paths.socket);

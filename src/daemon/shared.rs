@@ -47,7 +47,8 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     /// Unix-socket connections open now (each holds a thread).
     pub(crate) connections: AtomicUsize,
-    /// The last failure to write the state file; cleared by the next success.
+    /// The last failure to write the state file; cleared by the next success. Held while
+    /// the file is written, so one thread writes it at a time.
     pub(crate) state_file_error: Mutex<Option<String>>,
     /// The number of the last request sent to a worker.
     jobs: AtomicU64,
@@ -85,6 +86,22 @@ pub(crate) struct Shared {
 const HEADERS_KEPT: usize = 1024;
 
 impl Shared {
+    /// Writes the state file now; true when that failed. A failure is logged when it is new
+    /// and kept for `status` until a write succeeds.
+    pub(crate) fn write_state(&self) -> bool {
+        let mut last_error = self.state_file_error.lock();
+        let result = super::state::write(&self.paths.state_file(), &self.table);
+        match (&result, last_error.as_ref()) {
+            (Err(message), Some(previous)) if message == previous => {}
+            (Err(message), _) => log::error!("{message}; serving on without it, retrying every 10 s"),
+            (Ok(()), Some(_)) => log::info!("the state file is written again"),
+            (Ok(()), None) => {}
+        }
+        let failed = result.is_err();
+        *last_error = result.err();
+        failed
+    }
+
     /// The header of the model file at `path`, read again only when the file changed. A
     /// listing (`/v1/models`, `/api/tags`) describes every model from its header, and
     /// reading one takes a millisecond or more (the vocabulary is megabytes); clients poll

@@ -90,21 +90,8 @@ pub(crate) fn run(shared: &Arc<Shared>, stop: Receiver<()>, socket: SocketWatch)
     let mut slow_tick_at = Instant::now();
     let mut written = state::snapshot(&shared.table);
     // A failed write is retried, but not every tick: a full disk or a read-only directory
-    // stays so for a while, and the log should say it once, not ten times a second.
-    let write_state = || {
-        let result = state::write(&shared.paths.state_file(), &shared.table);
-        let failed = result.is_err();
-        let mut last_error = shared.state_file_error.lock();
-        match (&result, last_error.as_ref()) {
-            (Err(message), Some(previous)) if message == previous => {}
-            (Err(message), _) => log::error!("{message}; serving on without it, retrying every 10 s"),
-            (Ok(()), Some(_)) => log::info!("the state file is written again"),
-            (Ok(()), None) => {}
-        }
-        *last_error = result.err();
-        failed
-    };
-    let mut retry = write_state();
+    // stays so for a while.
+    let mut retry = shared.write_state();
     let mut written_at = Instant::now();
     let mut failed_at = retry.then(Instant::now);
     let gpu = &shared.services.gpu;
@@ -152,7 +139,7 @@ pub(crate) fn run(shared: &Arc<Shared>, stop: Receiver<()>, socket: SocketWatch)
             state::Change::Shape => true,
         };
         if due && retry_due {
-            retry = write_state();
+            retry = shared.write_state();
             failed_at = retry.then(Instant::now);
             written = current;
             written_at = Instant::now();

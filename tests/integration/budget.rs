@@ -209,3 +209,23 @@ fn gpu_memory_is_read_from_nvidia_smi() {
     let vram_budget = status["daemon"]["vram_budget_bytes"].as_f64().unwrap();
     assert!((vram_budget - (81559u64 << 20) as f64 * 0.9).abs() < 2.0, "90% of the GPU: {vram_budget}");
 }
+
+#[test]
+fn a_pin_said_done_survives_the_daemon_killed_at_once() {
+    let env = Env::fake();
+    let a = add_model(&env, "a", 0, "");
+    let b = add_model(&env, "b", 0, "");
+    assert_success(&env.run(&["warm", &a]));
+    assert_success(&env.run(&["pin", &a]));
+    assert_success(&env.run(&["warm", &b, "--ttl", "1h"]));
+    let old = env.daemon_pid().expect("a daemon runs");
+    // SIGKILL right after the answers: no shutdown writes the state for it.
+    assert!(std::process::Command::new("kill").args(["-KILL", &old.to_string()]).status().unwrap().success());
+    wait_until("the killed daemon is gone", || !alive(old));
+    let after = env.status_json();
+    assert_ne!(after["daemon"]["pid"], old, "a new daemon");
+    assert_eq!(instance(&after, "a")["pinned"], true, "{after}");
+    assert!(instance(&after, "b")["pinned_until_ms"].is_u64(), "{after}");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}

@@ -18,6 +18,8 @@ pub(crate) fn warm(shared: &Arc<Shared>, spec: &ModelSpec, ttl_s: Option<u64>, p
     if let Some(seconds) = ttl_s {
         let (instance, _) = admission::instance_for(shared, spec)?;
         instance.pin(Pin::Until(SystemTime::now() + Duration::from_secs(seconds)));
+        // Said done, a pin survives the daemon's death, however soon.
+        shared.write_state();
     }
     peer.reply(&Response::Ok { message: None })
 }
@@ -127,6 +129,8 @@ pub(crate) fn pin(shared: &Arc<Shared>, spec: &ModelSpec, pinned: bool, peer: &m
             }
         }
     }
+    // Said done, the change survives the daemon's death, however soon.
+    shared.write_state();
     peer.reply(&Response::Ok { message: None })
 }
 
