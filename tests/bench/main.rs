@@ -1205,9 +1205,9 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
     println!("### Thrash: the same seeded trace over three models with room for one, 4-token completions over HTTP\n");
     println!("trace seed {seed} (`BENCH_SEED` replays it)\n");
     println!(
-        "| clients | requests | llmctl req/s | router req/s | ratio llmctl/router | llmctl swaps/request | router swaps/request | ceiling req/s | ceiling/router | bound swaps | bound req/s | bound/router |"
+        "| clients | requests | llmctl req/s | router req/s | ratio llmctl/router | llmctl swaps/request | router swaps/request | service ms/request smol, smol2, gemma | ceiling req/s | ceiling/router | bound swaps | bound req/s | bound/router |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for clients in [3usize, 12, 48] {
         let per_client = (96 / clients).max(2);
         let trace = thrash_trace(seed + clients as u64, clients, per_client, &models);
@@ -1231,14 +1231,26 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
                 .unwrap_or(0) as f64
                 / 1000.0
         };
-        let one_model: Vec<Vec<&'static str>> = trace.iter().map(|requests| vec!["smol"; requests.len()]).collect();
-        let one_model_s = total as f64 / run_trace(serving.port, &one_model, 4);
-        let ceiling = total as f64 / (one_model_s + load_s("smol2") + load_s("gemma"));
-        // The bound of any order of service, even one that knows every request to come: the
-        // same service time, and the loads of the cheapest sequence of loads that lets every
-        // client make its requests in its order (its measured load time each).
+        // Each model's service time per request on this trace's concurrency, warm and
+        // alone: the trace's requests all for that model, its load made before the clock.
+        let service_s = |model: &'static str| {
+            env.llmctl(&["warm", model]);
+            let all: Vec<Vec<&'static str>> = trace.iter().map(|requests| vec![model; requests.len()]).collect();
+            1.0 / run_trace(serving.port, &all, 4)
+        };
+        let service: Vec<(&str, f64)> = models.iter().map(|&model| (model, service_s(model))).collect();
+        let per_request = |name: &str| service.iter().find(|(model, _)| *model == name).map_or(0.0, |(_, s)| *s);
+        // The ceiling of any scheduler on this trace: its requests all for one model (one
+        // load, no swap), plus one load of each model.
+        let ceiling =
+            total as f64 / (total as f64 * per_request("smol") + models.iter().map(|&m| load_s(m)).sum::<f64>());
+        // The bound of any order of service, even one that knows every request to come: each
+        // request's own model's service time, and the loads of the cheapest sequence of loads
+        // that lets every client make its requests in its order (its measured load time
+        // each); nothing for drains and stops.
         let (fewest_loads, load_seconds) = cheapest_loads(&trace, &|name| load_s(name));
-        let bound = total as f64 / (one_model_s + load_seconds - load_s("smol"));
+        let trace_service: f64 = trace.iter().flatten().map(|model| per_request(model)).sum();
+        let bound = total as f64 / (trace_service + load_seconds);
         drop(serving);
         drop(env);
         let log = router_dir.path().join("router.log");
@@ -1247,10 +1259,11 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
         drop(router);
         let router_swaps = router_loads(&log).saturating_sub(1);
         println!(
-            "| {clients} | {total} | {llmctl_rate:.2} | {router_rate:.2} | **{:.2}** | {:.2} | {:.2} | {ceiling:.2} | {:.2} | {} | {bound:.2} | {:.2} |",
+            "| {clients} | {total} | {llmctl_rate:.2} | {router_rate:.2} | **{:.2}** | {:.2} | {:.2} | {} | {ceiling:.2} | {:.2} | {} | {bound:.2} | {:.2} |",
             llmctl_rate / router_rate,
             llmctl_swaps as f64 / total as f64,
             router_swaps as f64 / total as f64,
+            service.iter().map(|(_, s)| format!("{:.1}", s * 1000.0)).collect::<Vec<_>>().join(", "),
             ceiling / router_rate,
             fewest_loads - 1,
             bound / router_rate
