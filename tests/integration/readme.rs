@@ -87,8 +87,10 @@ type Check = fn(&str) -> Result<(), String>;
 
 fn checks() -> Vec<(&'static str, Check)> {
     vec![
-        ("-n 64 demo \"Write a haiku about Unix pipes\"", |out| words(out, 3)),
-        ("git diff | llmctl run -n 40 demo", |out| words(out, 2)),
+        // Sampled, not greedy: what the model writes varies, and a one-word answer is an
+        // answer; the check is that text, not an error or JSON, comes out.
+        ("-n 64 demo \"Write a haiku about Unix pipes\"", |out| words(out, 1)),
+        ("git diff | llmctl run -n 40 demo", |out| words(out, 1)),
         ("| head -n 5", |out| {
             let lines = out.lines().count();
             if lines > 5 {
