@@ -156,12 +156,22 @@ pub(crate) fn connect(context: &Context) -> Result<Connection> {
 /// command's socket, a daemon that holds the state directory at another socket is used.
 /// A daemon that is shutting down is waited for, and then counts as none.
 pub(crate) fn try_connect(context: &Context) -> Result<Option<Connection>> {
+    find_daemon(context, true)
+}
+
+/// As [`try_connect`], but a daemon that is shutting down is not waited for: the answer is
+/// an error of kind [`ErrorKind::ShuttingDown`], for `shutdown`, which has nothing to do
+/// then but wait for that daemon to be gone.
+pub(crate) fn try_connect_unless_shutting_down(context: &Context) -> Result<Option<Connection>> {
+    find_daemon(context, false)
+}
+
+fn find_daemon(context: &Context, wait_for_shutdown: bool) -> Result<Option<Connection>> {
+    let wait = |error: &Error| wait_for_shutdown && error.kind() == ErrorKind::ShuttingDown;
     match connect_at(&context.paths.socket) {
         Ok(Some(connection)) => return Ok(Some(connection)),
         Ok(None) => {}
-        Err(error) if error.kind() == ErrorKind::ShuttingDown => {
-            return wait_for_exit(context, &context.paths.socket, &error.to_string())
-        }
+        Err(error) if wait(&error) => return wait_for_exit(context, &context.paths.socket, &error.to_string()),
         Err(error) => return Err(error),
     }
     let Some((pid, socket)) = daemon_of_state_dir(&context.paths) else { return Ok(None) };
@@ -178,7 +188,7 @@ pub(crate) fn try_connect(context: &Context) -> Result<Option<Connection>> {
             Ok(Some(connection))
         }
         Ok(None) => Err(Error::DaemonRunning { socket, pid: Some(pid) }),
-        Err(error) if error.kind() == ErrorKind::ShuttingDown => wait_for_exit(context, &socket, &error.to_string()),
+        Err(error) if wait(&error) => wait_for_exit(context, &socket, &error.to_string()),
         Err(error) => Err(error),
     }
 }
@@ -214,7 +224,7 @@ fn wait_for_exit(context: &Context, socket: &std::path::Path, why: &str) -> Resu
 }
 
 /// The daemon that holds the state directory's lock now, and its socket.
-fn daemon_of_state_dir(paths: &crate::paths::Paths) -> Option<(u32, std::path::PathBuf)> {
+pub(crate) fn daemon_of_state_dir(paths: &crate::paths::Paths) -> Option<(u32, std::path::PathBuf)> {
     let lock_path = paths.daemon_lock();
     let file = File::open(&lock_path).ok()?;
     // A lock we can take is nobody's: its daemon is gone.
@@ -322,6 +332,13 @@ fn start_daemon(context: &Context) -> Result<Connection> {
     }
     crate::paths::create_private_dirs(&paths.state_dir)
         .map_err(|e| Error::io(format!("cannot create {}", paths.state_dir.display()), e))?;
+    // One command of a burst starts the daemon; the others wait here and find it. Were each
+    // to start one, a latecomer that reached the state directory's lock after the first had
+    // shut down would become a daemon nobody asked for.
+    let _starting = take_start_lock(paths);
+    if let Some(connection) = try_connect(context)? {
+        return Ok(connection);
+    }
     let log_path = paths.daemon_log();
     let log =
         crate::paths::open_log(&log_path).map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
@@ -360,6 +377,24 @@ fn start_daemon(context: &Context) -> Result<Connection> {
             return Err(daemon_failed(context, &log_path, gave_up));
         }
         std::thread::sleep(CONNECT_POLL);
+    }
+}
+
+/// The lock a command holds while it starts the daemon, released when dropped. Waited for
+/// as long as a start may take; without it (a read-only state directory, a holder that is
+/// stopped), the command starts a daemon anyway, and the daemons' own lock settles which
+/// one serves.
+fn take_start_lock(paths: &crate::paths::Paths) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = paths.state_dir.join("start.lock");
+    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).ok()?;
+    let deadline = Instant::now() + AUTOSTART_TIMEOUT;
+    loop {
+        match crate::sys::try_lock_exclusive(&file) {
+            Ok(true) => return Some(file),
+            Ok(false) if Instant::now() < deadline => std::thread::sleep(CONNECT_POLL),
+            _ => return None,
+        }
     }
 }
 

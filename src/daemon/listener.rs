@@ -39,22 +39,31 @@ const REFUSAL_PATIENCE: Duration = Duration::from_millis(200);
 /// Tells a client it cannot be served (the daemon is at its connection cap, or shutting
 /// down), on a thread of its own so the accept loop never waits on one. What a client sent
 /// is read and dropped before the socket closes: a Unix socket closed with unread data
-/// resets the connection, and the client would never see its answer.
+/// resets the connection, and the client would never see its answer. A client sends its
+/// hello as it connects, so that is there to drop at once; the refuser then waits a moment
+/// for the client to hang up only while no other refusal waits behind it, so connections
+/// held open without a word cannot delay the answers of the clients after them.
 fn start_refuser() -> std::io::Result<Sender<(UnixStream, Error)>> {
     let (refusals, pending) = bounded::<(UnixStream, Error)>(REFUSALS_PENDING);
     thread::Builder::new().name("refuser".into()).spawn(move || {
-        for (stream, error) in pending {
+        for (stream, error) in &pending {
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
             let _ = protocol::write_message(&mut &stream, &Response::error(&error));
             let _ = stream.shutdown(std::net::Shutdown::Write);
             let deadline = std::time::Instant::now() + REFUSAL_PATIENCE;
             let mut discard = [0u8; 4096];
-            while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-                let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+            let _ = stream.set_nonblocking(true);
+            loop {
                 match (&stream).read(&mut discard) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(error) if error.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => break,
                 }
+                if !pending.is_empty() || std::time::Instant::now() >= deadline {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(1));
             }
         }
     })?;

@@ -178,7 +178,12 @@ pub(crate) fn kill_leftovers(remembered: &Remembered) {
     if let Some((pid, start_time)) = remembered.owner {
         let alive = pid != std::process::id() && process::start_time(pid) == Some(start_time);
         if alive {
-            log::warn!("the state file belongs to a running llmctl daemon (pid {pid}); its children are left alone");
+            // One that is still exiting after a shutdown has stopped its children already.
+            if !remembered.children.is_empty() {
+                log::warn!(
+                    "the state file belongs to a running llmctl daemon (pid {pid}); its children are left alone"
+                );
+            }
             return;
         }
     }

@@ -409,13 +409,39 @@ fn a_command_during_a_slow_shutdown_is_told_at_once_and_runs_on_a_fresh_daemon()
     wait_until("a new connection is told the daemon is shutting down", || {
         first_answer(&env.socket()).is_some_and(|answer| answer.contains("\"shutting_down\""))
     });
+    // Connections held open without a word do not hold up the answers of those after them.
+    let held: Vec<UnixStream> = (0..40).filter_map(|_| UnixStream::connect(env.socket()).ok()).collect();
+    // A second shutdown meanwhile waits for the daemon it found shutting down, and leaves
+    // alone the fresh one the run starts.
+    let second_shutdown = env.spawn(&["shutdown"]);
     let output = env.run(&["run", "m", "after", "the", "shutdown"]);
     assert_success(&output);
     assert_eq!(stdout(&output), "after the shutdown");
     assert!(!stderr(&output).contains("wedged"), "{}", stderr(&output));
     assert!(!alive(old), "the run was served before the old daemon exited");
-    assert_ne!(env.daemon_pid(), Some(old), "the run started a fresh daemon");
+    let fresh = env.daemon_pid().expect("the run started a daemon");
+    assert_ne!(fresh, old, "the run started a fresh daemon");
     assert_success(&shutdown.wait_with_output().unwrap());
+    assert_success(&second_shutdown.wait_with_output().unwrap());
+    drop(held);
+    assert!(alive(fresh), "a shutdown stopped the daemon started after the one it found");
+    assert_eq!(env.status_json()["daemon"]["pid"], fresh);
     assert_success(&env.command(&["shutdown"]).env("LLMCTL_NO_AUTOSTART", "1").output().unwrap());
     env.assert_nothing_survives();
+}
+
+#[test]
+fn a_burst_of_commands_starts_one_daemon_and_a_shutdown_leaves_none() {
+    let env = Env::fake();
+    configure(&env, "", &[]);
+    // Were each command of a burst to start a daemon, one that reached the state
+    // directory's lock after the first had shut down would be left running.
+    for _ in 0..5 {
+        let burst: Vec<std::process::Child> = (0..8).map(|_| env.spawn(&["status"])).collect();
+        for command in burst {
+            assert_success(&command.wait_with_output().unwrap());
+        }
+        assert_success(&env.run(&["shutdown"]));
+        env.assert_nothing_survives();
+    }
 }
