@@ -382,12 +382,12 @@ fn start_daemon(context: &Context) -> Result<Connection> {
 
 /// The lock a command holds while it starts the daemon, released when dropped. Waited for
 /// as long as a start may take; without it (a read-only state directory, a holder that is
-/// stopped), the command starts a daemon anyway, and the daemons' own lock settles which
-/// one serves.
+/// stopped, something other than a file in its place), the command starts a daemon anyway,
+/// and the daemons' own lock settles which one serves.
 fn take_start_lock(paths: &crate::paths::Paths) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = paths.state_dir.join("start.lock");
-    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).ok()?;
+    // Opened as logs are: never through a symbolic link, never blocking on a FIFO, only a
+    // regular file of its own.
+    let file = crate::paths::open_log(&paths.state_dir.join("start.lock")).ok()?;
     let deadline = Instant::now() + AUTOSTART_TIMEOUT;
     loop {
         match crate::sys::try_lock_exclusive(&file) {

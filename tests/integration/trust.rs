@@ -445,3 +445,21 @@ fn a_burst_of_commands_starts_one_daemon_and_a_shutdown_leaves_none() {
         env.assert_nothing_survives();
     }
 }
+
+#[test]
+fn a_fifo_or_a_link_in_place_of_the_start_lock_neither_blocks_nor_writes_elsewhere() {
+    let env = Env::fake();
+    configure(&env, "", &[]);
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    let lock = env.path("state/start.lock");
+    assert!(Command::new("mkfifo").arg(&lock).status().unwrap().success());
+    assert_success(&env.run(&["status"]));
+    assert_success(&env.run(&["shutdown"]));
+    std::fs::remove_file(&lock).unwrap();
+    let elsewhere = env.path("elsewhere");
+    std::os::unix::fs::symlink(&elsewhere, &lock).unwrap();
+    assert_success(&env.run(&["status"]));
+    assert!(!elsewhere.exists(), "a file was created through the link");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
