@@ -463,3 +463,19 @@ fn a_fifo_or_a_link_in_place_of_the_start_lock_neither_blocks_nor_writes_elsewhe
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
+
+#[test]
+fn shutdown_gets_past_connections_that_fill_the_cap_without_a_word() {
+    let env = Env::fake();
+    configure(&env, "queue_depth = 1\n", &[]);
+    assert_success(&env.run(&["status"]));
+    let daemon = env.daemon_pid().expect("a daemon runs");
+    // The cap is the queue depth plus 320: go past it with connections that never speak.
+    let held: Vec<UnixStream> = (0..400).filter_map(|_| UnixStream::connect(env.socket()).ok()).collect();
+    assert!(held.len() > 330, "only {} connections opened", held.len());
+    let output = env.run(&["shutdown"]);
+    assert_success(&output);
+    assert!(!alive(daemon), "the daemon still runs after shutdown");
+    drop(held);
+    env.assert_nothing_survives();
+}
