@@ -94,7 +94,7 @@ pub(crate) fn lease(
 ) -> Result<Lease> {
     if file.is_none() {
         if let Some(lease) = instance.take_lent(&spec.policy) {
-            return Ok(lease);
+            return Ok(told_if_waiting_in_child(lease, waiter));
         }
     }
     let _place = shared.admission.enter().map_err(|error| {
@@ -111,7 +111,16 @@ pub(crate) fn lease(
             other => other,
         }
     })?;
-    acquire(shared, instance, spec, file, waiter)
+    Ok(told_if_waiting_in_child(acquire(shared, instance, spec, file, waiter)?, waiter))
+}
+
+/// A request sent to a child whose slots are all busy waits inside it, next in line: its
+/// client hears so, as from the queue.
+fn told_if_waiting_in_child(lease: Lease, waiter: &mut dyn Waiter) -> Lease {
+    if lease.waits_in_child() {
+        waiter.queued(1);
+    }
+    lease
 }
 
 /// Sends a job to `instance` and waits for its slot: a blocking receive, woken by the

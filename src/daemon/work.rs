@@ -52,7 +52,8 @@ pub(crate) fn on_lease(
     mut work: impl FnMut(&Lease, Instant) -> Attempt,
 ) -> Result<Done> {
     let (instance, mut file) = admission::instance_for(shared, spec)?;
-    for attempt in 1..=MAX_REPLICA_TRIES {
+    let mut replicas_tried = 0;
+    loop {
         let started = Instant::now();
         let mut lease = admission::lease(shared, &instance, spec, file.take(), waiter)?;
         let tried = work(&lease, started);
@@ -63,6 +64,7 @@ pub(crate) fn on_lease(
             stopped: lease.generation.is_stopped(),
             replica: replica.as_deref(),
             answered: tried.answered,
+            behind_others: lease.waited_behind_others(),
             ok: tried.ok,
             token_timeout_s: shared.settings.token_timeout.as_secs(),
         };
@@ -83,9 +85,20 @@ pub(crate) fn on_lease(
             Verdict::OtherReplica => {
                 log::warn!("the server {} for {} failed before answering", replica.unwrap_or_default(), spec.name);
                 drop(lease);
-                if attempt == MAX_REPLICA_TRIES {
-                    break;
+                replicas_tried += 1;
+                if replicas_tried == MAX_REPLICA_TRIES {
+                    return Err(Error::RemoteDown {
+                        message: format!("every server for {} failed; they are retried with backoff", spec.name),
+                    });
                 }
+            }
+            Verdict::Again => {
+                log::info!(
+                    "a request for {} waited {} s inside its busy child without an answer; it is sent again",
+                    spec.name,
+                    shared.settings.token_timeout.as_secs()
+                );
+                drop(lease);
             }
             Verdict::Failed(error) => {
                 if replica.is_none() && matches!(error, Error::Backend { .. }) {
@@ -97,7 +110,6 @@ pub(crate) fn on_lease(
             }
         }
     }
-    Err(Error::RemoteDown { message: format!("every server for {} failed; they are retried with backoff", spec.name) })
 }
 
 /// Loads `spec` (unless loaded) and proves it answers a one-token request: `warm` and

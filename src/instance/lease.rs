@@ -11,7 +11,7 @@
 //! Counters (requests, tokens, outcomes, last use) are not state: a lease records its own
 //! into the instance's [`Stats`] when it ends, under their own lock.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -38,6 +38,14 @@ pub(crate) enum Ended {
 /// broken stream by what happened to *its* child, never a newer one.
 pub(crate) struct Generation {
     pub(crate) number: u64,
+    /// The child's own slots: a lease granted while this many are out waits inside the
+    /// child until one frees (see `worker::QUEUED_IN_CHILD`).
+    slots: u32,
+    /// Leases out on this generation now.
+    out: AtomicU32,
+    /// Tokens relayed from the child and leases ended on it: a child that moves this
+    /// serves someone.
+    progress: AtomicU64,
     ended: Mutex<Option<Ended>>,
     changed: Condvar,
     /// Set when llmctl stopped the child: streams on it stop relaying at the next token,
@@ -46,8 +54,26 @@ pub(crate) struct Generation {
 }
 
 impl Generation {
-    pub(crate) fn new(number: u64) -> Generation {
-        Generation { number, ended: Mutex::new(None), changed: Condvar::new(), stopped: AtomicBool::new(false) }
+    /// Generation `number` of a child with `slots` slots of its own (`u32::MAX` for remote
+    /// servers, which are never sent more requests than their slots).
+    pub(crate) fn new(number: u64, slots: u32) -> Generation {
+        Generation {
+            number,
+            slots,
+            out: AtomicU32::new(0),
+            progress: AtomicU64::new(0),
+            ended: Mutex::new(None),
+            changed: Condvar::new(),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// A token of this generation is about to be relayed: counted as the child's progress.
+    /// False once llmctl has stopped the child: the stream is then cut off at once, even if
+    /// the child ignores SIGTERM.
+    pub(crate) fn relay_token(&self) -> bool {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+        !self.is_stopped()
     }
 
     /// Records how the generation ended; the first word stays.
@@ -196,6 +222,9 @@ pub(crate) struct Lease {
     home: Home,
     /// Taken from the lending rather than granted by the worker.
     lent: bool,
+    /// Granted while every slot of the child was out, so the request waits inside the
+    /// child: its generation's progress then.
+    behind: Option<u64>,
     released: bool,
     granted_at: std::time::Instant,
 }
@@ -203,16 +232,35 @@ pub(crate) struct Lease {
 impl Lease {
     /// A slot the worker granted.
     pub(crate) fn granted(generation: Arc<Generation>, client: Client, replica: Option<usize>, home: Home) -> Lease {
+        Lease::on(generation, client, replica, home, false)
+    }
+
+    fn on(generation: Arc<Generation>, client: Client, replica: Option<usize>, home: Home, lent: bool) -> Lease {
+        let ahead = generation.out.fetch_add(1, Ordering::SeqCst);
+        let behind = (ahead >= generation.slots).then(|| generation.progress.load(Ordering::SeqCst));
         Lease {
             generation,
             client,
             replica,
             report: Report::default(),
             home,
-            lent: false,
+            lent,
+            behind,
             released: false,
             granted_at: std::time::Instant::now(),
         }
+    }
+
+    /// Granted while every slot of the child was out: the request waits inside the child.
+    pub(crate) fn waits_in_child(&self) -> bool {
+        self.behind.is_some()
+    }
+
+    /// True when the request was sent while every slot of the child was busy and the
+    /// child has served others since: no answer yet then says the child is busy, not that
+    /// it stalled.
+    pub(crate) fn waited_behind_others(&self) -> bool {
+        self.behind.is_some_and(|then| self.generation.progress.load(Ordering::SeqCst) != then)
     }
 
     /// A lent slot, if one is free for a request that brings `policy`; counted as a request
@@ -220,16 +268,7 @@ impl Lease {
     pub(crate) fn take_lent(home: &Home, policy: &Policy) -> Option<Lease> {
         let (generation, client) = home.lending.lock().take(policy)?;
         home.stats.lock().granted(Duration::ZERO);
-        Some(Lease {
-            generation,
-            client,
-            replica: None,
-            report: Report::default(),
-            home: home.clone(),
-            lent: true,
-            released: false,
-            granted_at: std::time::Instant::now(),
-        })
+        Some(Lease::on(generation, client, None, home.clone(), true))
     }
 
     /// Gives the slot back. A slot the worker granted waits (briefly) until the worker has
@@ -249,7 +288,11 @@ impl Lease {
             return false;
         }
         self.released = true;
+        self.generation.out.fetch_sub(1, Ordering::SeqCst);
         let report = std::mem::take(&mut self.report);
+        if !report.stalled {
+            self.generation.progress.fetch_add(1, Ordering::SeqCst);
+        }
         self.home.stats.lock().finished(&report, SystemTime::now(), self.granted_at.elapsed());
         if self.lent && !report.needs_worker() && self.home.lending.lock().give_back(self.generation.number) {
             // The worker hears nothing of it; the scheduler may want the idle instance.
@@ -299,7 +342,7 @@ mod tests {
     #[test]
     fn lent_slots_come_back_without_a_message_while_lending_is_open() {
         let (home, messages) = home();
-        let generation = Arc::new(Generation::new(1));
+        let generation = Arc::new(Generation::new(1, 1));
         home.lending.lock().lend(2, &generation, &client(), &Policy::default());
         let first = Lease::take_lent(&home, &Policy::default()).expect("a free lent slot");
         let second = Lease::take_lent(&home, &Policy::default()).expect("a second one");
@@ -322,7 +365,7 @@ mod tests {
     #[test]
     fn another_policy_or_a_stall_goes_to_the_worker() {
         let (home, messages) = home();
-        let generation = Arc::new(Generation::new(3));
+        let generation = Arc::new(Generation::new(3, 1));
         home.lending.lock().lend(1, &generation, &client(), &Policy::default());
         let pinned = Policy { pinned: true, ..Policy::default() };
         assert!(Lease::take_lent(&home, &pinned).is_none(), "a changed policy must reach the worker");

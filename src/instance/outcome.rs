@@ -18,6 +18,9 @@ pub(crate) struct Facts<'a> {
     pub(crate) replica: Option<&'a str>,
     /// Some of the answer already reached the client.
     pub(crate) answered: bool,
+    /// The request was sent while the child's slots were all busy, and the child has served
+    /// others since (see `Lease::waited_behind_others`).
+    pub(crate) behind_others: bool,
     /// The outcome of a finished request: "ok", or for a forwarded answer that carried an
     /// HTTP error status, the kind of that error; none for a load (`warm`), which counts
     /// as no request's outcome.
@@ -35,6 +38,9 @@ pub(crate) enum Verdict {
     Cancelled,
     /// A remote server failed before any byte of the answer: try another.
     OtherReplica,
+    /// Nothing came for the token timeout while the request waited inside a child busy
+    /// with others: the child is fine, the request is sent again.
+    Again,
     Failed(Error),
 }
 
@@ -72,6 +78,9 @@ pub(crate) fn classify(
             return (Verdict::OtherReplica, Marks { outcome: None, stalled: false, replica_failed: true })
         }
         Err(GenerateError::Rejected(message)) => Error::InvalidParameter { message },
+        Err(GenerateError::Stalled) if facts.behind_others && !facts.answered => {
+            return (Verdict::Again, Marks { outcome: None, stalled: false, replica_failed: false })
+        }
         Err(GenerateError::Stalled) => {
             let error = Error::Timeout {
                 what: format!(
@@ -116,7 +125,7 @@ mod tests {
     use crate::error::ErrorKind;
 
     fn facts(stopped: bool, replica: Option<&'static str>, answered: bool) -> Facts<'static> {
-        Facts { model: "m", stopped, replica, answered, ok: Some("ok"), token_timeout_s: 300 }
+        Facts { model: "m", stopped, replica, answered, behind_others: false, ok: Some("ok"), token_timeout_s: 300 }
     }
 
     fn broken() -> Result<Done, GenerateError> {
@@ -182,6 +191,22 @@ mod tests {
                 "data",
             ),
             ("stalled", Err(GenerateError::Stalled), facts(false, None, true), None, "timeout", "timeout"),
+            (
+                "no answer while waiting inside a child busy with others: sent again",
+                Err(GenerateError::Stalled),
+                Facts { behind_others: true, ..facts(false, None, false) },
+                None,
+                "again",
+                "-",
+            ),
+            (
+                "stalled mid-answer after waiting inside the child",
+                Err(GenerateError::Stalled),
+                Facts { behind_others: true, ..facts(false, None, true) },
+                None,
+                "timeout",
+                "timeout",
+            ),
         ];
         for (name, result, facts, how, expected, outcome) in cases {
             let mut asked = false;
@@ -193,6 +218,7 @@ mod tests {
                 Verdict::Finished(_) => "finished",
                 Verdict::Cancelled => "cancelled",
                 Verdict::OtherReplica => "retry",
+                Verdict::Again => "again",
                 Verdict::Failed(error) => error.kind().name(),
             };
             assert_eq!(word, expected, "{name}: {verdict:?}");

@@ -198,7 +198,8 @@ impl Snapshot {
             remote: view.spec.remote.as_ref().map(|remote| remote.urls.clone()),
             ctx_size: view.spec.load.ctx_size,
             slots: view.slots,
-            in_flight: view.in_flight,
+            // A request sent to a child whose slots are all busy waits inside it.
+            in_flight: view.in_flight.min(view.slots),
             estimate_bytes: crate::estimate::bytes(&view.spec, &view.info),
             rss_bytes: None,
             last_used_ms: self.last_used().map(millis_since_epoch),
@@ -206,7 +207,7 @@ impl Snapshot {
             usage: stats.usage,
             restarts: stats.restarts,
             crash_loop: view.crash_loop,
-            queued: view.queued,
+            queued: view.queued + view.in_flight.saturating_sub(view.slots) as usize,
             rejected: stats.rejected,
             wait_p50_ms: percentile_ms(&stats.waits, 0.50),
             wait_p99_ms: percentile_ms(&stats.waits, 0.99),

@@ -47,13 +47,17 @@ fn a_full_queue_answers_busy_at_once_and_counts_it_per_model() {
     assert_success(&env.run(&["warm", &model]));
     let first = env.spawn(&["run", &model, "x"]);
     wait_until("the first request holds the slot", || env.status_json()["instances"][0]["in_flight"] == 1);
+    // The second waits inside the child (sent beyond its slot), the third in the queue.
     let second = env.spawn(&["run", &model, "x"]);
-    wait_until("the second request waits in the queue", || env.status_json()["instances"][0]["queued"] == 1);
+    wait_until("the second request waits inside the child", || env.status_json()["instances"][0]["queued"] == 1);
+    let third = env.spawn(&["run", &model, "x"]);
+    wait_until("the third request waits in the queue", || env.status_json()["instances"][0]["queued"] == 2);
     let output = env.run(&["run", &model, "x"]);
     assert_exit(&output, 75);
     assert!(stderr(&output).contains("try again in"), "{}", stderr(&output));
-    assert_success(&first.wait_with_output().unwrap());
-    assert_success(&second.wait_with_output().unwrap());
+    for waiting in [first, second, third] {
+        assert_success(&waiting.wait_with_output().unwrap());
+    }
     let status = env.status_json();
     assert_eq!(status["instances"][0]["rejected"], 1);
     assert_eq!(status["queue"]["rejected"], 1);
@@ -84,4 +88,50 @@ fn a_waiting_client_hears_its_position_and_can_give_up() {
     drop(waiter);
     wait_until("the abandoned request leaves the queue", || env.status_json()["instances"][0]["queued"] == 0);
     assert_success(&holder.wait_with_output().unwrap());
+}
+
+#[test]
+fn a_request_handed_to_a_busy_child_waits_past_the_token_timeout_without_restarting_it() {
+    let env = Env::fake();
+    env.write_config("token_timeout = 1\n");
+    let model = env.add_model("long", &["--fake-tokens", "250", "--fake-token-ms", "10"], "parallel = 1\n");
+    assert_success(&env.run(&["warm", &model]));
+    let pid = env.status_json()["instances"][0]["pid"].clone();
+    let holder = env.spawn(&["run", &model, "x"]);
+    wait_until("the slot is taken", || env.status_json()["instances"][0]["in_flight"] == 1);
+    // Handed to the child, it waits there about 2.5 s, past the token timeout, while the
+    // child streams to the holder: no token for it is no stall of the child.
+    let handed = env.run(&["run", &model, "y"]);
+    assert_success(&handed);
+    assert_eq!(stdout(&handed), "t ".repeat(250));
+    let held = holder.wait_with_output().unwrap();
+    assert_success(&held);
+    assert_eq!(stdout(&held), "t ".repeat(250));
+    let instance = env.status_json()["instances"][0].clone();
+    assert_eq!(instance["pid"], pid, "the child was restarted: {instance}");
+    assert_eq!(instance["restarts"], 0, "{instance}");
+    assert_eq!(instance["outcomes"].get("timeout"), None, "{instance}");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn a_client_that_leaves_while_its_request_waits_inside_the_child_gives_its_place_up() {
+    let env = Env::fake();
+    let model = env.add_model("long", &["--fake-tokens", "2000", "--fake-token-ms", "10"], "parallel = 1\n");
+    assert_success(&env.run(&["warm", &model]));
+    let mut holder = env.spawn(&["run", &model, "x"]);
+    wait_until("the slot is taken", || env.status_json()["instances"][0]["in_flight"] == 1);
+    let mut handed = env.spawn(&["run", &model, "y"]);
+    wait_until("it waits inside the child", || env.status_json()["instances"][0]["queued"] == 1);
+    handed.kill().unwrap();
+    handed.wait().unwrap();
+    wait_until("its place is given up", || env.status_json()["instances"][0]["queued"] == 0);
+    assert!(holder.try_wait().unwrap().is_none(), "the holder's 20 s stream ended first");
+    let instance = env.status_json()["instances"][0].clone();
+    assert_eq!(instance["outcomes"]["cancelled"], 1, "{instance}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
 }

@@ -219,12 +219,18 @@ fn switch_exclusive_lets_a_running_stream_finish_and_refuses_the_waiting() {
     ));
     let streaming = env.spawn(&["run", "busy", "go"]);
     wait_until("busy streams", || env.status_json()["instances"][0]["state"] == "busy");
+    // One request more than its slot is handed to the child, which starts it next: it is
+    // in flight too. The one after it waits in llmctl's queue.
+    let handed = env.spawn(&["run", "busy", "next"]);
+    wait_until("a second request waits inside the child", || env.status_json()["instances"][0]["queued"] == 1);
     let waiting = env.spawn(&["run", "busy", "later"]);
-    wait_until("a second request waits", || env.status_json()["instances"][0]["queued"] == 1);
+    wait_until("a third request waits in the queue", || env.status_json()["instances"][0]["queued"] == 2);
     assert_success(&env.run(&["switch", "--wait", "--exclusive", &other]));
-    let streamed = streaming.wait_with_output().unwrap();
-    assert_success(&streamed);
-    assert_eq!(stdout(&streamed), "t ".repeat(20), "the stream completed");
+    for started in [streaming, handed] {
+        let streamed = started.wait_with_output().unwrap();
+        assert_success(&streamed);
+        assert_eq!(stdout(&streamed), "t ".repeat(20), "the stream completed");
+    }
     let refused = waiting.wait_with_output().unwrap();
     assert_exit(&refused, 69);
     assert!(

@@ -285,12 +285,16 @@ fn requests_without_a_known_model_go_to_the_default() {
 #[test]
 fn a_full_queue_is_503_with_retry_after() {
     let env = Env::fake();
-    let (server, holder, waiter) = one_busy_one_waiting(&env, "queue_depth = 1\n", "");
+    let (server, holder, handed) = one_busy_one_waiting(&env, "queue_depth = 1\n", "");
+    // The waiter above was handed to the child; this one fills the queue.
+    let waiter = env.spawn(&["run", "m", "x"]);
+    wait_until("a second request waits", || env.status_json()["instances"][0]["queued"] == 2);
     let response = complete(&server, "m");
     assert_eq!(response.status().as_u16(), 503);
     assert_eq!(response.headers().get("retry-after").unwrap(), "1");
-    assert_success(&holder.wait_with_output().unwrap());
-    assert_success(&waiter.wait_with_output().unwrap());
+    for waiting in [holder, handed, waiter] {
+        assert_success(&waiting.wait_with_output().unwrap());
+    }
 }
 
 #[test]

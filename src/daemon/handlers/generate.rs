@@ -23,17 +23,25 @@ pub(crate) fn run(shared: &Arc<Shared>, request: RunRequest, peer: &mut Peer) ->
         }
         let mut first_token = None;
         let mut peer = peer_cell.borrow_mut();
-        let result = lease.client.generate(&request, |text, more_buffered| {
-            if lease.generation.is_stopped() {
-                // `stop` or `shutdown`: cut the stream off now, even if the child ignores SIGTERM.
-                return Err(std::io::Error::other("the instance was stopped"));
-            }
-            first_token.get_or_insert_with(|| started.elapsed());
-            protocol::write_message(&mut peer.writer, &Response::Token { text: text.to_string() })?;
-            if !more_buffered {
-                std::io::Write::flush(&mut peer.writer)?;
-            }
-            Ok(())
+        // A request waiting inside the child gives its place up when its client leaves, as
+        // one in the queue does; the check costs nothing on a request that starts at once.
+        let cancel = lease.waits_in_child().then(|| peer.writer.get_ref().try_clone().ok()).flatten().map(|socket| {
+            let check: crate::backend::unix::Cancel = Arc::new(move || crate::sys::peer_closed(&socket));
+            check
+        });
+        let result = crate::backend::unix::with_cancel(cancel, || {
+            lease.client.generate(&request, |text, more_buffered| {
+                if !lease.generation.relay_token() {
+                    // `stop` or `shutdown`: cut the stream off now, even if the child ignores SIGTERM.
+                    return Err(std::io::Error::other("the instance was stopped"));
+                }
+                first_token.get_or_insert_with(|| started.elapsed());
+                protocol::write_message(&mut peer.writer, &Response::Token { text: text.to_string() })?;
+                if !more_buffered {
+                    std::io::Write::flush(&mut peer.writer)?;
+                }
+                Ok(())
+            })
         });
         Attempt { result, answered: first_token.is_some(), ok: Some("ok"), first_token }
     })?;

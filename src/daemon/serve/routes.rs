@@ -352,7 +352,7 @@ fn forward(
         let mut first_token = None;
         let mut status = 0;
         let result = lease.client.forward(outgoing, Some(Arc::clone(&cancel)), |part| {
-            if lease.generation.is_stopped() {
+            if !lease.generation.relay_token() {
                 return Err(std::io::Error::other("the instance was stopped"));
             }
             match part {

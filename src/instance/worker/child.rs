@@ -64,7 +64,8 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(2);
 impl Worker {
     pub(super) fn spawn(&mut self) -> Option<Event> {
         // The machine counts spawns; the child's generation is that count.
-        let generation = Arc::new(Generation::new(self.machine.generation()));
+        let slots = if self.spec.remote.is_some() { u32::MAX } else { self.spec.load.parallel };
+        let generation = Arc::new(Generation::new(self.machine.generation(), slots));
         self.generation = Some(Arc::clone(&generation));
         if self.failure.is_some() {
             self.home.stats.lock().restarts += 1;

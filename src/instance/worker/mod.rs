@@ -101,6 +101,22 @@ impl Services {
     }
 }
 
+/// Requests a local child is sent beyond its slots. llama-server queues them and starts one
+/// the moment a slot frees, so back-to-back requests hand over inside the child rather than
+/// through the worker, a waiting thread and a new request parsed by the child (one-token
+/// requests over HTTP at 8 and 64 clients, one slot: 0.94-1.07 of router mode's rate
+/// without, 1.03-1.17 with). Remote servers get no more than their slots, and neither does
+/// a model with a `max_queued`: its limit counts every request that waits.
+const QUEUED_IN_CHILD: u32 = 1;
+
+fn queued_in_child(policy: &crate::model::Policy) -> u32 {
+    if policy.max_queued.is_some() {
+        0
+    } else {
+        QUEUED_IN_CHILD
+    }
+}
+
 /// Starts the worker of a new instance and returns its handle.
 pub(crate) fn start(
     id: usize,
@@ -119,7 +135,7 @@ pub(crate) fn start(
     };
     let worker = Worker {
         id,
-        machine: Machine::new(spec.load.parallel),
+        machine: Machine::new(spec.load.parallel + queued_in_child(&spec.policy)),
         breaker: Breaker::new(services.crash_loop),
         spec,
         info,
@@ -362,6 +378,9 @@ impl Worker {
 
     fn arrive(&mut self, job: Job) {
         self.spec.policy = job.policy.clone();
+        if self.spec.remote.is_none() {
+            self.machine.set_slots(self.spec.load.parallel + queued_in_child(&self.spec.policy));
+        }
         if let Some((info, stamp)) = job.file.clone().filter(|(_, stamp)| *stamp != self.stamp) {
             // A child that runs (or starts) has the old file open: drain it and load the new
             // one. Without a child, the next spawn opens the new file anyway.
@@ -459,7 +478,11 @@ impl Worker {
             }
             Action::Spawn => return self.spawn(),
             Action::Loading(job) => self.tell(job, JobEvent::Loading),
-            Action::Queued(job, position) => self.tell(job, JobEvent::Queued(position)),
+            Action::Queued(job, position) => {
+                // Behind the requests already waiting inside the child.
+                let in_child = self.machine.in_flight().saturating_sub(self.spec.load.parallel) as usize;
+                self.tell(job, JobEvent::Queued(position + if self.spec.remote.is_some() { 0 } else { in_child }))
+            }
             Action::Grant(job) => return self.grant(job),
             Action::Fail(job, cause) => {
                 let error = match cause {

@@ -53,7 +53,7 @@ pub(super) fn generate(
         };
         let mut first_token = None;
         let result = lease.client.forward(outgoing, Some(Arc::clone(&cancel)), |part| {
-            if lease.generation.is_stopped() {
+            if !lease.generation.relay_token() {
                 return Err(std::io::Error::other("the instance was stopped"));
             }
             match part {
