@@ -101,12 +101,13 @@ impl Services {
     }
 }
 
-/// Requests a local child is sent beyond its slots. llama-server queues them and starts one
+/// Requests a local child is sent beyond its slots. llama-server holds them and starts one
 /// the moment a slot frees, so back-to-back requests hand over inside the child rather than
 /// through the worker, a waiting thread and a new request parsed by the child (one-token
-/// requests over HTTP at 8 and 64 clients, one slot: 0.94-1.07 of router mode's rate
-/// without, 1.03-1.17 with). Remote servers get no more than their slots, and neither does
-/// a model with a `max_queued`: its limit counts every request that waits.
+/// requests over HTTP, one slot, against router mode: 0.94-0.97 of its rate at 8 clients
+/// and 0.97-1.03 at 64 without, 0.98-1.04 and 1.04-1.15 with; two gave no more, and one
+/// run a p99 of 379 ms). Remote servers get no more than their slots, and neither does a
+/// model with a `max_queued`: its limit counts every request that waits.
 const QUEUED_IN_CHILD: u32 = 1;
 
 fn queued_in_child(policy: &crate::model::Policy) -> u32 {
