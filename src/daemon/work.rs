@@ -17,6 +17,10 @@ use crate::protocol::Done;
 
 /// How many servers of a remote model one request tries.
 const MAX_REPLICA_TRIES: usize = 4;
+/// How many times a request that got nothing while it waited inside a busy child is sent
+/// again before it fails: a generation that cannot finish within the token timeout even
+/// once it starts would otherwise be sent for good.
+const MAX_SENT_AGAIN: usize = 3;
 /// How long a broken stream waits to learn whether its child died.
 const EXIT_PATIENCE: Duration = Duration::from_millis(500);
 
@@ -52,7 +56,7 @@ pub(crate) fn on_lease(
     mut work: impl FnMut(&Lease, Instant) -> Attempt,
 ) -> Result<Done> {
     let (instance, mut file) = admission::instance_for(shared, spec)?;
-    let mut replicas_tried = 0;
+    let (mut replicas_tried, mut sent_again) = (0, 0);
     loop {
         let started = Instant::now();
         let mut lease = admission::lease(shared, &instance, spec, file.take(), waiter)?;
@@ -92,13 +96,27 @@ pub(crate) fn on_lease(
                     });
                 }
             }
-            Verdict::Again => {
+            Verdict::Again if sent_again < MAX_SENT_AGAIN => {
+                sent_again += 1;
                 log::info!(
                     "a request for {} waited {} s inside its busy child without an answer; it is sent again",
                     spec.name,
                     shared.settings.token_timeout.as_secs()
                 );
                 drop(lease);
+            }
+            Verdict::Again => {
+                // Not the child's fault: it is not restarted.
+                lease.report.outcome = Some(crate::error::ErrorKind::Timeout.name());
+                return Err(Error::Timeout {
+                    what: format!(
+                        "waiting for a token from {}: none came for {} s, {} times, while it served others \
+                         (token_timeout in the config)",
+                        spec.name,
+                        shared.settings.token_timeout.as_secs(),
+                        sent_again + 1
+                    ),
+                });
             }
             Verdict::Failed(error) => {
                 if replica.is_none() && matches!(error, Error::Backend { .. }) {

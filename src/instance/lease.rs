@@ -46,6 +46,8 @@ pub(crate) struct Generation {
     /// Tokens relayed from the child and leases ended on it: a child that moves this
     /// serves someone.
     progress: AtomicU64,
+    /// When the last lease on it ended.
+    last_end: Mutex<Option<std::time::Instant>>,
     ended: Mutex<Option<Ended>>,
     changed: Condvar,
     /// Set when llmctl stopped the child: streams on it stop relaying at the next token,
@@ -62,6 +64,7 @@ impl Generation {
             slots,
             out: AtomicU32::new(0),
             progress: AtomicU64::new(0),
+            last_end: Mutex::new(None),
             ended: Mutex::new(None),
             changed: Condvar::new(),
             stopped: AtomicBool::new(false),
@@ -293,7 +296,15 @@ impl Lease {
         if !report.stalled {
             self.generation.progress.fetch_add(1, Ordering::SeqCst);
         }
-        self.home.stats.lock().finished(&report, SystemTime::now(), self.granted_at.elapsed());
+        // A request that waited inside the child was served from the end of a request
+        // ahead of it, not from its grant.
+        let now = std::time::Instant::now();
+        let ahead_ended = self.generation.last_end.lock().replace(now);
+        let started = match ahead_ended {
+            Some(ended) if self.behind.is_some() => ended.max(self.granted_at),
+            _ => self.granted_at,
+        };
+        self.home.stats.lock().finished(&report, SystemTime::now(), now - started);
         if self.lent && !report.needs_worker() && self.home.lending.lock().give_back(self.generation.number) {
             // The worker hears nothing of it; the scheduler may want the idle instance.
             if let Some((scheduler, wanted)) = &self.home.scheduler {

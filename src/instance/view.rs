@@ -70,11 +70,12 @@ impl Stats {
         Stats::sample(&mut self.waits, waited);
     }
 
-    /// A request ended at `now` with `report`, after holding its slot for `held`.
-    pub(crate) fn finished(&mut self, report: &Report, now: SystemTime, held: Duration) {
+    /// A request ended at `now` with `report`, served for `served` (from its grant, or for
+    /// one that waited inside the child, from the end of the request ahead of it).
+    pub(crate) fn finished(&mut self, report: &Report, now: SystemTime, served: Duration) {
         self.last_used = Some(now);
         if report.outcome.is_some() {
-            let ms = held.as_secs_f64() * 1000.0;
+            let ms = served.as_secs_f64() * 1000.0;
             self.service_ms = Some(self.service_ms.map_or(ms, |mean| mean * 0.8 + ms * 0.2));
         }
         self.usage.prompt_tokens += report.usage.prompt_tokens;
