@@ -17,9 +17,9 @@ use crate::protocol::Done;
 
 /// How many servers of a remote model one request tries.
 const MAX_REPLICA_TRIES: usize = 4;
-/// How many times a request that got nothing while it waited inside a busy child is sent
-/// again before it fails: a generation that cannot finish within the token timeout even
-/// once it starts would otherwise be sent for good.
+/// How many times a request that got nothing for the token timeout while its child served
+/// others is sent again before it fails: one that cannot finish within the token timeout
+/// even once it starts would otherwise be sent for good.
 const MAX_SENT_AGAIN: usize = 3;
 /// How long a broken stream waits to learn whether its child died.
 const EXIT_PATIENCE: Duration = Duration::from_millis(500);
@@ -56,23 +56,60 @@ pub(crate) fn on_lease(
     mut work: impl FnMut(&Lease, Instant) -> Attempt,
 ) -> Result<Done> {
     let (instance, mut file) = admission::instance_for(shared, spec)?;
-    let (mut replicas_tried, mut sent_again) = (0, 0);
+    let (mut replicas_tried, mut resent) = (0, false);
     loop {
         let started = Instant::now();
         let mut lease = admission::lease(shared, &instance, spec, file.take(), waiter)?;
-        let tried = work(&lease, started);
-        lease.report.first_token = tried.first_token;
-        let replica = lease.replica.map(|_| lease.client.base_url().to_string());
-        let facts = Facts {
-            model: &spec.name,
-            stopped: lease.generation.is_stopped(),
-            replica: replica.as_deref(),
-            answered: tried.answered,
-            behind_others: lease.waited_behind_others(),
-            ok: tried.ok,
-            token_timeout_s: shared.settings.token_timeout.as_secs(),
+        let mut sent_again = 0;
+        let (verdict, marks, replica, answered) = loop {
+            let progress = lease.generation.progress();
+            let tried = work(&lease, started);
+            lease.report.first_token = tried.first_token;
+            let replica = lease.replica.map(|_| lease.client.base_url().to_string());
+            let answered = tried.answered;
+            let facts = Facts {
+                model: &spec.name,
+                stopped: lease.generation.is_stopped(),
+                replica: replica.as_deref(),
+                answered: tried.answered,
+                others_served: lease.generation.progress() != progress,
+                ok: tried.ok,
+                token_timeout_s: shared.settings.token_timeout.as_secs(),
+            };
+            let (verdict, marks) =
+                outcome::classify(tried.result, &facts, || lease.generation.wait_ended(EXIT_PATIENCE));
+            match verdict {
+                // On the same lease and child: its place among the waiting stays, and a drain
+                // waits for it as for any request in flight.
+                Verdict::Again if sent_again < MAX_SENT_AGAIN => {
+                    sent_again += 1;
+                    log::info!(
+                        "a request for {} waited {} s inside its busy child without an answer; it is sent again",
+                        spec.name,
+                        shared.settings.token_timeout.as_secs()
+                    );
+                }
+                Verdict::Again => {
+                    // Not the child's fault: it is not restarted.
+                    let error = Error::Timeout {
+                        what: format!(
+                            "waiting for a token from {}: none came for {} s, {} times, while it served others \
+                             (token_timeout in the config)",
+                            spec.name,
+                            shared.settings.token_timeout.as_secs(),
+                            sent_again + 1
+                        ),
+                    };
+                    let marks = outcome::Marks {
+                        outcome: Some(crate::error::ErrorKind::Timeout.name()),
+                        stalled: false,
+                        replica_failed: false,
+                    };
+                    break (Verdict::Failed(error), marks, replica, false);
+                }
+                verdict => break (verdict, marks, replica, answered),
+            }
         };
-        let (verdict, marks) = outcome::classify(tried.result, &facts, || lease.generation.wait_ended(EXIT_PATIENCE));
         lease.report.outcome = marks.outcome;
         lease.report.stalled = marks.stalled;
         lease.report.replica_failed = marks.replica_failed;
@@ -96,27 +133,14 @@ pub(crate) fn on_lease(
                     });
                 }
             }
-            Verdict::Again if sent_again < MAX_SENT_AGAIN => {
-                sent_again += 1;
-                log::info!(
-                    "a request for {} waited {} s inside its busy child without an answer; it is sent again",
-                    spec.name,
-                    shared.settings.token_timeout.as_secs()
-                );
+            Verdict::Again => unreachable!("a request is sent again on its lease"),
+            // A request that waited inside a child that crashed never started: it goes to
+            // the next child, once (the crash may have been its own doing after all).
+            Verdict::Failed(Error::LlamaExited { .. }) if lease.waits_in_child() && !answered && !resent => {
+                log::info!("a request for {} waited inside a child that crashed; it is sent to the next", spec.name);
+                resent = true;
+                lease.report.outcome = None;
                 drop(lease);
-            }
-            Verdict::Again => {
-                // Not the child's fault: it is not restarted.
-                lease.report.outcome = Some(crate::error::ErrorKind::Timeout.name());
-                return Err(Error::Timeout {
-                    what: format!(
-                        "waiting for a token from {}: none came for {} s, {} times, while it served others \
-                         (token_timeout in the config)",
-                        spec.name,
-                        shared.settings.token_timeout.as_secs(),
-                        sent_again + 1
-                    ),
-                });
             }
             Verdict::Failed(error) => {
                 if replica.is_none() && matches!(error, Error::Backend { .. }) {

@@ -71,6 +71,17 @@ impl Generation {
         }
     }
 
+    /// Tokens relayed and leases ended so far.
+    pub(crate) fn progress(&self) -> u64 {
+        self.progress.load(Ordering::SeqCst)
+    }
+
+    /// More leases are out than the child has slots: some wait inside it, in an order
+    /// only the child knows.
+    pub(crate) fn crowded(&self) -> bool {
+        self.out.load(Ordering::SeqCst) > self.slots
+    }
+
     /// A token of this generation is about to be relayed: counted as the child's progress.
     /// False once llmctl has stopped the child: the stream is then cut off at once, even if
     /// the child ignores SIGTERM.
@@ -226,8 +237,8 @@ pub(crate) struct Lease {
     /// Taken from the lending rather than granted by the worker.
     lent: bool,
     /// Granted while every slot of the child was out, so the request waits inside the
-    /// child: its generation's progress then.
-    behind: Option<u64>,
+    /// child.
+    behind: bool,
     released: bool,
     granted_at: std::time::Instant,
 }
@@ -240,7 +251,7 @@ impl Lease {
 
     fn on(generation: Arc<Generation>, client: Client, replica: Option<usize>, home: Home, lent: bool) -> Lease {
         let ahead = generation.out.fetch_add(1, Ordering::SeqCst);
-        let behind = (ahead >= generation.slots).then(|| generation.progress.load(Ordering::SeqCst));
+        let behind = ahead >= generation.slots;
         Lease {
             generation,
             client,
@@ -256,14 +267,7 @@ impl Lease {
 
     /// Granted while every slot of the child was out: the request waits inside the child.
     pub(crate) fn waits_in_child(&self) -> bool {
-        self.behind.is_some()
-    }
-
-    /// True when the request was sent while every slot of the child was busy and the
-    /// child has served others since: no answer yet then says the child is busy, not that
-    /// it stalled.
-    pub(crate) fn waited_behind_others(&self) -> bool {
-        self.behind.is_some_and(|then| self.generation.progress.load(Ordering::SeqCst) != then)
+        self.behind
     }
 
     /// A lent slot, if one is free for a request that brings `policy`; counted as a request
@@ -301,7 +305,7 @@ impl Lease {
         let now = std::time::Instant::now();
         let ahead_ended = self.generation.last_end.lock().replace(now);
         let started = match ahead_ended {
-            Some(ended) if self.behind.is_some() => ended.max(self.granted_at),
+            Some(ended) if self.behind => ended.max(self.granted_at),
             _ => self.granted_at,
         };
         self.home.stats.lock().finished(&report, SystemTime::now(), now - started);

@@ -18,9 +18,10 @@ pub(crate) struct Facts<'a> {
     pub(crate) replica: Option<&'a str>,
     /// Some of the answer already reached the client.
     pub(crate) answered: bool,
-    /// The request was sent while the child's slots were all busy, and the child has served
-    /// others since (see `Lease::waited_behind_others`).
-    pub(crate) behind_others: bool,
+    /// The child served other requests while this one waited for its answer (tokens
+    /// relayed, requests ended): no answer then is no stall of the child. A request sent to
+    /// a child whose slots are all busy waits inside it.
+    pub(crate) others_served: bool,
     /// The outcome of a finished request: "ok", or for a forwarded answer that carried an
     /// HTTP error status, the kind of that error; none for a load (`warm`), which counts
     /// as no request's outcome.
@@ -38,8 +39,8 @@ pub(crate) enum Verdict {
     Cancelled,
     /// A remote server failed before any byte of the answer: try another.
     OtherReplica,
-    /// Nothing came for the token timeout while the request waited inside a child busy
-    /// with others: the child is fine, the request is sent again.
+    /// Nothing came for the token timeout while the child served others: the child is
+    /// fine, the request is sent again.
     Again,
     Failed(Error),
 }
@@ -78,7 +79,7 @@ pub(crate) fn classify(
             return (Verdict::OtherReplica, Marks { outcome: None, stalled: false, replica_failed: true })
         }
         Err(GenerateError::Rejected(message)) => Error::InvalidParameter { message },
-        Err(GenerateError::Stalled) if facts.behind_others && !facts.answered => {
+        Err(GenerateError::Stalled) if facts.others_served && !facts.answered => {
             return (Verdict::Again, Marks { outcome: None, stalled: false, replica_failed: false })
         }
         Err(GenerateError::Stalled) => {
@@ -125,7 +126,7 @@ mod tests {
     use crate::error::ErrorKind;
 
     fn facts(stopped: bool, replica: Option<&'static str>, answered: bool) -> Facts<'static> {
-        Facts { model: "m", stopped, replica, answered, behind_others: false, ok: Some("ok"), token_timeout_s: 300 }
+        Facts { model: "m", stopped, replica, answered, others_served: false, ok: Some("ok"), token_timeout_s: 300 }
     }
 
     fn broken() -> Result<Done, GenerateError> {
@@ -192,17 +193,17 @@ mod tests {
             ),
             ("stalled", Err(GenerateError::Stalled), facts(false, None, true), None, "timeout", "timeout"),
             (
-                "no answer while waiting inside a child busy with others: sent again",
+                "no answer while the child served others: sent again",
                 Err(GenerateError::Stalled),
-                Facts { behind_others: true, ..facts(false, None, false) },
+                Facts { others_served: true, ..facts(false, None, false) },
                 None,
                 "again",
                 "-",
             ),
             (
-                "stalled mid-answer after waiting inside the child",
+                "stalled mid-answer while the child served others",
                 Err(GenerateError::Stalled),
-                Facts { behind_others: true, ..facts(false, None, true) },
+                Facts { others_served: true, ..facts(false, None, true) },
                 None,
                 "timeout",
                 "timeout",

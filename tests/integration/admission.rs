@@ -135,3 +135,26 @@ fn a_client_that_leaves_while_its_request_waits_inside_the_child_gives_its_place
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
+
+#[test]
+fn a_request_waiting_inside_a_child_that_crashes_goes_to_the_next_child() {
+    let env = Env::fake();
+    let model = env.add_model("long", &["--fake-tokens", "300", "--fake-token-ms", "10"], "parallel = 1\n");
+    assert_success(&env.run(&["warm", &model]));
+    let holder = env.spawn(&["run", &model, "x"]);
+    wait_until("the slot is taken", || env.status_json()["instances"][0]["in_flight"] == 1);
+    let handed = env.spawn(&["run", &model, "y"]);
+    wait_until("it waits inside the child", || env.status_json()["instances"][0]["queued"] == 1);
+    let pid = env.status_json()["instances"][0]["pid"].as_u64().unwrap();
+    assert!(std::process::Command::new("kill").args(["-ABRT", &pid.to_string()]).status().unwrap().success());
+    // The stream cut off by the crash fails; the request that never started does not.
+    let held = holder.wait_with_output().unwrap();
+    assert_exit(&held, 70);
+    let output = handed.wait_with_output().unwrap();
+    assert_success(&output);
+    assert_eq!(stdout(&output), "t ".repeat(300));
+    let instance = env.status_json()["instances"][0].clone();
+    assert_ne!(instance["pid"].as_u64(), Some(pid), "{instance}");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}

@@ -214,8 +214,10 @@ fn switch_exclusive_lets_a_running_stream_finish_and_refuses_the_waiting() {
     let env = Env::fake();
     let busy = env.tiny_model("busy.gguf").display().to_string();
     let other = env.tiny_model("other.gguf").display().to_string();
+    // The request handed to the child waits there past the token timeout: it is sent
+    // again on its own lease, and the drain waits for it; nothing loads busy again.
     env.write_config(&format!(
-        "[models.busy]\npath = \"{busy}\"\nargs = [\"--fake-tokens\", \"20\", \"--fake-token-ms\", \"50\"]\n"
+        "token_timeout = 1\n[models.busy]\npath = \"{busy}\"\nargs = [\"--fake-tokens\", \"40\", \"--fake-token-ms\", \"50\"]\n"
     ));
     let streaming = env.spawn(&["run", "busy", "go"]);
     wait_until("busy streams", || env.status_json()["instances"][0]["state"] == "busy");
@@ -229,7 +231,7 @@ fn switch_exclusive_lets_a_running_stream_finish_and_refuses_the_waiting() {
     for started in [streaming, handed] {
         let streamed = started.wait_with_output().unwrap();
         assert_success(&streamed);
-        assert_eq!(stdout(&streamed), "t ".repeat(20), "the stream completed");
+        assert_eq!(stdout(&streamed), "t ".repeat(40), "the stream completed");
     }
     let refused = waiting.wait_with_output().unwrap();
     assert_exit(&refused, 69);

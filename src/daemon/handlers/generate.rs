@@ -23,12 +23,13 @@ pub(crate) fn run(shared: &Arc<Shared>, request: RunRequest, peer: &mut Peer) ->
         }
         let mut first_token = None;
         let mut peer = peer_cell.borrow_mut();
-        // A request waiting inside the child gives its place up when its client leaves, as
-        // one in the queue does; the check costs nothing on a request that starts at once.
-        let cancel = lease.waits_in_child().then(|| peer.writer.get_ref().try_clone().ok()).flatten().map(|socket| {
-            let check: crate::backend::unix::Cancel = Arc::new(move || crate::sys::peer_closed(&socket));
-            check
-        });
+        // A request that may wait inside the child gives its place up when its client
+        // leaves, as one in the queue does; no check costs a request on an uncrowded child.
+        let cancel =
+            lease.generation.crowded().then(|| peer.writer.get_ref().try_clone().ok()).flatten().map(|socket| {
+                let check: crate::backend::unix::Cancel = Arc::new(move || crate::sys::peer_closed(&socket));
+                check
+            });
         let result = crate::backend::unix::with_cancel(cancel, || {
             lease.client.generate(&request, |text, more_buffered| {
                 if !lease.generation.relay_token() {

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// How often a whole answer being gathered looks whether its client is still there.
+const CLIENT_LOOK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// `POST /api/chat` and `POST /api/generate`.
 pub(super) fn generate(
     shared: &Arc<Shared>,
@@ -52,9 +55,18 @@ pub(super) fn generate(
             body: body.as_bytes(),
         };
         let mut first_token = None;
+        let mut looked = Instant::now();
         let result = lease.client.forward(outgoing, Some(Arc::clone(&cancel)), |part| {
             if !lease.generation.relay_token() {
                 return Err(std::io::Error::other("the instance was stopped"));
+            }
+            // A whole answer is gathered from the child's stream without a write to the
+            // client, whose leaving the reads notice only while they wait: look now and then.
+            if !reply.stream && looked.elapsed() >= CLIENT_LOOK {
+                looked = Instant::now();
+                if cancel() {
+                    return Err(std::io::Error::other("the client went away"));
+                }
             }
             match part {
                 Part::Head { status, .. } => {
