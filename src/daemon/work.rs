@@ -17,10 +17,6 @@ use crate::protocol::Done;
 
 /// How many servers of a remote model one request tries.
 const MAX_REPLICA_TRIES: usize = 4;
-/// How many times a request that got nothing for the token timeout while its child served
-/// others is sent again before it fails: one that cannot finish within the token timeout
-/// even once it starts would otherwise be sent for good.
-const MAX_SENT_AGAIN: usize = 3;
 /// How long a broken stream waits to learn whether its child died.
 const EXIT_PATIENCE: Duration = Duration::from_millis(500);
 
@@ -60,7 +56,6 @@ pub(crate) fn on_lease(
     loop {
         let started = Instant::now();
         let mut lease = admission::lease(shared, &instance, spec, file.take(), waiter)?;
-        let mut sent_again = 0;
         let (verdict, marks, replica, answered) = loop {
             let progress = lease.generation.progress();
             let tried = work(&lease, started);
@@ -81,8 +76,8 @@ pub(crate) fn on_lease(
             match verdict {
                 // On the same lease and child: its place among the waiting stays, and a drain
                 // waits for it as for any request in flight.
-                Verdict::Again if sent_again < MAX_SENT_AGAIN => {
-                    sent_again += 1;
+                // As long as it could have waited in the queue.
+                Verdict::Again if started.elapsed() < shared.settings.queue_timeout => {
                     log::info!(
                         "a request for {} waited {} s inside its busy child without an answer; it is sent again",
                         spec.name,
@@ -93,11 +88,9 @@ pub(crate) fn on_lease(
                     // Not the child's fault: it is not restarted.
                     let error = Error::Timeout {
                         what: format!(
-                            "waiting for a token from {}: none came for {} s, {} times, while it served others \
-                             (token_timeout in the config)",
+                            "waiting for a free slot on {} ({} s): it served others all along",
                             spec.name,
-                            shared.settings.token_timeout.as_secs(),
-                            sent_again + 1
+                            shared.settings.queue_timeout.as_secs()
                         ),
                     };
                     let marks = outcome::Marks {
@@ -140,6 +133,7 @@ pub(crate) fn on_lease(
                 log::info!("a request for {} waited inside a child that crashed; it is sent to the next", spec.name);
                 resent = true;
                 lease.report.outcome = None;
+                lease.report.counted_again = true;
                 drop(lease);
             }
             Verdict::Failed(error) => {

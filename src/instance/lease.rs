@@ -130,6 +130,8 @@ pub(crate) struct Report {
     pub(crate) stalled: bool,
     /// The remote replica failed: it is left out for a while.
     pub(crate) replica_failed: bool,
+    /// The request goes on on another lease, which counts it.
+    pub(crate) counted_again: bool,
 }
 
 impl Report {

@@ -74,6 +74,9 @@ impl Stats {
     /// one that waited inside the child, from the end of the request ahead of it).
     pub(crate) fn finished(&mut self, report: &Report, now: SystemTime, served: Duration) {
         self.last_used = Some(now);
+        if report.counted_again {
+            self.requests = self.requests.saturating_sub(1);
+        }
         if report.outcome.is_some() {
             let ms = served.as_secs_f64() * 1000.0;
             self.service_ms = Some(self.service_ms.map_or(ms, |mean| mean * 0.8 + ms * 0.2));

@@ -155,6 +155,7 @@ fn a_request_waiting_inside_a_child_that_crashes_goes_to_the_next_child() {
     assert_eq!(stdout(&output), "t ".repeat(300));
     let instance = env.status_json()["instances"][0].clone();
     assert_ne!(instance["pid"].as_u64(), Some(pid), "{instance}");
+    assert_eq!(instance["requests"], 3, "warm's ping and two requests, each counted once: {instance}");
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
