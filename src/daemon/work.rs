@@ -66,7 +66,7 @@ pub(crate) fn on_lease(
                 model: &spec.name,
                 stopped: lease.generation.is_stopped(),
                 replica: replica.as_deref(),
-                answered: tried.answered,
+                answered,
                 others_served: lease.generation.progress() != progress,
                 ok: tried.ok,
                 token_timeout_s: shared.settings.token_timeout.as_secs(),
@@ -74,9 +74,9 @@ pub(crate) fn on_lease(
             let (verdict, marks) =
                 outcome::classify(tried.result, &facts, || lease.generation.wait_ended(EXIT_PATIENCE));
             match verdict {
-                // On the same lease and child: its place among the waiting stays, and a drain
-                // waits for it as for any request in flight.
-                // As long as it could have waited in the queue.
+                // On the same lease and child, for as long as it could have waited in the
+                // queue: its place among the waiting stays, and a drain waits for it as for
+                // any request in flight.
                 Verdict::Again if started.elapsed() < shared.settings.queue_timeout => {
                     log::info!(
                         "a request for {} waited {} s inside its busy child without an answer; it is sent again",
