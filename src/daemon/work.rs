@@ -109,7 +109,7 @@ pub(crate) fn on_lease(
         match verdict {
             Verdict::Finished(done) => {
                 lease.report.usage = done.usage;
-                lease.release();
+                drop(lease);
                 return Ok(done);
             }
             Verdict::Cancelled => {

@@ -50,7 +50,8 @@ pub(crate) enum Message {
     Arrive(Job),
     /// The job's client went away before it got a slot.
     Leave(JobId),
-    /// A lease granted on `generation` ended; `ack` hears when the slot is back.
+    /// A lease granted on `generation` ended (counted in `Home::returning` until the view
+    /// shows its slot back).
     Finished {
         replica: Option<usize>,
         generation: u64,
@@ -58,7 +59,6 @@ pub(crate) enum Message {
         stalled: bool,
         /// The remote replica failed: leave it out for a while.
         replica_failed: bool,
-        ack: Option<Sender<()>>,
     },
     RoomGranted(RoomToken),
     RoomRefused(Error),

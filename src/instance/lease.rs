@@ -226,6 +226,10 @@ pub(crate) struct Home {
     pub(crate) scheduler: Option<(Sender<RoomRequest>, Arc<AtomicBool>)>,
     pub(crate) lending: Arc<Mutex<Lending>>,
     pub(crate) stats: Arc<Mutex<Stats>>,
+    /// Leases that ended and told the worker, which has not taken their slot back yet: the
+    /// handle counts them out of `in_flight` at once, so what the client does next (`status`,
+    /// metrics) sees the instance idle without the lease waiting for the worker.
+    pub(crate) returning: Arc<AtomicU32>,
 }
 
 /// A slot on a ready instance. Dropping it gives the slot back, even on panic.
@@ -280,21 +284,11 @@ impl Lease {
         Some(Lease::on(generation, client, None, home.clone(), true))
     }
 
-    /// Gives the slot back. A slot the worker granted waits (briefly) until the worker has
-    /// taken it, so that what the client does next (`status`, another request) sees the
-    /// instance idle; a lent one is back at once.
-    pub(crate) fn release(mut self) {
-        let (ack, acked) = crossbeam_channel::bounded(1);
-        if self.finish(Some(ack)) {
-            let _ = acked.recv_timeout(RELEASE_ACK_WAIT);
-        }
-    }
-
-    /// Records the report and gives the slot back; true when the worker was told (and will
-    /// answer `ack`).
-    fn finish(&mut self, ack: Option<Sender<()>>) -> bool {
+    /// Records the report and gives the slot back: to the lending if it was lent and the
+    /// lending is still open, otherwise to the worker.
+    fn finish(&mut self) {
         if self.released {
-            return false;
+            return;
         }
         self.released = true;
         self.generation.out.fetch_sub(1, Ordering::SeqCst);
@@ -318,28 +312,27 @@ impl Lease {
                     let _ = scheduler.send(RoomRequest::Replan);
                 }
             }
-            return false;
+            return;
         }
-        // A worker that is gone has nothing left to account.
-        self.home
-            .inbox
-            .send(Message::Finished {
-                replica: self.replica,
-                generation: self.generation.number,
-                stalled: report.stalled,
-                replica_failed: report.replica_failed,
-                ack,
-            })
-            .is_ok()
+        // Counted as returning before the worker can hear of it; it uncounts it when it
+        // publishes the view the slot is back in. A worker that is gone has nothing left to
+        // account.
+        self.home.returning.fetch_add(1, Ordering::SeqCst);
+        let finished = Message::Finished {
+            replica: self.replica,
+            generation: self.generation.number,
+            stalled: report.stalled,
+            replica_failed: report.replica_failed,
+        };
+        if self.home.inbox.send(finished).is_err() {
+            self.home.returning.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
-/// The longest a released lease waits for the worker to take the slot back.
-const RELEASE_ACK_WAIT: Duration = Duration::from_secs(1);
-
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.finish(None);
+        self.finish();
     }
 }
 
@@ -353,7 +346,10 @@ mod tests {
 
     fn home() -> (Home, crossbeam_channel::Receiver<Message>) {
         let (inbox, messages) = crossbeam_channel::unbounded();
-        (Home { inbox, scheduler: None, lending: Arc::default(), stats: Arc::default() }, messages)
+        (
+            Home { inbox, scheduler: None, lending: Arc::default(), stats: Arc::default(), returning: Arc::default() },
+            messages,
+        )
     }
 
     #[test]
@@ -365,7 +361,7 @@ mod tests {
         let second = Lease::take_lent(&home, &Policy::default()).expect("a second one");
         assert!(Lease::take_lent(&home, &Policy::default()).is_none(), "only two were lent");
         assert_eq!(home.lending.lock().taken(), 2);
-        first.release();
+        drop(first);
         assert!(messages.try_recv().is_err(), "a lent slot goes back without the worker");
         assert!(Lease::take_lent(&home, &Policy::default()).is_some_and(|again| {
             drop(again);
@@ -375,6 +371,7 @@ mod tests {
         assert_eq!(home.lending.lock().reclaim(), Reclaimed { free: 1, taken: 1 });
         drop(second);
         assert!(matches!(messages.try_recv(), Ok(Message::Finished { generation: 1, .. })));
+        assert_eq!(home.returning.load(Ordering::SeqCst), 1, "counted out until the worker takes it back");
         let stats = home.stats.lock();
         assert_eq!((stats.requests, stats.last_used.is_some()), (3, true));
     }

@@ -75,13 +75,14 @@ impl Handle {
         Lease::take_lent(&self.home, policy)
     }
 
-    /// The view and counters, with the lent slots in use counted as in flight. The view's
-    /// lock is taken before the lending's, here and in the worker, so the two agree.
+    /// The view and counters, with the lent slots in use counted as in flight and the
+    /// leases on their way back to the worker not. The view's lock is taken before the
+    /// lending's, here and in the worker, so the two agree.
     pub(crate) fn snapshot(&self) -> Snapshot {
         let view = {
             let view_guard = self.view.lock();
             let mut view = view_guard.clone();
-            view.in_flight += self.home.lending.lock().taken();
+            view.in_flight = self.in_flight(&view_guard);
             view
         };
         let mut stats = self.home.stats.lock().clone();
@@ -93,9 +94,18 @@ impl Handle {
     /// read without copying the counters (the supervisor asks ten times a second).
     pub(crate) fn ttl_expired(&self, default_ttl: crate::config::Ttl) -> bool {
         let view = self.view.lock();
-        let in_flight = view.in_flight + self.home.lending.lock().taken();
+        let in_flight = self.in_flight(&view);
         let last_used = self.home.stats.lock().last_used;
         view::ttl_expired(&view, in_flight, last_used, default_ttl)
+    }
+
+    /// Requests in flight, given the view under its lock: the worker's count, plus lent
+    /// slots taken, less leases ended whose slot the worker has not taken back yet. (A
+    /// lease of a child that crashed is in neither count: while it returns, the figure is
+    /// one low.)
+    fn in_flight(&self, view: &View) -> u32 {
+        let lent = self.home.lending.lock().taken();
+        (view.in_flight + lent).saturating_sub(self.home.returning.load(Ordering::SeqCst))
     }
 
     /// When a request on it last ended (or an earlier daemon remembered one).

@@ -133,6 +133,7 @@ pub(crate) fn start(
         scheduler: Some((services.scheduler.clone(), Arc::clone(&services.room_wanted))),
         lending: Arc::new(Mutex::new(Lending::default())),
         stats: Arc::new(Mutex::new(Stats::default())),
+        returning: Arc::default(),
     };
     let worker = Worker {
         id,
@@ -145,6 +146,7 @@ pub(crate) fn start(
         home: home.clone(),
         view: Arc::clone(&view),
         lent: 0,
+        returned: 0,
         jobs: HashMap::new(),
         arrivals: HashMap::new(),
         pending_file: None,
@@ -180,6 +182,9 @@ struct Worker {
     stamp: FileStamp,
     /// Slots lent out since they were last called back (free or taken).
     lent: u32,
+    /// Leases whose slot came back since the view was last published: uncounted from
+    /// `home.returning` as the view shows them gone.
+    returned: u32,
     /// Requests waiting for a slot, by number.
     jobs: HashMap<JobId, Job>,
     arrivals: HashMap<JobId, Instant>,
@@ -300,12 +305,9 @@ impl Worker {
                     self.feed(Event::Left(job));
                 }
             }
-            Message::Finished { replica, generation, stalled, replica_failed, ack } => {
+            Message::Finished { replica, generation, stalled, replica_failed } => {
+                self.returned += 1;
                 self.finished(replica, generation, stalled, replica_failed);
-                self.publish_view();
-                if let Some(ack) = ack {
-                    let _ = ack.send(());
-                }
             }
             Message::RoomGranted(token) => self.feed(Event::RoomGranted(token)),
             Message::Keep(token) => self.feed(Event::Keep(token)),
@@ -620,6 +622,8 @@ impl Worker {
             None => (None, None),
         };
         let mut view = self.view.lock();
+        // Under the view's lock, as the handle reads both.
+        self.home.returning.fetch_sub(std::mem::take(&mut self.returned), Ordering::SeqCst);
         view.spec = self.spec.clone();
         view.phase = self.machine.phase();
         // Lent slots are counted by the handle as they are taken.
