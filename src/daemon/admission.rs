@@ -15,7 +15,7 @@ use crossbeam_channel::RecvTimeoutError;
 use super::shared::Shared;
 use crate::error::{Error, Result};
 use crate::gguf::{self, ModelInfo};
-use crate::instance::{FileStamp, Handle, Job, JobEvent, Lease, Message};
+use crate::instance::{FileStamp, Handle, Job, JobEvent, JobId, Lease, Message};
 use crate::model::ModelSpec;
 
 /// How often a request waiting for its slot checks that its client is still there. The slot
@@ -83,12 +83,14 @@ pub(crate) fn instance_for(shared: &Shared, spec: &ModelSpec) -> Result<(Arc<Han
     }
 }
 
-/// A slot on `instance` for a request about `spec`: a lent one at once when there is one,
-/// else through the queue and the worker.
+/// A slot on `instance` for request `id` about `spec`: a lent one at once when there is one,
+/// else through the queue and the worker, at the place `id` gives it (a request sent again
+/// keeps the number it was first sent with).
 pub(crate) fn lease(
     shared: &Shared,
     instance: &Handle,
     spec: &ModelSpec,
+    id: JobId,
     file: Option<NewFile>,
     waiter: &mut dyn Waiter,
 ) -> Result<Lease> {
@@ -111,7 +113,7 @@ pub(crate) fn lease(
             other => other,
         }
     })?;
-    Ok(told_if_waiting_in_child(acquire(shared, instance, spec, file, waiter)?, waiter))
+    Ok(told_if_waiting_in_child(acquire(shared, instance, spec, id, file, waiter)?, waiter))
 }
 
 /// A request sent to a child whose slots are all busy waits inside it, next in line: its
@@ -130,11 +132,11 @@ fn acquire(
     shared: &Shared,
     instance: &Handle,
     spec: &ModelSpec,
+    id: JobId,
     file: Option<NewFile>,
     waiter: &mut dyn Waiter,
 ) -> Result<Lease> {
     let (events, replies) = crossbeam_channel::unbounded();
-    let id = shared.next_job();
     let job = Job { id, events, policy: spec.policy.clone(), file };
     if !instance.send(Message::Arrive(job)) {
         return Err(Error::Stopped { message: "the llmctl daemon is shutting down".into() });

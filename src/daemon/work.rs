@@ -53,9 +53,11 @@ pub(crate) fn on_lease(
 ) -> Result<Done> {
     let (instance, mut file) = admission::instance_for(shared, spec)?;
     let (mut replicas_tried, mut resent) = (0, false);
+    // Every try keeps the request's first place in the queue.
+    let id = shared.next_job();
     loop {
         let started = Instant::now();
-        let mut lease = admission::lease(shared, &instance, spec, file.take(), waiter)?;
+        let mut lease = admission::lease(shared, &instance, spec, id, file.take(), waiter)?;
         let (verdict, marks, replica, answered) = loop {
             let progress = lease.generation.progress();
             let tried = work(&lease, started);
@@ -128,7 +130,8 @@ pub(crate) fn on_lease(
             }
             Verdict::Again => unreachable!("a request is sent again on its lease"),
             // A request that waited inside a child that crashed never started: it goes to
-            // the next child, once (the crash may have been its own doing after all).
+            // the next child, once (the crash may have been its own doing after all), at
+            // its place in the queue.
             Verdict::Failed(Error::LlamaExited { .. }) if lease.waits_in_child() && !answered && !resent => {
                 log::info!("a request for {} waited inside a child that crashed; it is sent to the next", spec.name);
                 resent = true;

@@ -333,7 +333,10 @@ impl Machine {
             actions.push(Action::Fail(job, Cause::Stopped));
             return;
         }
-        self.queue.push_back(job);
+        // In the order the requests were first sent: one sent again (after a crash of the
+        // child it waited inside) goes back to its place, ahead of those that came later.
+        let place = self.queue.iter().rposition(|&waiting| waiting < job).map_or(0, |ahead| ahead + 1);
+        self.queue.insert(place, job);
         match self.phase {
             Phase::Ready => {
                 self.grant(actions);
@@ -553,6 +556,13 @@ pub(crate) mod tests {
                 || ready(1),
                 vec![Arrived(10), Arrived(11), SlotFreed(1)],
                 vec![Grant(11)],
+                Phase::Ready,
+            ),
+            (
+                "a request sent again after a crash goes back to its place",
+                || ready(1),
+                vec![Arrived(10), Arrived(11), ChildExited, Arrived(10), RoomGranted(8), Loaded],
+                vec![Grant(10), Queued(11, 1)],
                 Phase::Ready,
             ),
             (

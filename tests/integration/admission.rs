@@ -137,25 +137,43 @@ fn a_client_that_leaves_while_its_request_waits_inside_the_child_gives_its_place
 }
 
 #[test]
-fn a_request_waiting_inside_a_child_that_crashes_goes_to_the_next_child() {
+fn a_request_waiting_inside_a_child_that_crashes_goes_to_the_next_child_at_its_place() {
     let env = Env::fake();
     let model = env.add_model("long", &["--fake-tokens", "300", "--fake-token-ms", "10"], "parallel = 1\n");
     assert_success(&env.run(&["warm", &model]));
     let holder = env.spawn(&["run", &model, "x"]);
     wait_until("the slot is taken", || env.status_json()["instances"][0]["in_flight"] == 1);
-    let handed = env.spawn(&["run", &model, "y"]);
-    wait_until("it waits inside the child", || env.status_json()["instances"][0]["queued"] == 1);
+    let mut clients = Vec::new();
+    for (name, queued) in [("the one sent again", 1), ("the next", 2), ("the last", 3)] {
+        clients.push((name, env.spawn(&["run", &model, name])));
+        wait_until(&format!("{name} waits"), || env.status_json()["instances"][0]["queued"] == queued);
+    }
     let pid = env.status_json()["instances"][0]["pid"].as_u64().unwrap();
     assert!(std::process::Command::new("kill").args(["-ABRT", &pid.to_string()]).status().unwrap().success());
-    // The stream cut off by the crash fails; the request that never started does not.
+    // The stream cut off by the crash fails; the request that waited inside the child never
+    // started and does not. It goes back to its place, ahead of the two that came after it:
+    // the next child takes it and the next at once (one on its slot, one beyond it), and the
+    // last waits until one of them ends (each takes 3 s).
     let held = holder.wait_with_output().unwrap();
     assert_exit(&held, 70);
-    let output = handed.wait_with_output().unwrap();
-    assert_success(&output);
-    assert_eq!(stdout(&output), "t ".repeat(300));
+    let mut order = Vec::new();
+    wait_until("all three finish", || {
+        for (name, client) in &mut clients {
+            if !order.contains(name) && client.try_wait().unwrap().is_some() {
+                order.push(*name);
+            }
+        }
+        order.len() == clients.len()
+    });
+    assert_eq!(order.last(), Some(&"the last"), "in the order they finished: {order:?}");
+    for (_, client) in clients {
+        let output = client.wait_with_output().unwrap();
+        assert_success(&output);
+        assert_eq!(stdout(&output), "t ".repeat(300));
+    }
     let instance = env.status_json()["instances"][0].clone();
     assert_ne!(instance["pid"].as_u64(), Some(pid), "{instance}");
-    assert_eq!(instance["requests"], 3, "warm's ping and two requests, each counted once: {instance}");
+    assert_eq!(instance["requests"], 5, "warm's ping and four requests, each counted once: {instance}");
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
