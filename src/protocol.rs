@@ -497,6 +497,14 @@ pub fn write_message<T: Serialize>(writer: &mut impl Write, message: &T) -> io::
     writer.write_all(b"\n")
 }
 
+/// Sends one message and its newline to an unbuffered stream in one write: serde writes a
+/// message piece by piece (a hello was 15 writes, each waking the reader).
+pub fn send_message<T: Serialize>(stream: &mut impl Write, message: &T) -> io::Result<()> {
+    let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -292,7 +292,7 @@ fn handshake(socket_path: &std::path::Path) -> Result<Handshake> {
     // A daemon that refuses us (another user's, another protocol, its connection cap)
     // answers and hangs up without reading, so our hello may meet a closed socket: its
     // answer still explains.
-    let sent = protocol::write_message(&mut connection.writer, &Request::Hello { version: VERSION });
+    let sent = protocol::send_message(&mut connection.writer, &Request::Hello { version: VERSION });
     let hung_up = |error: &io::Error| {
         matches!(
             error.kind(),

@@ -39,7 +39,7 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
         Ok(uid) => {
             log::warn!("refused a connection from uid {uid}");
             let error = Error::ForeignDaemon { uid };
-            let _ = protocol::write_message(&mut &stream, &Response::error(&error));
+            let _ = protocol::send_message(&mut &stream, &Response::error(&error));
             return;
         }
         Err(error) => {

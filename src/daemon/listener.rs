@@ -48,7 +48,7 @@ fn start_refuser() -> std::io::Result<Sender<(UnixStream, Error)>> {
     thread::Builder::new().name("refuser".into()).spawn(move || {
         for (stream, error) in &pending {
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            let _ = protocol::write_message(&mut &stream, &Response::error(&error));
+            let _ = protocol::send_message(&mut &stream, &Response::error(&error));
             let _ = stream.shutdown(std::net::Shutdown::Write);
             let deadline = std::time::Instant::now() + REFUSAL_PATIENCE;
             let mut discard = [0u8; 4096];
