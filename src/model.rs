@@ -63,6 +63,16 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// Reads the file's GGUF header, refusing a file that is not a usable model (remote
+    /// models have no file). Milliseconds for a large vocabulary, so done only where no
+    /// daemon will (it reads each file's header once).
+    pub(crate) fn check_header(&self) -> Result<()> {
+        if self.remote.is_none() {
+            crate::gguf::inspect(&self.path).map_err(|reason| Error::BadModel { path: self.path.clone(), reason })?;
+        }
+        Ok(())
+    }
+
     /// A log file name that is readable and unique per model file and load options, the same
     /// whichever alias named them (the instance is the same), and stable across llmctl versions
     /// (FNV-1a over the path and options, not std's hasher), so `llmctl logs` finds what a

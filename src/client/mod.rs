@@ -134,9 +134,7 @@ pub(crate) fn connect_for(context: &Context, model: &crate::model::ModelSpec) ->
     if let Some(connection) = try_connect(context)? {
         return Ok(connection);
     }
-    if model.remote.is_none() {
-        crate::gguf::inspect(&model.path).map_err(|reason| Error::BadModel { path: model.path.clone(), reason })?;
-    }
+    model.check_header()?;
     connect(context)
 }
 

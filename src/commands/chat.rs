@@ -255,6 +255,9 @@ fn describe_model(model: &ModelSpec) -> String {
 
 pub(crate) fn run(context: &Context, args: ChatArgs) -> Result<()> {
     let model = crate::setup::resolve_on_first_use(context, &args.model, &args.load.overrides())?;
+    // A session connects at its first message: a file that is not a model is refused before
+    // it opens.
+    model.check_header()?;
     let max_tokens = crate::config::max_tokens(args.max_tokens, &*context.config()?);
     let sampling = Sampling { max_tokens, temperature: args.temperature, ..Sampling::default() };
     session(context, model, args.system, sampling)

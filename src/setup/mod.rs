@@ -401,11 +401,13 @@ pub(crate) fn on_first_use(context: &Context, model: Option<&str>) -> Result<()>
 
 /// MODEL resolved for `run`, `warm`, `switch` and `chat`, with the demo model installed on
 /// first use when it is the model asked for. What the user typed is checked first: an
-/// unknown name (with its "did you mean"), a missing file and a file that is not a GGUF
-/// model are refused in milliseconds, never after a build of several minutes. llama-server
-/// itself is not looked for here (that costs a look through PATH per command): the request
-/// goes to the daemon, and only when it answers that it has none does
-/// [`retry_after_setup`] build one.
+/// unknown name (with its "did you mean") and a missing file here, a file that is not a
+/// GGUF model by the daemon (which reads a header once per file) or, when none runs, by
+/// [`crate::client::connect_for`] before it starts one; so they are refused in
+/// milliseconds, never after a build of several minutes. Neither the header (megabytes, for
+/// a large vocabulary) nor llama-server (a look through PATH) is looked at here per
+/// command: the request goes to the daemon, and only when it answers that it has no
+/// llama-server does [`retry_after_setup`] build one.
 pub(crate) fn resolve_on_first_use(
     context: &Context,
     name: &str,
@@ -420,13 +422,7 @@ pub(crate) fn resolve_on_first_use(
             set_up_first_use(context, llama_server_missing(context, &config), true)?;
             context.resolve_model(name, load)
         }
-        Err(error) => Err(error),
-        Ok(model) => {
-            if model.remote.is_none() {
-                gguf::inspect(&model.path).map_err(|reason| Error::BadModel { path: model.path.clone(), reason })?;
-            }
-            Ok(model)
-        }
+        other => other,
     }
 }
 
