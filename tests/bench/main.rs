@@ -64,6 +64,15 @@ fn main() {
         short_requests_and_first_tokens(&env, &server, &demo, reps);
         return;
     }
+    // `BENCH_ONLY=short` runs only its second half: one-token requests over HTTP, a whole
+    // command's first token, `status` and the daemon's footprint (seconds, so it can be
+    // run many times over on a noisy machine).
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("short") {
+        println!("machine: {}, {} CPUs; {} repetitions, medians\n", cpu_model(), cpus(), reps);
+        let env = Bench::new(&server);
+        short_requests_and_first_tokens(&env, &server, &demo, reps);
+        return;
+    }
     // `BENCH_ONLY=thrash` runs only the scheduler's traces against router mode.
     if std::env::var("BENCH_ONLY").as_deref() == Ok("thrash") {
         println!("machine: {}, {} CPUs; medians\n", cpu_model(), cpus());
@@ -771,6 +780,12 @@ fn daemon_request(socket: &Path, spec: &serde_json::Value) {
 
 /// Runs `request` from `clients` threads, `per_client` times each: (requests/s, p99).
 fn load(clients: usize, per_client: usize, request: impl Fn() + Sync) -> (f64, Duration) {
+    let (rate, latencies) = load_samples(clients, per_client, request);
+    (rate, p99(&latencies))
+}
+
+/// As [`load`], with every request's latency.
+fn load_samples(clients: usize, per_client: usize, request: impl Fn() + Sync) -> (f64, Vec<Duration>) {
     let start = Instant::now();
     let latencies: Vec<Duration> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..clients)
@@ -789,7 +804,15 @@ fn load(clients: usize, per_client: usize, request: impl Fn() + Sync) -> (f64, D
         workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
     });
     let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
-    (rate, p99(&latencies))
+    (rate, latencies)
+}
+
+/// p50, p90, p99 and the slowest of `samples`, for a table.
+fn spread(samples: &[Duration]) -> String {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let at = |q: f64| sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1];
+    [at(0.5), at(0.9), at(0.99), at(1.0)].map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0)).join(" / ")
 }
 
 fn medians(samples: &[(Duration, Duration)]) -> (Duration, Duration) {
@@ -1007,22 +1030,26 @@ fn short_requests_and_first_tokens(env: &Bench, server: &Path, demo: &Path, reps
     router.first_token("smol");
     let demo_name = demo.to_str().unwrap();
     println!("### Short requests through HTTP, SmolLM2, 1 token each, warm, one slot\n");
-    println!("| clients | serve req/s | router req/s | ratio serve/router | serve p99 | router p99 |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| clients | serve req/s | router req/s | ratio serve/router | serve p99 | router p99 | serve p50 / p90 / p99 / max ms | router p50 / p90 / p99 / max ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for clients in [1usize, 8, 64] {
         let per_client = (256 / clients).max(4);
         let agent: ureq::Agent = ureq::Agent::config_builder().max_idle_connections(128).build().into();
-        let (serve_rate, serve_p99) = load(clients, per_client, || {
+        let (serve_rate, serve) = load_samples(clients, per_client, || {
             http_complete(&agent, serving.port, demo_name, 1);
         });
-        let (router_rate, router_p99) = load(clients, per_client, || {
+        let (router_rate, router) = load_samples(clients, per_client, || {
             http_complete(&agent, router.port, "smol", 1);
         });
         println!(
-            "| {clients} | {serve_rate:.1} | {router_rate:.1} | **{:.2}** | {} | {} |",
+            "| {clients} | {serve_rate:.1} | {router_rate:.1} | **{:.2}** | {} | {} | {} | {} |",
             serve_rate / router_rate,
-            ms(serve_p99),
-            ms(router_p99)
+            ms(p99(&serve)),
+            ms(p99(&router)),
+            spread(&serve),
+            spread(&router)
         );
     }
     println!();
