@@ -777,11 +777,15 @@ pub(crate) mod tests {
         let mut lending: Option<(u64, u32)> = None;
         let mut live_generation: Option<u64> = None;
         let mut answered: std::collections::BTreeSet<JobId> = Default::default();
+        // Granted jobs, by the generation they were granted on; and jobs whose child died
+        // under them, to be sent again with their first number.
+        let mut granted: Vec<(JobId, u64)> = Vec::new();
+        let mut to_resend: Vec<JobId> = Vec::new();
         let mut room_asked = false;
         let mut token = 0;
         let mut trace: Vec<String> = Vec::new();
         for _ in 0..200 {
-            let step = match rng.below(12) {
+            let step = match rng.below(14) {
                 0..=2 => {
                     next_job += 1;
                     Step::Message(Arrived(next_job))
@@ -795,7 +799,25 @@ pub(crate) mod tests {
                     Step::Message(if rng.below(6) == 0 { LoadFailed } else { Loaded })
                 }
                 6 if !leases.is_empty() => {
-                    Step::Message(SlotFreed(leases.swap_remove(rng.below(leases.len() as u64) as usize)))
+                    let generation = leases.swap_remove(rng.below(leases.len() as u64) as usize);
+                    if let Some(at) = granted.iter().position(|&(_, g)| g == generation) {
+                        granted.swap_remove(at);
+                    }
+                    Step::Message(SlotFreed(generation))
+                }
+                // A request whose child died under it ends its lease and is sent again.
+                12 => {
+                    let Some(at) = granted.iter().position(|&(_, g)| Some(g) != live_generation) else { continue };
+                    let (job, generation) = granted.swap_remove(at);
+                    let lease = leases.iter().position(|&g| g == generation).expect("its lease");
+                    leases.swap_remove(lease);
+                    to_resend.push(job);
+                    Step::Message(SlotFreed(generation))
+                }
+                13 if !to_resend.is_empty() => {
+                    let job = to_resend.swap_remove(rng.below(to_resend.len() as u64) as usize);
+                    answered.remove(&job);
+                    Step::Message(Arrived(job))
                 }
                 7 => {
                     let why = [
@@ -873,6 +895,7 @@ pub(crate) mod tests {
                         waiting.retain(|&j| j != job);
                         if matches!(action, Grant(_)) {
                             granted_now.push(machine.generation());
+                            granted.push((job, machine.generation()));
                         }
                     }
                     AskRoom => room_asked = true,
@@ -910,6 +933,8 @@ pub(crate) mod tests {
             }
             check_counts(&machine, &leases, &lent_leases, lending, live_generation, slots, seed, &trace);
             assert_eq!(machine.queued(), waiting.len(), "seed {seed}: queue drifted: {trace:?}");
+            // A request sent again is back at its place: the line is in the order of first sending.
+            assert!(machine.queue.iter().is_sorted(), "seed {seed}: out of order {:?}: {trace:?}", machine.queue);
             if machine.phase() == Phase::Ready && machine.in_flight() < slots {
                 // A free slot with an eligible waiter would be a stuck request.
                 assert!(
