@@ -497,12 +497,17 @@ pub fn write_message<T: Serialize>(writer: &mut impl Write, message: &T) -> io::
     writer.write_all(b"\n")
 }
 
+/// One message and its newline, as bytes to write in one go.
+pub fn encode_line<T: Serialize>(message: &T) -> io::Result<Vec<u8>> {
+    let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
 /// Sends one message and its newline to an unbuffered stream in one write: serde writes a
 /// message piece by piece (a hello was 15 writes, each waking the reader).
 pub fn send_message<T: Serialize>(stream: &mut impl Write, message: &T) -> io::Result<()> {
-    let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
-    line.push(b'\n');
-    stream.write_all(&line)
+    stream.write_all(&encode_line(message)?)
 }
 
 #[cfg(test)]

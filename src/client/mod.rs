@@ -57,8 +57,7 @@ impl Connection {
     }
 
     pub(crate) fn send(&mut self, request: &Request) -> Result<()> {
-        let mut buffer = Vec::with_capacity(256);
-        protocol::write_message(&mut buffer, request).map_err(|e| Error::internal(e.to_string()))?;
+        let buffer = protocol::encode_line(request).map_err(|e| Error::internal(e.to_string()))?;
         // The daemon refuses longer lines; say so here, naming the size, instead of meeting
         // a closed socket.
         if buffer.len() > protocol::MAX_LINE {

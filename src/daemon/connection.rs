@@ -193,9 +193,8 @@ fn read_request(mut reader: BufReader<&UnixStream>, stream: &UnixStream) -> Resu
         Request::Hello { version } => return Err(Error::ProtocolMismatch { daemon: VERSION, client: version }),
         _ => return Err(bad("the first message must be a hello".into())),
     }
-    let mut hello = serde_json::to_vec(&Response::Hello { version: VERSION, pid: sys::own_pid() })
+    let hello = protocol::encode_line(&Response::Hello { version: VERSION, pid: sys::own_pid() })
         .map_err(|e| Error::internal(format!("cannot write the handshake: {e}")))?;
-    hello.push(b'\n');
     let answer =
         |hello: &[u8]| (&mut &*stream).write_all(hello).map_err(|e| Error::io("cannot answer the handshake", e));
     // A client that sent its request with its hello, without waiting for the answer, gets
