@@ -10,9 +10,11 @@
 //!   busy, and only idle ones are evicted for it. This is what every peer does; serving
 //!   models round-robin multiplies the swaps.
 //! - **The wait is bounded.** A load whose oldest request has waited `max_wait` is
-//!   *overdue*: it goes first, and the busy instances it needs stop taking requests and
-//!   drain (never killed), so it is served within `max_wait`, one drain and its load.
-//!   `max_wait = 0` serves loads in strict arrival order.
+//!   *overdue*: it goes first. The busy instances it needs stop taking requests and drain
+//!   (never killed) one of their requests' time before that, so the swap comes at the
+//!   bound and the load is served within `max_wait` and its load (plus whatever the
+//!   requests in flight run over their mean). `max_wait = 0` serves loads in strict
+//!   arrival order.
 //! - **No ping-pong.** A busy instance loaded less than `min_residency` ago is not drained
 //!   for anyone; an idle one may be evicted.
 //! - **A moment for the next request.** An instance that has just gone idle is kept for
@@ -55,6 +57,9 @@ pub(crate) struct Resident {
     /// When it became ready; none while it loads.
     pub(crate) ready_ms: Option<u64>,
     pub(crate) load_ms: Option<u64>,
+    /// How long one of its requests holds a slot, on average: about how long it takes to
+    /// drain.
+    pub(crate) service_ms: Option<u64>,
     pub(crate) pinned: bool,
     /// Requests in flight or waiting for it, or a load under way.
     pub(crate) busy: bool,
@@ -171,14 +176,14 @@ pub(crate) fn plan(
             continue;
         }
         position += 1;
-        // What may be asked to go for this load: idle instances; busy ones only for an
-        // overdue load, and only once they have been loaded for their residency.
+        // What may be asked to go for this load: idle instances; busy ones only as the load
+        // nears its bound, and only once they have been loaded for their residency.
         let late = overdue(load);
         let kept: Vec<Resident> = holding.iter().filter(|r| !r.releasing).cloned().collect();
         let mut candidates: Vec<&Resident> = kept
             .iter()
             .filter(|r| !r.pinned && r.ready_ms.is_some())
-            .filter(|r| !r.busy || (late && resident_for(r, now_ms) >= min_residency_ms(rules, r.load_ms)))
+            .filter(|r| !r.busy || now_ms >= drains_from(load, r, max_wait, rules))
             .collect();
         candidates.sort_by(|a, b| keep_score(a).total_cmp(&keep_score(b)).then(a.id.cmp(&b.id)));
         let fits_without = |gone: &[usize]| {
@@ -240,18 +245,16 @@ pub(crate) fn plan(
         eta_ms += left + load.load_ms.unwrap_or(UNMEASURED_LOAD_MS);
         outcome.etas.push(Eta { id: load.id, position, eta_ms });
         // Look again when it becomes overdue, when an idle instance has lingered, or when
-        // a busy instance it waits for becomes old enough to drain.
+        // a busy instance it waits for may begin to drain for it.
         let mut next = (!late).then(|| load.since_ms + max_wait);
         if let Some(&until) = lingering.iter().max() {
             next = Some(next.map_or(until, |n| n.min(until)));
         }
-        if late && !fits {
-            for resident in kept.iter().filter(|r| r.busy && !r.pinned) {
-                if let Some(ready) = resident.ready_ms {
-                    let old_enough = ready + min_residency_ms(rules, resident.load_ms);
-                    if old_enough > now_ms {
-                        next = Some(next.map_or(old_enough, |n| n.min(old_enough)));
-                    }
+        if !fits {
+            for resident in kept.iter().filter(|r| r.busy && !r.pinned && r.ready_ms.is_some()) {
+                let from = drains_from(load, resident, max_wait, rules);
+                if from > now_ms {
+                    next = Some(next.map_or(from, |n| n.min(from)));
                 }
             }
         }
@@ -266,8 +269,14 @@ fn lingers_until(resident: &Resident) -> u64 {
     resident.last_used_ms + linger_ms(resident.load_ms)
 }
 
-fn resident_for(resident: &Resident, now_ms: u64) -> u64 {
-    now_ms.saturating_sub(resident.ready_ms.unwrap_or(now_ms))
+/// When the busy, ready `resident` may begin to drain for `load`: one of its requests'
+/// mean time before the load's bound (at most half the bound), so that what runs there is
+/// done as the bound comes, and not before it has stayed its residency.
+fn drains_from(load: &Waiting, resident: &Resident, max_wait: u64, rules: &Rules) -> u64 {
+    let lead = resident.service_ms.unwrap_or(0).min(max_wait / 2);
+    let bound = load.since_ms + max_wait - lead;
+    let stayed = resident.ready_ms.map_or(u64::MAX, |ready| ready + min_residency_ms(rules, resident.load_ms));
+    bound.max(stayed)
 }
 
 fn held(residents: &[Resident]) -> Vec<budget::Held> {
@@ -304,6 +313,7 @@ impl Resident {
             last_used_ms: now_ms,
             ready_ms: None,
             load_ms: load.load_ms,
+            service_ms: None,
             pinned: false,
             busy: true,
             releasing: false,
@@ -341,6 +351,7 @@ mod tests {
             last_used_ms: ready_ms,
             ready_ms: Some(ready_ms),
             load_ms: Some(500),
+            service_ms: None,
             pinned: false,
             busy,
             releasing: false,
@@ -377,6 +388,10 @@ mod tests {
         cheap_just_idle.load_ms = Some(300);
         let mut dear_idle = resident(1, 2, false, now - 1000);
         dear_idle.load_ms = Some(5000);
+        let mut drains_in_1500 = resident(1, 3, true, now - 5000);
+        drains_in_1500.service_ms = Some(1500);
+        let mut drains_in_20_000 = resident(1, 3, true, now - 5000);
+        drains_in_20_000.service_ms = Some(20_000);
         let one = Some(1);
         // (name, budget, waiting, residents, rules, expected orders)
         type Case = (&'static str, Budget, Vec<Waiting>, Vec<Resident>, Rules, Vec<Order>);
@@ -420,6 +435,30 @@ mod tests {
                 vec![resident(1, 3, true, now - 5000)],
                 RULES,
                 vec![Evict { victim: 1, for_id: 5 }, ReadAhead(5)],
+            ),
+            (
+                "a busy instance drains one of its requests' time before the bound",
+                budget(8, one),
+                vec![waiting(5, 4, 1, now - 8500)],
+                vec![drains_in_1500.clone()],
+                RULES,
+                vec![Evict { victim: 1, for_id: 5 }, ReadAhead(5)],
+            ),
+            (
+                "and not sooner",
+                budget(8, one),
+                vec![waiting(5, 4, 1, now - 8499)],
+                vec![drains_in_1500.clone()],
+                RULES,
+                vec![],
+            ),
+            (
+                "nor more than half the bound before it, however long its requests",
+                budget(8, one),
+                vec![waiting(5, 4, 1, now - 4999)],
+                vec![drains_in_20_000.clone()],
+                RULES,
+                vec![],
             ),
             (
                 "not one loaded less than min_residency ago",
@@ -586,6 +625,12 @@ mod tests {
         assert!(outcome.etas[1].eta_ms > outcome.etas[0].eta_ms);
         // Look again when the older becomes overdue.
         assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000));
+        // Or, where the busy instance's requests take a second, a second before that, when
+        // it may begin to drain.
+        let mut busy = resident(1, 3, true, now - 4000);
+        busy.service_ms = Some(1000);
+        let outcome = plan(&budget(8, Some(1)), &[waiting(6, 4, 1, now - 2000)], &[busy], &RULES, now);
+        assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 1000));
         // Overdue, but the busy instance is too young: look again when it is old enough.
         let outcome = plan(
             &budget(8, Some(1)),

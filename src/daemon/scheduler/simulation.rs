@@ -213,6 +213,7 @@ impl Sim {
                     last_used_ms: m.last_used_ms,
                     ready_ms: m.ready_ms.filter(|_| m.machine.phase() == Phase::Ready),
                     load_ms: Some(m.load_ms),
+                    service_ms: Some(m.request_ms),
                     pinned: false,
                     busy: !m.machine.idle(),
                     releasing: releasing_for.is_some(),
