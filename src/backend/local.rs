@@ -11,7 +11,6 @@
 //! This module builds commands and reads output; spawning and signals are `process`'s.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -171,13 +170,16 @@ pub(crate) fn capture_output(
 
 fn drain_output(
     mut pipe: impl Read,
-    log: &mut File,
+    log: &mut impl Write,
     tail: &OutputTail,
     port_tx: Sender<u16>,
     on_listening: impl FnOnce(),
 ) {
     let mut lines = Lines::with_max(MAX_OUTPUT_LINE);
     let mut buffer = vec![0u8; 16 << 10];
+    // The whole lines of one read, written to the log in one write: a line and its newline
+    // never reach the file apart.
+    let mut out: Vec<u8> = Vec::with_capacity(16 << 10);
     let mut port_sent = false;
     let mut on_listening = Some(on_listening);
     loop {
@@ -191,11 +193,12 @@ fn drain_output(
         let _: ControlFlow<()> = lines.feed(&buffer[..read], |line, _| {
             let text = match line {
                 Line::TooLong => {
-                    let _ = log.write_all(b"[llmctl: an output line over 16 KiB was left out]\n");
+                    out.extend_from_slice(b"[llmctl: an output line over 16 KiB was left out]\n");
                     return ControlFlow::Continue(());
                 }
                 Line::Complete(line) => {
-                    let _ = log.write_all(line).and_then(|()| log.write_all(b"\n"));
+                    out.extend_from_slice(line);
+                    out.push(b'\n');
                     String::from_utf8_lossy(line).into_owned()
                 }
             };
@@ -212,9 +215,15 @@ fn drain_output(
             }
             ControlFlow::Continue(())
         });
+        if !out.is_empty() {
+            let _ = log.write_all(&out);
+            out.clear();
+        }
     }
     if let Some(Line::Complete(line)) = lines.finish() {
-        let _ = log.write_all(line).and_then(|()| log.write_all(b"\n"));
+        out.extend_from_slice(line);
+        out.push(b'\n');
+        let _ = log.write_all(&out);
         tail.push(&String::from_utf8_lossy(line));
     }
 }
@@ -248,7 +257,7 @@ mod tests {
     fn an_endless_output_line_is_cut_in_the_log_and_the_tail() {
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("child.log");
-        let mut log = File::create(&log_path).unwrap();
+        let mut log = std::fs::File::create(&log_path).unwrap();
         let tail = OutputTail::empty();
         let (port_tx, port_rx) = crossbeam_channel::bounded(1);
         let mut output = vec![b'x'; 10 * MAX_OUTPUT_LINE];
@@ -259,5 +268,31 @@ mod tests {
         assert!(logged.len() < 2 * MAX_OUTPUT_LINE, "the long line is not logged whole: {} bytes", logged.len());
         assert!(logged.contains("left out") && logged.contains("listening on"), "{logged}");
         assert!(tail.quote().contains("listening on"));
+    }
+
+    /// Records each write it is given.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl Write for Writes {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.push(bytes.to_vec());
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_lines_of_one_read_reach_the_log_in_one_write_each_line_whole() {
+        // Two reads: two lines and the start of a third, then its end and an unended last.
+        let reads = [&b"one\ntwo\nthr"[..], &b"ee\nlast"[..]];
+        let pipe = std::io::Read::chain(reads[0], reads[1]);
+        let mut log = Writes::default();
+        let (port_tx, _port_rx) = crossbeam_channel::bounded(1);
+        drain_output(pipe, &mut log, &OutputTail::empty(), port_tx, || {});
+        let writes: Vec<String> = log.0.iter().map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+        assert_eq!(writes, ["one\ntwo\n", "three\n", "last\n"]);
     }
 }
