@@ -1031,14 +1031,26 @@ fn run_gives_json_for_a_schema_and_follows_a_grammar() {
     env.write_config(&format!("[models.smol]\npath = \"{}\"\n", demo_model().display()));
     let schema = r#"{"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "why": {"type": "string", "maxLength": 20}},
         "required": ["answer", "why"], "additionalProperties": false}"#;
-    let output = env.run(&["run", "-s", schema, "smol", "Is the sky blue? Answer in JSON.", "-n", "60"]);
+    // Greedy, and with room enough that the grammar, not the token limit, ends the object.
+    let output =
+        env.run(&["run", "-s", schema, "smol", "Is the sky blue? Answer in JSON.", "--temperature", "0", "-n", "400"]);
     assert_success(&output);
-    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("valid JSON");
+    let value: serde_json::Value =
+        serde_json::from_str(&stdout(&output)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&output)));
     assert!(value["answer"] == "yes" || value["answer"] == "no", "{value}");
     let schema_file = env.path("schema.json");
     std::fs::write(&schema_file, schema).unwrap();
-    let output =
-        env.run(&["run", "--json-schema", schema_file.to_str().unwrap(), "smol", "Is grass green?", "-n", "60"]);
+    let output = env.run(&[
+        "run",
+        "--json-schema",
+        schema_file.to_str().unwrap(),
+        "smol",
+        "Is grass green?",
+        "--temperature",
+        "0",
+        "-n",
+        "400",
+    ]);
     assert_success(&output);
     assert!(serde_json::from_str::<serde_json::Value>(&stdout(&output)).is_ok(), "{}", stdout(&output));
 
