@@ -193,12 +193,24 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__chat)
-            opts="-n -v -h --system --temperature --max-tokens --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -n -h --socket --config --llama-server --no-autostart --verbose --system --temperature --max-tokens --ctx-size --parallel --gpu-layers --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --system)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -227,18 +239,6 @@ _llmctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --socket)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --config)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --llama-server)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -247,7 +247,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__config)
-            opts="-v -h --json --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -273,16 +273,12 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__daemon)
-            opts="-v -h --queue-depth --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --queue-depth --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
-                --queue-depth)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -292,6 +288,10 @@ _llmctl() {
                     return 0
                     ;;
                 --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --queue-depth)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -303,24 +303,12 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__embed)
-            opts="-v -h --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --ctx-size --parallel --gpu-layers --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
-                --ctx-size)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --parallel)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --gpu-layers)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -330,6 +318,18 @@ _llmctl() {
                     return 0
                     ;;
                 --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -717,12 +717,24 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__logs)
-            opts="-f -n -v -h --daemon --follow --lines --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -f -n -h --socket --config --llama-server --no-autostart --verbose --daemon --follow --lines --ctx-size --parallel --gpu-layers --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --lines)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -743,18 +755,6 @@ _llmctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --socket)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --config)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --llama-server)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -763,7 +763,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__ls)
-            opts="-v -h --json --names --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --json --names --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -815,24 +815,12 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__pin)
-            opts="-v -h --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --ctx-size --parallel --gpu-layers --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
-                --ctx-size)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --parallel)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --gpu-layers)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -845,6 +833,18 @@ _llmctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -853,7 +853,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__ps)
-            opts="-v -h --json --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -957,12 +957,24 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__run)
-            opts="-n -s -v -h --system --raw --json --no-stdin --max-tokens --temperature --top-p --top-k --min-p --repeat-penalty --seed --stop --json-schema --grammar --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -n -s -h --socket --config --llama-server --no-autostart --verbose --system --raw --json --no-stdin --max-tokens --temperature --top-p --top-k --min-p --repeat-penalty --seed --stop --json-schema --grammar --ctx-size --parallel --gpu-layers --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --system)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1027,18 +1039,6 @@ _llmctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --socket)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --config)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --llama-server)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1047,20 +1047,12 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__serve)
-            opts="-v -h --listen --api-key-file --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --listen --api-key-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
-                --listen)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --api-key-file)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1070,6 +1062,14 @@ _llmctl() {
                     return 0
                     ;;
                 --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --api-key-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1081,12 +1081,24 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__setup)
-            opts="-j -q -v -h --jobs --no-model --quiet --backend --portable --dry-run --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -j -q -h --socket --config --llama-server --no-autostart --verbose --jobs --no-model --quiet --backend --portable --dry-run --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --jobs)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1099,6 +1111,20 @@ _llmctl() {
                     COMPREPLY=($(compgen -W "cpu cuda vulkan" -- "${cur}"))
                     return 0
                     ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        llmctl__subcmd__show)
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --template --json --ctx-size --parallel --gpu-layers --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1111,20 +1137,6 @@ _llmctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                *)
-                    COMPREPLY=()
-                    ;;
-            esac
-            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-            return 0
-            ;;
-        llmctl__subcmd__show)
-            opts="-v -h --template --json --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
-            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
-                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-                return 0
-            fi
-            case "${prev}" in
                 --ctx-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1134,18 +1146,6 @@ _llmctl() {
                     return 0
                     ;;
                 --gpu-layers)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --socket)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --config)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --llama-server)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1183,7 +1183,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__status)
-            opts="-v -h --json --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1209,7 +1209,7 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__stop)
-            opts="-v -h --all --forget --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --all --forget --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1235,24 +1235,12 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__switch)
-            opts="-v -h --wait --exclusive --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --wait --exclusive --ctx-size --parallel --gpu-layers --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
-                --ctx-size)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --parallel)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --gpu-layers)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1262,6 +1250,18 @@ _llmctl() {
                     return 0
                     ;;
                 --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1273,24 +1273,12 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__unpin)
-            opts="-v -h --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --ctx-size --parallel --gpu-layers --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
-                --ctx-size)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --parallel)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --gpu-layers)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1303,6 +1291,18 @@ _llmctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --ctx-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gpu-layers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1311,12 +1311,24 @@ _llmctl() {
             return 0
             ;;
         llmctl__subcmd__warm)
-            opts="-v -h --ttl --ctx-size --parallel --gpu-layers --socket --config --llama-server --no-autostart --verbose --help"
+            opts="-v -h --socket --config --llama-server --no-autostart --verbose --ttl --ctx-size --parallel --gpu-layers --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --llama-server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --ttl)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1330,18 +1342,6 @@ _llmctl() {
                     return 0
                     ;;
                 --gpu-layers)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --socket)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --config)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --llama-server)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -55,6 +55,9 @@ complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "ps" -d 'List the load
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "chat" -d 'Chat with MODEL on the terminal: the conversation is kept across turns'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "setup" -d 'Find or build llama-server and install the demo model'
 complete -c llmctl -n "__fish_llmctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l system -d 'System message (chat mode)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s n -l max-tokens -d 'Most tokens to generate: 1024 unless `max_tokens` in the config says otherwise; 0 for no limit' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l temperature -d 'Sampling temperature, 0 for greedy' -r
@@ -69,82 +72,79 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l grammar -d 'Make t
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l socket -d 'Unix socket of the daemon' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l config -d 'Config file' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l raw -d 'Send the prompt as is, without the chat template'
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l json -d 'Write JSON lines: one per chunk, then a final `done` line with usage and timings'
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l no-stdin -d 'Do not read stdin even when it is not a terminal'
-complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
-complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s h -l help -d 'Print help'
-complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l llama-server -d 'llama-server binary the daemon runs' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l json -d 'Print the status as one JSON object'
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l json -d 'Print the status as one JSON object'
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l ttl -d 'Keep it loaded (pinned) at least this long: 90s, 30m, 8h' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l socket -d 'Unix socket of the daemon' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l config -d 'Config file' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -s h -l help -d 'Print help'
-complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -s h -l help -d 'Print help'
-complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -s h -l help -d 'Print help'
-complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l llama-server -d 'llama-server binary the daemon runs' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l wait -d 'Return only once the model is ready'
-complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l exclusive -d 'Unload every other model once this one is ready'
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l wait -d 'Return only once the model is ready'
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l exclusive -d 'Unload every other model once this one is ready'
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l llama-server -d 'llama-server binary the daemon runs' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l all -d 'Unload every model'
-complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l forget -d 'Also drop the model\'s saved prompt caches (with --all: every saved cache), and save none'
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l all -d 'Unload every model'
+complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l forget -d 'Also drop the model\'s saved prompt caches (with --all: every saved cache), and save none'
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -s h -l help -d 'Print help'
-complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l queue-depth -d 'Requests that may wait for a slot before new ones are refused as busy' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l queue-depth -d 'Requests that may wait for a slot before new ones are refused as busy' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -s h -l help -d 'Print help'
@@ -163,21 +163,21 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand reload" -s h -l help -d 'P
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l llama-server -d 'llama-server binary the daemon runs' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l json -d 'Print the settings as JSON'
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l json -d 'Print the settings as JSON'
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s n -l lines -d 'Print only the last N lines first' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l socket -d 'Unix socket of the daemon' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l config -d 'Config file' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l llama-server -d 'llama-server binary the daemon runs' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l daemon -d 'The daemon\'s own log instead of a model\'s'
-complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s f -l follow -d 'Keep printing what is appended, until Ctrl-C'
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l daemon -d 'The daemon\'s own log instead of a model\'s'
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s f -l follow -d 'Keep printing what is appended, until Ctrl-C'
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand events" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand events" -l config -d 'Config file' -r -F
@@ -191,32 +191,32 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -l llama-server -
 complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -s h -l help -d 'Print help'
-complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l listen -d 'Address to listen on; beyond loopback an API key is required' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l api-key-file -d 'File holding the API key clients must send as `Authorization: Bearer KEY` or `x-api-key: KEY` (or set LLMCTL_API_KEY)' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l listen -d 'Address to listen on; beyond loopback an API key is required' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l api-key-file -d 'File holding the API key clients must send as `Authorization: Bearer KEY` or `x-api-key: KEY` (or set LLMCTL_API_KEY)' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l llama-server -d 'llama-server binary the daemon runs' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l json -d 'Print the list as a JSON array'
-complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l names -d 'Print only the names, one per line (for shell completion)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l json -d 'Print the list as a JSON array'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l names -d 'Print only the names, one per line (for shell completion)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -s h -l help -d 'Print help'
-complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l llama-server -d 'llama-server binary the daemon runs' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l template -d 'Print the chat template (alone, or as `chat_template` with --json)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l json -d 'Print the details as one JSON object'
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l template -d 'Print the chat template (alone, or as `chat_template` with --json)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l json -d 'Print the details as one JSON object'
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -l config -d 'Config file' -r -F
@@ -233,35 +233,35 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -s h -l help -d 'Print
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l llama-server -d 'llama-server binary the daemon runs' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l json -d 'Print the loaded instances as a JSON array'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l json -d 'Print the loaded instances as a JSON array'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l system -d 'System message for the conversation (`/system TEXT` changes it)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l temperature -d 'Sampling temperature, 0 for greedy (`/set temperature X` changes it)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -s n -l max-tokens -d 'Most tokens in one answer: 1024 unless `max_tokens` in the config says otherwise; 0 for no limit (`/set parameter num_predict N` changes it)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l parallel -d 'Parallel slots of this instance (llama-server -np)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l socket -d 'Unix socket of the daemon' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l config -d 'Config file' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l socket -d 'Unix socket of the daemon' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l config -d 'Config file' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s j -l jobs -d 'Parallel compile jobs when building llama-server (default: number of CPUs)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l backend -d 'Build llama-server for this backend instead of the one detected (CUDA with an NVIDIA GPU and nvcc, Vulkan with its SDK, else the CPU)' -r -f -a "cpu\t''
 cuda\t''
 vulkan\t''"
-complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l socket -d 'Unix socket of the daemon' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l config -d 'Config file' -r -F
-complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l llama-server -d 'llama-server binary the daemon runs' -r -F
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l no-model -d 'Do not install the demo model'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s q -l quiet -d 'Print nothing but errors'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l portable -d 'For the CPU: a build that runs on any x86-64 of its class, not only this CPU'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l dry-run -d 'Print the backend, CMake options and install path that setup would use; change nothing'
-complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
-complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s h -l help -d 'Print help'
 complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run embed status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "run" -d 'Generate text; tokens go to stdout as they arrive'
 complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run embed status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "embed" -d 'Print the embedding of each TEXT (or of each line of stdin) as a JSON line: {"index":N,"embedding":[...]}'

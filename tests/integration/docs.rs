@@ -83,7 +83,9 @@ fn roff_line(line: &str) -> String {
 
 /// Subcommands whose first argument is a local MODEL (not `pull`, whose MODEL is on the Hub).
 fn model_subcommands(command: &clap::Command) -> Vec<String> {
-    command
+    let mut built = command.clone();
+    built.build();
+    built
         .get_subcommands()
         .filter(|sub| {
             sub.get_name() != "pull" && sub.get_positionals().next().is_some_and(|arg| arg.get_id() == "model")
