@@ -41,6 +41,8 @@ struct WaitingLoad {
     since: SystemTime,
     path: PathBuf,
     read_ahead: bool,
+    /// An instance was asked to unload for it.
+    promised: bool,
 }
 
 struct Holding {
@@ -105,7 +107,8 @@ impl Scheduler<'_> {
         match request {
             RoomRequest::Want { id, need, path } => {
                 if !self.line.iter().any(|waiting| waiting.id == id) {
-                    self.line.push(WaitingLoad { id, need, since: SystemTime::now(), path, read_ahead: false });
+                    let since = SystemTime::now();
+                    self.line.push(WaitingLoad { id, need, since, path, read_ahead: false, promised: false });
                 }
             }
             RoomRequest::Withdraw { id } => self.line.retain(|waiting| waiting.id != id),
@@ -190,6 +193,9 @@ impl Scheduler<'_> {
         let for_whom = self.name(for_id);
         let Some(holding) = self.holding.get_mut(&victim) else { return };
         holding.releasing_for = Some(for_id);
+        if let Some(waiting) = self.line.iter_mut().find(|w| w.id == for_id) {
+            waiting.promised = true;
+        }
         let token = holding.token;
         self.shared.swaps.fetch_add(1, Ordering::Relaxed);
         log::info!("unloading {} to make room for {for_whom}", self.name(victim));
@@ -264,6 +270,7 @@ impl Scheduler<'_> {
                     requests: snapshot.as_ref().map_or(1, |s| s.view.queued.max(1)),
                     since_ms: millis_since_epoch(w.since),
                     load_ms: snapshot.and_then(|s| s.stats.last_load).map(|d| d.as_millis() as u64),
+                    promised: w.promised,
                 }
             })
             .collect()
@@ -285,7 +292,7 @@ impl Scheduler<'_> {
                         last_used_ms: 0,
                         ready_ms: None,
                         load_ms: None,
-                        service_ms: None,
+                        drain_ms: None,
                         pinned: false,
                         busy: true,
                         releasing,
@@ -305,7 +312,7 @@ impl Scheduler<'_> {
                     last_used_ms: snapshot.last_used().or(view.ready_since).map_or(0, millis_since_epoch),
                     ready_ms,
                     load_ms: snapshot.stats.last_load.map(|d| d.as_millis() as u64),
-                    service_ms: snapshot.stats.service_ms.map(|ms| ms as u64),
+                    drain_ms: snapshot.stats.service_ms.map(|ms| plan::drain_ms(ms, view.in_flight, view.slots)),
                     pinned: view.pinned(),
                     busy: !snapshot.idle(),
                     releasing,

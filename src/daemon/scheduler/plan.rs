@@ -11,9 +11,9 @@
 //!   models round-robin multiplies the swaps.
 //! - **The wait is bounded.** A load whose oldest request has waited `max_wait` is
 //!   *overdue*: it goes first. The busy instances it needs stop taking requests and drain
-//!   (never killed) one of their requests' time before that, so the swap comes at the
-//!   bound and the load is served within `max_wait` and its load (plus whatever the
-//!   requests in flight run over their mean). `max_wait = 0` serves loads in strict
+//!   (never killed) as long before that as their requests in flight take, so the swap
+//!   comes at the bound and the load is served within `max_wait` and its load (plus
+//!   whatever those requests run over their mean). `max_wait = 0` serves loads in strict
 //!   arrival order.
 //! - **No ping-pong.** A busy instance loaded less than `min_residency` ago is not drained
 //!   for anyone; an idle one may be evicted.
@@ -25,8 +25,10 @@
 //! - **Victims by cost.** Among the instances that may go, the cheapest to lose go first:
 //!   least recently used, with the time each took to load (per GiB it frees) counted as
 //!   extra recency. Those not needed in the end are kept.
-//! - **Loads that fit together start together**, in priority order: overdue loads by age,
-//!   then the loads with the most requests waiting (one swap serves them all), then by age.
+//! - **Loads that fit together start together**, in priority order: overdue loads and
+//!   those an instance was already asked to unload for, by age; then the loads with the
+//!   most requests waiting (one swap serves them all), then by age. Room freed for a load
+//!   goes to it, never to the model that just left.
 //!   A load that must wait keeps its room reserved, so those behind it never take it.
 
 use crate::budget::{self, Budget, Need};
@@ -43,6 +45,8 @@ pub(crate) struct Waiting {
     pub(crate) since_ms: u64,
     /// How long its last load took, if it ever loaded.
     pub(crate) load_ms: Option<u64>,
+    /// An instance was already asked to unload for it: the room that frees is its own.
+    pub(crate) promised: bool,
 }
 
 /// An instance holding memory, as the plan sees it.
@@ -57,9 +61,8 @@ pub(crate) struct Resident {
     /// When it became ready; none while it loads.
     pub(crate) ready_ms: Option<u64>,
     pub(crate) load_ms: Option<u64>,
-    /// How long one of its requests holds a slot, on average: about how long it takes to
-    /// drain.
-    pub(crate) service_ms: Option<u64>,
+    /// About how long a drain begun now would take (see [`drain_ms`]).
+    pub(crate) drain_ms: Option<u64>,
     pub(crate) pinned: bool,
     /// Requests in flight or waiting for it, or a load under way.
     pub(crate) busy: bool,
@@ -152,9 +155,11 @@ pub(crate) fn plan(
     let overdue = |w: &Waiting| now_ms.saturating_sub(w.since_ms) >= max_wait;
     let mut order: Vec<&Waiting> = waiting.iter().collect();
     order.sort_by_key(|w| {
-        let late = overdue(w);
-        // Overdue first, oldest first; then the most requests per swap; then arrival.
-        (!late, if late { 0 } else { usize::MAX - w.requests }, w.since_ms, w.id)
+        // Overdue first, and those room is already being freed for, oldest first; then the
+        // most requests per swap; then arrival. A load whose busy victims began to drain
+        // for it before its bound keeps its place when they are gone before the bound.
+        let first = overdue(w) || w.promised;
+        (!first, if first { 0 } else { usize::MAX - w.requests }, w.since_ms, w.id)
     });
     // Room held now: by every resident (those releasing too, until they are gone) and by
     // the loads granted in this plan.
@@ -269,11 +274,19 @@ fn lingers_until(resident: &Resident) -> u64 {
     resident.last_used_ms + linger_ms(resident.load_ms)
 }
 
-/// When the busy, ready `resident` may begin to drain for `load`: one of its requests'
-/// mean time before the load's bound (at most half the bound), so that what runs there is
-/// done as the bound comes, and not before it has stayed its residency.
+/// How long a drain begun now takes an instance with `in_flight` requests on `slots` slots,
+/// each holding one for `service_ms` on average: those running end, and those sent beyond
+/// its slots (which wait inside the child) run after them, a slot's worth at a time.
+pub(crate) fn drain_ms(service_ms: f64, in_flight: u32, slots: u32) -> u64 {
+    let rounds = in_flight.div_ceil(slots.max(1)).max(1);
+    (service_ms * rounds as f64) as u64
+}
+
+/// When the busy, ready `resident` may begin to drain for `load`: as long before the load's
+/// bound as its drain takes (at most half the bound), so that what runs there is done as
+/// the bound comes, and not before it has stayed its residency.
 fn drains_from(load: &Waiting, resident: &Resident, max_wait: u64, rules: &Rules) -> u64 {
-    let lead = resident.service_ms.unwrap_or(0).min(max_wait / 2);
+    let lead = resident.drain_ms.unwrap_or(0).min(max_wait / 2);
     let bound = load.since_ms + max_wait - lead;
     let stayed = resident.ready_ms.map_or(u64::MAX, |ready| ready + min_residency_ms(rules, resident.load_ms));
     bound.max(stayed)
@@ -313,7 +326,7 @@ impl Resident {
             last_used_ms: now_ms,
             ready_ms: None,
             load_ms: load.load_ms,
-            service_ms: None,
+            drain_ms: None,
             pinned: false,
             busy: true,
             releasing: false,
@@ -339,6 +352,7 @@ mod tests {
             requests,
             since_ms,
             load_ms: Some(500),
+            promised: false,
         }
     }
 
@@ -351,7 +365,7 @@ mod tests {
             last_used_ms: ready_ms,
             ready_ms: Some(ready_ms),
             load_ms: Some(500),
-            service_ms: None,
+            drain_ms: None,
             pinned: false,
             busy,
             releasing: false,
@@ -389,9 +403,11 @@ mod tests {
         let mut dear_idle = resident(1, 2, false, now - 1000);
         dear_idle.load_ms = Some(5000);
         let mut drains_in_1500 = resident(1, 3, true, now - 5000);
-        drains_in_1500.service_ms = Some(1500);
+        drains_in_1500.drain_ms = Some(1500);
         let mut drains_in_20_000 = resident(1, 3, true, now - 5000);
-        drains_in_20_000.service_ms = Some(20_000);
+        drains_in_20_000.drain_ms = Some(20_000);
+        let mut promised = waiting(5, 4, 1, now - 3000);
+        promised.promised = true;
         let one = Some(1);
         // (name, budget, waiting, residents, rules, expected orders)
         type Case = (&'static str, Budget, Vec<Waiting>, Vec<Resident>, Rules, Vec<Order>);
@@ -437,7 +453,7 @@ mod tests {
                 vec![Evict { victim: 1, for_id: 5 }, ReadAhead(5)],
             ),
             (
-                "a busy instance drains one of its requests' time before the bound",
+                "a busy instance drains as long before the bound as its drain takes",
                 budget(8, one),
                 vec![waiting(5, 4, 1, now - 8500)],
                 vec![drains_in_1500.clone()],
@@ -496,6 +512,14 @@ mod tests {
                 "an overdue load goes before one with more requests",
                 budget(8, one),
                 vec![waiting(5, 4, 1, now - 20_000), waiting(6, 4, 5, now - 1000)],
+                vec![],
+                RULES,
+                vec![Grant(5)],
+            ),
+            (
+                "room freed for a load is its own, not the next of the model that left",
+                budget(8, one),
+                vec![promised.clone(), waiting(6, 4, 5, now - 500)],
                 vec![],
                 RULES,
                 vec![Grant(5)],
@@ -628,7 +652,7 @@ mod tests {
         // Or, where the busy instance's requests take a second, a second before that, when
         // it may begin to drain.
         let mut busy = resident(1, 3, true, now - 4000);
-        busy.service_ms = Some(1000);
+        busy.drain_ms = Some(1000);
         let outcome = plan(&budget(8, Some(1)), &[waiting(6, 4, 1, now - 2000)], &[busy], &RULES, now);
         assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 1000));
         // Overdue, but the busy instance is too young: look again when it is old enough.

@@ -69,6 +69,8 @@ struct Sim {
     line: Vec<(usize, u64)>,
     /// Room granted: model → (token, releasing for).
     holding: BTreeMap<usize, (u64, Option<usize>)>,
+    /// Loads an instance was asked to unload for: evicted → the load it made room for.
+    promises: HashMap<usize, usize>,
     token: u64,
     /// The time the plan last asked to look again.
     planned: Option<u64>,
@@ -108,7 +110,10 @@ impl Sim {
                         self.line.push((model, self.now));
                     }
                 }
-                Action::WithdrawRoom => self.line.retain(|&(m, _)| m != model),
+                Action::WithdrawRoom => {
+                    self.promises.retain(|_, &mut for_id| for_id != model);
+                    self.line.retain(|&(m, _)| m != model);
+                }
                 Action::ReturnRoom => {
                     self.holding.remove(&model);
                 }
@@ -198,6 +203,7 @@ impl Sim {
                 requests: self.models[model].machine.queued().max(1),
                 since_ms: since,
                 load_ms: Some(self.models[model].load_ms),
+                promised: self.promises.values().any(|&for_id| for_id == model),
             })
             .collect();
         let residents: Vec<Resident> = self
@@ -213,7 +219,7 @@ impl Sim {
                     last_used_ms: m.last_used_ms,
                     ready_ms: m.ready_ms.filter(|_| m.machine.phase() == Phase::Ready),
                     load_ms: Some(m.load_ms),
-                    service_ms: Some(m.request_ms),
+                    drain_ms: Some(plan::drain_ms(m.request_ms as f64, m.machine.in_flight(), m.machine.slots())),
                     pinned: false,
                     busy: !m.machine.idle(),
                     releasing: releasing_for.is_some(),
@@ -225,6 +231,15 @@ impl Sim {
             self.trace.push(format!("  plan: {order:?}"));
             match order {
                 Order::Grant(model) => {
+                    // Room freed for a load is its own: the model that left never takes
+                    // it back while that load still waits.
+                    if let Some(&for_id) = self.promises.get(&model) {
+                        if self.line.iter().any(|&(m, _)| m == for_id) {
+                            self.fail(&format!("m{model} took back the room it was unloaded for m{for_id} to have"));
+                        }
+                    }
+                    self.promises.remove(&model);
+                    self.promises.retain(|_, &mut for_id| for_id != model);
                     self.line.retain(|&(m, _)| m != model);
                     self.token += 1;
                     self.holding.insert(model, (self.token, None));
@@ -233,10 +248,12 @@ impl Sim {
                 Order::Evict { victim, for_id } => {
                     let Some(holding) = self.holding.get_mut(&victim) else { continue };
                     holding.1 = Some(for_id);
+                    self.promises.insert(victim, for_id);
                     let room = Some(holding.0);
                     self.feed(victim, Event::Unload { why: Unload::Evict, cutoff: 0, room });
                 }
                 Order::Refuse(model, _) => {
+                    self.promises.retain(|_, &mut for_id| for_id != model);
                     self.line.retain(|&(m, _)| m != model);
                     self.feed(model, Event::RoomRefused);
                 }
@@ -339,6 +356,7 @@ fn run(seed: u64) {
         answered: Default::default(),
         line: Vec::new(),
         holding: BTreeMap::new(),
+        promises: HashMap::new(),
         token: 0,
         planned: None,
         oldest: None,
