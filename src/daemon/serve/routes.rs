@@ -167,7 +167,7 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
         // llama-server's router reads it.
         ("GET", "/props" | "/v1/props") => props(shared, &config, request, exchange),
         ("GET", "/slots" | "/lora-adapters" | "/tools" | "/v1/stream") | ("DELETE", "/v1/stream") => {
-            let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
+            let name = queried_model(&request);
             forward(shared, &config, request, exchange, Purpose::Generate, name, None);
         }
         ("GET" | "POST", "/cors-proxy") => {
@@ -202,7 +202,7 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
 fn slot_action(shared: &Arc<Shared>, config: &Config, request: Request, exchange: &mut Exchange) {
     match request.query("action") {
         Some("erase") => {
-            let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
+            let name = queried_model(&request);
             forward(shared, config, request, exchange, Purpose::Generate, name, None);
         }
         Some("save" | "restore") => exchange.error(
@@ -218,6 +218,11 @@ fn slot_action(shared: &Arc<Shared>, config: &Config, request: Request, exchange
 /// The content type of every JSON answer of `serve`'s own, as llama-server labels its own.
 const JSON: &str = "application/json; charset=utf-8";
 
+/// The model a request names in its query (`?model=NAME`), decoded.
+fn queried_model(request: &Request) -> Option<String> {
+    request.query("model").map(|value| crate::percent::decode_query(value).into_owned())
+}
+
 /// `GET /props` as llama-server answers it, which neither wakes a sleeping model nor keeps
 /// one awake: a loaded instance's first request is forwarded and its answer kept, later
 /// ones get that answer without a lease (so polling does not reset the idle TTL), and a
@@ -225,7 +230,7 @@ const JSON: &str = "application/json; charset=utf-8";
 /// llama-server last gave, or, for a model not loaded since the daemon started, what the
 /// GGUF header and the model's settings say, with `is_sleeping` true either way.
 fn props(shared: &Arc<Shared>, config: &Config, request: Request, exchange: &mut Exchange) {
-    let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
+    let name = queried_model(&request);
     let spec = match models::choose(shared, config, name.as_deref(), Purpose::Generate) {
         Ok(spec) => spec,
         Err(error) => return fail(exchange, &error),
@@ -263,7 +268,7 @@ fn props(shared: &Arc<Shared>, config: &Config, request: Request, exchange: &mut
 /// 200 otherwise: loaded, or not loaded yet and loaded by the first request. With no model
 /// to go to it answers for the daemon, which is up.
 fn health(shared: &Shared, config: &Config, request: &Request, exchange: &mut Exchange) {
-    let name = request.query("model").map(|value| crate::percent::decode_query(value).into_owned());
+    let name = queried_model(request);
     // A model the probe names must exist; with none named and no default, the daemon's
     // own health is the answer.
     let chosen = match models::choose(shared, config, name.as_deref(), Purpose::Generate) {
@@ -385,9 +390,13 @@ fn forward(
 /// Answers `error` with its status from the exit-status table, in OpenAI's shape.
 pub(crate) fn fail(exchange: &mut Exchange, error: &Error) {
     let (status, retry_after) = error_status(error);
-    let extra: Vec<(&str, &str)> = retry_after.as_deref().map(|value| vec![("Retry-After", value)]).unwrap_or_default();
     let body = crate::http::error_body(status, &error.to_string(), Some(error.kind().name()));
-    exchange.respond(status, "application/json; charset=utf-8", body.as_bytes(), &extra);
+    exchange.respond(status, "application/json; charset=utf-8", body.as_bytes(), &retry_header(retry_after.as_deref()));
+}
+
+/// The `Retry-After` header of an answer, when it has one.
+pub(crate) fn retry_header(seconds: Option<&str>) -> Vec<(&'static str, &str)> {
+    seconds.map(|value| vec![("Retry-After", value)]).unwrap_or_default()
 }
 
 /// The HTTP status of `error` from the exit-status table, with the `Retry-After` seconds a

@@ -153,8 +153,7 @@ fn fail(exchange: &mut Exchange, error: &Error) {
         return exchange.abort();
     }
     let (status, retry_after) = super::routes::error_status(error);
-    let extra: Vec<(&str, &str)> = retry_after.as_deref().map(|value| vec![("Retry-After", value)]).unwrap_or_default();
-    refuse(exchange, status, &error.to_string(), &extra);
+    refuse(exchange, status, &error.to_string(), &super::routes::retry_header(retry_after.as_deref()));
 }
 
 fn answer_json(exchange: &mut Exchange, head: bool, value: &Value) {
