@@ -126,13 +126,19 @@ impl Client {
         self.with_authorization(agent.post(format!("{}{path}", self.base)).header("Content-Type", "application/json"))
     }
 
-    /// POSTs `body`; when a pooled connection fails before any byte of the answer (the
-    /// server closed it while it sat idle), tries once more on a fresh connection.
+    /// POSTs `body`, [`Client::retrying`] once on a fresh connection.
     pub(super) fn send(&self, path: &str, body: &str) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
-        match self.post_with(&self.agent, path).send(body) {
+        self.retrying(|agent| self.post_with(agent, path).send(body))
+    }
+
+    /// Makes `call` on a pooled connection and, when that fails before any byte of the
+    /// answer (the server closed it while it sat idle, perhaps just as it was taken), once
+    /// more on a fresh connection.
+    pub(super) fn retrying<T>(&self, call: impl Fn(&ureq::Agent) -> Result<T, ureq::Error>) -> Result<T, ureq::Error> {
+        match call(&self.agent) {
             Err(ureq::Error::Io(error)) if is_closed_connection(&error) => {
                 log::debug!("a pooled connection to {} was closed ({error}); retrying on a new one", self.base);
-                self.post_with(&self.fresh, path).send(body)
+                call(&self.fresh)
             }
             other => other,
         }

@@ -29,12 +29,15 @@ pub(crate) struct SlotFile {
 impl Client {
     /// The body of `GET /slots`, within `timeout`.
     pub(crate) fn slots(&self, timeout: Duration) -> Result<String, String> {
-        let mut request = self.agent.get(format!("{}/slots", self.base));
-        if let Some(value) = &self.authorization {
-            request = request.header("Authorization", value);
-        }
-        let mut response =
-            request.config().timeout_global(Some(timeout)).build().call().map_err(|error| error.to_string())?;
+        let mut response = self
+            .retrying(|agent| {
+                let mut request = agent.get(format!("{}/slots", self.base));
+                if let Some(value) = &self.authorization {
+                    request = request.header("Authorization", value);
+                }
+                request.config().timeout_global(Some(timeout)).build().call()
+            })
+            .map_err(|error| error.to_string())?;
         let status = response.status().as_u16();
         let body = response
             .body_mut()
@@ -67,16 +70,19 @@ impl Client {
         (tokens_field, bytes_field, ms_field): (&str, &str, &str),
     ) -> Result<SlotFile, String> {
         let body = json!({ "filename": file_name }).to_string();
-        let mut request = self
-            .agent
-            .post(format!("{}/slots/{slot}?action={action}", self.base))
-            .header("Content-Type", "application/json");
-        // A child on loopback TCP wants its key on every call.
-        if let Some(value) = &self.authorization {
-            request = request.header("Authorization", value);
-        }
-        let mut response =
-            request.config().timeout_global(Some(timeout)).build().send(&body).map_err(|error| error.to_string())?;
+        // Saving or restoring the same file again is harmless, so this may be retried too.
+        let mut response = self
+            .retrying(|agent| {
+                let mut request = agent
+                    .post(format!("{}/slots/{slot}?action={action}", self.base))
+                    .header("Content-Type", "application/json");
+                // A child on loopback TCP wants its key on every call.
+                if let Some(value) = &self.authorization {
+                    request = request.header("Authorization", value);
+                }
+                request.config().timeout_global(Some(timeout)).build().send(&body)
+            })
+            .map_err(|error| error.to_string())?;
         let status = response.status().as_u16();
         let text = response.body_mut().with_config().limit(1 << 20).read_to_string().map_err(|e| e.to_string())?;
         if status != 200 {
@@ -89,5 +95,89 @@ impl Client {
             bytes: number(bytes_field).unwrap_or(0),
             ms: value.pointer(&format!("/timings/{ms_field}")).and_then(Value::as_f64).unwrap_or(0.0),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::backend::client::Timeouts;
+
+    /// Reads one request's head and body (by its Content-Length) from `reader`; returns
+    /// its request line.
+    fn read_request(reader: &mut BufReader<TcpStream>) -> String {
+        let mut head = String::new();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                return head;
+            }
+            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse().unwrap();
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; length];
+        std::io::Read::read_exact(reader, &mut body).unwrap();
+        head.lines().next().unwrap_or_default().to_string()
+    }
+
+    fn answer(stream: &mut TcpStream, body: &str) {
+        let head =
+            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body.as_bytes()).unwrap();
+    }
+
+    /// A server that answers one request on its first connection, keeps it open, then
+    /// closes it when the next request comes (as a server whose idle timeout fires just as
+    /// the connection is taken from the pool), and answers the retry on a second one.
+    /// Returns the port and the request lines each connection saw.
+    fn closing_on_reuse(body: &'static str) -> (u16, std::thread::JoinHandle<Vec<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let mut seen = vec![Vec::new(), Vec::new()];
+            let (first, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(first.try_clone().unwrap());
+            let mut writer = first;
+            seen[0].push(read_request(&mut reader));
+            answer(&mut writer, body);
+            seen[0].push(read_request(&mut reader));
+            drop((reader, writer));
+            let (second, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(second.try_clone().unwrap());
+            let mut writer = second;
+            seen[1].push(read_request(&mut reader));
+            answer(&mut writer, body);
+            seen
+        });
+        (port, server)
+    }
+
+    #[test]
+    fn listing_and_saving_slots_survive_a_pooled_connection_the_child_closed() {
+        let timeout = Duration::from_secs(5);
+        let (port, server) = closing_on_reuse(r#"[{"id":0,"n_ctx":512,"is_processing":false}]"#);
+        let client = Client::new(port, "key", Timeouts::default());
+        assert!(client.slots(timeout).unwrap().contains("n_ctx"));
+        assert!(client.slots(timeout).unwrap().contains("n_ctx"), "the retry on a fresh connection answers");
+        let seen = server.join().unwrap();
+        assert_eq!(seen, vec![vec!["GET /slots HTTP/1.1"; 2], vec!["GET /slots HTTP/1.1"]]);
+
+        let (port, server) = closing_on_reuse(r#"{"n_saved":300,"n_written":4096,"timings":{"save_ms":2.5}}"#);
+        let client = Client::new(port, "key", Timeouts::default());
+        let saved = client.save_slot(0, "a.bin", timeout).unwrap();
+        assert_eq!((saved.tokens, saved.bytes), (300, 4096));
+        assert_eq!(client.save_slot(0, "a.bin", timeout).unwrap(), saved);
+        let save = "POST /slots/0?action=save HTTP/1.1";
+        assert_eq!(server.join().unwrap(), vec![vec![save; 2], vec![save]]);
     }
 }
