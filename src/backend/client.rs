@@ -239,7 +239,7 @@ pub(super) fn finish_body(reader: &mut impl Read) {
 }
 
 /// True for the errors of a connection the server had already closed.
-pub(super) fn is_closed_connection(error: &io::Error) -> bool {
+fn is_closed_connection(error: &io::Error) -> bool {
     matches!(
         error.kind(),
         io::ErrorKind::ConnectionReset

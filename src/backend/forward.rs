@@ -10,7 +10,7 @@ use std::ops::ControlFlow;
 
 use serde_json::Value;
 
-use super::client::{classify_io, classify_transport, finish_body, is_closed_connection, Client};
+use super::client::{classify_io, classify_transport, finish_body, Client};
 use super::sse::{Line, Lines};
 use super::unix::{with_cancel, Cancel};
 use super::GenerateError;
@@ -74,11 +74,7 @@ impl Client {
         request: Outgoing<'_>,
         mut on_part: impl FnMut(Part<'_>) -> io::Result<()>,
     ) -> Result<Done, GenerateError> {
-        let response = match self.send_raw(&self.agent, request) {
-            Err(ureq::Error::Io(error)) if is_closed_connection(&error) => self.send_raw(&self.fresh, request),
-            other => other,
-        };
-        let mut response = response.map_err(classify_transport)?;
+        let mut response = self.retrying(|agent| self.send_raw(agent, request)).map_err(classify_transport)?;
         let status = response.status().as_u16();
         let mut content_length = None;
         let mut headers = Vec::with_capacity(8);
