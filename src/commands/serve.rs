@@ -25,7 +25,8 @@ pub(crate) fn run(context: &Context, args: ServeArgs) -> Result<()> {
     if api_key.as_deref() == Some("") {
         return Err(Error::Usage { message: "the API key file is empty".into() });
     }
-    // A bad config is refused now rather than on every request.
+    // A bad address, and a bad config, are refused before any daemon is started or asked.
+    crate::daemon::serve::listen_address(&args.listen, api_key.as_deref())?;
     context.config()?;
     crate::setup::on_first_use(context, None)?;
     let mut connection = client::connect(context)?;

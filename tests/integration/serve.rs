@@ -337,6 +337,13 @@ fn beyond_loopback_an_api_key_is_required_and_checked() {
     let output = env.run(&["serve", "--listen", "0.0.0.0:0"]);
     assert_exit(&output, 2);
     assert!(stderr(&output).contains("API key"), "{}", stderr(&output));
+    for address in ["notaport", "127.0.0.1:99999", ""] {
+        let output = env.run(&["serve", "--listen", address]);
+        assert_exit(&output, 2);
+        assert!(stderr(&output).contains("as an address to listen on"), "{}", stderr(&output));
+    }
+    // Refused before a daemon was started for them.
+    assert_exit(&env.run(&["status", "--no-autostart"]), 69);
 
     let key_file = env.path("key");
     std::fs::write(&key_file, "s3cret\n").unwrap();

@@ -27,15 +27,15 @@ use super::shared::Shared;
 use crate::error::{Error, Result};
 use crate::http;
 
-/// Opens an HTTP listener on `address` (`HOST:PORT`). Beyond loopback an API key is
-/// required. An address the daemon already listens on, or one another program holds, is
-/// refused with a message that says which.
-pub(crate) fn open(shared: &Arc<Shared>, address: &str, api_key: Option<String>) -> Result<Arc<Listener>> {
+/// The socket address `address` (`HOST:PORT`) names, if it may be listened on with
+/// `api_key`: beyond loopback a key is required. `serve` asks this before it starts or
+/// reaches a daemon, and the daemon again for whoever asks it to listen.
+pub(crate) fn listen_address(address: &str, api_key: Option<&str>) -> Result<SocketAddr> {
     let wanted: SocketAddr =
         address.to_socket_addrs().ok().and_then(|mut addresses| addresses.next()).ok_or_else(|| Error::Usage {
             message: format!("cannot use `{address}` as an address to listen on (HOST:PORT, e.g. 127.0.0.1:8080)"),
         })?;
-    if api_key.as_deref() == Some("") {
+    if api_key == Some("") {
         return Err(Error::Usage { message: "the API key is empty".into() });
     }
     if !wanted.ip().is_loopback() && api_key.is_none() {
@@ -46,6 +46,14 @@ pub(crate) fn open(shared: &Arc<Shared>, address: &str, api_key: Option<String>)
             ),
         });
     }
+    Ok(wanted)
+}
+
+/// Opens an HTTP listener on `address` (see [`listen_address`]). An address the daemon
+/// already listens on, or one another program holds, is refused with a message that says
+/// which.
+pub(crate) fn open(shared: &Arc<Shared>, address: &str, api_key: Option<String>) -> Result<Arc<Listener>> {
+    let wanted = listen_address(address, api_key.as_deref())?;
     shared.refuse_if_shutting_down()?;
     let mut open = shared.listeners.open.lock();
     if let Some(existing) =
