@@ -270,8 +270,13 @@ fn done_line(done: &Done) -> String {
 fn timings_summary(done: &Done) -> String {
     let timings = done.timings.as_ref();
     let number = |key: &str| timings.and_then(|t| t.get(key)).and_then(|v| v.as_f64());
+    // llama-server's prompt rate is over the tokens it computed, not those a cache gave it.
+    let cached = match number("cache_n") {
+        Some(cached) if cached >= 1.0 => format!(" ({cached:.0} from the prompt cache)"),
+        _ => String::new(),
+    };
     let mut summary = format!(
-        "llmctl: {} prompt tokens, {} generated, finish: {}",
+        "llmctl: {} prompt tokens{cached}, {} generated, finish: {}",
         done.usage.prompt_tokens, done.usage.completion_tokens, done.finish_reason
     );
     if let (Some(prompt), Some(generated)) = (number("prompt_per_second"), number("predicted_per_second")) {
@@ -283,6 +288,26 @@ fn timings_summary(done: &Done) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_timings_line_says_how_much_of_the_prompt_came_from_the_cache() {
+        let mut done = Done { finish_reason: "stop".into(), ..Done::default() };
+        done.usage.prompt_tokens = 752;
+        done.usage.completion_tokens = 8;
+        done.timings = Some(serde_json::json!({"cache_n": 714, "prompt_n": 38, "prompt_per_second": 38.6,
+            "predicted_per_second": 90.31}));
+        assert_eq!(
+            timings_summary(&done),
+            "llmctl: 752 prompt tokens (714 from the prompt cache), 8 generated, finish: stop; \
+             prompt 38.6 tok/s, generation 90.3 tok/s"
+        );
+        done.timings =
+            Some(serde_json::json!({"cache_n": 0, "prompt_per_second": 500.0, "predicted_per_second": 90.0}));
+        assert_eq!(
+            timings_summary(&done),
+            "llmctl: 752 prompt tokens, 8 generated, finish: stop; prompt 500.0 tok/s, generation 90.0 tok/s"
+        );
+    }
 
     #[test]
     fn prompt_composition() {
