@@ -189,9 +189,14 @@ impl Lending {
         self.open.as_ref().map_or(0, |open| open.taken)
     }
 
-    /// Takes a free lent slot for a request that brings `policy`.
-    fn take(&mut self, policy: &Policy) -> Option<(Arc<Generation>, Client)> {
-        let open = self.open.as_mut().filter(|open| open.free > 0 && open.policy == *policy)?;
+    /// Takes a free lent slot for a request that brings `policy`; while a load waits for
+    /// room (`room_wanted`), only one of the child's own slots.
+    fn take(&mut self, policy: &Policy, room_wanted: bool) -> Option<(Arc<Generation>, Client)> {
+        let open = self.open.as_mut().filter(|open| {
+            open.free > 0
+                && open.policy == *policy
+                && !(room_wanted && open.generation.out.load(Ordering::SeqCst) >= open.generation.slots)
+        })?;
         open.free -= 1;
         open.taken += 1;
         Some((Arc::clone(&open.generation), open.client.clone()))
@@ -277,9 +282,12 @@ impl Lease {
     }
 
     /// A lent slot, if one is free for a request that brings `policy`; counted as a request
-    /// that waited for nothing.
+    /// that waited for nothing. While a load waits for room, a slot lent beyond the child's
+    /// own is not taken: the request goes to the worker, which queues it in llmctl rather
+    /// than in the child an eviction may have to drain.
     pub(crate) fn take_lent(home: &Home, policy: &Policy) -> Option<Lease> {
-        let (generation, client) = home.lending.lock().take(policy)?;
+        let room_wanted = home.scheduler.as_ref().is_some_and(|(_, wanted)| wanted.load(Ordering::SeqCst));
+        let (generation, client) = home.lending.lock().take(policy, room_wanted)?;
         home.stats.lock().granted(Duration::ZERO);
         Some(Lease::on(generation, client, None, home.clone(), true))
     }
@@ -374,6 +382,27 @@ mod tests {
         assert_eq!(home.returning.load(Ordering::SeqCst), 1, "counted out until the worker takes it back");
         let stats = home.stats.lock();
         assert_eq!((stats.requests, stats.last_used.is_some()), (3, true));
+    }
+
+    #[test]
+    fn while_a_load_waits_for_room_no_lent_slot_beyond_the_childs_own_is_taken() {
+        let (mut home, _messages) = home();
+        let (scheduler, _requests) = crossbeam_channel::unbounded();
+        let wanted = Arc::new(AtomicBool::new(false));
+        home.scheduler = Some((scheduler, Arc::clone(&wanted)));
+        // A child of one slot, lent two: one of its own and one to hold beyond it.
+        let generation = Arc::new(Generation::new(2, 1));
+        home.lending.lock().lend(2, &generation, &client(), &Policy::default());
+        let own = Lease::take_lent(&home, &Policy::default()).expect("the child's own slot");
+        wanted.store(true, Ordering::SeqCst);
+        assert!(Lease::take_lent(&home, &Policy::default()).is_none(), "a request held in a child a drain must run");
+        // Its own slot free again, it is lent as before; and without a load waiting, the one beyond.
+        drop(own);
+        let own = Lease::take_lent(&home, &Policy::default()).expect("the child's own slot, free again");
+        assert!(!own.waits_in_child());
+        wanted.store(false, Ordering::SeqCst);
+        let beyond = Lease::take_lent(&home, &Policy::default()).expect("the slot beyond, nobody waiting for room");
+        assert!(beyond.waits_in_child());
     }
 
     #[test]

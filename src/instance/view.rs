@@ -249,7 +249,7 @@ pub(crate) fn millis_since_epoch(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn percentile_ms(samples: &VecDeque<Duration>, quantile: f64) -> Option<f64> {
+pub(crate) fn percentile_ms(samples: &VecDeque<Duration>, quantile: f64) -> Option<f64> {
     if samples.is_empty() {
         return None;
     }

@@ -62,25 +62,43 @@ fn a_waiting_model_is_served_within_max_wait_while_the_loaded_one_stays_busy() {
     env.assert_nothing_survives();
 }
 
+/// How many requests the fake children held beyond their slots (`FAKE_LLAMA_HELD`).
+fn held(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).unwrap_or_default().lines().count()
+}
+
+/// Also: a child holds a request beyond its slots only while no load waits for room. A
+/// drain must run what the child holds before the room is free, where a request queued in
+/// llmctl waits for its model's next load.
 #[test]
 fn what_is_loaded_is_served_first_and_the_waiting_request_knows_its_place_and_wait() {
-    let env = Arc::new(Env::fake());
+    let mut env = Env::fake();
+    let held_path = env.path("held.txt");
+    env.set("FAKE_LLAMA_HELD", held_path.to_str().unwrap());
+    let env = Arc::new(env);
     // No bound to speak of: b waits for as long as a stays busy.
     two_models(&env, "max_wait = \"10m\"\n");
     assert_success(&env.run(&["warm", "a"]));
     let stop = Arc::new(AtomicBool::new(false));
     let clients = keep_busy(&env, &stop);
     wait_until("a is busy with one waiting", || instance(&env, "a")["queued"] == 1);
+    wait_until("nobody waiting for room, a's child holds the second client's request", || held(&held_path) >= 1);
     let mut events = env.spawn(&["events"]);
     let waiting = env.spawn(&["run", "b", "after a"]);
     wait_until("b waits for room, first in line", || {
         let b = instance(&env, "b");
         b["state"] == "waiting" && b["waiting_position"] == 1 && b["eta_ms"].is_u64()
     });
-    // Meanwhile a keeps being served: its clients finish request after request.
-    let before = instance(&env, "a")["requests"].as_u64().unwrap();
-    wait_until("a serves on while b waits", || instance(&env, "a")["requests"].as_u64().unwrap() >= before + 2);
+    // Meanwhile a keeps being served: its clients finish request after request. Held
+    // requests are counted once one has ended since b asked, so that any sent before has
+    // reached the child.
+    let requests = || instance(&env, "a")["requests"].as_u64().unwrap();
+    let before = requests();
+    wait_until("a serves on while b waits", || requests() > before);
+    let held_before = held(&held_path);
+    wait_until("a serves two more", || requests() >= before + 3);
     assert_eq!(instance(&env, "b")["state"], "waiting", "b did not jump ahead of a's clients");
+    assert_eq!(held(&held_path), held_before, "a's child was sent a request beyond its slot while b waited");
     let table = stdout(&env.run(&["status"]));
     assert!(table.contains("waiting (1st in line, ~"), "{table}");
     // Once a's clients stop, a goes idle and b loads.

@@ -153,8 +153,9 @@ impl Scheduler<'_> {
         }
         self.next_plan = outcome.next_ms.map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
         self.call_off_releases();
-        self.publish(outcome.etas);
+        // Before the places are told: whoever sees one also sees that room is wanted.
         self.shared.services.room_wanted.store(!self.line.is_empty(), Ordering::SeqCst);
+        self.publish(outcome.etas);
     }
 
     /// Loads that waited past the hard limit are refused with 124.
@@ -269,7 +270,10 @@ impl Scheduler<'_> {
                     need: w.need,
                     requests: snapshot.as_ref().map_or(1, |s| s.view.queued.max(1)),
                     since_ms: millis_since_epoch(w.since),
-                    load_ms: snapshot.and_then(|s| s.stats.last_load).map(|d| d.as_millis() as u64),
+                    load_ms: snapshot.as_ref().and_then(|s| s.stats.last_load).map(|d| d.as_millis() as u64),
+                    first_token_ms: snapshot
+                        .and_then(|s| crate::instance::view::percentile_ms(&s.stats.first_tokens, 0.5))
+                        .map(|ms| ms as u64),
                     promised: w.promised,
                 }
             })

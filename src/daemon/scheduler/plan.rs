@@ -11,10 +11,11 @@
 //!   models round-robin multiplies the swaps.
 //! - **The wait is bounded.** A load whose oldest request has waited `max_wait` is
 //!   *overdue*: it goes first. The busy instances it needs stop taking requests and drain
-//!   (never killed) as long before that as their requests in flight take, so the swap
-//!   comes at the bound and the load is served within `max_wait` and its load (plus
-//!   whatever those requests run over their mean). `max_wait = 0` serves loads in strict
-//!   arrival order.
+//!   (never killed) as long before that as their requests in flight and the load's first
+//!   token take, so the swap comes just before the bound and the load's first token within
+//!   `max_wait` and its load (plus whatever those requests run over their mean). While any
+//!   load waits, children are sent no request beyond their slots, which a drain would have
+//!   to run first. `max_wait = 0` serves loads in strict arrival order.
 //! - **No ping-pong.** A busy instance loaded less than `min_residency` ago is not drained
 //!   for anyone; an idle one may be evicted.
 //! - **A moment for the next request.** An instance that has just gone idle is kept for
@@ -45,6 +46,9 @@ pub(crate) struct Waiting {
     pub(crate) since_ms: u64,
     /// How long its last load took, if it ever loaded.
     pub(crate) load_ms: Option<u64>,
+    /// How long its requests take from a slot to their first token (the median), if it
+    /// ever answered one.
+    pub(crate) first_token_ms: Option<u64>,
     /// An instance was already asked to unload for it: the room that frees is its own.
     pub(crate) promised: bool,
 }
@@ -81,6 +85,10 @@ pub(crate) struct Rules {
 
 /// What a load is charged until it has loaded once: about a small model's load here.
 const UNMEASURED_LOAD_MS: u64 = 1000;
+
+/// What a first token is charged until the model has answered once: a small model's takes
+/// 20-60 ms on two CPUs.
+const UNMEASURED_FIRST_TOKEN_MS: u64 = 100;
 
 /// The bound on a wait, the same for every model: configured, or ten of the longest load
 /// measured among the models the plan sees, from 5 s to 2 min. A wait that long is a
@@ -283,10 +291,12 @@ pub(crate) fn drain_ms(service_ms: f64, in_flight: u32, slots: u32) -> u64 {
 }
 
 /// When the busy, ready `resident` may begin to drain for `load`: as long before the load's
-/// bound as its drain takes (at most half the bound), so that what runs there is done as
-/// the bound comes, and not before it has stayed its residency.
+/// bound as its drain and the load's first token take (at most half the bound), so that
+/// the load's request is answered once it has loaded, as the bound comes; and not before
+/// the resident has stayed its residency.
 fn drains_from(load: &Waiting, resident: &Resident, max_wait: u64, rules: &Rules) -> u64 {
-    let lead = resident.drain_ms.unwrap_or(0).min(max_wait / 2);
+    let first_token = load.first_token_ms.unwrap_or(UNMEASURED_FIRST_TOKEN_MS);
+    let lead = (resident.drain_ms.unwrap_or(0) + first_token).min(max_wait / 2);
     let bound = load.since_ms + max_wait - lead;
     let stayed = resident.ready_ms.map_or(u64::MAX, |ready| ready + min_residency_ms(rules, resident.load_ms));
     bound.max(stayed)
@@ -352,6 +362,7 @@ mod tests {
             requests,
             since_ms,
             load_ms: Some(500),
+            first_token_ms: Some(100),
             promised: false,
         }
     }
@@ -453,9 +464,9 @@ mod tests {
                 vec![Evict { victim: 1, for_id: 5 }, ReadAhead(5)],
             ),
             (
-                "a busy instance drains as long before the bound as its drain takes",
+                "a busy instance drains as long before the bound as its drain and the load's first token take",
                 budget(8, one),
-                vec![waiting(5, 4, 1, now - 8500)],
+                vec![waiting(5, 4, 1, now - 8400)],
                 vec![drains_in_1500.clone()],
                 RULES,
                 vec![Evict { victim: 1, for_id: 5 }, ReadAhead(5)],
@@ -463,7 +474,7 @@ mod tests {
             (
                 "and not sooner",
                 budget(8, one),
-                vec![waiting(5, 4, 1, now - 8499)],
+                vec![waiting(5, 4, 1, now - 8399)],
                 vec![drains_in_1500.clone()],
                 RULES,
                 vec![],
@@ -647,14 +658,23 @@ mod tests {
         // The first waits out what is left of its bound, then loads; the second after it.
         assert_eq!(outcome.etas[0].eta_ms, 9000 + 500);
         assert!(outcome.etas[1].eta_ms > outcome.etas[0].eta_ms);
-        // Look again when the older becomes overdue.
-        assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000));
-        // Or, where the busy instance's requests take a second, a second before that, when
-        // it may begin to drain.
+        // Look again as the older nears its bound: the busy instance may begin to drain its
+        // first token's 100 ms before it.
+        assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 100));
+        // Or, where the busy instance's requests take a second and the load's first token
+        // 100 ms, that much before it, when it may begin to drain; a load that never
+        // answered is charged 100 ms for its first token too.
         let mut busy = resident(1, 3, true, now - 4000);
         busy.drain_ms = Some(1000);
-        let outcome = plan(&budget(8, Some(1)), &[waiting(6, 4, 1, now - 2000)], &[busy], &RULES, now);
-        assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 1000));
+        let outcome = plan(&budget(8, Some(1)), &[waiting(6, 4, 1, now - 2000)], &[busy.clone()], &RULES, now);
+        assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 1000 - 100));
+        let mut slow_first_token = waiting(6, 4, 1, now - 2000);
+        slow_first_token.first_token_ms = Some(700);
+        let outcome = plan(&budget(8, Some(1)), &[slow_first_token.clone()], &[busy.clone()], &RULES, now);
+        assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 1000 - 700));
+        slow_first_token.first_token_ms = None;
+        let outcome = plan(&budget(8, Some(1)), &[slow_first_token], &[busy], &RULES, now);
+        assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 1000 - UNMEASURED_FIRST_TOKEN_MS));
         // Overdue, but the busy instance is too young: look again when it is old enough.
         let outcome = plan(
             &budget(8, Some(1)),

@@ -203,6 +203,7 @@ impl Sim {
                 requests: self.models[model].machine.queued().max(1),
                 since_ms: since,
                 load_ms: Some(self.models[model].load_ms),
+                first_token_ms: None,
                 promised: self.promises.values().any(|&for_id| for_id == model),
             })
             .collect();

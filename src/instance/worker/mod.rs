@@ -108,13 +108,20 @@ impl Services {
 /// and 0.97-1.03 at 64 without, 0.98-1.04 and 1.04-1.15 with; two gave no more, and one
 /// run a p99 of 379 ms). Remote servers get no more than their slots, and neither does a
 /// model with a `max_queued`: its limit counts every request that waits.
+///
+/// Nor does any child while a load waits for room: a drain must finish what a child holds,
+/// but leaves what waits in llmctl's queue for the model's next load, so a request held in
+/// the child would lengthen the drain by a whole request (see [`Lease::take_lent`] for slots
+/// lent before the load asked).
 const QUEUED_IN_CHILD: u32 = 1;
 
-fn queued_in_child(policy: &crate::model::Policy) -> u32 {
-    if policy.max_queued.is_some() {
-        0
+/// The slots the machine grants for a local child: its own, and [`QUEUED_IN_CHILD`] more
+/// unless the model has a `max_queued` or a load waits for room.
+fn machine_slots(parallel: u32, policy: &crate::model::Policy, room_wanted: bool) -> u32 {
+    if policy.max_queued.is_some() || room_wanted {
+        parallel
     } else {
-        QUEUED_IN_CHILD
+        parallel + QUEUED_IN_CHILD
     }
 }
 
@@ -137,7 +144,7 @@ pub(crate) fn start(
     };
     let worker = Worker {
         id,
-        machine: Machine::new(spec.load.parallel + queued_in_child(&spec.policy)),
+        machine: Machine::new(machine_slots(spec.load.parallel, &spec.policy, false)),
         breaker: Breaker::new(services.crash_loop),
         spec,
         info,
@@ -236,6 +243,7 @@ impl Worker {
             match message {
                 Some(message) => {
                     self.reclaim();
+                    self.set_slots();
                     self.handle(message);
                 }
                 None if self.loading.is_some() => self.poll_load(),
@@ -255,6 +263,16 @@ impl Worker {
         self.finish_child(Duration::ZERO);
         self.notify_stop_waiters();
         self.publish_view();
+    }
+
+    /// Sets the machine's slots for a local child from the policy and whether a load waits
+    /// for room; a count lowered below the requests in flight grants nothing until enough
+    /// of them end.
+    fn set_slots(&mut self) {
+        if self.spec.remote.is_none() {
+            let room_wanted = self.services.room_wanted.load(Ordering::SeqCst);
+            self.machine.set_slots(machine_slots(self.spec.load.parallel, &self.spec.policy, room_wanted));
+        }
     }
 
     /// While loads wait for room, an instance that became idle may be evicted for one.
@@ -381,9 +399,7 @@ impl Worker {
 
     fn arrive(&mut self, job: Job) {
         self.spec.policy = job.policy.clone();
-        if self.spec.remote.is_none() {
-            self.machine.set_slots(self.spec.load.parallel + queued_in_child(&self.spec.policy));
-        }
+        self.set_slots();
         if let Some((info, stamp)) = job.file.clone().filter(|(_, stamp)| *stamp != self.stamp) {
             // A child that runs (or starts) has the old file open: drain it and load the new
             // one. Without a child, the next spawn opens the new file anyway.
