@@ -77,7 +77,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s v -l verbose -d 'M
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l raw -d 'Send the prompt as is, without the chat template'
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l json -d 'Write JSON lines: one per chunk, then a final `done` line with usage and timings'
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l no-stdin -d 'Do not read stdin even when it is not a terminal'
-complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -86,14 +86,14 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l parallel -d 'Par
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand embed" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand status" -l json -d 'Print the status as one JSON object'
-complete -c llmctl -n "__fish_llmctl_using_subcommand status" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -103,7 +103,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l parallel -d 'Para
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand warm" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -112,7 +112,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l parallel -d 'Paral
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand pin" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -121,7 +121,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l parallel -d 'Par
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand unpin" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -132,7 +132,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l no-autostart -d
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l wait -d 'Return only once the model is ready'
 complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -l exclusive -d 'Unload every other model once this one is ready'
-complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand switch" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -140,33 +140,33 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l no-autostart -d '
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l all -d 'Unload every model'
 complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -l forget -d 'Also drop the model\'s saved prompt caches (with --all: every saved cache), and save none'
-complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand stop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l queue-depth -d 'Requests that may wait for a slot before new ones are refused as busy' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand daemon" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand shutdown" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand reload" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand reload" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand reload" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand reload" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand reload" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand reload" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand reload" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand config" -l json -d 'Print the settings as JSON'
-complete -c llmctl -n "__fish_llmctl_using_subcommand config" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand config" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -178,19 +178,19 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l no-autostart -d '
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -l daemon -d 'The daemon\'s own log instead of a model\'s'
 complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s f -l follow -d 'Keep printing what is appended, until Ctrl-C'
-complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand logs" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand events" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand events" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand events" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand events" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand events" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand events" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand events" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand metrics" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -198,7 +198,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l listen -d 'Addre
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l api-key-file -d 'File holding the API key clients must send as `Authorization: Bearer KEY` or `x-api-key: KEY` (or set LLMCTL_API_KEY)' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -206,7 +206,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l no-autostart -d 'Fa
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l json -d 'Print the list as a JSON array'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -l names -d 'Print only the names, one per line (for shell completion)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ls" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -217,26 +217,26 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l no-autostart -d '
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l template -d 'Print the chat template (alone, or as `chat_template` with --json)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand show" -l json -d 'Print the details as one JSON object'
-complete -c llmctl -n "__fish_llmctl_using_subcommand show" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand show" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand pull" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand rm" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l llama-server -d 'llama-server binary the daemon runs' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
 complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -l json -d 'Print the loaded instances as a JSON array'
-complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand ps" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -248,7 +248,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l parallel -d 'Para
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l gpu-layers -d 'Layers to offload to the GPU for this instance (llama-server --n-gpu-layers)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -l no-autostart -d 'Fail instead of starting the daemon when none answers'
 complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -s v -l verbose -d 'More diagnostics on stderr (timings with `run`; repeat for debug logs)'
-complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand chat" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l socket -d 'Unix socket of the daemon' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l config -d 'Config file' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l llama-server -d 'llama-server binary the daemon runs' -r -F
@@ -262,7 +262,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l no-model -d 'Do 
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s q -l quiet -d 'Print nothing but errors'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l portable -d 'For the CPU: a build that runs on any x86-64 of its class, not only this CPU'
 complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -l dry-run -d 'Print the backend, CMake options and install path that setup would use; change nothing'
-complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s h -l help -d 'Print help'
+complete -c llmctl -n "__fish_llmctl_using_subcommand setup" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run embed status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "run" -d 'Generate text; tokens go to stdout as they arrive'
 complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run embed status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "embed" -d 'Print the embedding of each TEXT (or of each line of stdin) as a JSON line: {"index":N,"embedding":[...]}'
 complete -c llmctl -n "__fish_llmctl_using_subcommand help; and not __fish_seen_subcommand_from run embed status warm pin unpin switch stop daemon shutdown reload config logs events metrics serve ls show pull rm ps chat setup help" -f -a "status" -d 'Show the daemon, its queue and every model instance'

@@ -148,18 +148,29 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Global options")]
+// Their variables are read in `to_global` (the paths' in `Paths::resolve`), not by clap,
+// which counts a variable as an option given and shows it in the usage line of every error,
+// as if it were required.
 pub struct GlobalArgs {
     /// Unix socket of the daemon
-    #[arg(long, global = true, value_name = "PATH", env = "LLMCTL_SOCKET")]
+    ///
+    /// May also be given with the LLMCTL_SOCKET environment variable.
+    #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Config file
-    #[arg(long, global = true, value_name = "PATH", env = "LLMCTL_CONFIG")]
+    ///
+    /// May also be given with the LLMCTL_CONFIG environment variable.
+    #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// llama-server binary the daemon runs
-    #[arg(long, global = true, value_name = "PATH", env = "LLMCTL_LLAMA_SERVER")]
+    ///
+    /// May also be given with the LLMCTL_LLAMA_SERVER environment variable.
+    #[arg(long, global = true, value_name = "PATH")]
     pub llama_server: Option<PathBuf>,
     /// Fail instead of starting the daemon when none answers
-    #[arg(long, global = true, env = "LLMCTL_NO_AUTOSTART", value_parser = clap::builder::FalseyValueParser::new())]
+    ///
+    /// May also be given with the LLMCTL_NO_AUTOSTART environment variable (set, and not 0 or false).
+    #[arg(long, global = true)]
     pub no_autostart: bool,
     /// More diagnostics on stderr (timings with `run`; repeat for debug logs)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -246,16 +257,24 @@ impl LoadArgs {
 }
 
 impl GlobalArgs {
-    /// The options as a command's context takes them.
+    /// The options as a command's context takes them, each flag over its variable.
     pub fn to_global(&self) -> crate::context::Global {
+        let var = |name: &str| std::env::var_os(name).filter(|value| !value.is_empty());
         crate::context::Global {
             socket: self.socket.clone(),
             config: self.config.clone(),
-            llama_server: self.llama_server.clone(),
-            no_autostart: self.no_autostart,
+            llama_server: self.llama_server.clone().or_else(|| var("LLMCTL_LLAMA_SERVER").map(PathBuf::from)),
+            no_autostart: self.no_autostart || var("LLMCTL_NO_AUTOSTART").is_some_and(|value| !falsey(&value)),
             verbose: self.verbose,
         }
     }
+}
+
+/// A variable's value that means "no", as clap reads a boolean variable: `0`, `false`,
+/// `no`, `off`, `f` or `n`, in any case.
+fn falsey(value: &std::ffi::OsStr) -> bool {
+    let value = value.to_string_lossy().to_ascii_lowercase();
+    ["0", "false", "no", "off", "f", "n"].contains(&value.as_str())
 }
 
 #[derive(Debug, Args)]

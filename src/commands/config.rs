@@ -38,7 +38,7 @@ fn path_source(own_env: &str, xdg: Option<&str>) -> String {
 
 /// Clap folds a flag and its variable into one value: the variable tells them apart.
 fn flag_or(given: bool, own_env: &str, flag: &str, xdg: Option<&str>) -> String {
-    if given && !env_set(own_env) {
+    if given {
         format!("flag {flag}")
     } else {
         path_source(own_env, xdg)
@@ -89,10 +89,12 @@ pub(crate) fn run(context: &Context, args: ConfigArgs) -> Result<()> {
             daemon: None,
         },
     ];
-    // Clap folds the flag and LLMCTL_LLAMA_SERVER together; tell them apart by the variable.
+    // The context folds the flag and LLMCTL_LLAMA_SERVER together (the flag first); the
+    // variable's own value came from it.
     let installed = paths.installed_llama_server();
+    let from_env = std::env::var_os("LLMCTL_LLAMA_SERVER").filter(|value| !value.is_empty());
     let (llama_server, source) = match (&context.global.llama_server, &config.llama_server) {
-        (Some(path), _) if env_set("LLMCTL_LLAMA_SERVER") => {
+        (Some(path), _) if from_env.as_deref() == Some(path.as_os_str()) => {
             (path.display().to_string(), "environment LLMCTL_LLAMA_SERVER".to_string())
         }
         (Some(path), _) => (path.display().to_string(), "flag --llama-server".to_string()),

@@ -633,4 +633,12 @@ fn a_mistyped_subcommand_is_exit_2_and_never_suggests_a_destructive_one() {
     let output = env.run(&["stauts"]);
     assert_exit(&output, 2);
     assert!(stderr(&output).contains("'status'"), "{}", stderr(&output));
+
+    // The usage line shows what the command needs, not the options the environment sets
+    // (this one sets LLMCTL_SOCKET, LLMCTL_CONFIG, LLMCTL_LLAMA_SERVER and, here,
+    // LLMCTL_NO_AUTOSTART).
+    let output = env.command(&["stop"]).env("LLMCTL_NO_AUTOSTART", "1").output().unwrap();
+    assert_exit(&output, 2);
+    let err = stderr(&output);
+    assert!(err.contains("\nUsage: llmctl stop <MODEL|--all>\n"), "{err}");
 }
