@@ -61,7 +61,7 @@ pub(crate) fn on_lease(
         let (verdict, marks, replica, answered) = loop {
             let progress = lease.generation.progress();
             let tried = work(&lease, started);
-            lease.report.first_token = tried.first_token;
+            lease.record_first_token(started, tried.first_token);
             let replica = lease.replica.map(|_| lease.client.base_url().to_string());
             let answered = tried.answered;
             let facts = Facts {

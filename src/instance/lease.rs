@@ -125,7 +125,10 @@ pub(crate) struct Report {
     pub(crate) usage: Usage,
     /// "ok", "cancelled" or an error kind; none for a lease used to load (warm, switch).
     pub(crate) outcome: Option<&'static str>,
+    /// From the request's admission (its wait and any load included) to its first token.
     pub(crate) first_token: Option<Duration>,
+    /// From the grant of its slot to its first token.
+    pub(crate) slot_first_token: Option<Duration>,
     /// No token came within the token timeout: the child is restarted.
     pub(crate) stalled: bool,
     /// The remote replica failed: it is left out for a while.
@@ -276,6 +279,14 @@ impl Lease {
         }
     }
 
+    /// Records the first token of a request admitted at `admitted`, `first_token` after it:
+    /// for the client from its admission, for the scheduler from this grant.
+    pub(crate) fn record_first_token(&mut self, admitted: std::time::Instant, first_token: Option<Duration>) {
+        self.report.first_token = first_token;
+        self.report.slot_first_token =
+            first_token.map(|after| (admitted + after).saturating_duration_since(self.granted_at));
+    }
+
     /// Granted while every slot of the child was out: the request waits inside the child.
     pub(crate) fn waits_in_child(&self) -> bool {
         self.behind
@@ -403,6 +414,23 @@ mod tests {
         wanted.store(false, Ordering::SeqCst);
         let beyond = Lease::take_lent(&home, &Policy::default()).expect("the slot beyond, nobody waiting for room");
         assert!(beyond.waits_in_child());
+    }
+
+    #[test]
+    fn the_scheduler_is_told_a_first_token_from_the_slot_the_client_from_its_admission() {
+        let (home, _messages) = home();
+        let generation = Arc::new(Generation::new(4, 1));
+        let mut lease = Lease::granted(generation, client(), None, home.clone());
+        // Admitted five seconds before its slot (a wait and a load), first token 30 ms after it.
+        let admitted = lease.granted_at - Duration::from_secs(5);
+        lease.record_first_token(admitted, Some(Duration::from_millis(5030)));
+        lease.report.outcome = Some("ok");
+        assert_eq!(lease.report.first_token, Some(Duration::from_millis(5030)));
+        assert_eq!(lease.report.slot_first_token, Some(Duration::from_millis(30)));
+        drop(lease);
+        let stats = home.stats.lock();
+        assert_eq!(stats.first_tokens.back(), Some(&Duration::from_millis(5030)));
+        assert_eq!(stats.slot_first_token_ms.map(|ms| ms.round()), Some(30.0));
     }
 
     #[test]

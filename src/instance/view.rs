@@ -54,6 +54,9 @@ pub(crate) struct Stats {
     /// How long a request holds a slot, on average (an exponentially weighted mean), for
     /// the wait a refused client is told.
     pub(crate) service_ms: Option<f64>,
+    /// How long a request takes from its slot to its first token, on average (weighted as
+    /// `service_ms`), for how long before a bound a busy model drains for this one.
+    pub(crate) slot_first_token_ms: Option<f64>,
 }
 
 impl Stats {
@@ -88,6 +91,10 @@ impl Stats {
         }
         if let Some(first_token) = report.first_token {
             Stats::sample(&mut self.first_tokens, first_token);
+        }
+        if let Some(from_slot) = report.slot_first_token {
+            let ms = from_slot.as_secs_f64() * 1000.0;
+            self.slot_first_token_ms = Some(self.slot_first_token_ms.map_or(ms, |mean| mean * 0.8 + ms * 0.2));
         }
     }
 }
@@ -249,7 +256,7 @@ pub(crate) fn millis_since_epoch(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-pub(crate) fn percentile_ms(samples: &VecDeque<Duration>, quantile: f64) -> Option<f64> {
+fn percentile_ms(samples: &VecDeque<Duration>, quantile: f64) -> Option<f64> {
     if samples.is_empty() {
         return None;
     }

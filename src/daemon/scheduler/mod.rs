@@ -271,9 +271,7 @@ impl Scheduler<'_> {
                     requests: snapshot.as_ref().map_or(1, |s| s.view.queued.max(1)),
                     since_ms: millis_since_epoch(w.since),
                     load_ms: snapshot.as_ref().and_then(|s| s.stats.last_load).map(|d| d.as_millis() as u64),
-                    first_token_ms: snapshot
-                        .and_then(|s| crate::instance::view::percentile_ms(&s.stats.first_tokens, 0.5))
-                        .map(|ms| ms as u64),
+                    first_token_ms: snapshot.and_then(|s| s.stats.slot_first_token_ms).map(|ms| ms as u64),
                     promised: w.promised,
                 }
             })

@@ -46,8 +46,8 @@ pub(crate) struct Waiting {
     pub(crate) since_ms: u64,
     /// How long its last load took, if it ever loaded.
     pub(crate) load_ms: Option<u64>,
-    /// How long its requests take from a slot to their first token (the median), if it
-    /// ever answered one.
+    /// How long its requests take from their slot to their first token (a weighted mean),
+    /// if it ever answered one.
     pub(crate) first_token_ms: Option<u64>,
     /// An instance was already asked to unload for it: the room that frees is its own.
     pub(crate) promised: bool,
