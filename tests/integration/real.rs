@@ -67,7 +67,9 @@ fn a_model_llama_server_refuses_fails_fast_with_its_reason() {
 fn closing_stdout_frees_the_real_slot() {
     let env = Env::real();
     let demo = demo_model().display().to_string();
-    let mut child = env.spawn(&["run", "-n", "4000", "--raw", &demo, "Count from one to one thousand:"]);
+    // Greedy, so the text is the same every run: a sampled one may end in fewer than 20 bytes.
+    let args = ["run", "--temperature", "0", "-n", "4000", "--raw", &demo, "Count from one to one thousand:"];
+    let mut child = env.spawn(&args);
     let mut first = [0u8; 20];
     if let Err(error) = child.stdout.as_mut().unwrap().read_exact(&mut first) {
         let output = child.wait_with_output().unwrap();
