@@ -36,7 +36,7 @@ fn path_source(own_env: &str, xdg: Option<&str>) -> String {
     }
 }
 
-/// Clap folds a flag and its variable into one value: the variable tells them apart.
+/// The source of a path a flag may set (the flag wins over its variable).
 fn flag_or(given: bool, own_env: &str, flag: &str, xdg: Option<&str>) -> String {
     if given {
         format!("flag {flag}")

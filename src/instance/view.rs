@@ -81,8 +81,7 @@ impl Stats {
             self.requests = self.requests.saturating_sub(1);
         }
         if report.outcome.is_some() {
-            let ms = served.as_secs_f64() * 1000.0;
-            self.service_ms = Some(self.service_ms.map_or(ms, |mean| mean * 0.8 + ms * 0.2));
+            Stats::weigh(&mut self.service_ms, served);
         }
         self.usage.prompt_tokens += report.usage.prompt_tokens;
         self.usage.completion_tokens += report.usage.completion_tokens;
@@ -93,9 +92,14 @@ impl Stats {
             Stats::sample(&mut self.first_tokens, first_token);
         }
         if let Some(from_slot) = report.slot_first_token {
-            let ms = from_slot.as_secs_f64() * 1000.0;
-            self.slot_first_token_ms = Some(self.slot_first_token_ms.map_or(ms, |mean| mean * 0.8 + ms * 0.2));
+            Stats::weigh(&mut self.slot_first_token_ms, from_slot);
         }
+    }
+
+    /// Weighs `value` into the exponentially weighted mean `mean_ms`.
+    fn weigh(mean_ms: &mut Option<f64>, value: Duration) {
+        let ms = value.as_secs_f64() * 1000.0;
+        *mean_ms = Some(mean_ms.map_or(ms, |mean| mean * 0.8 + ms * 0.2));
     }
 }
 
