@@ -138,7 +138,7 @@ pub(crate) fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result
         events: EventBus::default(),
         gpu: Gpu::default(),
         llama_server: Box::new(move || crate::llama_server::find_binary(configured.as_deref(), None, &installed)),
-        room_wanted: Default::default(),
+        room: Default::default(),
         mark_prefix: format!(
             "{}-{}",
             std::process::id(),

@@ -1,6 +1,7 @@
 //! What a worker hears ([`Message`]) and what it answers a request for a slot with
 //! ([`JobEvent`]), and what it tells the scheduler ([`RoomRequest`]).
 
+use std::sync::atomic::AtomicBool;
 use std::time::SystemTime;
 
 use crossbeam_channel::Sender;
@@ -121,6 +122,20 @@ pub(crate) enum RoomRequest {
     Withdraw { id: usize },
     /// It gave back the room it was granted: its child is gone.
     Return { id: usize },
-    /// The budget changed (a reload): plan the waiting loads again.
+    /// The budget changed (a reload), or an instance became ready or idle while loads wait:
+    /// plan the waiting loads again.
     Replan,
+}
+
+/// What the scheduler tells every instance at once, without a message: set before it
+/// publishes the places of the loads that wait, so whoever sees a place sees these too.
+#[derive(Debug, Default)]
+pub(crate) struct RoomFlags {
+    /// Loads wait for room: an instance that becomes ready or idle tells the scheduler,
+    /// which may now drain or evict it for one.
+    pub(crate) wanted: AtomicBool,
+    /// A busy instance may begin to drain for a waiting load within about one of its
+    /// requests: no child is sent a request beyond its slots, which that drain would have
+    /// to run before the room is free (see `plan::Outcome::drain_near`).
+    pub(crate) drain_near: AtomicBool,
 }

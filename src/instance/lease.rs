@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 
-use super::inbox::{Message, RoomRequest};
+use super::inbox::{Message, RoomFlags, RoomRequest};
 use super::view::Stats;
 use crate::backend::client::Client;
 use crate::model::Policy;
@@ -192,13 +192,13 @@ impl Lending {
         self.open.as_ref().map_or(0, |open| open.taken)
     }
 
-    /// Takes a free lent slot for a request that brings `policy`; while a load waits for
-    /// room (`room_wanted`), only one of the child's own slots.
-    fn take(&mut self, policy: &Policy, room_wanted: bool) -> Option<(Arc<Generation>, Client)> {
+    /// Takes a free lent slot for a request that brings `policy`; while a drain for a waiting
+    /// load is near, only one of the child's own slots.
+    fn take(&mut self, policy: &Policy, drain_near: bool) -> Option<(Arc<Generation>, Client)> {
         let open = self.open.as_mut().filter(|open| {
             open.free > 0
                 && open.policy == *policy
-                && !(room_wanted && open.generation.out.load(Ordering::SeqCst) >= open.generation.slots)
+                && !(drain_near && open.generation.out.load(Ordering::SeqCst) >= open.generation.slots)
         })?;
         open.free -= 1;
         open.taken += 1;
@@ -230,8 +230,9 @@ pub(crate) struct Reclaimed {
 #[derive(Clone)]
 pub(crate) struct Home {
     pub(crate) inbox: Sender<Message>,
-    /// The scheduler, told when a lent slot comes back while loads wait for room.
-    pub(crate) scheduler: Option<(Sender<RoomRequest>, Arc<AtomicBool>)>,
+    /// The scheduler, told when a lent slot comes back while loads wait for room, and what
+    /// it tells every instance.
+    pub(crate) scheduler: Option<(Sender<RoomRequest>, Arc<RoomFlags>)>,
     pub(crate) lending: Arc<Mutex<Lending>>,
     pub(crate) stats: Arc<Mutex<Stats>>,
     /// Leases that ended and told the worker, which has not taken their slot back yet: the
@@ -293,12 +294,12 @@ impl Lease {
     }
 
     /// A lent slot, if one is free for a request that brings `policy`; counted as a request
-    /// that waited for nothing. While a load waits for room, a slot lent beyond the child's
-    /// own is not taken: the request goes to the worker, which queues it in llmctl rather
-    /// than in the child an eviction may have to drain.
+    /// that waited for nothing. While a drain for a waiting load is near, a slot lent beyond
+    /// the child's own is not taken: the request goes to the worker, which queues it in
+    /// llmctl rather than in the child the drain must empty.
     pub(crate) fn take_lent(home: &Home, policy: &Policy) -> Option<Lease> {
-        let room_wanted = home.scheduler.as_ref().is_some_and(|(_, wanted)| wanted.load(Ordering::SeqCst));
-        let (generation, client) = home.lending.lock().take(policy, room_wanted)?;
+        let drain_near = home.scheduler.as_ref().is_some_and(|(_, room)| room.drain_near.load(Ordering::SeqCst));
+        let (generation, client) = home.lending.lock().take(policy, drain_near)?;
         home.stats.lock().granted(Duration::ZERO);
         Some(Lease::on(generation, client, None, home.clone(), true))
     }
@@ -326,8 +327,8 @@ impl Lease {
         self.home.stats.lock().finished(&report, SystemTime::now(), now - started);
         if self.lent && !report.needs_worker() && self.home.lending.lock().give_back(self.generation.number) {
             // The worker hears nothing of it; the scheduler may want the idle instance.
-            if let Some((scheduler, wanted)) = &self.home.scheduler {
-                if wanted.load(Ordering::SeqCst) {
+            if let Some((scheduler, room)) = &self.home.scheduler {
+                if room.wanted.load(Ordering::SeqCst) {
                     let _ = scheduler.send(RoomRequest::Replan);
                 }
             }
@@ -396,23 +397,23 @@ mod tests {
     }
 
     #[test]
-    fn while_a_load_waits_for_room_no_lent_slot_beyond_the_childs_own_is_taken() {
+    fn while_a_drain_is_near_no_lent_slot_beyond_the_childs_own_is_taken() {
         let (mut home, _messages) = home();
         let (scheduler, _requests) = crossbeam_channel::unbounded();
-        let wanted = Arc::new(AtomicBool::new(false));
-        home.scheduler = Some((scheduler, Arc::clone(&wanted)));
+        let room = Arc::new(RoomFlags::default());
+        home.scheduler = Some((scheduler, Arc::clone(&room)));
         // A child of one slot, lent two: one of its own and one to hold beyond it.
         let generation = Arc::new(Generation::new(2, 1));
         home.lending.lock().lend(2, &generation, &client(), &Policy::default());
         let own = Lease::take_lent(&home, &Policy::default()).expect("the child's own slot");
-        wanted.store(true, Ordering::SeqCst);
+        room.drain_near.store(true, Ordering::SeqCst);
         assert!(Lease::take_lent(&home, &Policy::default()).is_none(), "a request held in a child a drain must run");
-        // Its own slot free again, it is lent as before; and without a load waiting, the one beyond.
+        // Its own slot free again, it is lent as before; and with no drain near, the one beyond.
         drop(own);
         let own = Lease::take_lent(&home, &Policy::default()).expect("the child's own slot, free again");
         assert!(!own.waits_in_child());
-        wanted.store(false, Ordering::SeqCst);
-        let beyond = Lease::take_lent(&home, &Policy::default()).expect("the slot beyond, nobody waiting for room");
+        room.drain_near.store(false, Ordering::SeqCst);
+        let beyond = Lease::take_lent(&home, &Policy::default()).expect("the slot beyond, no drain near");
         assert!(beyond.waits_in_child());
     }
 

@@ -32,7 +32,7 @@ use std::time::SystemTime;
 use parking_lot::Mutex;
 
 use crate::model::{ModelSpec, Policy};
-pub(crate) use inbox::{Job, JobEvent, Message, Pin, RoomRequest};
+pub(crate) use inbox::{Job, JobEvent, Message, Pin, RoomFlags, RoomRequest};
 pub(crate) use lease::Lease;
 pub(crate) use state::{JobId, Phase, RoomToken, Unload};
 pub(crate) use view::{FileStamp, Snapshot, Stats, View};

@@ -199,11 +199,6 @@ impl Machine {
         self.in_flight
     }
 
-    #[cfg(test)]
-    pub(crate) fn slots(&self) -> u32 {
-        self.slots
-    }
-
     pub(crate) fn queued(&self) -> usize {
         self.queue.len()
     }

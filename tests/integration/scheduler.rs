@@ -15,10 +15,10 @@ fn two_models(env: &Env, extra: &str) {
     env.add_model("b", &[], "");
 }
 
-/// Two clients that keep `a` busy (one generating, one waiting) until `stop` is set;
-/// returns how many requests they finished.
-fn keep_busy(env: &Arc<Env>, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<usize>> {
-    (0..2)
+/// `clients` clients that keep `a` busy (one generating, the others waiting) until `stop`
+/// is set; returns how many requests they finished.
+fn keep_busy(env: &Arc<Env>, stop: &Arc<AtomicBool>, clients: usize) -> Vec<std::thread::JoinHandle<usize>> {
+    (0..clients)
         .map(|_| {
             let (env, stop) = (Arc::clone(env), Arc::clone(stop));
             std::thread::spawn(move || {
@@ -38,18 +38,36 @@ fn instance(env: &Env, name: &str) -> serde_json::Value {
     status["instances"].as_array().unwrap().iter().find(|i| i["name"] == name).cloned().unwrap_or_default()
 }
 
+/// Also: once a drain for the waiting model is near, no child holds a request beyond its
+/// slots. A drain must run what the child holds before the room is free, where a request
+/// queued in llmctl waits for its model's next load. Here a's requests take a second and
+/// b's bound is two, so the drain is near from b's first moment; three clients keep a's
+/// one slot busy, one held in the child and one queued in llmctl, which the child would be
+/// sent as the next of a's requests ends.
 #[test]
 fn a_waiting_model_is_served_within_max_wait_while_the_loaded_one_stays_busy() {
-    let env = Arc::new(Env::fake());
+    let mut env = Env::fake();
+    let held_path = env.path("held.txt");
+    env.set("FAKE_LLAMA_HELD", held_path.to_str().unwrap());
+    let env = Arc::new(env);
     two_models(&env, "max_wait = \"2s\"\nmin_residency = \"0\"\n");
     assert_success(&env.run(&["warm", "a"]));
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = keep_busy(&env, &stop);
-    wait_until("a is busy with one waiting", || instance(&env, "a")["queued"] == 1);
+    let clients = keep_busy(&env, &stop, 3);
+    let finished = || {
+        let outcomes = instance(&env, "a")["outcomes"].clone();
+        outcomes.as_object().map_or(0, |outcomes| outcomes.values().filter_map(|n| n.as_u64()).sum::<u64>())
+    };
+    wait_until("a has finished a request, so its service time is measured", || finished() >= 1);
+    wait_until("a is busy with two waiting", || instance(&env, "a")["queued"] == 2);
     // b waits while a is busy, then a drains for it: b is answered while a's clients go on.
-    let output = env.run(&["run", "b", "served in time"]);
+    let waiting = env.spawn(&["run", "b", "served in time"]);
+    wait_until("b waits for room", || instance(&env, "b")["state"] == "waiting");
+    let held_before = held(&held_path);
+    let output = waiting.wait_with_output().unwrap();
     assert_success(&output);
     assert_eq!(stdout(&output), "served in time");
+    assert_eq!(held(&held_path), held_before, "a's child was sent a request beyond its slot while its drain was near");
     let served_while_busy = !stop.load(Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
     let done: usize = clients.into_iter().map(|client| client.join().unwrap()).sum();
@@ -67,9 +85,8 @@ fn held(path: &std::path::Path) -> usize {
     std::fs::read_to_string(path).unwrap_or_default().lines().count()
 }
 
-/// Also: a child holds a request beyond its slots only while no load waits for room. A
-/// drain must run what the child holds before the room is free, where a request queued in
-/// llmctl waits for its model's next load.
+/// Also: while the waiting model's bound is far off, a's child goes on holding the next
+/// request beyond its slot, so a loses no time between its requests.
 #[test]
 fn what_is_loaded_is_served_first_and_the_waiting_request_knows_its_place_and_wait() {
     let mut env = Env::fake();
@@ -80,7 +97,7 @@ fn what_is_loaded_is_served_first_and_the_waiting_request_knows_its_place_and_wa
     two_models(&env, "max_wait = \"10m\"\n");
     assert_success(&env.run(&["warm", "a"]));
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = keep_busy(&env, &stop);
+    let clients = keep_busy(&env, &stop, 2);
     wait_until("a is busy with one waiting", || instance(&env, "a")["queued"] == 1);
     wait_until("nobody waiting for room, a's child holds the second client's request", || held(&held_path) >= 1);
     let mut events = env.spawn(&["events"]);
@@ -96,9 +113,9 @@ fn what_is_loaded_is_served_first_and_the_waiting_request_knows_its_place_and_wa
     let before = requests();
     wait_until("a serves on while b waits", || requests() > before);
     let held_before = held(&held_path);
+    wait_until("a's child holds the next request while b's bound is far off", || held(&held_path) > held_before);
     wait_until("a serves two more", || requests() >= before + 3);
     assert_eq!(instance(&env, "b")["state"], "waiting", "b did not jump ahead of a's clients");
-    assert_eq!(held(&held_path), held_before, "a's child was sent a request beyond its slot while b waited");
     let table = stdout(&env.run(&["status"]));
     assert!(table.contains("waiting (1st in line, ~"), "{table}");
     // Once a's clients stop, a goes idle and b loads.

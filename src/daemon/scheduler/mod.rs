@@ -153,8 +153,10 @@ impl Scheduler<'_> {
         }
         self.next_plan = outcome.next_ms.map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
         self.call_off_releases();
-        // Before the places are told: whoever sees one also sees that room is wanted.
-        self.shared.services.room_wanted.store(!self.line.is_empty(), Ordering::SeqCst);
+        // Before the places are told: whoever sees one also sees these.
+        let room = &self.shared.services.room;
+        room.wanted.store(!self.line.is_empty(), Ordering::SeqCst);
+        room.drain_near.store(outcome.drain_near, Ordering::SeqCst);
         self.publish(outcome.etas);
     }
 
@@ -295,6 +297,7 @@ impl Scheduler<'_> {
                         ready_ms: None,
                         load_ms: None,
                         drain_ms: None,
+                        service_ms: None,
                         pinned: false,
                         busy: true,
                         releasing,
@@ -315,6 +318,7 @@ impl Scheduler<'_> {
                     ready_ms,
                     load_ms: snapshot.stats.last_load.map(|d| d.as_millis() as u64),
                     drain_ms: snapshot.stats.service_ms.map(|ms| plan::drain_ms(ms, view.in_flight, view.slots)),
+                    service_ms: snapshot.stats.service_ms.map(|ms| ms as u64),
                     pinned: view.pinned(),
                     busy: !snapshot.idle(),
                     releasing,

@@ -13,9 +13,10 @@
 //!   *overdue*: it goes first. The busy instances it needs stop taking requests and drain
 //!   (never killed) as long before that as their requests in flight and the load's first
 //!   token take, so the swap comes just before the bound and the load's first token within
-//!   `max_wait` and its load (plus whatever those requests run over their mean). While any
-//!   load waits, children are sent no request beyond their slots, which a drain would have
-//!   to run first. `max_wait = 0` serves loads in strict arrival order.
+//!   `max_wait` and its load (plus whatever those requests run over their mean). From about
+//!   one request before such a drain may begin, children are sent no request beyond their
+//!   slots, which the drain would have to run first. `max_wait = 0` serves loads in strict
+//!   arrival order.
 //! - **No ping-pong.** A busy instance loaded less than `min_residency` ago is not drained
 //!   for anyone; an idle one may be evicted.
 //! - **A moment for the next request.** An instance that has just gone idle is kept for
@@ -67,6 +68,8 @@ pub(crate) struct Resident {
     pub(crate) load_ms: Option<u64>,
     /// About how long a drain begun now would take (see [`drain_ms`]).
     pub(crate) drain_ms: Option<u64>,
+    /// How long one of its requests holds a slot (a weighted mean), once one has ended.
+    pub(crate) service_ms: Option<u64>,
     pub(crate) pinned: bool,
     /// Requests in flight or waiting for it, or a load under way.
     pub(crate) busy: bool,
@@ -145,8 +148,14 @@ pub(crate) struct Outcome {
     pub(crate) orders: Vec<Order>,
     pub(crate) etas: Vec<Eta>,
     /// When the plan changes by itself (a load becomes overdue, a resident old enough to
-    /// drain), in ms of the plan's clock.
+    /// drain, a drain near), in ms of the plan's clock.
     pub(crate) next_ms: Option<u64>,
+    /// A busy instance may begin to drain for a waiting load within about one of its
+    /// requests (half of `max_wait` until one has ended): no child is to be sent a request
+    /// beyond its slots, which that drain would have to run before the room is free. Until
+    /// then children hold one as ever, so that a model serving while others wait loses no
+    /// time between its requests.
+    pub(crate) drain_near: bool,
 }
 
 /// The plan for `now_ms`.
@@ -196,7 +205,9 @@ pub(crate) fn plan(
         let mut candidates: Vec<&Resident> = kept
             .iter()
             .filter(|r| !r.pinned && r.ready_ms.is_some())
-            .filter(|r| !r.busy || now_ms >= drains_from(load, r, max_wait, rules))
+            .filter(|r| {
+                !r.busy || r.ready_ms.is_some_and(|ready| now_ms >= drains_from(load, r, ready, max_wait, rules))
+            })
             .collect();
         candidates.sort_by(|a, b| keep_score(a).total_cmp(&keep_score(b)).then(a.id.cmp(&b.id)));
         let fits_without = |gone: &[usize]| {
@@ -264,10 +275,18 @@ pub(crate) fn plan(
             next = Some(next.map_or(until, |n| n.min(until)));
         }
         if !fits {
-            for resident in kept.iter().filter(|r| r.busy && !r.pinned && r.ready_ms.is_some()) {
-                let from = drains_from(load, resident, max_wait, rules);
-                if from > now_ms {
-                    next = Some(next.map_or(from, |n| n.min(from)));
+            for resident in kept.iter().filter(|r| r.busy && !r.pinned) {
+                // One still loading is judged as if it were ready now: the moment it is, it
+                // grants its waiters slots.
+                let ready_ms = resident.ready_ms.unwrap_or(now_ms);
+                let from = drains_from(load, resident, ready_ms, max_wait, rules);
+                let near = from.saturating_sub(resident.service_ms.unwrap_or(max_wait / 2));
+                if now_ms >= near {
+                    outcome.drain_near = true;
+                }
+                let times = if resident.ready_ms.is_some() { [near, from] } else { [near, near] };
+                for at in times.into_iter().filter(|&at| at > now_ms) {
+                    next = Some(next.map_or(at, |n| n.min(at)));
                 }
             }
         }
@@ -290,16 +309,15 @@ pub(crate) fn drain_ms(service_ms: f64, in_flight: u32, slots: u32) -> u64 {
     (service_ms * rounds as f64) as u64
 }
 
-/// When the busy, ready `resident` may begin to drain for `load`: as long before the load's
-/// bound as its drain and the load's first token take (at most half the bound), so that
-/// the load's request is answered once it has loaded, as the bound comes; and not before
-/// the resident has stayed its residency.
-fn drains_from(load: &Waiting, resident: &Resident, max_wait: u64, rules: &Rules) -> u64 {
+/// When the busy `resident`, ready since `ready_ms`, may begin to drain for `load`: as long
+/// before the load's bound as its drain and the load's first token take (at most half the
+/// bound), so that the load's request is answered once it has loaded, as the bound comes;
+/// and not before the resident has stayed its residency.
+fn drains_from(load: &Waiting, resident: &Resident, ready_ms: u64, max_wait: u64, rules: &Rules) -> u64 {
     let first_token = load.first_token_ms.unwrap_or(UNMEASURED_FIRST_TOKEN_MS);
     let lead = (resident.drain_ms.unwrap_or(0) + first_token).min(max_wait / 2);
     let bound = load.since_ms + max_wait - lead;
-    let stayed = resident.ready_ms.map_or(u64::MAX, |ready| ready + min_residency_ms(rules, resident.load_ms));
-    bound.max(stayed)
+    bound.max(ready_ms + min_residency_ms(rules, resident.load_ms))
 }
 
 fn held(residents: &[Resident]) -> Vec<budget::Held> {
@@ -337,6 +355,7 @@ impl Resident {
             ready_ms: None,
             load_ms: load.load_ms,
             drain_ms: None,
+            service_ms: None,
             pinned: false,
             busy: true,
             releasing: false,
@@ -377,6 +396,7 @@ mod tests {
             ready_ms: Some(ready_ms),
             load_ms: Some(500),
             drain_ms: None,
+            service_ms: None,
             pinned: false,
             busy,
             releasing: false,
@@ -659,21 +679,27 @@ mod tests {
         assert_eq!(outcome.etas[0].eta_ms, 9000 + 500);
         assert!(outcome.etas[1].eta_ms > outcome.etas[0].eta_ms);
         // Look again as the older nears its bound: the busy instance may begin to drain its
-        // first token's 100 ms before it.
-        assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 100));
+        // first token's 100 ms before it, and the drain is near half the bound before that
+        // while none of its requests has ended.
+        assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 100 - 5000));
         // Or, where the busy instance's requests take a second and the load's first token
-        // 100 ms, that much before it, when it may begin to drain; a load that never
-        // answered is charged 100 ms for its first token too.
+        // 100 ms, that much before it, when it may begin to drain, and one request before
+        // that, when the drain is near; a load that never answered is charged 100 ms for
+        // its first token too.
         let mut busy = resident(1, 3, true, now - 4000);
         busy.drain_ms = Some(1000);
+        busy.service_ms = Some(1000);
         let outcome = plan(&budget(8, Some(1)), &[waiting(6, 4, 1, now - 2000)], &[busy.clone()], &RULES, now);
+        assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 1000 - 100 - 1000));
+        let near = now - 2000 + 10_000 - 1000 - 100 - 1000;
+        let outcome = plan(&budget(8, Some(1)), &[waiting(6, 4, 1, now - 2000)], &[busy.clone()], &RULES, near);
         assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 1000 - 100));
         let mut slow_first_token = waiting(6, 4, 1, now - 2000);
         slow_first_token.first_token_ms = Some(700);
-        let outcome = plan(&budget(8, Some(1)), &[slow_first_token.clone()], &[busy.clone()], &RULES, now);
+        let outcome = plan(&budget(8, Some(1)), &[slow_first_token.clone()], &[busy.clone()], &RULES, near);
         assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 1000 - 700));
         slow_first_token.first_token_ms = None;
-        let outcome = plan(&budget(8, Some(1)), &[slow_first_token], &[busy], &RULES, now);
+        let outcome = plan(&budget(8, Some(1)), &[slow_first_token], &[busy], &RULES, near);
         assert_eq!(outcome.next_ms, Some(now - 2000 + 10_000 - 1000 - UNMEASURED_FIRST_TOKEN_MS));
         // Overdue, but the busy instance is too young: look again when it is old enough.
         let outcome = plan(
@@ -692,6 +718,51 @@ mod tests {
         let outcome = plan(&budget(8, Some(1)), &[waiting(5, 4, 1, now - 1000)], &[just_idle], &RULES, now);
         assert!(outcome.orders.is_empty());
         assert_eq!(outcome.next_ms, Some(now - 20 + 50));
+    }
+
+    /// Children hold a request beyond their slots until about one request before a busy
+    /// instance may begin to drain for a waiting load: from then on a request held would
+    /// lengthen that drain.
+    #[test]
+    fn a_drain_is_near_one_request_before_a_busy_instance_may_begin_it() {
+        let now = 50_000;
+        let rules = Rules { max_wait_ms: Some(10_000), min_residency_ms: Some(0) };
+        let mut busy = resident(1, 3, true, now - 4000);
+        busy.drain_ms = Some(1000);
+        busy.service_ms = Some(800);
+        let since = now - 2000;
+        // It may begin to drain at since + 10 s - (1 s drain + 100 ms first token).
+        let from = since + 10_000 - 1100;
+        let near_at = |at: u64, resident: Resident| {
+            plan(&budget(8, Some(1)), &[waiting(6, 4, 1, since)], &[resident], &rules, at).drain_near
+        };
+        assert!(!near_at(now, busy.clone()), "the drain is 6 s away");
+        assert!(!near_at(from - 801, busy.clone()));
+        assert!(near_at(from - 800, busy.clone()), "one request before it");
+        // Then the drain itself is ordered; the instance draining takes nothing more.
+        let outcome = plan(&budget(8, Some(1)), &[waiting(6, 4, 1, since)], &[busy.clone()], &rules, from);
+        assert_eq!(orders(&outcome), vec![Order::Evict { victim: 1, for_id: 6 }, Order::ReadAhead(6)]);
+        // Until one of its requests has ended, half the bound before.
+        let unmeasured = Resident { service_ms: None, ..busy.clone() };
+        assert!(!near_at(from - 5001, unmeasured.clone()));
+        assert!(near_at(from - 5000, unmeasured));
+        // An idle instance is evicted, not drained; nothing waits: nothing is near.
+        assert!(!near_at(from - 800, Resident { busy: false, ..busy.clone() }));
+        assert!(!plan(&budget(8, Some(1)), &[], &[busy.clone()], &rules, from - 800).drain_near);
+        // A pinned instance never drains for anyone.
+        assert!(!near_at(from - 800, Resident { pinned: true, ..busy.clone() }));
+        // One still loading is judged as if it were ready now: with no residency and strict
+        // arrival order its drain is near at once, since it grants its waiters slots the
+        // moment it is ready.
+        let strict = Rules { max_wait_ms: Some(0), min_residency_ms: Some(0) };
+        let loading = Resident { ready_ms: None, ..busy.clone() };
+        let outcome = plan(&budget(8, Some(1)), &[waiting(6, 4, 1, now)], std::slice::from_ref(&loading), &strict, now);
+        assert!(outcome.drain_near && outcome.orders.is_empty(), "{outcome:?}");
+        // With a residency of 4 s it is not, and the plan looks again when it will be.
+        let resident_4s = Rules { max_wait_ms: Some(0), min_residency_ms: Some(4000) };
+        let outcome = plan(&budget(8, Some(1)), &[waiting(6, 4, 1, now)], &[loading], &resident_4s, now);
+        assert!(!outcome.drain_near);
+        assert_eq!(outcome.next_ms, Some(now + 4000 - 800));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The plan and several instance state machines driven together by seeded random
 //! schedules on a simulated clock: requests arrive for random models (one client hammers
 //! one model, to starve the others if it could), loads take their time, requests take
-//! theirs, stops take a moment; the scheduler plans after every event and at the times the
-//! plan asks to look again. After every step it checks: never over budget or
+//! theirs, a child holds one request beyond its slots unless the plan says a drain is near,
+//! stops take a moment; the scheduler plans after every event and at the times the plan
+//! asks to look again. After every step it checks: never over budget or
 //! `max_instances`; no busy instance stopped; every request answered at most once; the
 //! oldest waiting load is served within its bound of becoming the oldest. At the end every request was
 //! answered: nothing is stuck, so no two loads waited on each other. A failure prints the
@@ -44,6 +45,11 @@ struct Model {
     need: Need,
     load_ms: u64,
     request_ms: u64,
+    /// The child's own slots; its machine grants one more unless a drain is near, and
+    /// that request waits inside the child for a slot.
+    parallel: u32,
+    /// When each of the child's slots is next free.
+    slot_free: Vec<u64>,
     machine: Machine,
     /// When the current child became ready.
     ready_ms: Option<u64>,
@@ -76,6 +82,8 @@ struct Sim {
     planned: Option<u64>,
     /// The oldest waiting load, and since when it is the oldest.
     oldest: Option<(usize, u64)>,
+    /// What the last plan said: children hold nothing beyond their slots.
+    drain_near: bool,
     trace: Vec<String>,
 }
 
@@ -101,6 +109,9 @@ impl Sim {
 
     /// Feeds `event` to `model`'s machine and carries out its actions.
     fn feed(&mut self, model: usize, event: Event) {
+        // As a worker does at each message.
+        let slots = self.models[model].parallel + u32::from(!self.drain_near);
+        self.models[model].machine.set_slots(slots);
         let actions = self.models[model].machine.step(event);
         for action in actions {
             self.trace.push(format!("  m{model}: {action:?}"));
@@ -118,6 +129,7 @@ impl Sim {
                     self.holding.remove(&model);
                 }
                 Action::Spawn => {
+                    self.models[model].slot_free = vec![0; self.models[model].parallel as usize];
                     let generation = self.models[model].machine.generation();
                     let at = self.now + self.models[model].load_ms;
                     self.schedule(at, SimEvent::Loaded { model, generation });
@@ -130,7 +142,11 @@ impl Sim {
                     let hammer = self.models[model].hammer_jobs.contains(&job);
                     self.models[model].hammer_jobs.retain(|&j| j != job);
                     self.models[model].leases.push((job, generation));
-                    let at = self.now + self.models[model].request_ms;
+                    // It runs on the slot free first, once it is free.
+                    let m = &mut self.models[model];
+                    let slot = (0..m.slot_free.len()).min_by_key(|&s| m.slot_free[s]).unwrap();
+                    let at = m.slot_free[slot].max(self.now) + m.request_ms;
+                    m.slot_free[slot] = at;
                     self.schedule(at, SimEvent::Done { model, generation, job, hammer });
                 }
                 Action::Fail(job, _) => {
@@ -220,7 +236,8 @@ impl Sim {
                     last_used_ms: m.last_used_ms,
                     ready_ms: m.ready_ms.filter(|_| m.machine.phase() == Phase::Ready),
                     load_ms: Some(m.load_ms),
-                    drain_ms: Some(plan::drain_ms(m.request_ms as f64, m.machine.in_flight(), m.machine.slots())),
+                    drain_ms: Some(plan::drain_ms(m.request_ms as f64, m.machine.in_flight(), m.parallel)),
+                    service_ms: Some(m.request_ms),
                     pinned: false,
                     busy: !m.machine.idle(),
                     releasing: releasing_for.is_some(),
@@ -228,6 +245,7 @@ impl Sim {
             })
             .collect();
         let outcome = plan::plan(&self.budget, &waiting, &residents, &self.rules, self.now);
+        self.drain_near = outcome.drain_near;
         for order in outcome.orders {
             self.trace.push(format!("  plan: {order:?}"));
             match order {
@@ -328,13 +346,20 @@ fn run(seed: u64) {
             need: Need { ram: (1 + rng.below(4)) * GIB, vram: 0 },
             load_ms: 100 + rng.below(1900),
             request_ms: 20 + rng.below(780),
-            machine: Machine::new(1 + rng.below(2) as u32),
+            parallel: 0,
+            slot_free: Vec::new(),
+            machine: Machine::new(1),
             ready_ms: None,
             last_used_ms: 0,
             leases: Vec::new(),
             hammer_jobs: Vec::new(),
         })
         .collect();
+    let mut models = models;
+    for model in &mut models {
+        model.parallel = 1 + rng.below(2) as u32;
+        model.machine = Machine::new(model.parallel);
+    }
     let budget = if rng.below(2) == 0 {
         Budget { ram: 64 * GIB, vram: None, max_instances: Some(1 + rng.below(2) as usize) }
     } else {
@@ -361,6 +386,7 @@ fn run(seed: u64) {
         token: 0,
         planned: None,
         oldest: None,
+        drain_near: false,
         trace: Vec::new(),
     };
     sim.trace.push(format!("budget {:?}, rules {:?}", sim.budget, sim.rules));

@@ -208,6 +208,7 @@ impl Worker {
     pub(super) fn became_ready(&mut self, started: Instant) {
         self.home.stats.lock().last_load = Some(started.elapsed());
         self.ready_since = Some(SystemTime::now());
+        self.just_ready = true;
         self.publish(EventKind::Ready, self.pid(), Some(format!("loaded in {} ms", started.elapsed().as_millis())));
         self.services.gpu.refresh_soon();
     }

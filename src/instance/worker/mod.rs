@@ -43,7 +43,7 @@ use super::cache_store::CacheStore;
 use super::lease::{Generation, Home, Lease, Lending};
 use super::policy::{self, Breaker, CrashLoop, ReplicaHealth};
 use super::state::{Action, Cause, Event, Machine, Phase, Unload};
-use super::{FileStamp, Handle, Job, JobEvent, JobId, Message, Pin, RoomRequest, Stats, View};
+use super::{FileStamp, Handle, Job, JobEvent, JobId, Message, Pin, RoomFlags, RoomRequest, Stats, View};
 use crate::backend::client::{Client, Timeouts};
 use crate::backend::local;
 use crate::error::Error;
@@ -84,9 +84,8 @@ pub(crate) struct Services {
     pub(crate) llama_server: Box<dyn Fn() -> Result<PathBuf, String> + Send + Sync>,
     /// Marks this daemon's children (see `process::MARK_VARIABLE`).
     pub(crate) mark_prefix: String,
-    /// Set by the scheduler while loads wait for room: an instance that becomes idle then
-    /// tells it, since it may now be evicted for one.
-    pub(crate) room_wanted: Arc<AtomicBool>,
+    /// Set by the scheduler: whether loads wait for room, and whether a drain for one is near.
+    pub(crate) room: Arc<RoomFlags>,
     /// The prompt caches saved on unload and restored on load.
     pub(crate) caches: CacheStore,
 }
@@ -109,16 +108,17 @@ impl Services {
 /// run a p99 of 379 ms). Remote servers get no more than their slots, and neither does a
 /// model with a `max_queued`: its limit counts every request that waits.
 ///
-/// Nor does any child while a load waits for room: a drain must finish what a child holds,
-/// but leaves what waits in llmctl's queue for the model's next load, so a request held in
-/// the child would lengthen the drain by a whole request (see [`Lease::take_lent`] for slots
-/// lent before the load asked).
+/// Nor does any child while a busy instance may soon drain for a waiting load: a drain must
+/// finish what a child holds, but leaves what waits in llmctl's queue for the model's next
+/// load, so a request held in the child would lengthen the drain by a whole request (see
+/// [`Lease::take_lent`] for slots lent before). While the drain is still far off, a child
+/// holds one as ever: under thrash a model is loaded while others wait most of the time.
 const QUEUED_IN_CHILD: u32 = 1;
 
 /// The slots the machine grants for a local child: its own, and [`QUEUED_IN_CHILD`] more
-/// unless the model has a `max_queued` or a load waits for room.
-fn machine_slots(parallel: u32, policy: &crate::model::Policy, room_wanted: bool) -> u32 {
-    if policy.max_queued.is_some() || room_wanted {
+/// unless the model has a `max_queued` or a drain for a waiting load is near.
+fn machine_slots(parallel: u32, policy: &crate::model::Policy, drain_near: bool) -> u32 {
+    if policy.max_queued.is_some() || drain_near {
         parallel
     } else {
         parallel + QUEUED_IN_CHILD
@@ -137,7 +137,7 @@ pub(crate) fn start(
     let view = Arc::new(Mutex::new(View::new(spec.clone(), info.clone(), stamp)));
     let home = Home {
         inbox: inbox_tx,
-        scheduler: Some((services.scheduler.clone(), Arc::clone(&services.room_wanted))),
+        scheduler: Some((services.scheduler.clone(), Arc::clone(&services.room))),
         lending: Arc::new(Mutex::new(Lending::default())),
         stats: Arc::new(Mutex::new(Stats::default())),
         returning: Arc::default(),
@@ -168,6 +168,7 @@ pub(crate) fn start(
         stop_message: String::new(),
         stop_waiters: Vec::new(),
         ready_since: None,
+        just_ready: false,
         pinned_by_command: false,
         pinned_until: None,
         cache_identity: None,
@@ -212,6 +213,8 @@ struct Worker {
     /// Who waits for the instance to stop.
     stop_waiters: Vec<Sender<()>>,
     ready_since: Option<SystemTime>,
+    /// Became ready since the scheduler was last told.
+    just_ready: bool,
     pinned_by_command: bool,
     pinned_until: Option<SystemTime>,
     /// What the running child's prompt caches are saved under; none when they are not.
@@ -253,7 +256,7 @@ impl Worker {
                 self.lend();
             }
             self.publish_view();
-            self.tell_scheduler_if_idle();
+            self.tell_scheduler_if_ready_or_idle();
             if shutdown {
                 break;
             }
@@ -265,21 +268,23 @@ impl Worker {
         self.publish_view();
     }
 
-    /// Sets the machine's slots for a local child from the policy and whether a load waits
-    /// for room; a count lowered below the requests in flight grants nothing until enough
-    /// of them end.
+    /// Sets the machine's slots for a local child from the policy and whether a drain for a
+    /// waiting load is near; a count lowered below the requests in flight grants nothing
+    /// until enough of them end.
     fn set_slots(&mut self) {
         if self.spec.remote.is_none() {
-            let room_wanted = self.services.room_wanted.load(Ordering::SeqCst);
-            self.machine.set_slots(machine_slots(self.spec.load.parallel, &self.spec.policy, room_wanted));
+            let drain_near = self.services.room.drain_near.load(Ordering::SeqCst);
+            self.machine.set_slots(machine_slots(self.spec.load.parallel, &self.spec.policy, drain_near));
         }
     }
 
-    /// While loads wait for room, an instance that became idle may be evicted for one.
-    fn tell_scheduler_if_idle(&self) {
+    /// While loads wait for room, an instance that became idle may be evicted for one, and
+    /// one that became ready may have to drain for one: the plan must know when.
+    fn tell_scheduler_if_ready_or_idle(&mut self) {
+        let just_ready = std::mem::take(&mut self.just_ready);
         let in_use = self.machine.in_flight() - self.lent + self.home.lending.lock().taken();
         let idle = self.machine.phase() == Phase::Ready && self.machine.queued() == 0 && in_use == 0;
-        if idle && self.services.room_wanted.load(Ordering::SeqCst) && self.spec.remote.is_none() {
+        if (idle || just_ready) && self.services.room.wanted.load(Ordering::SeqCst) && self.spec.remote.is_none() {
             let _ = self.services.scheduler.send(RoomRequest::Replan);
         }
     }
