@@ -49,7 +49,8 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
     }
     // A client that stops reading must not hold its slot (or an events thread) for good:
     // a write that cannot proceed for this long fails, which cancels the generation.
-    let _ = stream.set_write_timeout(Some(shared.settings.token_timeout.min(CLIENT_WRITE_TIMEOUT)));
+    let write_timeout = shared.settings.token_timeout.min(CLIENT_WRITE_TIMEOUT);
+    let _ = stream.set_write_timeout(Some(write_timeout));
     // The request is read through a borrow and everything after is written through the
     // writer's own handle: no duplicated descriptors.
     let read = read_request(BufReader::new(&stream), &stream);
@@ -102,6 +103,18 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
         Err(payload) => Err(panicked(payload)),
     };
     if let Err(error) = result {
+        let error = match error {
+            // Cancelled with the client still there: it stopped reading (a stopped process,
+            // a full pipe), and may yet read why once it goes on.
+            Error::Interrupted if !peer.gone() => Error::Timeout {
+                what: format!(
+                    "writing to this client: it read nothing for {} s, so its request was cancelled and its slot \
+                     given back",
+                    write_timeout.as_secs()
+                ),
+            },
+            error => error,
+        };
         log::debug!("request failed: {error}");
         let _ = peer.send(&Response::error(&error));
     }

@@ -2,7 +2,7 @@
 //! failures reported as such (69), bad input as bad input (65), a daemon that does not
 //! answer never holds a client for good, a client that stops reading never holds a slot.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 
 use crate::support::*;
@@ -143,9 +143,16 @@ fn a_client_that_stops_reading_gives_its_slot_back() {
         .unwrap();
     wait_until("the stalled client holds the slot", || env.status_json()["instances"][0]["in_flight"] == 1);
     wait_until("the slot comes back", || env.status_json()["instances"][0]["in_flight"] == 0);
+    // Reading again, the client hears why its request ended: a timeout, not a Ctrl-C.
+    let reader = std::thread::spawn(move || {
+        let lines = BufReader::new(stalled).lines().map_while(Result::ok);
+        lines.last().unwrap_or_default()
+    });
     let output = env.run(&["run", "--raw", "-n", "3", "flood", "go"]);
     assert_success(&output);
-    drop(stalled);
+    let last: serde_json::Value = serde_json::from_str(&reader.join().unwrap()).unwrap();
+    assert_eq!((last["type"].as_str(), last["kind"].as_str()), (Some("error"), Some("timeout")), "{last}");
+    assert!(last["message"].as_str().unwrap().contains("read nothing for 3 s"), "{last}");
 }
 
 #[test]
