@@ -342,24 +342,24 @@ fn run(seed: u64) {
     let mut rng = Rng::new(seed);
     let n_models = 2 + rng.below(3) as usize;
     let models: Vec<Model> = (0..n_models)
-        .map(|_| Model {
-            need: Need { ram: (1 + rng.below(4)) * GIB, vram: 0 },
-            load_ms: 100 + rng.below(1900),
-            request_ms: 20 + rng.below(780),
-            parallel: 0,
-            slot_free: Vec::new(),
-            machine: Machine::new(1),
-            ready_ms: None,
-            last_used_ms: 0,
-            leases: Vec::new(),
-            hammer_jobs: Vec::new(),
+        .map(|_| {
+            let (need, load_ms, request_ms) =
+                (Need { ram: (1 + rng.below(4)) * GIB, vram: 0 }, 100 + rng.below(1900), 20 + rng.below(780));
+            let parallel = 1 + rng.below(2) as u32;
+            Model {
+                need,
+                load_ms,
+                request_ms,
+                parallel,
+                slot_free: Vec::new(),
+                machine: Machine::new(parallel),
+                ready_ms: None,
+                last_used_ms: 0,
+                leases: Vec::new(),
+                hammer_jobs: Vec::new(),
+            }
         })
         .collect();
-    let mut models = models;
-    for model in &mut models {
-        model.parallel = 1 + rng.below(2) as u32;
-        model.machine = Machine::new(model.parallel);
-    }
     let budget = if rng.below(2) == 0 {
         Budget { ram: 64 * GIB, vram: None, max_instances: Some(1 + rng.below(2) as usize) }
     } else {
