@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::unheard::Unheard;
+
 /// The limits a server enforces.
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
@@ -102,10 +104,12 @@ pub(crate) fn serve(
 ) -> io::Result<()> {
     let limits = Arc::new(limits);
     let held = Arc::new(AtomicUsize::new(0));
+    let unheard = Arc::new(Unheard::default());
     let alive = Arc::new(AtomicUsize::new(0));
     // A rendezvous: a send succeeds only when an idle worker waits for it.
-    let (hand_over, idle) = crossbeam_channel::bounded::<TcpStream>(0);
-    let (queue, waiting) = crossbeam_channel::bounded::<TcpStream>(limits.backlog);
+    // Each connection goes with its number in `unheard`, noted as it is accepted.
+    let (hand_over, idle) = crossbeam_channel::bounded::<(TcpStream, u64)>(0);
+    let (queue, waiting) = crossbeam_channel::bounded::<(TcpStream, u64)>(limits.backlog);
     for stream in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
             break;
@@ -113,48 +117,75 @@ pub(crate) fn serve(
         let Ok(stream) = stream else {
             continue;
         };
-        let stream = match hand_over.try_send(stream) {
+        let id = unheard.note(&stream);
+        let accepted = match hand_over.try_send((stream, id)) {
             Ok(()) => continue,
             Err(
-                crossbeam_channel::TrySendError::Full(stream) | crossbeam_channel::TrySendError::Disconnected(stream),
-            ) => stream,
+                crossbeam_channel::TrySendError::Full(accepted)
+                | crossbeam_channel::TrySendError::Disconnected(accepted),
+            ) => accepted,
         };
         if alive.load(Ordering::SeqCst) < limits.workers {
             alive.fetch_add(1, Ordering::SeqCst);
-            let (limits, handler, held, worker_alive) =
-                (Arc::clone(&limits), Arc::clone(&handler), Arc::clone(&held), Arc::clone(&alive));
+            let (limits, handler, held, worker_unheard, worker_alive) = (
+                Arc::clone(&limits),
+                Arc::clone(&handler),
+                Arc::clone(&held),
+                Arc::clone(&unheard),
+                Arc::clone(&alive),
+            );
             let (idle, waiting, stopping) = (idle.clone(), waiting.clone(), Arc::clone(&stopping));
             let spawned = std::thread::Builder::new().name("http".into()).spawn(move || {
-                let mut next = Some(stream);
-                while let Some(stream) = next.take() {
-                    Connection::new(stream, &limits, &held, &stopping).serve(&*handler);
+                let mut next = Some(accepted);
+                while let Some((stream, id)) = next.take() {
+                    Connection::new(stream, id, &limits, &held, &worker_unheard, &stopping).serve(&*handler);
                     next = crossbeam_channel::select_biased! {
-                        recv(waiting) -> stream => stream.ok(),
-                        recv(idle) -> stream => stream.ok(),
+                        recv(waiting) -> accepted => accepted.ok(),
+                        recv(idle) -> accepted => accepted.ok(),
                         default(IDLE_WORKER) => None,
                     };
                 }
                 worker_alive.fetch_sub(1, Ordering::SeqCst);
             });
             if spawned.is_err() {
+                unheard.forget(id);
                 alive.fetch_sub(1, Ordering::SeqCst);
             }
             continue;
         }
-        if let Err(crossbeam_channel::TrySendError::Full(mut stream)) = queue.try_send(stream) {
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let body = error_body(503, "every worker is busy; retry shortly", Some("busy"));
-            let _ = write!(
-                stream,
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )
-            .and_then(|()| stream.write_all(body.as_bytes()));
+        let mut accepted = match queue.try_send(accepted) {
+            Err(crossbeam_channel::TrySendError::Full(accepted)) => accepted,
+            _ => continue,
+        };
+        // Every worker is busy and the backlog is full: the connections silent for a while
+        // give their workers to the backlog, where this one takes a place.
+        if unheard.hang_up(SILENT_UNDER_PRESSURE, usize::MAX) > 0 {
+            accepted = match queue.send_timeout(accepted, HANG_UP_PATIENCE) {
+                Ok(()) => continue,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(accepted))
+                | Err(crossbeam_channel::SendTimeoutError::Disconnected(accepted)) => accepted,
+            };
         }
+        let (mut stream, id) = accepted;
+        unheard.forget(id);
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let body = error_body(503, "every worker is busy; retry shortly", Some("busy"));
+        let _ = write!(
+            stream,
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .and_then(|()| stream.write_all(body.as_bytes()));
     }
     Ok(())
 }
+
+/// How long a connection may wait silent for its request before, with every worker busy
+/// and the backlog full, it is hung up to make room.
+const SILENT_UNDER_PRESSURE: Duration = Duration::from_secs(1);
+/// How long the accept loop waits for a worker freed by hanging up a silent connection.
+const HANG_UP_PATIENCE: Duration = Duration::from_millis(200);
 
 /// Wakes a [`serve`] blocked in `accept` on the listener with descriptor `fd`, after its
 /// `stopping` flag was set.
@@ -180,9 +211,13 @@ impl Refusal {
 
 struct Connection<'a> {
     stream: TcpStream,
+    /// Its number in `unheard`, noted as it was accepted, until its first request is read.
+    first: Option<u64>,
     limits: &'a Limits,
     /// Bytes of bodies all connections hold now.
     held: &'a AtomicUsize,
+    /// The connections reading a request now, which give their places when all are taken.
+    unheard: &'a Unheard,
     /// This connection's share of `held`.
     holding: usize,
     /// Bytes read past the end of the last request (a pipelined next one).
@@ -192,10 +227,17 @@ struct Connection<'a> {
 }
 
 impl<'a> Connection<'a> {
-    fn new(stream: TcpStream, limits: &'a Limits, held: &'a AtomicUsize, stopping: &'a AtomicBool) -> Connection<'a> {
+    fn new(
+        stream: TcpStream,
+        id: u64,
+        limits: &'a Limits,
+        held: &'a AtomicUsize,
+        unheard: &'a Unheard,
+        stopping: &'a AtomicBool,
+    ) -> Connection<'a> {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(limits.write_timeout));
-        Connection { stream, limits, held, holding: 0, buffer: Vec::new(), stopping }
+        Connection { stream, first: Some(id), limits, held, unheard, holding: 0, buffer: Vec::new(), stopping }
     }
 
     /// Takes `bytes` more of the shared body budget, or refuses with 503.
@@ -214,7 +256,13 @@ impl<'a> Connection<'a> {
 
     fn serve(mut self, handler: &(dyn Fn(Request, &mut Exchange) + Send + Sync)) {
         loop {
+            // Until its request is read, the connection may be hung up for a newer one.
+            let hearing = match self.first.take() {
+                Some(id) => self.unheard.resume(id),
+                None => self.unheard.enter(&self.stream),
+            };
             let read = self.read_request();
+            drop(hearing);
             let (request, keep_alive) = match read {
                 Ok(read) => read,
                 Err(refusal) => {
@@ -731,6 +779,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         let handler: Handler = Arc::new(|request: Request, exchange: &mut Exchange| {
+            if request.target == "/hold" {
+                // Busy until its client hangs up.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !exchange.client_gone() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                return;
+            }
             let text = format!("{} {} {}", request.method, request.target, String::from_utf8_lossy(&request.body));
             exchange.respond(200, "text/plain", text.as_bytes(), &[]);
         });
@@ -899,11 +955,12 @@ mod tests {
     }
 
     #[test]
-    fn a_full_pool_answers_503_at_once() {
+    fn a_full_pool_of_busy_workers_answers_503_at_once() {
         let limits = Limits { workers: 1, backlog: 1, idle_timeout: Duration::from_secs(30), ..Limits::default() };
         let address = echo(limits);
-        // One idle connection holds the only worker, a second waits in the backlog.
-        let _held = TcpStream::connect(address).unwrap();
+        // A request holds the only worker, and a connection waits in the backlog.
+        let mut busy = TcpStream::connect(address).unwrap();
+        busy.write_all(b"GET /hold HTTP/1.1\r\n\r\n").unwrap();
         let _waiting = TcpStream::connect(address).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -913,6 +970,30 @@ mod tests {
                 break;
             }
             assert!(Instant::now() < deadline, "never refused: {answer}");
+        }
+    }
+
+    #[test]
+    fn connections_silent_past_a_second_give_their_places_to_a_request() {
+        let limits = Limits { workers: 1, backlog: 1, idle_timeout: Duration::from_secs(30), ..Limits::default() };
+        let address = echo(limits);
+        // Silent connections hold the only worker and the backlog; they would for 30 s.
+        let held = TcpStream::connect(address).unwrap();
+        let waiting = TcpStream::connect(address).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = exchange(address, b"GET /served HTTP/1.1\r\n\r\n");
+            if answer.starts_with("HTTP/1.1 200") {
+                assert!(answer.ends_with("GET /served "), "{answer}");
+                break;
+            }
+            assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+            assert!(Instant::now() < deadline, "the silent connections kept their places");
+        }
+        // Both were hung up: each reads the end of its stream.
+        for stream in [held, waiting] {
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!((&stream).read(&mut [0u8; 1]).unwrap(), 0);
         }
     }
 }

@@ -94,6 +94,7 @@ pub(crate) mod similar;
 pub(crate) mod sys;
 pub(crate) mod term;
 pub mod tiny_model;
+pub(crate) mod unheard;
 
 use std::ffi::OsString;
 use std::io::Write;

@@ -48,6 +48,14 @@ pub(crate) fn peer_closed(socket: &impl AsRawFd) -> bool {
     rc > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
+/// True when the socket `fd` has bytes to read (or its peer hung up) now.
+pub(crate) fn readable(fd: RawFd) -> bool {
+    let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout; poll only writes `revents`.
+    let rc = unsafe { libc::poll(&mut poll, 1, 0) };
+    rc > 0 && poll.revents & libc::POLLIN != 0
+}
+
 /// Takes an exclusive advisory lock on `file` without waiting; false if another process
 /// holds it. The lock lasts as long as the file stays open.
 pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<bool> {

@@ -53,7 +53,9 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
     let _ = stream.set_write_timeout(Some(write_timeout));
     // The request is read through a borrow and everything after is written through the
     // writer's own handle: no duplicated descriptors.
+    let hearing = shared.unheard.enter(&stream);
     let read = read_request(BufReader::new(&stream), &stream);
+    drop(hearing);
     let mut peer = Peer::new(BufWriter::with_capacity(1 << 16, stream));
     let (request, size) = match read {
         Ok(Some(received)) => {
@@ -76,9 +78,10 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
         Request::Run(_) | Request::Events | Request::Listen(_) | Request::Warm { .. } | Request::Switch { .. }
     );
     let cap = shared.long_connection_cap();
-    if long && shared.connections.load(Ordering::SeqCst) > cap {
+    let _long = long.then(|| LongConnection::take(shared));
+    if long && shared.long_connections.load(Ordering::SeqCst) > cap {
         let error = Error::Busy {
-            message: format!("the daemon has {cap} connections open, its limit"),
+            message: format!("the daemon has {cap} connections streaming or following, its limit"),
             retry_after_ms: 1000,
             per_model: false,
         };
@@ -117,6 +120,22 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
         };
         log::debug!("request failed: {error}");
         let _ = peer.send(&Response::error(&error));
+    }
+}
+
+/// A connection counted in `Shared::long_connections` while it lives.
+struct LongConnection<'a>(&'a Shared);
+
+impl<'a> LongConnection<'a> {
+    fn take(shared: &'a Shared) -> LongConnection<'a> {
+        shared.long_connections.fetch_add(1, Ordering::SeqCst);
+        LongConnection(shared)
+    }
+}
+
+impl Drop for LongConnection<'_> {
+    fn drop(&mut self) {
+        self.0.long_connections.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

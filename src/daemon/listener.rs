@@ -131,8 +131,9 @@ fn accept_and_serve(shared: &Arc<Shared>, acceptors: &Arc<Acceptors>, first: boo
             continue;
         }
         // Each connection holds a thread: beyond the cap, a client is told busy at once
-        // instead of growing the daemon without bound.
-        if open >= shared.connection_cap() {
+        // instead of growing the daemon without bound, unless a connection that has sent
+        // nothing gives it its place (the thread of the one hung up leaves at once).
+        if open >= shared.connection_cap() && shared.unheard.hang_up(Duration::ZERO, 1) == 0 {
             shared.connections.fetch_sub(1, Ordering::SeqCst);
             shared.admission.note_rejected();
             let message = format!("the daemon has {} connections open, its limit", shared.connection_cap());

@@ -47,6 +47,11 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     /// Unix-socket connections open now (each holds a thread).
     pub(crate) connections: AtomicUsize,
+    /// Of those, the ones whose request holds its connection for long (generations,
+    /// `events`, `listen`, `warm`, `switch`).
+    pub(crate) long_connections: AtomicUsize,
+    /// Of those, the ones that have not sent their request yet.
+    pub(crate) unheard: crate::unheard::Unheard,
     /// The last failure to write the state file; cleared by the next success. Held while
     /// the file is written, so one thread writes it at a time.
     pub(crate) state_file_error: Mutex<Option<String>>,
@@ -142,6 +147,8 @@ impl Shared {
             shutdown,
             shutting_down: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            long_connections: AtomicUsize::new(0),
+            unheard: Default::default(),
             state_file_error: Mutex::new(None),
             jobs: AtomicU64::new(0),
             llama_server: RwLock::new(String::new()),

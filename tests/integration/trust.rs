@@ -479,3 +479,21 @@ fn shutdown_gets_past_connections_that_fill_the_cap_without_a_word() {
     drop(held);
     env.assert_nothing_survives();
 }
+
+#[test]
+fn connections_that_never_speak_give_their_places_to_status_stop_and_run() {
+    let env = Env::fake();
+    configure(&env, "queue_depth = 1\n", &[]);
+    assert_success(&env.run(&["warm", "m"]));
+    // The cap is the queue depth plus 320: fill it with connections that never speak.
+    let held: Vec<UnixStream> = (0..400).filter_map(|_| UnixStream::connect(env.socket()).ok()).collect();
+    assert!(held.len() > 330, "only {} connections opened", held.len());
+    assert_success(&env.run(&["status"]));
+    let output = env.run(&["run", "m", "still served"]);
+    assert_success(&output);
+    assert_eq!(stdout(&output), "still served");
+    assert_success(&env.run(&["stop", "m"]));
+    assert_success(&env.run(&["shutdown"]));
+    drop(held);
+    env.assert_nothing_survives();
+}

@@ -1,0 +1,114 @@
+//! Connections waiting for a request, oldest first, for the servers that hold a thread per
+//! connection (the daemon's Unix socket, `serve`'s HTTP): when every place is taken, silent
+//! ones are hung up to make room. Connections opened and left silent (a client library's
+//! idle pool, a slow or hostile program) would otherwise hold every thread until their read
+//! timeouts close them, and lock `status`, `stop` or a real request out meanwhile. A real
+//! client sends its request as it connects; one whose bytes are there to read is never hung
+//! up. An HTTP client whose idle kept-alive connection is closed opens another, as it does
+//! when any server closes one (nginx closes idle kept-alive connections the same way when
+//! it runs out of connections).
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+#[derive(Default)]
+pub(crate) struct Unheard {
+    next: AtomicU64,
+    /// By arrival. A descriptor is in here only while its connection holds it open: the
+    /// connection takes it out (under this lock) before it can close it, so the descriptor
+    /// hung up is never one already reused.
+    waiting: Mutex<BTreeMap<u64, (Instant, RawFd)>>,
+}
+
+impl Unheard {
+    /// Notes `socket` as waiting for a request until the guard is dropped, which must be
+    /// before the socket is closed.
+    pub(crate) fn enter(&self, socket: &impl AsRawFd) -> Hearing<'_> {
+        Hearing { unheard: self, id: self.note(socket) }
+    }
+
+    /// Notes `socket` as waiting for a request, for a connection that waits elsewhere
+    /// before a thread reads it: [`Unheard::resume`] with the number returned, or
+    /// [`Unheard::forget`] it, before the socket is closed.
+    pub(crate) fn note(&self, socket: &impl AsRawFd) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.waiting.lock().insert(id, (Instant::now(), socket.as_raw_fd()));
+        id
+    }
+
+    /// The guard of a connection noted with [`Unheard::note`] (hung up meanwhile or not).
+    pub(crate) fn resume(&self, id: u64) -> Hearing<'_> {
+        Hearing { unheard: self, id }
+    }
+
+    pub(crate) fn forget(&self, id: u64) {
+        self.waiting.lock().remove(&id);
+    }
+
+    /// Hangs up, oldest first, at most `at_most` connections that have waited `silent_for`
+    /// or longer and have nothing to read; returns how many. Each one's read ends at once,
+    /// and its thread goes on to the next connection.
+    pub(crate) fn hang_up(&self, silent_for: Duration, at_most: usize) -> usize {
+        let mut waiting = self.waiting.lock();
+        let now = Instant::now();
+        let silent: Vec<u64> = waiting
+            .iter()
+            .take_while(|(_, (since, _))| now.duration_since(*since) >= silent_for)
+            .filter(|(_, (_, fd))| !crate::sys::readable(*fd))
+            .map(|(id, _)| *id)
+            .take(at_most)
+            .collect();
+        for id in &silent {
+            if let Some((_, fd)) = waiting.remove(id) {
+                crate::sys::shutdown_socket(fd);
+            }
+        }
+        silent.len()
+    }
+}
+
+/// A connection waiting for its request; see [`Unheard`].
+pub(crate) struct Hearing<'a> {
+    unheard: &'a Unheard,
+    id: u64,
+}
+
+impl Drop for Hearing<'_> {
+    fn drop(&mut self) {
+        self.unheard.forget(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn silent_connections_are_hung_up_oldest_first_and_one_that_spoke_never() {
+        let unheard = Unheard::default();
+        let pairs: Vec<(UnixStream, UnixStream)> = (0..4).map(|_| UnixStream::pair().unwrap()).collect();
+        let hearings: Vec<_> = pairs.iter().map(|(server, _)| unheard.enter(server)).collect();
+        let mut hearings = hearings.into_iter();
+        drop(hearings.next()); // the oldest has had its request read
+        (&pairs[2].1).write_all(b"{").unwrap(); // this one is sending its request
+        let ended = |socket: &UnixStream| {
+            socket.set_nonblocking(true).unwrap();
+            matches!((&mut &*socket).read(&mut [0u8; 1]), Ok(0))
+        };
+        assert_eq!(unheard.hang_up(Duration::from_secs(3600), 8), 0, "none has been silent that long");
+        assert_eq!(unheard.hang_up(Duration::ZERO, 1), 1);
+        assert!(!ended(&pairs[0].0), "a connection whose request was read was hung up");
+        assert!(ended(&pairs[1].0), "the oldest silent connection is still open");
+        assert!(!ended(&pairs[3].0), "a newer one went first");
+        assert_eq!(unheard.hang_up(Duration::ZERO, 8), 1, "the one sending its request stays");
+        assert!(ended(&pairs[3].0));
+        assert!(!ended(&pairs[2].0));
+        drop(hearings);
+    }
+}
