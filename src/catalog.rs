@@ -94,7 +94,7 @@ pub fn known(config: &Config, paths: &Paths) -> Vec<Known> {
 
 fn expand(path: &Path, config_dir: &Path) -> PathBuf {
     let path = match path.strip_prefix("~") {
-        Ok(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
+        Ok(rest) => crate::paths::home().join(rest),
         Err(_) => path.to_path_buf(),
     };
     if path.is_relative() {

@@ -97,7 +97,9 @@ pub const FILES_HELP: &str = "    $XDG_RUNTIME_DIR/llmctl/llmctl.sock, else /run
         the installed llama-server, the demo model and pulled models (models/)
     $XDG_CACHE_HOME/llmctl, else ~/.cache/llmctl
         setup downloads and build tree, the set-up lock (setup.lock), the GGUF header
-        cache of `ls`";
+        cache of `ls`
+    ~ is $HOME; where HOME is unset or empty (cron, env -i), the home directory the
+    password database gives the user";
 
 /// The EXIT STATUS section, from the table in `error.rs`: each meaning wrapped to the
 /// width of the other sections, under its status.

@@ -158,11 +158,22 @@ impl Config {
     /// The settings of the config at `path` that can be read, and the error about the rest:
     /// for `llmctl config`, which shows what it can even when one line is wrong.
     pub fn load_what_it_can(path: &Path) -> (Config, Option<Error>) {
-        let text = match fs::read_to_string(path) {
-            Ok(text) => text,
+        let bad = |reason: String| (Config::default(), Some(Error::BadConfig { path: path.to_path_buf(), reason }));
+        let bytes = match fs::read(path) {
+            Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Config::default(), None),
+            Err(e) => return bad(e.to_string()),
+        };
+        let text = match String::from_utf8(bytes) {
+            Ok(text) => text,
             Err(e) => {
-                return (Config::default(), Some(Error::BadConfig { path: path.to_path_buf(), reason: e.to_string() }))
+                let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+                let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+                let column = good.len() - good.iter().rposition(|&b| b == b'\n').map_or(0, |n| n + 1) + 1;
+                let byte = e.as_bytes()[good.len()];
+                return bad(format!(
+                    "line {line}: byte 0x{byte:02X} at column {column} is not UTF-8 text, which TOML is"
+                ));
             }
         };
         let (config, errors) = Config::parse_what_it_can(&text);
@@ -327,6 +338,9 @@ fn parse_once(text: &str) -> Result<Config, ParseError> {
             parse_wait(value).map_err(|problem| at_key(key, problem))?;
         }
     }
+    for address in &config.listen {
+        check_listen(address).map_err(|problem| at_key("listen", problem))?;
+    }
     for origin in config.cors_origins.iter().flatten() {
         let well_formed = origin == "*"
             || ((origin.starts_with("http://") || origin.starts_with("https://"))
@@ -428,6 +442,35 @@ pub(crate) fn glob_overlap(a: &str, b: &str) -> Option<String> {
     None
 }
 
+/// A `listen` address as HOST:PORT, checked by its form alone: a name is not looked up
+/// here (the daemon does, when it opens the listener).
+fn check_listen(address: &str) -> Result<(), String> {
+    let example = "HOST:PORT, e.g. 127.0.0.1:8080";
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!("`{address}` is not {example}"));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!("`{address}`: the port `{port}` is not a number from 0 to 65535"));
+    }
+    let host_ok = match host.strip_prefix('[').and_then(|inner| inner.strip_suffix(']')) {
+        Some(inner) => inner.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            host.parse::<std::net::Ipv4Addr>().is_ok()
+                || (!host.is_empty()
+                    && host
+                        .split('.')
+                        .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')))
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("`{address}` has no host ({example}; 0.0.0.0:PORT for every address)"));
+    }
+    if !host_ok {
+        return Err(format!("`{address}`: `{host}` is not a host name or address ({example}; [::1]:8080 for IPv6)"));
+    }
+    Ok(())
+}
+
 fn check_url(url: &str) -> Result<(), String> {
     if url.starts_with("http://") || url.starts_with("https://") {
         Ok(())
@@ -523,8 +566,21 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> ParseError {
         let key = key.trim();
         let value = without_comment(value.trim());
         let bare = !value.is_empty() && !value.starts_with(['"', '\'', '[', '{']);
-        if bare && !key.is_empty() && !key.contains(char::is_whitespace) {
-            let short_key = key.rsplit('.').next().unwrap_or(key);
+        let short_key = key.rsplit('.').next().unwrap_or(key);
+        let string_key = DURATION_KEYS.contains(&short_key) || SIZE_KEYS.contains(&short_key);
+        // A value TOML reads (`-1`, `1.5`, `true`) is of the wrong type or repeated, not
+        // unquoted text: toml's own message says which, below.
+        let valid_value = toml::from_str::<toml::Table>(&format!("v = {value}")).is_ok();
+        let numeric = value.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+');
+        if bare && numeric && !valid_value && !string_key {
+            let problem = if value.trim_start_matches(['+', '-']).chars().all(|c| c.is_ascii_digit() || c == '_') {
+                format!("is too large (TOML's integers end at {})", i64::MAX)
+            } else {
+                "is not a number TOML reads".to_string()
+            };
+            return ParseError { message: format!("{prefix}: {key} = {value} {problem}"), lines };
+        }
+        if bare && (string_key || !valid_value) && !key.is_empty() && !key.contains(char::is_whitespace) {
             let kind = if DURATION_KEYS.contains(&short_key) {
                 "durations are strings"
             } else if SIZE_KEYS.contains(&short_key) {
@@ -534,12 +590,15 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> ParseError {
             };
             let fixed = format!("{key} = \"{}\"", value.replace('"', "\\\""));
             return ParseError {
-                message: format!("{prefix}: {key} = {value} is not valid TOML: {kind}, write {fixed}"),
+                message: match valid_value {
+                    true => format!("{prefix}: {key} = {value}: {kind}, write {fixed}"),
+                    false => format!("{prefix}: {key} = {value} is not valid TOML: {kind}, write {fixed}"),
+                },
                 lines,
             };
         }
     }
-    let first = message.lines().next().unwrap_or_default();
+    let first = in_words(message.lines().next().unwrap_or_default());
     match line.split_once('=') {
         Some((key, value)) => {
             let key = key.trim();
@@ -547,6 +606,29 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> ParseError {
         }
         None => ParseError { message: format!("{prefix}: {first}"), lines },
     }
+}
+
+/// serde's names of types in toml's messages, as a config's reader knows them.
+fn in_words(message: &str) -> String {
+    // The value itself is shown before the message (toml writes `1e300` out in full).
+    let mut message = message.to_string();
+    if message.starts_with("invalid type: ") || message.starts_with("invalid value: ") {
+        if let Some((kind, rest)) = message.split_once(", expected ") {
+            let kind = kind.split(['`', '"']).next().unwrap_or(kind).trim_end();
+            message = format!("{kind}, expected {rest}");
+        }
+    }
+    let whole = "expected a whole number (0 or more)";
+    let words = [
+        ("expected usize", whole),
+        ("expected u64", whole),
+        ("expected u32", whole),
+        ("expected u16", whole),
+        ("expected u8", whole),
+        ("expected a sequence", "expected a list, as [\"...\"]"),
+        ("floating point", "decimal number"),
+    ];
+    words.iter().fold(message, |message, (from, to)| message.replace(from, to))
 }
 
 /// How long an idle instance stays loaded.
@@ -752,10 +834,39 @@ mod tests {
             ("cache_budget = \"lots\"\n", "line 1: cache_budget = \"lots\": `lots` is not a size"),
             ("cache_budget = \"10%\"\n", "line 1: cache_budget = \"10%\": `10%` is a share"),
             ("cache_budget = 4GiB\n", "sizes are strings, write cache_budget = \"4GiB\""),
+            // Values TOML reads, of the wrong type: named as such, never "write it in quotes".
+            ("queue_depth = -1\n", "line 1: queue_depth = -1: invalid value: integer, expected a whole number"),
+            ("queue_depth = 1.5\n", "line 1: queue_depth = 1.5: invalid type: decimal number, expected a whole"),
+            ("load_timeout = 1e300\n", "line 1: load_timeout = 1e300: invalid type: decimal number, expected"),
+            ("queue_depth = true\n", "line 1: queue_depth = true: invalid type: boolean, expected a whole number"),
+            ("default_ttl = 5\n", "line 1: default_ttl = 5: durations are strings, write default_ttl = \"5\""),
+            ("queue_depth = 1\nqueue_depth = 2\n", "line 2: queue_depth = 2: duplicate key `queue_depth`"),
+            ("queue_depth = 99999999999999999999999\n", "queue_depth = 99999999999999999999999 is too large"),
+            ("queue_depth = 12abc\n", "line 1: queue_depth = 12abc is not a number TOML reads"),
+            ("listen = \"127.0.0.1:8080\"\n", "invalid type: string, expected a list, as [\"...\"]"),
+            // Listen addresses are checked by their form.
+            ("listen = [\"hello\"]\n", "line 1: listen = [\"hello\"]: `hello` is not HOST:PORT"),
+            ("listen = [\"127.0.0.1:99999\"]\n", "the port `99999` is not a number from 0 to 65535"),
+            ("listen = [\":8080\"]\n", "`:8080` has no host"),
+            ("listen = [\"::1:8080\"]\n", "`::1` is not a host name or address"),
         ];
         for (text, expected) in table {
             let error = Config::parse(text).unwrap_err();
             assert!(error.contains(expected), "{error:?} should mention {expected}");
+            assert!(!error.contains("quotes, write") || text.contains("/m/a.gguf"), "{error:?}");
         }
+        let good = "listen = [\"127.0.0.1:8080\", \"localhost:9000\", \"[::1]:9001\", \"0.0.0.0:80\"]\n";
+        assert_eq!(Config::parse(good).unwrap().listen.len(), 4);
+    }
+
+    #[test]
+    fn a_config_that_is_not_utf8_names_the_line_and_column() {
+        let dir = std::env::temp_dir().join(format!("llmctl-config-utf8-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        fs::write(&path, b"queue_depth = 3\nname = \"ab\xffc\"\n").unwrap();
+        let error = Config::load(&path).unwrap_err().to_string();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(error.contains("line 2: byte 0xFF at column 11 is not UTF-8 text"), "{error}");
     }
 }

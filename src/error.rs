@@ -314,7 +314,8 @@ impl fmt::Display for Error {
             }
             Error::ProtocolMismatch { daemon, client } => write!(
                 f,
-                "the daemon speaks protocol {daemon} but this client speaks {client}; restart the daemon with                  `llmctl shutdown`"
+                "the daemon speaks protocol {daemon} but this client speaks {client}; restart the daemon with \
+                 `llmctl shutdown`"
             ),
             Error::AddressInUse { address, by } => write!(f, "cannot serve on {address}: {by}"),
             Error::NoDefaultModel { asked, known } => {
@@ -449,6 +450,15 @@ mod tests {
         for (kind, status) in table {
             assert_eq!(kind.http_status(), status, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn a_protocol_mismatch_reads_as_one_sentence() {
+        let error = Error::ProtocolMismatch { daemon: 7, client: 8 };
+        assert_eq!(
+            error.to_string(),
+            "the daemon speaks protocol 7 but this client speaks 8; restart the daemon with `llmctl shutdown`"
+        );
     }
 
     #[test]

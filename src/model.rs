@@ -224,7 +224,7 @@ fn in_models_dir(name: &str, paths: &Paths) -> Option<(String, PathBuf)> {
 
 fn expand_home(path: &Path) -> PathBuf {
     match path.strip_prefix("~") {
-        Ok(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
+        Ok(rest) => crate::paths::home().join(rest),
         Err(_) => path.to_path_buf(),
     }
 }

@@ -93,8 +93,11 @@ fn non_empty_env(name: &str) -> Option<PathBuf> {
     env::var_os(name).filter(|value| !value.is_empty()).map(PathBuf::from)
 }
 
-fn home() -> PathBuf {
-    non_empty_env("HOME").unwrap_or_else(|| PathBuf::from("/"))
+/// `$HOME`; without one, the home the password database gives (cron and `env -i` may
+/// leave it out, and the files must be the ones the user's shell finds); `/` only for a
+/// user with no home at all.
+pub(crate) fn home() -> PathBuf {
+    non_empty_env("HOME").or_else(crate::sys::passwd_home).unwrap_or_else(|| PathBuf::from("/"))
 }
 
 fn from_env_or(own: &str, xdg: &str, home_relative: &str) -> PathBuf {
@@ -232,7 +235,8 @@ pub(crate) fn remove_stale_socket(path: &Path) -> std::result::Result<(), String
             fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))
         }
         Ok(metadata) => Err(format!(
-            "{} exists and is not a socket (it is {}); llmctl never removes it: choose another path with --socket              or LLMCTL_SOCKET",
+            "{} exists and is not a socket (it is {}); llmctl never removes it: choose another path with \
+             --socket or LLMCTL_SOCKET",
             path.display(),
             describe_file_type(&metadata.file_type())
         )),

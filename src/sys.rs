@@ -48,6 +48,27 @@ pub(crate) fn peer_closed(socket: &impl AsRawFd) -> bool {
     rc > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
+/// The home directory the password database gives the current user, for a process whose
+/// environment has no `HOME` (`env -i`, some service managers).
+pub(crate) fn passwd_home() -> Option<std::path::PathBuf> {
+    use std::ffi::CStr;
+    use std::os::unix::ffi::OsStrExt;
+    let mut buffer = vec![0 as libc::c_char; 16 << 10];
+    // SAFETY: an all-zero passwd is a valid value for getpwuid_r to fill in.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call, and the buffer's length is its own;
+    // getpwuid_r writes only into `entry`, `buffer` and `found`.
+    let rc = unsafe { libc::getpwuid_r(current_uid(), &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found) };
+    if rc != 0 || found.is_null() || entry.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: on success `pw_dir` points to a NUL-terminated string inside `buffer`.
+    let dir = unsafe { CStr::from_ptr(entry.pw_dir) };
+    let dir = std::path::Path::new(std::ffi::OsStr::from_bytes(dir.to_bytes()));
+    (dir.is_absolute()).then(|| dir.to_path_buf())
+}
+
 /// True when the socket `fd` has bytes to read (or its peer hung up) now.
 pub(crate) fn readable(fd: RawFd) -> bool {
     let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
