@@ -159,7 +159,7 @@ pub(crate) fn serve(
         };
         // Every worker is busy and the backlog is full: the connections silent for a while
         // give their workers to the backlog, where this one takes a place.
-        if unheard.hang_up(SILENT_UNDER_PRESSURE, usize::MAX) > 0 {
+        if unheard.hang_up(SILENT_UNDER_PRESSURE, usize::MAX, b"") > 0 {
             accepted = match queue.send_timeout(accepted, HANG_UP_PATIENCE) {
                 Ok(()) => continue,
                 Err(crossbeam_channel::SendTimeoutError::Timeout(accepted))
@@ -262,7 +262,10 @@ impl<'a> Connection<'a> {
                 None => self.unheard.enter(&self.stream),
             };
             let read = self.read_request();
-            drop(hearing);
+            if !hearing.heard() {
+                // Hung up to make room: whatever was read is not answered.
+                break;
+            }
             let (request, keep_alive) = match read {
                 Ok(read) => read,
                 Err(refusal) => {

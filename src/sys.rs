@@ -69,6 +69,18 @@ pub(crate) fn passwd_home() -> Option<std::path::PathBuf> {
     (dir.is_absolute()).then(|| dir.to_path_buf())
 }
 
+/// Writes what of `bytes` the socket `fd` takes at once, without waiting and without
+/// SIGPIPE; for a last word before a hang-up, which may be lost.
+pub(crate) fn send_without_waiting(fd: RawFd, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    // SAFETY: `bytes` is valid for its length; send(2) only reads it.
+    unsafe {
+        libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+    }
+}
+
 /// True when the socket `fd` has bytes to read (or its peer hung up) now.
 pub(crate) fn readable(fd: RawFd) -> bool {
     let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };

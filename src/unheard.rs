@@ -45,14 +45,16 @@ impl Unheard {
         Hearing { unheard: self, id }
     }
 
-    pub(crate) fn forget(&self, id: u64) {
-        self.waiting.lock().remove(&id);
+    /// Takes the connection out; false when it had been hung up.
+    pub(crate) fn forget(&self, id: u64) -> bool {
+        self.waiting.lock().remove(&id).is_some()
     }
 
     /// Hangs up, oldest first, at most `at_most` connections that have waited `silent_for`
-    /// or longer and have nothing to read; returns how many. Each one's read ends at once,
-    /// and its thread goes on to the next connection.
-    pub(crate) fn hang_up(&self, silent_for: Duration, at_most: usize) -> usize {
+    /// or longer and have nothing to read; returns how many. Each is sent `farewell` first
+    /// if it will take it without waiting (a client that was only slow reads why it was
+    /// refused); its read ends at once, and its thread goes on to the next connection.
+    pub(crate) fn hang_up(&self, silent_for: Duration, at_most: usize, farewell: &[u8]) -> usize {
         let mut waiting = self.waiting.lock();
         let now = Instant::now();
         let silent: Vec<u64> = waiting
@@ -64,6 +66,7 @@ impl Unheard {
             .collect();
         for id in &silent {
             if let Some((_, fd)) = waiting.remove(id) {
+                crate::sys::send_without_waiting(fd, farewell);
                 crate::sys::shutdown_socket(fd);
             }
         }
@@ -75,6 +78,17 @@ impl Unheard {
 pub(crate) struct Hearing<'a> {
     unheard: &'a Unheard,
     id: u64,
+}
+
+impl Hearing<'_> {
+    /// The request is read: the connection is no longer silent. False when it was hung
+    /// up meanwhile (told it was refused, perhaps with the request already read): then
+    /// the request must not be served.
+    pub(crate) fn heard(self) -> bool {
+        let kept = self.unheard.forget(self.id);
+        std::mem::forget(self);
+        kept
+    }
 }
 
 impl Drop for Hearing<'_> {
@@ -101,12 +115,15 @@ mod tests {
             socket.set_nonblocking(true).unwrap();
             matches!((&mut &*socket).read(&mut [0u8; 1]), Ok(0))
         };
-        assert_eq!(unheard.hang_up(Duration::from_secs(3600), 8), 0, "none has been silent that long");
-        assert_eq!(unheard.hang_up(Duration::ZERO, 1), 1);
+        assert_eq!(unheard.hang_up(Duration::from_secs(3600), 8, b""), 0, "none has been silent that long");
+        assert_eq!(unheard.hang_up(Duration::ZERO, 1, b"busy\n"), 1);
         assert!(!ended(&pairs[0].0), "a connection whose request was read was hung up");
         assert!(ended(&pairs[1].0), "the oldest silent connection is still open");
+        let mut told = String::new();
+        (&pairs[1].1).read_to_string(&mut told).unwrap();
+        assert_eq!(told, "busy\n", "the client hung up is told why");
         assert!(!ended(&pairs[3].0), "a newer one went first");
-        assert_eq!(unheard.hang_up(Duration::ZERO, 8), 1, "the one sending its request stays");
+        assert_eq!(unheard.hang_up(Duration::ZERO, 8, b""), 1, "the one sending its request stays");
         assert!(ended(&pairs[3].0));
         assert!(!ended(&pairs[2].0));
         drop(hearings);

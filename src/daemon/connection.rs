@@ -55,7 +55,10 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
     // writer's own handle: no duplicated descriptors.
     let hearing = shared.unheard.enter(&stream);
     let read = read_request(BufReader::new(&stream), &stream);
-    drop(hearing);
+    if !hearing.heard() {
+        // Hung up for a newcomer at the cap, and told it was refused as busy.
+        return;
+    }
     let mut peer = Peer::new(BufWriter::with_capacity(1 << 16, stream));
     let (request, size) = match read {
         Ok(Some(received)) => {

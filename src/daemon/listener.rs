@@ -133,12 +133,18 @@ fn accept_and_serve(shared: &Arc<Shared>, acceptors: &Arc<Acceptors>, first: boo
         // Each connection holds a thread: beyond the cap, a client is told busy at once
         // instead of growing the daemon without bound, unless a connection that has sent
         // nothing gives it its place (the thread of the one hung up leaves at once).
-        if open >= shared.connection_cap() && shared.unheard.hang_up(Duration::ZERO, 1) == 0 {
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
-            shared.admission.note_rejected();
+        if open >= shared.connection_cap() {
             let message = format!("the daemon has {} connections open, its limit", shared.connection_cap());
-            refuse(acceptors, stream, Error::Busy { message, retry_after_ms: 1000, per_model: false });
-            continue;
+            let busy = Error::Busy { message, retry_after_ms: 1000, per_model: false };
+            shared.admission.note_rejected();
+            // The one silent longest is told busy (it may only have been slow) and gives
+            // this one its place.
+            let farewell = protocol::encode_line(&Response::error(&busy)).unwrap_or_default();
+            if shared.unheard.hang_up(Duration::ZERO, 1, &farewell) == 0 {
+                shared.connections.fetch_sub(1, Ordering::SeqCst);
+                refuse(acceptors, stream, busy);
+                continue;
+            }
         }
         if !others_accepting {
             spawn_acceptor(shared, acceptors);

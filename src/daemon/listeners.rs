@@ -48,6 +48,9 @@ pub(crate) struct Listener {
     pub(crate) fd: std::os::fd::RawFd,
     pub(crate) log: Sender<String>,
     pub(crate) log_rx: Receiver<String>,
+    /// The connection of the `serve` that opened it (none for the config's): once that
+    /// hangs up, the listener is its own no longer.
+    pub(crate) owner: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Listener {
@@ -68,7 +71,13 @@ impl Listener {
         }
     }
 
-    fn stop(&self) {
+    /// True when the `serve` that opened the listener has gone (killed, say) though its
+    /// handler has not noticed yet.
+    pub(crate) fn abandoned(&self) -> bool {
+        self.owner.as_ref().is_some_and(crate::sys::peer_closed)
+    }
+
+    pub(crate) fn stop(&self) {
         if !self.stopping.swap(true, Ordering::SeqCst) {
             crate::http::wake(self.fd);
             log::info!("stopped listening on http://{}", self.address);

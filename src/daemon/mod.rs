@@ -192,12 +192,6 @@ pub(crate) fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result
         }
     })?;
 
-    {
-        // Not joined: its threads serve connections, the shutdown request's among them;
-        // the count of open connections is what the shutdown waits for.
-        let shared = Arc::clone(&shared);
-        spawn_named("listener", move || listener::accept_loop(&shared, listener))?;
-    }
     let (supervisor_stop, supervisor_stopped) = bounded::<()>(0);
     let supervisor_thread = {
         let shared = Arc::clone(&shared);
@@ -213,7 +207,15 @@ pub(crate) fn run(paths: Paths, settings: Settings, flags: StartFlags) -> Result
         let shared = Arc::clone(&shared);
         let _ = spawn_named("describe", move || shared.describe_llama_server());
     }
+    // Before the socket answers: a command that started the daemon finds the config's
+    // listeners open once it is answered.
     open_configured_listeners(&shared);
+    {
+        // Not joined: its threads serve connections, the shutdown request's among them;
+        // the count of open connections is what the shutdown waits for.
+        let shared = Arc::clone(&shared);
+        spawn_named("listener", move || listener::accept_loop(&shared, listener))?;
+    }
 
     let waiters = wait_for_shutdown(&shared, &shutdown_rx);
 
@@ -261,7 +263,7 @@ fn open_configured_listeners(shared: &Arc<Shared>) {
         None => std::env::var("LLMCTL_API_KEY").ok().filter(|key| !key.is_empty()),
     };
     for address in &config.listen {
-        if let Err(error) = serve::open(shared, address, api_key.clone()) {
+        if let Err(error) = serve::open(shared, address, api_key.clone(), None) {
             log::error!("cannot serve on {address} (listen in the config): {error}");
         }
     }

@@ -39,7 +39,11 @@ pub(crate) fn agent() -> ureq::Agent {
 }
 
 fn post(server: &Server, path: &str, body: serde_json::Value) -> (u16, String) {
-    let mut response = agent().post(format!("{}{path}", server.base)).send(body.to_string()).unwrap();
+    post_to(&server.base, path, body)
+}
+
+fn post_to(base: &str, path: &str, body: serde_json::Value) -> (u16, String) {
+    let mut response = agent().post(format!("{base}{path}")).send(body.to_string()).unwrap();
     let status = response.status().as_u16();
     (status, response.body_mut().read_to_string().unwrap())
 }
@@ -1167,6 +1171,35 @@ fn serve_killed_closes_the_listener_only_and_a_crashing_child_breaks_the_answer_
     );
     assert_eq!(status, 200, "{text}");
     drop(server);
+    drop(env);
+}
+
+#[test]
+fn the_address_of_a_killed_serve_is_free_again_at_once() {
+    let env = Env::fake();
+    let model = env.tiny_model("m.gguf");
+    env.write_config(&format!("[models.m]\npath = \"{}\"\n", model.display()));
+    let mut first = Server::start(&env, &[]);
+    let listen = first.base.trim_start_matches("http://").to_string();
+    let base = first.base.clone();
+    // Killed: it never says goodbye, and the daemon looks for it only every 200 ms.
+    let _ = Command::new("kill").args(["-KILL", &first.child.id().to_string()]).status();
+    let _ = first.child.wait();
+    // Reaped: its pid is not to be signalled again by the guard.
+    std::mem::forget(first);
+    // A client that asks for the address at once, before that look, is given it.
+    let mut second = std::os::unix::net::UnixStream::connect(env.socket()).unwrap();
+    let request = serde_json::json!({"type": "listen", "address": listen, "api_key": null});
+    let hello = serde_json::json!({"type": "hello", "version": llmctl::protocol::VERSION});
+    second.write_all(format!("{hello}\n{request}\n").as_bytes()).unwrap();
+    let mut lines = BufReader::new(second.try_clone().unwrap()).lines();
+    let _hello = lines.next().unwrap().unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(answer["type"], "listening", "{answer}");
+    let (status, text) = post_to(&base, "/completion", serde_json::json!({"model": "m", "prompt": "x"}));
+    assert_eq!(status, 200, "{text}");
+    drop((second, lines));
+    wait_until("the listener closes with its client", || TcpStream::connect(&listen).is_err());
     drop(env);
 }
 

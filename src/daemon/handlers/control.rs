@@ -150,7 +150,8 @@ pub(crate) fn shutdown(shared: &Arc<Shared>, peer: &mut Peer) -> Result<()> {
 /// it the access log until the client goes away, which closes the listener (and nothing
 /// else: requests in flight finish).
 pub(crate) fn listen(shared: &Arc<Shared>, request: ListenRequest, peer: &mut Peer) -> Result<()> {
-    let listener = crate::daemon::serve::open(shared, &request.address, request.api_key)?;
+    let owner = peer.writer.get_ref().try_clone().ok();
+    let listener = crate::daemon::serve::open(shared, &request.address, request.api_key, owner)?;
     peer.reply(&Response::Listening { address: listener.address().to_string() })?;
     let log = listener.log();
     loop {

@@ -19,6 +19,7 @@ pub(crate) mod routes;
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -51,20 +52,36 @@ pub(crate) fn listen_address(address: &str, api_key: Option<&str>) -> Result<Soc
 
 /// Opens an HTTP listener on `address` (see [`listen_address`]). An address the daemon
 /// already listens on, or one another program holds, is refused with a message that says
-/// which.
-pub(crate) fn open(shared: &Arc<Shared>, address: &str, api_key: Option<String>) -> Result<Arc<Listener>> {
+/// which; one held by a listener whose `serve` has gone is taken over. `owner` is the
+/// connection of the `serve` asking, if one is.
+pub(crate) fn open(
+    shared: &Arc<Shared>,
+    address: &str,
+    api_key: Option<String>,
+    owner: Option<UnixStream>,
+) -> Result<Arc<Listener>> {
     let wanted = listen_address(address, api_key.as_deref())?;
     shared.refuse_if_shutting_down()?;
     let mut open = shared.listeners.open.lock();
-    if let Some(existing) =
-        open.iter().find(|listener| listener.address == wanted || same_port_any(listener.address, wanted))
-    {
+    let collides = |listener: &Arc<Listener>| listener.address == wanted || same_port_any(listener.address, wanted);
+    // A `serve` killed a moment ago: its handler notices within a poll, but the address
+    // is free to take now.
+    let mut took_over = false;
+    open.retain(|listener| {
+        let stale = collides(listener) && listener.abandoned();
+        if stale {
+            listener.stop();
+            took_over = true;
+        }
+        !stale
+    });
+    if let Some(existing) = open.iter().find(|listener| collides(listener)) {
         return Err(Error::AddressInUse {
             address: wanted.to_string(),
             by: format!("this llmctl daemon (pid {}) already serves http://{}", std::process::id(), existing.address),
         });
     }
-    let listener = TcpListener::bind(wanted).map_err(|e| match e.kind() {
+    let listener = bind(wanted, took_over).map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => Error::AddressInUse {
             address: wanted.to_string(),
             by: "another program listens there; choose another port with --listen".into(),
@@ -81,6 +98,7 @@ pub(crate) fn open(shared: &Arc<Shared>, address: &str, api_key: Option<String>)
         fd: listener.as_raw_fd(),
         log,
         log_rx,
+        owner,
     });
     let handler_shared = Arc::downgrade(shared);
     let handler_listener = Arc::downgrade(&entry);
@@ -102,6 +120,24 @@ pub(crate) fn open(shared: &Arc<Shared>, address: &str, api_key: Option<String>)
     log::info!("serving llama-server's API on http://{bound}");
     open.push(Arc::clone(&entry));
     Ok(entry)
+}
+
+/// Binds `address`; after taking one over, waits a moment for the old listener's thread
+/// to let its socket go.
+fn bind(address: SocketAddr, took_over: bool) -> std::io::Result<TcpListener> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match TcpListener::bind(address) {
+            Err(error)
+                if took_over
+                    && error.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// A wildcard address and a specific one on the same port collide on bind.
