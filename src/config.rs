@@ -340,6 +340,18 @@ fn parse_once(text: &str) -> Result<Config, ParseError> {
     }
     for address in &config.listen {
         check_listen(address).map_err(|problem| at_key("listen", problem))?;
+        // As `serve --listen` refuses it: beyond loopback only with a key. The daemon may
+        // have the key from its environment instead of a file.
+        let key_in_env = std::env::var_os("LLMCTL_API_KEY").is_some_and(|key| !key.is_empty());
+        if reaches_beyond_loopback(address) && config.api_key_file.is_none() && !key_in_env {
+            return Err(at_key(
+                "listen",
+                format!(
+                    "`{address}` reaches beyond this machine: set api_key_file to a file holding the key clients \
+                     must send (or LLMCTL_API_KEY in the daemon's environment)"
+                ),
+            ));
+        }
     }
     for origin in config.cors_origins.iter().flatten() {
         let well_formed = origin == "*"
@@ -469,6 +481,14 @@ fn check_listen(address: &str) -> Result<(), String> {
         return Err(format!("`{address}`: `{host}` is not a host name or address ({example}; [::1]:8080 for IPv6)"));
     }
     Ok(())
+}
+
+/// True for a `listen` address whose host is an IP address other than loopback (a name is
+/// not looked up here; `localhost` is loopback).
+fn reaches_beyond_loopback(address: &str) -> bool {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<std::net::IpAddr>().is_ok_and(|ip| !ip.is_loopback())
 }
 
 fn check_url(url: &str) -> Result<(), String> {
@@ -855,8 +875,13 @@ mod tests {
             assert!(error.contains(expected), "{error:?} should mention {expected}");
             assert!(!error.contains("quotes, write") || text.contains("/m/a.gguf"), "{error:?}");
         }
-        let good = "listen = [\"127.0.0.1:8080\", \"localhost:9000\", \"[::1]:9001\", \"0.0.0.0:80\"]\n";
-        assert_eq!(Config::parse(good).unwrap().listen.len(), 4);
+        let good = "listen = [\"127.0.0.1:8080\", \"localhost:9000\", \"[::1]:9001\"]\n";
+        assert_eq!(Config::parse(good).unwrap().listen.len(), 3);
+        // Beyond loopback, only with a key.
+        let open = Config::parse("listen = [\"0.0.0.0:8080\"]\n").unwrap_err();
+        assert!(open.contains("line 1: listen = [\"0.0.0.0:8080\"]: `0.0.0.0:8080` reaches beyond"), "{open}");
+        let keyed = "listen = [\"0.0.0.0:8080\", \"[::]:8081\"]\napi_key_file = \"/k\"\n";
+        assert_eq!(Config::parse(keyed).unwrap().listen.len(), 2);
     }
 
     #[test]
