@@ -340,15 +340,14 @@ fn parse_once(text: &str) -> Result<Config, ParseError> {
     }
     for address in &config.listen {
         check_listen(address).map_err(|problem| at_key("listen", problem))?;
-        // As `serve --listen` refuses it: beyond loopback only with a key. The daemon may
-        // have the key from its environment instead of a file.
-        let key_in_env = std::env::var_os("LLMCTL_API_KEY").is_some_and(|key| !key.is_empty());
-        if reaches_beyond_loopback(address) && config.api_key_file.is_none() && !key_in_env {
+        // As `serve --listen` refuses it: beyond loopback only with a key, from a file (the
+        // same for every command, whatever its environment).
+        if reaches_beyond_loopback(address) && config.api_key_file.is_none() {
             return Err(at_key(
                 "listen",
                 format!(
                     "`{address}` reaches beyond this machine: set api_key_file to a file holding the key clients \
-                     must send (or LLMCTL_API_KEY in the daemon's environment)"
+                     must send"
                 ),
             ));
         }
