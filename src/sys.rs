@@ -42,7 +42,12 @@ pub(crate) fn own_pid() -> u32 {
 
 /// True when the peer of `socket` has closed or shut down its side, without reading.
 pub(crate) fn peer_closed(socket: &impl AsRawFd) -> bool {
-    let mut poll = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    fd_peer_closed(socket.as_raw_fd())
+}
+
+/// [`peer_closed`] for a descriptor held by number.
+pub(crate) fn fd_peer_closed(fd: RawFd) -> bool {
+    let mut poll = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
     // SAFETY: one valid pollfd, zero timeout; poll only writes `revents`.
     let rc = unsafe { libc::poll(&mut poll, 1, 0) };
     rc > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0

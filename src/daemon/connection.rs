@@ -75,10 +75,15 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
         }
     };
     // Beyond the connections long requests may hold, only control requests get in, so no
-    // number of streams or followers locks out `status`, `stop` or `shutdown`.
+    // number of streams, embeddings or followers locks out `status`, `stop` or `shutdown`.
     let long = matches!(
         request,
-        Request::Run(_) | Request::Events | Request::Listen(_) | Request::Warm { .. } | Request::Switch { .. }
+        Request::Run(_)
+            | Request::Embed { .. }
+            | Request::Events
+            | Request::Listen(_)
+            | Request::Warm { .. }
+            | Request::Switch { .. }
     );
     let cap = shared.long_connection_cap();
     let _long = long.then(|| LongConnection::take(shared));

@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::process::Stdio;
 
 use crate::support::*;
 
@@ -291,5 +292,29 @@ fn without_home_the_files_are_where_the_password_database_puts_home() {
         assert!(shown.contains(&format!("{home}/.config/llmctl/config.toml")), "HOME unset {unset}: {shown}");
         assert!(shown.contains(&format!("{home}/.local/share/llmctl")), "HOME unset {unset}: {shown}");
     }
+    env.assert_nothing_survives();
+}
+
+#[test]
+fn a_client_gone_before_its_first_token_gives_its_slot_back_at_once() {
+    let env = Env::fake();
+    let path = fake_model(&env);
+    // A child that never sends a token: a prompt that takes minutes, as far as llmctl can tell.
+    env.write_config(&format!(
+        "token_timeout = 600\n[models.slow]\npath = \"{path}\"\nparallel = 1\nargs = [\"--fake-stall\"]\n"
+    ));
+    assert_success(&env.run(&["warm", "slow"]));
+    let in_flight = || env.status_json()["instances"][0]["in_flight"].as_u64();
+    for signal in ["-KILL", "-INT"] {
+        let mut client = env.command(&["run", "slow", "a long prompt"]).stderr(Stdio::null()).spawn().unwrap();
+        wait_until("the client holds the slot", || in_flight() == Some(1));
+        let _ = std::process::Command::new("kill").args([signal, &client.id().to_string()]).status();
+        let _ = client.wait();
+        // Given back at once, not after token_timeout's ten minutes.
+        wait_until("the slot comes back", || in_flight() == Some(0));
+    }
+    let status = env.status_json();
+    assert_eq!(status["instances"][0]["state"], "ready", "{status}");
+    assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }

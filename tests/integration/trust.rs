@@ -497,3 +497,52 @@ fn connections_that_never_speak_give_their_places_to_status_stop_and_run() {
     drop(held);
     env.assert_nothing_survives();
 }
+
+#[test]
+fn embed_requests_never_answered_lock_out_nothing_and_leave_when_their_clients_do() {
+    let env = Env::fake();
+    let mut config = "queue_depth = 1\ntoken_timeout = 600\n".to_string();
+    let mut messages = Vec::new();
+    for name in ["far", "wide"] {
+        let model = env.tiny_model(&format!("{name}.gguf"));
+        config +=
+            &format!("[models.{name}]\npath = \"{}\"\nparallel = 256\nargs = [\"--fake-stall\"]\n", model.display());
+        let spec = serde_json::json!({"name": name, "path": model, "load": {"ctx_size": null, "parallel": 256,
+            "gpu_layers": null, "extra_args": ["--fake-stall"], "embeddings": true}});
+        let request = serde_json::json!({"type": "embed", "model": spec, "inputs": ["x"]});
+        messages.push(format!("{{\"type\":\"hello\",\"version\":{}}}\n{request}\n", llmctl::protocol::VERSION));
+    }
+    env.write_config(&config);
+    assert_success(&env.run(&["status"]));
+    let send = |message: &str| {
+        let mut stream = UnixStream::connect(env.socket()).ok()?;
+        stream.write_all(message.as_bytes()).ok()?;
+        Some(stream)
+    };
+    let status = || env.status_json();
+    let in_flight = |status: &serde_json::Value| -> u64 {
+        status["instances"].as_array().map_or(0, |all| all.iter().map(|i| i["in_flight"].as_u64().unwrap_or(0)).sum())
+    };
+    // The first of each loads its model's embeddings instance; then 512 slots are there to
+    // wait on, more than every connection the daemon takes (queue depth plus 320).
+    let mut clients = Vec::new();
+    for (loaded, message) in messages.iter().enumerate() {
+        clients.extend(send(message));
+        wait_until("the instance is loaded", || in_flight(&status()) == loaded as u64 + 1);
+    }
+    clients.extend((0..398).filter_map(|n| send(&messages[n % 2])));
+    assert_eq!(clients.len(), 400);
+    // Each is waiting on a slot or was told busy.
+    wait_until("every request is placed", || {
+        let status = status();
+        in_flight(&status) + status["queue"]["rejected"].as_u64().unwrap_or(0) >= 400
+    });
+    assert!(in_flight(&status()) >= 250, "{}", status());
+    assert_success(&env.run(&["status"]));
+    assert_success(&env.run(&["metrics"]));
+    // The clients leave: their requests are given up at once, not after token_timeout.
+    drop(clients);
+    wait_until("every request is given up", || in_flight(&status()) == 0);
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}

@@ -23,13 +23,10 @@ pub(crate) fn run(shared: &Arc<Shared>, request: RunRequest, peer: &mut Peer) ->
         }
         let mut first_token = None;
         let mut peer = peer_cell.borrow_mut();
-        // A request that may wait inside the child gives its place up when its client
-        // leaves, as one in the queue does; no check costs a request on an uncrowded child.
-        let cancel =
-            lease.generation.crowded().then(|| peer.writer.get_ref().try_clone().ok()).flatten().map(|socket| {
-                let check: crate::backend::unix::Cancel = Arc::new(move || crate::sys::peer_closed(&socket));
-                check
-            });
+        // A client that leaves before the first token (a long prompt, a place waited for
+        // inside the child) gives the slot back at once, not when a token would fail to
+        // reach it: llama-server stops when the connection to it closes.
+        let cancel = Some(client_gone_check(peer.writer.get_ref()));
         let result = crate::backend::unix::with_cancel(cancel, || {
             lease.client.generate(&request, |text, more_buffered| {
                 if !lease.generation.relay_token() {
@@ -54,12 +51,21 @@ pub(crate) fn run(shared: &Arc<Shared>, request: RunRequest, peer: &mut Peer) ->
 /// `serve`'s embedding routes, so a chat instance of the same file is left alone), and each
 /// vector comes back as a message of its own, so that no one line holds them all.
 pub(crate) fn embed(shared: &Arc<Shared>, spec: &ModelSpec, inputs: &[String], peer: &mut Peer) -> Result<()> {
-    let embedded = crate::daemon::serve::embeddings::embed(shared, spec, inputs, true, peer, None)?;
+    let cancel = client_gone_check(peer.writer.get_ref());
+    let embedded = crate::daemon::serve::embeddings::embed(shared, spec, inputs, true, peer, Some(cancel))?;
     for (index, embedding) in embedded.vectors.into_iter().enumerate() {
         peer.send(&Response::Embedding { index, embedding })
             .map_err(|e| crate::error::Error::io("cannot reply to the client", e))?;
     }
     peer.reply(&Response::Done(embedded.done))
+}
+
+/// A check, asked while an answer from the model is awaited, that the client on `socket`
+/// has hung up. It holds the descriptor's number only: it is asked while the request is
+/// served, and the socket is the connection's, open until then.
+fn client_gone_check(socket: &std::os::unix::net::UnixStream) -> crate::backend::unix::Cancel {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
+    Arc::new(move || crate::sys::fd_peer_closed(fd))
 }
 
 /// The client as the admission layer's waiter, shared with the stream that follows.
