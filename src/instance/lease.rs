@@ -76,12 +76,6 @@ impl Generation {
         self.progress.load(Ordering::SeqCst)
     }
 
-    /// More leases are out than the child has slots: some wait inside it, in an order
-    /// only the child knows.
-    pub(crate) fn crowded(&self) -> bool {
-        self.out.load(Ordering::SeqCst) > self.slots
-    }
-
     /// A token of this generation is about to be relayed: counted as the child's progress.
     /// False once llmctl has stopped the child: the stream is then cut off at once, even if
     /// the child ignores SIGTERM.
