@@ -107,6 +107,20 @@ impl Shared {
         failed
     }
 
+    /// Writes the state file for a change a command made (`done` says what), which is in
+    /// effect either way: when it cannot be written the command is told so (exit 69), since
+    /// a restarted daemon will not know of the change.
+    pub(crate) fn save_state_for(&self, done: &str) -> Result<()> {
+        if !self.write_state() {
+            return Ok(());
+        }
+        let reason = self.state_file_error.lock().clone().unwrap_or_default();
+        Err(Error::FromDaemon {
+            kind: crate::error::ErrorKind::Unavailable,
+            message: format!("{done} now, but it is not saved ({reason}); a restarted daemon will not know it"),
+        })
+    }
+
     /// The header of the model file at `path`, read again only when the file changed. A
     /// listing (`/v1/models`, `/api/tags`) describes every model from its header, and
     /// reading one takes a millisecond or more (the vocabulary is megabytes); clients poll

@@ -415,3 +415,34 @@ fn the_token_goes_only_to_the_exact_origin_it_was_given_for() {
     assert_eq!(cdn.len(), 2, "{cdn:?}");
     assert_eq!(cdn[1].2.as_deref(), Some("Bearer secret-token"), "{cdn:?}");
 }
+
+/// A pin said done is on disk; one that cannot be written is said not to be (69), and is in
+/// effect meanwhile.
+#[test]
+fn a_pin_on_a_full_disk_says_it_is_not_saved() {
+    let env = Env::fake();
+    env.add_model("a", &[], "");
+    let disk = Tmpfs::mount(&env.path("state"), "1m");
+    assert_success(&env.run(&["warm", "a"]));
+    let mut filler = fs::File::create(env.path("state/filler")).unwrap();
+    while filler.write_all(&[0u8; 4096]).is_ok() {}
+    drop(filler);
+    for (args, done) in [
+        (&["pin", "a"][..], "a is pinned now, but it is not saved"),
+        (&["warm", "--ttl", "1h", "a"][..], "a is kept loaded for 3600 s now, but it is not saved"),
+        (&["unpin", "a"][..], "a is unpinned now, but it is not saved"),
+    ] {
+        let output = env.run(args);
+        assert_exit(&output, 69);
+        let message = stderr(&output);
+        assert!(message.contains(done) && message.contains("No space left"), "{args:?}: {message}");
+    }
+    // Room again: the next pin is saved and said done.
+    fs::remove_file(env.path("state/filler")).unwrap();
+    assert_success(&env.run(&["pin", "a"]));
+    let state = fs::read_to_string(env.path("state/state.json")).unwrap();
+    assert!(state.contains("\"pinned\": true"), "{state}");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+    drop(disk);
+}

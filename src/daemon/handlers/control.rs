@@ -19,7 +19,7 @@ pub(crate) fn warm(shared: &Arc<Shared>, spec: &ModelSpec, ttl_s: Option<u64>, p
         let (instance, _) = admission::instance_for(shared, spec)?;
         instance.pin(Pin::Until(SystemTime::now() + Duration::from_secs(seconds)));
         // Said done, a pin survives the daemon's death, however soon.
-        shared.write_state();
+        shared.save_state_for(&format!("{} is kept loaded for {seconds} s", spec.name))?;
     }
     peer.reply(&Response::Ok { message: None })
 }
@@ -130,7 +130,7 @@ pub(crate) fn pin(shared: &Arc<Shared>, spec: &ModelSpec, pinned: bool, peer: &m
         }
     }
     // Said done, the change survives the daemon's death, however soon.
-    shared.write_state();
+    shared.save_state_for(&format!("{} is {}", spec.name, if pinned { "pinned" } else { "unpinned" }))?;
     peer.reply(&Response::Ok { message: None })
 }
 
