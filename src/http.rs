@@ -710,17 +710,45 @@ impl<'a> Exchange<'a> {
 }
 
 /// Writes every slice with as few `writev` calls as the socket takes.
+/// Writes every slice within the stream's write timeout, counted over the whole write: a
+/// client that reads a little now and then (or whose window grows) would otherwise renew
+/// the timeout with each partial write, and hold its request for several timeouts.
 fn write_all_vectored(mut stream: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    let started = Instant::now();
+    // Set once a write was partial: the timeout the stream had, to put back at the end.
+    let mut limit: Option<Option<Duration>> = None;
     IoSlice::advance_slices(&mut slices, 0);
-    while !slices.is_empty() {
-        match stream.write_vectored(slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => IoSlice::advance_slices(&mut slices, written),
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
+    let result = loop {
+        if slices.is_empty() {
+            break Ok(());
         }
+        match stream.write_vectored(slices) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => {
+                IoSlice::advance_slices(&mut slices, written);
+                if slices.is_empty() {
+                    continue;
+                }
+                // Partial: what is left must go in what is left of the timeout.
+                let timeout = *limit.get_or_insert_with(|| stream.write_timeout().ok().flatten());
+                if let Some(timeout) = timeout {
+                    let left = timeout.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        break Err(io::ErrorKind::TimedOut.into());
+                    }
+                    if let Err(error) = stream.set_write_timeout(Some(left)) {
+                        break Err(error);
+                    }
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => break Err(error),
+        }
+    };
+    if let Some(Some(timeout)) = limit {
+        let _ = stream.set_write_timeout(Some(timeout));
     }
-    Ok(())
+    result
 }
 
 use State::Streaming;
@@ -782,6 +810,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         let handler: Handler = Arc::new(|request: Request, exchange: &mut Exchange| {
+            if request.target == "/big" {
+                // One write of 8 MiB, for a client that reads it slowly.
+                if exchange.start(200, &[], Some(8 << 20)).is_ok() {
+                    let _ = exchange.write(&vec![b'x'; 8 << 20]);
+                }
+                return;
+            }
             if request.target == "/hold" {
                 // Busy until its client hangs up.
                 let deadline = Instant::now() + Duration::from_secs(30);
@@ -955,6 +990,36 @@ mod tests {
         let mut answer = String::new();
         let _ = stream.read_to_string(&mut answer);
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+
+    #[test]
+    fn a_client_that_reads_too_slowly_is_dropped_after_one_write_timeout_not_many() {
+        let limits = Limits { write_timeout: Duration::from_millis(500), ..Limits::default() };
+        let address = echo(limits);
+        let mut stream = TcpStream::connect(address).unwrap();
+        // A small receive buffer, so most of the answer must pass through the slow reads.
+        let size: libc::c_int = 64 << 10;
+        // SAFETY: a valid socket and a c_int option of its size; setsockopt only reads it.
+        unsafe {
+            use std::os::fd::AsRawFd;
+            let option = (&size as *const libc::c_int).cast();
+            let length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            libc::setsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, option, length);
+        }
+        stream.write_all(b"GET /big HTTP/1.1\r\n\r\n").unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // 64 KiB every 50 ms: the 8 MiB would take over 6 s, each partial write well
+        // within the timeout.
+        let (mut total, mut chunk) = (0usize, vec![0u8; 64 << 10]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(total < 8 << 20, "the whole answer went to a client that read it over many timeouts");
     }
 
     #[test]
