@@ -101,11 +101,23 @@ impl Client {
             Some(roots) => ureq::tls::TlsConfig::builder().root_certs(roots.clone()).build(),
             None => ureq::tls::TlsConfig::default(),
         };
-        let config = |timeouts, idle| agent_config(Some(tls.clone()), timeouts, idle);
+        // ureq's chain, with a TCP connector whose reads ask the cancel check.
+        let agent = |timeouts, idle| {
+            use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
+            let connector =
+                ().chain(ConnectProxyConnector::default())
+                    .chain(super::unix::TcpConnector)
+                    .chain(RustlsConnector::default());
+            ureq::Agent::with_parts(
+                agent_config(Some(tls.clone()), timeouts, idle),
+                connector,
+                ureq::unversioned::resolver::DefaultResolver::default(),
+            )
+        };
         Client {
-            agent: config(timeouts, IDLE_CONNECTIONS).into(),
-            fresh: config(timeouts, 0).into(),
-            probe: config(probe_timeouts(), 0).into(),
+            agent: agent(timeouts, IDLE_CONNECTIONS),
+            fresh: agent(timeouts, 0),
+            probe: agent(probe_timeouts(), 0),
             base: base.trim_end_matches('/').to_string(),
             authorization: bearer.map(|token| format!("Bearer {token}")),
         }

@@ -12,7 +12,9 @@
 //! A request can be given up while it waits for an answer: [`with_cancel`] sets, for the
 //! calling thread, a check that reads ask in short steps. ureq runs a request on the calling
 //! thread, so this works on pooled connections too; a cancelled read fails with
-//! [`Cancelled`], a type, which closes the connection and makes llama-server stop.
+//! [`Cancelled`], a type, which closes the connection and makes llama-server stop. The same
+//! transport runs over TCP ([`TcpConnector`], for remote servers and children on TCP, TLS
+//! on top), so their requests are given up the same way.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -21,7 +23,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, Transport};
+use ureq::unversioned::transport::{
+    Buffers, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout, Transport,
+};
 
 /// A resolver that looks nothing up: every name is 127.0.0.1 on the URL's port, which the
 /// Unix connector never uses.
@@ -105,23 +109,101 @@ impl<In: Transport> Connector<In> for UnixConnector {
 
     fn connect(&self, details: &ConnectionDetails, _chained: Option<In>) -> Result<Option<UnixTransport>, ureq::Error> {
         let stream = UnixStream::connect(&self.path)?;
-        let config = details.config;
-        let buffers = LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size());
-        Ok(Some(UnixTransport { stream, buffers, read_timeout: None, write_timeout: None }))
+        Ok(Some(SocketTransport::new(stream, details)))
     }
 }
 
-pub struct UnixTransport {
-    stream: UnixStream,
+/// Connects over TCP to the resolved address, as ureq's own connector does, with reads
+/// that ask the cancel check: a remote server's request is given up when its client
+/// leaves, as a child's is. After a CONNECT proxy (a transport already made) it stands
+/// aside; TLS goes on top of it.
+#[derive(Debug, Default)]
+pub struct TcpConnector;
+
+impl<In: Transport> Connector<In> for TcpConnector {
+    type Out = Either<In, SocketTransport<std::net::TcpStream>>;
+
+    fn connect(&self, details: &ConnectionDetails, chained: Option<In>) -> Result<Option<Self::Out>, ureq::Error> {
+        if let Some(chained) = chained {
+            return Ok(Some(Either::A(chained)));
+        }
+        let timeout = details.timeout.after;
+        let mut last_error = None;
+        for address in &details.addrs {
+            let connected = if timeout.is_not_happening() {
+                std::net::TcpStream::connect(address)
+            } else {
+                std::net::TcpStream::connect_timeout(address, (*timeout).max(Duration::from_millis(1)))
+            };
+            match connected {
+                Ok(stream) => {
+                    stream.set_nodelay(true)?;
+                    return Ok(Some(Either::B(SocketTransport::new(stream, details))));
+                }
+                Err(error) if error.kind() == io::ErrorKind::TimedOut => {
+                    return Err(ureq::Error::Timeout(details.timeout.reason))
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| io::Error::new(io::ErrorKind::ConnectionRefused, "no address")).into())
+    }
+}
+
+/// A stream socket a [`SocketTransport`] can run over: a child's Unix socket, or TCP to a
+/// remote server (or a child on TCP).
+pub trait Socket: Read + Write + Send + Sync + 'static {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()>;
+}
+
+impl Socket for UnixStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, timeout)
+    }
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        UnixStream::set_nonblocking(self, nonblocking)
+    }
+}
+
+impl Socket for std::net::TcpStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_write_timeout(self, timeout)
+    }
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        std::net::TcpStream::set_nonblocking(self, nonblocking)
+    }
+}
+
+/// ureq's transport over a [`Socket`], whose reads ask the thread's cancel check.
+pub struct SocketTransport<S> {
+    stream: S,
     buffers: LazyBuffers,
     /// The timeouts last set on the socket, to skip a syscall when they do not change.
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
 }
 
-impl fmt::Debug for UnixTransport {
+pub type UnixTransport = SocketTransport<UnixStream>;
+
+impl<S: Socket> SocketTransport<S> {
+    pub(crate) fn new(stream: S, details: &ConnectionDetails) -> SocketTransport<S> {
+        let config = details.config;
+        let buffers = LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size());
+        SocketTransport { stream, buffers, read_timeout: None, write_timeout: None }
+    }
+}
+
+impl<S> fmt::Debug for SocketTransport<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UnixTransport").finish()
+        f.debug_struct("SocketTransport").finish()
     }
 }
 
@@ -155,7 +237,7 @@ fn timed_out(error: &io::Error) -> bool {
     matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
-impl Transport for UnixTransport {
+impl<S: Socket> Transport for SocketTransport<S> {
     fn buffers(&mut self) -> &mut dyn Buffers {
         &mut self.buffers
     }

@@ -318,3 +318,33 @@ fn a_client_gone_before_its_first_token_gives_its_slot_back_at_once() {
     assert_success(&env.run(&["shutdown"]));
     env.assert_nothing_survives();
 }
+
+#[test]
+fn a_client_gone_before_a_remote_server_answers_gives_its_slot_back_at_once() {
+    let env = Env::fake();
+    // A server llmctl does not run, on TCP, healthy and never answering a generation.
+    let mut remote = std::process::Command::new(FAKE_SERVER)
+        .args(["--port", "0", "--fake-stall"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(remote.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("the server printed its address").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    env.write_config(&format!("token_timeout = 600\n[models.far]\nurl = \"{url}\"\nparallel = 1\n"));
+    let in_flight = || env.status_json()["instances"][0]["in_flight"].as_u64();
+    let mut client = env.command(&["run", "far", "a long prompt"]).stderr(Stdio::null()).spawn().unwrap();
+    wait_until("the client holds the slot", || in_flight() == Some(1));
+    let _ = std::process::Command::new("kill").args(["-KILL", &client.id().to_string()]).status();
+    let _ = client.wait();
+    wait_until("the slot comes back", || in_flight() == Some(0));
+    assert_success(&env.run(&["shutdown"]));
+    let _ = remote.kill();
+    let _ = remote.wait();
+    env.assert_nothing_survives();
+}
