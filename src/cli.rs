@@ -98,8 +98,8 @@ pub const FILES_HELP: &str = "    $XDG_RUNTIME_DIR/llmctl/llmctl.sock, else /run
     $XDG_CACHE_HOME/llmctl, else ~/.cache/llmctl
         setup downloads and build tree, the set-up lock (setup.lock), the GGUF header
         cache of `ls`
-    ~ is $HOME; where HOME is unset or empty (cron, env -i), the home directory the
-    password database gives the user";
+    ~ is $HOME; where HOME is unset, empty or relative (cron, env -i), the home
+    directory the password database gives the user; relative XDG_* directories are ignored";
 
 /// The EXIT STATUS section, from the table in `error.rs`: each meaning wrapped to the
 /// width of the other sections, under its status.

@@ -164,19 +164,30 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Config::default(), None),
             Err(e) => return bad(e.to_string()),
         };
-        let text = match String::from_utf8(bytes) {
-            Ok(text) => text,
-            Err(e) => {
-                let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-                let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
-                let column = good.len() - good.iter().rposition(|&b| b == b'\n').map_or(0, |n| n + 1) + 1;
-                let byte = e.as_bytes()[good.len()];
-                return bad(format!(
-                    "line {line}: byte 0x{byte:02X} at column {column} is not UTF-8 text, which TOML is"
-                ));
-            }
+        // A byte-order mark (some Windows editors write one) is not part of the text.
+        let bytes = match bytes.strip_prefix("\u{feff}".as_bytes()) {
+            Some(rest) => rest.to_vec(),
+            None => bytes,
         };
-        let (config, errors) = Config::parse_what_it_can(&text);
+        // A line that is not UTF-8 is an error of its own, and left out; the rest is read.
+        let mut not_text = Vec::new();
+        let lines: Vec<&str> = bytes
+            .split(|&b| b == b'\n')
+            .enumerate()
+            .map(|(number, line)| {
+                std::str::from_utf8(line).unwrap_or_else(|e| {
+                    let column = e.valid_up_to() + 1;
+                    let byte = line[e.valid_up_to()];
+                    not_text.push(format!(
+                        "line {}: byte 0x{byte:02X} at column {column} is not UTF-8 text, which TOML is",
+                        number + 1
+                    ));
+                    ""
+                })
+            })
+            .collect();
+        let (config, errors) = Config::parse_what_it_can(&lines.join("\n"));
+        let errors: Vec<String> = not_text.into_iter().chain(errors).collect();
         let error =
             (!errors.is_empty()).then(|| Error::BadConfig { path: path.to_path_buf(), reason: errors.join("\n  ") });
         (config, error)
@@ -246,8 +257,10 @@ fn parse_once(text: &str) -> Result<Config, ParseError> {
     // A problem that reads on from the value ("is outside 1..=256") follows it; any other
     // ("`soon` is not a duration") comes after a colon.
     let at_key = |key: &str, problem: String| -> ParseError {
-        let line = find_key(text, key);
-        let shown = line.map_or_else(|| key.to_string(), |n| key_and_value(text, n, key));
+        let exact = find_key(text, key);
+        // Inside an inline table the key has no line of its own: the line that names it.
+        let line = exact.or_else(|| find_key_inline(text, key));
+        let shown = exact.map_or_else(|| key.to_string(), |n| key_and_value(text, n, key));
         let separator = if problem.starts_with("is ") { " " } else { ": " };
         ParseError {
             message: match line {
@@ -529,6 +542,17 @@ fn find_key(text: &str, key: &str) -> Option<usize> {
     None
 }
 
+/// The 0-based line where an inline table (`models = { x = { parallel = 0 } }`) sets
+/// `key`: the first that names each of its parts, the last followed by `=`.
+fn find_key_inline(text: &str, key: &str) -> Option<usize> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let (last, before) = parts.split_last()?;
+    text.lines().position(|line| {
+        let line: String = line.chars().filter(|c| !c.is_whitespace() && *c != '"' && *c != '\'').collect();
+        line.contains(&format!("{last}=")) && before.iter().all(|part| line.contains(part))
+    })
+}
+
 /// The 0-based lines of `[table]`: its header to the line before the next header.
 fn find_table(text: &str, table: &str) -> Option<std::ops::Range<usize>> {
     let lines: Vec<&str> = text.lines().collect();
@@ -570,7 +594,15 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> ParseError {
     };
     let number = text[..span.start.min(text.len())].matches('\n').count();
     let line = text.lines().nth(number).unwrap_or_default();
-    let lines = Some(number..number + 1);
+    // A bad table header takes its table with it: its keys read under the table before
+    // would each be a false "unknown key".
+    let lines = match table_header(line) {
+        Some(_) => {
+            let rest = text.lines().skip(number + 1).take_while(|line| table_header(line).is_none()).count();
+            Some(number..number + 1 + rest)
+        }
+        None => Some(number..number + 1),
+    };
     let prefix = format!("line {}", number + 1);
     if let Some(field) = message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()) {
         let known = message.split("expected one of ").nth(1).unwrap_or_default();
@@ -617,7 +649,13 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> ParseError {
             };
         }
     }
-    let first = in_words(message.lines().next().unwrap_or_default());
+    // toml says why a header is invalid (a table given twice) on the line after.
+    let mut first = in_words(message.lines().next().unwrap_or_default());
+    if first == "invalid table header" {
+        if let Some(why) = message.lines().nth(1).filter(|why| !why.trim().is_empty()) {
+            first = format!("{first}: {}", why.trim());
+        }
+    }
     match line.split_once('=') {
         Some((key, value)) => {
             let key = key.trim();
@@ -868,6 +906,15 @@ mod tests {
             ("listen = [\"127.0.0.1:99999\"]\n", "the port `99999` is not a number from 0 to 65535"),
             ("listen = [\":8080\"]\n", "`:8080` has no host"),
             ("listen = [\"::1:8080\"]\n", "`::1` is not a host name or address"),
+            // A table given twice is named so, and its keys give no false errors of their own.
+            (
+                "[models.x]\npath = \"/a\"\n[models.x]\nctx_size = 100\n",
+                "line 3: invalid table header: duplicate key `x`",
+            ),
+            (
+                "queue_depth = 2\nmodels = { x = { path = \"/a\", parallel = 0 } }\n",
+                "line 2: models.x.parallel is outside 1..=256",
+            ),
         ];
         for (text, expected) in table {
             let error = Config::parse(text).unwrap_err();
@@ -884,13 +931,27 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_table_header_takes_its_table_with_it() {
+        let error = Config::parse("models.x.path = \"/a\"\n[models.x]\nctx_size = 100\n").unwrap_err();
+        assert!(error.contains("line 2: invalid table header"), "{error}");
+        assert!(!error.contains("unknown key"), "{error}");
+    }
+
+    #[test]
     fn a_config_that_is_not_utf8_names_the_line_and_column() {
         let dir = std::env::temp_dir().join(format!("llmctl-config-utf8-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.toml");
         fs::write(&path, b"queue_depth = 3\nname = \"ab\xffc\"\n").unwrap();
         let error = Config::load(&path).unwrap_err().to_string();
+        // What can be read is, for `llmctl config`.
+        let (config, _) = Config::load_what_it_can(&path);
+        // A byte-order mark is no part of the text.
+        fs::write(&path, b"\xef\xbb\xbfqueue_depth = 4\n").unwrap();
+        let marked = Config::load(&path).unwrap();
         fs::remove_dir_all(&dir).unwrap();
         assert!(error.contains("line 2: byte 0xFF at column 11 is not UTF-8 text"), "{error}");
+        assert_eq!(config.queue_depth, Some(3));
+        assert_eq!(marked.queue_depth, Some(4));
     }
 }

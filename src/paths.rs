@@ -93,18 +93,25 @@ fn non_empty_env(name: &str) -> Option<PathBuf> {
     env::var_os(name).filter(|value| !value.is_empty()).map(PathBuf::from)
 }
 
-/// `$HOME`; without one, the home the password database gives (cron and `env -i` may
-/// leave it out, and the files must be the ones the user's shell finds); `/` only for a
-/// user with no home at all.
+/// A base directory from the environment (`HOME`, `XDG_*`), only when absolute: the XDG
+/// spec has relative ones ignored, and one relative to wherever a command runs would give
+/// the same user another daemon and other files in each directory.
+fn absolute_env(name: &str) -> Option<PathBuf> {
+    non_empty_env(name).filter(|path| path.is_absolute())
+}
+
+/// `$HOME`; without one (or with a relative one), the home the password database gives
+/// (cron and `env -i` may leave it out, and the files must be the ones the user's shell
+/// finds); `/` only for a user with no home at all.
 pub(crate) fn home() -> PathBuf {
-    non_empty_env("HOME").or_else(crate::sys::passwd_home).unwrap_or_else(|| PathBuf::from("/"))
+    absolute_env("HOME").or_else(crate::sys::passwd_home).unwrap_or_else(|| PathBuf::from("/"))
 }
 
 fn from_env_or(own: &str, xdg: &str, home_relative: &str) -> PathBuf {
     if let Some(path) = non_empty_env(own) {
         return path;
     }
-    non_empty_env(xdg).unwrap_or_else(|| home().join(home_relative)).join("llmctl")
+    absolute_env(xdg).unwrap_or_else(|| home().join(home_relative)).join("llmctl")
 }
 
 fn default_socket() -> PathBuf {
@@ -116,7 +123,7 @@ fn default_socket() -> PathBuf {
     };
     socket_location(
         non_empty_env("LLMCTL_SOCKET"),
-        non_empty_env("XDG_RUNTIME_DIR"),
+        absolute_env("XDG_RUNTIME_DIR"),
         run_user_is_ours.then_some(run_user),
         uid,
     )
@@ -145,7 +152,7 @@ fn default_config() -> PathBuf {
     if let Some(path) = non_empty_env("LLMCTL_CONFIG") {
         return path;
     }
-    non_empty_env("XDG_CONFIG_HOME").unwrap_or_else(|| home().join(".config")).join("llmctl").join("config.toml")
+    absolute_env("XDG_CONFIG_HOME").unwrap_or_else(|| home().join(".config")).join("llmctl").join("config.toml")
 }
 
 /// The longest path a Unix socket can have (`sun_path` holds 108 bytes with the NUL).

@@ -270,27 +270,28 @@ fn unpinning_a_model_the_config_pins_says_where_the_pin_is() {
 }
 
 #[test]
-fn without_home_the_files_are_where_the_password_database_puts_home() {
+fn without_an_absolute_home_the_files_are_where_the_password_database_puts_home() {
     let env = Env::fake();
     let uid = String::from_utf8(std::process::Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
     let entry = std::process::Command::new("getent").args(["passwd", uid.trim()]).output().unwrap();
     let entry = String::from_utf8(entry.stdout).unwrap();
-    let home = entry.trim().split(':').nth(5).expect("the user has a passwd entry").to_string();
-    assert!(home.starts_with('/') && home != "/", "{entry}");
-    for unset in [true, false] {
+    let passwd = entry.trim().split(':').nth(5).expect("the user has a passwd entry").to_string();
+    assert!(passwd.starts_with('/') && passwd != "/", "{entry}");
+    // Unset, empty, or relative (with relative XDG directories, which are ignored too).
+    for home in [None, Some(""), Some("rel")] {
         let mut command = env.command(&["config"]);
         for name in ["XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "LLMCTL_CONFIG", "LLMCTL_DATA_DIR"] {
             command.env_remove(name);
         }
-        if unset {
-            command.env_remove("HOME");
-        } else {
-            command.env("HOME", "");
-        }
+        match home {
+            None => command.env_remove("HOME"),
+            Some("rel") => command.env("HOME", "rel").env("XDG_CONFIG_HOME", "cfg").env("XDG_DATA_HOME", "data"),
+            Some(home) => command.env("HOME", home),
+        };
         let output = command.output().unwrap();
         let shown = stdout(&output);
-        assert!(shown.contains(&format!("{home}/.config/llmctl/config.toml")), "HOME unset {unset}: {shown}");
-        assert!(shown.contains(&format!("{home}/.local/share/llmctl")), "HOME unset {unset}: {shown}");
+        assert!(shown.contains(&format!("{passwd}/.config/llmctl/config.toml")), "HOME {home:?}: {shown}");
+        assert!(shown.contains(&format!("{passwd}/.local/share/llmctl")), "HOME {home:?}: {shown}");
     }
     env.assert_nothing_survives();
 }
