@@ -56,7 +56,8 @@ pub(crate) fn run(context: &Context, args: LsArgs) -> Result<()> {
                 loaded: match (&canonical, model.source) {
                     (Some(path), _) => loaded.contains(path),
                     (None, Source::Remote) => loaded.contains(&PathBuf::from(format!("remote:{}", model.name))),
-                    (None, _) => false,
+                    // Deleted (or moved) while a child still holds it: loaded all the same.
+                    (None, _) => model.path.as_ref().is_some_and(|path| loaded.contains(path)),
                 },
                 name: model.name,
                 source: model.source,

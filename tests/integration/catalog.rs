@@ -696,3 +696,18 @@ fn pull_shows_progress_on_a_terminal_only() {
     assert_eq!(code, 0, "{transcript}");
     assert!(transcript.contains("(100%)"), "{transcript}");
 }
+
+#[test]
+fn ls_and_status_agree_that_a_model_deleted_while_loaded_is_loaded() {
+    let env = Env::fake();
+    let model = env.tiny_model("gone.gguf");
+    env.write_config(&format!("[models.gone]\npath = \"{}\"\n", model.display()));
+    assert_success(&env.run(&["warm", "gone"]));
+    std::fs::remove_file(&model).unwrap();
+    let listed = ls_json(&env);
+    let row = listed.iter().find(|row| row["name"] == "gone").expect("the config's model is listed");
+    assert_eq!(row["loaded"], true, "{row}");
+    assert_eq!(env.status_json()["instances"][0]["state"], "ready");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
