@@ -324,13 +324,15 @@ fn a_client_gone_before_its_first_token_gives_its_slot_back_at_once() {
 fn a_client_gone_before_a_remote_server_answers_gives_its_slot_back_at_once() {
     let env = Env::fake();
     // A server llmctl does not run, on TCP, healthy and never answering a generation.
-    let mut remote = std::process::Command::new(FAKE_SERVER)
-        .args(["--port", "0", "--fake-stall"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(remote.stderr.take().unwrap()).lines();
+    let mut remote = KilledOnDrop(
+        std::process::Command::new(FAKE_SERVER)
+            .args(["--port", "0", "--fake-stall"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(remote.0.stderr.take().unwrap()).lines();
     let url = loop {
         let line = lines.next().expect("the server printed its address").unwrap();
         if let Some(rest) = line.split("listening on ").nth(1) {
@@ -345,7 +347,16 @@ fn a_client_gone_before_a_remote_server_answers_gives_its_slot_back_at_once() {
     let _ = client.wait();
     wait_until("the slot comes back", || in_flight() == Some(0));
     assert_success(&env.run(&["shutdown"]));
-    let _ = remote.kill();
-    let _ = remote.wait();
+    drop(remote);
     env.assert_nothing_survives();
+}
+
+/// A process of the test's own, killed however the test ends.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
