@@ -493,8 +493,24 @@ pub fn decode<T: for<'de> Deserialize<'de>>(line: &[u8]) -> io::Result<T> {
 
 /// Writes one message and its newline. The caller decides when to flush.
 pub fn write_message<T: Serialize>(writer: &mut impl Write, message: &T) -> io::Result<()> {
-    serde_json::to_writer(&mut *writer, message).map_err(io::Error::other)?;
-    writer.write_all(b"\n")
+    // The whole line is made first and handed on in one piece: serde writing straight into
+    // a buffered stream whose flush fails (a client that stopped reading) stops halfway,
+    // and the next message would then go on from the middle of a line.
+    thread_local! {
+        static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    LINE.with(|line| {
+        let mut line = line.borrow_mut();
+        line.clear();
+        serde_json::to_writer(&mut *line, message).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let written = writer.write_all(&line);
+        // A long line (a large embedding) is not kept for every later message.
+        if line.capacity() > 64 << 10 {
+            *line = Vec::new();
+        }
+        written
+    })
 }
 
 /// One message and its newline, as bytes to write in one go.
@@ -515,6 +531,47 @@ mod tests {
     use super::*;
     use crate::model::LoadOptions;
     use std::io::BufReader;
+
+    /// A socket that takes `room` more bytes, then would block (a client that stopped
+    /// reading).
+    #[derive(Debug)]
+    struct Choking {
+        taken: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Choking {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = bytes.len().min(self.room);
+            self.taken.extend_from_slice(&bytes[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_that_fails_halfway_leaves_whole_lines_for_the_messages_after_it() {
+        let mut writer = io::BufWriter::with_capacity(64, Choking { taken: Vec::new(), room: 100 });
+        let token = Response::Token { text: "some text ".into() };
+        while write_message(&mut writer, &token).is_ok() {}
+        // The client reads again: the rest, then the error, arrive as whole lines.
+        writer.get_mut().room = usize::MAX;
+        let error = Response::error(&crate::error::Error::Interrupted);
+        write_message(&mut writer, &error).unwrap();
+        writer.flush().unwrap();
+        let taken = String::from_utf8(writer.into_inner().unwrap().taken).unwrap();
+        assert!(taken.ends_with('\n'), "{taken}");
+        for line in taken.lines() {
+            assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "a broken line: {line}");
+        }
+        assert!(taken.lines().last().unwrap().contains("\"error\""), "{taken}");
+    }
 
     #[test]
     fn requests_round_trip() {
