@@ -159,7 +159,7 @@ pub(crate) fn serve(
         };
         // Every worker is busy and the backlog is full: the connections silent for a while
         // give their workers to the backlog, where this one takes a place.
-        if unheard.hang_up(SILENT_UNDER_PRESSURE, usize::MAX, b"") > 0 {
+        if unheard.hang_up(SILENT_UNDER_PRESSURE, SILENT_FLOOR, usize::MAX, b"") > 0 {
             accepted = match queue.send_timeout(accepted, HANG_UP_PATIENCE) {
                 Ok(()) => continue,
                 Err(crossbeam_channel::SendTimeoutError::Timeout(accepted))
@@ -184,6 +184,9 @@ pub(crate) fn serve(
 /// How long a connection may wait silent for its request before, with every worker busy
 /// and the backlog full, it is hung up to make room.
 const SILENT_UNDER_PRESSURE: Duration = Duration::from_secs(1);
+/// Once some connection is past [`SILENT_UNDER_PRESSURE`], the others silent this long go
+/// with it: one a moment too young would take the freed worker and hold it.
+const SILENT_FLOOR: Duration = Duration::from_millis(100);
 /// How long the accept loop waits for a worker freed by hanging up a silent connection.
 const HANG_UP_PATIENCE: Duration = Duration::from_millis(200);
 
@@ -1057,6 +1060,8 @@ mod tests {
             }
             assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
             assert!(Instant::now() < deadline, "the silent connections kept their places");
+            // Polled, not hammered: the other tests of this process share the two cores.
+            std::thread::sleep(Duration::from_millis(10));
         }
         // Both were hung up: each reads the end of its stream.
         for stream in [held, waiting] {

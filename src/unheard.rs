@@ -50,27 +50,31 @@ impl Unheard {
         self.waiting.lock().remove(&id).is_some()
     }
 
-    /// Hangs up, oldest first, at most `at_most` connections that have waited `silent_for`
-    /// or longer and have nothing to read; returns how many. Each is sent `farewell` first
-    /// if it will take it without waiting (a client that was only slow reads why it was
+    /// Hangs up, oldest first, at most `at_most` connections that have nothing to read
+    /// and have waited `silent_for` or longer, and with them every other silent one that
+    /// has waited `floor` or longer; returns how many. (Two connections silent for about
+    /// as long are hung up together, not one now and the other, a moment too young, left
+    /// holding the thread the next request needs.) Each is sent `farewell` first if it
+    /// will take it without waiting (a client that was only slow reads why it was
     /// refused); its read ends at once, and its thread goes on to the next connection.
-    pub(crate) fn hang_up(&self, silent_for: Duration, at_most: usize, farewell: &[u8]) -> usize {
+    pub(crate) fn hang_up(&self, silent_for: Duration, floor: Duration, at_most: usize, farewell: &[u8]) -> usize {
         let mut waiting = self.waiting.lock();
         let now = Instant::now();
-        let silent: Vec<u64> = waiting
-            .iter()
-            .take_while(|(_, (since, _))| now.duration_since(*since) >= silent_for)
-            .filter(|(_, (_, fd))| !crate::sys::readable(*fd))
-            .map(|(id, _)| *id)
-            .take(at_most)
-            .collect();
-        for id in &silent {
+        let silent = |(id, (since, fd)): (&u64, &(Instant, RawFd)), age: Duration| {
+            (now.duration_since(*since) >= age && !crate::sys::readable(*fd)).then_some(*id)
+        };
+        if !waiting.iter().any(|entry| silent(entry, silent_for).is_some()) {
+            return 0;
+        }
+        let chosen: Vec<u64> =
+            waiting.iter().filter_map(|entry| silent(entry, floor.min(silent_for))).take(at_most).collect();
+        for id in &chosen {
             if let Some((_, fd)) = waiting.remove(id) {
                 crate::sys::send_without_waiting(fd, farewell);
                 crate::sys::shutdown_socket(fd);
             }
         }
-        silent.len()
+        chosen.len()
     }
 }
 
@@ -115,15 +119,19 @@ mod tests {
             socket.set_nonblocking(true).unwrap();
             matches!((&mut &*socket).read(&mut [0u8; 1]), Ok(0))
         };
-        assert_eq!(unheard.hang_up(Duration::from_secs(3600), 8, b""), 0, "none has been silent that long");
-        assert_eq!(unheard.hang_up(Duration::ZERO, 1, b"busy\n"), 1);
+        assert_eq!(
+            unheard.hang_up(Duration::from_secs(3600), Duration::ZERO, 8, b""),
+            0,
+            "none has been silent that long"
+        );
+        assert_eq!(unheard.hang_up(Duration::ZERO, Duration::ZERO, 1, b"busy\n"), 1);
         assert!(!ended(&pairs[0].0), "a connection whose request was read was hung up");
         assert!(ended(&pairs[1].0), "the oldest silent connection is still open");
         let mut told = String::new();
         (&pairs[1].1).read_to_string(&mut told).unwrap();
         assert_eq!(told, "busy\n", "the client hung up is told why");
         assert!(!ended(&pairs[3].0), "a newer one went first");
-        assert_eq!(unheard.hang_up(Duration::ZERO, 8, b""), 1, "the one sending its request stays");
+        assert_eq!(unheard.hang_up(Duration::ZERO, Duration::ZERO, 8, b""), 1, "the one sending its request stays");
         assert!(ended(&pairs[3].0));
         assert!(!ended(&pairs[2].0));
         drop(hearings);

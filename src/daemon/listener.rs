@@ -140,7 +140,7 @@ fn accept_and_serve(shared: &Arc<Shared>, acceptors: &Arc<Acceptors>, first: boo
             // The one silent longest is told busy (it may only have been slow) and gives
             // this one its place.
             let farewell = protocol::encode_line(&Response::error(&busy)).unwrap_or_default();
-            if shared.unheard.hang_up(Duration::ZERO, 1, &farewell) == 0 {
+            if shared.unheard.hang_up(Duration::ZERO, Duration::ZERO, 1, &farewell) == 0 {
                 shared.connections.fetch_sub(1, Ordering::SeqCst);
                 refuse(acceptors, stream, busy);
                 continue;
