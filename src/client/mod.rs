@@ -126,11 +126,27 @@ fn lock_file(socket: &std::path::Path) -> std::path::PathBuf {
     std::path::PathBuf::from(name)
 }
 
+/// What a command does when the daemon is at its connection cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AtCap {
+    /// Asks again for up to [`BUSY_PATIENCE`]: a command that asks no model for work. The
+    /// cap keeps room for such commands beyond what long requests may hold, and silent
+    /// connections give theirs up, so the daemon is full only while a burst of connections
+    /// is being sorted out.
+    Wait,
+    /// Answers busy (75) at once: a request for a model's work (`run`, `embed`, `chat`,
+    /// `warm`, `switch`), which a flooded daemon refuses so that its caller backs off.
+    Refuse,
+}
+
+/// How long a command that waits at the cap keeps asking.
+const BUSY_PATIENCE: Duration = Duration::from_secs(12);
+
 /// Connects for a request about `model`. A running daemon checks the model's header
 /// itself (and remembers it); when none runs, the header is checked here first, so a
 /// wrong or truncated file is refused without starting anything.
-pub(crate) fn connect_for(context: &Context, model: &crate::model::ModelSpec) -> Result<Connection> {
-    if let Some(connection) = try_connect(context)? {
+pub(crate) fn connect_for(context: &Context, model: &crate::model::ModelSpec, at_cap: AtCap) -> Result<Connection> {
+    if let Some(connection) = find_daemon(context, true, at_cap)? {
         return Ok(connection);
     }
     model.check_header()?;
@@ -153,22 +169,22 @@ pub(crate) fn connect(context: &Context) -> Result<Connection> {
 /// command's socket, a daemon that holds the state directory at another socket is used.
 /// A daemon that is shutting down is waited for, and then counts as none.
 pub(crate) fn try_connect(context: &Context) -> Result<Option<Connection>> {
-    find_daemon(context, true)
+    find_daemon(context, true, AtCap::Wait)
 }
 
 /// As [`try_connect`], but a daemon that is shutting down is not waited for: the answer is
 /// an error of kind [`ErrorKind::ShuttingDown`], for `shutdown`, which has nothing to do
 /// then but wait for that daemon to be gone.
 pub(crate) fn try_connect_unless_shutting_down(context: &Context) -> Result<Option<Connection>> {
-    find_daemon(context, false)
+    find_daemon(context, false, AtCap::Wait)
 }
 
-fn find_daemon(context: &Context, wait_for_shutdown: bool) -> Result<Option<Connection>> {
+fn find_daemon(context: &Context, wait_for_shutdown: bool, at_cap: AtCap) -> Result<Option<Connection>> {
     let wait = |error: &Error| wait_for_shutdown && error.kind() == ErrorKind::ShuttingDown;
-    match connect_at(&context.paths.socket) {
+    match connect_at(&context.paths.socket, at_cap) {
         Ok(Some(connection)) => return Ok(Some(connection)),
         Ok(None) => {}
-        Err(error) if wait(&error) => return wait_for_exit(context, &context.paths.socket, &error.to_string()),
+        Err(error) if wait(&error) => return wait_for_exit(context, &context.paths.socket, &error.to_string(), at_cap),
         Err(error) => return Err(error),
     }
     let Some((pid, socket)) = daemon_of_state_dir(&context.paths) else { return Ok(None) };
@@ -177,15 +193,15 @@ fn find_daemon(context: &Context, wait_for_shutdown: bool) -> Result<Option<Conn
             "the llmctl daemon (pid {pid}) holds this state directory but no longer answers at {}",
             socket.display()
         );
-        return wait_for_exit(context, &socket, &why);
+        return wait_for_exit(context, &socket, &why, at_cap);
     }
-    match connect_at(&socket) {
+    match connect_at(&socket, at_cap) {
         Ok(Some(connection)) => {
             log::info!("using the llmctl daemon (pid {pid}) of this state directory, at {}", socket.display());
             Ok(Some(connection))
         }
         Ok(None) => Err(Error::DaemonRunning { socket, pid: Some(pid) }),
-        Err(error) if wait(&error) => wait_for_exit(context, &socket, &error.to_string()),
+        Err(error) if wait(&error) => wait_for_exit(context, &socket, &error.to_string(), at_cap),
         Err(error) => Err(error),
     }
 }
@@ -193,11 +209,11 @@ fn find_daemon(context: &Context, wait_for_shutdown: bool) -> Result<Option<Conn
 /// Waits for the daemon at `socket`, which is shutting down or whose socket file is gone
 /// (`why` says which), to release the state directory; `Ok(None)` once it has, so a fresh
 /// daemon can start, and the connection when a daemon answers there meanwhile.
-fn wait_for_exit(context: &Context, socket: &std::path::Path, why: &str) -> Result<Option<Connection>> {
+fn wait_for_exit(context: &Context, socket: &std::path::Path, why: &str, at_cap: AtCap) -> Result<Option<Connection>> {
     log::info!("{why}; waiting for it to exit");
     let deadline = Instant::now() + DAEMON_EXIT_TIMEOUT;
     loop {
-        match connect_at(socket) {
+        match connect_at(socket, at_cap) {
             // Another command started a daemon meanwhile.
             Ok(Some(connection)) => return Ok(Some(connection)),
             Ok(None) if daemon_of_state_dir(&context.paths).is_none() => return Ok(None),
@@ -247,18 +263,28 @@ enum Handshake {
     HungUp(io::Error),
 }
 
-fn connect_at(socket_path: &std::path::Path) -> Result<Option<Connection>> {
-    let deadline = Instant::now() + HUNG_UP_RETRY;
+/// Connects and shakes hands at `socket_path`; `Ok(None)` when nothing listens there.
+/// A daemon at its connection cap answers busy at the handshake: `at_cap` says whether
+/// to ask again.
+fn connect_at(socket_path: &std::path::Path, at_cap: AtCap) -> Result<Option<Connection>> {
+    let start = Instant::now();
     loop {
-        match handshake(socket_path)? {
-            Handshake::Done(connection) => return Ok(connection),
-            Handshake::HungUp(error) if Instant::now() >= deadline => {
+        match handshake(socket_path) {
+            Ok(Handshake::Done(connection)) => return Ok(connection),
+            Ok(Handshake::HungUp(error)) if start.elapsed() >= HUNG_UP_RETRY => {
                 return Err(Error::DaemonUnavailable {
                     socket: socket_path.to_path_buf(),
                     reason: format!("it closed every connection before answering ({error})"),
                 })
             }
-            Handshake::HungUp(_) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(Handshake::HungUp(_)) => std::thread::sleep(Duration::from_millis(20)),
+            Err(error)
+                if error.kind() == ErrorKind::Busy && at_cap == AtCap::Wait && start.elapsed() < BUSY_PATIENCE =>
+            {
+                log::debug!("{error}; asking again");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(error) => return Err(error),
         }
     }
 }
@@ -427,5 +453,62 @@ fn daemon_failed(context: &Context, log_path: &std::path::Path, exited: bool) ->
                 log_path.display()
             )
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::thread;
+
+    use super::*;
+
+    /// A daemon at its connection cap for its first `full_for` connections (each is told
+    /// busy and hung up, as the listener does), which then shakes hands; the number of
+    /// connections it saw.
+    fn daemon_full_for(socket: &std::path::Path, full_for: usize) -> thread::JoinHandle<usize> {
+        let listener = UnixListener::bind(socket).unwrap();
+        thread::spawn(move || {
+            let busy = Error::Busy {
+                message: "the daemon has 321 connections open, its limit".into(),
+                retry_after_ms: 1000,
+                per_model: false,
+            };
+            for seen in 1.. {
+                let (stream, _) = listener.accept().unwrap();
+                let mut hello = String::new();
+                BufReader::new(&stream).read_line(&mut hello).unwrap();
+                let answer = if seen > full_for {
+                    Response::Hello { version: VERSION, pid: std::process::id() }
+                } else {
+                    Response::error(&busy)
+                };
+                (&stream).write_all(&protocol::encode_line(&answer).unwrap()).unwrap();
+                if seen > full_for {
+                    return seen;
+                }
+            }
+            unreachable!()
+        })
+    }
+
+    #[test]
+    fn a_command_that_asks_no_model_for_work_waits_for_room_at_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let daemon = daemon_full_for(&socket, 3);
+        let connection = connect_at(&socket, AtCap::Wait).unwrap().expect("a connection once there is room");
+        assert_eq!(connection.daemon_pid, std::process::id());
+        assert_eq!(daemon.join().unwrap(), 4, "three busy answers, then the handshake");
+    }
+
+    #[test]
+    fn a_request_for_work_is_told_busy_at_once_at_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let _daemon = daemon_full_for(&socket, 1);
+        let error = connect_at(&socket, AtCap::Refuse).err().expect("busy");
+        assert_eq!(error.kind(), ErrorKind::Busy);
+        assert!(error.to_string().contains("connections open"), "{error}");
     }
 }

@@ -410,7 +410,7 @@ fn answer(
     let mut answer = Answer { stdout: io::stdout().lock(), progress: io::stderr().is_terminal(), reply: String::new() };
     let request = Request::Run(request);
     let result = crate::setup::retry_after_setup(context, || {
-        let mut connection = crate::client::connect_for(context, model)?;
+        let mut connection = crate::client::connect_for(context, model, crate::client::AtCap::Refuse)?;
         connection.set_reply_timeout(Some(context.generation_timeout()))?;
         // Ctrl-C while it streams stops this answer (cancelled upstream), not the chat.
         let _watch = interrupt::Watch::socket(connection.raw_fd())?;

@@ -33,7 +33,7 @@ pub(crate) fn run(context: &Context, args: EmbedArgs) -> Result<()> {
         args.text.clone()
     };
     check_inputs(&inputs, args.text.is_empty())?;
-    let mut connection = client::connect_for(context, &model)?;
+    let mut connection = client::connect_for(context, &model, crate::client::AtCap::Refuse)?;
     connection.set_reply_timeout(Some(context.generation_timeout()))?;
     let _watch = interrupt::Watch::socket(connection.raw_fd())?;
     match print_vectors(&mut connection, &Request::Embed { model, inputs }) {

@@ -17,7 +17,7 @@ pub(crate) fn run(context: &Context, args: PinArgs, pinned: bool) -> Result<()> 
             context.paths.config.display()
         );
     }
-    let mut connection = crate::client::connect_for(context, &model)?;
+    let mut connection = crate::client::connect_for(context, &model, crate::client::AtCap::Wait)?;
     connection.call(&Request::Pin { model, pinned })?;
     Ok(())
 }

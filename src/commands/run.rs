@@ -55,7 +55,7 @@ pub(crate) fn run(context: &Context, args: RunArgs) -> Result<()> {
     let model = request.model.clone();
     let request = Request::Run(request);
     let result = crate::setup::retry_after_setup(context, || {
-        let mut connection = client::connect_for(context, &model)?;
+        let mut connection = client::connect_for(context, &model, crate::client::AtCap::Refuse)?;
         connection.set_reply_timeout(Some(context.generation_timeout()))?;
         let _watch = interrupt::Watch::socket(connection.raw_fd())?;
         stream::generate(&mut connection, &request, &mut output)

@@ -14,21 +14,8 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// take their whole stop grace.
 const OTHERS_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How long `shutdown` keeps trying a daemon that is at its connection cap: connections
-/// that never send a request are closed after 5 s, so room comes back.
-const BUSY_PATIENCE: Duration = Duration::from_secs(12);
-
 pub(crate) fn run(context: &Context) -> Result<()> {
-    let busy_until = Instant::now() + BUSY_PATIENCE;
-    let found = loop {
-        match client::try_connect_unless_shutting_down(context) {
-            Err(error) if error.kind() == ErrorKind::Busy && Instant::now() < busy_until => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            found => break found,
-        }
-    };
-    let mut connection = match found {
+    let mut connection = match client::try_connect_unless_shutting_down(context) {
         Ok(Some(connection)) => connection,
         Ok(None) => return Ok(()),
         // Another command's shutdown is under way: this one is done once that daemon is

@@ -14,7 +14,7 @@ pub(crate) fn run(context: &Context, args: SwitchArgs) -> Result<()> {
     }
     let request = Request::Switch { model: model.clone(), wait: args.wait, exclusive: args.exclusive };
     crate::setup::retry_after_setup(context, || {
-        let mut connection = crate::client::connect_for(context, &model)?;
+        let mut connection = crate::client::connect_for(context, &model, crate::client::AtCap::Refuse)?;
         connection.set_reply_timeout(Some(context.generation_timeout()))?;
         connection.call(&request)
     })?;

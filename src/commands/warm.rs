@@ -10,7 +10,7 @@ pub(crate) fn run(context: &Context, args: WarmArgs) -> Result<()> {
     let model = crate::setup::resolve_on_first_use(context, &args.model, &args.load.overrides())?;
     let request = Request::Warm { model: model.clone(), ttl_s: args.ttl };
     crate::setup::retry_after_setup(context, || {
-        let mut connection = crate::client::connect_for(context, &model)?;
+        let mut connection = crate::client::connect_for(context, &model, crate::client::AtCap::Refuse)?;
         connection.set_reply_timeout(Some(context.generation_timeout()))?;
         connection.call(&request)
     })?;
