@@ -1168,23 +1168,101 @@ fn cheapest_loads(trace: &[Vec<&'static str>], load_s: &dyn Fn(&str) -> f64) -> 
 /// Runs `trace` against the HTTP API at `port` (serve or the router), every client in a
 /// thread of its own: requests/s.
 fn run_trace(port: u16, trace: &[Vec<&'static str>], n: usize) -> f64 {
+    run_trace_timed(port, trace, n).rate
+}
+
+/// A run of a trace: its requests/s, and when each request ended, with its model.
+struct TraceRun {
+    rate: f64,
+    ends: Vec<(Duration, &'static str)>,
+}
+
+impl TraceRun {
+    /// The run's time split at its changes of model, read from the order in which requests
+    /// ended: a change is a request that ended for another model than the one before it, and
+    /// its gap (from the last end of the old model to the first of the new) holds the drain's
+    /// tail, the stop, the load and the new model's first request. The time to the first end
+    /// holds the first load; every other gap is service, between two ends of one model.
+    fn split(&self, models: &[&str]) -> Split {
+        let mut ends = self.ends.clone();
+        ends.sort();
+        let mut changes = Vec::new();
+        let mut service: Vec<(&str, f64)> = Vec::new();
+        for pair in ends.windows(2) {
+            let gap = (pair[1].0 - pair[0].0).as_secs_f64();
+            if pair[0].1 == pair[1].1 {
+                service.push((pair[1].1, gap));
+            } else {
+                changes.push(gap);
+            }
+        }
+        let median = |mut gaps: Vec<f64>| {
+            gaps.sort_by(f64::total_cmp);
+            gaps.get(gaps.len() / 2).map_or(0.0, |gap| gap * 1000.0)
+        };
+        Split {
+            changes: changes.len(),
+            in_changes: changes.iter().sum(),
+            median_change_ms: median(changes),
+            first_end: ends.first().map_or(0.0, |(end, _)| end.as_secs_f64()),
+            serving: service.iter().map(|(_, gap)| gap).sum(),
+            median_gap_ms: models
+                .iter()
+                .map(|&model| median(service.iter().filter(|(m, _)| *m == model).map(|(_, gap)| *gap).collect()))
+                .collect(),
+        }
+    }
+}
+
+impl TraceRun {
+    /// The order of service: each model with the number of its answers in a row.
+    fn order(&self) -> String {
+        let mut ends = self.ends.clone();
+        ends.sort();
+        let mut runs: Vec<(&str, usize)> = Vec::new();
+        for (_, model) in ends {
+            match runs.last_mut() {
+                Some((last, n)) if *last == model => *n += 1,
+                _ => runs.push((model, 1)),
+            }
+        }
+        runs.iter().map(|(model, n)| format!("{model}×{n}")).collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// A [`TraceRun`] split at its changes of model.
+struct Split {
+    changes: usize,
+    in_changes: f64,
+    median_change_ms: f64,
+    first_end: f64,
+    serving: f64,
+    /// Per model, in the order asked for: the median gap between two ends of it in a row.
+    median_gap_ms: Vec<f64>,
+}
+
+/// [`run_trace`], with each request's end kept.
+fn run_trace_timed(port: u16, trace: &[Vec<&'static str>], n: usize) -> TraceRun {
     let start = Instant::now();
+    let ends = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for requests in trace {
+            let ends = &ends;
             scope.spawn(move || {
                 let agent: ureq::Agent = ureq::Agent::config_builder()
                     .http_status_as_error(false)
                     .timeout_global(Some(Duration::from_secs(600)))
                     .build()
                     .into();
-                for model in requests {
+                for &model in requests {
                     http_complete(&agent, port, model, n);
+                    ends.lock().unwrap().push((start.elapsed(), model));
                 }
             });
         }
     });
     let total: usize = trace.iter().map(Vec::len).sum();
-    total as f64 / start.elapsed().as_secs_f64()
+    TraceRun { rate: total as f64 / start.elapsed().as_secs_f64(), ends: ends.into_inner().unwrap() }
 }
 
 /// A router over `dir` with `--models-max 1` whose log is kept, to count its loads.
@@ -1235,6 +1313,7 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
         "| clients | requests | llmctl req/s | router req/s | ratio llmctl/router | llmctl swaps/request | router swaps/request | service ms/request smol, smol2, gemma | ceiling req/s | ceiling/router | bound swaps | bound req/s | bound/router |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let (mut splits, mut orders) = (Vec::new(), Vec::new());
     for clients in [3usize, 12, 48] {
         let per_client = (96 / clients).max(2);
         let trace = thrash_trace(seed + clients as u64, clients, per_client, &models);
@@ -1243,7 +1322,8 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
         std::fs::write(env.dir.path().join("config.toml"), &config).unwrap();
         env.llmctl(&["status"]);
         let serving = Serving::start(&env);
-        let llmctl_rate = run_trace(serving.port, &trace, 4);
+        let llmctl_run = run_trace_timed(serving.port, &trace, 4);
+        let llmctl_rate = llmctl_run.rate;
         let status = env.status();
         let llmctl_swaps = status["daemon"]["swaps"].as_u64().unwrap_or(0);
         // The ceiling of any scheduler on this trace: its requests all for one model (one
@@ -1282,7 +1362,8 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
         drop(env);
         let log = router_dir.path().join("router.log");
         let router = router_with_log(server, router_dir.path(), &log);
-        let router_rate = run_trace(router.port, &trace, 4);
+        let router_run = run_trace_timed(router.port, &trace, 4);
+        let router_rate = router_run.rate;
         drop(router);
         let router_swaps = router_loads(&log).saturating_sub(1);
         println!(
@@ -1295,6 +1376,42 @@ fn thrash_and_starvation(server: &Path, demo: &Path, gemma: &Path) {
             fewest_loads - 1,
             bound / router_rate
         );
+        let (ours, theirs) = (llmctl_run.split(&models), router_run.split(&models));
+        let gaps =
+            |split: &Split| split.median_gap_ms.iter().map(|ms| format!("{ms:.0}")).collect::<Vec<_>>().join(", ");
+        orders.push(format!(
+            "| {clients} | llmctl | {} |\n| {clients} | router | {} |",
+            llmctl_run.order(),
+            router_run.order()
+        ));
+        splits.push(format!(
+            "| {clients} | {:.2} / {:.2} | {} / {} | {:.2} / {:.2} | {:.0} / {:.0} | {:.2} / {:.2} | {} / {} |",
+            ours.first_end,
+            theirs.first_end,
+            ours.changes,
+            theirs.changes,
+            ours.in_changes,
+            theirs.in_changes,
+            ours.median_change_ms,
+            theirs.median_change_ms,
+            ours.serving,
+            theirs.serving,
+            gaps(&ours),
+            gaps(&theirs)
+        ));
+    }
+    println!();
+    println!("The same runs split at their changes of model (from the order requests ended in), llmctl / router:\n");
+    println!(
+        "| clients | first answer s | changes | seconds in changes | median change ms | seconds serving | median ms between two answers of smol, smol2, gemma |\n|---|---|---|---|---|---|---|"
+    );
+    for row in splits {
+        println!("{row}");
+    }
+    println!("\nThe order of service (each model, with its answers in a row):\n");
+    println!("| clients | path | order |\n|---|---|---|");
+    for row in orders {
+        println!("{row}");
     }
     println!();
 
