@@ -89,7 +89,7 @@ pub(crate) fn serve(shared: &Arc<Shared>, stream: UnixStream) {
     let _long = long.then(|| LongConnection::take(shared));
     if long && shared.long_connections.load(Ordering::SeqCst) > cap {
         let error = Error::Busy {
-            message: format!("the daemon has {cap} connections streaming or following, its limit"),
+            message: format!("the daemon has {cap} connections holding long requests (generations, embeddings, loads, event followers), its limit"),
             retry_after_ms: 1000,
             per_model: false,
         };
