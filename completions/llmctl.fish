@@ -66,7 +66,7 @@ complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l top-k -d 'Sample f
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l min-p -d 'Minimum probability relative to the most likely token, in [0, 1]' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l repeat-penalty -d 'Penalty for repeated tokens (1 disables)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l seed -d 'Random seed, for reproducible sampling' -r
-complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l stop -d 'Stop when this text is generated (repeatable)' -r
+complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l stop -d 'Stop when this text is generated (repeatable; not empty)' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -s s -l json-schema -d 'Make the output JSON valid for this JSON Schema: a file, or the schema itself' -r
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l grammar -d 'Make the output follow this GBNF grammar file (llama.cpp\'s grammar format)' -r -F
 complete -c llmctl -n "__fish_llmctl_using_subcommand run" -l ctx-size -d 'Context size in tokens for this instance (llama-server -c)' -r

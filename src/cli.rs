@@ -319,8 +319,8 @@ pub struct RunArgs {
     /// Random seed, for reproducible sampling
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
-    /// Stop when this text is generated (repeatable)
-    #[arg(long, value_name = "TEXT")]
+    /// Stop when this text is generated (repeatable; not empty)
+    #[arg(long, value_name = "TEXT", value_parser = parse_stop)]
     pub stop: Vec<String>,
     /// Make the output JSON valid for this JSON Schema: a file, or the schema itself
     #[arg(short = 's', long, value_name = "FILE|JSON", conflicts_with = "grammar")]
@@ -548,6 +548,14 @@ fn parse_non_negative(text: &str) -> Result<f32, String> {
         return Err(format!("{text} must be a finite number >= 0"));
     }
     Ok(value)
+}
+
+/// A stop string: an empty one would match before the first token and empty every answer.
+fn parse_stop(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("a stop string cannot be empty (it would end every answer before its first token)".into());
+    }
+    Ok(text.to_string())
 }
 
 fn parse_unit(text: &str) -> Result<f32, String> {

@@ -218,7 +218,7 @@ pub(crate) fn ensure_private_dir(dir: &Path) -> Result<()> {
 /// for the children's sockets. An existing one that others can enter is refused.
 pub(crate) fn ensure_own_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let unusable = |reason: String| Error::DaemonUnavailable { socket: dir.to_path_buf(), reason };
+    let unusable = |reason: String| Error::io(format!("cannot use {}", dir.display()), std::io::Error::other(reason));
     match fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

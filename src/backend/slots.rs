@@ -37,14 +37,14 @@ impl Client {
                 }
                 request.config().timeout_global(Some(timeout)).build().call()
             })
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| described(error, timeout))?;
         let status = response.status().as_u16();
         let body = response
             .body_mut()
             .with_config()
             .limit(SLOTS_ANSWER_LIMIT)
             .read_to_string()
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| described(error, timeout))?;
         if status != 200 {
             return Err(error_message(&body).unwrap_or_else(|| format!("HTTP {status}")));
         }
@@ -82,9 +82,10 @@ impl Client {
                 }
                 request.config().timeout_global(Some(timeout)).build().send(&body)
             })
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| described(error, timeout))?;
         let status = response.status().as_u16();
-        let text = response.body_mut().with_config().limit(1 << 20).read_to_string().map_err(|e| e.to_string())?;
+        let text =
+            response.body_mut().with_config().limit(1 << 20).read_to_string().map_err(|e| described(e, timeout))?;
         if status != 200 {
             return Err(error_message(&text).unwrap_or_else(|| format!("HTTP {status}")));
         }
@@ -95,6 +96,14 @@ impl Client {
             bytes: number(bytes_field).unwrap_or(0),
             ms: value.pointer(&format!("/timings/{ms_field}")).and_then(Value::as_f64).unwrap_or(0.0),
         })
+    }
+}
+
+/// A failed call in words: ureq says only "timeout: global" of the deadline it was given.
+fn described(error: ureq::Error, timeout: Duration) -> String {
+    match error {
+        ureq::Error::Timeout(_) => format!("llama-server did not answer within {} ms", timeout.as_millis()),
+        other => other.to_string(),
     }
 }
 
@@ -179,5 +188,15 @@ mod tests {
         assert_eq!(client.save_slot(0, "a.bin", timeout).unwrap(), saved);
         let save = "POST /slots/0?action=save HTTP/1.1";
         assert_eq!(server.join().unwrap(), vec![vec![save; 2], vec![save]]);
+    }
+
+    #[test]
+    fn a_child_that_does_not_answer_in_time_is_said_to_in_words() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = Client::new(port, "key", Timeouts::default());
+        let error = client.save_slot(0, "a.bin", Duration::from_millis(200)).unwrap_err();
+        assert_eq!(error, "llama-server did not answer within 200 ms");
+        drop(listener);
     }
 }

@@ -196,6 +196,7 @@ impl CacheStore {
         // refuses to start with a save path that is not a directory.
         if let Err(error) = crate::paths::ensure_own_private_dir(&self.dir) {
             log::warn!("prompt caches of {} are not saved: {error}", spec.name);
+            self.lose_index();
             return None;
         }
         let build = self.build_of(binary);
@@ -353,7 +354,7 @@ impl CacheStore {
         if written.is_err() {
             let _ = fs::remove_file(&temp);
         }
-        written.map_err(|e| format!("cannot write its manifest: {e}"))
+        written.map_err(|e| format!("cannot write its manifest {}: {e}", temp.display()))
     }
 
     /// The kept caches of `identity`, to be checked one by one with [`CacheStore::check`].
@@ -481,7 +482,11 @@ impl CacheStore {
             manifest
         };
         if let Err(error) = self.write_manifest(stem, &manifest) {
-            log::warn!("{error}");
+            log::warn!(
+                "the restore of the prompt cache of slot {} of {} is not recorded on disk: {error}",
+                manifest.slot,
+                manifest.name
+            );
         }
     }
 
@@ -492,6 +497,21 @@ impl CacheStore {
             count(&mut index.counters);
         }
         self.remove_files(stem);
+    }
+
+    /// The directory was replaced under the daemon (a file, a link, another owner's): what
+    /// the index lists there can no longer be restored, so it is no longer listed. Nothing
+    /// is removed through a path that is not the store's own.
+    fn lose_index(&self) {
+        let mut index = self.index.lock();
+        let lost = std::mem::take(&mut index.entries).len();
+        if lost > 0 {
+            index.counters.dropped += lost as u64;
+            log::warn!(
+                "{lost} saved prompt cache(s) in {} are forgotten: the directory is no longer usable",
+                self.dir.display()
+            );
+        }
     }
 
     /// Drops the caches of `model` (every cache when none); returns how many and their bytes.
@@ -877,6 +897,28 @@ mod tests {
         assert_eq!(left, ["/m/b.gguf"]);
         assert_eq!(store.forget(None), (1, 1));
         assert!(names(&dir).is_empty());
+    }
+
+    #[test]
+    fn a_directory_replaced_under_the_store_saves_nothing_and_lists_nothing() {
+        let (_root, dir) = cache_dir();
+        let store = open(&dir, 1 << 20);
+        let spec = model_spec("/m/a.gguf", None);
+        let identity = identity_of(&spec, "build 1");
+        save(&store, &identity, &spec, 0, b"slot zero");
+        assert_eq!(store.report().entries.len(), 1);
+        let elsewhere = dir.with_file_name("elsewhere");
+        fs::rename(&dir, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+        let binary = dir.with_file_name("llama-server");
+        assert!(store.identity_for(&spec, FileStamp::none(), &binary).is_none(), "nothing is saved through a link");
+        let report = store.report();
+        assert!(report.entries.is_empty(), "{:?}", report.entries);
+        assert_eq!(report.counters.dropped, 1);
+        assert_eq!(names(&elsewhere).len(), 2, "nothing removed through the link");
+        fs::remove_file(&dir).unwrap();
+        fs::write(&dir, "a file").unwrap();
+        assert!(store.identity_for(&spec, FileStamp::none(), &binary).is_none(), "nor into a file");
     }
 
     #[test]

@@ -237,12 +237,17 @@ pub(crate) fn kill_marked(mark: &str, spare: u32) -> usize {
     killed
 }
 
-/// Start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat).
+/// Start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat); none once
+/// it has exited, even while it waits to be reaped (a SIGKILLed daemon stays a zombie
+/// until its parent, often a slow init, reaps it, and is no longer running then).
 pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses; fields after it are plain.
-    let after_name = &stat[stat.rfind(')')? + 2..];
-    after_name.split(' ').nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 2..].split(' ');
+    if matches!(fields.next(), Some("Z" | "X" | "x")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// Resident memory of `pid` in bytes, from /proc/PID/status.
@@ -331,8 +336,18 @@ mod tests {
     }
 
     #[test]
-    fn start_time_parses_own_process() {
+    fn start_time_is_known_for_a_running_process_and_not_for_a_zombie() {
         assert!(start_time(std::process::id()).is_some());
+        // An exited child not yet reaped is not running.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while start_time(pid).is_some() {
+            assert!(Instant::now() < deadline, "pid {pid} still counts as running after it exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(fs::read_to_string(format!("/proc/{pid}/stat")).unwrap().contains(") Z "), "a zombie until reaped");
+        child.wait().unwrap();
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
     }
 

@@ -124,6 +124,7 @@ fn invalid_values_are_refused_before_anything_starts() {
         vec!["run", "--min-p", "nan", &model, "x"],
         vec!["run", "-n", "-1", &model, "x"],
         vec!["run", "--top-k", "many", &model, "x"],
+        vec!["run", "--stop", "", &model, "x"],
         vec!["run", "--system", "s", "--raw", &model, "x"],
         vec!["stop"],
         vec!["frobnicate"],

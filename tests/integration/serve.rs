@@ -263,6 +263,13 @@ fn requests_without_a_known_model_go_to_the_default() {
         let (status, text) = post(&server, "/v1/chat/completions", body);
         assert_eq!(status, 200, "{text}");
     }
+    // A model named by something other than a string is a bad request, never the default.
+    for model in [serde_json::json!(42), serde_json::json!(["a"]), serde_json::json!(true), serde_json::json!({})] {
+        let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        let (status, text) = post(&server, "/v1/chat/completions", body);
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains("`model` must be a string"), "{text}");
+    }
     let status = env.status_json();
     let instances = status["instances"].as_array().unwrap();
     assert_eq!(instances.len(), 1, "{status}");

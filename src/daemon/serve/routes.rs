@@ -182,7 +182,20 @@ fn route(shared: &Arc<Shared>, listener: &Listener, request: Request, exchange: 
                     Ok(body) => body,
                     Err(error) => return exchange.error(400, &format!("the body is not a JSON object: {error}"), &[]),
                 };
-                let name = body.get("model").and_then(Value::as_str).map(str::to_string);
+                let name = match body.get("model") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(name)) => Some(name.clone()),
+                    // Never read as "no model given", which would serve the default model.
+                    Some(other) => {
+                        let kind = match other {
+                            Value::Number(_) => "a number",
+                            Value::Bool(_) => "true or false",
+                            Value::Array(_) => "an array",
+                            _ => "an object",
+                        };
+                        return exchange.error(400, &format!("`model` must be a string, not {kind}"), &[]);
+                    }
+                };
                 forward(shared, &config, request, exchange, *purpose, name, None);
             }
             None => exchange.error(404, &format!("no route for POST {path}"), &[]),
