@@ -129,11 +129,22 @@ pub(crate) fn on_lease(
                 }
             }
             Verdict::Again => unreachable!("a request is sent again on its lease"),
-            // A request that waited inside a child that crashed never started: it goes to
-            // the next child, once (the crash may have been its own doing after all), at
-            // its place in the queue.
-            Verdict::Failed(Error::LlamaExited { .. }) if lease.waits_in_child() && !answered && !resent => {
-                log::info!("a request for {} waited inside a child that crashed; it is sent to the next", spec.name);
+            // A request that waited inside a child that crashed, stalled or was restarted
+            // for a stalled request never started: it goes to the next child, once (the
+            // crash may have been its own doing after all), at its place in the queue. A
+            // stall it saw itself still restarts the child (its lease says so).
+            Verdict::Failed(ref error)
+                if lease.waits_in_child()
+                    && !answered
+                    && !resent
+                    && (matches!(error, Error::LlamaExited { .. })
+                        || marks.stalled
+                        || (matches!(error, Error::Stopped { .. }) && lease.generation.restarted())) =>
+            {
+                log::info!(
+                    "a request for {} waited inside a child that crashed or stalled; it is sent to the next",
+                    spec.name
+                );
                 resent = true;
                 lease.report.outcome = None;
                 lease.report.counted_again = true;

@@ -53,6 +53,9 @@ pub(crate) struct Generation {
     /// Set when llmctl stopped the child: streams on it stop relaying at the next token,
     /// whatever the child does with SIGTERM.
     stopped: AtomicBool,
+    /// Set when the stop was a restart after a stalled request: no one asked for it, so a
+    /// request that waited inside the child goes to the next one, as after a crash.
+    restarted: AtomicBool,
 }
 
 impl Generation {
@@ -68,6 +71,7 @@ impl Generation {
             ended: Mutex::new(None),
             changed: Condvar::new(),
             stopped: AtomicBool::new(false),
+            restarted: AtomicBool::new(false),
         }
     }
 
@@ -100,6 +104,17 @@ impl Generation {
     /// True once llmctl has stopped this generation's child.
     pub(crate) fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// The child is being stopped to be restarted after a stalled request (before [`end`]).
+    ///
+    /// [`end`]: Generation::end
+    pub(crate) fn mark_restarted(&self) {
+        self.restarted.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn restarted(&self) -> bool {
+        self.restarted.load(Ordering::SeqCst)
     }
 
     /// How it ended, waiting up to `patience` for the worker to find out: a crash closes

@@ -116,6 +116,31 @@ fn a_request_handed_to_a_busy_child_waits_past_the_token_timeout_without_restart
 }
 
 #[test]
+fn a_request_waiting_inside_a_child_that_stalls_goes_to_the_restarted_child() {
+    let mut env = Env::fake();
+    env.set("LLMCTL_STOP_GRACE_MS", "200");
+    env.write_config("token_timeout = 1\n");
+    let model = env.add_model("long", &["--fake-tokens", "300", "--fake-token-ms", "10"], "parallel = 1\n");
+    assert_success(&env.run(&["warm", &model]));
+    let pid = env.status_json()["instances"][0]["pid"].as_u64().unwrap();
+    let holder = env.spawn(&["run", &model, "x"]);
+    wait_until("the slot is taken", || env.status_json()["instances"][0]["in_flight"] == 1);
+    let handed = env.spawn(&["run", &model, "y"]);
+    wait_until("it waits inside the child", || env.status_json()["instances"][0]["queued"] == 1);
+    // The child stalls: the stream on its slot times out and the child is restarted; the
+    // request that waited inside it never started, and the next child answers it.
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+    assert_exit(&holder.wait_with_output().unwrap(), 124);
+    let handed = handed.wait_with_output().unwrap();
+    assert_success(&handed);
+    assert_eq!(stdout(&handed), "t ".repeat(300));
+    let instance = env.status_json()["instances"][0].clone();
+    assert_ne!(instance["pid"].as_u64(), Some(pid), "{instance}");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
 fn a_client_that_leaves_while_its_request_waits_inside_the_child_gives_its_place_up() {
     let env = Env::fake();
     let model = env.add_model("long", &["--fake-tokens", "2000", "--fake-token-ms", "10"], "parallel = 1\n");

@@ -228,6 +228,9 @@ impl Worker {
             _ => self.stop_message.clone(),
         };
         if let Some(generation) = &self.generation {
+            if why == Unload::Restart {
+                generation.mark_restarted();
+            }
             generation.end(Ended::Stopped(message));
         }
         let pid = self.pid();
