@@ -414,6 +414,9 @@ pub struct InstanceStatus {
     /// options), for metrics labels.
     #[serde(default)]
     pub instance: String,
+    /// The instance of the model that answers embeddings (started with `--embeddings`).
+    #[serde(default)]
+    pub embeddings: bool,
 }
 
 /// A state change of an instance, as `llmctl events` prints it.

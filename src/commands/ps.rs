@@ -43,7 +43,10 @@ fn render(loaded: &[&InstanceStatus], now_ms: u64) -> String {
     for instance in loaded {
         // The name is a file name or an alias: escaped, so none can drive the terminal.
         rows.push([
-            term::escape(&instance.name).into_owned(),
+            match instance.embeddings {
+                true => format!("{} (embeddings)", term::escape(&instance.name)),
+                false => term::escape(&instance.name).into_owned(),
+            },
             if instance.pinned { format!("{} (pinned)", instance.state) } else { instance.state.to_string() },
             instance.pid.map(|pid| pid.to_string()).unwrap_or_else(|| "-".into()),
             crate::budget::human(instance.rss_bytes.unwrap_or(instance.estimate_bytes)),
@@ -79,5 +82,8 @@ mod tests {
             text,
             "NAME  STATE  PID  MEMORY   CONTEXT  SLOTS  LAST USE\ndemo  ready  7    150 MiB  2048     0/1    30 s ago\n"
         );
+        let embeddings = InstanceStatus { embeddings: true, ..instance.clone() };
+        let text = render(&[&instance, &embeddings], 31_000);
+        assert!(text.ends_with("\ndemo (embeddings)  ready  7    150 MiB  2048     0/1    30 s ago\n"), "{text}");
     }
 }

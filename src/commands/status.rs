@@ -150,7 +150,12 @@ pub(crate) fn render(report: &StatusReport, now_ms: u64, cmdline_of: impl Fn(u32
     ]
     .map(String::from)];
     for instance in &instances {
-        let options = instance.pid.and_then(&cmdline_of).map(|argv| load_options(&argv)).unwrap_or_default();
+        let options = match instance.pid.and_then(&cmdline_of) {
+            Some(argv) => load_options(&argv),
+            // No child to ask (stopped, failed, loading): what the model's settings say.
+            None if instance.embeddings => "embeddings".to_string(),
+            None => String::new(),
+        };
         // Names, options and failures hold file names, arguments and a child's output:
         // escaped, so none can drive the terminal.
         rows.push([
@@ -320,6 +325,16 @@ mod tests {
         assert!(rows[1].ends_with(" embeddings"), "{text}");
         assert!(rows[2].ends_with(" reranking gpu-layers 99"), "{text}");
         assert!(rows[3].ends_with(" --flash-attn on"), "{text}");
+
+        // Without a child (stopped, failed), the embeddings instance is still told apart.
+        for instance in &mut report.instances {
+            instance.pid = None;
+            instance.state = InstanceState::Failed;
+        }
+        report.instances[1].embeddings = true;
+        let text = render(&report, 0, no_cmdline);
+        let rows: Vec<&str> = text.lines().filter(|line| line.starts_with("smol")).collect();
+        assert!(rows[1].ends_with(" embeddings") && !rows[0].ends_with(" embeddings"), "{text}");
     }
 
     #[test]

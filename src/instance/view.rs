@@ -241,6 +241,7 @@ impl Snapshot {
             waiting_position: None,
             eta_ms: None,
             instance: view.spec.log_file_name().trim_end_matches(".log").to_string(),
+            embeddings: view.spec.load.embeddings,
         }
     }
 }
