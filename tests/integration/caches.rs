@@ -418,6 +418,33 @@ fn a_restore_llama_server_refuses_is_logged_and_the_request_runs_without_it() {
 }
 
 #[test]
+fn a_restore_that_brings_the_child_down_drops_the_file_and_the_waiting_requests_are_served() {
+    let mut env = Env::fake();
+    env.set("FAKE_LLAMA_RESTORE", "crash");
+    let model = fake_model(&env, "m", 300, &["--fake-token-ms", "20"]);
+    assert_success(&env.run(&["warm", &model]));
+    assert_success(&env.run(&["stop", &model]));
+    assert_eq!(entries(&env).len(), 1);
+    // Three requests wait for the load; its child aborts as it reads the cache back, and
+    // the one started again without it serves them all.
+    let clients: Vec<_> = (0..3).map(|n| env.spawn(&["run", &model, &format!("waiting {n}")])).collect();
+    for (n, client) in clients.into_iter().enumerate() {
+        let output = client.wait_with_output().unwrap();
+        assert_success(&output);
+        assert_eq!(stdout(&output), format!("waiting {n}"));
+    }
+    let log = daemon_log(&env);
+    assert_eq!(log.matches("started again without it").count(), 1, "{log}");
+    assert_eq!(counter(&env, "restore_failures"), 1);
+    assert!(entries(&env).is_empty() && cache_files(&env).is_empty(), "{:?}", cache_files(&env));
+    let instance = env.status_json()["instances"][0].clone();
+    assert_eq!(instance["state"], "ready", "{instance}");
+    assert_eq!(instance["crash_loop"], false, "{instance}");
+    assert_success(&env.run(&["shutdown"]));
+    env.assert_nothing_survives();
+}
+
+#[test]
 fn every_unload_but_a_crash_or_a_restart_saves() {
     let env = Env::fake();
     env.write_config("token_timeout = 1\n");

@@ -2,6 +2,7 @@
 //! once it is gone, and restored into a new child before any request gets a slot.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Worker, EXIT_PATIENCE};
@@ -10,7 +11,8 @@ use crate::error::Error;
 use crate::events::{EventKind, Measure};
 use crate::instance::cache;
 use crate::instance::cache_store;
-use crate::instance::state::Unload;
+use crate::instance::lease::Generation;
+use crate::instance::state::{Event, Unload};
 
 impl Worker {
     /// Before a stop for `why`: the child writes the slots worth keeping, within the cache
@@ -45,8 +47,9 @@ impl Worker {
         for done in report.restored {
             self.publish_cache(EventKind::Restored, self.pid(), done);
         }
-        // A refused restore leaves the slot empty and the child serving; one that brought
-        // the child down fails this load, and the next load goes without that file.
+        // A refused restore leaves the slot empty and the child serving. One that brought
+        // the child down has dropped that file: the child is started again, once, and the
+        // requests waiting for the load wait on; only if that fails too does the load.
         if report.failed && !self.client.as_ref().is_some_and(Client::healthy) {
             let error = self.exit_error(EXIT_PATIENCE).unwrap_or_else(|| {
                 let tail = self.running.as_ref().map(|running| running.tail.quote()).unwrap_or_default();
@@ -57,6 +60,25 @@ impl Worker {
                     stderr_tail: tail,
                 }
             });
+            if !self.restore_retried {
+                self.restore_retried = true;
+                log::warn!("{error}; the cache is dropped and {} is started again without it", self.spec.name);
+                self.publish(EventKind::Crashed, None, Some(format!("{error}; started again without that cache")));
+                self.client = None;
+                self.ready_since = None;
+                // A generation of its own, as the first child's has ended; no lease was
+                // granted on it, so the same number tells no one anything wrong.
+                let number = self.machine.generation();
+                self.generation = Some(Arc::new(Generation::new(number, self.spec.load.parallel)));
+                match self.spawn_child(number) {
+                    Ok(loading) => self.loading = Some(loading),
+                    Err(error) => {
+                        self.load_failed(error);
+                        self.feed(Event::LoadFailed);
+                    }
+                }
+                return false;
+            }
             self.child_died(error);
             return false;
         }

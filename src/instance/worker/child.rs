@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
 use super::{Worker, EXIT_PATIENCE};
 use crate::backend::client::Client;
@@ -67,6 +67,7 @@ impl Worker {
         let slots = if self.spec.remote.is_some() { u32::MAX } else { self.spec.load.parallel };
         let generation = Arc::new(Generation::new(self.machine.generation(), slots));
         self.generation = Some(Arc::clone(&generation));
+        self.restore_retried = false;
         if self.failure.is_some() {
             self.home.stats.lock().restarts += 1;
         }
@@ -309,6 +310,11 @@ impl Worker {
     pub(super) fn output_closed(&mut self, generation: u64) {
         let current = self.generation.as_ref().is_some_and(|g| g.number == generation);
         if !current || self.running.is_none() || !matches!(self.machine.phase(), Phase::Starting | Phase::Ready) {
+            return;
+        }
+        // Said of a child before this one of the same load (started again after a restore
+        // brought it down): this one's output is still open.
+        if self.running.as_ref().is_some_and(|running| running.drained.try_recv() == Err(TryRecvError::Empty)) {
             return;
         }
         // A child that closed its output but lives on is unusual, and harmless until it exits.

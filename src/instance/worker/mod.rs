@@ -172,6 +172,7 @@ pub(crate) fn start(
         pinned_by_command: false,
         pinned_until: None,
         cache_identity: None,
+        restore_retried: false,
     };
     let thread = thread::Builder::new().name(format!("instance-{id}")).spawn(move || worker.run(inbox))?;
     Ok(Handle { home, view, rejected: Default::default(), thread: Mutex::new(Some(thread)) })
@@ -219,6 +220,8 @@ struct Worker {
     pinned_until: Option<SystemTime>,
     /// What the running child's prompt caches are saved under; none when they are not.
     cache_identity: Option<Identity>,
+    /// This load already started its child again after a restore brought the first down.
+    restore_retried: bool,
 }
 
 impl Worker {
